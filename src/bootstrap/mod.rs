@@ -1,0 +1,1 @@
+//! Bootstrapping negatives: image weakening, error injection, BPO records and preference pairs.

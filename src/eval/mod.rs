@@ -1,0 +1,1 @@
+//! Hallucination evaluation: POPE and CHAIR / Object HalBench, computed exactly as the official scripts.

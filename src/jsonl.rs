@@ -1,0 +1,38 @@
+//! JSON Lines I/O shared by every stage: reading with file:line errors, writing one record per line.
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{Error, Result};
+
+/// Reads every non-blank line of `path` as a `T`. A malformed line fails with its file and 1-based line number.
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| Error::parse(path, Some(i + 1), e))?);
+    }
+    Ok(out)
+}
+
+/// Writes `rows` to `path` (replacing it) through a temporary file and a rename, so a reader never sees half a file.
+pub fn write<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = BufWriter::new(file);
+        for row in rows {
+            let line = serde_json::to_string(row).map_err(|e| Error::parse(path, None, e))?;
+            writeln!(w, "{line}").map_err(|e| Error::io(&tmp, e))?;
+        }
+        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,17 @@
+//! bpo: Bootstrapped Preference Optimization for multimodal LLMs (Pi et al., ECCV 2024, arXiv 2403.08730).
+//!
+//! The modules follow the pipeline: [`model`] (LLaVA-1.5: CLIP, projector, Llama, LoRA, loading), [`vision`]
+//! (image preprocessing, diffusion-noise weakening), [`text`] (tokenizer, chat templates), [`generate`]
+//! (sampling with a KV cache), [`bootstrap`] (negatives and preference records), [`train`] (losses, trainer),
+//! [`eval`] (POPE, CHAIR), [`demo`] (the synthetic world). Stages talk through files a user can read.
+
+pub mod bootstrap;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod jsonl;
+pub mod model;
+pub mod text;
+pub mod vision;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Image preprocessing (CLIPImageProcessor) and diffusion-noise weakening.

@@ -1,0 +1,1 @@
+//! All integration tests compile into one binary (ripgrep-style); each module covers one stage.

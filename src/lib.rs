@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod jsonl;
 pub mod model;
+pub mod score;
 pub mod text;
 pub mod vision;
 

@@ -1,1 +1,18 @@
-//! (stub)
+//! LLaVA-1.5 in candle: config, CLIP vision tower, projector, Llama decoder, LoRA-ready linears, loading.
+//!
+//! Reference: transformers' `modeling_llava.py`, `modeling_clip.py`, `modeling_llama.py`. Every forward returns
+//! values for all positions and is differentiable in the parts that train (see [`ops`]).
+
+pub mod clip;
+pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod llava;
+pub mod load;
+pub mod ops;
+
+pub use config::{LlamaConfig, LlavaConfig, ModelConfig};
+pub use linear::{Linear, Lora, Pass};
+pub use llama::{Cache, Llama};
+pub use llava::{Inputs, Model};
+pub use load::{load, LoadOptions};

@@ -1,0 +1,140 @@
+//! The CLIP vision transformer (Radford et al. 2021) as in transformers' `CLIPVisionModel`, returning the hidden state
+//! of one chosen layer (LLaVA's `vision_feature_layer`, -2 for LLaVA-1.5) rather than the last.
+
+use candle_core::Tensor;
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use super::config::ClipVisionConfig;
+use super::linear::{Linear, Pass};
+use super::ops;
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+fn activation(x: &Tensor, kind: &str) -> candle_core::Result<Tensor> {
+    match kind {
+        // x * sigmoid(1.702 x)
+        "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        "gelu" => x.gelu_erf(),
+        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
+        other => candle_core::bail!("unsupported CLIP activation {other:?}"),
+    }
+}
+
+struct EncoderLayer {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    heads: usize,
+    act: String,
+}
+
+impl EncoderLayer {
+    fn load(vb: VarBuilder, cfg: &ClipVisionConfig) -> candle_core::Result<Self> {
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(EncoderLayer {
+            q_proj: Linear::load(attn.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(attn.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(attn.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(attn.pp("out_proj"), h, h, true)?,
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), h, eps)?,
+            fc1: Linear::load(mlp.pp("fc1"), h, i, true)?,
+            fc2: Linear::load(mlp.pp("fc2"), i, h, true)?,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, eps)?,
+            heads: cfg.num_attention_heads,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let pass = Pass::BASE;
+        let (b, n, h) = x.dims3()?;
+        let hd = h / self.heads;
+        let y = self.layer_norm1.forward(x)?;
+        let split = |t: Tensor| t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous();
+        let q = split((self.q_proj.forward(&y, pass)? * (1.0 / (hd as f64).sqrt()))?)?;
+        let k = split(self.k_proj.forward(&y, pass)?)?;
+        let v = split(self.v_proj.forward(&y, pass)?)?;
+        let probs = ops::softmax(&q.matmul(&k.t()?)?)?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
+        let x = (x + self.out_proj.forward(&attn, pass)?)?;
+        let y = self.layer_norm2.forward(&x)?;
+        let y = self.fc2.forward(&activation(&self.fc1.forward(&y, pass)?, &self.act)?, pass)?;
+        x + y
+    }
+}
+
+pub struct ClipVision {
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    cfg: ClipVisionConfig,
+}
+
+impl ClipVision {
+    /// `vb` points at `vision_model`. Only the layers up to `keep_layers` are loaded: LLaVA never uses the rest
+    /// (nor `post_layernorm`).
+    pub fn load(vb: VarBuilder, cfg: &ClipVisionConfig, keep_layers: usize) -> candle_core::Result<Self> {
+        let (h, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let emb = vb.pp("embeddings");
+        let positions = cfg.grid() * cfg.grid() + 1;
+        Ok(ClipVision {
+            patch_embedding: emb.pp("patch_embedding").get((h, c, p, p), "weight")?,
+            class_embedding: emb.get(h, "class_embedding")?,
+            position_embedding: emb.pp("position_embedding").get((positions, h), "weight")?,
+            // transformers' spelling.
+            pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            layers: (0..keep_layers).map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), cfg)).collect::<candle_core::Result<_>>()?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Hidden state after `self.layers.len()` encoder layers (hidden_states[n] in transformers, counting the embedding
+    /// output as 0): (b, grid^2 + 1, hidden), class token first. `pixels`: (b, 3, image_size, image_size).
+    pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let b = pixels.dim(0)?;
+        let conv = Conv2dConfig { stride: self.cfg.patch_size, ..Default::default() };
+        let patches = pixels.to_dtype(self.patch_embedding.dtype())?.conv2d(&self.patch_embedding, conv.padding, conv.stride, conv.dilation, conv.groups)?;
+        let patches = patches.flatten_from(2)?.transpose(1, 2)?; // (b, grid^2, hidden)
+        let class = self.class_embedding.reshape((1, 1, self.cfg.hidden_size))?.broadcast_as((b, 1, self.cfg.hidden_size))?;
+        let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let mut x = self.pre_layrnorm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// Layers needed for `vision_feature_layer` (negative counts from the end, as in transformers).
+    pub fn layers_for(feature_layer: i64, total: usize) -> usize {
+        if feature_layer < 0 { (total as i64 + 1 + feature_layer).max(0) as usize } else { feature_layer as usize }
+    }
+}
+
+/// Drop the class token (`default` strategy).
+pub fn drop_class(x: &Tensor) -> candle_core::Result<Tensor> {
+    let n = x.dim(1)?;
+    x.narrow(1, 1, n - 1)
+}
+

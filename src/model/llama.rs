@@ -1,0 +1,275 @@
+//! The Llama decoder (Touvron et al. 2023) as in transformers' `modeling_llama.py`: RMSNorm, rotary embeddings with
+//! `rope_theta` and `linear` / `dynamic` / `llama3` scaling, grouped-query attention, SwiGLU MLP, tied or untied
+//! `lm_head`. Returns hidden states for every position (training needs them all); [`Llama::logits`] projects them.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::VarBuilder;
+
+use super::config::LlamaConfig;
+use super::linear::{Linear, Pass};
+use super::ops;
+
+/// Per-layer key/value cache for incremental decoding (preallocated, appended in place: no copy per token).
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    pub fn new(cfg: &LlamaConfig, max_len: usize) -> Self {
+        Cache { layers: (0..cfg.num_hidden_layers).map(|_| KvCache::new(2, max_len.max(1))).collect() }
+    }
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.current_seq_len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Inverse frequencies of the rotary embedding, with the checkpoint's scaling applied.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    cfg: LlamaConfig,
+}
+
+impl Rope {
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        Rope { inv_freq: inv_freq(cfg, None), cfg: cfg.clone() }
+    }
+
+    /// cos and sin for `positions` (b, t): each (b, t, head_dim / 2), in `dtype`.
+    pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let max_pos = positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1;
+        let dynamic = self.cfg.rope_scaling.as_ref().is_some_and(|s| s.rope_type == "dynamic");
+        let inv = if dynamic && max_pos > self.cfg.max_position_embeddings { inv_freq(&self.cfg, Some(max_pos)) } else { self.inv_freq.clone() };
+        let n = inv.len();
+        let inv = Tensor::from_vec(inv, (1, 1, n), positions.device())?;
+        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&inv)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+}
+
+/// transformers' `ROPE_INIT_FUNCTIONS` for the kinds Llama checkpoints use. `seq_len` is for dynamic NTK scaling.
+fn inv_freq(cfg: &LlamaConfig, seq_len: Option<usize>) -> Vec<f32> {
+    let dim = cfg.head_dim();
+    let scaling = cfg.rope_scaling.as_ref();
+    let mut theta = scaling.and_then(|s| s.rope_theta).unwrap_or(cfg.rope_theta);
+    let kind = scaling.map_or("default", |s| s.rope_type.as_str());
+    if let (Some(s), "dynamic", Some(len)) = (scaling, kind, seq_len) {
+        let max = cfg.max_position_embeddings as f64;
+        theta *= ((s.factor * len as f64 / max) - (s.factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
+    }
+    let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect();
+    let freqs: Vec<f64> = match (kind, scaling) {
+        ("linear", Some(s)) => base.iter().map(|f| f / s.factor).collect(),
+        ("llama3", Some(s)) => {
+            let old = s.original_max_position_embeddings.unwrap_or(cfg.max_position_embeddings) as f64;
+            let (low_wl, high_wl) = (old / s.low_freq_factor, old / s.high_freq_factor);
+            base.iter()
+                .map(|&f| {
+                    let wl = 2.0 * std::f64::consts::PI / f;
+                    if wl < high_wl {
+                        f
+                    } else if wl > low_wl {
+                        f / s.factor
+                    } else {
+                        let smooth = (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * f / s.factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+        _ => base,
+    };
+    // transformers builds inv_freq in f32 from an int64 arange; computing in f64 and rounding once is within 1 ulp.
+    freqs.into_iter().map(|f| f as f32).collect()
+}
+
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        let (h, hd, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.kv_heads());
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            q_proj: Linear::load(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, kvh * hd, bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, kvh * hd, bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: kvh,
+            head_dim: hd,
+        })
+    }
+
+    /// `x`: (b, t, hidden); `mask`: additive (b, 1, t, past + t).
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, pass: Pass) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (hd, kvh, rep) = (self.head_dim, self.kv_heads, self.heads / self.kv_heads);
+        let q = self.q_proj.forward(x, pass)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?; // (b, heads, t, hd)
+        let k = self.k_proj.forward(x, pass)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?; // (b, kvh, t, hd)
+        let v = self.v_proj.forward(x, pass)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?.contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without repeating K/V: the `rep` query heads sharing a KV head are stacked along
+        // the time axis, so one batched matmul serves them all. (b, kvh, rep * t, hd)
+        let q = q.contiguous()?.reshape((b, kvh, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, self.heads, t, total))?.broadcast_add(mask)?;
+        let probs = ops::softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs.reshape((b, kvh, rep * t, total))?.matmul(&v)?; // (b, kvh, rep * t, hd)
+        let out = out.reshape((b, self.heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+        self.o_proj.forward(&out, pass)
+    }
+}
+
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Mlp {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, bias)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, pass)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x, pass)?)?, pass)
+    }
+}
+
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        Ok(DecoderLayer {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: vb.pp("input_layernorm").get(cfg.hidden_size, "weight")?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").get(cfg.hidden_size, "weight")?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, pass: Pass) -> candle_core::Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, cache, pass)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        x + self.mlp.forward(&h, pass)?
+    }
+}
+
+pub struct Llama {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    pub rope: Rope,
+    pub cfg: LlamaConfig,
+}
+
+impl Llama {
+    /// `vb` points at the decoder (`model` in a Llama checkpoint); `head` at `lm_head` (ignored when tied or absent).
+    pub fn load(vb: VarBuilder, head: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        let embed_tokens = vb.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg)).collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = vb.pp("norm").get(cfg.hidden_size, "weight")?;
+        // Tied checkpoints usually omit lm_head; some still store a copy, which is then the same matrix.
+        let lm_head = if cfg.tie_word_embeddings && !head.contains_tensor("weight") {
+            Linear { weight: embed_tokens.clone(), bias: None, lora: None }
+        } else {
+            Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        Ok(Llama { embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
+    }
+
+    /// Token embeddings for `ids` (b, t).
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Final-norm hidden states (b, t, hidden) for input embeddings (b, t, hidden) at `positions` (b, t).
+    /// `mask` is additive, (b, 1, t, cached + t) (see [`causal_mask`]).
+    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut Cache>, pass: Pass) -> candle_core::Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, mask, layer_cache, pass)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Vocabulary logits for hidden states (..., hidden).
+    pub fn logits(&self, hidden: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(hidden, pass)
+    }
+
+    /// Every linear layer of the decoder with its module path under the decoder (`layers.0.self_attn.q_proj`, ...),
+    /// for attaching adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [("self_attn.q_proj", &mut a.q_proj), ("self_attn.k_proj", &mut a.k_proj), ("self_attn.v_proj", &mut a.v_proj), ("self_attn.o_proj", &mut a.o_proj), ("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.down_proj", &mut m.down_proj)] {
+                out.push((format!("layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+}
+
+/// Additive attention mask (b, 1, t, past + t) for queries at cache offset `past`: query i sees key j when
+/// `j <= past + i` and key j is not padding (`key_mask[j] == 1`; `key_mask`: (b, past + t), u8/u32).
+pub fn causal_mask(key_mask: &Tensor, t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let (b, total) = key_mask.dims2()?;
+    let past = total - t;
+    let keys: Vec<u32> = key_mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    let neg = match dtype {
+        DType::F16 => f32::from(half::f16::MIN),
+        DType::BF16 => f32::from(half::bf16::MIN),
+        _ => f32::MIN,
+    };
+    let mut m = vec![0f32; b * t * total];
+    for r in 0..b {
+        for i in 0..t {
+            for j in 0..total {
+                if j > past + i || keys[r * total + j] == 0 {
+                    m[(r * t + i) * total + j] = neg;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, t, total), device)?.to_dtype(dtype)
+}

@@ -1,0 +1,161 @@
+//! LLaVA-1.5 (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning"): CLIP features of one layer,
+//! a 2-layer GELU MLP projector, and a Llama decoder whose `<image>` positions carry the projected features.
+//! A model without a vision tower is a plain Llama; both share every code path below.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::clip::{self, ClipVision};
+use super::config::{FeatureStrategy, LlavaConfig};
+use super::linear::{Linear, Pass};
+use super::llama::{causal_mask, Cache, Llama};
+use crate::{bail, Result};
+
+/// `multi_modal_projector`: linear_1, GELU, linear_2.
+pub struct Projector {
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+    pub act: String,
+}
+
+impl Projector {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+        let h = self.linear_1.forward(x, pass)?;
+        let h = match self.act.as_str() {
+            "gelu_pytorch_tanh" | "gelu_new" => h.gelu()?,
+            _ => h.gelu_erf()?,
+        };
+        self.linear_2.forward(&h, pass)
+    }
+}
+
+/// The vision side of LLaVA.
+pub struct VisionTower {
+    pub clip: ClipVision,
+    pub projector: Projector,
+    pub cfg: LlavaConfig,
+}
+
+/// A loaded model: LLaVA (vision + Llama) or a text-only Llama.
+pub struct Model {
+    pub llm: Llama,
+    pub vision: Option<VisionTower>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One batch of token rows. `ids` and `mask` are (b, t) u32; `images` (n, 3, H, W) belongs, in order, to the
+/// `<image>` runs found in `ids` row by row.
+pub struct Inputs<'a> {
+    pub ids: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub images: Option<&'a Tensor>,
+}
+
+impl Model {
+    /// The token id whose positions carry image features, if the model has a vision tower.
+    pub fn image_token(&self) -> Option<u32> {
+        self.vision.as_ref().map(|v| v.cfg.image_token_index)
+    }
+
+    /// Positions one image occupies in the token sequence.
+    pub fn image_tokens(&self) -> usize {
+        self.vision.as_ref().map_or(0, |v| v.cfg.image_tokens())
+    }
+
+    /// Frozen-tower features of the selected CLIP layer, class token dropped per the strategy: (n, tokens, clip hidden).
+    /// Cacheable: nothing in it trains in BPO.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let Some(v) = &self.vision else { bail!("this model has no vision tower, but an image was given") };
+        let h = v.clip.forward(&pixels.to_device(&self.device)?)?;
+        Ok(match v.cfg.feature_strategy {
+            FeatureStrategy::Default => clip::drop_class(&h)?,
+            FeatureStrategy::Full => h,
+        })
+    }
+
+    /// Projector output for CLIP features: (n, tokens, text hidden).
+    pub fn project(&self, features: &Tensor, pass: Pass) -> Result<Tensor> {
+        let Some(v) = &self.vision else { bail!("this model has no vision tower, but an image was given") };
+        Ok(v.projector.forward(features, pass)?)
+    }
+
+    /// Input embeddings with the image positions replaced by `image_embeds` (n, tokens, hidden), in order.
+    pub fn embed(&self, ids: &Tensor, image_embeds: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let Some(image_token) = self.image_token() else { return Ok(self.llm.embed(ids)?) };
+        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let n_slots = flat.iter().filter(|&&id| id == image_token).count();
+        let n_feat = image_embeds.map_or(Ok(0), |e| e.dims3().map(|(n, k, _)| n * k))?;
+        if n_slots != n_feat {
+            let per = self.image_tokens().max(1);
+            bail!("the prompt has {n_slots} image positions ({} images of {per}) but {} images were given", n_slots / per, n_feat / per);
+        }
+        // The image token may lie outside the embedding table (original LLaVA); look up id 0 there instead.
+        let text_ids: Vec<u32> = flat.iter().map(|&id| if id == image_token { 0 } else { id }).collect();
+        let text = self.llm.embed(&Tensor::from_vec(text_ids, (b, t), &self.device)?)?;
+        let Some(images) = image_embeds.filter(|_| n_slots > 0) else { return Ok(text) };
+        // One gather over [text rows; image rows] keeps the merge differentiable for both sources.
+        let hidden = self.llm.cfg.hidden_size;
+        let table = Tensor::cat(&[text.reshape((b * t, hidden))?, images.reshape((n_feat, hidden))?.to_dtype(text.dtype())?], 0)?;
+        let mut next_image = 0u32;
+        let index: Vec<u32> = flat
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                if id == image_token {
+                    next_image += 1;
+                    (b * t) as u32 + next_image - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        Ok(table.index_select(&Tensor::from_vec(index, b * t, &self.device)?, 0)?.reshape((b, t, hidden))?)
+    }
+
+    /// Final hidden states (b, t, hidden) for a batch, with positions and the causal/padding mask derived from
+    /// `inputs.mask`. With a `cache`, `inputs` are the new tokens only and `inputs.mask` covers cached + new keys.
+    pub fn forward_hidden(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, cache: Option<&mut Cache>, pass: Pass) -> Result<Tensor> {
+        let (b, t) = inputs.ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let total = inputs.mask.dim(1)?;
+        if total != past + t {
+            bail!("attention mask covers {total} positions, expected {} cached + {t} new", past);
+        }
+        if total > self.llm.cfg.max_position_embeddings {
+            bail!("sequence of {total} tokens is longer than the model's context ({})", self.llm.cfg.max_position_embeddings);
+        }
+        let positions = positions_from_mask(inputs.mask, t, &self.device)?;
+        let embeds = self.embed(inputs.ids, image_embeds)?;
+        let mask = causal_mask(inputs.mask, t, self.dtype, &self.device)?;
+        debug_assert_eq!(embeds.dims3()?.0, b);
+        Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
+    }
+
+    /// Logits at every position (b, t, vocab), images encoded on the fly.
+    pub fn forward(&self, inputs: &Inputs, cache: Option<&mut Cache>, pass: Pass) -> Result<Tensor> {
+        let embeds = match inputs.images {
+            Some(px) => Some(self.project(&self.encode_images(px)?, pass)?),
+            None => None,
+        };
+        let hidden = self.forward_hidden(inputs, embeds.as_ref(), cache, pass)?;
+        Ok(self.llm.logits(&hidden, pass)?)
+    }
+}
+
+/// Position ids as `generate()` computes them: `cumsum(mask) - 1`, clamped at 0, for the last `t` columns.
+pub fn positions_from_mask(mask: &Tensor, t: usize, device: &Device) -> Result<Tensor> {
+    let (b, total) = mask.dims2()?;
+    let m: Vec<u32> = mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    let mut pos = Vec::with_capacity(b * t);
+    for r in 0..b {
+        let mut c = 0i64;
+        for j in 0..total {
+            c += m[r * total + j] as i64;
+            if j >= total - t {
+                pos.push((c - 1).max(0) as u32);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(pos, (b, t), device)?)
+}

@@ -1,0 +1,145 @@
+//! Loading a Hugging Face model folder: `config.json` + `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`), memory-mapped. Tensors are read through the llava-hf names; other layouts
+//! (newer transformers, the original LLaVA release, plain Llama) are mapped onto them at this one boundary.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::clip::ClipVision;
+use super::config::{LlavaConfig, ModelConfig, TensorLayout};
+use super::linear::Linear;
+use super::llama::Llama;
+use super::llava::{Model, Projector, VisionTower};
+use crate::{Error, Result};
+
+/// The safetensors files of a model folder.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found")));
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&index, None, e))?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::parse(&index, None, "no weight_map object"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Checkpoint { path: dir.into(), msg: "no model.safetensors or model.safetensors.index.json".into() })
+}
+
+/// Which naming family a set of tensor names belongs to.
+fn detect_layout(names: &[String]) -> Option<TensorLayout> {
+    let has = |p: &str| names.iter().any(|n| n.starts_with(p));
+    if has("language_model.") {
+        Some(TensorLayout::LlavaHf)
+    } else if has("model.language_model.") {
+        Some(TensorLayout::LlavaHfNew)
+    } else if has("model.mm_projector.") || has("model.layers.") {
+        Some(TensorLayout::Original)
+    } else {
+        None
+    }
+}
+
+/// Maps an llava-hf tensor name to its spelling in `layout`.
+fn rename(layout: TensorLayout, name: &str) -> String {
+    let swap = |from: &str, to: &str| name.strip_prefix(from).map(|rest| format!("{to}{rest}"));
+    let mapped = match layout {
+        TensorLayout::LlavaHf => None,
+        TensorLayout::LlavaHfNew => swap("language_model.model.", "model.language_model.")
+            .or_else(|| swap("language_model.lm_head.", "lm_head."))
+            .or_else(|| swap("vision_tower.", "model.vision_tower."))
+            .or_else(|| swap("multi_modal_projector.", "model.multi_modal_projector.")),
+        TensorLayout::Original => swap("language_model.model.", "model.")
+            .or_else(|| swap("language_model.lm_head.", "lm_head."))
+            .or_else(|| swap("multi_modal_projector.linear_1.", "model.mm_projector.0."))
+            .or_else(|| swap("multi_modal_projector.linear_2.", "model.mm_projector.2."))
+            .or_else(|| swap("vision_tower.", "model.vision_tower.vision_tower.")),
+    };
+    mapped.unwrap_or_else(|| name.to_string())
+}
+
+/// Where to load and in which precision.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Load only the language model of a LLaVA folder (error injection runs the MLLM's own LLM).
+    pub text_only: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, text_only: false }
+    }
+}
+
+/// Loads a model folder (llava-hf, newer transformers, original LLaVA, or a plain Llama).
+pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    let config = ModelConfig::from_dir(dir)?;
+    let files = safetensors_files(dir)?;
+    let ckpt = |e: candle_core::Error| Error::Checkpoint { path: dir.into(), msg: e.to_string() };
+    // SAFETY: the files are memory-mapped read-only; like every safetensors loader we assume nobody truncates them
+    // while the model is alive.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(ckpt)?;
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    drop(st);
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }.map_err(ckpt)?;
+    match config {
+        ModelConfig::Llama(cfg) => {
+            let llm = Llama::load(vb.pp("model"), vb.pp("lm_head"), &cfg).map_err(ckpt)?;
+            Ok(Model { llm, vision: None, device: opts.device.clone(), dtype: opts.dtype })
+        }
+        ModelConfig::Llava(mut cfg) => {
+            cfg.layout = detect_layout(&names).ok_or_else(|| Error::Checkpoint { path: dir.into(), msg: "no language-model tensors found (expected language_model.*, model.language_model.* or model.layers.*)".into() })?;
+            let layout = cfg.layout;
+            let vb = vb.rename_f(move |n| rename(layout, n));
+            load_llava(vb, cfg, opts).map_err(ckpt)
+        }
+    }
+}
+
+fn load_llava(vb: VarBuilder, cfg: LlavaConfig, opts: &LoadOptions) -> candle_core::Result<Model> {
+    let lm = vb.pp("language_model");
+    let llm = Llama::load(lm.pp("model"), lm.pp("lm_head"), &cfg.text)?;
+    let vision = if opts.text_only {
+        None
+    } else {
+        let keep = ClipVision::layers_for(cfg.vision_feature_layer, cfg.vision.num_hidden_layers);
+        let clip = ClipVision::load(vb.pp("vision_tower.vision_model"), &cfg.vision, keep)?;
+        let p = vb.pp("multi_modal_projector");
+        let (vh, th) = (cfg.vision.hidden_size, cfg.text.hidden_size);
+        let projector = Projector {
+            linear_1: Linear::load(p.pp("linear_1"), vh, th, cfg.projector_bias)?,
+            linear_2: Linear::load(p.pp("linear_2"), th, th, cfg.projector_bias)?,
+            act: cfg.projector_hidden_act.clone(),
+        };
+        Some(VisionTower { clip, projector, cfg })
+    };
+    Ok(Model { llm, vision, device: opts.device.clone(), dtype: opts.dtype })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_onto_every_layout() {
+        let n = "language_model.model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(rename(TensorLayout::LlavaHf, n), n);
+        assert_eq!(rename(TensorLayout::LlavaHfNew, n), "model.language_model.layers.0.self_attn.q_proj.weight");
+        assert_eq!(rename(TensorLayout::Original, n), "model.layers.0.self_attn.q_proj.weight");
+        assert_eq!(rename(TensorLayout::Original, "multi_modal_projector.linear_2.bias"), "model.mm_projector.2.bias");
+        assert_eq!(rename(TensorLayout::LlavaHfNew, "language_model.lm_head.weight"), "lm_head.weight");
+        assert_eq!(rename(TensorLayout::Original, "vision_tower.vision_model.pre_layrnorm.weight"), "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight");
+    }
+}

@@ -1,0 +1,192 @@
+//! Tensor ops with a real backward pass.
+//!
+//! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no backward: gradients through
+//! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference) and a
+//! differentiable composition otherwise. [`FrozenMatmul`] is a linear layer whose backward returns the input gradient
+//! only: candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra
+//! matmul and a weight-sized buffer per layer.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+
+/// True when a gradient must flow through an op touching any of `ts`.
+fn tracks(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !tracks(&[x]) {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    // Softmax is shift-invariant, so the max needs no gradient.
+    let x = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+    let e = x.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Llama RMSNorm, computed in f32 like transformers: `w * (x / sqrt(mean(x^2) + eps))`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !tracks(&[x, w]) {
+        return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+/// LayerNorm over the last dimension.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !tracks(&[x, w, b]) {
+        return candle_nn::ops::layer_norm(x, w, b, eps as f32);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    centred.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Rotary embedding in the Llama (rotate-half) convention. `x`: (b, heads, t, d); `cos`, `sin`: (b, t, d/2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if !tracks(&[x]) {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+/// `x @ w^T` for a weight that never trains: the backward pass yields `grad @ w` for `x` and nothing for `w`.
+/// `w`: (out, in), contiguous; `x`: (..., in).
+pub struct FrozenMatmul {
+    w: Tensor,
+}
+
+/// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || !w.is_contiguous() {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = x_layout.dims();
+        let (out_f, in_f) = self.w.dims2()?;
+        let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: scalar input".into()))?;
+        if k != in_f {
+            candle_core::bail!("frozen-matmul: input has {k} features, weight expects {in_f}");
+        }
+        let m = dims[..dims.len() - 1].iter().product::<usize>();
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w_cpu) = &*w_storage else {
+            candle_core::bail!("frozen-matmul: weight is not on the CPU");
+        };
+        // The weight read as its transpose (in, out): column-major, which the gemm kernel takes without a copy.
+        let wt_layout = Layout::new(Shape::from((in_f, out_f)), vec![1, in_f], w_layout.start_offset());
+        if !x_layout.is_contiguous() {
+            candle_core::bail!("frozen-matmul: input must be contiguous");
+        }
+        let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let out = x.matmul(w_cpu, (1, m, out_f, k), &x2, &wt_layout)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap_or(&mut 0) = out_f;
+        Ok((out, Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Central finite difference of `f(x).sum()` w.r.t. `x` compared with the autograd gradient.
+    fn check_grad(x: &[f32], shape: &[usize], f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) {
+        let dev = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::from_slice(x, shape, &dev).unwrap()).unwrap();
+        // A fixed random projection makes the objective sensitive to every output element.
+        let out = f(var.as_tensor()).unwrap();
+        let n = out.elem_count();
+        let proj: Vec<f32> = (0..n).map(|i| ((i * 7919 % 13) as f32 - 6.0) / 6.0).collect();
+        let proj = Tensor::from_slice(&proj, out.shape(), &dev).unwrap();
+        let loss = |t: &Tensor| f(t).unwrap().to_dtype(DType::F64).unwrap().mul(&proj.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let grads = (f(var.as_tensor()).unwrap() * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-2f32;
+        for i in 0..x.len() {
+            let mut xp = x.to_vec();
+            xp[i] += eps;
+            let mut xm = x.to_vec();
+            xm[i] -= eps;
+            let fd = (loss(&Tensor::from_slice(&xp, shape, &dev).unwrap()) - loss(&Tensor::from_slice(&xm, shape, &dev).unwrap())) / (2.0 * eps as f64);
+            assert!((fd - g[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()), "element {i}: finite difference {fd}, autograd {}", g[i]);
+        }
+    }
+
+    fn data(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0).collect()
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        check_grad(&data(12), &[2, 6], softmax);
+    }
+
+    #[test]
+    fn rms_norm_gradient_matches_finite_differences() {
+        let w = Tensor::new(&[0.5f32, 1.5, 0.8, 1.2], &Device::Cpu).unwrap();
+        check_grad(&data(8), &[2, 4], |x| rms_norm(x, &w, 1e-5));
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let w = Tensor::new(&[0.5f32, 1.5, 0.8, 1.2], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &Device::Cpu).unwrap();
+        check_grad(&data(8), &[2, 4], |x| layer_norm(x, &w, &b, 1e-5));
+    }
+
+    #[test]
+    fn rope_gradient_matches_finite_differences() {
+        let cos = Tensor::from_slice(&[0.9f32, 0.3, -0.5, 0.7, 0.1, 1.0], (1, 3, 2), &Device::Cpu).unwrap();
+        let sin = Tensor::from_slice(&[0.4f32, -0.9, 0.8, 0.7, -1.0, 0.0], (1, 3, 2), &Device::Cpu).unwrap();
+        check_grad(&data(24), &[1, 2, 3, 4], |x| rope(x, &cos, &sin));
+    }
+
+    #[test]
+    fn frozen_matmul_gradient_matches_finite_differences() {
+        let w = Tensor::from_slice(&data(15), (5, 3), &Device::Cpu).unwrap();
+        check_grad(&data(12), &[2, 2, 3], |x| frozen_linear(x, &w));
+    }
+
+    #[test]
+    fn fused_and_composed_forms_agree() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_slice(&data(24), (1, 2, 3, 4), &dev).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let w = Tensor::new(&[0.5f32, 1.5, 0.8, 1.2], &dev).unwrap();
+        let b = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
+        let cos = Tensor::from_slice(&data(6), (1, 3, 2), &dev).unwrap();
+        let sin = Tensor::from_slice(&data(6), (1, 3, 2), &dev).unwrap().affine(0.5, 0.1).unwrap();
+        let diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(softmax(&x).unwrap(), softmax(xv.as_tensor()).unwrap()) < 1e-6);
+        assert!(diff(rms_norm(&x, &w, 1e-5).unwrap(), rms_norm(xv.as_tensor(), &w, 1e-5).unwrap()) < 1e-5);
+        assert!(diff(layer_norm(&x, &w, &b, 1e-5).unwrap(), layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap()) < 1e-5);
+        assert!(diff(rope(&x, &cos, &sin).unwrap(), rope(xv.as_tensor(), &cos, &sin).unwrap()) < 1e-5);
+        let wm = Tensor::from_slice(&data(20), (5, 4), &dev).unwrap();
+        assert!(diff(frozen_linear(&x, &wm).unwrap(), x.broadcast_matmul(&wm.t().unwrap()).unwrap()) < 1e-5);
+    }
+}

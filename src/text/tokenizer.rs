@@ -1,0 +1,62 @@
+//! A Hugging Face `tokenizer.json` plus the special ids bpo needs (BOS, EOS, pad, `<image>`).
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    pub pad: u32,
+}
+
+impl Tokenizer {
+    /// Reads `dir/tokenizer.json`; BOS/EOS/pad come from `tokenizer_config.json` when present, else from the
+    /// conventional `<s>`, `</s>`, `<pad>` / `<unk>` tokens. `eos_ids` (from the model config) are added to EOS.
+    pub fn from_dir(dir: &Path, eos_ids: &[u32]) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::parse(&path, None, e))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&cfg_path, None, e))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        // Special tokens are either strings or {"content": ...} objects in tokenizer_config.json.
+        let named = |key: &str, fallback: &[&str]| -> Option<u32> {
+            let from_cfg = cfg.get(key).and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())));
+            from_cfg.into_iter().chain(fallback.iter().copied()).find_map(|t| inner.token_to_id(t))
+        };
+        let bos = named("bos_token", &["<s>", "<|begin_of_text|>"]);
+        let mut eos: Vec<u32> = named("eos_token", &["</s>", "<|end_of_text|>"]).into_iter().collect();
+        for id in eos_ids {
+            if !eos.contains(id) {
+                eos.push(*id);
+            }
+        }
+        let pad = named("pad_token", &["<pad>", "<unk>"]).or(eos.first().copied()).unwrap_or(0);
+        Ok(Tokenizer { inner, bos, eos, pad })
+    }
+
+    /// Token ids of `text`, with no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::invalid(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::invalid(format!("tokenizer: {e}")))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

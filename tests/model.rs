@@ -127,3 +127,38 @@ fn response_logprob_sums_match_transformers() {
     let want: Vec<f32> = r["score_counts"].to_dtype(DType::F32).unwrap().to_vec1().unwrap();
     assert_eq!(counts.to_vec1::<f32>().unwrap(), want);
 }
+
+#[test]
+fn every_trainable_parameter_gets_a_gradient_and_frozen_weights_none() {
+    use bpo::model::lora::{attach, unfreeze_projector, LoraConfig};
+    let r = reference("llava-tiny-ref.safetensors");
+    let mut model = llava();
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, ..Default::default() };
+    let mut vars = attach(&mut model, &cfg, 0).unwrap();
+    assert_eq!(vars.len(), 2 * 7 * 2, "A and B for 7 projections in 2 layers");
+    // B starts at zero, which zeroes A's gradient: give B values so both must receive one.
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            v.set(&(Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap())).unwrap();
+        }
+    }
+    vars.extend(unfreeze_projector(&mut model).unwrap());
+    let (ids, mask) = (u32s(&r["score_input_ids"]), u32s(&r["score_attention_mask"]));
+    let inputs = Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) };
+    let logits = model.forward(&inputs, None, Pass { adapters: true, train: true }).unwrap();
+    let (sums, _) = bpo::score::sequence_logprobs(&logits, &r["score_labels"]).unwrap();
+    let grads = sums.sum_all().unwrap().backward().unwrap();
+    for (name, v) in &vars {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+    }
+    // Frozen weights: no gradient buffers at all.
+    assert!(grads.get(&model.llm.lm_head.weight).is_none(), "lm_head must not get a gradient");
+    assert!(grads.get(&model.llm.embed_tokens).is_none(), "embeddings must not get a gradient");
+    // With adapters off the model is the base model again (the DPO reference).
+    let base = llava();
+    let a = model.forward(&inputs, None, Pass::BASE).unwrap();
+    let b = base.forward(&inputs, None, Pass::BASE).unwrap();
+    assert!(max_diff_where(&a, &b, &r["score_attention_mask"]) < 1e-4, "adapters off must equal the base model");
+}

@@ -9,6 +9,7 @@ pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod load;
+pub mod lora;
 pub mod ops;
 
 pub use config::{LlamaConfig, LlavaConfig, ModelConfig};

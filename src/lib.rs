@@ -5,6 +5,7 @@
 //! (sampling with a KV cache), [`bootstrap`] (negatives and preference records), [`train`] (losses, trainer),
 //! [`eval`] (POPE, CHAIR), [`demo`] (the synthetic world). Stages talk through files a user can read.
 
+pub mod bench;
 pub mod bootstrap;
 pub mod error;
 pub mod eval;

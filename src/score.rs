@@ -26,3 +26,58 @@ pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Te
     debug_assert_eq!(sums.dims1()?, b);
     Ok((sums, counts))
 }
+
+/// One (prompt, response) sequence, already tokenised.
+#[derive(Clone)]
+pub struct Example {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+    /// Preprocessed image (3, H, W) for the prompt's `<image>` positions.
+    pub image: Option<candle_core::Tensor>,
+}
+
+/// A right-padded batch: ids and mask (b, t) u32, labels (b, t) i64 with [`IGNORE`] outside responses, and the
+/// images of the rows that have one, stacked in row order.
+pub struct Batch {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub labels: Tensor,
+    pub images: Option<Tensor>,
+}
+
+impl Batch {
+    pub fn new(examples: &[Example], pad: u32, device: &candle_core::Device) -> Result<Self> {
+        let t = examples.iter().map(|e| e.prompt.len() + e.response.len()).max().unwrap_or(0);
+        let b = examples.len();
+        let (mut ids, mut mask, mut labels) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for e in examples {
+            let n = e.prompt.len() + e.response.len();
+            ids.extend(e.prompt.iter().chain(&e.response).copied().chain(std::iter::repeat_n(pad, t - n)));
+            mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, t - n)));
+            labels.extend(std::iter::repeat_n(IGNORE, e.prompt.len()).chain(e.response.iter().map(|&id| id as i64)).chain(std::iter::repeat_n(IGNORE, t - n)));
+        }
+        let images: Vec<Tensor> = examples.iter().filter_map(|e| e.image.clone()).collect();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            mask: Tensor::from_vec(mask, (b, t), device)?,
+            labels: Tensor::from_vec(labels, (b, t), device)?,
+            images: if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) },
+        })
+    }
+}
+
+/// Summed response log-probabilities and token counts for `examples`, `batch_size` rows per forward pass.
+pub fn score(model: &crate::model::Model, pad: u32, examples: &[Example], batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<(f32, usize)>> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let batch = Batch::new(chunk, pad, &model.device)?;
+        let inputs = crate::model::Inputs { ids: &batch.ids, mask: &batch.mask, images: batch.images.as_ref() };
+        let logits = model.forward(&inputs, None, pass)?;
+        let (sums, counts) = sequence_logprobs(&logits, &batch.labels)?;
+        let sums: Vec<f32> = sums.to_vec1()?;
+        let counts: Vec<f32> = counts.to_vec1()?;
+        out.extend(sums.into_iter().zip(counts.into_iter().map(|c| c as usize)));
+        progress(chunk.len());
+    }
+    Ok(out)
+}

@@ -1,2 +1,3 @@
 //! All integration tests compile into one binary (ripgrep-style); each module covers one stage.
 mod model;
+mod cli;

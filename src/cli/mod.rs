@@ -1,17 +1,86 @@
-//! Argument parsing and dispatch. Each subcommand lives in its own file and turns its arguments into one library call.
+//! Argument parsing and dispatch. Each subcommand lives in its own file and turns its arguments into one library
+//! call; this file holds only the options several subcommands share.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+mod generate;
+mod score;
 
 #[derive(Parser)]
-#[command(name = "bpo", version, about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image")]
+#[command(name = "bpo", version, about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image", long_about = "Bootstrapped Preference Optimization (Pi et al., ECCV 2024) end to end: bootstrap negatives from the model itself (noised-image answers, error injection), pair them with ground truth, train with DPO + LoRA, and measure hallucination (POPE, CHAIR). Models are Hugging Face folders (LLaVA-1.5 in llava-hf layout, or Llama); nothing is downloaded.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    Generate(generate::Args),
+    Score(score::Args),
+}
 
 pub fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {}
+    match Cli::parse().command {
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+    }
+}
+
+/// Precision of the weights and activations.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Where the model comes from and how prompts are built: shared by every subcommand that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model folder: config.json, *.safetensors, tokenizer.json (llava-hf layout, original LLaVA, or a Llama model).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Weight precision. f32 is the right choice on CPU (candle widens bf16 to f32 there, slowly).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    /// Chat template wrapped around each prompt.
+    #[arg(long, value_enum, default_value = "vicuna-v1")]
+    pub template: bpo::text::Template,
+    /// How a non-square image becomes square: `pad` (LLaVA-1.5's training setting) or `square` (stretch by the crop).
+    #[arg(long, value_enum, default_value = "pad")]
+    pub aspect: bpo::vision::AspectMode,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<bpo::generate::Vlm> {
+        let dtype = match self.dtype {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::Bf16 => candle_core::DType::BF16,
+        };
+        let opts = bpo::model::LoadOptions { dtype, ..Default::default() };
+        let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
+        vlm.aspect = self.aspect;
+        Ok(vlm)
+    }
+}
+
+/// A progress bar with rate and ETA.
+pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Resolves an image path given in a data file against `--images`.
+pub fn image_path(images: Option<&PathBuf>, rel: &str) -> PathBuf {
+    match images {
+        Some(dir) => dir.join(rel),
+        None => PathBuf::from(rel),
+    }
 }

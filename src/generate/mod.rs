@@ -9,9 +9,14 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+pub mod vlm;
+pub mod vqa;
+
 use crate::model::{Cache, Inputs, Model, Pass};
 use crate::text::Tokenizer;
 use crate::{bail, Result};
+
+pub use vlm::Vlm;
 
 /// Decoding settings. `temperature == 0` is greedy.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::clip::ClipVision;
-use super::config::{LlavaConfig, ModelConfig, TensorLayout};
+use super::config::{ModelConfig, TensorLayout};
 use super::linear::Linear;
 use super::llama::Llama;
 use super::llava::{Model, Projector, VisionTower};
@@ -85,7 +85,7 @@ impl Default for LoadOptions {
 
 /// Loads a model folder (llava-hf, newer transformers, original LLaVA, or a plain Llama).
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
-    let config = ModelConfig::from_dir(dir)?;
+    let mut config = ModelConfig::from_dir(dir)?;
     let files = safetensors_files(dir)?;
     let ckpt = |e: candle_core::Error| Error::Checkpoint { path: dir.into(), msg: e.to_string() };
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we assume nobody truncates them
@@ -94,21 +94,27 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
     drop(st);
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }.map_err(ckpt)?;
-    match config {
-        ModelConfig::Llama(cfg) => {
-            let llm = Llama::load(vb.pp("model"), vb.pp("lm_head"), &cfg).map_err(ckpt)?;
-            Ok(Model { llm, vision: None, device: opts.device.clone(), dtype: opts.dtype })
-        }
-        ModelConfig::Llava(mut cfg) => {
+    let vb = match config {
+        ModelConfig::Llava(ref mut cfg) => {
             cfg.layout = detect_layout(&names).ok_or_else(|| Error::Checkpoint { path: dir.into(), msg: "no language-model tensors found (expected language_model.*, model.language_model.* or model.layers.*)".into() })?;
             let layout = cfg.layout;
-            let vb = vb.rename_f(move |n| rename(layout, n));
-            load_llava(vb, cfg, opts).map_err(ckpt)
+            vb.rename_f(move |n| rename(layout, n))
         }
-    }
+        ModelConfig::Llama(_) => vb,
+    };
+    build(vb, &config, opts).map_err(ckpt)
 }
 
-fn load_llava(vb: VarBuilder, cfg: LlavaConfig, opts: &LoadOptions) -> candle_core::Result<Model> {
+/// Builds the model from `vb` (llava-hf names for LLaVA, `model.*` / `lm_head` for Llama). With a `VarMap`-backed
+/// builder this creates fresh variables under exactly the names a checkpoint has (see [`super::init`]).
+pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle_core::Result<Model> {
+    let cfg = match config {
+        ModelConfig::Llama(cfg) => {
+            let llm = Llama::load(vb.pp("model"), vb.pp("lm_head"), cfg)?;
+            return Ok(Model { llm, vision: None, device: opts.device.clone(), dtype: opts.dtype });
+        }
+        ModelConfig::Llava(cfg) => cfg.clone(),
+    };
     let lm = vb.pp("language_model");
     let llm = Llama::load(lm.pp("model"), lm.pp("lm_head"), &cfg.text)?;
     let vision = if opts.text_only {
@@ -142,4 +148,16 @@ mod tests {
         assert_eq!(rename(TensorLayout::LlavaHfNew, "language_model.lm_head.weight"), "lm_head.weight");
         assert_eq!(rename(TensorLayout::Original, "vision_tower.vision_model.pre_layrnorm.weight"), "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight");
     }
+}
+
+/// Writes tensors as safetensors with PyTorch's metadata (`{"format": "pt"}`, which transformers and peft expect),
+/// through a temporary file and a rename so an interrupted write never leaves a torn checkpoint.
+pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let contiguous: Vec<(String, candle_core::Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
+    let file = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

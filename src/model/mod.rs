@@ -4,6 +4,7 @@
 //! values for all positions and is differentiable in the parts that train (see [`ops`]).
 
 pub mod clip;
+pub mod init;
 pub mod config;
 pub mod linear;
 pub mod llama;

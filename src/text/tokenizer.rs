@@ -60,3 +60,35 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// Special tokens of a word-level tokenizer, ids 0..5 in this order.
+pub const WORD_LEVEL_SPECIALS: [&str; 5] = ["<unk>", "<s>", "</s>", "<pad>", "<image>"];
+
+/// A `tokenizer.json` (as a JSON value) for a whitespace word-level vocabulary: the specials of
+/// [`WORD_LEVEL_SPECIALS`] first, then `words`. Used for models bpo builds itself (the demo, benchmarks).
+pub fn word_level_json(words: &[String]) -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in WORD_LEVEL_SPECIALS.iter().map(|s| s.to_string()).chain(words.iter().cloned()).enumerate() {
+        vocab.entry(w).or_insert(serde_json::Value::from(i));
+    }
+    let added: Vec<serde_json::Value> = WORD_LEVEL_SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    })
+}
+
+/// Writes `tokenizer.json` and `tokenizer_config.json` for a word-level vocabulary into `dir`.
+pub fn write_word_level(dir: &Path, words: &[String]) -> Result<()> {
+    let write = |name: &str, v: serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap_or_default()).map_err(|e| Error::io(&path, e))
+    };
+    write("tokenizer.json", word_level_json(words))?;
+    write("tokenizer_config.json", serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+}

@@ -1,0 +1,110 @@
+//! Benchmarks on random-weight models of the configurations in `shared/reference.md` ("tiny" and "small"), built
+//! on the fly with [`crate::model::init`], so the numbers can be compared with the PyTorch baseline measured there.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::generate::{generate, Request, SamplingParams};
+use crate::model::{init, load, LoadOptions, Pass};
+use crate::text::Tokenizer;
+use crate::Result;
+
+/// Model sizes of `shared/reference.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Size {
+    /// Llama 128 hidden, 2 layers, GQA 4/2 heads; CLIP 32 px, patch 8; vocab 1024 (0.7 M parameters).
+    Tiny,
+    /// Llama 512 hidden, 8 layers; CLIP 224 px, patch 14, 4 layers; vocab 32064 (62 M parameters).
+    Small,
+}
+
+impl Size {
+    /// The llava-hf `config.json` of this size.
+    pub fn config(self) -> serde_json::Value {
+        let (text, vision, vocab) = match self {
+            Size::Tiny => ((128, 256, 2, 4, 2), (32, 8, 64, 256, 2, 4), 1024),
+            Size::Small => ((512, 1376, 8, 8, 8), (224, 14, 256, 1024, 4, 4), 32064),
+        };
+        serde_json::json!({
+            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": 4, "pad_token_id": 3, "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+            "text_config": {"model_type": "llama", "hidden_size": text.0, "intermediate_size": text.1,
+                "num_hidden_layers": text.2, "num_attention_heads": text.3, "num_key_value_heads": text.4,
+                "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
+            "vision_config": {"model_type": "clip_vision_model", "image_size": vision.0, "patch_size": vision.1,
+                "hidden_size": vision.2, "intermediate_size": vision.3, "num_hidden_layers": vision.4,
+                "num_attention_heads": vision.5, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+        })
+    }
+
+    /// Writes a random-weight model folder of this size (config, weights, a word-level tokenizer).
+    pub fn write_model(self, dir: &Path, seed: u64) -> Result<()> {
+        let cfg = self.config();
+        init::random_checkpoint(dir, &cfg, seed)?;
+        let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap_or(1024) as usize;
+        let n_special = crate::text::tokenizer::WORD_LEVEL_SPECIALS.len();
+        let words: Vec<String> = (n_special..vocab).map(|i| format!("w{i}")).collect();
+        crate::text::tokenizer::write_word_level(dir, &words)
+    }
+}
+
+/// Generation throughput at one batch size.
+#[derive(Debug, Clone)]
+pub struct GenerateFigures {
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Prompt tokens per second in the prefill (image encoding included).
+    pub prefill_tok_s: f64,
+    /// New tokens per second in the KV-cache decode loop (all rows together).
+    pub decode_tok_s: f64,
+    /// New tokens per second of the whole call, prefill included (what `model.generate` timings report).
+    pub end_to_end_tok_s: f64,
+}
+
+/// Times prefill and decode for `batches`, `new_tokens` new tokens each, greedy (`temperature == 0`) or sampled.
+/// Each figure is the best of `repeats` runs.
+pub fn generate_throughput(dir: &Path, batches: &[usize], new_tokens: usize, temperature: f32, repeats: usize) -> Result<Vec<GenerateFigures>> {
+    let model = load(dir, &LoadOptions::default())?;
+    let mut tok = Tokenizer::from_dir(dir, &[])?;
+    tok.eos.clear(); // random weights may pick EOS: always decode the full length
+    let vision = model.vision.as_ref().map(|v| v.cfg.vision.clone());
+    let image = match &vision {
+        Some(v) => Some(Tensor::randn(0f32, 1.0, (3, v.image_size, v.image_size), &model.device)?),
+        None => None,
+    };
+    let text: Vec<u32> = (0..20).map(|i| 10 + i as u32).collect();
+    let mut ids = vec![1u32];
+    ids.extend(std::iter::repeat_n(model.image_token().unwrap_or(0), model.image_tokens()));
+    ids.extend(&text);
+    let mut out = Vec::new();
+    for &b in batches {
+        let requests: Vec<Request> = (0..b).map(|_| Request { ids: ids.clone(), image: image.clone() }).collect();
+        let time = |n: usize| -> Result<f64> {
+            let params = SamplingParams { max_new_tokens: n, temperature, top_p: if temperature > 0.0 { 0.95 } else { 1.0 }, ..Default::default() };
+            let mut best = f64::INFINITY;
+            for _ in 0..repeats.max(1) {
+                let start = Instant::now();
+                generate(&model, &tok, &requests, &params, Pass::INFER)?;
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let prefill = time(1)?;
+        let full = time(new_tokens)?;
+        let decode = (full - prefill).max(1e-9);
+        out.push(GenerateFigures {
+            batch: b,
+            prompt_tokens: ids.len(),
+            new_tokens,
+            prefill_tok_s: (b * ids.len()) as f64 / prefill,
+            decode_tok_s: (b * (new_tokens - 1)) as f64 / decode,
+            end_to_end_tok_s: (b * new_tokens) as f64 / full,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,68 @@
+//! A model folder ready to answer: weights, tokenizer, image processor and chat template together, turning
+//! (question, image) pairs into [`Request`]s and answers.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::{generate, Completion, Request, SamplingParams};
+use crate::model::{load, LoadOptions, Model, Pass};
+use crate::text::template::{prompt_ids, response_ids};
+use crate::text::{PromptStyle, Template, Tokenizer};
+use crate::vision::{AspectMode, ImageProcessor};
+use crate::Result;
+
+pub struct Vlm {
+    pub model: Model,
+    pub tok: Tokenizer,
+    /// None for a text-only model.
+    pub processor: Option<ImageProcessor>,
+    pub template: Template,
+    pub aspect: AspectMode,
+    pub style: PromptStyle,
+}
+
+impl Vlm {
+    /// Loads `dir` (weights, `tokenizer.json`, `preprocessor_config.json`).
+    pub fn load(dir: &Path, opts: &LoadOptions, template: Template) -> Result<Self> {
+        let model = load(dir, opts)?;
+        let tok = Tokenizer::from_dir(dir, &model.llm.cfg.eos_ids())?;
+        let processor = match model.vision {
+            Some(_) => Some(ImageProcessor::from_model_dir(dir)?),
+            None => None,
+        };
+        Ok(Vlm { model, tok, processor, template, aspect: AspectMode::Pad, style: PromptStyle::Llava })
+    }
+
+    /// Decodes and preprocesses an image file: (3, H, W).
+    pub fn load_image(&self, path: &Path) -> Result<Tensor> {
+        match &self.processor {
+            Some(p) => p.load(path, self.aspect),
+            None => crate::bail!("{}: this model has no vision tower, so it cannot take an image", path.display()),
+        }
+    }
+
+    /// Prompt ids of `question` (rendered with the template; `<image>` expanded when `image` is given).
+    pub fn prompt_ids(&self, question: &str, image: bool) -> Result<Vec<u32>> {
+        let text = self.template.render(question, image);
+        let slot = match (image, self.model.image_token()) {
+            (true, Some(id)) => Some((id, self.model.image_tokens())),
+            _ => None,
+        };
+        prompt_ids(&self.tok, &text, self.style, slot)
+    }
+
+    /// Response ids per the prompt style (EOS appended in the LLaVA style).
+    pub fn response_ids(&self, response: &str) -> Result<Vec<u32>> {
+        response_ids(&self.tok, response, self.style)
+    }
+
+    pub fn request(&self, question: &str, image: Option<Tensor>) -> Result<Request> {
+        Ok(Request { ids: self.prompt_ids(question, image.is_some())?, image })
+    }
+
+    /// Answers a batch of requests.
+    pub fn answer(&self, requests: &[Request], params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
+        generate(&self.model, &self.tok, requests, params, pass)
+    }
+}

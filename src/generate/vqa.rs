@@ -1,0 +1,56 @@
+//! LLaVA's `model_vqa` files: question rows in, answer rows out.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{jsonl, Error, Result};
+
+/// A question row: `{question_id, image, text, ...}`; `line` is its 1-based line in the file.
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub question_id: Value,
+    pub image: Option<String>,
+    pub text: String,
+    pub line: usize,
+}
+
+#[derive(Deserialize)]
+struct RawQuestion {
+    question_id: Value,
+    #[serde(default)]
+    image: Option<String>,
+    text: String,
+}
+
+/// An answer row in LLaVA's format.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnswerRow {
+    pub question_id: Value,
+    pub prompt: String,
+    pub text: String,
+    pub answer_id: String,
+    pub model_id: String,
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
+    let rows: Vec<(usize, RawQuestion)> = jsonl::read_numbered(path)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (line, r) in rows {
+        if r.question_id.is_null() {
+            return Err(Error::parse(path, Some(line), "question_id is null"));
+        }
+        out.push(Question { question_id: r.question_id, image: r.image, text: r.text, line });
+    }
+    Ok(out)
+}
+
+pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
+    let id = match &q.question_id {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    AnswerRow { question_id: q.question_id.clone(), prompt: q.text.clone(), text: text.to_string(), answer_id: format!("{model_id}-{id}"), model_id: model_id.to_string(), metadata: Default::default() }
+}

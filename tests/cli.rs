@@ -1,0 +1,141 @@
+//! The `bpo` binary on the tiny fixture model: happy paths of `generate` and `score`, and one clear line plus a
+//! non-zero exit for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::model::fixture;
+
+pub fn bpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).output().expect("bpo runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `bpo args`, expects failure with exactly one error line containing every `needle`, and no panic.
+pub fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = bpo(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected failure for {args:?}, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected for {args:?}, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error for {args:?} should mention {n:?}: {}", lines[0]);
+    }
+}
+
+/// A copy of a fixture model folder that a test may edit.
+pub fn model_copy(name: &str, tmp: &Path) -> PathBuf {
+    let dst = tmp.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn generate_answers_one_prompt_with_an_image() {
+    let model = fixture("llava-tiny");
+    let image = fixture("images/chelsea.png");
+    let o = bpo(&["generate", "--model", s(&model), "--image", s(&image), "--prompt", "What is in the image?", "--max-new-tokens", "8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+}
+
+#[test]
+fn generate_writes_an_answer_per_question() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q.jsonl");
+    std::fs::write(&q, "{\"question_id\": 1, \"image\": \"chelsea.png\", \"text\": \"Is there a cat?\"}\n{\"question_id\": \"b\", \"text\": \"Say hi.\"}\n{\"question_id\": 3, \"image\": \"coffee.png\", \"text\": \"Is there a cup?\"}\n").unwrap();
+    let a = tmp.path().join("a.jsonl");
+    let o = bpo(&["generate", "--model", s(&fixture("llava-tiny")), "--questions", s(&q), "--images", s(&fixture("images")), "--answers", s(&a), "--max-new-tokens", "4", "--batch-size", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&a).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["question_id"], 1);
+    assert_eq!(rows[1]["question_id"], "b");
+    for key in ["prompt", "text", "answer_id", "model_id", "metadata"] {
+        assert!(rows[2].get(key).is_some(), "answer rows carry {key}");
+    }
+}
+
+#[test]
+fn score_matches_transformers_log_probs() {
+    let tmp = tempfile::tempdir().unwrap();
+    // score-cases.jsonl names images "img0"/"img1": the fixture's reference pixel tensors, not files. Write the
+    // text-only case, whose value needs no image, and check it within 1e-3.
+    let cases: Vec<serde_json::Value> = std::fs::read_to_string(fixture("score-cases.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let text_only: Vec<&serde_json::Value> = cases.iter().filter(|c| c["image"].is_null()).collect();
+    assert!(!text_only.is_empty());
+    let data = tmp.path().join("d.jsonl");
+    let body: String = text_only.iter().map(|c| format!("{}\n", serde_json::json!({"prompt": c["prompt"], "response": c["response"]}))).collect();
+    std::fs::write(&data, body).unwrap();
+    let out = tmp.path().join("o.jsonl");
+    let o = bpo(&["score", "--model", s(&fixture("llava-tiny")), "--template", "llava-hf", "--data", s(&data), "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (g, want) in got.iter().zip(&text_only) {
+        let (lp, w) = (g["logprob"].as_f64().unwrap(), want["logprob"].as_f64().unwrap());
+        assert!((lp - w).abs() < 1e-3, "logprob {lp} vs transformers {w}");
+        assert_eq!(g["tokens"], want["tokens"]);
+    }
+}
+
+#[test]
+fn missing_model_folder_is_one_line() {
+    fails_with(&["generate", "--model", "/no/such/model", "--prompt", "hi"], &["/no/such/model"]);
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_copy("llama-tiny", tmp.path());
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"");
+    std::fs::write(m.join("config.json"), cfg).unwrap();
+    fails_with(&["generate", "--model", s(&m), "--prompt", "hi"], &["GPT2LMHeadModel", "config.json"]);
+}
+
+#[test]
+fn wrong_tensor_shape_names_tensor_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_copy("llama-tiny", tmp.path());
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("\"intermediate_size\": 160", "\"intermediate_size\": 200");
+    std::fs::write(m.join("config.json"), cfg).unwrap();
+    fails_with(&["generate", "--model", s(&m), "--prompt", "hi"], &["mlp", "200", "160"]);
+}
+
+#[test]
+fn missing_and_corrupt_images_name_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("bad.jpg"), b"not a jpeg").unwrap();
+    std::fs::copy(fixture("images/chelsea.png"), tmp.path().join("ok.png")).unwrap();
+    let a = tmp.path().join("a.jsonl");
+    for (name, needle) in [("gone.png", "gone.png"), ("bad.jpg", "bad.jpg")] {
+        let q = tmp.path().join("q.jsonl");
+        std::fs::write(&q, format!("{{\"question_id\": 1, \"image\": \"ok.png\", \"text\": \"a\"}}\n{{\"question_id\": 2, \"image\": \"{name}\", \"text\": \"b\"}}\n")).unwrap();
+        fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--questions", s(&q), "--images", s(tmp.path()), "--answers", s(&a), "--max-new-tokens", "2"], &[needle, "q.jsonl:2"]);
+    }
+}
+
+#[test]
+fn malformed_jsonl_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d.jsonl");
+    std::fs::write(&d, "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": oops}\n").unwrap();
+    fails_with(&["score", "--model", s(&fixture("llava-tiny")), "--data", s(&d), "--out", s(&tmp.path().join("o.jsonl"))], &["d.jsonl:2"]);
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let long = "red ".repeat(400);
+    fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--prompt", &long], &["context"]);
+}

@@ -1,3 +1,6 @@
 //! All integration tests compile into one binary (ripgrep-style); each module covers one stage.
-mod model;
-mod cli;
+
+mod bootstrap; // records, resume, shards, injection through a fake LLM, pairs and `bpo pairs`
+mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a loopback test server
+mod cli; // the binary on the tiny fixture model: generate, score, and bad input
+mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod bootstrap;
 mod generate;
+mod pairs;
 mod score;
 
 #[derive(Parser)]
@@ -18,14 +20,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Answer a prompt or a question file with a model.
     Generate(generate::Args),
+    /// Summed log-probability of responses given image and prompt.
     Score(score::Args),
+    /// Make negatives for BPO records (error injection; image weakening comes with the model).
+    Bootstrap(bootstrap::BootstrapArgs),
+    /// Turn BPO records into preference pairs (bpo, TRL or LLaMA-Factory layout).
+    ///
+    /// Every two completions of a record with different scores give a pair, the higher score chosen (ground
+    /// truth over negatives); ties are skipped. Records with a response longer than --max-words words are
+    /// dropped. Prints what was kept and dropped, by reason.
+    Pairs(pairs::PairsArgs),
 }
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
+        Command::Bootstrap(args) => bootstrap::run(args),
+        Command::Pairs(args) => pairs::run(args),
     }
 }
 

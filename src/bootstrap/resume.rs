@@ -1,0 +1,378 @@
+//! Long runs that lose nothing: an append-only JSONL output keyed by id, shards, and the loop that ties them.
+//!
+//! - [`ResumableWriter`] appends one JSON line per finished item in a single `write` call (no user-space
+//!   buffer), so a killed process loses at most the line being written. On open it reads the lines already
+//!   there and remembers their ids; a re-run skips those. A torn last line (no trailing newline, or not valid
+//!   JSON with the id) is reported and truncated away; a bad line *before* the last is a real error.
+//!   Lines are not fsync'ed one by one: a killed process loses nothing, a power cut may lose the last lines.
+//! - [`Shard`] splits the ids between independent processes: `i/n` with **1-based** `i` (`1/4` .. `4/4`),
+//!   the same convention as `jest --shard`. An id belongs to shard `stable_hash(id) % n` (0-based
+//!   internally), so the shards cover every id exactly once on every machine.
+//! - [`process_pending`] runs a step function over the records of one shard not yet in the output, in
+//!   batches, and writes each finished record once.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::records::{stable_hash, Record};
+use crate::{bail, Error, Result};
+
+/// One of `count` disjoint parts of the ids. `index` is 0-based; the text form `i/n` is 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole data set as one shard.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// Shard `index` (0-based) of `count`.
+    pub fn new(index: usize, count: usize) -> Result<Self> {
+        if count == 0 || index >= count {
+            bail!("shard index {index} (0-based) out of range for {count} shards");
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// Whether `id` belongs to this shard.
+    pub fn contains(&self, id: &str) -> bool {
+        stable_hash(&[id]) % self.count as u64 == self.index as u64
+    }
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard::ALL
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+    /// Parses `i/n`, 1-based: `1/4` is the first of four shards.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::invalid(format!("shard {s:?}: expected i/n with 1 <= i <= n, e.g. 1/4"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let i: usize = i.trim().parse().map_err(|_| bad())?;
+        let n: usize = n.trim().parse().map_err(|_| bad())?;
+        if i == 0 || n == 0 || i > n {
+            return Err(bad());
+        }
+        Shard::new(i - 1, n)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index + 1, self.count)
+    }
+}
+
+/// What [`ResumableWriter::open`] found in an existing file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reopened {
+    /// Complete lines already there (each one id).
+    pub lines: usize,
+    /// Lines whose id appeared on an earlier line (kept; should not happen).
+    pub duplicate_ids: usize,
+    /// The torn last line that was cut away, if any.
+    pub torn: Option<TornLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornLine {
+    /// 1-based line number.
+    pub line: usize,
+    /// Bytes removed.
+    pub bytes: u64,
+    /// Why it was judged torn.
+    pub reason: String,
+}
+
+/// Append-only JSONL output that knows which ids it already holds.
+pub struct ResumableWriter {
+    path: PathBuf,
+    key: String,
+    file: File,
+    done: HashSet<String>,
+}
+
+impl ResumableWriter {
+    /// Opens (or creates) `path`, keyed by the `"id"` field.
+    pub fn open(path: &Path) -> Result<(Self, Reopened)> {
+        Self::open_with_key(path, "id")
+    }
+
+    /// Opens (or creates) `path`, keyed by field `key` (a string or a number, e.g. `question_id`).
+    pub fn open_with_key(path: &Path, key: &str) -> Result<(Self, Reopened)> {
+        let (done, report, keep) = match File::open(path) {
+            Ok(f) => scan(path, key, f)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashSet::new(), Reopened::default(), 0),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        if report.torn.is_some() {
+            file.set_len(keep).map_err(|e| Error::io(path, e))?;
+        }
+        Ok((ResumableWriter { path: path.to_path_buf(), key: key.to_string(), file, done }, report))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a line with this id is already in the file.
+    pub fn is_done(&self, id: &str) -> bool {
+        self.done.contains(id)
+    }
+
+    /// Number of distinct ids in the file.
+    pub fn done_count(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Writes `row` as one line and hands it to the OS. Refuses a row without the key or with an id already
+    /// written, so an item can never appear twice.
+    pub fn append<T: Serialize>(&mut self, row: &T) -> Result<()> {
+        let value = serde_json::to_value(row).map_err(|e| Error::parse(&self.path, None, e))?;
+        let Some(id) = value.get(&self.key).and_then(key_string) else {
+            bail!("{}: row to append has no `{}` field", self.path.display(), self.key);
+        };
+        if self.done.contains(&id) {
+            bail!("{}: id {id:?} is already written", self.path.display());
+        }
+        let mut line = serde_json::to_string(&value).map_err(|e| Error::parse(&self.path, None, e))?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        self.done.insert(id);
+        Ok(())
+    }
+}
+
+fn key_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads the ids of an existing file. Returns them, the report and the length to keep.
+fn scan(path: &Path, key: &str, file: File) -> Result<(HashSet<String>, Reopened, u64)> {
+    let mut reader = BufReader::new(file);
+    let mut done = HashSet::new();
+    let mut report = Reopened::default();
+    let (mut offset, mut line_no) = (0u64, 0usize);
+    // A bad line is only an error if another line follows it; a bad *last* line is torn.
+    let mut bad: Option<(usize, u64, String)> = None;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        if let Some((line, _, msg)) = bad.take() {
+            return Err(Error::parse(path, Some(line), msg));
+        }
+        match line_id(&buf, key) {
+            _ if !buf.ends_with(b"\n") => bad = Some((line_no, offset, "no trailing newline".into())),
+            Ok(None) => {}
+            Ok(Some(id)) => {
+                report.lines += 1;
+                if !done.insert(id) {
+                    report.duplicate_ids += 1;
+                }
+            }
+            Err(msg) => bad = Some((line_no, offset, msg)),
+        }
+        offset += n as u64;
+    }
+    let keep = match bad {
+        Some((line, start, reason)) => {
+            report.torn = Some(TornLine { line, bytes: offset - start, reason });
+            start
+        }
+        None => offset,
+    };
+    Ok((done, report, keep))
+}
+
+/// The key of one line; `Ok(None)` for a blank line.
+fn line_id(bytes: &[u8], key: &str) -> std::result::Result<Option<String>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    v.get(key).and_then(key_string).map(Some).ok_or_else(|| format!("no `{key}` field"))
+}
+
+/// Counts of one [`process_pending`] run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunCounts {
+    /// Records in the input.
+    pub input: usize,
+    /// Records that belong to other shards.
+    pub other_shards: usize,
+    /// Records of this shard already in the output (skipped).
+    pub already_done: usize,
+    /// Records written by this run.
+    pub written: usize,
+    /// Records the step could not finish (not written; a re-run retries them).
+    pub failed: usize,
+}
+
+/// Runs `step` over the records of `shard` that `out` does not hold yet, `batch_size` at a time, and appends
+/// each record the step returns. `step` gets a batch and returns one entry per record: `Some(record)` to write
+/// (normally the input plus its new completions), `None` when it failed (retried by the next run). An `Err`
+/// from `step` stops the run; what was written stays.
+pub fn process_pending<F>(
+    records: Vec<Record>,
+    shard: Shard,
+    batch_size: usize,
+    out: &mut ResumableWriter,
+    bar: &ProgressBar,
+    mut step: F,
+) -> Result<RunCounts>
+where
+    F: FnMut(&[Record]) -> Result<Vec<Option<Record>>>,
+{
+    let mut counts = RunCounts { input: records.len(), ..Default::default() };
+    let mut pending = Vec::new();
+    for r in records {
+        if !shard.contains(&r.id) {
+            counts.other_shards += 1;
+        } else if out.is_done(&r.id) {
+            counts.already_done += 1;
+        } else {
+            pending.push(r);
+        }
+    }
+    bar.set_length(pending.len() as u64);
+    for batch in pending.chunks(batch_size.max(1)) {
+        let results = step(batch)?;
+        if results.len() != batch.len() {
+            bail!("step returned {} results for a batch of {}", results.len(), batch.len());
+        }
+        for result in results {
+            match result {
+                Some(record) => {
+                    out.append(&record)?;
+                    counts.written += 1;
+                }
+                None => counts.failed += 1,
+            }
+            bar.inc(1);
+        }
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_parses_one_based_and_validates() {
+        assert_eq!("1/4".parse::<Shard>().unwrap(), Shard { index: 0, count: 4 });
+        assert_eq!("4/4".parse::<Shard>().unwrap(), Shard { index: 3, count: 4 });
+        for bad in ["0/4", "5/4", "1/0", "a/b", "3", "-1/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        assert_eq!(Shard::new(2, 5).unwrap().to_string(), "3/5");
+        assert!(Shard::new(5, 5).is_err());
+    }
+
+    #[test]
+    fn shards_partition_ids() {
+        let ids: Vec<String> = (0..500).map(|i| format!("id{i}#0")).collect();
+        let n = 7;
+        let mut sizes = vec![0; n];
+        for id in &ids {
+            let owners: Vec<_> = (0..n).filter(|&i| Shard::new(i, n).unwrap().contains(id)).collect();
+            assert_eq!(owners.len(), 1, "{id}");
+            sizes[owners[0]] += 1;
+        }
+        assert!(sizes.iter().all(|&s| s > 30), "unbalanced: {sizes:?}");
+        assert!(ids.iter().all(|id| Shard::ALL.contains(id)));
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn writer_appends_and_remembers_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let (mut w, rep) = ResumableWriter::open(&path).unwrap();
+        assert_eq!(rep, Reopened::default());
+        w.append(&serde_json::json!({"id": "a", "x": 1})).unwrap();
+        assert!(w.append(&serde_json::json!({"id": "a"})).is_err(), "second write of an id");
+        assert!(w.append(&serde_json::json!({"x": 2})).is_err(), "row without id");
+        drop(w);
+        let (w, rep) = ResumableWriter::open(&path).unwrap();
+        assert_eq!(rep.lines, 1);
+        assert!(w.is_done("a") && !w.is_done("b"));
+        assert_eq!(read(&path), "{\"id\":\"a\",\"x\":1}\n");
+    }
+
+    #[test]
+    fn torn_last_line_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        for (tail, reason) in
+            [("{\"id\": \"c\", \"x\"", "newline"), ("{\"id\": \"c\"}", "newline"), ("{\"id\": \"c\n", "JSON")]
+        {
+            std::fs::write(&path, format!("{{\"id\": \"a\"}}\n\n{{\"id\": 5}}\n{tail}")).unwrap();
+            let (mut w, rep) = ResumableWriter::open(&path).unwrap();
+            let torn = rep.torn.unwrap();
+            assert_eq!((rep.lines, torn.line, torn.bytes), (2, 4, tail.len() as u64));
+            assert!(torn.reason.contains(reason), "{}", torn.reason);
+            assert!(w.is_done("5") && !w.is_done("c"));
+            w.append(&serde_json::json!({"id": "c"})).unwrap();
+            assert_eq!(read(&path), "{\"id\": \"a\"}\n\n{\"id\": 5}\n{\"id\":\"c\"}\n");
+        }
+    }
+
+    #[test]
+    fn bad_line_in_the_middle_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, "{\"id\": \"a\"}\n{\"oops\": 1}\n{\"id\": \"b\"}\n").unwrap();
+        let err = ResumableWriter::open(&path).err().unwrap().to_string();
+        assert!(err.contains(":2:") && err.contains("`id`"), "{err}");
+    }
+
+    #[test]
+    fn process_pending_skips_done_and_other_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let recs: Vec<Record> = (0..20)
+            .map(|i| Record { id: format!("r{i}"), prompt: "p".into(), image: None, completions: vec![] })
+            .collect();
+        let shard = Shard::new(1, 2).unwrap();
+        let (mut w, _) = ResumableWriter::open(&path).unwrap();
+        let bar = ProgressBar::hidden();
+        // First run: fail r3 (if it is ours), write the rest.
+        let c1 = process_pending(recs.clone(), shard, 3, &mut w, &bar, |b| {
+            Ok(b.iter().map(|r| (r.id != "r3").then(|| r.clone())).collect())
+        })
+        .unwrap();
+        let mine = recs.iter().filter(|r| shard.contains(&r.id)).count();
+        assert_eq!(c1.other_shards, 20 - mine);
+        assert_eq!(c1.written + c1.failed, mine);
+        let c2 = process_pending(recs, shard, 3, &mut w, &bar, |b| Ok(b.iter().cloned().map(Some).collect())).unwrap();
+        assert_eq!((c2.already_done, c2.written + c2.already_done), (c1.written, mine));
+        assert_eq!(w.done_count(), mine);
+    }
+}

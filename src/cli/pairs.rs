@@ -1,0 +1,35 @@
+//! `bpo pairs`: BPO record files (shards of one run) → one preference-pair file.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bpo::bootstrap::pairs::make_pair_file;
+use bpo::bootstrap::{PairFormat, PairOptions};
+use clap::Args;
+
+/// Arguments of `bpo pairs` (help text on the `Command::Pairs` variant).
+#[derive(Args)]
+pub struct PairsArgs {
+    /// BPO record files (JSONL); shards of one run are merged. An id found twice is an error.
+    #[arg(long, num_args = 1.., required = true)]
+    records: Vec<PathBuf>,
+    /// Output pair file (JSONL), replaced atomically.
+    #[arg(long)]
+    out: PathBuf,
+    /// Layout: bpo ({id, prompt, image, chosen, rejected, chosen_type, rejected_type}), trl (vision
+    /// conversational rows for TRL's DPOTrainer) or llama-factory (sharegpt ranking rows).
+    #[arg(long, default_value = "bpo")]
+    format: PairFormat,
+    /// Drop a record if any of its responses has more whitespace-separated words than this; 0 = no limit.
+    #[arg(long, default_value_t = 350)]
+    max_words: usize,
+}
+
+pub fn run(args: PairsArgs) -> anyhow::Result<()> {
+    let opts = PairOptions { max_words: (args.max_words > 0).then_some(args.max_words) };
+    let stats = make_pair_file(&args.records, &args.out, args.format, &opts)
+        .with_context(|| format!("making pairs into {}", args.out.display()))?;
+    println!("{stats}");
+    println!("wrote {} pairs to {}", stats.pairs, args.out.display());
+    Ok(())
+}

@@ -4,3 +4,4 @@ mod bootstrap; // records, resume, shards, injection through a fake LLM, pairs a
 mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a loopback test server
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
+mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`

@@ -11,6 +11,8 @@ mod generate;
 mod pairs;
 mod score;
 
+mod distort;
+
 #[derive(Parser)]
 #[command(name = "bpo", version, about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image", long_about = "Bootstrapped Preference Optimization (Pi et al., ECCV 2024) end to end: bootstrap negatives from the model itself (noised-image answers, error injection), pair them with ground truth, train with DPO + LoRA, and measure hallucination (POPE, CHAIR). Models are Hugging Face folders (LLaVA-1.5 in llava-hf layout, or Llama); nothing is downloaded.")]
 struct Cli {
@@ -32,6 +34,12 @@ enum Command {
     /// truth over negatives); ties are skipped. Records with a response longer than --max-words words are
     /// dropped. Prints what was kept and dropped, by reason.
     Pairs(pairs::PairsArgs),
+    /// Write what the model sees of a diffusion-noised image (BPO's image weakening) as a PNG.
+    ///
+    /// The image is preprocessed as for LLaVA-1.5, noised by forward diffusion on the normalised pixel tensor
+    /// (VCD's schedule, T = 1000: step 0 is almost clean, BPO's release uses 900, VCD and POVID 500), then
+    /// de-normalised for viewing. Use it to judge how much an image-weakened negative still shows.
+    Distort(distort::Args),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -40,6 +48,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Score(a) => score::run(a),
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Pairs(args) => pairs::run(args),
+        Command::Distort(args) => distort::run(args),
     }
 }
 

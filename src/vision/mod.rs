@@ -1,1 +1,20 @@
-//! Image preprocessing (CLIPImageProcessor) and diffusion-noise weakening.
+//! Image preprocessing (CLIPImageProcessor with LLaVA-1.5's `pad` mode, Pillow-exact resizing) and the
+//! diffusion-noise image weakening that BPO uses to bootstrap `mllm-hal` negatives.
+//!
+//! ```no_run
+//! use bpo::vision::{AspectMode, ImageProcessor, NoiseSchedule};
+//! # fn main() -> bpo::Result<()> {
+//! let proc = ImageProcessor::from_model_dir("llava-1.5-7b-hf")?;
+//! let pixels = proc.load("coco/000000000009.jpg", AspectMode::Pad)?; // f32 (3, 336, 336)
+//! let noised = NoiseSchedule::default().weaken(&pixels, 900, 42)?;
+//! proc.denormalize(&noised)?.save("what-the-model-sees.png").ok();
+//! # Ok(()) }
+//! ```
+
+mod distort;
+mod preprocess;
+mod resample;
+
+pub use distort::{weaken, weakened_view, NoiseSchedule};
+pub use preprocess::{load_image, AspectMode, ImageProcessor, Size};
+pub use resample::Filter;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 mod generate;
 mod pairs;
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Throughput benchmarks on random-weight models (tiny and small configurations).
+    Bench(bench::Args),
     /// Answer a prompt or a question file with a model.
     Generate(generate::Args),
     /// Summed log-probability of responses given image and prompt.
@@ -44,6 +47,7 @@ enum Command {
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Bench(a) => bench::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bootstrap(args) => bootstrap::run(args),

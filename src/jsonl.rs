@@ -9,6 +9,12 @@ use crate::{Error, Result};
 
 /// Reads every non-blank line of `path` as a `T`. A malformed line fails with its file and 1-based line number.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    Ok(read_numbered(path)?.into_iter().map(|(_, row)| row).collect())
+}
+
+/// Like [`read`], but keeps each row's 1-based line number, so later checks (duplicate ids, unknown
+/// references) can name the line too.
+pub fn read_numbered<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
@@ -16,7 +22,8 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| Error::parse(path, Some(i + 1), e))?);
+        let row = serde_json::from_str(&line).map_err(|e| Error::parse(path, Some(i + 1), e))?;
+        out.push((i + 1, row));
     }
     Ok(out)
 }

@@ -1,0 +1,79 @@
+//! `bpo bench ...`: timings of the pipeline's stages on synthetic inputs (benchmarks live here, never in
+//! tests). Each stage adds an action: `eval` today; `generate` and `train` are expected to follow.
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+
+use bpo::eval::chair::Chair;
+use bpo::eval::{pope, synth};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    action: BenchAction,
+}
+
+#[derive(Subcommand)]
+enum BenchAction {
+    /// Time POPE and CHAIR scoring on answers and captions synthesised in memory (no files, no model).
+    Eval(EvalBench),
+}
+
+#[derive(Args)]
+struct EvalBench {
+    /// POPE answers to score (the full POPE COCO set is 9,000; 30k is a generous upper bound).
+    #[arg(long, default_value_t = 30_000)]
+    pope: usize,
+    /// Captions to score with CHAIR (CHAIR on COCO commonly uses 500 to 5,000).
+    #[arg(long, default_value_t = 5_000)]
+    captions: usize,
+    /// Words per synthetic caption (LLaVA-1.5 detailed descriptions run about 100).
+    #[arg(long, default_value_t = 100)]
+    words: usize,
+    /// Timed repetitions of each step; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.action {
+        BenchAction::Eval(a) => bench_eval(a),
+    }
+}
+
+fn bench_eval(args: EvalBench) -> anyhow::Result<()> {
+    let repeats = args.repeats.max(1);
+    let (questions, answers) = synth::pope(args.pope, args.seed);
+    let t = median(repeats, || pope::score(&questions, &answers, pope::Pairing::ById).map(|_| ()))?;
+    println!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
+
+    let t = median(repeats, || Chair::builtin().map(|_| ()))?;
+    println!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
+    let chair = Chair::builtin()?;
+    let (captions, truth) = synth::captions(args.captions, args.words, args.seed);
+    let t = median(repeats, || chair.score(&captions, &truth).map(|_| ()))?;
+    let words: usize = captions.iter().map(|c| c.text.split(' ').count()).sum();
+    println!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
+    let build = if cfg!(debug_assertions) { "debug assertions on" } else { "release" };
+    println!("(median of {repeats} runs; {build})");
+    Ok(())
+}
+
+/// Median wall time of `repeats` calls of `f`.
+fn median(repeats: usize, mut f: impl FnMut() -> bpo::Result<()>) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -1,48 +1,115 @@
-//! `bpo bench ...`: throughput benchmarks on random-weight models of `shared/reference.md`'s sizes.
+//! `bpo bench ...`: timings of the pipeline's stages on synthetic inputs (benchmarks live here, never in
+//! tests). Each stage adds an action.
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
 
 use bpo::bench::Size;
+use bpo::eval::chair::Chair;
+use bpo::eval::{pope, synth};
 
-#[derive(clap::Args)]
-pub struct Args {
+#[derive(Args)]
+pub struct BenchArgs {
     #[command(subcommand)]
-    what: What,
+    action: BenchAction,
 }
 
-#[derive(clap::Subcommand)]
-enum What {
-    /// Prefill and decode tokens/s at batch 1 and 8 (greedy and sampled), as `model.generate` is timed in
-    /// shared/reference.md: a prompt of BOS + image positions + 20 text tokens, 64 new tokens, best of 3.
-    Generate {
-        #[arg(long, value_enum, default_values = ["tiny", "small"])]
-        size: Vec<Size>,
-        #[arg(long, default_value_t = 64)]
-        new_tokens: usize,
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        /// Also write each size's config.json here (for scripts/bench_torch.py).
-        #[arg(long)]
-        write_config: Option<std::path::PathBuf>,
-    },
+#[derive(Subcommand)]
+enum BenchAction {
+    /// Time POPE and CHAIR scoring on answers and captions synthesised in memory (no files, no model).
+    Eval(EvalBench),
+    /// Prefill and decode tokens/s at batch 1 and 8 (greedy and sampled) on random-weight models of
+    /// shared/reference.md's sizes, timed as `model.generate` is there: BOS + image positions + 20 text tokens,
+    /// 64 new tokens, best of 3.
+    Generate(GenerateBench),
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    match a.what {
-        What::Generate { size, new_tokens, repeats, write_config } => generate(&size, new_tokens, repeats, write_config),
+#[derive(Args)]
+struct GenerateBench {
+    #[arg(long, value_enum, default_values = ["tiny", "small"])]
+    size: Vec<Size>,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Also write each size's config.json here (for scripts/bench_torch.py).
+    #[arg(long)]
+    write_config: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalBench {
+    /// POPE answers to score (the full POPE COCO set is 9,000; 30k is a generous upper bound).
+    #[arg(long, default_value_t = 30_000)]
+    pope: usize,
+    /// Captions to score with CHAIR (CHAIR on COCO commonly uses 500 to 5,000).
+    #[arg(long, default_value_t = 5_000)]
+    captions: usize,
+    /// Words per synthetic caption (LLaVA-1.5 detailed descriptions run about 100).
+    #[arg(long, default_value_t = 100)]
+    words: usize,
+    /// Timed repetitions of each step; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.action {
+        BenchAction::Eval(a) => bench_eval(a),
+        BenchAction::Generate(a) => bench_generate(a),
     }
 }
 
-fn generate(sizes: &[Size], new_tokens: usize, repeats: usize, write_config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+fn bench_eval(args: EvalBench) -> anyhow::Result<()> {
+    let repeats = args.repeats.max(1);
+    let (questions, answers) = synth::pope(args.pope, args.seed);
+    let t = median(repeats, || pope::score(&questions, &answers, pope::Pairing::ById).map(|_| ()))?;
+    println!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
+
+    let t = median(repeats, || Chair::builtin().map(|_| ()))?;
+    println!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
+    let chair = Chair::builtin()?;
+    let (captions, truth) = synth::captions(args.captions, args.words, args.seed);
+    let t = median(repeats, || chair.score(&captions, &truth).map(|_| ()))?;
+    let words: usize = captions.iter().map(|c| c.text.split(' ').count()).sum();
+    println!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
+    let build = if cfg!(debug_assertions) { "debug assertions on" } else { "release" };
+    println!("(median of {repeats} runs; {build})");
+    Ok(())
+}
+
+/// Median wall time of `repeats` calls of `f`.
+fn median(repeats: usize, mut f: impl FnMut() -> bpo::Result<()>) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     println!("{:<6} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12}", "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s");
-    for &size in sizes {
-        let dir = tempfile_dir()?;
+    for &size in &a.size {
+        let dir = scratch_dir()?;
         size.write_model(&dir, 0)?;
-        if let Some(out) = &write_config {
+        let name = format!("{size:?}").to_lowercase();
+        if let Some(out) = &a.write_config {
             std::fs::create_dir_all(out)?;
-            std::fs::write(out.join(format!("{size:?}.json").to_lowercase()), serde_json::to_string_pretty(&size.config())?)?;
+            std::fs::write(out.join(format!("{name}.json")), serde_json::to_string_pretty(&size.config())?)?;
         }
-        for (name, temperature) in [("greedy", 0.0), ("sample", 1.0)] {
-            for f in bpo::bench::generate_throughput(&dir, &[1, 8], new_tokens, temperature, repeats)? {
-                println!("{:<6} {:>5} {:>8} {:>6} {:>12.1} {:>12.1} {:>12.1}", format!("{size:?}").to_lowercase(), f.batch, name, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s);
+        for (sampling, temperature) in [("greedy", 0.0), ("sample", 1.0)] {
+            for f in bpo::bench::generate_throughput(&dir, &[1, 8], a.new_tokens, temperature, a.repeats)? {
+                println!("{name:<6} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1}", f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s);
             }
         }
         std::fs::remove_dir_all(&dir).ok();
@@ -51,8 +118,9 @@ fn generate(sizes: &[Size], new_tokens: usize, repeats: usize, write_config: Opt
 }
 
 /// A fresh folder under the system temp dir for a benchmark model.
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("bpo-bench-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()));
+fn scratch_dir() -> anyhow::Result<std::path::PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let dir = std::env::temp_dir().join(format!("bpo-bench-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

@@ -8,11 +8,11 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod bootstrap;
+mod distort;
+mod eval;
 mod generate;
 mod pairs;
 mod score;
-
-mod distort;
 
 #[derive(Parser)]
 #[command(name = "bpo", version, about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image", long_about = "Bootstrapped Preference Optimization (Pi et al., ECCV 2024) end to end: bootstrap negatives from the model itself (noised-image answers, error injection), pair them with ground truth, train with DPO + LoRA, and measure hallucination (POPE, CHAIR). Models are Hugging Face folders (LLaVA-1.5 in llava-hf layout, or Llama); nothing is downloaded.")]
@@ -23,8 +23,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Throughput benchmarks on random-weight models (tiny and small configurations).
-    Bench(bench::Args),
     /// Answer a prompt or a question file with a model.
     Generate(generate::Args),
     /// Summed log-probability of responses given image and prompt.
@@ -43,16 +41,21 @@ enum Command {
     /// (VCD's schedule, T = 1000: step 0 is almost clean, BPO's release uses 900, VCD and POVID 500), then
     /// de-normalised for viewing. Use it to judge how much an image-weakened negative still shows.
     Distort(distort::Args),
+    /// Hallucination evaluation: score answers with POPE or CHAIR / Object HalBench, compare runs.
+    Eval(eval::EvalArgs),
+    /// Benchmarks: time pipeline stages on synthetic inputs and random-weight models.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Bench(a) => bench::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Pairs(args) => pairs::run(args),
         Command::Distort(args) => distort::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,1 +1,46 @@
 //! Hallucination evaluation: POPE and CHAIR / Object HalBench, computed exactly as the official scripts.
+//!
+//! Scoring works on in-memory rows, so a generation loop can score its answers without writing files:
+//! [`pope::score`] takes [`pope::PopeQuestion`]s and [`Answer`]s; [`chair::Chair::score`] takes
+//! [`chair::Caption`]s and a [`chair::GroundTruth`]. File loading lives beside them ([`pope::load_questions`],
+//! [`load_answers`], [`inputs`]) and every loaded row remembers its file and line, so errors found while
+//! scoring (duplicate ids, unknown images) still point at the line. [`report`] writes a run folder
+//! (`scores.json` + `details.jsonl`), renders terminal tables and compares two runs.
+
+pub mod chair;
+pub mod inputs;
+pub mod pope;
+pub mod report;
+pub mod rows;
+pub mod synth;
+pub mod words;
+
+pub use rows::{load_answers, Answer, Origin};
+
+/// The eight Object HalBench description instructions (RLHF-V, Table 6), one per line; use them verbatim.
+pub const OBJECT_HALBENCH_PROMPTS: &str = include_str!("../../data/object-halbench/prompts.txt");
+
+/// [`OBJECT_HALBENCH_PROMPTS`] as a list.
+pub fn object_halbench_prompts() -> Vec<&'static str> {
+    OBJECT_HALBENCH_PROMPTS.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
+}
+
+/// `num / den`, or 0 with a warning when `den` is 0 (the official scripts divide by zero and crash).
+pub(crate) fn ratio(num: usize, den: usize, what: &str, warnings: &mut Vec<String>) -> f64 {
+    if den == 0 {
+        warnings.push(format!("{what} is 0/0, reported as 0"));
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn eight_object_halbench_prompts_ship_with_the_binary() {
+        let prompts = super::object_halbench_prompts();
+        assert_eq!(prompts.len(), 8);
+        assert_eq!(prompts[0], "Provide a thorough description of the given image.");
+    }
+}

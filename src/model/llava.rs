@@ -82,10 +82,19 @@ impl Model {
     /// Input embeddings with the image positions replaced by `image_embeds` (n, tokens, hidden), in order.
     pub fn embed(&self, ids: &Tensor, image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let Some(image_token) = self.image_token() else { return Ok(self.llm.embed(ids)?) };
+        let (Some(image_token), Some(images)) = (self.image_token(), image_embeds) else {
+            // No images: every id is text (a sampled `<image>` id included), clamped into the table.
+            let vocab = self.llm.cfg.vocab_size as u32;
+            let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+            if flat.iter().all(|&id| id < vocab) {
+                return Ok(self.llm.embed(ids)?);
+            }
+            let clamped: Vec<u32> = flat.into_iter().map(|id| if id < vocab { id } else { 0 }).collect();
+            return Ok(self.llm.embed(&Tensor::from_vec(clamped, (b, t), &self.device)?)?);
+        };
         let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let n_slots = flat.iter().filter(|&&id| id == image_token).count();
-        let n_feat = image_embeds.map_or(Ok(0), |e| e.dims3().map(|(n, k, _)| n * k))?;
+        let n_feat = images.dims3().map(|(n, k, _)| n * k)?;
         if n_slots != n_feat {
             let per = self.image_tokens().max(1);
             bail!("the prompt has {n_slots} image positions ({} images of {per}) but {} images were given", n_slots / per, n_feat / per);
@@ -93,7 +102,6 @@ impl Model {
         // The image token may lie outside the embedding table (original LLaVA); look up id 0 there instead.
         let text_ids: Vec<u32> = flat.iter().map(|&id| if id == image_token { 0 } else { id }).collect();
         let text = self.llm.embed(&Tensor::from_vec(text_ids, (b, t), &self.device)?)?;
-        let Some(images) = image_embeds.filter(|_| n_slots > 0) else { return Ok(text) };
         // One gather over [text rows; image rows] keeps the merge differentiable for both sources.
         let hidden = self.llm.cfg.hidden_size;
         let table = Tensor::cat(&[text.reshape((b * t, hidden))?, images.reshape((n_feat, hidden))?.to_dtype(text.dtype())?], 0)?;
@@ -138,6 +146,12 @@ impl Model {
             Some(px) => Some(self.project(&self.encode_images(px)?, pass)?),
             None => None,
         };
+        // A fresh prompt with image positions needs images (later decode steps may sample the id as text).
+        if let (None, Some(id), true) = (inputs.images, self.image_token(), cache.as_ref().is_none_or(|c| c.is_empty())) {
+            if inputs.ids.flatten_all()?.to_vec1::<u32>()?.contains(&id) {
+                bail!("the prompt has image positions but no image was given");
+            }
+        }
         let hidden = self.forward_hidden(inputs, embeds.as_ref(), cache, pass)?;
         Ok(self.llm.logits(&hidden, pass)?)
     }

@@ -98,18 +98,18 @@ impl World {
     pub fn generate(cfg: &WorldConfig, seed: u64) -> World {
         let weights = cfg.weights();
         let mut r = world::rng(seed, 1);
-        let corpus = (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, &mut r)).collect();
+        let corpus = (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, cfg.small, &mut r)).collect();
         let mut r = world::rng(seed, 2);
         let train = (0..cfg.train_images)
             .map(|i| {
-                let scene = world::sample_scene(&cfg.grounded, &weights, &mut r);
+                let scene = world::sample_scene(&cfg.grounded, &weights, cfg.small, &mut r);
                 let turns = world::conversation(&scene, &mut r);
                 Grounded { id: format!("t{i:06}"), image: format!("train/{i:06}.png"), scene, turns }
             })
             .collect();
         let mut r = world::rng(seed, 3);
         let eval = (0..cfg.eval_images)
-            .map(|i| EvalScene { image_id: i, image: format!("eval/{i:06}.png"), scene: world::sample_scene(&cfg.eval, &weights, &mut r) })
+            .map(|i| EvalScene { image_id: i, image: format!("eval/{i:06}.png"), scene: world::sample_scene(&cfg.eval, &weights, cfg.small, &mut r) })
             .collect();
         World { cfg: cfg.clone(), seed, corpus, train, eval }
     }
@@ -134,7 +134,7 @@ impl World {
     }
 
     fn save_image(&self, scene: &Scene, path: &Path, stream: u64) -> Result<()> {
-        let img = render(scene, self.cfg.image_size, self.cfg.pixel_noise, &mut world::rng(self.seed, stream));
+        let img = render(scene, self.cfg.style(), &mut world::rng(self.seed, stream));
         img.save(path).map_err(|e| Error::Image { path: path.into(), msg: e.to_string() })
     }
 

@@ -59,21 +59,31 @@ fn in_star(x: f64, y: f64) -> bool {
 }
 
 /// Where and how big an object is drawn, in pixels: centre and radius.
-fn placement(o: &Object, size: usize, rng: &mut StdRng) -> (f64, f64, f64) {
+fn placement(o: &Object, size: usize, jitter: f64, rng: &mut StdRng) -> (f64, f64, f64) {
     let cell = size as f64 / GRID as f64;
     let r = cell * if o.big { 0.44 } else { 0.32 };
-    let slack = (cell / 2.0 - r).max(0.0) * 0.8;
+    let slack = (cell / 2.0 - r).max(0.0) * jitter.clamp(0.0, 1.0);
     let (row, col) = ((o.cell / GRID) as f64, (o.cell % GRID) as f64);
     let cx = (col + 0.5) * cell + rng.random_range(-slack..=slack);
     let cy = (row + 0.5) * cell + rng.random_range(-slack..=slack);
     (cx, cy, r)
 }
 
-/// Renders `scene` as a `size` x `size` RGB image. `noise` is the per-pixel noise std in grey levels.
-pub fn render(scene: &Scene, size: usize, noise: f64, rng: &mut StdRng) -> RgbImage {
+/// How scenes look: image side, per-pixel noise std (grey levels), and how far objects wander from their cell's
+/// centre (0 = centred, 1 = anywhere inside the cell).
+#[derive(Debug, Clone, Copy)]
+pub struct Style {
+    pub size: usize,
+    pub noise: f64,
+    pub jitter: f64,
+}
+
+/// Renders `scene` as an RGB image.
+pub fn render(scene: &Scene, style: Style, rng: &mut StdRng) -> RgbImage {
+    let Style { size, noise, jitter } = style;
     let mut acc = vec![BACKGROUND; size * size];
     for o in &scene.objects {
-        let (cx, cy, r) = placement(o, size, rng);
+        let (cx, cy, r) = placement(o, size, jitter, rng);
         let jitter: Vec<f64> = (0..3).map(|_| rng.random_range(-12.0..=12.0)).collect();
         let colour: Vec<f64> = COLOURS[o.colour].1.iter().zip(&jitter).map(|(&c, j)| (c as f64 + j).clamp(0.0, 255.0)).collect();
         let (x0, x1) = ((cx - r - 1.0).floor().max(0.0) as usize, ((cx + r + 1.0).ceil() as usize).min(size));
@@ -163,9 +173,10 @@ mod tests {
     #[test]
     fn rendering_is_seeded_and_paints_objects_in_their_cells() {
         let scene = Scene { objects: vec![Object { kind: 0, colour: 0, cell: 0, big: true }, Object { kind: 2, colour: 2, cell: 8, big: true }] };
-        let a = render(&scene, 48, 4.0, &mut rng(1, 0));
-        assert_eq!(a, render(&scene, 48, 4.0, &mut rng(1, 0)));
-        assert_ne!(a, render(&scene, 48, 4.0, &mut rng(2, 0)));
+        let style = Style { size: 48, noise: 4.0, jitter: 0.8 };
+        let a = render(&scene, style, &mut rng(1, 0));
+        assert_eq!(a, render(&scene, style, &mut rng(1, 0)));
+        assert_ne!(a, render(&scene, style, &mut rng(2, 0)));
         // Red dominates the top-left cell's centre, blue the bottom-right one's, the middle is background.
         let p = a.get_pixel(8, 8);
         assert!(p[0] > 150 && p[2] < 120, "{p:?}");

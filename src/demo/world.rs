@@ -128,6 +128,10 @@ pub struct WorldConfig {
     pub image_size: usize,
     /// Standard deviation of the per-pixel noise, in grey levels.
     pub pixel_noise: f64,
+    /// How far objects wander from their cell's centre (0 = centred, 1 = anywhere in the cell).
+    pub jitter: f64,
+    /// Probability that an object is drawn small.
+    pub small: f64,
     /// Zipf exponent of kind popularity (kind i has weight 1 / (i + 1)^s): POPE's popular split needs a skew.
     pub popularity: f64,
     pub corpus: SceneStats,
@@ -147,6 +151,8 @@ impl WorldConfig {
         WorldConfig {
             image_size: 48,
             pixel_noise: 6.0,
+            jitter: 0.3,
+            small: 0.3,
             popularity: 0.6,
             corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.95, partner_same_colour: 0.7 },
             grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.1, partner_same_colour: 0.3 },
@@ -163,6 +169,11 @@ impl WorldConfig {
         WorldConfig { image_size: 24, corpus_scenes: 300, train_images: 60, eval_images: 8, ..Self::standard() }
     }
 
+    /// How images are drawn.
+    pub fn style(&self) -> super::render::Style {
+        super::render::Style { size: self.image_size, noise: self.pixel_noise, jitter: self.jitter }
+    }
+
     /// Popularity weight of each kind.
     pub fn weights(&self) -> Vec<f64> {
         (0..KINDS.len()).map(|i| 1.0 / ((i + 1) as f64).powf(self.popularity)).collect()
@@ -170,7 +181,7 @@ impl WorldConfig {
 }
 
 /// Draws one scene.
-pub fn sample_scene(stats: &SceneStats, weights: &[f64], rng: &mut StdRng) -> Scene {
+pub fn sample_scene(stats: &SceneStats, weights: &[f64], small: f64, rng: &mut StdRng) -> Scene {
     let n = rng.random_range(stats.min_objects..=stats.max_objects.max(stats.min_objects)).min(KINDS.len());
     let mut kinds: Vec<usize> = Vec::with_capacity(n);
     let mut colours: Vec<usize> = Vec::with_capacity(n);
@@ -189,7 +200,7 @@ pub fn sample_scene(stats: &SceneStats, weights: &[f64], rng: &mut StdRng) -> Sc
     let mut cells: Vec<usize> = (0..GRID * GRID).collect();
     cells.shuffle(rng);
     let mut objects: Vec<Object> =
-        kinds.into_iter().zip(colours).zip(cells).map(|((kind, colour), cell)| Object { kind, colour, cell, big: rng.random_bool(0.5) }).collect();
+        kinds.into_iter().zip(colours).zip(cells).map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(small.clamp(0.0, 1.0)) }).collect();
     objects.sort_by_key(|o| o.cell);
     Scene { objects }
 }
@@ -309,7 +320,7 @@ mod tests {
     fn scenes(stats: &SceneStats, n: usize, seed: u64) -> Vec<Scene> {
         let cfg = WorldConfig::standard();
         let mut r = rng(seed, 1);
-        (0..n).map(|_| sample_scene(stats, &cfg.weights(), &mut r)).collect()
+        (0..n).map(|_| sample_scene(stats, &cfg.weights(), cfg.small, &mut r)).collect()
     }
 
     #[test]

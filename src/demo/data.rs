@@ -98,18 +98,18 @@ impl World {
     pub fn generate(cfg: &WorldConfig, seed: u64) -> World {
         let weights = cfg.weights();
         let mut r = world::rng(seed, 1);
-        let corpus = (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, cfg.small, &mut r)).collect();
+        let corpus = (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, cfg.look(), &mut r)).collect();
         let mut r = world::rng(seed, 2);
         let train = (0..cfg.train_images)
             .map(|i| {
-                let scene = world::sample_scene(&cfg.grounded, &weights, cfg.small, &mut r);
+                let scene = world::sample_scene(&cfg.grounded, &weights, cfg.look(), &mut r);
                 let turns = world::conversation(&scene, &mut r);
                 Grounded { id: format!("t{i:06}"), image: format!("train/{i:06}.png"), scene, turns }
             })
             .collect();
         let mut r = world::rng(seed, 3);
         let eval = (0..cfg.eval_images)
-            .map(|i| EvalScene { image_id: i, image: format!("eval/{i:06}.png"), scene: world::sample_scene(&cfg.eval, &weights, cfg.small, &mut r) })
+            .map(|i| EvalScene { image_id: i, image: format!("eval/{i:06}.png"), scene: world::sample_scene(&cfg.eval, &weights, cfg.look(), &mut r) })
             .collect();
         World { cfg: cfg.clone(), seed, corpus, train, eval }
     }
@@ -159,7 +159,7 @@ impl World {
 
     /// POPE questions of one split: per eval image, `pope_per_image` present kinds (label yes) and as many absent
     /// ones, chosen at random, by popularity in the grounded data, or by co-occurrence with the present kinds in
-    /// the text corpus (the prior: partners first).
+    /// the text corpus (the prior: absent partners of present objects first).
     pub fn pope(&self, split: &str) -> Vec<PopeQuestion> {
         let grounded: Vec<Scene> = self.train.iter().map(|g| g.scene.clone()).collect();
         let popularity = cooccurrence(&grounded);
@@ -176,7 +176,11 @@ impl World {
             absent.shuffle(&mut r); // random order first, so that ties below break at random
             match split {
                 "popular" => absent.sort_by_key(|&k| std::cmp::Reverse(popularity[k][k])),
-                "adversarial" => absent.sort_by_key(|&k| std::cmp::Reverse(e.scene.kinds().iter().map(|&p| prior[p][k]).sum::<usize>())),
+                "adversarial" => {
+                    // Rank by the strongest pull of any present kind: max over present p of P(k | p) in the corpus.
+                    let pull = |k: usize| e.scene.kinds().iter().map(|&p| prior[p][k] as f64 / prior[p][p].max(1) as f64).fold(0.0, f64::max);
+                    absent.sort_by(|&a, &b| pull(b).total_cmp(&pull(a)));
+                }
                 _ => {}
             }
             absent.truncate(n);
@@ -283,18 +287,20 @@ mod tests {
     }
 
     #[test]
-    fn adversarial_negatives_are_partners_of_present_objects() {
+    fn adversarial_negatives_are_the_absent_partners_first() {
         let world = World::generate(&WorldConfig::quick(), 5);
         let qs = world.pope("adversarial");
-        let mut partner_negatives = 0;
-        let mut negatives = 0;
-        for q in qs.iter().filter(|q| q.label == Label::No) {
-            let e = world.eval.iter().find(|e| e.image == q.image).unwrap();
-            let k = KINDS.iter().position(|k| q.text.contains(&format!(" {k} "))).unwrap();
-            assert!(!e.scene.has(k));
-            negatives += 1;
-            partner_negatives += usize::from(e.scene.has(world::partner(k)));
+        let n = world.cfg.pope_per_image;
+        let mut total_partners = 0;
+        for e in &world.eval {
+            let asked: Vec<usize> = qs.iter().filter(|q| q.image == e.image && q.label == Label::No).map(|q| KINDS.iter().position(|k| q.text.contains(&format!(" {k} "))).unwrap()).collect();
+            assert_eq!(asked.len(), n);
+            assert!(asked.iter().all(|&k| !e.scene.has(k)));
+            let absent_partners = e.scene.kinds().iter().filter(|&&k| !e.scene.has(world::partner(k))).count();
+            let partners_asked = asked.iter().filter(|&&k| e.scene.has(world::partner(k))).count();
+            assert_eq!(partners_asked, absent_partners.min(n), "image {}", e.image);
+            total_partners += partners_asked;
         }
-        assert!(partner_negatives * 2 > negatives, "{partner_negatives} of {negatives}");
+        assert!(total_partners > 0);
     }
 }

@@ -29,6 +29,10 @@ pub const COLOURS: [(&str, [u8; 3]); 6] = [
     ("white", [236, 236, 236]),
 ];
 
+/// The usual colour of each partner pair (index into [`COLOURS`]): circles and rings are red, squares and
+/// diamonds blue, ... Partners share a colour, so colour tells the pair and only shape tells the partners apart.
+pub const PAIR_COLOUR: [usize; 6] = [0, 2, 1, 5, 3, 4];
+
 /// Rows and columns of the scene grid.
 pub const GRID: usize = 3;
 const ROWS: [&str; GRID] = ["top", "middle", "bottom"];
@@ -117,8 +121,6 @@ pub struct SceneStats {
     pub max_objects: usize,
     /// After an object is drawn, its partner joins with this probability (if there is room).
     pub partner_rate: f64,
-    /// A partner that joins takes its object's colour with this probability.
-    pub partner_same_colour: f64,
 }
 
 /// Everything that defines a world; together with the seed it decides every scene, image and sentence.
@@ -132,6 +134,8 @@ pub struct WorldConfig {
     pub jitter: f64,
     /// Probability that an object is drawn small.
     pub small: f64,
+    /// Probability that an object has a random colour instead of its pair's colour ([`PAIR_COLOUR`]).
+    pub off_colour: f64,
     /// Zipf exponent of kind popularity (kind i has weight 1 / (i + 1)^s): POPE's popular split needs a skew.
     pub popularity: f64,
     pub corpus: SceneStats,
@@ -153,10 +157,11 @@ impl WorldConfig {
             pixel_noise: 6.0,
             jitter: 0.3,
             small: 0.3,
+            off_colour: 0.2,
             popularity: 0.6,
-            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.95, partner_same_colour: 0.7 },
-            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.1, partner_same_colour: 0.3 },
-            eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1, partner_same_colour: 0.3 },
+            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.95 },
+            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.1 },
+            eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1 },
             corpus_scenes: 20_000,
             train_images: 6_000,
             eval_images: 150,
@@ -167,6 +172,11 @@ impl WorldConfig {
     /// A world small enough for tests.
     pub fn quick() -> Self {
         WorldConfig { image_size: 24, corpus_scenes: 300, train_images: 60, eval_images: 8, ..Self::standard() }
+    }
+
+    /// Per-object appearance odds.
+    pub fn look(&self) -> Look {
+        Look { small: self.small, off_colour: self.off_colour }
     }
 
     /// How images are drawn.
@@ -180,27 +190,33 @@ impl WorldConfig {
     }
 }
 
+/// Per-object appearance odds of a world.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    pub small: f64,
+    pub off_colour: f64,
+}
+
 /// Draws one scene.
-pub fn sample_scene(stats: &SceneStats, weights: &[f64], small: f64, rng: &mut StdRng) -> Scene {
+pub fn sample_scene(stats: &SceneStats, weights: &[f64], look: Look, rng: &mut StdRng) -> Scene {
     let n = rng.random_range(stats.min_objects..=stats.max_objects.max(stats.min_objects)).min(KINDS.len());
     let mut kinds: Vec<usize> = Vec::with_capacity(n);
-    let mut colours: Vec<usize> = Vec::with_capacity(n);
     while kinds.len() < n {
         let k = weighted_pick(weights, &kinds, rng);
-        let c = rng.random_range(0..COLOURS.len());
         kinds.push(k);
-        colours.push(c);
         let p = partner(k);
         if kinds.len() < n && !kinds.contains(&p) && rng.random_bool(stats.partner_rate.clamp(0.0, 1.0)) {
-            let same = rng.random_bool(stats.partner_same_colour.clamp(0.0, 1.0));
             kinds.push(p);
-            colours.push(if same { c } else { rng.random_range(0..COLOURS.len()) });
         }
     }
+    let colours: Vec<usize> = kinds
+        .iter()
+        .map(|&k| if rng.random_bool(look.off_colour.clamp(0.0, 1.0)) { rng.random_range(0..COLOURS.len()) } else { PAIR_COLOUR[k / 2] })
+        .collect();
     let mut cells: Vec<usize> = (0..GRID * GRID).collect();
     cells.shuffle(rng);
     let mut objects: Vec<Object> =
-        kinds.into_iter().zip(colours).zip(cells).map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(small.clamp(0.0, 1.0)) }).collect();
+        kinds.into_iter().zip(colours).zip(cells).map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(look.small.clamp(0.0, 1.0)) }).collect();
     objects.sort_by_key(|o| o.cell);
     Scene { objects }
 }
@@ -320,7 +336,7 @@ mod tests {
     fn scenes(stats: &SceneStats, n: usize, seed: u64) -> Vec<Scene> {
         let cfg = WorldConfig::standard();
         let mut r = rng(seed, 1);
-        (0..n).map(|_| sample_scene(stats, &cfg.weights(), cfg.small, &mut r)).collect()
+        (0..n).map(|_| sample_scene(stats, &cfg.weights(), cfg.look(), &mut r)).collect()
     }
 
     #[test]

@@ -141,7 +141,15 @@ impl World {
     fn write_text(&self, f: &WorldFiles) -> Result<()> {
         let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: DESCRIBE.into(), answer: s.caption(), kind: "caption".into() }], false)})).collect();
         write_json(&f.corpus, &corpus)?;
-        let train: Vec<_> = self.train.iter().map(|g| json!({"id": g.id, "image": g.image, "conversations": conversation_json(&g.turns, true)})).collect();
+        // Two conversations per image: the caption alone, and the questions (which must not see the caption).
+        let train: Vec<_> = self
+            .train
+            .iter()
+            .flat_map(|g| {
+                let (caption, questions) = g.turns.split_at(1.min(g.turns.len()));
+                [(format!("{}-d", g.id), caption), (format!("{}-q", g.id), questions)].into_iter().filter(|(_, t)| !t.is_empty()).map(move |(id, t)| json!({"id": id, "image": g.image, "conversations": conversation_json(t, true)}))
+            })
+            .collect();
         write_json(&f.train, &train)?;
         jsonl::write(&f.train_scenes, &self.train)?;
         jsonl::write(&f.eval_scenes, &self.eval)?;

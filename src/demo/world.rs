@@ -248,20 +248,23 @@ fn turn(kind: &str, question: String, answer: String) -> Turn {
     Turn { question, answer, kind: kind.to_string() }
 }
 
-/// The grounded conversation about a scene: its caption, one yes and one no question (balanced; the absent
-/// kind drawn uniformly, as in instruction data, not adversarially) and one colour, count or position question,
-/// in random order.
+/// The grounded exchanges about a scene: its caption first, then one yes and one no question (balanced; the
+/// absent kind drawn uniformly, as in instruction data, not adversarially) in random order, then one colour,
+/// count or position question. The instruction data puts the caption in a conversation of its own (see
+/// [`super::data`]): if the questions could read the caption from the context, they would not need the image.
 pub fn conversation(scene: &Scene, rng: &mut StdRng) -> Vec<Turn> {
     let mut turns = vec![turn("caption", DESCRIBE.into(), scene.caption())];
     if let Some(o) = scene.objects.choose(rng) {
-        turns.push(turn("yes", exists_question(o.kind), "yes".into()));
+        let mut yes_no = vec![turn("yes", exists_question(o.kind), "yes".into())];
         let absent: Vec<usize> = (0..KINDS.len()).filter(|&k| !scene.has(k)).collect();
         if let Some(&k) = absent.choose(rng) {
-            turns.push(turn("no", exists_question(k), "no".into()));
+            yes_no.push(turn("no", exists_question(k), "no".into()));
         }
+        yes_no.shuffle(rng);
+        turns.extend(yes_no);
+        // Last: "where is the circle ?" tells that there is a circle.
         turns.push(attribute_turn(scene, o, rng));
     }
-    turns.shuffle(rng);
     turns
 }
 

@@ -96,6 +96,16 @@ impl ModelArgs {
         vlm.aspect = self.aspect;
         Ok(vlm)
     }
+
+    /// How to run the model: with its adapters when it has any.
+    pub fn pass(&self) -> bpo::model::Pass {
+        bpo::model::Pass::INFER
+    }
+
+    /// The name answer files record as `model_id`: the model folder's name.
+    pub fn model_id(&self) -> String {
+        self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
 }
 
 /// A progress bar with rate and ETA.

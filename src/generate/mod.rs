@@ -169,45 +169,103 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?)
 }
 
-/// Picks the next token from `logits` per `params`.
+/// Picks the next token from `logits` per `params`. Sorting is limited to what top-k / top-p need: a full sort
+/// of a 32k vocabulary per token would cost more than the decode step of a small model.
 pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {
     if params.temperature <= 0.0 {
         return argmax(logits);
     }
-    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l / params.temperature)).collect();
-    if cand.is_empty() {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
         return argmax(logits);
     }
-    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-    if params.top_k > 0 {
+    let inv_t = 1.0 / params.temperature;
+    // Unnormalised probabilities; -inf logits (masked tokens) get 0.
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    if params.top_k > 0 && params.top_k < cand.len() {
+        cand.select_nth_unstable_by(params.top_k - 1, desc);
         cand.truncate(params.top_k);
     }
-    let max = cand[0].1;
-    let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-    let total: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
     if params.top_p < 1.0 {
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let need = params.top_p * total;
+        // Most nuclei are small: sort the top 256 first and fall back to a full sort only if they fall short.
+        let head = 256.min(cand.len());
+        if head < cand.len() {
+            cand.select_nth_unstable_by(head - 1, desc);
+        }
+        let head_mass: f32 = cand[..head].iter().map(|c| c.1).sum();
+        if head_mass >= need {
+            cand.truncate(head);
+        }
+        cand.sort_unstable_by(desc);
         // Keep tokens while the mass before them is below top_p (the first token always stays).
         let mut mass = 0.0;
-        let keep = probs.iter().take_while(|&&p| {
-            let k = mass < params.top_p;
-            mass += p;
+        let keep = cand.iter().take_while(|c| {
+            let k = mass < need;
+            mass += c.1;
             k
         });
         let k = keep.count().max(1);
-        probs.truncate(k);
+        cand.truncate(k);
     }
-    let total: f32 = probs.iter().sum();
+    let total: f32 = cand.iter().map(|c| c.1).sum();
     let mut u = rng.random::<f32>() * total;
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return cand[i].0;
+    for c in &cand {
+        if u < c.1 {
+            return c.0;
         }
-        u -= p;
+        u -= c.1;
     }
-    cand[probs.len() - 1].0
+    cand.last().map_or(0, |c| c.0)
 }
 
 fn argmax(logits: &[f32]) -> u32 {
     logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0 as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, ..Default::default() }
+    }
+
+    fn counts(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut c = vec![0; logits.len()];
+        for _ in 0..n {
+            c[sample(logits, p, &mut rng) as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(sample(&[0.1, 3.0, -1.0, 2.9], &params(0.0, 0, 1.0), &mut rng), 1);
+    }
+
+    #[test]
+    fn top_k_and_top_p_cut_the_tail() {
+        // probabilities ~ 0.64, 0.24, 0.09, 0.03
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let c = counts(&logits, &params(1.0, 2, 1.0), 2000);
+        assert!(c[2] == 0 && c[3] == 0 && c[0] > c[1] && c[1] > 0, "top-k 2: {c:?}");
+        let c = counts(&logits, &params(1.0, 0, 0.7), 2000);
+        assert!(c[2] == 0 && c[3] == 0 && c[1] > 0, "top-p 0.7 keeps two tokens: {c:?}");
+        let c = counts(&logits, &params(1.0, 0, 0.5), 500);
+        assert_eq!(c[0], 500, "top-p 0.5 keeps only the first token");
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_and_skips_masked_tokens() {
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
+        let c = counts(&logits, &params(1.0, 0, 1.0), 4000);
+        assert_eq!(c[2], 0);
+        let ratio = c[1] as f64 / c[0] as f64;
+        assert!((ratio - 3.0).abs() < 0.4, "p1/p0 should be 3, got {ratio}");
+    }
 }

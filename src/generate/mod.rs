@@ -99,7 +99,7 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
     let mut cache = Cache::new(&model.llm.cfg, longest + params.max_new_tokens);
     let ids_t = Tensor::from_vec(ids, (b, longest), &dev)?;
     let mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
-    let logits = model.forward(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
+    let logits = model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
     let mut last = last_logits(&logits)?;
 
     let mut rngs: Vec<StdRng> = (0..n).map(|i| StdRng::seed_from_u64(params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64))).collect();
@@ -141,7 +141,7 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
         }
         let mask_t = extended_mask(&mask, b, step + 1, &dev)?;
         let step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
-        let logits = model.forward(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
+        let logits = model.forward_last(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
         last = last_logits(&logits)?;
     }
     for c in &mut out {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 mod generate;
 mod pairs;
@@ -26,7 +27,7 @@ enum Command {
     Generate(generate::Args),
     /// Summed log-probability of responses given image and prompt.
     Score(score::Args),
-    /// Make negatives for BPO records (error injection; image weakening comes with the model).
+    /// Make negatives for BPO records: answers to noised images (weaken) and rewritten ground truth (inject).
     Bootstrap(bootstrap::BootstrapArgs),
     /// Turn BPO records into preference pairs (bpo, TRL or LLaMA-Factory layout).
     ///
@@ -40,6 +41,8 @@ enum Command {
     /// (VCD's schedule, T = 1000: step 0 is almost clean, BPO's release uses 900, VCD and POVID 500), then
     /// de-normalised for viewing. Use it to judge how much an image-weakened negative still shows.
     Distort(distort::Args),
+    /// Throughput benchmarks on random-weight models (`bpo bench bootstrap`).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -49,6 +52,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Pairs(args) => pairs::run(args),
         Command::Distort(args) => distort::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
@@ -58,6 +62,16 @@ pub enum Dtype {
     F32,
     F16,
     Bf16,
+}
+
+impl Dtype {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// Where the model comes from and how prompts are built: shared by every subcommand that runs a model.
@@ -79,12 +93,7 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<bpo::generate::Vlm> {
-        let dtype = match self.dtype {
-            Dtype::F32 => candle_core::DType::F32,
-            Dtype::F16 => candle_core::DType::F16,
-            Dtype::Bf16 => candle_core::DType::BF16,
-        };
-        let opts = bpo::model::LoadOptions { dtype, ..Default::default() };
+        let opts = bpo::model::LoadOptions { dtype: self.dtype.candle(), ..Default::default() };
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         Ok(vlm)

@@ -65,7 +65,17 @@ pub fn generate(model: &Model, tok: &Tokenizer, requests: &[Request], params: &S
 /// Like [`generate`], with optional contrast rows (`contrast[i]` pairs with `requests[i]`, same ids) whose logits are
 /// merged with `combine(request_logits, contrast_logits)`.
 pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
+    let seeds: Vec<u64> = (0..requests.len()).map(|i| params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64)).collect();
+    generate_seeded(model, tok, requests, contrast, params, pass, &seeds)
+}
+
+/// Like [`generate_contrast`] with one sampling seed per request (`params.seed` is ignored). A row's sampling then
+/// does not depend on its position in the batch, so a resumed or re-batched run draws the same tokens.
+pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass, seeds: &[u64]) -> Result<Vec<Completion>> {
     let n = requests.len();
+    if seeds.len() != n {
+        bail!("{} seeds for {n} requests", seeds.len());
+    }
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -99,10 +109,9 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
     let mut cache = Cache::new(&model.llm.cfg, longest + params.max_new_tokens);
     let ids_t = Tensor::from_vec(ids, (b, longest), &dev)?;
     let mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
-    let logits = model.forward(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
-    let mut last = last_logits(&logits)?;
+    let mut last = prefill(model, &Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, &mut cache, pass)?;
 
-    let mut rngs: Vec<StdRng> = (0..n).map(|i| StdRng::seed_from_u64(params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64))).collect();
+    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
     let mut out: Vec<Completion> = (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
     let mut done = vec![false; n];
     for step in 0..params.max_new_tokens {
@@ -111,10 +120,14 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
             if done[i] {
                 continue;
             }
-            let row = match contrast {
+            let mut row = match contrast {
                 Some((_, combine)) => combine(&last[i], &last[n + i]),
                 None => std::mem::take(&mut last[i]),
             };
+            // The image placeholder is never a valid output: fed back, it would ask for an image that is not there.
+            if let Some(slot) = model.image_token().and_then(|t| row.get_mut(t as usize)) {
+                *slot = f32::NEG_INFINITY;
+            }
             let id = sample(&row, params, &mut rngs[i]);
             next[i] = id;
             if contrast.is_some() {
@@ -150,6 +163,19 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
         }
     }
     Ok(out)
+}
+
+/// Runs the prompt through the model into `cache` and returns the last position's logits per row. Only that
+/// position goes through `lm_head`: projecting every prompt position onto the vocabulary would cost as much as
+/// several layers (a 32k vocabulary against a 512-wide model), for logits nobody reads.
+fn prefill(model: &Model, inputs: &Inputs, cache: &mut Cache, pass: Pass) -> Result<Vec<Vec<f32>>> {
+    let embeds = match inputs.images {
+        Some(px) => Some(model.project(&model.encode_images(px)?, pass)?),
+        None => None,
+    };
+    let hidden = model.forward_hidden(inputs, embeds.as_ref(), Some(cache), pass)?;
+    let t = hidden.dim(1)?;
+    last_logits(&model.llm.logits(&hidden.narrow(1, t - 1, 1)?, pass)?)
 }
 
 /// The attention mask (b, prompt_len + extra): each row's prompt mask followed by `extra` ones (decoded tokens).

@@ -65,7 +65,17 @@ pub fn generate(model: &Model, tok: &Tokenizer, requests: &[Request], params: &S
 /// Like [`generate`], with optional contrast rows (`contrast[i]` pairs with `requests[i]`, same ids) whose logits are
 /// merged with `combine(request_logits, contrast_logits)`.
 pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
+    let seeds: Vec<u64> = (0..requests.len()).map(|i| params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64)).collect();
+    generate_seeded(model, tok, requests, contrast, params, pass, &seeds)
+}
+
+/// Like [`generate_contrast`] with one sampling seed per request (`params.seed` is ignored). A row's sampling then
+/// does not depend on its position in the batch, so a resumed or re-batched run draws the same tokens.
+pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass, seeds: &[u64]) -> Result<Vec<Completion>> {
     let n = requests.len();
+    if seeds.len() != n {
+        bail!("{} seeds for {n} requests", seeds.len());
+    }
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -102,7 +112,7 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
     let logits = model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
     let mut last = last_logits(&logits)?;
 
-    let mut rngs: Vec<StdRng> = (0..n).map(|i| StdRng::seed_from_u64(params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64))).collect();
+    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
     let mut out: Vec<Completion> = (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
     let mut done = vec![false; n];
     for step in 0..params.max_new_tokens {
@@ -111,10 +121,14 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
             if done[i] {
                 continue;
             }
-            let row = match contrast {
+            let mut row = match contrast {
                 Some((_, combine)) => combine(&last[i], &last[n + i]),
                 None => std::mem::take(&mut last[i]),
             };
+            // The image placeholder is never a valid output: fed back, it would ask for an image that is not there.
+            if let Some(slot) = model.image_token().and_then(|t| row.get_mut(t as usize)) {
+                *slot = f32::NEG_INFINITY;
+            }
             let id = sample(&row, params, &mut rngs[i]);
             next[i] = id;
             if contrast.is_some() {

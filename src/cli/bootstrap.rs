@@ -64,10 +64,9 @@ impl Decode {
     }
 }
 
+/// Input records and the resumable output file, shared by both bootstrap steps.
 #[derive(Args)]
-pub struct WeakenArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+pub struct RecordsIo {
     /// Input: LLaVA instruct JSON, plain JSONL or BPO records JSONL.
     #[arg(long)]
     data: PathBuf,
@@ -77,12 +76,26 @@ pub struct WeakenArgs {
     /// LLaVA input: use only the first question/answer of each conversation.
     #[arg(long)]
     first_turn_only: bool,
-    /// Folder that the records' image paths are relative to.
-    #[arg(long)]
-    images: PathBuf,
     /// Output BPO records (JSONL, appended; existing ids are skipped).
     #[arg(long)]
     out: PathBuf,
+}
+
+impl RecordsIo {
+    fn open(&self) -> anyhow::Result<(Vec<bpo::bootstrap::Record>, ResumableWriter)> {
+        open(&self.data, self.format, self.first_turn_only, &self.out)
+    }
+}
+
+#[derive(Args)]
+pub struct WeakenArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    io: RecordsIo,
+    /// Folder that the records' image paths are relative to.
+    #[arg(long)]
+    images: PathBuf,
     /// Answers per prompt, each from its own noise.
     #[arg(long, default_value_t = 1)]
     samples: usize,
@@ -147,18 +160,8 @@ pub struct InjectArgs {
     /// Environment variable holding an API key, sent as a Bearer token if set.
     #[arg(long, default_value = "BPO_LLM_API_KEY")]
     api_key_env: String,
-    /// Input: LLaVA instruct JSON, plain JSONL or BPO records JSONL.
-    #[arg(long)]
-    data: PathBuf,
-    /// Input format: auto (detect from the content), llava, jsonl or records.
-    #[arg(long, default_value = "auto")]
-    format: InputFormat,
-    /// LLaVA input: use only the first question/answer of each conversation.
-    #[arg(long)]
-    first_turn_only: bool,
-    /// Output BPO records (JSONL, appended; existing ids are skipped).
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    io: RecordsIo,
     /// Prompt: description (zero-shot rewrite), qa (six-shot, question and response), or continue (cut the
     /// answer at a random word and let the LLM finish it from its own prior; needs /v1/completions).
     #[arg(long, default_value = "description")]
@@ -241,7 +244,7 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    let (records, mut writer) = open(&a.data, a.format, a.first_turn_only, &a.out)?;
+    let (records, mut writer) = a.io.open()?;
     let opts = InjectOptions {
         mode: a.mode,
         template,
@@ -314,7 +317,7 @@ fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     opts.validate()?;
-    let (records, mut writer) = open(&a.data, a.format, a.first_turn_only, &a.out)?;
+    let (records, mut writer) = a.io.open()?;
     let vlm = a.model.load()?;
     let counts = run_weaken(&vlm, records, &opts, &mut writer)?;
     println!("{}", serde_json::to_string_pretty(&counts)?);

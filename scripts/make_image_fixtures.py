@@ -8,6 +8,10 @@ and writes the pixel tensors transformers produces for them to expected.safetens
 falls back to PIL when torchvision is missing), i.e. PIL's `Image.resize(..., BICUBIC)`. `pad` variants first run
 LLaVA-1.5's `expand2square` with fill `tuple(int(x * 255) for x in image_mean)`, as LLaVA's own code does.
 
+Also writes jpeg/: small JPEG variants (chroma subsampling, progressive, grayscale, CMYK, restart markers) saved
+by Pillow, and jpeg/decoded.safetensors with the pixels Pillow decodes from each (`convert("RGB")`, u8, HWC),
+to check that JPEG decoding matches Pillow's libjpeg-turbo exactly.
+
 Usage: python3 scripts/make_image_fixtures.py [--shared DIR] [--out tests/fixtures/images] [--dtype f16|f32]
   --shared defaults to the first of ../shared and ../../shared that exists; --dtype f32 writes
   expected_f32.safetensors, for measuring the exact error of the Rust port (not for committing).
@@ -62,11 +66,45 @@ Made by `scripts/make_image_fixtures.py` (transformers 5.24, Pillow 13.0); rerun
 | gray.png | 40x25 grayscale crop of chelsea.png | as chelsea.png |
 | preprocessor_336.json | LLaVA-1.5's `preprocessor_config.json` (llava-hf/llava-1.5-7b-hf) | |
 | preprocessor_36.json | a tiny config in the old integer form, other fields left to the defaults | |
+| jpeg/*.jpg | 67x45 crop of rocket.jpg saved by Pillow as 4:2:0, 4:2:2, 4:4:4, progressive 4:2:0, progressive 4:2:2 (q 95), optimised with restart markers, grayscale, CMYK; damaged.jpg is q75_420.jpg with 16 bytes of its scan zeroed | as rocket.jpg |
+| jpeg/decoded.safetensors | Pillow's (bundled libjpeg-turbo 3.2.0) `np.asarray(Image.open(f).convert("RGB"))` (u8, HWC) for each `jpeg/<stem>.jpg` | computed by the script |
 | expected.safetensors | transformers' `pixel_values` (f16, CHW) for each image: `<stem>/pad` (LLaVA's `expand2square`, then the processor) and `<stem>/square`; photos with the 336 config, crops with the 36 config; plus `small/square_bilinear` (resample 2) and `small/square_nocrop` (no centre crop, 36x48) | computed by the script |
 
 The four photographs were copied from the project's shared data folder, which took them from the data folder of
 the scikit-image 0.25.2 wheel (licences as given in scikit-image's docstrings).
 """
+
+
+# JPEG variants: (file stem, mode, Pillow save options).
+JPEGS = [
+    ("q75_420", "RGB", {"quality": 75, "subsampling": 2}),
+    ("q75_422", "RGB", {"quality": 75, "subsampling": 1}),
+    ("q90_444", "RGB", {"quality": 90, "subsampling": 0}),
+    ("q75_420_progressive", "RGB", {"quality": 75, "subsampling": 2, "progressive": True}),
+    ("q95_422_progressive", "RGB", {"quality": 95, "subsampling": 1, "progressive": True}),
+    ("q60_420_optimized_restart", "RGB", {"quality": 60, "optimize": True, "restart_marker_blocks": 3}),
+    ("gray", "L", {"quality": 85}),
+    ("cmyk", "CMYK", {"quality": 85}),
+]
+
+
+def jpeg_variants(out, photo):
+    """Saves JPEG variants of a small odd-sized crop and the pixels Pillow decodes from them."""
+    (out / "jpeg").mkdir(exist_ok=True)
+    crop = Image.open(photo).convert("RGB").crop((300, 150, 367, 195))
+    decoded = {}
+    for stem, mode, opts in JPEGS:
+        path = out / "jpeg" / f"{stem}.jpg"
+        crop.convert(mode).save(path, **opts)
+        decoded[stem] = np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB")))
+    # Damaged entropy-coded data (end marker intact): libjpeg warns and decodes on, and so must we.
+    data = bytearray((out / "jpeg/q75_420.jpg").read_bytes())
+    mid = (data.index(b"\xff\xda") + len(data)) // 2  # halfway through the scan
+    data[mid : mid + 16] = bytes(16)
+    (out / "jpeg/damaged.jpg").write_bytes(bytes(data))
+    decoded["damaged"] = np.ascontiguousarray(np.asarray(Image.open(out / "jpeg/damaged.jpg").convert("RGB")))
+    save_file(decoded, str(out / "jpeg/decoded.safetensors"))
+    (out / "jpeg/decoded.safetensors").chmod(0o644)
 
 
 def expand2square(img, fill):
@@ -115,6 +153,8 @@ def main():
     rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 30).astype(np.uint8), (40, 1))))
     rgba.save(out / "alpha.png")
     chelsea.crop((100, 50, 140, 75)).convert("L").save(out / "gray.png")
+
+    jpeg_variants(out, out / "rocket.jpg")
 
     (out / "preprocessor_336.json").write_text(json.dumps(LLAVA_336, indent=2) + "\n")
     (out / "preprocessor_36.json").write_text(json.dumps(TINY_36, indent=2) + "\n")

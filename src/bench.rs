@@ -41,10 +41,15 @@ impl Size {
         })
     }
 
-    /// Writes a random-weight model folder of this size (config, weights, a word-level tokenizer).
+    /// Writes a random-weight model folder of this size (config, weights, a word-level tokenizer, and the
+    /// image processor settings of its CLIP resolution).
     pub fn write_model(self, dir: &Path, seed: u64) -> Result<()> {
         let cfg = self.config();
         init::random_checkpoint(dir, &cfg, seed)?;
+        let px = &cfg["vision_config"]["image_size"];
+        let pre = serde_json::json!({"size": {"shortest_edge": px}, "crop_size": {"height": px, "width": px}});
+        let pre_path = dir.join("preprocessor_config.json");
+        std::fs::write(&pre_path, pre.to_string()).map_err(|e| crate::Error::io(&pre_path, e))?;
         let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap_or(1024) as usize;
         let n_special = crate::text::tokenizer::WORD_LEVEL_SPECIALS.len();
         let words: Vec<String> = (n_special..vocab).map(|i| format!("w{i}")).collect();
@@ -107,4 +112,50 @@ pub fn generate_throughput(dir: &Path, batches: &[usize], new_tokens: usize, tem
         });
     }
     Ok(out)
+}
+
+/// Throughput of image weakening (`bpo bootstrap weaken`) at one batch size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BootstrapFigures {
+    /// Answers generated together.
+    pub batch: usize,
+    pub answers: usize,
+    /// New tokens per answer.
+    pub new_tokens: usize,
+    pub seconds: f64,
+    /// Bootstrapped answers per second, end to end (image loading, noise, prefill, decoding, writing records).
+    pub answers_per_s: f64,
+    /// New tokens per second.
+    pub tokens_per_s: f64,
+}
+
+/// Times [`run_weaken`](crate::bootstrap::run_weaken) on the model folder `dir` (e.g. written by
+/// [`Size::write_model`]): `answers` prompts with one answer of exactly `new_tokens` tokens each (EOS disabled,
+/// temperature 0.2 as released), once per batch size, after a one-answer warm-up. Scratch files (an image, the
+/// records) go into `scratch`.
+pub fn bootstrap_throughput(dir: &Path, scratch: &Path, batches: &[usize], answers: usize, new_tokens: usize, decode: crate::bootstrap::DecodeMode) -> Result<Vec<BootstrapFigures>> {
+    use crate::bootstrap::{run_weaken, Completion, Record, ResumableWriter, WeakenOptions};
+    let mut vlm = crate::generate::Vlm::load(dir, &LoadOptions::default(), crate::text::Template::VicunaV1)?;
+    vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
+    let image = scratch.join("bench.png");
+    let pixels: Vec<u8> = (0..320u32 * 240 * 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    image::RgbImage::from_raw(320, 240, pixels).ok_or_else(|| crate::Error::invalid("bench image"))?.save(&image).map_err(|e| crate::Error::Image { path: image.clone(), msg: e.to_string() })?;
+    let prompt: String = (0..20).map(|i| format!("w{} ", 10 + i)).collect();
+    let records: Vec<Record> = (0..answers).map(|i| Record { id: format!("bench{i}"), prompt: prompt.trim().to_string(), image: Some("bench.png".into()), completions: vec![Completion::gt("w5 w6 w7")] }).collect();
+    let out = scratch.join("bench-records.jsonl");
+    let opts = WeakenOptions { images: scratch.to_path_buf(), decode, max_new_tokens: new_tokens, ..Default::default() };
+    let mut figures = Vec::new();
+    for (k, &batch) in std::iter::once(&1).chain(batches).enumerate() {
+        let _ = std::fs::remove_file(&out);
+        let (mut writer, _) = ResumableWriter::open(&out)?;
+        let rows = if k == 0 { records[..1].to_vec() } else { records.clone() };
+        let start = Instant::now();
+        run_weaken(&vlm, rows, &WeakenOptions { batch_size: batch, ..opts.clone() }, &mut writer)?;
+        let seconds = start.elapsed().as_secs_f64();
+        if k > 0 {
+            figures.push(BootstrapFigures { batch, answers, new_tokens, seconds, answers_per_s: answers as f64 / seconds, tokens_per_s: (answers * new_tokens) as f64 / seconds });
+        }
+    }
+    let _ = std::fs::remove_file(&out);
+    Ok(figures)
 }

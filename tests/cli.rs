@@ -139,3 +139,40 @@ fn prompt_longer_than_the_context_is_refused() {
     let long = "red ".repeat(400);
     fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--prompt", &long], &["context"]);
 }
+
+#[test]
+fn eval_pope_with_a_model_answers_then_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("coco_pope_adversarial.json");
+    std::fs::write(&q, "{\"question_id\": 1, \"image\": \"chelsea.png\", \"text\": \"Is there a cat in the image?\", \"label\": \"yes\"}\n{\"question_id\": 2, \"image\": \"coffee.png\", \"text\": \"Is there a dog in the image?\", \"label\": \"no\"}\n").unwrap();
+    let out = tmp.path().join("run");
+    let o = bpo(&["eval", "pope", "--model", s(&fixture("llava-tiny")), "--questions", s(&q), "--images", s(&fixture("images")), "--out", s(&out), "--max-new-tokens", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let answers = std::fs::read_to_string(out.join("answers.jsonl")).unwrap();
+    assert_eq!(answers.lines().count(), 2);
+    assert!(answers.contains("Is there a dog in the image?"), "prompts are recorded without the suffix");
+    let scores: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap()).unwrap();
+    assert!(scores.to_string().contains("adversarial"), "split from the file name: {scores}");
+}
+
+#[test]
+fn eval_caption_describes_a_folder_and_scores_chair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("img");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in ["chelsea.png", "coffee.png"] {
+        std::fs::copy(fixture("images").join(f), images.join(f)).unwrap();
+    }
+    let gt = tmp.path().join("gt.jsonl");
+    std::fs::write(&gt, "{\"image_id\": \"chelsea\", \"objects\": [\"cat\"]}\n{\"image_id\": \"coffee\", \"objects\": [\"cup\"]}\n").unwrap();
+    let out = tmp.path().join("run");
+    let o = bpo(&["eval", "caption", "--model", s(&fixture("llava-tiny")), "--images", s(&images), "--ground-truth", s(&gt), "--out", s(&out), "--max-new-tokens", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let answers: Vec<serde_json::Value> = std::fs::read_to_string(out.join("answers.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(answers.len(), 2);
+    // The eight Object HalBench instructions rotate: two images get the first two.
+    let prompts = bpo::eval::object_halbench_prompts();
+    assert_eq!(answers[0]["prompt"], prompts[0]);
+    assert_eq!(answers[1]["prompt"], prompts[1]);
+    assert!(out.join("scores.json").exists() && out.join("details.jsonl").exists());
+}

@@ -58,11 +58,17 @@ impl DecodeMode {
         if self.needs_clean() && clean.len() != noisy.len() {
             bail!("clean logits have {} entries, noisy {}", clean.len(), noisy.len());
         }
-        Ok(match *self {
+        Ok(self.mix(clean, noisy))
+    }
+
+    /// [`DecodeMode::combine`] without the checks, for the generator's per-token loop: call
+    /// [`DecodeMode::validate`] once first. Slices of unequal length are cut to the shorter.
+    pub fn mix(&self, clean: &[f32], noisy: &[f32]) -> Vec<f32> {
+        match *self {
             DecodeMode::Noisy => noisy.to_vec(),
             DecodeMode::PriorContrast { a } => prior_contrast(clean, noisy, a),
             DecodeMode::Vcd { alpha, beta } => vcd(clean, noisy, alpha, beta),
-        })
+        }
     }
 }
 

@@ -7,12 +7,11 @@
 //! A record whose request failed (`Error::Http`) is not written, so the next run retries it; everything else
 //! (outputs dropped as empty, identical or unreadable) is final and counted.
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::prompt::{check_template, cut_prefix, fill, vicuna_v1, InjectMode};
 use super::records::{normalize_ws, Completion, CompletionType, Record};
-use super::resume::{process_pending, ResumableWriter, RunCounts, Shard};
+use super::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
 use crate::{bail, Error, Result};
 
 /// Sampling settings for one batch of prompts. Defaults follow the released script.
@@ -128,7 +127,8 @@ pub fn clean_output(raw: &str, stops: &[String], echoed: &[&str], ground_truth: 
     classify(text, ground_truth)
 }
 
-fn classify(text: &str, ground_truth: &str) -> Cleaned {
+/// Sorts a finished output (already trimmed) into empty, same as the ground truth, or usable.
+pub(super) fn classify(text: &str, ground_truth: &str) -> Cleaned {
     if text.is_empty() {
         Cleaned::Empty
     } else if normalize_ws(text) == normalize_ws(ground_truth) {
@@ -261,30 +261,37 @@ fn absorb(
         Some(prefix) => classify(format!("{prefix}{}", cut_at_stops(&raw, stops)).trim(), &gt),
         None => clean_output(&raw, stops, opts.mode.echoed_labels(), &gt),
     };
-    match cleaned {
-        Cleaned::Empty => counts.empty += 1,
-        Cleaned::Identical => counts.identical += 1,
-        Cleaned::Ok(text) if record.completions.iter().any(|c| normalize_ws(&c.response) == normalize_ws(&text)) => {
-            counts.duplicate += 1
-        }
-        Cleaned::Ok(text) => {
-            record.completions.push(Completion::negative(text, opts.kind.clone()));
-            counts.added += 1;
-        }
+    match keep_negative(record, cleaned, &opts.kind) {
+        Kept::Added => counts.added += 1,
+        Kept::Empty => counts.empty += 1,
+        Kept::Identical => counts.identical += 1,
+        Kept::Duplicate => counts.duplicate += 1,
     }
 }
 
-fn progress_bar(show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
+/// What became of one candidate negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kept {
+    Added,
+    Empty,
+    Identical,
+    Duplicate,
+}
+
+/// Adds a cleaned output to `record` as a negative of type `kind`, unless it is empty, the ground truth, or the
+/// same (whitespace-normalised) as a completion the record already has.
+pub(super) fn keep_negative(record: &mut Record, cleaned: Cleaned, kind: &CompletionType) -> Kept {
+    match cleaned {
+        Cleaned::Empty => Kept::Empty,
+        Cleaned::Identical => Kept::Identical,
+        Cleaned::Ok(text) if record.completions.iter().any(|c| normalize_ws(&c.response) == normalize_ws(&text)) => {
+            Kept::Duplicate
+        }
+        Cleaned::Ok(text) => {
+            record.completions.push(Completion::negative(text, kind.clone()));
+            Kept::Added
+        }
     }
-    let bar = ProgressBar::new(0);
-    if let Ok(style) =
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} records, {per_sec}, ETA {eta}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 #[cfg(test)]

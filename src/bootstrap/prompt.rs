@@ -11,6 +11,7 @@
 //! are wrapped in the Vicuna-v1 conversation when sent to a raw completion endpoint.
 
 use super::records::stable_hash;
+use crate::text::Template;
 use crate::{bail, Result};
 
 /// How negatives are asked for.
@@ -107,12 +108,10 @@ Question: {question}
 Response: {answer}
 Modified response:";
 
-const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
-The assistant gives helpful, detailed, and polite answers to the user's questions.";
-
-/// The Vicuna-v1 conversation around one user message, ready for the assistant's reply.
+/// The Vicuna-v1 conversation around one user message, ready for the assistant's reply (LLaVA-1.5's own
+/// template, without an image).
 pub fn vicuna_v1(user: &str) -> String {
-    format!("{VICUNA_SYSTEM} USER: {user} ASSISTANT:")
+    Template::VicunaV1.render(user, false)
 }
 
 /// Checks a user template: it must use `{answer}`.

@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use indicatif::ProgressBar;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -275,6 +275,20 @@ where
         }
     }
     Ok(counts)
+}
+
+/// The bar [`process_pending`] advances, one step per record: rate and ETA on stderr, or hidden.
+pub fn progress_bar(show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) =
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} records, {per_sec}, ETA {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }
 
 #[cfg(test)]

@@ -1,15 +1,19 @@
-//! `bpo bootstrap ...`: make negatives for BPO records. `inject` rewrites ground-truth answers with a
-//! text-only LLM behind an OpenAI-compatible server (error injection, `llm-hal`).
+//! `bpo bootstrap ...`: make negatives for BPO records. `weaken` has the MLLM answer from noised images
+//! (`mllm-hal`); `inject` rewrites ground-truth answers with a text-only LLM, run in-process (`--llm DIR`) or
+//! behind an OpenAI-compatible server (`--llm-url`) (`llm-hal`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bpo::bootstrap::{
-    read_input, run_inject, Completer, CompletionOptions, Endpoint, HttpCompleter, HttpOptions, InjectMode,
-    InjectOptions, InputFormat, InputOptions, ResumableWriter, Shard,
+    read_input, run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions,
+    InjectMode, InjectOptions, InputFormat, InputOptions, LocalCompleter, Record, ResumableWriter, Shard,
+    WeakenOptions,
 };
 use clap::{Args, Subcommand};
+
+use super::{Dtype, ModelArgs};
 
 #[derive(Args)]
 pub struct BootstrapArgs {
@@ -19,6 +23,14 @@ pub struct BootstrapArgs {
 
 #[derive(Subcommand)]
 enum BootstrapCommand {
+    /// Image weakening: the MLLM answers each prompt while seeing its image noised by forward diffusion
+    /// (step --noise-step of 1000 on the normalised pixels); the answers are `mllm-hal` negatives.
+    ///
+    /// Reads LLaVA instruct JSON, plain JSONL ({prompt, image, answer, id?}) or BPO records, and appends one BPO
+    /// record per prompt to --out with --samples new answers each (empty answers, the ground truth and repeats
+    /// are dropped and counted). Text-only prompts are passed through unchanged. Noise and sampling are seeded
+    /// by (--seed, record id, sample), so a re-run gives the same answers. Resumable and shardable like inject.
+    Weaken(Box<WeakenArgs>),
     /// Error injection: a text-only LLM rewrites each ground-truth answer, adding, removing or changing
     /// objects and attributes while keeping it plausible; the results are `llm-hal` negatives.
     ///
@@ -29,8 +41,108 @@ enum BootstrapCommand {
     Inject(Box<InjectArgs>),
 }
 
+/// How the next token is chosen from the noisy (and clean) image's logits.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum Decode {
+    /// Sample from the model given the noised image (the paper's intent).
+    Noisy,
+    /// Amplify the language prior: (1 + a) * logit(noisy) - a * logit(clean), a = --contrast-alpha.
+    PriorContrast,
+    /// The released script's VCD sampler: (1 + alpha) * logit(clean) - alpha * logit(noisy), tokens below
+    /// --vcd-beta times the clean top probability cut; for comparison.
+    Vcd,
+}
+
+impl Decode {
+    /// The decoding mode with its parameters: `a` for prior-contrast, `alpha` and `beta` for vcd.
+    pub(super) fn mode(self, a: f32, alpha: f32, beta: f32) -> DecodeMode {
+        match self {
+            Decode::Noisy => DecodeMode::Noisy,
+            Decode::PriorContrast => DecodeMode::PriorContrast { a },
+            Decode::Vcd => DecodeMode::Vcd { alpha, beta },
+        }
+    }
+}
+
+/// Input records and the resumable output file, shared by both bootstrap steps.
+#[derive(Args)]
+pub struct RecordsIo {
+    /// Input: LLaVA instruct JSON, plain JSONL or BPO records JSONL.
+    #[arg(long)]
+    data: PathBuf,
+    /// Input format: auto (detect from the content), llava, jsonl or records.
+    #[arg(long, default_value = "auto")]
+    format: InputFormat,
+    /// LLaVA input: use only the first question/answer of each conversation.
+    #[arg(long)]
+    first_turn_only: bool,
+    /// Output BPO records (JSONL, appended; existing ids are skipped).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl RecordsIo {
+    fn open(&self) -> anyhow::Result<(Vec<bpo::bootstrap::Record>, ResumableWriter)> {
+        open(&self.data, self.format, self.first_turn_only, &self.out)
+    }
+}
+
+#[derive(Args)]
+pub struct WeakenArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    io: RecordsIo,
+    /// Folder that the records' image paths are relative to.
+    #[arg(long)]
+    images: PathBuf,
+    /// Answers per prompt, each from its own noise.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Diffusion step of the noise, 0..999 (BPO's release: 900; VCD and POVID: 500). See `bpo distort`.
+    #[arg(long, default_value_t = 900)]
+    noise_step: usize,
+    /// Decoding: noisy, prior-contrast or vcd (the contrast modes also run the clean image, twice the work).
+    #[arg(long, value_enum, default_value = "noisy")]
+    decode: Decode,
+    /// a of prior-contrast.
+    #[arg(long, default_value_t = 1.0)]
+    contrast_alpha: f32,
+    /// alpha of vcd.
+    #[arg(long, default_value_t = 1.0)]
+    vcd_alpha: f32,
+    /// Plausibility cut-off of vcd (0 < beta <= 1).
+    #[arg(long, default_value_t = 0.2)]
+    vcd_beta: f32,
+    /// Sampling temperature; 0 means greedy (then --samples differ by their noise only).
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Most new tokens per answer (cut to what the model's context leaves).
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    /// Answers generated together in one batch (1 = no batching).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Process only shard i of n (1-based, e.g. 2/4); shards split the ids by a stable hash.
+    #[arg(long)]
+    shard: Option<Shard>,
+    /// Seed of the noise and the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(Args)]
 pub struct InjectArgs {
+    /// Local model folder to run in-process: a LLaVA folder (its language model, without the image: BPO's
+    /// default, the MLLM's own LLM) or a Llama folder. Prompts are wrapped in Vicuna-v1 unless --raw.
+    #[arg(long, conflicts_with_all = ["llm_url", "chat", "server_model"])]
+    llm: Option<PathBuf>,
+    /// Precision of --llm (f32 is the right choice on CPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
     /// OpenAI-compatible server: root (http://127.0.0.1:8080), .../v1, or the full endpoint URL.
     /// llama.cpp's llama-server, vLLM and Ollama work; plain http only.
     #[arg(long)]
@@ -44,22 +156,12 @@ pub struct InjectArgs {
     raw: bool,
     /// Model name sent with each request (required by vLLM and Ollama, ignored by llama.cpp).
     #[arg(long)]
-    model: Option<String>,
+    server_model: Option<String>,
     /// Environment variable holding an API key, sent as a Bearer token if set.
     #[arg(long, default_value = "BPO_LLM_API_KEY")]
     api_key_env: String,
-    /// Input: LLaVA instruct JSON, plain JSONL or BPO records JSONL.
-    #[arg(long)]
-    data: PathBuf,
-    /// Input format: auto (detect from the content), llava, jsonl or records.
-    #[arg(long, default_value = "auto")]
-    format: InputFormat,
-    /// LLaVA input: use only the first question/answer of each conversation.
-    #[arg(long)]
-    first_turn_only: bool,
-    /// Output BPO records (JSONL, appended; existing ids are skipped).
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    io: RecordsIo,
     /// Prompt: description (zero-shot rewrite), qa (six-shot, question and response), or continue (cut the
     /// answer at a random word and let the LLM finish it from its own prior; needs /v1/completions).
     #[arg(long, default_value = "description")]
@@ -85,7 +187,8 @@ pub struct InjectArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
-    /// Records per batch (each record is written when its batch is done).
+    /// Records per batch (each record is written when its batch is done); with --llm also the prompts
+    /// generated together.
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Time limit of one request, in seconds.
@@ -97,27 +200,35 @@ pub struct InjectArgs {
     /// Process only shard i of n (1-based, e.g. 2/4); shards split the ids by a stable hash.
     #[arg(long)]
     shard: Option<Shard>,
-    /// Seed: sent to the server (sample s uses seed + s) and used for the `continue` cut points.
+    /// Seed: sent to the server or used by --llm (sample s uses seed + s), and for the `continue` cut points.
     #[arg(long)]
     seed: Option<u64>,
 }
 
 pub fn run(args: BootstrapArgs) -> anyhow::Result<()> {
     match args.command {
+        BootstrapCommand::Weaken(a) => weaken(*a),
         BootstrapCommand::Inject(a) => inject(*a),
     }
 }
 
 /// The text LLM to use.
 fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
-    let Some(url) = &a.llm_url else { bail!("give --llm-url (an OpenAI-compatible server)") };
+    if let Some(dir) = &a.llm {
+        let opts = bpo::model::LoadOptions { dtype: a.dtype.candle(), ..Default::default() };
+        let local = LocalCompleter::load(dir, &opts, a.batch).with_context(|| format!("loading {}", dir.display()))?;
+        return Ok(Box::new(local));
+    }
+    let Some(url) = &a.llm_url else {
+        bail!("give --llm DIR (a local model folder) or --llm-url URL (an OpenAI-compatible server)")
+    };
     if a.chat && a.mode == InjectMode::Continue {
         bail!("--mode continue needs /v1/completions: drop --chat");
     }
     let opts = HttpOptions {
         url: url.clone(),
         endpoint: if a.chat { Endpoint::Chat } else { Endpoint::Completions },
-        model: a.model.clone(),
+        model: a.server_model.clone(),
         api_key: std::env::var(&a.api_key_env).ok().filter(|k| !k.is_empty()),
         timeout: Duration::from_secs(a.timeout_s),
         retries: a.retries,
@@ -133,15 +244,7 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    let input = read_input(&a.data, &InputOptions { format: a.format, first_turn_only: a.first_turn_only })?;
-    eprintln!("{}: {} records ({:?})", a.data.display(), input.records.len(), input.format);
-    if input.renamed_duplicates > 0 {
-        eprintln!("  {} repeated ids got a ~n suffix", input.renamed_duplicates);
-    }
-    let (mut writer, reopened) = ResumableWriter::open(&a.out)?;
-    if let Some(t) = &reopened.torn {
-        eprintln!("{}: cut a torn last line {} ({} bytes: {})", a.out.display(), t.line, t.bytes, t.reason);
-    }
+    let (records, mut writer) = a.io.open()?;
     let opts = InjectOptions {
         mode: a.mode,
         template,
@@ -160,12 +263,70 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         progress: true,
         ..Default::default()
     };
-    let counts = run_inject(input.records, completer.as_ref(), &opts, &mut writer)?;
+    let counts = run_inject(records, completer.as_ref(), &opts, &mut writer)?;
     println!("{}", serde_json::to_string_pretty(&counts)?);
+    if let (Some(dir), true) = (&a.llm, counts.unparseable > 0) {
+        eprintln!(
+            "{} prompts did not fit the context of {}: try a shorter --prompt-file, or --raw",
+            counts.unparseable,
+            dir.display()
+        );
+    }
     if counts.records.failed > 0 {
         bail!(
             "{} records failed and were not written; run the same command again to retry them",
             counts.records.failed
+        );
+    }
+    Ok(())
+}
+
+/// Reads the input and opens the resumable output, telling the user what was found.
+fn open(
+    data: &std::path::Path,
+    format: InputFormat,
+    first_turn_only: bool,
+    out: &std::path::Path,
+) -> anyhow::Result<(Vec<Record>, ResumableWriter)> {
+    let input = read_input(data, &InputOptions { format, first_turn_only })?;
+    eprintln!("{}: {} records ({:?})", data.display(), input.records.len(), input.format);
+    if input.renamed_duplicates > 0 {
+        eprintln!("  {} repeated ids got a ~n suffix", input.renamed_duplicates);
+    }
+    let (writer, reopened) = ResumableWriter::open(out)?;
+    if let Some(t) = &reopened.torn {
+        eprintln!("{}: cut a torn last line {} ({} bytes: {})", out.display(), t.line, t.bytes, t.reason);
+    }
+    Ok((input.records, writer))
+}
+
+fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
+    let decode = a.decode.mode(a.contrast_alpha, a.vcd_alpha, a.vcd_beta);
+    let opts = WeakenOptions {
+        images: a.images,
+        samples: a.samples,
+        noise_step: a.noise_step,
+        decode,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        shard: a.shard.unwrap_or_default(),
+        seed: a.seed,
+        progress: true,
+        ..Default::default()
+    };
+    opts.validate()?;
+    let (records, mut writer) = a.io.open()?;
+    let vlm = a.model.load()?;
+    let counts = run_weaken(&vlm, records, &opts, &mut writer)?;
+    println!("{}", serde_json::to_string_pretty(&counts)?);
+    if counts.records.failed > 0 {
+        bail!(
+            "{} records were not written because their image could not be read (first: {}); fix --images or \
+             the data and run the same command again",
+            counts.records.failed,
+            counts.errors.first().map(String::as_str).unwrap_or("?")
         );
     }
     Ok(())

@@ -1,8 +1,8 @@
 //! `bpo eval ...`: score answers for hallucination (POPE, CHAIR / Object HalBench) and compare two runs.
 //!
-//! Extension point: answers come from `--answers` files today. When generation is wired in, a model option
-//! group can produce `Vec<Answer>` in memory and hand it to the same library calls
-//! (`pope::score`, `inputs::captions_from_answers` + `Chair::score`) and to [`finish`].
+//! Answers come from `--answers` files, or from a model (`--model`): `pope` then answers the questions first and
+//! `caption` describes a folder of images, writing `answers.jsonl` into `--out` before scoring it through the same
+//! library calls (`pope::score`, `inputs::captions_from_answers` + `Chair::score`) and [`finish`].
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,10 @@ use serde::Serialize;
 use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::words::Lemmatizer;
 use bpo::eval::report::{self, Scores};
-use bpo::eval::{inputs, load_answers, pope};
+use bpo::eval::{inputs, load_answers, pope, Answer};
+use bpo::generate::{vqa, SamplingParams};
+
+use super::{image_path, progress, ModelArgs};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -37,16 +40,25 @@ enum EvalAction {
     /// `metadata.image_id` / `metadata.image`, else the image of its row in --questions, else its
     /// question_id.
     Chair(ChairArgs),
+    /// Describe every image of a folder with a model (Object HalBench's eight instructions, rotating, or your own
+    /// prompts) and score the descriptions with CHAIR in one go.
+    Caption(CaptionArgs),
     /// Print two runs (folders holding scores.json) side by side with their differences.
     Compare(CompareArgs),
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["answers", "model"])))]
 pub struct PopeArgs {
     /// Answers JSONL in LLaVA's model_vqa format: {"question_id", "prompt", "text", "answer_id",
     /// "model_id", "metadata"}.
     #[arg(long, value_name = "FILE")]
-    answers: PathBuf,
+    answers: Option<PathBuf>,
+    /// Answer the questions with this model first (greedy); answers.jsonl goes into --out.
+    #[command(flatten)]
+    model: Option<ModelArgs>,
+    #[command(flatten)]
+    gen: GenArgs,
     /// Question files, JSON Lines (the official coco_pope_*.json are): {"question_id", "text", "label":
     /// "yes"|"no"} with an optional "category". Without one, the split comes from the file name
     /// (coco_pope_adversarial.json -> adversarial).
@@ -87,6 +99,54 @@ pub struct ChairArgs {
     out: Option<PathBuf>,
 }
 
+/// Generation settings when `--model` answers.
+#[derive(Args)]
+pub struct GenArgs {
+    /// Folder the questions' image paths are relative to.
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Prompts per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Most new tokens per answer (greedy decoding, as LLaVA's evaluation scripts).
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("caption_truth").required(true).args(["coco", "ground_truth"])))]
+pub struct CaptionArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Folder of images to describe (jpg, jpeg, png, webp; sorted by name).
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// `object-halbench` (the eight built-in instructions, used in turn) or a file with one prompt per line.
+    #[arg(long, default_value = "object-halbench")]
+    prompts: String,
+    /// Describe at most this many images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// COCO 2014 annotation folder (see `bpo eval chair`).
+    #[arg(long, value_name = "DIR")]
+    coco: Option<PathBuf>,
+    /// Ground-truth JSONL (see `bpo eval chair`); image ids are the file names' trailing digits, else their stems.
+    #[arg(long, value_name = "FILE")]
+    ground_truth: Option<PathBuf>,
+    /// Replace the built-in COCO synonym list.
+    #[arg(long, value_name = "FILE")]
+    synonyms: Option<PathBuf>,
+    /// Prompts per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Most new tokens per description.
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// Output folder: answers.jsonl, scores.json, details.jsonl.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
 #[derive(Args)]
 pub struct CompareArgs {
     /// First run: a folder with scores.json (or the file itself).
@@ -99,43 +159,141 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.action {
         EvalAction::Pope(a) => run_pope(a),
         EvalAction::Chair(a) => run_chair(a),
+        EvalAction::Caption(a) => run_caption(a),
         EvalAction::Compare(a) => run_compare(a),
     }
 }
 
 fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
     let questions = pope::load_questions(&args.questions)?;
-    let answers = load_answers(&args.answers)?;
+    let answers = match (&args.answers, &args.model) {
+        (Some(path), _) => load_answers(path)?,
+        (None, Some(model)) => {
+            let prompts: Vec<vqa::Prompt> = questions
+                .iter()
+                .map(|q| vqa::Prompt {
+                    text: format!("{}{}", q.text, SHORT_ANSWER),
+                    image: (!q.image.is_empty()).then(|| image_path(args.gen.images.as_ref(), &q.image)),
+                    origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
+                })
+                .collect();
+            let texts = answer(model, &prompts, &args.gen_params(), args.gen.batch_size)?;
+            let answers: Vec<Answer> = questions
+                .iter()
+                .zip(texts)
+                .map(|(q, t)| Answer { model_id: model.model_id(), answer_id: q.question_id.clone(), ..Answer::new(q.question_id.clone(), q.text.clone(), t) })
+                .collect();
+            save_answers(args.out.as_deref(), &answers)?;
+            answers
+        }
+        (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
+    };
     let pairing = if args.positional { pope::Pairing::Positional } else { pope::Pairing::ById };
     let out = pope::score(&questions, &answers, pairing)?;
     finish(&Scores::Pope(out.report), &out.details, args.out.as_deref())
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
-    let chair = match &args.synonyms {
+    let chair = load_chair(args.synonyms.as_deref())?;
+    let answers = load_answers(&args.answers)?;
+    let question_images = args.questions.as_deref().map(inputs::load_question_images).transpose()?;
+    let captions = inputs::captions_from_answers(&answers, question_images.as_ref())?;
+    let truth = load_truth(&chair, &captions, args.coco.as_deref(), args.ground_truth.as_deref())?;
+    let out = chair.score(&captions, &truth)?;
+    finish(&Scores::Chair(out.report), &out.details, args.out.as_deref())
+}
+
+/// The built-in COCO synonym list, or the user's.
+fn load_chair(synonyms: Option<&Path>) -> anyhow::Result<Chair> {
+    Ok(match synonyms {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             Chair::new(&text, Lemmatizer::wordnet()).with_context(|| format!("{}", path.display()))?
         }
         None => Chair::builtin()?,
-    };
-    let answers = load_answers(&args.answers)?;
-    let question_images = args.questions.as_deref().map(inputs::load_question_images).transpose()?;
-    let captions = inputs::captions_from_answers(&answers, question_images.as_ref())?;
-    let truth = match (&args.coco, &args.ground_truth) {
+    })
+}
+
+/// Ground truth for the captions' images, from COCO annotations or a JSONL file.
+fn load_truth(chair: &Chair, captions: &[bpo::eval::chair::Caption], coco: Option<&Path>, ground_truth: Option<&Path>) -> anyhow::Result<GroundTruth> {
+    Ok(match (coco, ground_truth) {
         (Some(dir), _) => {
             let images: HashSet<String> = captions.iter().map(|c| c.image_id.clone()).collect();
             let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("reading {}", dir.display()));
             spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-            let truth = GroundTruth::from_coco(dir, &chair, &images);
+            let truth = GroundTruth::from_coco(dir, chair, &images);
             spinner.finish_and_clear();
             truth?
         }
-        (None, Some(path)) => GroundTruth::from_jsonl(path, &chair)?,
+        (None, Some(path)) => GroundTruth::from_jsonl(path, chair)?,
         (None, None) => anyhow::bail!("give --coco DIR or --ground-truth FILE"),
+    })
+}
+
+/// LLaVA's short-answer suffix, appended to POPE questions as its evaluation scripts do.
+const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
+
+impl PopeArgs {
+    fn gen_params(&self) -> SamplingParams {
+        SamplingParams { max_new_tokens: self.gen.max_new_tokens, ..Default::default() }
+    }
+}
+
+/// Loads the model and answers `prompts` greedily with a progress bar.
+fn answer(model: &ModelArgs, prompts: &[vqa::Prompt], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<String>> {
+    let vlm = model.load()?;
+    let bar = progress(prompts.len(), "answering");
+    let texts = vqa::answer_all(&vlm, prompts, params, batch_size, model.pass(), |n| bar.inc(n as u64))?;
+    bar.finish();
+    Ok(texts)
+}
+
+/// Writes generated answers as `answers.jsonl` in the run folder, so they can be re-scored or inspected.
+fn save_answers(out: Option<&Path>, answers: &[Answer]) -> anyhow::Result<()> {
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        bpo::jsonl::write(&dir.join("answers.jsonl"), answers)?;
+    }
+    Ok(())
+}
+
+fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
+    let chair = load_chair(args.synonyms.as_deref())?;
+    let instructions: Vec<String> = if args.prompts == "object-halbench" {
+        bpo::eval::object_halbench_prompts().into_iter().map(String::from).collect()
+    } else {
+        let text = std::fs::read_to_string(&args.prompts).with_context(|| format!("reading {}", args.prompts))?;
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
     };
+    anyhow::ensure!(!instructions.is_empty(), "no prompts in {}", args.prompts);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.images)
+        .with_context(|| format!("reading {}", args.images.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["jpg", "jpeg", "png", "webp"].contains(&e.to_ascii_lowercase().as_str())))
+        .collect();
+    files.sort();
+    files.truncate(args.limit.unwrap_or(usize::MAX));
+    anyhow::ensure!(!files.is_empty(), "no images in {}", args.images.display());
+    let prompts: Vec<vqa::Prompt> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| vqa::Prompt { text: instructions[i % instructions.len()].clone(), image: Some(f.clone()), origin: f.display().to_string() })
+        .collect();
+    let params = SamplingParams { max_new_tokens: args.max_new_tokens, ..Default::default() };
+    let texts = answer(&args.model, &prompts, &params, args.batch_size)?;
+    let answers: Vec<Answer> = files
+        .iter()
+        .zip(prompts.iter().zip(texts))
+        .map(|(f, (p, t))| {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            Answer { image: Some(name.clone()), model_id: args.model.model_id(), ..Answer::new(name, p.text.clone(), t) }
+        })
+        .collect();
+    save_answers(Some(&args.out), &answers)?;
+    let captions = inputs::captions_from_answers(&answers, None)?;
+    let truth = load_truth(&chair, &captions, args.coco.as_deref(), args.ground_truth.as_deref())?;
     let out = chair.score(&captions, &truth)?;
-    finish(&Scores::Chair(out.report), &out.details, args.out.as_deref())
+    finish(&Scores::Chair(out.report), &out.details, Some(&args.out))
 }
 
 /// Prints the table and warnings, and writes the run folder when asked. Shared by every way of producing

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use bpo::generate::{Request, SamplingParams};
-use bpo::model::Pass;
+use bpo::generate::{vqa, SamplingParams};
 
 use super::{image_path, progress, ModelArgs};
 
@@ -72,33 +71,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let vlm = a.model.load()?;
             let image = a.image.as_deref().map(|p| vlm.load_image(p)).transpose()?;
             let req = vlm.request(prompt, image)?;
-            let out = vlm.answer(&[req], &params, Pass::INFER)?;
+            let out = vlm.answer(&[req], &params, a.model.pass())?;
             println!("{}", out[0].text.trim());
             Ok(())
         }
         (None, Some(questions)) => {
             let answers = a.answers.as_ref().context("--answers is required with --questions")?;
             let vlm = a.model.load()?;
-            let rows = bpo::generate::vqa::read_questions(questions)?;
+            let rows = vqa::read_questions(questions)?;
+            let prompts: Vec<vqa::Prompt> = rows
+                .iter()
+                .map(|q| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| image_path(a.images.as_ref(), rel)), origin: format!("{}:{}", questions.display(), q.line) })
+                .collect();
             let bar = progress(rows.len(), "answering");
-            let model_id = a.model.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let mut out = Vec::with_capacity(rows.len());
-            for chunk in rows.chunks(a.batch_size.max(1)) {
-                let mut requests = Vec::with_capacity(chunk.len());
-                for q in chunk {
-                    let image = match &q.image {
-                        Some(rel) => Some(vlm.load_image(&image_path(a.images.as_ref(), rel)).with_context(|| format!("{}:{}", questions.display(), q.line))?),
-                        None => None,
-                    };
-                    requests.push(Request { ids: vlm.prompt_ids(&q.text, image.is_some())?, image });
-                }
-                let done = vlm.answer(&requests, &params, Pass::INFER)?;
-                for (q, c) in chunk.iter().zip(done) {
-                    out.push(bpo::generate::vqa::answer_row(q, c.text.trim(), &model_id));
-                }
-                bar.inc(chunk.len() as u64);
-            }
+            let texts = vqa::answer_all(&vlm, &prompts, &params, a.batch_size, a.model.pass(), |n| bar.inc(n as u64))?;
             bar.finish();
+            let model_id = a.model.model_id();
+            let out: Vec<vqa::AnswerRow> = rows.iter().zip(&texts).map(|(q, t)| vqa::answer_row(q, t, &model_id)).collect();
             bpo::jsonl::write(answers, &out)?;
             eprintln!("wrote {} answers to {}", out.len(), answers.display());
             Ok(())

@@ -28,7 +28,7 @@ enum Command {
     Generate(generate::Args),
     /// Summed log-probability of responses given image and prompt.
     Score(score::Args),
-    /// Make negatives for BPO records (error injection; image weakening comes with the model).
+    /// Make negatives for BPO records: answers to noised images (weaken) and rewritten ground truth (inject).
     Bootstrap(bootstrap::BootstrapArgs),
     /// Turn BPO records into preference pairs (bpo, TRL or LLaMA-Factory layout).
     ///
@@ -78,6 +78,16 @@ pub enum Dtype {
     Bf16,
 }
 
+impl Dtype {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// Where the model comes from and how prompts are built: shared by every subcommand that runs a model.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -97,15 +107,20 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<bpo::generate::Vlm> {
-        let dtype = match self.dtype {
-            Dtype::F32 => candle_core::DType::F32,
-            Dtype::F16 => candle_core::DType::F16,
-            Dtype::Bf16 => candle_core::DType::BF16,
-        };
-        let opts = bpo::model::LoadOptions { dtype, ..Default::default() };
+        let opts = bpo::model::LoadOptions { dtype: self.dtype.candle(), ..Default::default() };
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         Ok(vlm)
+    }
+
+    /// How to run the model: with its adapters when it has any.
+    pub fn pass(&self) -> bpo::model::Pass {
+        bpo::model::Pass::INFER
+    }
+
+    /// The name answer files record as `model_id`: the model folder's name.
+    pub fn model_id(&self) -> String {
+        self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
 }
 

@@ -65,7 +65,17 @@ pub fn generate(model: &Model, tok: &Tokenizer, requests: &[Request], params: &S
 /// Like [`generate`], with optional contrast rows (`contrast[i]` pairs with `requests[i]`, same ids) whose logits are
 /// merged with `combine(request_logits, contrast_logits)`.
 pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
+    let seeds: Vec<u64> = (0..requests.len()).map(|i| params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64)).collect();
+    generate_seeded(model, tok, requests, contrast, params, pass, &seeds)
+}
+
+/// Like [`generate_contrast`] with one sampling seed per request (`params.seed` is ignored). A row's sampling then
+/// does not depend on its position in the batch, so a resumed or re-batched run draws the same tokens.
+pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass, seeds: &[u64]) -> Result<Vec<Completion>> {
     let n = requests.len();
+    if seeds.len() != n {
+        bail!("{} seeds for {n} requests", seeds.len());
+    }
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -99,10 +109,10 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
     let mut cache = Cache::new(&model.llm.cfg, longest + params.max_new_tokens);
     let ids_t = Tensor::from_vec(ids, (b, longest), &dev)?;
     let mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
-    let logits = model.forward(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
+    let logits = model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
     let mut last = last_logits(&logits)?;
 
-    let mut rngs: Vec<StdRng> = (0..n).map(|i| StdRng::seed_from_u64(params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64))).collect();
+    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
     let mut out: Vec<Completion> = (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
     let mut done = vec![false; n];
     for step in 0..params.max_new_tokens {
@@ -111,10 +121,14 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
             if done[i] {
                 continue;
             }
-            let row = match contrast {
+            let mut row = match contrast {
                 Some((_, combine)) => combine(&last[i], &last[n + i]),
                 None => std::mem::take(&mut last[i]),
             };
+            // The image placeholder is never a valid output: fed back, it would ask for an image that is not there.
+            if let Some(slot) = model.image_token().and_then(|t| row.get_mut(t as usize)) {
+                *slot = f32::NEG_INFINITY;
+            }
             let id = sample(&row, params, &mut rngs[i]);
             next[i] = id;
             if contrast.is_some() {
@@ -141,7 +155,7 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
         }
         let mask_t = extended_mask(&mask, b, step + 1, &dev)?;
         let step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
-        let logits = model.forward(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
+        let logits = model.forward_last(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
         last = last_logits(&logits)?;
     }
     for c in &mut out {
@@ -169,45 +183,103 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?)
 }
 
-/// Picks the next token from `logits` per `params`.
+/// Picks the next token from `logits` per `params`. Sorting is limited to what top-k / top-p need: a full sort
+/// of a 32k vocabulary per token would cost more than the decode step of a small model.
 pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {
     if params.temperature <= 0.0 {
         return argmax(logits);
     }
-    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l / params.temperature)).collect();
-    if cand.is_empty() {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
         return argmax(logits);
     }
-    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-    if params.top_k > 0 {
+    let inv_t = 1.0 / params.temperature;
+    // Unnormalised probabilities; -inf logits (masked tokens) get 0.
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    if params.top_k > 0 && params.top_k < cand.len() {
+        cand.select_nth_unstable_by(params.top_k - 1, desc);
         cand.truncate(params.top_k);
     }
-    let max = cand[0].1;
-    let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-    let total: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
     if params.top_p < 1.0 {
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let need = params.top_p * total;
+        // Most nuclei are small: sort the top 256 first and fall back to a full sort only if they fall short.
+        let head = 256.min(cand.len());
+        if head < cand.len() {
+            cand.select_nth_unstable_by(head - 1, desc);
+        }
+        let head_mass: f32 = cand[..head].iter().map(|c| c.1).sum();
+        if head_mass >= need {
+            cand.truncate(head);
+        }
+        cand.sort_unstable_by(desc);
         // Keep tokens while the mass before them is below top_p (the first token always stays).
         let mut mass = 0.0;
-        let keep = probs.iter().take_while(|&&p| {
-            let k = mass < params.top_p;
-            mass += p;
+        let keep = cand.iter().take_while(|c| {
+            let k = mass < need;
+            mass += c.1;
             k
         });
         let k = keep.count().max(1);
-        probs.truncate(k);
+        cand.truncate(k);
     }
-    let total: f32 = probs.iter().sum();
+    let total: f32 = cand.iter().map(|c| c.1).sum();
     let mut u = rng.random::<f32>() * total;
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return cand[i].0;
+    for c in &cand {
+        if u < c.1 {
+            return c.0;
         }
-        u -= p;
+        u -= c.1;
     }
-    cand[probs.len() - 1].0
+    cand.last().map_or(0, |c| c.0)
 }
 
 fn argmax(logits: &[f32]) -> u32 {
     logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0 as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, ..Default::default() }
+    }
+
+    fn counts(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut c = vec![0; logits.len()];
+        for _ in 0..n {
+            c[sample(logits, p, &mut rng) as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(sample(&[0.1, 3.0, -1.0, 2.9], &params(0.0, 0, 1.0), &mut rng), 1);
+    }
+
+    #[test]
+    fn top_k_and_top_p_cut_the_tail() {
+        // probabilities ~ 0.64, 0.24, 0.09, 0.03
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let c = counts(&logits, &params(1.0, 2, 1.0), 2000);
+        assert!(c[2] == 0 && c[3] == 0 && c[0] > c[1] && c[1] > 0, "top-k 2: {c:?}");
+        let c = counts(&logits, &params(1.0, 0, 0.7), 2000);
+        assert!(c[2] == 0 && c[3] == 0 && c[1] > 0, "top-p 0.7 keeps two tokens: {c:?}");
+        let c = counts(&logits, &params(1.0, 0, 0.5), 500);
+        assert_eq!(c[0], 500, "top-p 0.5 keeps only the first token");
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_and_skips_masked_tokens() {
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
+        let c = counts(&logits, &params(1.0, 0, 1.0), 4000);
+        assert_eq!(c[2], 0);
+        let ratio = c[1] as f64 / c[0] as f64;
+        assert!((ratio - 3.0).abs() < 0.4, "p1/p0 should be 3, got {ratio}");
+    }
 }

@@ -54,3 +54,30 @@ pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
     };
     AnswerRow { question_id: q.question_id.clone(), prompt: q.text.clone(), text: text.to_string(), answer_id: format!("{model_id}-{id}"), model_id: model_id.to_string(), metadata: Default::default() }
 }
+
+/// One prompt to answer from a data file: the question text, its image file, and where it came from (`file:line`)
+/// so a bad image is reported against the line that named it.
+pub struct Prompt {
+    pub text: String,
+    pub image: Option<std::path::PathBuf>,
+    pub origin: String,
+}
+
+/// Answers `prompts` in batches of `batch_size` (images decoded per batch, so memory stays flat), calling
+/// `progress(n)` after each batch. Answers are trimmed.
+pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let mut requests = Vec::with_capacity(chunk.len());
+        for p in chunk {
+            let image = match &p.image {
+                Some(path) => Some(vlm.load_image(path).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?),
+                None => None,
+            };
+            requests.push(vlm.request(&p.text, image)?);
+        }
+        out.extend(vlm.answer(&requests, params, pass)?.into_iter().map(|c| c.text.trim().to_string()));
+        progress(chunk.len());
+    }
+    Ok(out)
+}

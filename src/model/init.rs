@@ -24,7 +24,7 @@ pub fn random_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64) -> R
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     build(vb, &model_config, &LoadOptions::default())?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let normal = Normal::new(0f32, 0.02).map_err(|e| Error::invalid(e))?;
+    let normal = Normal::new(0f32, 0.02).map_err(Error::invalid)?;
     let data = varmap.data().lock().map_err(|_| Error::invalid("variable map poisoned"))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort(); // HashMap order is random: sort so the seed alone decides the weights.

@@ -12,6 +12,7 @@
 //! ```
 
 mod distort;
+mod jpeg;
 mod preprocess;
 mod resample;
 

@@ -5,9 +5,8 @@
 //! Settings come from a checkpoint's `preprocessor_config.json`; fields it leaves out take transformers'
 //! `CLIPImageProcessor` defaults (224 px), while [`ImageProcessor::default`] is LLaVA-1.5's CLIP-336 setup.
 //!
-//! From the same decoded pixels the output is bit-identical to transformers. JPEG decoding is not: the `image`
-//! crate's decoder and Pillow's libjpeg-turbo round their IDCTs differently, so about 1% of a JPEG's pixels
-//! come out 1-2 grey levels apart (up to 0.03 after normalisation). PNG and WebP decode identically.
+//! The output is bit-identical to transformers for PNG, WebP and JPEG alike: JPEGs are decoded by the same
+//! libjpeg-turbo code as Pillow's (see `jpeg.rs`), the others by the `image` crate, which agrees with Pillow.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -291,16 +290,16 @@ impl ImageProcessor {
     }
 }
 
-/// Decodes an image file (JPEG, PNG or WebP, recognised by content); failures are [`Error::Image`].
+/// Decodes an image file (JPEG, PNG or WebP, recognised by content); failures are [`Error::Image`]. JPEGs go
+/// through libjpeg-turbo so their pixels are exactly Pillow's; other formats through the `image` crate.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
     let path = path.as_ref();
     let err = |msg: String| Error::Image { path: path.to_path_buf(), msg };
-    image::ImageReader::open(path)
-        .map_err(|e| err(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?
-        .decode()
-        .map_err(|e| err(e.to_string()))
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if super::jpeg::is_jpeg(&bytes) {
+        return super::jpeg::decode(&bytes).map_err(err);
+    }
+    image::load_from_memory(&bytes).map_err(|e| err(e.to_string()))
 }
 
 fn present(v: Option<&Value>) -> Option<&Value> {

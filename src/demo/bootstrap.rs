@@ -1,6 +1,8 @@
 //! BPO's bootstrapping on the demo world: prompts from the grounded instruction data become BPO records; the
-//! SFT model answers them from weakened images (`mllm-hal`) and its own language model continues cut ground
-//! truths (`llm-hal`, injection mode `continue`, through [`crate::bootstrap::run_inject`]).
+//! SFT model answers them from weakened images (`mllm-hal`, [`crate::bootstrap::run_weaken`]) and its own
+//! language model continues cut ground truths (`llm-hal`, injection mode `continue`,
+//! [`crate::bootstrap::run_inject`] with [`crate::bootstrap::LocalCompleter`]) — the same library calls as
+//! `bpo bootstrap weaken` and `bpo bootstrap inject --mode continue`.
 //!
 //! Then the demo applies the prototype's lessons (demo-world.md) before pairing:
 //! - length-matched negatives (lesson 2): a description negative is *spliced*: the first object it names that
@@ -11,16 +13,15 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use super::data::Grounded;
 use super::world::{self, parse_caption, partner, COLOURS, DESCRIBE, KINDS};
-use crate::bootstrap::records::{stable_hash, turn_id};
-use crate::bootstrap::{expand, run_inject, Completer, Completion, CompletionOptions, CompletionType, InjectMode, InjectOptions, Pair, PairFormat, PairOptions, Record, ResumableWriter};
-use crate::generate::{generate, Request, SamplingParams, Vlm};
-use crate::model::Pass;
+use crate::bootstrap::records::turn_id;
+use crate::bootstrap::{expand, run_inject, run_weaken, Completion, CompletionOptions, CompletionType, InjectMode, InjectOptions, LocalCompleter, Pair, PairFormat, PairOptions, Record, ResumableWriter, WeakenOptions};
+use crate::generate::Vlm;
+use crate::model::LoadOptions;
 use crate::{jsonl, Error, Result};
 
 /// Bootstrapping settings.
@@ -88,54 +89,36 @@ pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
         .collect()
 }
 
-/// Adds one answer per record sampled from its weakened image (forward diffusion at `noise_step`, seeded by id).
-pub fn weaken_negatives(vlm: &Vlm, records: &mut [Record], images: &Path, opts: &BootstrapOptions, mut tick: impl FnMut(usize)) -> Result<usize> {
-    let mut added = 0;
-    for chunk in records.chunks_mut(opts.batch.max(1)) {
-        let mut requests = Vec::with_capacity(chunk.len());
-        for r in chunk.iter() {
-            let rel = r.image.as_deref().ok_or_else(|| Error::invalid(format!("record {} has no image", r.id)))?;
-            let px: Tensor = vlm.load_image(&images.join(rel))?;
-            let weak = crate::vision::weaken(&px, opts.noise_step, stable_hash(&[&opts.seed.to_string(), &r.id]))?;
-            requests.push(vlm.request(&r.prompt, Some(weak))?);
-        }
-        let params = SamplingParams { max_new_tokens: 40, temperature: opts.temperature, top_p: 0.95, seed: stable_hash(&[&opts.seed.to_string(), &chunk[0].id]), ..Default::default() };
-        for (r, c) in chunk.iter_mut().zip(generate(&vlm.model, &vlm.tok, &requests, &params, Pass::INFER)?) {
-            let text = c.text.trim().to_string();
-            if !text.is_empty() && text != r.completions[0].response {
-                r.completions.push(Completion::negative(text, CompletionType::MllmHal));
-                added += 1;
-            }
-        }
-        tick(chunk.len());
-    }
-    Ok(added)
+/// Adds one answer per record sampled from its weakened image, through [`run_weaken`] (noise and sampling seeded
+/// per record id); the records come back from `out`.
+pub fn weaken_negatives(vlm: &Vlm, records: Vec<Record>, images: &Path, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+    let weaken = WeakenOptions {
+        images: images.to_path_buf(),
+        noise_step: opts.noise_step,
+        temperature: opts.temperature,
+        top_p: 0.95,
+        max_new_tokens: 40,
+        batch_size: opts.batch,
+        seed: opts.seed,
+        ..Default::default()
+    };
+    let _ = std::fs::remove_file(out);
+    let (mut writer, _) = ResumableWriter::open(out)?;
+    let counts = run_weaken(vlm, records, &weaken, &mut writer)?;
+    drop(writer);
+    Ok((jsonl::read(out)?, counts.added))
 }
 
-/// The demo model's own language model as an injection [`Completer`]: a cut description is continued after the
-/// captioning instruction, with no image, so the rest comes from the language prior.
-pub struct PriorCompleter<'a> {
-    pub vlm: &'a Vlm,
+/// The seed [`run_weaken`] noised record `id`'s image with (for showing the weakened image).
+pub fn weakened_seed(opts_seed: u64, id: &str) -> u64 {
+    crate::bootstrap::weaken::noise_seed(opts_seed, id, 0)
 }
 
-impl Completer for PriorCompleter<'_> {
-    fn complete(&self, prompts: &[String], opts: &CompletionOptions) -> Result<Vec<Result<String>>> {
-        let head = self.vlm.prompt_ids(DESCRIBE, false)?;
-        let mut requests = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            let mut ids = head.clone();
-            ids.extend(self.vlm.tok.encode(p)?);
-            requests.push(Request { ids, image: None });
-        }
-        let params = SamplingParams { max_new_tokens: opts.max_tokens.min(40), temperature: opts.temperature, top_p: opts.top_p, seed: opts.seed.unwrap_or(0), stop: opts.stop.clone(), ..Default::default() };
-        let out = generate(&self.vlm.model, &self.vlm.tok, &requests, &params, Pass::INFER)?;
-        // The word-level decoder drops the space between the prefix and the continuation: put it back.
-        Ok(out.into_iter().map(|c| Ok(format!(" {}", c.text.trim()))).collect())
-    }
-}
-
-/// Adds `continue`-mode injected answers to the description records, through `run_inject`; returns how many.
-pub fn inject_negatives(vlm: &Vlm, records: Vec<Record>, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+/// Adds `continue`-mode injected answers to the description records: the model's own language model (loaded
+/// without its vision tower, [`LocalCompleter`]) continues each ground truth cut at a word boundary, through
+/// [`run_inject`]. Returns the records and how many answers were added.
+pub fn inject_negatives(model: &Path, records: Vec<Record>, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+    let completer = LocalCompleter::load(model, &LoadOptions::default(), opts.batch)?;
     let _ = std::fs::remove_file(out);
     let (mut writer, _) = ResumableWriter::open(out)?;
     let inject = InjectOptions {
@@ -146,7 +129,7 @@ pub fn inject_negatives(vlm: &Vlm, records: Vec<Record>, out: &Path, opts: &Boot
         seed: opts.seed,
         ..Default::default()
     };
-    let counts = run_inject(records, &PriorCompleter { vlm }, &inject, &mut writer)?;
+    let counts = run_inject(records, &completer, &inject, &mut writer)?;
     drop(writer);
     Ok((jsonl::read(out)?, counts.added))
 }

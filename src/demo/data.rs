@@ -50,7 +50,8 @@ pub struct WorldFiles {
     pub dir: PathBuf,
     /// Image folder (`train/*.png`, `eval/*.png`).
     pub images: PathBuf,
-    /// Text-only corpus, LLaVA JSON without images.
+    /// Text-only corpus: LLaVA JSON without images, each description the reply to an empty human turn (plain
+    /// text under the `plain` template).
     pub corpus: PathBuf,
     /// Grounded instruction data, LLaVA JSON.
     pub train: PathBuf,
@@ -103,7 +104,7 @@ impl World {
         let train = (0..cfg.train_images)
             .map(|i| {
                 let scene = world::sample_scene(&cfg.grounded, &weights, cfg.look(), &mut r);
-                let turns = world::conversation(&scene, &mut r);
+                let turns = world::conversation(&scene, cfg.yes_no, &mut r);
                 Grounded { id: format!("t{i:06}"), image: format!("train/{i:06}.png"), scene, turns }
             })
             .collect();
@@ -139,7 +140,8 @@ impl World {
     }
 
     fn write_text(&self, f: &WorldFiles) -> Result<()> {
-        let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: DESCRIBE.into(), answer: s.caption(), kind: "caption".into() }], false)})).collect();
+        // Plain text for a base language model: an empty human turn, the description as the reply.
+        let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: String::new(), answer: s.caption(), kind: "caption".into() }], false)})).collect();
         write_json(&f.corpus, &corpus)?;
         // Two conversations per image: the caption alone, and the questions (which must not see the caption).
         let train: Vec<_> = self

@@ -45,8 +45,8 @@ impl Recipe {
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
-            lm: SftSettings { steps: 300, batch: 64, lr: 2e-3, language_only: true },
-            sft: SftSettings { steps: 900, batch: 32, lr: 1e-3, language_only: false },
+            lm: SftSettings { steps: 300, batch: 64, lr: 2e-3, language_only: true, train_vision: false },
+            sft: SftSettings { steps: 800, batch: 32, lr: 1e-3, language_only: false, train_vision: false },
             bootstrap: BootstrapOptions { images: 500, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
             control: PrefSettings { chosen_only: true, ..dpo.clone() },
             dpo,
@@ -70,10 +70,34 @@ impl Recipe {
         }
     }
 
+    /// `self` with the keys of `overrides` (a JSON object, possibly partial and nested) replaced.
+    pub fn with_overrides(&self, overrides: &serde_json::Value) -> Result<Recipe> {
+        let mut base = serde_json::to_value(self).map_err(Error::invalid)?;
+        merge_json(&mut base, overrides);
+        serde_json::from_value(base).map_err(|e| Error::invalid(format!("recipe: {e}")))
+    }
+
     /// The part of the recipe (and the seed) that decides the SFT model: its cache key.
     pub fn model_hash(&self, seed: u64) -> String {
         let key = serde_json::json!({"v": RECIPE_VERSION, "world": self.world, "model": self.model, "lm": self.lm, "sft": self.sft, "seed": seed});
         format!("{:016x}", stable_hash(&[&key.to_string()]))
+    }
+}
+
+/// Replaces the values of `base` by those of `top`, recursing into objects.
+fn merge_json(base: &mut serde_json::Value, top: &serde_json::Value) {
+    match (base, top) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(t)) => {
+            for (k, v) in t {
+                match b.get_mut(k) {
+                    Some(slot) => merge_json(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, t) => *b = t.clone(),
     }
 }
 
@@ -147,7 +171,7 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     let mut scores = vec![evaluate(opts, &vlm, &files, &dir.join("eval/sft"), "evaluate SFT", stages)?];
 
     let bfiles = BootstrapFiles::at(&dir.join("bootstrap"));
-    let bstats = bootstrap(opts, seed, &vlm, &world, &files, &bfiles, stages)?;
+    let bstats = bootstrap(opts, seed, &vlm, &model, &world, &files, &bfiles, stages)?;
     drop(vlm);
 
     for (name, run) in ROWS.iter().skip(1) {
@@ -207,18 +231,19 @@ fn evaluate(opts: &DemoOptions, vlm: &Vlm, files: &WorldFiles, out: &Path, name:
 }
 
 /// Records, length matching, balancing and pair files for one seed.
-fn bootstrap(opts: &DemoOptions, seed: u64, vlm: &Vlm, world: &World, files: &WorldFiles, out: &BootstrapFiles, stages: &mut Stages) -> Result<BootstrapStats> {
+fn bootstrap(opts: &DemoOptions, seed: u64, vlm: &Vlm, model: &Path, world: &World, files: &WorldFiles, out: &BootstrapFiles, stages: &mut Stages) -> Result<BootstrapStats> {
     let bo = BootstrapOptions { seed, ..opts.recipe.bootstrap.clone() };
     let dir = out.records.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let mut records = boot::gt_records(&world.train, bo.images);
+    let records = boot::gt_records(&world.train, bo.images);
     let mut stats = BootstrapStats { records: records.len(), ..Default::default() };
-    let stage = stages.start("bootstrap: weakened images", records.len());
-    stats.weakened_answers = boot::weaken_negatives(vlm, &mut records, &files.images, &bo, |n| stage.inc(n))?;
-    stages.finish(stage, &format!("{} answers", stats.weakened_answers));
+    let stage = stages.start("bootstrap: weakened images", 0);
+    let (records, weakened) = boot::weaken_negatives(vlm, records, &files.images, &dir.join("weakened.jsonl"), &bo)?;
+    stats.weakened_answers = weakened;
+    stages.finish(stage, &format!("{weakened} answers"));
     let stage = stages.start("bootstrap: continue injection", 0);
     let (captions, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.prompt == super::world::DESCRIBE);
-    let (captions, injected) = boot::inject_negatives(vlm, captions, &dir.join("injected.jsonl"), &bo)?;
+    let (captions, injected) = boot::inject_negatives(model, captions, &dir.join("injected.jsonl"), &bo)?;
     stats.injected_answers = injected;
     stages.finish(stage, &format!("{injected} answers"));
     let records: Vec<_> = captions.into_iter().chain(rest).collect();

@@ -12,7 +12,6 @@ use super::pipeline::{DemoOptions, SeedResult, ROWS};
 use super::plot::{self, Bar, Series};
 use super::render::upscale;
 use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
-use crate::bootstrap::records::stable_hash;
 use crate::bootstrap::{CompletionType, Record};
 use crate::eval::chair::CaptionDetail;
 use crate::eval::pope::PopeDetail;
@@ -153,7 +152,7 @@ fn training_items(s: &SeedResult, files: &WorldFiles, processor: &ImageProcessor
         let Some(rel) = &r.image else { continue };
         let path = files.images.join(rel);
         let pixels = processor.load(&path, AspectMode::Pad)?;
-        let weak = crate::vision::weaken(&pixels, s_noise(s), stable_hash(&[&s.seed.to_string(), &r.id]))?;
+        let weak = crate::vision::weaken(&pixels, s_noise(s), super::bootstrap::weakened_seed(s.seed, &r.id))?;
         let mut lines = vec![("prompt".to_string(), r.prompt.clone(), String::new()), ("chosen".into(), r.completions[0].response.clone(), "good".into())];
         for c in &r.completions[1..] {
             let how = if c.kind == CompletionType::MllmHal { "weakened image" } else { "injection" };

@@ -31,8 +31,12 @@ pub struct SftSettings {
     pub steps: usize,
     pub batch: usize,
     pub lr: f64,
-    /// Train only the language model (pre-training on the text corpus).
+    /// Train only the language model, on plain text (the `plain` template: BOS, then the reply): pre-training
+    /// on the text corpus.
     pub language_only: bool,
+    /// Train the vision tower too (otherwise it stays as initialised: random features that the projector learns
+    /// to read, which is what the project's trainer does).
+    pub train_vision: bool,
 }
 
 /// Preference training settings (LoRA on every projection of the language model).
@@ -127,7 +131,10 @@ fn trainable(dir: &Path) -> Result<(Vlm, VarMap)> {
 /// Runs supervised training of `model_in` on LLaVA conversation JSON and writes the trained model folder to `out`
 /// (plus `metrics.jsonl`). `tick` gets (step, loss).
 pub fn sft(model_in: &Path, data: &Path, images: &Path, out: &Path, s: &SftSettings, seed: u64, mut tick: impl FnMut(usize, f64)) -> Result<()> {
-    let (vlm, varmap) = trainable(model_in)?;
+    let (mut vlm, varmap) = trainable(model_in)?;
+    if s.language_only {
+        vlm.template = Template::Plain;
+    }
     let text = std::fs::read_to_string(data).map_err(|e| Error::io(data, e))?;
     let convs: Vec<Conversation> = serde_json::from_str(&text).map_err(|e| Error::parse(data, None, e))?;
     let mut examples = Vec::with_capacity(convs.len());
@@ -144,7 +151,7 @@ pub fn sft(model_in: &Path, data: &Path, images: &Path, out: &Path, s: &SftSetti
     }
     let vars: Vec<Var> = {
         let data = varmap.data().lock().map_err(|_| Error::invalid("variable map poisoned"))?;
-        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| !s.language_only || n.starts_with("language_model")).collect();
+        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| if s.language_only { n.starts_with("language_model") } else { s.train_vision || !n.starts_with("vision_tower") }).collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
         named.into_iter().map(|(_, v)| v.clone()).collect()
     };

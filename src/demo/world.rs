@@ -147,6 +147,8 @@ pub struct WorldConfig {
     pub eval_images: usize,
     /// POPE questions per image and polarity (the official benchmark uses 3 yes + 3 no).
     pub pope_per_image: usize,
+    /// Yes and no questions per training image (each).
+    pub yes_no: usize,
 }
 
 impl WorldConfig {
@@ -162,10 +164,11 @@ impl WorldConfig {
             corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.95 },
             grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.1 },
             eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1 },
-            corpus_scenes: 20_000,
-            train_images: 6_000,
+            corpus_scenes: 10_000,
+            train_images: 4_000,
             eval_images: 150,
             pope_per_image: 3,
+            yes_no: 2,
         }
     }
 
@@ -248,21 +251,21 @@ fn turn(kind: &str, question: String, answer: String) -> Turn {
     Turn { question, answer, kind: kind.to_string() }
 }
 
-/// The grounded exchanges about a scene: its caption first, then one yes and one no question (balanced; the
-/// absent kind drawn uniformly, as in instruction data, not adversarially) in random order, then one colour,
-/// count or position question. The instruction data puts the caption in a conversation of its own (see
+/// The grounded exchanges about a scene: its caption first, then `yes_no` yes and as many no questions
+/// (balanced; absent kinds drawn uniformly, as in instruction data, not adversarially) in random order, then one
+/// colour, count or position question. The instruction data puts the caption in a conversation of its own (see
 /// [`super::data`]): if the questions could read the caption from the context, they would not need the image.
-pub fn conversation(scene: &Scene, rng: &mut StdRng) -> Vec<Turn> {
+pub fn conversation(scene: &Scene, yes_no: usize, rng: &mut StdRng) -> Vec<Turn> {
     let mut turns = vec![turn("caption", DESCRIBE.into(), scene.caption())];
+    let present: Vec<usize> = scene.kinds();
+    let absent: Vec<usize> = (0..KINDS.len()).filter(|&k| !scene.has(k)).collect();
+    let n = yes_no.min(present.len()).min(absent.len());
+    let mut asked: Vec<Turn> = present.choose_multiple(rng, n).map(|&k| turn("yes", exists_question(k), "yes".into())).collect();
+    asked.extend(absent.choose_multiple(rng, n).map(|&k| turn("no", exists_question(k), "no".into())));
+    asked.shuffle(rng);
+    turns.extend(asked);
+    // Last: "where is the circle ?" tells that there is a circle.
     if let Some(o) = scene.objects.choose(rng) {
-        let mut yes_no = vec![turn("yes", exists_question(o.kind), "yes".into())];
-        let absent: Vec<usize> = (0..KINDS.len()).filter(|&k| !scene.has(k)).collect();
-        if let Some(&k) = absent.choose(rng) {
-            yes_no.push(turn("no", exists_question(k), "no".into()));
-        }
-        yes_no.shuffle(rng);
-        turns.extend(yes_no);
-        // Last: "where is the circle ?" tells that there is a circle.
         turns.push(attribute_turn(scene, o, rng));
     }
     turns
@@ -375,7 +378,7 @@ mod tests {
         for s in scenes(&cfg.grounded, 100, 3) {
             let parsed = parse_caption(&s.caption());
             assert_eq!(parsed, s.objects.iter().map(|o| (Some(o.colour), o.kind)).collect::<Vec<_>>());
-            for t in conversation(&s, &mut r) {
+            for t in conversation(&s, 2, &mut r) {
                 for w in t.question.split_whitespace().chain(t.answer.split_whitespace()) {
                     assert!(vocab.iter().any(|v| v == w), "{w:?} not in the vocabulary");
                 }
@@ -389,7 +392,7 @@ mod tests {
         let mut r = rng(4, 2);
         let (mut yes, mut no) = (0, 0);
         for s in scenes(&cfg.grounded, 300, 4) {
-            for t in conversation(&s, &mut r) {
+            for t in conversation(&s, 2, &mut r) {
                 yes += usize::from(t.kind == "yes");
                 no += usize::from(t.kind == "no");
                 if t.kind == "no" {
@@ -399,6 +402,6 @@ mod tests {
             }
         }
         assert_eq!(yes, no);
-        assert!(yes > 250);
+        assert!(yes > 400);
     }
 }

@@ -104,7 +104,7 @@ impl World {
         let train = (0..cfg.train_images)
             .map(|i| {
                 let scene = world::sample_scene(&cfg.grounded, &weights, cfg.look(), &mut r);
-                let turns = world::conversation(&scene, cfg.yes_no, &mut r);
+                let turns = world::conversation(&scene, cfg.yes_no, &weights, &mut r);
                 Grounded { id: format!("t{i:06}"), image: format!("train/{i:06}.png"), scene, turns }
             })
             .collect();

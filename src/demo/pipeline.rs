@@ -41,7 +41,7 @@ pub struct Recipe {
 
 impl Recipe {
     pub fn standard() -> Self {
-        let dpo = PrefSettings { steps: 150, batch: 16, lr: 5e-4, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 0.0, chosen_only: false };
+        let dpo = PrefSettings { steps: 150, batch: 16, lr: 5e-4, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, chosen_only: false };
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),

@@ -166,7 +166,7 @@ impl WorldConfig {
             eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1 },
             corpus_scenes: 10_000,
             train_images: 4_000,
-            eval_images: 150,
+            eval_images: 300,
             pope_per_image: 3,
             yes_no: 2,
         }
@@ -252,16 +252,22 @@ fn turn(kind: &str, question: String, answer: String) -> Turn {
 }
 
 /// The grounded exchanges about a scene: its caption first, then `yes_no` yes and as many no questions
-/// (balanced; absent kinds drawn uniformly, as in instruction data, not adversarially) in random order, then one
+/// (balanced; absent kinds drawn by popularity `weights`, not adversarially) in random order, then one
 /// colour, count or position question. The instruction data puts the caption in a conversation of its own (see
 /// [`super::data`]): if the questions could read the caption from the context, they would not need the image.
-pub fn conversation(scene: &Scene, yes_no: usize, rng: &mut StdRng) -> Vec<Turn> {
+pub fn conversation(scene: &Scene, yes_no: usize, weights: &[f64], rng: &mut StdRng) -> Vec<Turn> {
     let mut turns = vec![turn("caption", DESCRIBE.into(), scene.caption())];
     let present: Vec<usize> = scene.kinds();
-    let absent: Vec<usize> = (0..KINDS.len()).filter(|&k| !scene.has(k)).collect();
-    let n = yes_no.min(present.len()).min(absent.len());
+    let n = yes_no.min(present.len()).min(KINDS.len() - present.len());
     let mut asked: Vec<Turn> = present.choose_multiple(rng, n).map(|&k| turn("yes", exists_question(k), "yes".into())).collect();
-    asked.extend(absent.choose_multiple(rng, n).map(|&k| turn("no", exists_question(k), "no".into())));
+    // Absent kinds are drawn by popularity, like present ones: otherwise the kind alone would tell the answer
+    // (popular kinds mostly "yes", rare ones mostly "no") and the model would not need to look.
+    let mut taken = present.clone();
+    for _ in 0..n {
+        let k = weighted_pick(weights, &taken, rng);
+        taken.push(k);
+        asked.push(turn("no", exists_question(k), "no".into()));
+    }
     asked.shuffle(rng);
     turns.extend(asked);
     // Last: "where is the circle ?" tells that there is a circle.
@@ -378,7 +384,7 @@ mod tests {
         for s in scenes(&cfg.grounded, 100, 3) {
             let parsed = parse_caption(&s.caption());
             assert_eq!(parsed, s.objects.iter().map(|o| (Some(o.colour), o.kind)).collect::<Vec<_>>());
-            for t in conversation(&s, 2, &mut r) {
+            for t in conversation(&s, 2, &cfg.weights(), &mut r) {
                 for w in t.question.split_whitespace().chain(t.answer.split_whitespace()) {
                     assert!(vocab.iter().any(|v| v == w), "{w:?} not in the vocabulary");
                 }
@@ -392,7 +398,7 @@ mod tests {
         let mut r = rng(4, 2);
         let (mut yes, mut no) = (0, 0);
         for s in scenes(&cfg.grounded, 300, 4) {
-            for t in conversation(&s, 2, &mut r) {
+            for t in conversation(&s, 2, &cfg.weights(), &mut r) {
                 yes += usize::from(t.kind == "yes");
                 no += usize::from(t.kind == "no");
                 if t.kind == "no" {
@@ -403,5 +409,22 @@ mod tests {
         }
         assert_eq!(yes, no);
         assert!(yes > 400);
+    }
+
+    #[test]
+    fn the_asked_kind_does_not_tell_the_answer() {
+        let cfg = WorldConfig::standard();
+        let mut r = rng(6, 2);
+        let mut counts = vec![(0usize, 0usize); KINDS.len()];
+        for s in scenes(&cfg.grounded, 4000, 6) {
+            for t in conversation(&s, 2, &cfg.weights(), &mut r).iter().filter(|t| t.kind == "yes" || t.kind == "no") {
+                let k = KINDS.iter().position(|k| t.question.contains(&format!(" {k} "))).unwrap();
+                if t.kind == "yes" { counts[k].0 += 1 } else { counts[k].1 += 1 }
+            }
+        }
+        for (k, (y, n)) in counts.iter().enumerate() {
+            let share = *y as f64 / (y + n) as f64;
+            assert!((0.3..0.7).contains(&share), "{}: {y} yes, {n} no", KINDS[k]);
+        }
     }
 }

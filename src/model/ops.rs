@@ -6,8 +6,11 @@
 //! only: candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra
 //! matmul and a weight-sized buffer per layer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+use rand::{Rng, SeedableRng};
 
 /// True when a gradient must flow through an op touching any of `ts`.
 fn tracks(ts: &[&Tensor]) -> bool {
@@ -61,15 +64,31 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     Tensor::cat(&[r1, r2], D::Minus1)
 }
 
+/// Inverted dropout with a mask drawn from `seed`: each element is zeroed with probability `p`, the rest scaled by
+/// `1 / (1 - p)`. Deterministic in `seed`, unlike `candle_nn::ops::dropout`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability {p} is not in [0, 1)");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+}
+
 /// `x @ w^T` for a weight that never trains: the backward pass yields `grad @ w` for `x` and nothing for `w`.
 /// `w`: (out, in), contiguous; `x`: (..., in).
 pub struct FrozenMatmul {
     w: Tensor,
 }
 
+/// Benchmark switch: when set, frozen weights go through candle's plain matmul, whose backward also computes the
+/// (discarded) weight gradient. Only `bpo bench train --plain-backward` sets it, to measure what [`FrozenMatmul`] saves.
+pub static PLAIN_FROZEN_MATMUL: AtomicBool = AtomicBool::new(false);
+
 /// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || !w.is_contiguous() {
+    if !x.device().is_cpu() || !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
         return x.broadcast_matmul(&w.t()?);
     }
     x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
@@ -170,6 +189,19 @@ mod tests {
     fn frozen_matmul_gradient_matches_finite_differences() {
         let w = Tensor::from_slice(&data(15), (5, 3), &Device::Cpu).unwrap();
         check_grad(&data(12), &[2, 2, 3], |x| frozen_linear(x, &w));
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() {
+        let x = Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap();
+        let a: Vec<f32> = dropout(&x, 0.25, 7).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = dropout(&x, 0.25, 7).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let c: Vec<f32> = dropout(&x, 0.25, 8).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let zeros = a.iter().filter(|&&v| v == 0.0).count() as f32 / a.len() as f32;
+        assert!((zeros - 0.25).abs() < 0.05, "dropped fraction {zeros}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
     }
 
     #[test]

@@ -5,3 +5,4 @@ mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a l
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
 mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
+mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`

@@ -6,10 +6,14 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 mod generate;
+mod merge;
 mod pairs;
 mod score;
+mod sft;
+mod train;
 
 mod distort;
 
@@ -40,6 +44,15 @@ enum Command {
     /// (VCD's schedule, T = 1000: step 0 is almost clean, BPO's release uses 900, VCD and POVID 500), then
     /// de-normalised for viewing. Use it to judge how much an image-weakened negative still shows.
     Distort(distort::Args),
+    /// Train with DPO on preference pairs (LoRA on the language model, the projector trainable).
+    Train(train::Args),
+    /// Supervised training on LLaVA conversations (cross-entropy on the assistant turns), LoRA or full.
+    Sft(sft::Args),
+    /// Fold a LoRA adapter (a training run folder) into its base model: a plain model folder.
+    Merge(merge::Args),
+    /// Benchmarks on random-weight models of the reference sizes.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -49,6 +62,10 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Pairs(args) => pairs::run(args),
         Command::Distort(args) => distort::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Sft(args) => sft::run(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 
@@ -75,6 +92,10 @@ pub struct ModelArgs {
     /// How a non-square image becomes square: `pad` (LLaVA-1.5's training setting) or `square` (stretch by the crop).
     #[arg(long, value_enum, default_value = "pad")]
     pub aspect: bpo::vision::AspectMode,
+    /// Apply this LoRA adapter without merging: a `bpo train` / `bpo sft` run folder or any PEFT adapter folder
+    /// (adapter_config.json + adapter_model.safetensors; its projector copy, if saved, replaces the model's).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -87,6 +108,9 @@ impl ModelArgs {
         let opts = bpo::model::LoadOptions { dtype, ..Default::default() };
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
+        if let Some(dir) = &self.adapter {
+            bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
+        }
         Ok(vlm)
     }
 }

@@ -1,10 +1,11 @@
 //! Tensor ops with a real backward pass.
 //!
 //! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no backward: gradients through
-//! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference) and a
-//! differentiable composition otherwise. [`FrozenMatmul`] is a linear layer whose backward returns the input gradient
-//! only: candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra
-//! matmul and a weight-sized buffer per layer.
+//! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference), and when
+//! one does, the kernels of [`super::fused`] (f32 on the CPU: one graph node with an analytic backward) or else a
+//! differentiable composition. [`FrozenMatmul`] is a linear layer whose backward returns the input gradient only:
+//! candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra matmul
+//! and a weight-sized buffer per layer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,9 +13,16 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 use rand::{Rng, SeedableRng};
 
+use super::fused;
+
 /// True when a gradient must flow through an op touching any of `ts`.
 fn tracks(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
+}
+
+/// True when the fused f32 CPU kernels apply to all of `ts`.
+fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 /// Softmax over the last dimension.
@@ -22,16 +30,31 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     if !tracks(&[x]) {
         return candle_nn::ops::softmax_last_dim(x);
     }
+    if fusable(&[x]) {
+        return x.contiguous()?.apply_op1(fused::Softmax);
+    }
     // Softmax is shift-invariant, so the max needs no gradient.
     let x = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let e = x.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// Attention probabilities `softmax(scores * scale + mask)` in f32. `scores`: (b, heads, t, k); `mask`: additive,
+/// (b, 1, t, k), the same for every head.
+pub fn attention_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if fusable(&[scores, mask]) {
+        return scores.contiguous()?.apply_op2(&mask.contiguous()?, fused::AttnSoftmax { scale: scale as f32 });
+    }
+    softmax(&(scores * scale)?.broadcast_add(mask)?.to_dtype(DType::F32)?)
+}
+
 /// Llama RMSNorm, computed in f32 like transformers: `w * (x / sqrt(mean(x^2) + eps))`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if !tracks(&[x, w]) {
         return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    if fusable(&[x, w]) {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
@@ -56,12 +79,28 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     if !tracks(&[x]) {
         return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
     }
+    if fusable(&[x, cos, sin]) && cos.rank() == 3 {
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope { inverse: false });
+    }
     let half = x.dim(D::Minus1)? / 2;
     let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
     let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
     let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
     Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+/// Benchmark switch: when set, frozen weights go through candle's plain matmul, whose backward also computes the
+/// (discarded) weight gradient. Only `bpo bench train --compare-plain-backward` sets it, to measure what
+/// [`FrozenMatmul`] saves.
+pub static PLAIN_FROZEN_MATMUL: AtomicBool = AtomicBool::new(false);
+
+/// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
 /// Inverted dropout with a mask drawn from `seed`: each element is zeroed with probability `p`, the rest scaled by
@@ -80,18 +119,6 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
 /// `w`: (out, in), contiguous; `x`: (..., in).
 pub struct FrozenMatmul {
     w: Tensor,
-}
-
-/// Benchmark switch: when set, frozen weights go through candle's plain matmul, whose backward also computes the
-/// (discarded) weight gradient. Only `bpo bench train --plain-backward` sets it, to measure what [`FrozenMatmul`] saves.
-pub static PLAIN_FROZEN_MATMUL: AtomicBool = AtomicBool::new(false);
-
-/// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
-        return x.broadcast_matmul(&w.t()?);
-    }
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -183,6 +210,23 @@ mod tests {
         let cos = Tensor::from_slice(&[0.9f32, 0.3, -0.5, 0.7, 0.1, 1.0], (1, 3, 2), &Device::Cpu).unwrap();
         let sin = Tensor::from_slice(&[0.4f32, -0.9, 0.8, 0.7, -1.0, 0.0], (1, 3, 2), &Device::Cpu).unwrap();
         check_grad(&data(24), &[1, 2, 3, 4], |x| rope(x, &cos, &sin));
+    }
+
+    #[test]
+    fn attention_softmax_gradient_matches_finite_differences() {
+        // Row 1 of the mask hides key 2, as a causal mask would.
+        let mask = Tensor::from_slice(&[0f32, 0.0, 0.0, 0.0, 0.0, f32::MIN], (1, 1, 2, 3), &Device::Cpu).unwrap();
+        check_grad(&data(12), &[1, 2, 2, 3], |x| attention_softmax(x, &mask, 0.7));
+        let x = Tensor::from_slice(&data(12), (1, 2, 2, 3), &Device::Cpu).unwrap();
+        let composed = softmax(&(&x * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+        let d = (attention_softmax(&x, &mask, 0.7).unwrap() - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn rms_norm_weight_gradient_matches_finite_differences() {
+        let x = Tensor::from_slice(&data(8), (2, 4), &Device::Cpu).unwrap();
+        check_grad(&[0.5, 1.5, 0.8, 1.2], &[4], |w| rms_norm(&x, w, 1e-5));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! computed once before training.
 //!
 //! Per micro-batch of B pairs: each distinct image goes through the frozen tower once (cached), the projector
-//! once; chosen and rejected rows (2B) share those features. The policy forward builds the graph; the reference
-//! forward tracks nothing (adapters off, frozen weights, detached features), so it runs the fused inference kernels.
+//! once, each prompt through the language model once, and the chosen and rejected answers continue from it
+//! ([`super::batch`]). The policy forward builds the graph; the reference forward tracks nothing (adapters off,
+//! frozen weights, detached features), so it runs the fused inference kernels.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -14,7 +15,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::data::{collate, read_preference_file, tokenize_pairs, DataReport, PairExample, Rows};
+use super::batch::PairBatch;
+use super::data::{read_preference_file, tokenize_pairs, DataReport, PairExample};
 use super::features::FeatureCache;
 use super::loss::{dpo_loss, DpoLoss, PairLogps};
 use super::optim::AdamW;
@@ -24,8 +26,7 @@ use crate::bootstrap::PairOptions;
 use crate::generate::Vlm;
 use crate::model::linear::DropoutSeed;
 use crate::model::llava::Projector;
-use crate::model::{Inputs, Model, Pass};
-use crate::score::response_logprobs;
+use crate::model::{Model, Pass};
 use crate::{bail, Error, Result};
 
 /// Where reference log-probs come from.
@@ -51,80 +52,23 @@ pub struct Dpo {
     dropout: Option<Arc<DropoutSeed>>,
 }
 
-/// Policy log-prob sums of rows (b,) and their label counts, given image embeddings in row order.
-fn row_logps(model: &Model, rows: &Rows, image_embeds: Option<&Tensor>, pass: Pass) -> Result<(Tensor, Tensor)> {
-    let inputs = Inputs { ids: &rows.ids, mask: &rows.mask, images: None };
-    let hidden = model.forward_hidden(&inputs, image_embeds, None, pass)?;
-    response_logprobs(&model.llm, &hidden, &rows.labels, pass)
-}
-
-/// One batch laid out for the forward passes: rows `[chosen..., rejected...]`, distinct image features, and for
-/// each row that has an image (in row order) the index of its features.
-struct Layout {
-    rows: Rows,
-    features: Option<Tensor>,
-    image_index: Option<Tensor>,
-}
-
 impl Dpo {
     pub fn new(mut vlm: Vlm, examples: Vec<PairExample>, reference: Reference, loss: DpoLoss, cache_mb: usize) -> Self {
         let dropout = vlm.model.llm.linears_mut().into_iter().find_map(|(_, l)| l.lora.as_ref().map(|l| l.seed.clone()));
         Dpo { vlm, examples, reference, loss, features: FeatureCache::new(cache_mb), dropout }
     }
 
-    fn layout(&mut self, batch: &[usize]) -> Result<Layout> {
+    fn batch(&mut self, batch: &[usize]) -> Result<PairBatch> {
         let exs: Vec<&PairExample> = batch.iter().map(|&i| &self.examples[i]).collect();
-        let mut distinct: Vec<&Path> = Vec::new();
-        let mut index = Vec::new();
-        for e in &exs {
-            let Some(img) = e.image.as_deref() else { continue };
-            let at = distinct.iter().position(|p| *p == img).unwrap_or_else(|| {
-                distinct.push(img);
-                distinct.len() - 1
-            });
-            index.push(at as u32);
-        }
-        // Rejected rows follow the chosen rows and use the same images.
-        index.extend_from_within(..);
-        let seqs: Vec<(Vec<u32>, Vec<bool>)> = [0, 1]
-            .iter()
-            .flat_map(|&side| exs.iter().map(move |e| (e, side)))
-            .map(|(e, side)| {
-                let answer = if side == 0 { &e.chosen } else { &e.rejected };
-                let ids: Vec<u32> = e.prompt.iter().chain(answer).copied().collect();
-                let target = std::iter::repeat_n(false, e.prompt.len()).chain(std::iter::repeat_n(true, answer.len())).collect();
-                (ids, target)
-            })
-            .collect();
-        let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(i, t)| (&i[..], &t[..])).collect();
-        let device = self.vlm.model.device.clone();
-        let rows = collate(&refs, self.vlm.tok.pad, &device)?;
-        let features = if distinct.is_empty() { None } else { Some(self.features.features(&self.vlm, &distinct)?) };
-        let n = index.len();
-        let image_index = if n == 0 { None } else { Some(Tensor::from_vec(index, n, &device)?) };
-        Ok(Layout { rows, features, image_index })
-    }
-
-    /// Image embeddings per row for `projector` (None = the model's own), features shared by chosen and rejected.
-    fn embeds(model: &Model, projector: Option<&Projector>, l: &Layout, pass: Pass) -> Result<Option<Tensor>> {
-        let (Some(f), Some(idx)) = (&l.features, &l.image_index) else { return Ok(None) };
-        let projected = match projector {
-            Some(p) => p.forward(f, pass)?,
-            None => model.project(f, pass)?,
-        };
-        Ok(Some(projected.index_select(idx, 0)?))
+        PairBatch::new(&self.vlm, &exs, &mut self.features)
     }
 
     /// Reference (chosen, rejected) log-prob sums of `batch`.
-    fn reference_logps(&self, batch: &[usize], l: &Layout) -> Result<(Tensor, Tensor)> {
+    fn reference_logps(&self, batch: &[usize], pb: &PairBatch) -> Result<(Tensor, Tensor)> {
         let b = batch.len();
         let sums = match &self.reference {
-            Reference::AdaptersOff { projector } => {
-                let model = &self.vlm.model;
-                let embeds = Self::embeds(model, projector.as_ref(), l, Pass::BASE)?.map(|e| e.detach());
-                row_logps(model, &l.rows, embeds.as_ref(), Pass::BASE)?.0
-            }
-            Reference::Frozen(model) => row_logps(model, &l.rows, Self::embeds(model, None, l, Pass::BASE)?.as_ref(), Pass::BASE)?.0,
+            Reference::AdaptersOff { projector } => pb.logps(&self.vlm.model, projector.as_ref(), true, Pass::BASE)?.0,
+            Reference::Frozen(model) => pb.logps(model, None, true, Pass::BASE)?.0,
             Reference::StartingPolicy => bail!("the starting-policy reference must be precomputed"),
             Reference::Precomputed(v) => {
                 let (c, r): (Vec<f32>, Vec<f32>) = batch.iter().map(|&i| v[i]).unzip();
@@ -137,11 +81,9 @@ impl Dpo {
 
     /// Policy and reference log-probs of `batch`; `train` builds the graph with dropout on.
     fn forward(&mut self, batch: &[usize], train: bool) -> Result<(PairLogps, usize)> {
-        let l = self.layout(batch)?;
-        let pass = Pass { adapters: true, train };
-        let model = &self.vlm.model;
-        let (sums, counts) = row_logps(model, &l.rows, Self::embeds(model, None, &l, pass)?.as_ref(), pass)?;
-        let (ref_chosen, ref_rejected) = self.reference_logps(batch, &l)?;
+        let pb = self.batch(batch)?;
+        let (sums, counts) = pb.logps(&self.vlm.model, None, false, Pass { adapters: true, train })?;
+        let (ref_chosen, ref_rejected) = self.reference_logps(batch, &pb)?;
         let b = batch.len();
         let lp = PairLogps {
             chosen: sums.narrow(0, 0, b)?,
@@ -151,7 +93,7 @@ impl Dpo {
             chosen_tokens: counts.narrow(0, 0, b)?,
             rejected_tokens: counts.narrow(0, b, b)?,
         };
-        Ok((lp, l.rows.tokens))
+        Ok((lp, pb.tokens))
     }
 
     /// Loss and metrics of `batch` without training (dropout off, no gradients kept).
@@ -165,14 +107,13 @@ impl Dpo {
         let mut out = Vec::with_capacity(self.examples.len());
         let all: Vec<usize> = (0..self.examples.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
-            let l = self.layout(chunk)?;
+            let pb = self.batch(chunk)?;
             let (c, r) = match &self.reference {
                 Reference::StartingPolicy => {
-                    let model = &self.vlm.model;
-                    let sums = row_logps(model, &l.rows, Self::embeds(model, None, &l, Pass::INFER)?.as_ref(), Pass::INFER)?.0;
+                    let sums = pb.logps(&self.vlm.model, None, true, Pass::INFER)?.0;
                     (sums.narrow(0, 0, chunk.len())?, sums.narrow(0, chunk.len(), chunk.len())?)
                 }
-                _ => self.reference_logps(chunk, &l)?,
+                _ => self.reference_logps(chunk, &pb)?,
             };
             out.extend(c.to_vec1::<f32>()?.into_iter().zip(r.to_vec1::<f32>()?));
             progress(chunk.len());

@@ -78,10 +78,13 @@ pub struct DpoOutput {
     pub rejected_rewards: Tensor,
 }
 
-/// `log sigmoid(x)`, stable for large |x|: `-(relu(-x) + log(1 + exp(-|x|)))`.
+/// `log sigmoid(x) = -log(exp(0) + exp(-x))`, shifted by the detached `m = max(0, -x)` like a log-sum-exp: stable
+/// for any |x|, and its gradient is exactly `sigmoid(-x)` everywhere. (The textbook `-(relu(-x) + log1p(exp(-|x|)))`
+/// has kinks whose subgradients candle picks inconsistently at x = 0, i.e. exactly when policy = reference.)
 fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    (x.neg()?.relu()? + soft)?.neg()
+    let m = x.neg()?.relu()?.detach();
+    let sum = (m.neg()?.exp()? + (x.neg()? - &m)?.exp()?)?;
+    (sum.log()? + m)?.neg()
 }
 
 /// The loss of [`DpoLoss`] for `lp`. Pure: no model, no state.
@@ -175,6 +178,16 @@ mod tests {
         let plain = scalar(&dpo_loss(&lp, &DpoLoss::default()).unwrap().loss);
         // NLL per chosen token: (2 + 7) / (4 + 2).
         assert!((scalar(&out.loss) - plain - 0.5 * 9.0 / 6.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn gradient_at_zero_margin_is_half_beta() {
+        // At policy = reference, d loss / d chosen = -beta * sigmoid(0) / pairs.
+        let pc = Var::from_tensor(&t(&[-3.0, -7.5])).unwrap();
+        let lp = PairLogps { chosen: pc.as_tensor().clone(), ..logps(&[-3.0, -7.5], &[-4.0, -1.25], &[-3.0, -7.5], &[-4.0, -1.25]) };
+        let out = dpo_loss(&lp, &DpoLoss::default()).unwrap();
+        let g: Vec<f32> = out.loss.backward().unwrap().get(pc.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(g, [-0.025, -0.025]);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod batch;
 pub mod checkpoint;
 pub mod data;
 pub mod dpo;

@@ -321,6 +321,8 @@ fn cli_train_then_score_and_generate_with_the_adapter_then_merge() {
     let o = bpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(run_dir.join("checkpoint-2/optimizer.safetensors").is_file());
+    let help = String::from_utf8_lossy(&bpo(&["train", "--help"]).stdout).into_owned();
+    assert!(help.contains("frozen copy") && help.contains("--drifting-ref-projector"), "{help}");
     // Same folder again without --resume is refused; with --resume it has nothing left to do.
     fails_with(&args, &["--resume"]);
     let mut again = args.to_vec();
@@ -402,4 +404,60 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
             assert!(out.join("adapter_model.safetensors").is_file());
         }
     }
+}
+
+#[test]
+fn ctrl_c_finishes_the_step_and_saves_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = overfit_pairs(tmp.path());
+    let run_dir = tmp.path().join("run");
+    let model = fixture("llava-tiny");
+    let images = fixture("images");
+    let args = ["train", "--model", s(&model), "--data", s(&pairs), "--images", s(&images), "--out", s(&run_dir), "--lora-rank", "2", "--lora-alpha", "4", "--epochs", "500", "--batch-size", "16"];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait for the first logged step (the run is far from done then), then interrupt.
+    let metrics = run_dir.join("metrics.jsonl");
+    for _ in 0..600 {
+        if std::fs::read_to_string(&metrics).is_ok_and(|m| !m.is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let (step, dir) = bpo::train::checkpoint::latest_checkpoint(&run_dir).unwrap().expect("a checkpoint was written");
+    assert!(step >= 1 && step < 500 && dir.join("optimizer.safetensors").is_file());
+    let logged = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert_eq!(logged, step, "every finished step is logged and saved");
+    assert!(!run_dir.join("adapter_model.safetensors").exists(), "no final adapter for an interrupted run");
+}
+
+#[test]
+fn precomputed_reference_gives_the_same_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(overfit_pairs(tmp.path()));
+    cfg.setup = ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, ..cfg.setup };
+    cfg.optim = LoopConfig { epochs: 2, batch_size: 8, ..cfg.optim };
+    let curves: Vec<Vec<f64>> = [false, true]
+        .iter()
+        .map(|&pre| {
+            let mut rec = Record::default();
+            run(&DpoConfig { precompute_ref: pre, ..cfg.clone() }, &tmp.path().join(format!("run-{pre}")), false, &mut rec);
+            rec.logs.iter().map(|l| l.get("loss").unwrap()).collect()
+        })
+        .collect();
+    assert_eq!(curves[0].len(), 4);
+    for (a, b) in curves[0].iter().zip(&curves[1]) {
+        assert!((a - b).abs() < 1e-5, "{:?} vs {:?}", curves[0], curves[1]);
+    }
+    assert!(tmp.path().join("run-true/ref_logps.jsonl").is_file());
+    // The released code's drifting reference: identical at step 1, different once the projector has moved.
+    let mut rec = Record::default();
+    run(&DpoConfig { drifting_ref_projector: true, ..cfg.clone() }, &tmp.path().join("run-drift"), false, &mut rec);
+    let drift: Vec<f64> = rec.logs.iter().map(|l| l.get("loss").unwrap()).collect();
+    assert!((drift[0] - curves[0][0]).abs() < 1e-6 && (drift[3] - curves[0][3]).abs() > 1e-6, "{drift:?} vs {:?}", curves[0]);
 }

@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-/// Merge a LoRA adapter into its base model: every adapted linear becomes W + (alpha / r) B A and the adapter's
-/// projector (if it saved one) replaces the base projector. The output is a model folder in llava-hf layout
-/// (config, tokenizer and image-processor files copied) that bpo and transformers load without peft.
+/// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
 pub struct Args {
     /// Base model folder the adapter was trained on.

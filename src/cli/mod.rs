@@ -45,10 +45,29 @@ enum Command {
     /// de-normalised for viewing. Use it to judge how much an image-weakened negative still shows.
     Distort(distort::Args),
     /// Train with DPO on preference pairs (LoRA on the language model, the projector trainable).
+    ///
+    /// Chosen = ground truth, rejected = bootstrapped negative. The policy is the model with LoRA adapters on the
+    /// language model (and the projector trained fully); the reference is the same weights with the adapters off
+    /// and a frozen copy of the starting projector (BPO's released code let the reference's projector drift with
+    /// training: --drifting-ref-projector reproduces that). With --init-adapter the reference is the starting
+    /// policy, as in TRL, computed once before training. Defaults are the paper's recipe.
+    ///
+    /// The run folder gets a PEFT adapter (adapter_config.json, adapter_model.safetensors, loadable by peft),
+    /// projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and checkpoint-N folders.
+    /// Ctrl-C finishes the current step, saves a checkpoint and exits; --resume continues exactly where it stopped.
     Train(train::Args),
     /// Supervised training on LLaVA conversations (cross-entropy on the assistant turns), LoRA or full.
+    ///
+    /// Data: LLaVA instruct JSON (an array or one sample per line) of {id, image?, conversations: [{from:
+    /// human|gpt, value}]}; only the assistant turns carry labels (questions, system text and image positions do
+    /// not). LoRA by default (the run folder is then a PEFT adapter); --full trains every language-model weight and
+    /// the projector and writes a model folder that --model accepts. Ctrl-C and --resume work as in `bpo train`.
     Sft(sft::Args),
     /// Fold a LoRA adapter (a training run folder) into its base model: a plain model folder.
+    ///
+    /// Every adapted linear becomes W + (alpha / r) B A and the adapter's projector (if it saved one) replaces the
+    /// base projector. The output is a model folder in llava-hf layout (config, tokenizer and image-processor files
+    /// copied) that bpo and transformers load without peft.
     Merge(merge::Args),
     /// Benchmarks on random-weight models of the reference sizes.
     #[command(subcommand)]

@@ -8,10 +8,7 @@ use bpo::train::SftConfig;
 use super::train::{catch_sigint, finish, Bar, CommonArgs, STOP};
 use super::ModelArgs;
 
-/// Supervised fine-tuning: cross-entropy on the assistant turns of LLaVA instruct data (a JSON array or JSONL of
-/// `{id, image?, conversations: [{from: human|gpt, value}]}`); questions, system text and image positions carry
-/// no label. LoRA by default (the run folder is then a PEFT adapter); --full trains every language-model weight
-/// and the projector and writes a model folder that --model accepts. Ctrl-C and --resume work as in `bpo train`.
+/// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]

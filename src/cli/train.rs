@@ -12,16 +12,7 @@ use bpo::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind, TrainReport};
 
 use super::{progress, Dtype, ModelArgs};
 
-/// Train a LLaVA-1.5 (or Llama) model with DPO: chosen = ground truth, rejected = bootstrapped negative.
-///
-/// The policy is the model with LoRA adapters on the language model (and the projector trained fully); the
-/// reference is the same weights with the adapters off and a frozen copy of the starting projector (BPO's
-/// released code let the reference's projector drift with training: --drifting-ref-projector reproduces that).
-/// With --init-adapter the reference is the starting policy, as in TRL, computed once before training.
-/// Defaults are the paper's recipe. The run folder gets a PEFT adapter (adapter_config.json,
-/// adapter_model.safetensors), projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and
-/// checkpoint-N folders. Ctrl-C finishes the current step, saves a checkpoint and exits; --resume continues
-/// exactly where it stopped.
+/// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]

@@ -114,3 +114,43 @@ pub fn conversation_ids(tok: &Tokenizer, template: Template, style: PromptStyle,
     }
     Ok((ids, target))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> Tokenizer {
+        Tokenizer::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer"), &[]).unwrap()
+    }
+
+    #[test]
+    fn conversations_label_only_the_answers() {
+        let tok = tok();
+        let turns = [("What is it?".to_string(), "a cat".to_string()), ("Colour?".to_string(), "red".to_string())];
+        let (ids, target) = conversation_ids(&tok, Template::LlavaHf, PromptStyle::Llava, &turns, Some((1022, 3))).unwrap();
+        let answers: Vec<u32> = ids.iter().zip(&target).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+        let mut want = tok.encode("a cat").unwrap();
+        want.push(2);
+        want.extend(tok.encode("red").unwrap());
+        want.push(2);
+        assert_eq!(answers, want, "answers with EOS are the only targets");
+        assert_eq!(ids[0], 1, "BOS first");
+        assert_eq!(ids.iter().filter(|&&i| i == 1022).count(), 3, "the image only in the first turn");
+        assert!(!target[..ids.iter().position(|&i| i == 1022).unwrap() + 3].iter().any(|&t| t));
+        let second_q = tok.encode("USER: Colour? ASSISTANT:").unwrap();
+        assert!(ids.windows(second_q.len()).any(|w| w == second_q), "later turns follow render_next");
+    }
+
+    #[test]
+    fn trl_style_encodes_the_prompt_in_one_call() {
+        let tok = tok();
+        let text = Template::LlavaHf.render("Hi", true);
+        let llava = prompt_ids(&tok, &text, PromptStyle::Llava, Some((1022, 2))).unwrap();
+        let trl = prompt_ids(&tok, &text, PromptStyle::Trl, Some((1022, 2))).unwrap();
+        assert_eq!(llava[0], 1);
+        assert_ne!(trl[0], 1, "no BOS in the TRL style");
+        // LLaVA's chunked encoding puts a "▁" after the image block; one-call encoding does not.
+        assert_eq!(llava.len(), trl.len() + 2);
+        assert_eq!(response_ids(&tok, "a cat", PromptStyle::Trl).unwrap(), tok.encode(" a cat ").unwrap());
+    }
+}

@@ -35,7 +35,8 @@ pub struct PairBatch {
     /// Distinct images' tower features, and for each prompt with an image (in order) its index there.
     features: Option<Tensor>,
     image_index: Option<Tensor>,
-    /// Positions run through the model: prompts once, answers.
+    /// Sequence positions of the 2B (prompt + answer) rows, as TRL counts `num_tokens` (each prompt runs once here,
+    /// but is counted for both of its rows, so tokens/s compares with TRL's).
     pub tokens: usize,
 }
 
@@ -81,7 +82,7 @@ impl PairBatch {
         }
         let features = if distinct.is_empty() { None } else { Some(features.features(vlm, &distinct)?) };
         let n = index.len();
-        let tokens = prompts.iter().map(|r| r.len()).sum::<usize>() + answers.iter().map(|r| r.len()).sum::<usize>();
+        let tokens = 2 * prompts.iter().map(|r| r.len()).sum::<usize>() + answers.iter().map(|r| r.len()).sum::<usize>();
         let rows: Vec<u32> = (0..2 * b).map(|r| (r % b) as u32).collect();
         Ok(PairBatch {
             pairs: b,

@@ -103,7 +103,8 @@ fn adapter_config(is_llava: bool, cfg: &LoraConfig, with_projector: bool, base_m
     let targets = if is_llava { json!(format!(".*language_model.*\\.({})", modules.join("|"))) } else { json!(modules) };
     json!({
         "peft_type": "LORA", "task_type": if is_llava { Value::Null } else { json!("CAUSAL_LM") },
-        "base_model_name_or_path": base_model, "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "base_model_name_or_path": base_model, "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": (cfg.dropout as f64 * 1e6).round() / 1e6,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
         "init_lora_weights": true, "use_rslora": false, "use_dora": false, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": null, "layers_pattern": null,

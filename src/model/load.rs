@@ -219,6 +219,19 @@ pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle
     Ok(Model { llm, vision, device: opts.device.clone(), dtype: opts.dtype })
 }
 
+
+/// Writes tensors as safetensors with PyTorch's metadata (`{"format": "pt"}`, which transformers and peft expect),
+/// through a temporary file and a rename so an interrupted write never leaves a torn checkpoint.
+pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let contiguous: Vec<(String, candle_core::Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
+    let file = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,16 +246,4 @@ mod tests {
         assert_eq!(rename(TensorLayout::LlavaHfNew, "language_model.lm_head.weight"), "lm_head.weight");
         assert_eq!(rename(TensorLayout::Original, "vision_tower.vision_model.pre_layrnorm.weight"), "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight");
     }
-}
-
-/// Writes tensors as safetensors with PyTorch's metadata (`{"format": "pt"}`, which transformers and peft expect),
-/// through a temporary file and a rename so an interrupted write never leaves a torn checkpoint.
-pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let contiguous: Vec<(String, candle_core::Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
-    safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
-    let file = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

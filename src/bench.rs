@@ -190,7 +190,7 @@ pub fn train_step(size: Size, steps: usize, plain_backward: bool) -> Result<Trai
         let mut rows = String::new();
         for p in 0..4 {
             let img = format!("img{p}.png");
-            image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + p * 50) as u8, (y * 5) as u8, ((x + y) * 3) as u8])).save(dir.join(&img)).map_err(|e| crate::Error::invalid(e))?;
+            image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + p * 50) as u8, (y * 5) as u8, ((x + y) * 3) as u8])).save(dir.join(&img)).map_err(crate::Error::invalid)?;
             rows.push_str(&format!("{}\n", serde_json::json!({"id": p, "prompt": words(10 + p as usize), "image": img, "chosen": words(100 + p as usize), "rejected": words(200 + p as usize)})));
         }
         let data = dir.join("pairs.jsonl");

@@ -213,7 +213,6 @@ fn overfits_16_pairs_to_full_reward_accuracy() {
     let mut rec = Record::default();
     let (report, _) = run(&cfg, &tmp.path().join("run"), false, &mut rec);
     assert_eq!(report.data.kept, 16);
-    eprintln!("STEPSEC {:?}", rec.logs.iter().map(|l| l.get("step_seconds").unwrap()).collect::<Vec<_>>());
     let last = rec.logs.last().unwrap();
     assert_eq!(last.get("rewards/accuracies"), Some(1.0), "{:?}", rec.logs.iter().map(|l| l.get("rewards/accuracies")).collect::<Vec<_>>());
     assert!(last.get("loss").unwrap() < 0.5 * rec.logs[0].get("loss").unwrap(), "loss fell: {:?}", rec.logs.iter().map(|l| l.get("loss")).collect::<Vec<_>>());
@@ -414,7 +413,7 @@ fn ctrl_c_finishes_the_step_and_saves_a_checkpoint() {
     let model = fixture("llava-tiny");
     let images = fixture("images");
     let args = ["train", "--model", s(&model), "--data", s(&pairs), "--images", s(&images), "--out", s(&run_dir), "--lora-rank", "2", "--lora-alpha", "4", "--epochs", "500", "--batch-size", "16"];
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait for the first logged step (the run is far from done then), then interrupt.
     let metrics = run_dir.join("metrics.jsonl");
     for _ in 0..600 {
@@ -430,7 +429,7 @@ fn ctrl_c_finishes_the_step_and_saves_a_checkpoint() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("--resume"), "{err}");
     let (step, dir) = bpo::train::checkpoint::latest_checkpoint(&run_dir).unwrap().expect("a checkpoint was written");
-    assert!(step >= 1 && step < 500 && dir.join("optimizer.safetensors").is_file());
+    assert!((1..500).contains(&step) && dir.join("optimizer.safetensors").is_file());
     let logged = std::fs::read_to_string(&metrics).unwrap().lines().count();
     assert_eq!(logged, step, "every finished step is logged and saved");
     assert!(!run_dir.join("adapter_model.safetensors").exists(), "no final adapter for an interrupted run");

@@ -241,8 +241,8 @@ impl Llama {
 
     /// Final-norm hidden states (b, t, hidden) for input embeddings (b, t, hidden) at `positions` (b, t).
     /// `mask` is additive, (b, 1, t, cached + t) (see [`causal_mask`]).
-    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut Cache>, pass: Pass) -> candle_core::Result<Tensor> {
-        let kv: Vec<Kv> = match cache.as_deref_mut() {
+    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut Cache>, pass: Pass) -> candle_core::Result<Tensor> {
+        let kv: Vec<Kv> = match cache {
             Some(c) => c.layers.iter_mut().map(|l| Kv::Cache(Some(l))).collect(),
             None => self.layers.iter().map(|_| Kv::Cache(None)).collect(),
         };

@@ -68,7 +68,7 @@ fn rename(layout: TensorLayout, name: &str) -> String {
     mapped.unwrap_or_else(|| name.to_string())
 }
 
-/// The inverse of [`rename`]: the llava-hf name of a tensor stored under `name` in `layout`. Names with no
+/// The inverse of `rename`: the llava-hf name of a tensor stored under `name` in `layout`. Names with no
 /// llava-hf counterpart come back unchanged.
 pub fn to_llava_hf(layout: TensorLayout, name: &str) -> String {
     let swap = |from: &str, to: &str| name.strip_prefix(from).map(|rest| format!("{to}{rest}"));

@@ -292,8 +292,8 @@ mod tests {
     fn atomic_dir_replaces_whole() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("checkpoint-1");
-        write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("a"), "1").unwrap())).unwrap();
-        write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("b"), "2").unwrap())).unwrap();
+        write_dir_atomically(&dir, |d| std::fs::write(d.join("a"), "1").map_err(|e| Error::io(d, e))).unwrap();
+        write_dir_atomically(&dir, |d| std::fs::write(d.join("b"), "2").map_err(|e| Error::io(d, e))).unwrap();
         assert!(!dir.join("a").exists() && dir.join("b").exists());
         assert!(!tmp.path().join("checkpoint-1.tmp").exists());
         // A failed fill leaves the previous folder intact.

@@ -153,10 +153,18 @@ struct Turn {
     value: String,
 }
 
+/// One supervised sample: its id, image path (relative to the image folder) and (question, answer) turns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub id: String,
+    pub image: Option<String>,
+    pub turns: Vec<(String, String)>,
+}
+
 /// Reads LLaVA instruct data: a JSON array of `{id, image?, conversations: [{from, value}]}`, or one such object
-/// per line. Returns (id, image, [(question, answer)]) per sample; `system` turns are ignored, a question left
-/// without an answer is dropped. Errors name the file and line.
-pub fn read_conversations(path: &Path) -> Result<Vec<(String, Option<String>, Vec<(String, String)>)>> {
+/// per line. `system` turns are ignored, a question left without an answer is dropped. Errors name the file and
+/// line.
+pub fn read_conversations(path: &Path) -> Result<Vec<Sample>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let samples: Vec<(usize, Conversation)> = if text.trim_start().starts_with('[') {
         let all: Vec<Conversation> = serde_json::from_str(&text).map_err(|e| Error::parse(path, Some(e.line()), e))?;
@@ -185,17 +193,17 @@ pub fn read_conversations(path: &Path) -> Result<Vec<(String, Option<String>, Ve
             Some(v) => v.to_string(),
             None => format!("#{i}"),
         };
-        out.push((id, c.image, turns));
+        out.push(Sample { id, image: c.image, turns });
     }
     Ok(out)
 }
 
 /// Tokenises conversations: answers are targets, the rest context (see [`conversation_ids`]).
-pub fn tokenize_conversations(vlm: &Vlm, samples: &[(String, Option<String>, Vec<(String, String)>)], images: Option<&Path>, max_length: usize) -> Result<(Vec<SftExample>, DataReport)> {
+pub fn tokenize_conversations(vlm: &Vlm, samples: &[Sample], images: Option<&Path>, max_length: usize) -> Result<(Vec<SftExample>, DataReport)> {
     let mut report = DataReport { read: samples.len(), ..Default::default() };
     let mut out = Vec::with_capacity(samples.len());
     let slot = vlm.model.image_token().map(|id| (id, vlm.model.image_tokens()));
-    for (id, image, turns) in samples {
+    for Sample { id, image, turns } in samples {
         let image = image.as_deref().map(|rel| image_path(images, rel));
         if let Some(path) = image.as_ref().filter(|p| !p.is_file()) {
             report.missing_images.push((id.clone(), path.clone()));
@@ -292,8 +300,8 @@ mod tests {
         let path = dir.path().join("c.json");
         std::fs::write(&path, r#"[{"id": 3, "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}]"#).unwrap();
         let got = read_conversations(&path).unwrap();
-        assert_eq!(got[0].0, "3");
-        assert_eq!(got[0].2, vec![("q1".to_string(), "a1".to_string()), ("q2".to_string(), "a2".to_string())]);
+        assert_eq!(got[0].id, "3");
+        assert_eq!(got[0].turns, vec![("q1".to_string(), "a1".to_string()), ("q2".to_string(), "a2".to_string())]);
         std::fs::write(&path, "{\"conversations\": [{\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"gpt\", \"value\": \"a\"}]}\n{\"conversations\": [{\"from\": \"gpt\", \"value\": \"a\"}]}\n").unwrap();
         let err = read_conversations(&path).unwrap_err().to_string();
         assert!(err.contains(":2:") && err.contains("alternate"), "{err}");

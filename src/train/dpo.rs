@@ -209,6 +209,9 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
     let (examples, mut report) = tokenize_pairs(&prepared.vlm, &pairs, cfg.images.as_deref(), cfg.max_length)?;
     report.pairs = stats;
     describe_missing(&report, say);
+    if let Some(stats) = &report.pairs {
+        say(&format!("{stats}"));
+    }
     say(&format!("pairs: {report}"));
     let reference = if cfg.setup.init_adapter.is_some() {
         Reference::StartingPolicy

@@ -6,7 +6,7 @@
 //! - [`dpo`] (`bpo train`) and [`sft`] (`bpo sft`): objectives and their runs; [`setup`]: model and run folder.
 //! - [`trainer`]: the loop (accumulation, clipping, schedule, metrics, checkpoints, resume); [`optim`]: in-place
 //!   AdamW; [`schedule`]: warm-up + cosine/linear/constant.
-//! - [`checkpoint`]: PEFT adapters and checkpoints on disk; [`merge`]: adapter folded into a model folder.
+//! - [`checkpoint`]: PEFT adapters and checkpoints on disk; [`mod@merge`]: adapter folded into a model folder.
 //!
 //! ```no_run
 //! # fn main() -> bpo::Result<()> {

@@ -216,6 +216,7 @@ mod tests {
     /// for g, gb in [([0.5, -1.0, 2.0], [1.0]), ([0.1, 0.2, -0.3], [-2.0])]:
     ///     p.grad = torch.tensor(g); b.grad = torch.tensor(gb); opt.step()
     #[test]
+    #[allow(clippy::excessive_precision)] // torch's printed values, kept verbatim
     fn two_steps_match_torch() {
         let dev = Device::Cpu;
         let p = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &dev).unwrap()).unwrap();

@@ -60,6 +60,9 @@ pub struct Metrics {
 pub trait Objective {
     /// Number of training examples.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Forward pass on examples `batch` (indices), backward of the loss times `weight` into `opt`'s buffers.
     /// `seed` seeds this micro-batch's dropout.
     fn micro_step(&mut self, batch: &[usize], weight: f64, seed: u64, opt: &mut AdamW) -> Result<Metrics>;

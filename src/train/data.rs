@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::bootstrap::input::strip_image_tag;
@@ -138,20 +137,7 @@ pub fn tokenize_pairs(vlm: &Vlm, pairs: &[Pair], images: Option<&Path>, max_leng
     Ok((out, report))
 }
 
-#[derive(Deserialize)]
-struct Conversation {
-    #[serde(default)]
-    id: Option<Value>,
-    #[serde(default)]
-    image: Option<String>,
-    conversations: Vec<Turn>,
-}
-
-#[derive(Deserialize)]
-struct Turn {
-    from: String,
-    value: String,
-}
+use crate::bootstrap::input::LlavaSample as Conversation;
 
 /// One supervised sample: its id, image path (relative to the image folder) and (question, answer) turns.
 #[derive(Debug, Clone, PartialEq)]

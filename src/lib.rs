@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod bootstrap;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -1,0 +1,52 @@
+//! `bpo demo`: the whole BPO pipeline on the embedded synthetic world, ending in a table and report.html.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bpo::demo::{DemoOptions, Recipe};
+
+/// Arguments of `bpo demo` (its help text is on `Command::Demo`).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output folder: the world, models, bootstrap files, runs, evaluations and report/report.html. A second run
+    /// with the same folder and recipe reuses the trained SFT model.
+    #[arg(long, default_value = "bpo-demo")]
+    out: PathBuf,
+    /// Seed of the first run (world, weights, sampling).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Repeat the whole pipeline with seeds seed, seed+1, ... and report mean and standard deviation.
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// A tiny world and model that run in seconds (for tests; the numbers mean nothing).
+    #[arg(long)]
+    quick: bool,
+    /// JSON file overriding settings of the recipe (any subset, nested as --print-recipe shows them), e.g.
+    /// {"dpo": {"steps": 300}, "world": {"corpus": {"partner_rate": 0.9}}}.
+    #[arg(long, value_name = "FILE")]
+    recipe: Option<PathBuf>,
+    /// Print the recipe (every setting of every stage, after --quick and --recipe) as JSON and exit.
+    #[arg(long)]
+    print_recipe: bool,
+    /// No progress display.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut recipe = if args.quick { Recipe::quick() } else { Recipe::standard() };
+    if let Some(path) = &args.recipe {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let overrides: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        recipe = recipe.with_overrides(&overrides).with_context(|| format!("{}", path.display()))?;
+    }
+    if args.print_recipe {
+        println!("{}", serde_json::to_string_pretty(&recipe)?);
+        return Ok(());
+    }
+    let opts = DemoOptions { out: args.out.clone(), seed: args.seed, seeds: args.seeds, recipe, progress: !args.quiet };
+    let summary = bpo::demo::run(&opts).with_context(|| format!("bpo demo in {}", args.out.display()))?;
+    println!("{}", summary.table);
+    println!("report: {}", summary.report.display());
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! BPO's bootstrapping on the demo world: prompts from the grounded instruction data become BPO records; the
+//! SFT model answers them from weakened images (`mllm-hal`, [`crate::bootstrap::run_weaken`]) and its own
+//! language model continues cut ground truths (`llm-hal`, injection mode `continue`,
+//! [`crate::bootstrap::run_inject`] with [`crate::bootstrap::LocalCompleter`]) — the same library calls as
+//! `bpo bootstrap weaken` and `bpo bootstrap inject --mode continue`.
+//!
+//! Then the demo applies the prototype's lessons (demo-world.md) before pairing:
+//! - length-matched negatives (lesson 2): a description negative is *spliced*: the first object it names that
+//!   the image lacks replaces one ground-truth object (its partner when present), so chosen and rejected have
+//!   the same length and differ in one hallucinated object; a short-answer negative must have the ground truth's
+//!   word count;
+//! - balanced yes/no pairs (lesson 3): as many chosen "yes" as chosen "no".
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use super::data::Grounded;
+use super::world::{self, parse_caption, partner, COLOURS, DESCRIBE, KINDS};
+use crate::bootstrap::records::turn_id;
+use crate::bootstrap::{expand, run_inject, run_weaken, Completion, CompletionOptions, CompletionType, InjectMode, InjectOptions, LocalCompleter, Pair, PairFormat, PairOptions, Record, ResumableWriter, WeakenOptions};
+use crate::generate::Vlm;
+use crate::model::LoadOptions;
+use crate::{jsonl, Error, Result};
+
+/// Bootstrapping settings.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct BootstrapOptions {
+    /// Grounded images whose conversations become records.
+    pub images: usize,
+    /// Diffusion step of the weakened images (BPO's release: 900).
+    pub noise_step: usize,
+    /// Sampling temperature of both kinds of negatives.
+    pub temperature: f32,
+    pub batch: usize,
+    pub seed: u64,
+}
+
+/// Which negatives a pair set uses: the experiment's rows.
+pub const VARIANTS: [(&str, &[&str]); 3] = [("bpo", &["mllm-hal", "llm-hal"]), ("weaken", &["mllm-hal"]), ("inject", &["llm-hal"])];
+
+/// Counts of one bootstrap run.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct BootstrapStats {
+    pub records: usize,
+    pub weakened_answers: usize,
+    pub injected_answers: usize,
+    /// Negatives kept after length matching, by type.
+    pub kept_weaken: usize,
+    pub kept_inject: usize,
+    /// Negatives dropped: not a hallucination (no absent object / the right answer), or not length-matchable.
+    pub dropped: usize,
+    /// Yes/no records dropped to balance chosen yes and chosen no.
+    pub dropped_for_balance: usize,
+    /// Pairs per variant, in [`VARIANTS`] order.
+    pub pairs: Vec<usize>,
+}
+
+/// Files one bootstrap run writes.
+pub struct BootstrapFiles {
+    /// Records as the model made them.
+    pub raw: PathBuf,
+    /// Length-matched, balanced records.
+    pub records: PathBuf,
+    /// Pair files per variant, in [`VARIANTS`] order.
+    pub pairs: Vec<PathBuf>,
+    /// LLaVA JSON of the chosen answers (the "SFT on chosen" control).
+    pub chosen: PathBuf,
+}
+
+impl BootstrapFiles {
+    pub fn at(dir: &Path) -> Self {
+        BootstrapFiles {
+            raw: dir.join("records_raw.jsonl"),
+            records: dir.join("records.jsonl"),
+            pairs: VARIANTS.iter().map(|(v, _)| dir.join(format!("pairs_{v}.jsonl"))).collect(),
+            chosen: dir.join("chosen.json"),
+        }
+    }
+}
+
+/// Records with only their ground truth, one per turn of the first `n` grounded conversations.
+pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
+    train
+        .iter()
+        .take(n)
+        .flat_map(|g| g.turns.iter().enumerate().map(move |(i, t)| Record { id: turn_id(&g.id, i), prompt: t.question.clone(), image: Some(g.image.clone()), completions: vec![Completion::gt(t.answer.clone())] }))
+        .collect()
+}
+
+/// Adds one answer per record sampled from its weakened image, through [`run_weaken`] (noise and sampling seeded
+/// per record id); the records come back from `out`.
+pub fn weaken_negatives(vlm: &Vlm, records: Vec<Record>, images: &Path, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+    let weaken = WeakenOptions {
+        images: images.to_path_buf(),
+        noise_step: opts.noise_step,
+        temperature: opts.temperature,
+        top_p: 0.95,
+        max_new_tokens: 40,
+        batch_size: opts.batch,
+        seed: opts.seed,
+        ..Default::default()
+    };
+    let _ = std::fs::remove_file(out);
+    let (mut writer, _) = ResumableWriter::open(out)?;
+    let counts = run_weaken(vlm, records, &weaken, &mut writer)?;
+    drop(writer);
+    Ok((jsonl::read(out)?, counts.added))
+}
+
+/// The seed [`run_weaken`] noised record `id`'s image with (for showing the weakened image).
+pub fn weakened_seed(opts_seed: u64, id: &str) -> u64 {
+    crate::bootstrap::weaken::noise_seed(opts_seed, id, 0)
+}
+
+/// Adds `continue`-mode injected answers to the description records: the model's own language model (loaded
+/// without its vision tower, [`LocalCompleter`]) continues each ground truth cut at a word boundary, through
+/// [`run_inject`]. Returns the records and how many answers were added.
+pub fn inject_negatives(model: &Path, records: Vec<Record>, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+    let completer = LocalCompleter::load(model, &LoadOptions::default(), opts.batch)?;
+    let _ = std::fs::remove_file(out);
+    let (mut writer, _) = ResumableWriter::open(out)?;
+    let inject = InjectOptions {
+        mode: InjectMode::Continue,
+        vicuna: false,
+        completion: CompletionOptions { temperature: opts.temperature, top_p: 0.95, max_tokens: 40, stop: Vec::new(), seed: Some(opts.seed) },
+        batch_size: opts.batch,
+        seed: opts.seed,
+        ..Default::default()
+    };
+    let counts = run_inject(records, &completer, &inject, &mut writer)?;
+    drop(writer);
+    Ok((jsonl::read(out)?, counts.added))
+}
+
+/// "a red circle and a blue ring" from (colour, kind) pairs.
+fn caption_of(objects: &[(usize, usize)]) -> String {
+    objects.iter().map(|&(c, k)| format!("a {} {}", COLOURS[c].0, KINDS[k])).collect::<Vec<_>>().join(" and ")
+}
+
+/// A length-matched description negative: the first object `negative` names that `gt` lacks replaces one
+/// ground-truth object (the one whose partner it is, else the one at the same place in the list). `None` when
+/// `negative` names no absent object.
+pub fn splice(gt: &str, negative: &str) -> Option<String> {
+    let truth: Vec<(usize, usize)> = parse_caption(gt).into_iter().map(|(c, k)| (c.unwrap_or(0), k)).collect();
+    let named = parse_caption(negative);
+    let (at, &(colour, kind)) = named.iter().enumerate().find(|(_, (_, k))| !truth.iter().any(|t| t.1 == *k))?;
+    let slot = truth.iter().position(|t| t.1 == partner(kind)).unwrap_or(at.min(truth.len().checked_sub(1)?));
+    let mut out = truth.clone();
+    out[slot] = (colour.unwrap_or(truth[slot].0), kind);
+    Some(caption_of(&out))
+}
+
+/// Keeps the usable negatives of each record (see the module doc) and balances yes/no records.
+pub fn match_and_balance(records: &[Record], seed: u64, stats: &mut BootstrapStats) -> Vec<Record> {
+    let mut kept: Vec<Record> = Vec::new();
+    for r in records {
+        let Some(gt) = r.ground_truth().map(|c| c.response.clone()) else { continue };
+        let is_caption = r.prompt == DESCRIBE;
+        let mut out = Record { completions: vec![Completion::gt(gt.clone())], ..r.clone() };
+        for c in r.completions.iter().filter(|c| c.kind != CompletionType::Gt) {
+            let matched = if is_caption { splice(&gt, &c.response) } else { short_negative(&gt, &c.response) };
+            match matched {
+                Some(text) if !out.completions.iter().any(|x| x.response == text) => {
+                    match c.kind {
+                        CompletionType::MllmHal => stats.kept_weaken += 1,
+                        _ => stats.kept_inject += 1,
+                    }
+                    out.completions.push(Completion::negative(text, c.kind.clone()));
+                }
+                _ => stats.dropped += 1,
+            }
+        }
+        if out.completions.len() > 1 {
+            kept.push(out);
+        }
+    }
+    balance_yes_no(kept, seed, stats)
+}
+
+/// A short-answer negative: the same number of words as the truth and different from it ("yes"/"no" answers
+/// are compared after POPE's parsing, so "no ." and "no" are the same answer).
+fn short_negative(gt: &str, negative: &str) -> Option<String> {
+    let n = negative.split_whitespace().collect::<Vec<_>>().join(" ");
+    if n.split_whitespace().count() != gt.split_whitespace().count() || n == gt {
+        return None;
+    }
+    if gt == "yes" || gt == "no" {
+        let said_yes = crate::eval::pope::parse_answer(&n);
+        return (said_yes != (gt == "yes")).then(|| if said_yes { "yes".to_string() } else { "no".to_string() });
+    }
+    Some(n)
+}
+
+/// Drops yes/no records of the larger side at random until chosen "yes" and chosen "no" are equally many.
+fn balance_yes_no(records: Vec<Record>, seed: u64, stats: &mut BootstrapStats) -> Vec<Record> {
+    let answer = |r: &Record| r.ground_truth().map(|c| c.response.clone()).unwrap_or_default();
+    let mut yes: Vec<usize> = (0..records.len()).filter(|&i| answer(&records[i]) == "yes").collect();
+    let mut no: Vec<usize> = (0..records.len()).filter(|&i| answer(&records[i]) == "no").collect();
+    let mut rng = world::rng(seed, 77);
+    yes.shuffle(&mut rng);
+    no.shuffle(&mut rng);
+    let n = yes.len().min(no.len());
+    let drop: std::collections::HashSet<usize> = yes[n..].iter().chain(&no[n..]).copied().collect();
+    stats.dropped_for_balance = drop.len();
+    records.into_iter().enumerate().filter(|(i, _)| !drop.contains(i)).map(|(_, r)| r).collect()
+}
+
+/// Pairs of one variant: only negatives of the given types.
+pub fn variant_pairs(records: &[Record], types: &[&str]) -> Vec<Pair> {
+    let filtered: Vec<Record> = records
+        .iter()
+        .map(|r| Record { completions: r.completions.iter().filter(|c| c.kind == CompletionType::Gt || types.contains(&c.kind.as_str())).cloned().collect(), ..r.clone() })
+        .collect();
+    expand(&filtered, &PairOptions::default()).0
+}
+
+/// Writes the pair files of every variant and the LLaVA JSON of the chosen answers; returns pair counts.
+pub fn write_pairs(records: &[Record], files: &BootstrapFiles) -> Result<Vec<usize>> {
+    let mut counts = Vec::new();
+    for ((_, types), path) in VARIANTS.iter().zip(&files.pairs) {
+        let pairs = variant_pairs(records, types);
+        let rows: Vec<serde_json::Value> = pairs.iter().map(|p| p.to_row(PairFormat::Bpo)).collect();
+        jsonl::write(path, &rows)?;
+        counts.push(pairs.len());
+    }
+    // The control trains on what BPO prefers, once per pair (so both see the same prompts as often).
+    let pairs = variant_pairs(records, VARIANTS[0].1);
+    let chosen: Vec<serde_json::Value> = pairs
+        .iter()
+        .map(|p| serde_json::json!({"id": p.id, "image": p.image, "conversations": [{"from": "human", "value": format!("<image>\n{}", p.prompt)}, {"from": "gpt", "value": p.chosen}]}))
+        .collect();
+    let text = serde_json::to_string(&chosen).map_err(|e| Error::parse(&files.chosen, None, e))?;
+    std::fs::write(&files.chosen, text).map_err(|e| Error::io(&files.chosen, e))?;
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_swaps_one_object_and_keeps_the_length() {
+        let gt = "a red circle and a blue star";
+        // The partner of the circle replaces the circle, in the negative's colour.
+        assert_eq!(splice(gt, "a red circle and a green ring").as_deref(), Some("a green ring and a blue star"));
+        // No partner in the truth: the object at the same place is replaced.
+        assert_eq!(splice(gt, "a red circle and a white bar and a red plus").as_deref(), Some("a red circle and a white bar"));
+        assert_eq!(splice(gt, "a blue star"), None, "nothing absent named");
+        assert_eq!(splice("", "a red ring"), None);
+        for (g, n) in [(gt, "a ring"), ("a red bar", "a red pillar and a red bar and a blue sun")] {
+            let s = splice(g, n).unwrap();
+            assert_eq!(s.split_whitespace().count(), g.split_whitespace().count(), "{s}");
+        }
+    }
+
+    #[test]
+    fn short_negatives_must_be_wrong_and_as_long() {
+        assert_eq!(short_negative("yes", "no").as_deref(), Some("no"));
+        assert_eq!(short_negative("no", "yes").as_deref(), Some("yes"));
+        assert_eq!(short_negative("no", "no"), None);
+        assert_eq!(short_negative("red", "blue").as_deref(), Some("blue"));
+        assert_eq!(short_negative("top left", "left"), None);
+    }
+
+    fn rec(id: &str, prompt: &str, gt: &str, neg: &str) -> Record {
+        Record { id: id.into(), prompt: prompt.into(), image: Some("x.png".into()), completions: vec![Completion::gt(gt), Completion::negative(neg, CompletionType::MllmHal)] }
+    }
+
+    #[test]
+    fn yes_no_records_are_balanced() {
+        let q = world::exists_question(0);
+        let mut records: Vec<Record> = (0..6).map(|i| rec(&format!("n{i}"), &q, "no", "yes")).collect();
+        records.extend((0..2).map(|i| rec(&format!("y{i}"), &q, "yes", "no")));
+        records.push(rec("c", DESCRIBE, "a red circle", "a red ring"));
+        let mut stats = BootstrapStats::default();
+        let kept = match_and_balance(&records, 1, &mut stats);
+        let count = |a: &str| kept.iter().filter(|r| r.completions[0].response == a).count();
+        assert_eq!((count("yes"), count("no")), (2, 2));
+        assert_eq!(stats.dropped_for_balance, 4);
+        assert!(kept.iter().any(|r| r.id == "c"));
+        let pairs = variant_pairs(&kept, &["mllm-hal"]);
+        assert_eq!(pairs.len(), 5);
+        assert!(variant_pairs(&kept, &["llm-hal"]).is_empty());
+    }
+}

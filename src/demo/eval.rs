@@ -1,0 +1,140 @@
+//! Evaluating a demo model in the field's terms, through the same scoring code as `bpo eval`: POPE on the three
+//! question files ([`crate::eval::pope::score`]) and CHAIR on descriptions of the evaluation images
+//! ([`crate::eval::chair::Chair`] with the world's synonym list and `GroundTruth::from_jsonl`). Answers are
+//! written in LLaVA's answer format and scores as `bpo eval` run folders, so `bpo eval compare` works on them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::data::WorldFiles;
+use crate::eval::chair::{CaptionDetail, Chair, ChairReport, GroundTruth};
+use crate::eval::pope::{self, Pairing, PopeReport};
+use crate::eval::report::{write_run, Scores};
+use crate::eval::words::Lemmatizer;
+use crate::eval::{inputs, Answer};
+use crate::generate::{SamplingParams, Vlm};
+use crate::model::Pass;
+use crate::{jsonl, Error, Result};
+
+/// One model's scores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalScores {
+    pub pope: PopeReport,
+    pub chair: ChairReport,
+    /// Objects named per description (mentions / captions).
+    pub objects_per_caption: f64,
+    /// Share of descriptions that name an absent partner of a present object: the prior at work.
+    pub partner_hallucination: f64,
+}
+
+impl EvalScores {
+    /// F1 of one POPE split (0 if absent).
+    pub fn pope_f1(&self, split: &str) -> f64 {
+        self.pope.splits.iter().find(|s| s.split == split).map_or(0.0, |s| s.metrics.f1)
+    }
+    pub fn pope_accuracy(&self, split: &str) -> f64 {
+        self.pope.splits.iter().find(|s| s.split == split).map_or(0.0, |s| s.metrics.accuracy)
+    }
+    pub fn pope_yes_ratio(&self, split: &str) -> f64 {
+        self.pope.splits.iter().find(|s| s.split == split).map_or(0.0, |s| s.metrics.yes_ratio)
+    }
+}
+
+/// Everything one evaluation produced.
+pub struct Evaluation {
+    pub scores: EvalScores,
+    /// image_id -> description.
+    pub captions: HashMap<String, CaptionDetail>,
+}
+
+/// Greedy answers to (image, question) requests, `batch` at a time; identical requests are answered once.
+pub fn answer_all(vlm: &Vlm, items: &[(String, String)], images: &Path, max_new_tokens: usize, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Vec<String>> {
+    let mut unique: Vec<(String, String)> = items.to_vec();
+    unique.sort();
+    unique.dedup();
+    let mut pixels: HashMap<String, Tensor> = HashMap::new();
+    let mut answers: HashMap<(String, String), String> = HashMap::new();
+    let params = SamplingParams { max_new_tokens, ..Default::default() };
+    for chunk in unique.chunks(batch.max(1)) {
+        let mut requests = Vec::with_capacity(chunk.len());
+        for (image, question) in chunk {
+            if !pixels.contains_key(image) {
+                pixels.insert(image.clone(), vlm.load_image(&images.join(image))?);
+            }
+            requests.push(vlm.request(question, pixels.get(image).cloned())?);
+        }
+        for (key, c) in chunk.iter().zip(vlm.answer(&requests, &params, pass)?) {
+            answers.insert(key.clone(), c.text.trim().to_string());
+        }
+        tick(chunk.len());
+    }
+    Ok(items.iter().map(|k| answers.get(k).cloned().unwrap_or_default()).collect())
+}
+
+/// Number of distinct (image, question) requests [`evaluate`] will answer, for a progress bar.
+pub fn request_count(files: &WorldFiles) -> Result<usize> {
+    let questions = pope::load_questions(&files.pope)?;
+    let mut keys: Vec<(String, String)> = questions.into_iter().map(|q| (q.image, q.text)).collect();
+    keys.sort();
+    keys.dedup();
+    Ok(keys.len() + jsonl::read::<serde_json::Value>(&files.describe)?.len())
+}
+
+/// Runs POPE and CHAIR for `vlm` (adapters per `pass`) and writes `out/pope/`, `out/chair/` (answers.jsonl,
+/// scores.json, details.jsonl).
+pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Evaluation> {
+    let questions = pope::load_questions(&files.pope)?;
+    let items: Vec<(String, String)> = questions.iter().map(|q| (q.image.clone(), q.text.clone())).collect();
+    let texts = answer_all(vlm, &items, &files.images, 3, batch, pass, &mut tick)?;
+    let answers: Vec<Answer> = questions.iter().zip(&texts).map(|(q, t)| Answer::new(q.question_id.clone(), q.text.clone(), t.clone())).collect();
+    let pope_out = pope::score(&questions, &answers, Pairing::ById)?;
+    let pope_dir = out.join("pope");
+    write_run(&pope_dir, &Scores::Pope(pope_out.report.clone()), &pope_out.details)?;
+    jsonl::write(&pope_dir.join("answers.jsonl"), &answers)?;
+
+    let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
+    let items: Vec<(String, String)> = describe.iter().map(|d| (d.image.clone(), d.text.clone())).collect();
+    let texts = answer_all(vlm, &items, &files.images, 40, batch, pass, &mut tick)?;
+    let answers: Vec<Answer> = describe
+        .iter()
+        .zip(&texts)
+        .map(|(d, t)| Answer { image: Some(d.image.clone()), ..Answer::new(d.question_id.clone(), d.text.clone(), t.clone()) })
+        .collect();
+    let synonyms = std::fs::read_to_string(&files.synonyms).map_err(|e| Error::io(&files.synonyms, e))?;
+    let chair = Chair::new(&synonyms, Lemmatizer::wordnet())?;
+    let truth = GroundTruth::from_jsonl(&files.chair_truth, &chair)?;
+    let captions = inputs::captions_from_answers(&answers, None)?;
+    let chair_out = chair.score(&captions, &truth)?;
+    let chair_dir = out.join("chair");
+    write_run(&chair_dir, &Scores::Chair(chair_out.report.clone()), &chair_out.details)?;
+    jsonl::write(&chair_dir.join("answers.jsonl"), &answers)?;
+
+    let scores = EvalScores {
+        objects_per_caption: ratio(chair_out.report.mentions, chair_out.report.captions),
+        partner_hallucination: ratio(chair_out.details.iter().filter(|d| names_absent_partner(d)).count(), chair_out.details.len()),
+        pope: pope_out.report,
+        chair: chair_out.report,
+    };
+    let captions = chair_out.details.into_iter().map(|d| (d.image_id.clone(), d)).collect();
+    Ok(Evaluation { scores, captions })
+}
+
+#[derive(Deserialize)]
+struct DescribeRow {
+    question_id: String,
+    image: String,
+    text: String,
+}
+
+/// Does a description name an absent kind whose partner is present?
+fn names_absent_partner(d: &CaptionDetail) -> bool {
+    let kind = |name: &str| super::world::KINDS.iter().position(|k| *k == name);
+    d.hallucinated.iter().any(|m| kind(&m.category).is_some_and(|k| d.ground_truth.iter().any(|g| kind(g) == Some(super::world::partner(k)))))
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}

@@ -1,0 +1,256 @@
+//! The demo's driver: the recipe (every setting of every stage), the per-seed pipeline, the SFT model cache, and
+//! the final report over seeds.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats};
+use super::data::{World, WorldFiles};
+use super::eval::{self, EvalScores};
+use super::model::{init_model, ModelSpec};
+use super::progress::Stages;
+use super::report::Row;
+use super::train::{self, PrefSettings, SftSettings};
+use super::world::WorldConfig;
+use crate::bootstrap::records::stable_hash;
+use crate::generate::Vlm;
+use crate::model::{LoadOptions, Pass};
+use crate::text::Template;
+use crate::{jsonl, Error, Result};
+
+/// Bumped when a change to the code makes cached SFT models stale.
+const RECIPE_VERSION: u32 = 1;
+
+/// Every setting of every stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub world: WorldConfig,
+    pub model: ModelSpec,
+    /// Language-model pre-training on the text-only corpus.
+    pub lm: SftSettings,
+    /// Visual instruction tuning of the whole model.
+    pub sft: SftSettings,
+    pub bootstrap: BootstrapOptions,
+    /// DPO with LoRA (the three BPO rows).
+    pub dpo: PrefSettings,
+    /// The control: the same LoRA training with the NLL of the chosen answers only.
+    pub control: PrefSettings,
+    pub eval_batch: usize,
+}
+
+impl Recipe {
+    pub fn standard() -> Self {
+        let dpo = PrefSettings { steps: 150, batch: 16, lr: 5e-4, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 0.0, chosen_only: false };
+        Recipe {
+            world: WorldConfig::standard(),
+            model: ModelSpec::standard(),
+            lm: SftSettings { steps: 300, batch: 64, lr: 2e-3, language_only: true, train_vision: false },
+            sft: SftSettings { steps: 800, batch: 32, lr: 1e-3, language_only: false, train_vision: false },
+            bootstrap: BootstrapOptions { images: 500, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
+            control: PrefSettings { chosen_only: true, ..dpo.clone() },
+            dpo,
+            eval_batch: 64,
+        }
+    }
+
+    /// A few seconds of everything, for tests.
+    pub fn quick() -> Self {
+        let s = Recipe::standard();
+        let dpo = PrefSettings { steps: 4, batch: 4, ..s.dpo };
+        Recipe {
+            world: WorldConfig::quick(),
+            model: ModelSpec::quick(),
+            lm: SftSettings { steps: 5, batch: 8, ..s.lm },
+            sft: SftSettings { steps: 5, batch: 8, ..s.sft },
+            bootstrap: BootstrapOptions { images: 12, batch: 16, ..s.bootstrap },
+            control: PrefSettings { chosen_only: true, ..dpo.clone() },
+            dpo,
+            eval_batch: 16,
+        }
+    }
+
+    /// `self` with the keys of `overrides` (a JSON object, possibly partial and nested) replaced.
+    pub fn with_overrides(&self, overrides: &serde_json::Value) -> Result<Recipe> {
+        let mut base = serde_json::to_value(self).map_err(Error::invalid)?;
+        merge_json(&mut base, overrides);
+        serde_json::from_value(base).map_err(|e| Error::invalid(format!("recipe: {e}")))
+    }
+
+    /// The part of the recipe (and the seed) that decides the SFT model: its cache key.
+    pub fn model_hash(&self, seed: u64) -> String {
+        let key = serde_json::json!({"v": RECIPE_VERSION, "world": self.world, "model": self.model, "lm": self.lm, "sft": self.sft, "seed": seed});
+        format!("{:016x}", stable_hash(&[&key.to_string()]))
+    }
+}
+
+/// Replaces the values of `base` by those of `top`, recursing into objects.
+fn merge_json(base: &mut serde_json::Value, top: &serde_json::Value) {
+    match (base, top) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(t)) => {
+            for (k, v) in t {
+                match b.get_mut(k) {
+                    Some(slot) => merge_json(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, t) => *b = t.clone(),
+    }
+}
+
+/// What `bpo demo` was asked to do.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub out: PathBuf,
+    /// First seed; seed `i` of `seeds` is `seed + i`.
+    pub seed: u64,
+    pub seeds: usize,
+    pub recipe: Recipe,
+    /// Show stage progress on stderr.
+    pub progress: bool,
+}
+
+/// The rows of the experiment, in table order: (name, run folder name).
+pub const ROWS: [(&str, &str); 5] = [("SFT", "sft"), ("SFT on chosen", "sft-chosen"), ("BPO weakening only", "weaken"), ("BPO injection only", "inject"), ("BPO", "bpo")];
+
+/// What one seed produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeedResult {
+    pub seed: u64,
+    pub dir: PathBuf,
+    pub model: PathBuf,
+    /// Scores per row, in [`ROWS`] order.
+    pub scores: Vec<EvalScores>,
+    pub bootstrap: BootstrapStats,
+    pub world_stats: serde_json::Value,
+}
+
+/// What the whole demo produced.
+#[derive(Debug, Clone)]
+pub struct DemoSummary {
+    pub rows: Vec<Row>,
+    pub table: String,
+    pub report: PathBuf,
+    pub seeds: Vec<SeedResult>,
+    /// (stage, seconds).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// Runs the demo: every seed, then the report.
+pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let mut stages = Stages::new(opts.progress);
+    let mut seeds = Vec::new();
+    for i in 0..opts.seeds.max(1) {
+        let seed = opts.seed + i as u64;
+        stages.note(&format!("seed {seed} ({} of {})", i + 1, opts.seeds.max(1)));
+        seeds.push(run_seed(opts, seed, &mut stages)?);
+    }
+    let rows: Vec<Row> = ROWS.iter().enumerate().map(|(r, (name, _))| Row { name: name.to_string(), runs: seeds.iter().map(|s| s.scores[r].clone()).collect() }).collect();
+    let stage = stages.start("report", 0);
+    let report = super::summary::write_report(opts, &rows, &seeds, &stages.timings)?;
+    stages.finish(stage, "");
+    let table = super::report::table(&rows);
+    Ok(DemoSummary { rows, table, report, seeds, timings: stages.timings })
+}
+
+/// The pipeline for one seed.
+fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedResult> {
+    let r = &opts.recipe;
+    let dir = opts.out.join(format!("seed-{seed}"));
+    let stage = stages.start("world", r.world.train_images + r.world.eval_images);
+    let world = World::generate(&r.world, seed);
+    let files = world.write(&dir.join("world"), || stage.inc(1))?;
+    stages.finish(stage, &format!("{} corpus scenes, {} + {} images", world.corpus.len(), world.train.len(), world.eval.len()));
+
+    let model = sft_model(opts, seed, &files, stages)?;
+    let vlm = Vlm::load(&model, &LoadOptions::default(), Template::LlavaHf)?;
+    let mut scores = vec![evaluate(opts, &vlm, &files, &dir.join("eval/sft"), "evaluate SFT", stages)?];
+
+    let bfiles = BootstrapFiles::at(&dir.join("bootstrap"));
+    let bstats = bootstrap(opts, seed, &vlm, &model, &world, &files, &bfiles, stages)?;
+    drop(vlm);
+
+    for (name, run) in ROWS.iter().skip(1) {
+        let (pairs, settings) = match *run {
+            "sft-chosen" => (bfiles.pairs[0].clone(), &r.control),
+            "weaken" => (bfiles.pairs[1].clone(), &r.dpo),
+            "inject" => (bfiles.pairs[2].clone(), &r.dpo),
+            _ => (bfiles.pairs[0].clone(), &r.dpo),
+        };
+        let out = dir.join("runs").join(run);
+        let stage = stages.start(&format!("train {name}"), settings.steps);
+        train::preference(&model, &pairs, &files.images, &out, settings, seed, |_, l| stage.loss(l))?;
+        stages.finish(stage, "");
+        let vlm = Vlm::load(&out, &LoadOptions::default(), Template::LlavaHf)?;
+        scores.push(evaluate(opts, &vlm, &files, &dir.join("eval").join(run), &format!("evaluate {name}"), stages)?);
+    }
+    let result = SeedResult { seed, dir: dir.clone(), model, scores, bootstrap: bstats, world_stats: world.stats() };
+    jsonl::write(&dir.join("result.jsonl"), std::slice::from_ref(&result))?;
+    Ok(result)
+}
+
+/// The SFT model of this recipe and seed: from the cache, or trained (corpus, then instruction data) into it.
+fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Stages) -> Result<PathBuf> {
+    let r = &opts.recipe;
+    let dir = opts.out.join("models").join(format!("sft-{}", r.model_hash(seed)));
+    let done = dir.join("recipe.json");
+    if done.exists() {
+        stages.note(&format!("  SFT model cached: {}", dir.display()));
+        return Ok(dir);
+    }
+    let init = opts.out.join("models").join(format!("init-{}", r.model_hash(seed)));
+    init_model(&init, &r.model, &super::data::tokenizer_words(), seed)?;
+    let lm = opts.out.join("models").join(format!("lm-{}", r.model_hash(seed)));
+    let stage = stages.start("pre-train LM on the corpus", r.lm.steps);
+    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, seed, |_, l| stage.loss(l))?;
+    stages.finish(stage, "");
+    let stage = stages.start("visual instruction tuning", r.sft.steps);
+    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, seed, |_, l| stage.loss(l))?;
+    stages.finish(stage, "");
+    // Keep the LM stage's curve beside the model: the report plots both.
+    let lm_metrics = lm.join("metrics.jsonl");
+    std::fs::copy(&lm_metrics, dir.join("lm_metrics.jsonl")).map_err(|e| Error::io(&lm_metrics, e))?;
+    for d in [&init, &lm] {
+        std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let text = serde_json::to_string_pretty(&serde_json::json!({"seed": seed, "recipe": r})).unwrap_or_default();
+    std::fs::write(&done, text).map_err(|e| Error::io(&done, e))?;
+    Ok(dir)
+}
+
+fn evaluate(opts: &DemoOptions, vlm: &Vlm, files: &WorldFiles, out: &Path, name: &str, stages: &mut Stages) -> Result<EvalScores> {
+    let stage = stages.start(name, eval::request_count(files)?);
+    let ev = eval::evaluate(vlm, files, out, opts.recipe.eval_batch, Pass::INFER, |n| stage.inc(n))?;
+    let s = &ev.scores;
+    stages.finish(stage, &format!("CHAIR_i {:.1}  recall {:.1}  POPE-adv F1 {:.1}", 100.0 * s.chair.chair_i, 100.0 * s.chair.object_recall, 100.0 * s.pope_f1("adversarial")));
+    Ok(ev.scores)
+}
+
+/// Records, length matching, balancing and pair files for one seed.
+fn bootstrap(opts: &DemoOptions, seed: u64, vlm: &Vlm, model: &Path, world: &World, files: &WorldFiles, out: &BootstrapFiles, stages: &mut Stages) -> Result<BootstrapStats> {
+    let bo = BootstrapOptions { seed, ..opts.recipe.bootstrap.clone() };
+    let dir = out.records.parent().map(Path::to_path_buf).unwrap_or_default();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let records = boot::gt_records(&world.train, bo.images);
+    let mut stats = BootstrapStats { records: records.len(), ..Default::default() };
+    let stage = stages.start("bootstrap: weakened images", 0);
+    let (records, weakened) = boot::weaken_negatives(vlm, records, &files.images, &dir.join("weakened.jsonl"), &bo)?;
+    stats.weakened_answers = weakened;
+    stages.finish(stage, &format!("{weakened} answers"));
+    let stage = stages.start("bootstrap: continue injection", 0);
+    let (captions, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.prompt == super::world::DESCRIBE);
+    let (captions, injected) = boot::inject_negatives(model, captions, &dir.join("injected.jsonl"), &bo)?;
+    stats.injected_answers = injected;
+    stages.finish(stage, &format!("{injected} answers"));
+    let records: Vec<_> = captions.into_iter().chain(rest).collect();
+    jsonl::write(&out.raw, &records)?;
+    let matched = boot::match_and_balance(&records, seed, &mut stats);
+    jsonl::write(&out.records, &matched)?;
+    stats.pairs = boot::write_pairs(&matched, out)?;
+    stages.note(&format!("  pairs: {} BPO, {} weakening only, {} injection only", stats.pairs[0], stats.pairs[1], stats.pairs[2]));
+    Ok(stats)
+}

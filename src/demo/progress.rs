@@ -1,0 +1,69 @@
+//! Stage-by-stage progress on stderr: one bar per running stage, then one line per finished stage with its time.
+
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Shows (or hides) the pipeline's stages and records how long each took.
+pub struct Stages {
+    show: bool,
+    pub timings: Vec<(String, f64)>,
+}
+
+/// A running stage.
+pub struct Stage {
+    name: String,
+    bar: ProgressBar,
+    start: Instant,
+}
+
+impl Stages {
+    pub fn new(show: bool) -> Self {
+        Stages { show, timings: Vec::new() }
+    }
+
+    /// Starts a stage of `total` units (0: a spinner).
+    pub fn start(&self, name: &str, total: usize) -> Stage {
+        let bar = if !self.show {
+            ProgressBar::hidden()
+        } else if total == 0 {
+            ProgressBar::new_spinner()
+        } else {
+            ProgressBar::new(total as u64)
+        };
+        let template = if total == 0 { "{spinner} {msg} {elapsed}" } else { "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}" };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(name.to_string());
+        Stage { name: name.to_string(), bar, start: Instant::now() }
+    }
+
+    /// Ends a stage: prints its line (with `note`) and records its time.
+    pub fn finish(&mut self, stage: Stage, note: &str) {
+        let secs = stage.start.elapsed().as_secs_f64();
+        stage.bar.finish_and_clear();
+        if self.show {
+            eprintln!("  {:<34} {:>6.1}s  {note}", stage.name, secs);
+        }
+        self.timings.push((stage.name, secs));
+    }
+
+    /// A line of its own (a heading or a cache hit).
+    pub fn note(&self, text: &str) {
+        if self.show {
+            eprintln!("{text}");
+        }
+    }
+}
+
+impl Stage {
+    pub fn inc(&self, n: usize) {
+        self.bar.inc(n as u64);
+    }
+    /// Shows the latest loss beside the bar.
+    pub fn loss(&self, loss: f64) {
+        self.bar.set_prefix(format!("loss {loss:.3}"));
+        self.bar.inc(1);
+    }
+}

@@ -1,0 +1,407 @@
+//! The demo's synthetic world: scenes of coloured shapes on a 3x3 grid, with exact ground truth, and the text
+//! written about them.
+//!
+//! Twelve object kinds come in six *partner* pairs that look alike (circle/ring, square/diamond, ...). The
+//! text-only corpus, on which the language model is pre-trained, nearly always mentions a partner with its
+//! object: that is the language prior. In the grounded data (rendered images with captions and questions)
+//! partners co-occur much less, so answering well requires looking. Because partners look alike, a model that
+//! half-sees a circle and half-remembers the corpus says "ring": the prior and the picture conflict exactly where
+//! POPE's adversarial split asks (demo-world.md, lesson 4).
+//!
+//! All text is lower-case with punctuation as separate words, so a whitespace word-level tokenizer covers it.
+
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Object kinds. Index `2i` and `2i + 1` are partners.
+pub const KINDS: [&str; 12] =
+    ["circle", "ring", "square", "diamond", "triangle", "arrow", "cross", "plus", "star", "sun", "bar", "pillar"];
+
+/// Colour names and their RGB values.
+pub const COLOURS: [(&str, [u8; 3]); 6] = [
+    ("red", [222, 52, 48]),
+    ("green", [58, 181, 74]),
+    ("blue", [52, 102, 232]),
+    ("yellow", [240, 214, 48]),
+    ("purple", [160, 72, 208]),
+    ("white", [236, 236, 236]),
+];
+
+/// The usual colour of each partner pair (index into [`COLOURS`]): circles and rings are red, squares and
+/// diamonds blue, ... Partners share a colour, so colour tells the pair and only shape tells the partners apart.
+pub const PAIR_COLOUR: [usize; 6] = [0, 2, 1, 5, 3, 4];
+
+/// Rows and columns of the scene grid.
+pub const GRID: usize = 3;
+const ROWS: [&str; GRID] = ["top", "middle", "bottom"];
+const COLS: [&str; GRID] = ["left", "center", "right"];
+const NUMBERS: [&str; 6] = ["zero", "one", "two", "three", "four", "five"];
+
+/// The captioning instruction (training and CHAIR evaluation).
+pub const DESCRIBE: &str = "describe the image .";
+
+/// The partner of kind `k`.
+pub fn partner(k: usize) -> usize {
+    k ^ 1
+}
+
+/// The POPE / yes-no question about kind `k`.
+pub fn exists_question(k: usize) -> String {
+    format!("is there a {} in the image ?", KINDS[k])
+}
+
+/// One object: kind and colour (indices into [`KINDS`], [`COLOURS`]), grid cell (row-major) and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Object {
+    pub kind: usize,
+    pub colour: usize,
+    pub cell: usize,
+    pub big: bool,
+}
+
+impl Object {
+    /// "a red circle".
+    pub fn phrase(&self) -> String {
+        format!("a {} {}", COLOURS[self.colour].0, KINDS[self.kind])
+    }
+    /// "top left".
+    pub fn place(&self) -> String {
+        format!("{} {}", ROWS[self.cell / GRID], COLS[self.cell % GRID])
+    }
+}
+
+/// A scene: its objects in reading order (by cell), at most one of each kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scene {
+    pub objects: Vec<Object>,
+}
+
+impl Scene {
+    /// "a red circle and a blue ring": objects in reading order.
+    pub fn caption(&self) -> String {
+        self.objects.iter().map(Object::phrase).collect::<Vec<_>>().join(" and ")
+    }
+
+    pub fn has(&self, kind: usize) -> bool {
+        self.objects.iter().any(|o| o.kind == kind)
+    }
+
+    pub fn kinds(&self) -> Vec<usize> {
+        self.objects.iter().map(|o| o.kind).collect()
+    }
+
+    /// Kind names, in reading order.
+    pub fn names(&self) -> Vec<String> {
+        self.objects.iter().map(|o| KINDS[o.kind].to_string()).collect()
+    }
+}
+
+/// Parses a caption in the world's grammar back into (colour, kind) pairs; words outside the grammar are
+/// skipped, so a partial or malformed caption still yields the objects it names.
+pub fn parse_caption(text: &str) -> Vec<(Option<usize>, usize)> {
+    let mut out = Vec::new();
+    let mut colour = None;
+    for w in text.split_whitespace() {
+        if let Some(c) = COLOURS.iter().position(|(n, _)| *n == w) {
+            colour = Some(c);
+        } else if let Some(k) = KINDS.iter().position(|n| *n == w) {
+            out.push((colour.take(), k));
+        }
+    }
+    out
+}
+
+/// How scenes are drawn: one setting for the text-only corpus, one for grounded images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SceneStats {
+    /// Objects per scene, inclusive range.
+    pub min_objects: usize,
+    pub max_objects: usize,
+    /// After an object is drawn, its partner joins with this probability (if there is room).
+    pub partner_rate: f64,
+}
+
+/// Everything that defines a world; together with the seed it decides every scene, image and sentence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorldConfig {
+    /// Image side in pixels (a multiple of [`GRID`]).
+    pub image_size: usize,
+    /// Standard deviation of the per-pixel noise, in grey levels.
+    pub pixel_noise: f64,
+    /// How far objects wander from their cell's centre (0 = centred, 1 = anywhere in the cell).
+    pub jitter: f64,
+    /// Probability that an object is drawn small.
+    pub small: f64,
+    /// Probability that an object has a random colour instead of its pair's colour ([`PAIR_COLOUR`]).
+    pub off_colour: f64,
+    /// Zipf exponent of kind popularity (kind i has weight 1 / (i + 1)^s): POPE's popular split needs a skew.
+    pub popularity: f64,
+    pub corpus: SceneStats,
+    pub grounded: SceneStats,
+    /// Eval scenes: POPE asks about 3 present objects, so they hold at least 3.
+    pub eval: SceneStats,
+    pub corpus_scenes: usize,
+    pub train_images: usize,
+    pub eval_images: usize,
+    /// POPE questions per image and polarity (the official benchmark uses 3 yes + 3 no).
+    pub pope_per_image: usize,
+    /// Yes and no questions per training image (each).
+    pub yes_no: usize,
+}
+
+impl WorldConfig {
+    /// The demo's world.
+    pub fn standard() -> Self {
+        WorldConfig {
+            image_size: 48,
+            pixel_noise: 6.0,
+            jitter: 0.3,
+            small: 0.3,
+            off_colour: 0.2,
+            popularity: 0.6,
+            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.95 },
+            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.1 },
+            eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1 },
+            corpus_scenes: 10_000,
+            train_images: 4_000,
+            eval_images: 150,
+            pope_per_image: 3,
+            yes_no: 2,
+        }
+    }
+
+    /// A world small enough for tests.
+    pub fn quick() -> Self {
+        WorldConfig { image_size: 24, corpus_scenes: 300, train_images: 60, eval_images: 8, ..Self::standard() }
+    }
+
+    /// Per-object appearance odds.
+    pub fn look(&self) -> Look {
+        Look { small: self.small, off_colour: self.off_colour }
+    }
+
+    /// How images are drawn.
+    pub fn style(&self) -> super::render::Style {
+        super::render::Style { size: self.image_size, noise: self.pixel_noise, jitter: self.jitter }
+    }
+
+    /// Popularity weight of each kind.
+    pub fn weights(&self) -> Vec<f64> {
+        (0..KINDS.len()).map(|i| 1.0 / ((i + 1) as f64).powf(self.popularity)).collect()
+    }
+}
+
+/// Per-object appearance odds of a world.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    pub small: f64,
+    pub off_colour: f64,
+}
+
+/// Draws one scene.
+pub fn sample_scene(stats: &SceneStats, weights: &[f64], look: Look, rng: &mut StdRng) -> Scene {
+    let n = rng.random_range(stats.min_objects..=stats.max_objects.max(stats.min_objects)).min(KINDS.len());
+    let mut kinds: Vec<usize> = Vec::with_capacity(n);
+    while kinds.len() < n {
+        let k = weighted_pick(weights, &kinds, rng);
+        kinds.push(k);
+        let p = partner(k);
+        if kinds.len() < n && !kinds.contains(&p) && rng.random_bool(stats.partner_rate.clamp(0.0, 1.0)) {
+            kinds.push(p);
+        }
+    }
+    let colours: Vec<usize> = kinds
+        .iter()
+        .map(|&k| if rng.random_bool(look.off_colour.clamp(0.0, 1.0)) { rng.random_range(0..COLOURS.len()) } else { PAIR_COLOUR[k / 2] })
+        .collect();
+    let mut cells: Vec<usize> = (0..GRID * GRID).collect();
+    cells.shuffle(rng);
+    let mut objects: Vec<Object> =
+        kinds.into_iter().zip(colours).zip(cells).map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(look.small.clamp(0.0, 1.0)) }).collect();
+    objects.sort_by_key(|o| o.cell);
+    Scene { objects }
+}
+
+/// A kind drawn by weight among those not in `taken`.
+fn weighted_pick(weights: &[f64], taken: &[usize], rng: &mut StdRng) -> usize {
+    let free: Vec<usize> = (0..weights.len()).filter(|k| !taken.contains(k)).collect();
+    let total: f64 = free.iter().map(|&k| weights[k]).sum();
+    let mut u = rng.random::<f64>() * total;
+    for &k in &free {
+        if u < weights[k] {
+            return k;
+        }
+        u -= weights[k];
+    }
+    free[free.len() - 1]
+}
+
+/// One question-answer exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    pub question: String,
+    pub answer: String,
+    /// `caption`, `yes`, `no`, `colour`, `count` or `position`.
+    pub kind: String,
+}
+
+fn turn(kind: &str, question: String, answer: String) -> Turn {
+    Turn { question, answer, kind: kind.to_string() }
+}
+
+/// The grounded exchanges about a scene: its caption first, then `yes_no` yes and as many no questions
+/// (balanced; absent kinds drawn uniformly, as in instruction data, not adversarially) in random order, then one
+/// colour, count or position question. The instruction data puts the caption in a conversation of its own (see
+/// [`super::data`]): if the questions could read the caption from the context, they would not need the image.
+pub fn conversation(scene: &Scene, yes_no: usize, rng: &mut StdRng) -> Vec<Turn> {
+    let mut turns = vec![turn("caption", DESCRIBE.into(), scene.caption())];
+    let present: Vec<usize> = scene.kinds();
+    let absent: Vec<usize> = (0..KINDS.len()).filter(|&k| !scene.has(k)).collect();
+    let n = yes_no.min(present.len()).min(absent.len());
+    let mut asked: Vec<Turn> = present.choose_multiple(rng, n).map(|&k| turn("yes", exists_question(k), "yes".into())).collect();
+    asked.extend(absent.choose_multiple(rng, n).map(|&k| turn("no", exists_question(k), "no".into())));
+    asked.shuffle(rng);
+    turns.extend(asked);
+    // Last: "where is the circle ?" tells that there is a circle.
+    if let Some(o) = scene.objects.choose(rng) {
+        turns.push(attribute_turn(scene, o, rng));
+    }
+    turns
+}
+
+/// A colour, count or position question about `o` / the scene.
+fn attribute_turn(scene: &Scene, o: &Object, rng: &mut StdRng) -> Turn {
+    let kind = KINDS[o.kind];
+    match rng.random_range(0..4) {
+        0 => turn("colour", format!("what color is the {kind} ?"), COLOURS[o.colour].0.into()),
+        1 => turn("position", format!("where is the {kind} ?"), o.place()),
+        2 => turn("count", "how many objects are there ?".into(), NUMBERS[scene.objects.len().min(5)].into()),
+        _ => {
+            let c = rng.random_range(0..COLOURS.len());
+            let n = scene.objects.iter().filter(|x| x.colour == c).count();
+            turn("count", format!("how many {} objects are there ?", COLOURS[c].0), NUMBERS[n.min(5)].into())
+        }
+    }
+}
+
+/// Every word the world's text can contain (prompts, answers, captions), sorted.
+pub fn vocabulary() -> Vec<String> {
+    let mut words: Vec<String> = KINDS.iter().chain(COLOURS.iter().map(|(c, _)| c)).chain(ROWS.iter()).chain(COLS.iter()).chain(NUMBERS.iter()).map(|w| w.to_string()).collect();
+    let sentences = [DESCRIBE, "is there a in the image ?", "what color is the ?", "where is the ?", "how many objects are there ?", "yes no and"];
+    words.extend(sentences.iter().flat_map(|s| s.split_whitespace()).map(str::to_string));
+    words.sort();
+    words.dedup();
+    words
+}
+
+/// Co-occurrence counts of kinds over scenes: `m[a][b]` = scenes holding both `a` and `b` (`m[a][a]`: holding `a`).
+pub fn cooccurrence(scenes: &[Scene]) -> Vec<Vec<usize>> {
+    let mut m = vec![vec![0usize; KINDS.len()]; KINDS.len()];
+    for s in scenes {
+        let ks = s.kinds();
+        for &a in &ks {
+            for &b in &ks {
+                m[a][b] += 1;
+            }
+        }
+    }
+    m
+}
+
+/// P(partner present | object present), over all kinds: how strong the prior is in a set of scenes.
+pub fn partner_rate(scenes: &[Scene]) -> f64 {
+    let (mut with, mut total) = (0usize, 0usize);
+    for s in scenes {
+        for o in &s.objects {
+            total += 1;
+            with += usize::from(s.has(partner(o.kind)));
+        }
+    }
+    if total == 0 { 0.0 } else { with as f64 / total as f64 }
+}
+
+/// Mean objects per scene.
+pub fn objects_per_scene(scenes: &[Scene]) -> f64 {
+    if scenes.is_empty() {
+        return 0.0;
+    }
+    scenes.iter().map(|s| s.objects.len()).sum::<usize>() as f64 / scenes.len() as f64
+}
+
+/// A deterministic RNG for one purpose of one world (`stream` keeps corpus, images and questions independent).
+pub fn rng(seed: u64, stream: u64) -> StdRng {
+    StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenes(stats: &SceneStats, n: usize, seed: u64) -> Vec<Scene> {
+        let cfg = WorldConfig::standard();
+        let mut r = rng(seed, 1);
+        (0..n).map(|_| sample_scene(stats, &cfg.weights(), cfg.look(), &mut r)).collect()
+    }
+
+    #[test]
+    fn the_corpus_has_a_strong_prior_and_grounded_data_a_weak_one() {
+        let cfg = WorldConfig::standard();
+        let corpus = partner_rate(&scenes(&cfg.corpus, 3000, 1));
+        let grounded = partner_rate(&scenes(&cfg.grounded, 3000, 2));
+        assert!(corpus > 0.8, "corpus partner rate {corpus}");
+        assert!(grounded < 0.35, "grounded partner rate {grounded}");
+    }
+
+    #[test]
+    fn scenes_are_well_formed_and_seeded() {
+        let cfg = WorldConfig::standard();
+        let a = scenes(&cfg.grounded, 200, 5);
+        assert_eq!(a, scenes(&cfg.grounded, 200, 5));
+        assert_ne!(a, scenes(&cfg.grounded, 200, 6));
+        for s in &a {
+            let mut kinds = s.kinds();
+            kinds.sort();
+            kinds.dedup();
+            assert_eq!(kinds.len(), s.objects.len(), "one object per kind");
+            assert!((1..=4).contains(&s.objects.len()));
+            assert!(s.objects.windows(2).all(|w| w[0].cell < w[1].cell), "reading order, distinct cells");
+        }
+    }
+
+    #[test]
+    fn captions_parse_back_and_stay_in_the_vocabulary() {
+        let cfg = WorldConfig::standard();
+        let vocab = vocabulary();
+        let mut r = rng(3, 2);
+        for s in scenes(&cfg.grounded, 100, 3) {
+            let parsed = parse_caption(&s.caption());
+            assert_eq!(parsed, s.objects.iter().map(|o| (Some(o.colour), o.kind)).collect::<Vec<_>>());
+            for t in conversation(&s, 2, &mut r) {
+                for w in t.question.split_whitespace().chain(t.answer.split_whitespace()) {
+                    assert!(vocab.iter().any(|v| v == w), "{w:?} not in the vocabulary");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conversations_are_balanced() {
+        let cfg = WorldConfig::standard();
+        let mut r = rng(4, 2);
+        let (mut yes, mut no) = (0, 0);
+        for s in scenes(&cfg.grounded, 300, 4) {
+            for t in conversation(&s, 2, &mut r) {
+                yes += usize::from(t.kind == "yes");
+                no += usize::from(t.kind == "no");
+                if t.kind == "no" {
+                    let k = KINDS.iter().position(|k| t.question.contains(&format!(" {k} "))).unwrap();
+                    assert!(!s.has(k));
+                }
+            }
+        }
+        assert_eq!(yes, no);
+        assert!(yes > 400);
+    }
+}

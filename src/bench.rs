@@ -159,3 +159,92 @@ pub fn bootstrap_throughput(dir: &Path, scratch: &Path, batches: &[usize], answe
     let _ = std::fs::remove_file(&out);
     Ok(figures)
 }
+
+/// One DPO training-step measurement.
+#[derive(Debug, Clone)]
+pub struct TrainFigures {
+    /// Rows per step (2 per pair) and the length of each row.
+    pub rows: usize,
+    pub length: usize,
+    /// Median seconds per optimizer step over the timed steps.
+    pub seconds: f64,
+    pub steps: usize,
+    pub tokens_per_s: f64,
+}
+
+/// Times `steps` DPO steps (after one warm-up step) on a random model of `size`: 4 pairs of BOS + image + 9
+/// words of prompt and 9 words + EOS of answer, LoRA r 8 (alpha 16) on q/k/v/o, projector frozen, reference with
+/// adapters off computed every step, AdamW, no feature cache (the tower runs every step, as in PyTorch).
+/// `plain_backward` routes frozen weights through candle's plain matmul, whose backward also builds their
+/// gradients, to measure what skipping them saves.
+pub fn train_step(size: Size, steps: usize, plain_backward: bool) -> Result<TrainFigures> {
+    use crate::train::{dpo, trainer::LoopConfig, DpoLoss, ModelSetup, ScheduleKind};
+    let dir = std::env::temp_dir().join(format!("bpo-bench-train-{}-{size:?}", std::process::id()));
+    let result = (|| {
+        let model_dir = dir.join("model");
+        size.write_model(&model_dir, 0)?;
+        let side = size.config()["vision_config"]["image_size"].as_u64().unwrap_or(32) as u32;
+        let pre = serde_json::json!({"crop_size": {"height": side, "width": side}, "size": {"shortest_edge": side}, "do_center_crop": true, "resample": 3});
+        std::fs::write(model_dir.join("preprocessor_config.json"), pre.to_string()).map_err(|e| crate::Error::io(&model_dir, e))?;
+        let words = |start: usize| (start..start + 9).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let mut rows = String::new();
+        for p in 0..4 {
+            let img = format!("img{p}.png");
+            image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + p * 50) as u8, (y * 5) as u8, ((x + y) * 3) as u8])).save(dir.join(&img)).map_err(crate::Error::invalid)?;
+            rows.push_str(&format!("{}\n", serde_json::json!({"id": p, "prompt": words(10 + p as usize), "image": img, "chosen": words(100 + p as usize), "rejected": words(200 + p as usize)})));
+        }
+        let data = dir.join("pairs.jsonl");
+        std::fs::write(&data, rows).map_err(|e| crate::Error::io(&data, e))?;
+        let cfg = dpo::DpoConfig {
+            setup: ModelSetup {
+                model: model_dir,
+                template: crate::text::Template::Plain,
+                prompt_style: crate::text::PromptStyle::Llava,
+                aspect: crate::vision::AspectMode::Square,
+                lora: Some(crate::model::lora::LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: ["q", "k", "v", "o"].map(String::from).to_vec() }),
+                train_projector: false,
+                init_adapter: None,
+            },
+            data,
+            images: Some(dir.clone()),
+            max_words: None,
+            max_length: 4096,
+            loss: DpoLoss::default(),
+            drifting_ref_projector: false,
+            precompute_ref: false,
+            feature_cache_mb: 0,
+            optim: LoopConfig { lr: 1e-4, schedule: ScheduleKind::Constant, warmup_ratio: 0.0, epochs: steps + 1, batch_size: 4, ..Default::default() },
+        };
+        let mut rec = StepTimes(Vec::new());
+        crate::model::ops::PLAIN_FROZEN_MATMUL.store(plain_backward, std::sync::atomic::Ordering::SeqCst);
+        let run = dpo::train(&cfg, &dir.join("run"), false, None, &mut rec, &mut |_| {});
+        crate::model::ops::PLAIN_FROZEN_MATMUL.store(false, std::sync::atomic::Ordering::SeqCst);
+        run?;
+        let mut timed: Vec<(f64, f64)> = rec.0.into_iter().skip(1).collect();
+        timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (seconds, tokens) = timed.get(timed.len() / 2).copied().unwrap_or((f64::NAN, 0.0));
+        let length = 1 + size.image_positions() + 9 + 10;
+        Ok(TrainFigures { rows: 8, length, seconds, steps: timed.len(), tokens_per_s: tokens / seconds })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Collects (seconds, tokens) per step.
+struct StepTimes(Vec<(f64, f64)>);
+
+impl crate::train::Hooks for StepTimes {
+    fn on_step(&mut self, log: &crate::train::StepLog) -> bool {
+        self.0.push((log.get("step_seconds").unwrap_or(f64::NAN), log.get("num_tokens").unwrap_or(0.0)));
+        true
+    }
+}
+
+impl Size {
+    /// Image positions per image of this size (patch tokens, class token dropped).
+    pub fn image_positions(self) -> usize {
+        let v = &self.config()["vision_config"];
+        let grid = v["image_size"].as_u64().unwrap_or(0) / v["patch_size"].as_u64().unwrap_or(1);
+        (grid * grid) as usize
+    }
+}

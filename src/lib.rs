@@ -15,6 +15,7 @@ pub mod jsonl;
 pub mod model;
 pub mod score;
 pub mod text;
+pub mod train;
 pub mod vision;
 
 pub use error::{Error, Result};

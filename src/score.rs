@@ -27,6 +27,44 @@ pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Te
     Ok((sums, counts))
 }
 
+/// [`sequence_logprobs`] from final hidden states (b, t, hidden): only the positions that predict a label go
+/// through `lm_head`, so a response of a few tokens after a long prompt costs a few rows of the vocabulary
+/// projection instead of all `t`. Same shift, masking and results; differentiable in `hidden` and the adapters.
+pub fn response_logprobs(llm: &crate::model::Llama, hidden: &Tensor, labels: &Tensor, pass: crate::model::Pass) -> Result<(Tensor, Tensor)> {
+    let (b, t, h) = hidden.dims3()?;
+    let rows: Vec<Vec<i64>> = labels.to_vec2()?;
+    let (mut at, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, row) in rows.iter().enumerate() {
+        for (j, &label) in row.iter().enumerate().skip(1) {
+            if label != IGNORE {
+                at.push((r * t + j - 1) as u32);
+                targets.push(label as u32);
+                owner.push(r);
+            }
+        }
+    }
+    let device = hidden.device();
+    let counts: Vec<f32> = (0..b).map(|r| owner.iter().filter(|&&o| o == r).count() as f32).collect();
+    let counts = Tensor::from_vec(counts, b, device)?;
+    if at.is_empty() {
+        return Ok((Tensor::zeros(b, DType::F32, device)?, counts));
+    }
+    let n = at.len();
+    let picked_hidden = hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?;
+    let logits = llm.logits(&picked_hidden, pass)?.to_dtype(DType::F32)?; // (n, vocab)
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let picked = logits.gather(&Tensor::from_vec(targets, (n, 1), device)?, D::Minus1)?;
+    let lp = (picked - lse)?; // (n, 1)
+    // Per-row sums as a (b, n) 0/1 matrix times the token log-probs: one differentiable op.
+    let mut assign = vec![0f32; b * n];
+    for (i, &r) in owner.iter().enumerate() {
+        assign[r * n + i] = 1.0;
+    }
+    let sums = Tensor::from_vec(assign, (b, n), device)?.matmul(&lp)?.squeeze(1)?;
+    Ok((sums, counts))
+}
+
 /// One (prompt, response) sequence, already tokenised.
 #[derive(Clone)]
 pub struct Example {

@@ -7,4 +7,5 @@ mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
 mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
 mod eval; // POPE and CHAIR scoring through the binary, bad files
+mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache

@@ -114,19 +114,20 @@ pub fn detect(path: &Path) -> Result<InputFormat> {
     Err(Error::parse(path, None, "file is empty"))
 }
 
+/// One sample of LLaVA's instruct JSON (`{id, image?, conversations: [{from, value}]}`); training reads it too.
 #[derive(Deserialize)]
-struct LlavaSample {
+pub(crate) struct LlavaSample {
     #[serde(default)]
-    id: Option<Value>,
+    pub id: Option<Value>,
     #[serde(default)]
-    image: Option<String>,
-    conversations: Vec<Turn>,
+    pub image: Option<String>,
+    pub conversations: Vec<Turn>,
 }
 
 #[derive(Deserialize)]
-struct Turn {
-    from: String,
-    value: String,
+pub(crate) struct Turn {
+    pub from: String,
+    pub value: String,
 }
 
 #[derive(Deserialize)]

@@ -26,6 +26,9 @@ enum BenchAction {
     /// shared/reference.md's sizes, timed as `model.generate` is there: BOS + image positions + 20 text tokens,
     /// 64 new tokens, best of 3.
     Generate(GenerateBench),
+    /// Seconds per DPO step and tokens/s: 4 pairs (8 rows), LoRA r 8 on q/k/v/o, reference = adapters off
+    /// computed every step, AdamW. Prints the median over the timed steps (the first step is a warm-up).
+    Train(TrainBench),
     /// Bootstrapped answers per second: `bootstrap weaken` end to end (image loading, noise, prefill, decoding,
     /// writing records) with batching off (batch 1) and on.
     Bootstrap(BootstrapBench),
@@ -51,6 +54,22 @@ struct BootstrapBench {
     /// Decoding mode; the contrast modes run a clean-image row beside each answer.
     #[arg(long, value_enum, default_value = "noisy")]
     decode: super::bootstrap::Decode,
+}
+
+#[derive(Args)]
+struct TrainBench {
+    /// Model size (shared/reference.md).
+    #[arg(long, value_enum, default_value = "tiny")]
+    size: Size,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Also time the plain candle backward, which computes (and drops) gradients for every frozen weight.
+    #[arg(long)]
+    compare_plain_backward: bool,
+    /// Only write the model's config.json here (for scripts/bench_torch_train.py) and exit.
+    #[arg(long)]
+    write_config: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -88,6 +107,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.action {
         BenchAction::Eval(a) => bench_eval(a),
         BenchAction::Generate(a) => bench_generate(a),
+        BenchAction::Train(a) => bench_train(a),
         BenchAction::Bootstrap(a) => bootstrap(a),
     }
 }
@@ -178,4 +198,18 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
     })();
     std::fs::remove_dir_all(&scratch).ok();
     result
+}
+
+fn bench_train(a: TrainBench) -> anyhow::Result<()> {
+    if let Some(path) = &a.write_config {
+        std::fs::write(path, serde_json::to_string_pretty(&a.size.config())?)?;
+        return Ok(());
+    }
+    let modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
+    for &plain in modes {
+        let f = bpo::bench::train_step(a.size, a.steps, plain)?;
+        let backward = if plain { "plain candle backward (frozen-weight gradients computed)" } else { "frozen weights skipped in backward" };
+        println!("{:?}: {} rows x {} positions, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s", a.size, f.rows, f.length, f.seconds, f.steps, f.tokens_per_s);
+    }
+    Ok(())
 }

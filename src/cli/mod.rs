@@ -12,8 +12,11 @@ mod demo;
 mod distort;
 mod eval;
 mod generate;
+mod merge;
 mod pairs;
 mod score;
+mod sft;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "bpo", version, about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image", long_about = "Bootstrapped Preference Optimization (Pi et al., ECCV 2024) end to end: bootstrap negatives from the model itself (noised-image answers, error injection), pair them with ground truth, train with DPO + LoRA, and measure hallucination (POPE, CHAIR). Models are Hugging Face folders (LLaVA-1.5 in llava-hf layout, or Llama); nothing is downloaded.")]
@@ -42,6 +45,31 @@ enum Command {
     /// (VCD's schedule, T = 1000: step 0 is almost clean, BPO's release uses 900, VCD and POVID 500), then
     /// de-normalised for viewing. Use it to judge how much an image-weakened negative still shows.
     Distort(distort::Args),
+    /// Train with DPO on preference pairs (LoRA on the language model, the projector trainable).
+    ///
+    /// Chosen = ground truth, rejected = bootstrapped negative. The policy is the model with LoRA adapters on the
+    /// language model (and the projector trained fully); the reference is the same weights with the adapters off
+    /// and a frozen copy of the starting projector (BPO's released code let the reference's projector drift with
+    /// training: --drifting-ref-projector reproduces that). With --init-adapter the reference is the starting
+    /// policy, as in TRL, computed once before training. Defaults are the paper's recipe.
+    ///
+    /// The run folder gets a PEFT adapter (adapter_config.json, adapter_model.safetensors, loadable by peft),
+    /// projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and checkpoint-N folders.
+    /// Ctrl-C finishes the current step, saves a checkpoint and exits; --resume continues exactly where it stopped.
+    Train(train::Args),
+    /// Supervised training on LLaVA conversations (cross-entropy on the assistant turns), LoRA or full.
+    ///
+    /// Data: LLaVA instruct JSON (an array or one sample per line) of {id, image?, conversations: [{from:
+    /// human|gpt, value}]}; only the assistant turns carry labels (questions, system text and image positions do
+    /// not). LoRA by default (the run folder is then a PEFT adapter); --full trains every language-model weight and
+    /// the projector and writes a model folder that --model accepts. Ctrl-C and --resume work as in `bpo train`.
+    Sft(sft::Args),
+    /// Fold a LoRA adapter (a training run folder) into its base model: a plain model folder.
+    ///
+    /// Every adapted linear becomes W + (alpha / r) B A and the adapter's projector (if it saved one) replaces the
+    /// base projector. The output is a model folder in llava-hf layout (config, tokenizer and image-processor files
+    /// copied) that bpo and transformers load without peft.
+    Merge(merge::Args),
     /// Hallucination evaluation: score answers with POPE or CHAIR / Object HalBench, compare runs.
     Eval(eval::EvalArgs),
     /// Benchmarks: time pipeline stages on synthetic inputs and random-weight models.
@@ -64,6 +92,9 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Pairs(args) => pairs::run(args),
         Command::Distort(args) => distort::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Sft(args) => sft::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
@@ -103,6 +134,10 @@ pub struct ModelArgs {
     /// How a non-square image becomes square: `pad` (LLaVA-1.5's training setting) or `square` (stretch by the crop).
     #[arg(long, value_enum, default_value = "pad")]
     pub aspect: bpo::vision::AspectMode,
+    /// Apply this LoRA adapter without merging: a `bpo train` / `bpo sft` run folder or any PEFT adapter folder
+    /// (adapter_config.json + adapter_model.safetensors; its projector copy, if saved, replaces the model's).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -110,6 +145,9 @@ impl ModelArgs {
         let opts = bpo::model::LoadOptions { dtype: self.dtype.candle(), ..Default::default() };
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
+        if let Some(dir) = &self.adapter {
+            bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
+        }
         Ok(vlm)
     }
 

@@ -3,6 +3,9 @@
 //! The base weight is frozen unless it is itself a trainable variable (full fine-tuning); the adapter can be switched
 //! off per call ([`Pass::adapters`]), so one copy of the weights serves as both policy and DPO reference.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
@@ -33,6 +36,42 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout on the adapter's input during training.
     pub dropout: f32,
+    /// Where dropout masks come from (shared by all adapters of a model).
+    pub seed: Arc<DropoutSeed>,
+}
+
+/// Seeds of LoRA dropout masks. candle's own dropout draws from an unseeded thread RNG; here every mask is drawn
+/// from `(base, call number)`, and a trainer resets `base` each step, so a resumed run replays the same masks.
+#[derive(Debug, Default)]
+pub struct DropoutSeed {
+    base: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl DropoutSeed {
+    pub fn new(seed: u64) -> Self {
+        DropoutSeed { base: AtomicU64::new(seed), calls: AtomicU64::new(0) }
+    }
+
+    /// Restarts the mask sequence from `seed`.
+    pub fn reseed(&self, seed: u64) {
+        self.base.store(seed, Ordering::SeqCst);
+        self.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// The seed of the next mask.
+    pub fn next(&self) -> u64 {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        splitmix64(self.base.load(Ordering::SeqCst) ^ splitmix64(n))
+    }
+}
+
+/// SplitMix64 finaliser: decorrelates nearby seeds.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +107,7 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let (Some(lora), true) = (&self.lora, pass.adapters) {
-            let x = if pass.train && lora.dropout > 0.0 { candle_nn::ops::dropout(x, lora.dropout)? } else { x.clone() };
+            let x = if pass.train && lora.dropout > 0.0 { ops::dropout(x, lora.dropout, lora.seed.next())? } else { x.clone() };
             let down = x.broadcast_matmul(&lora.a.as_tensor().t()?)?;
             let up = down.broadcast_matmul(&lora.b.as_tensor().t()?)?;
             y = (y + (up * lora.scale)?)?;

@@ -28,6 +28,23 @@ impl Cache {
     }
 }
 
+/// Keys and values of every layer for a batch of prefixes (e.g. prompts), each (rows, kv_heads, t, head_dim) after
+/// the rotary embedding. Unlike [`Cache`] they stay in the autograd graph, so continuations that attend to them
+/// send gradients back into the prefix.
+pub struct PrefixKv {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+/// Where a layer's attention gets keys and values besides its own tokens.
+enum Kv<'a> {
+    /// Incremental decoding (or nothing).
+    Cache(Option<&'a mut KvCache>),
+    /// Keep this layer's keys and values.
+    Record(&'a mut Vec<(Tensor, Tensor)>),
+    /// Prepend prefix row `rows[r]` to row r.
+    Prefix(&'a (Tensor, Tensor), &'a Tensor),
+}
+
 /// Inverse frequencies of the rotary embedding, with the checkpoint's scaling applied.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -114,7 +131,7 @@ impl Attention {
     }
 
     /// `x`: (b, t, hidden); `mask`: additive (b, 1, t, past + t).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, pass: Pass) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (hd, kvh, rep) = (self.head_dim, self.kv_heads, self.heads / self.kv_heads);
         let q = self.q_proj.forward(x, pass)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?; // (b, heads, t, hd)
@@ -122,17 +139,21 @@ impl Attention {
         let v = self.v_proj.forward(x, pass)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?.contiguous()?;
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
+        let (k, v) = match kv {
+            Kv::Cache(Some(c)) => c.append(&k, &v)?,
+            Kv::Cache(None) => (k, v),
+            Kv::Record(out) => {
+                out.push((k.clone(), v.clone()));
+                (k, v)
+            }
+            Kv::Prefix((pk, pv), rows) => (Tensor::cat(&[pk.index_select(rows, 0)?, k], 2)?, Tensor::cat(&[pv.index_select(rows, 0)?, v], 2)?.contiguous()?),
         };
         let total = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the `rep` query heads sharing a KV head are stacked along
         // the time axis, so one batched matmul serves them all. (b, kvh, rep * t, hd)
         let q = q.contiguous()?.reshape((b, kvh, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.reshape((b, self.heads, t, total))?.broadcast_add(mask)?;
-        let probs = ops::softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, self.heads, t, total))?;
+        let probs = ops::attention_softmax(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(v.dtype())?;
         let out = probs.reshape((b, kvh, rep * t, total))?.matmul(&v)?; // (b, kvh, rep * t, hd)
         let out = out.reshape((b, self.heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
         self.o_proj.forward(&out, pass)
@@ -180,9 +201,9 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, pass: Pass) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, mask, cache, pass)?)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, pass)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
         x + self.mlp.forward(&h, pass)?
     }
@@ -220,12 +241,38 @@ impl Llama {
 
     /// Final-norm hidden states (b, t, hidden) for input embeddings (b, t, hidden) at `positions` (b, t).
     /// `mask` is additive, (b, 1, t, cached + t) (see [`causal_mask`]).
-    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut Cache>, pass: Pass) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut Cache>, pass: Pass) -> candle_core::Result<Tensor> {
+        let kv: Vec<Kv> = match cache {
+            Some(c) => c.layers.iter_mut().map(|l| Kv::Cache(Some(l))).collect(),
+            None => self.layers.iter().map(|_| Kv::Cache(None)).collect(),
+        };
+        self.run(embeds, positions, mask, pass, kv)
+    }
+
+    /// Like [`Llama::forward`] without a cache, also returning every layer's keys and values, for continuations
+    /// that share this prefix ([`Llama::forward_continuation`]).
+    pub fn forward_prefix(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, pass: Pass) -> candle_core::Result<(Tensor, PrefixKv)> {
+        let mut kept: Vec<Vec<(Tensor, Tensor)>> = self.layers.iter().map(|_| Vec::with_capacity(1)).collect();
+        let hidden = self.run(embeds, positions, mask, pass, kept.iter_mut().map(Kv::Record).collect())?;
+        Ok((hidden, PrefixKv { layers: kept.into_iter().flatten().collect() }))
+    }
+
+    /// Continuations of prefixes: row r of `embeds` (b, t, hidden) follows prefix row `rows[r]` (u32, b), so several
+    /// continuations (a chosen and a rejected answer) share one prefix computation, and their gradients add up in
+    /// it. `mask`: additive (b, 1, t, prefix + t) (see [`causal_mask`] with the prefix as the cached part).
+    pub fn forward_continuation(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, prefix: &PrefixKv, rows: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+        if prefix.layers.len() != self.layers.len() {
+            candle_core::bail!("prefix has {} layers, the model {}", prefix.layers.len(), self.layers.len());
+        }
+        self.run(embeds, positions, mask, pass, prefix.layers.iter().map(|l| Kv::Prefix(l, rows)).collect())
+    }
+
+    /// The decoder stack, layer `i` taking its extra keys and values from `kv[i]`.
+    fn run(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, pass: Pass, kv: Vec<Kv>) -> candle_core::Result<Tensor> {
         let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
         let mut x = embeds.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, mask, layer_cache, pass)?;
+        for (layer, kv) in self.layers.iter().zip(kv) {
+            x = layer.forward(&x, &cos, &sin, mask, kv, pass)?;
         }
         ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::clip::{self, ClipVision};
 use super::config::{FeatureStrategy, LlavaConfig};
 use super::linear::{Linear, Pass};
-use super::llama::{causal_mask, Cache, Llama};
+use super::llama::{causal_mask, Cache, Llama, PrefixKv};
 use crate::{bail, Result};
 
 /// `multi_modal_projector`: linear_1, GELU, linear_2.
@@ -124,8 +124,31 @@ impl Model {
     /// Final hidden states (b, t, hidden) for a batch, with positions and the causal/padding mask derived from
     /// `inputs.mask`. With a `cache`, `inputs` are the new tokens only and `inputs.mask` covers cached + new keys.
     pub fn forward_hidden(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, cache: Option<&mut Cache>, pass: Pass) -> Result<Tensor> {
-        let (b, t) = inputs.ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
+        let (embeds, positions, mask) = self.prepare(inputs, image_embeds, past)?;
+        Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
+    }
+
+    /// [`Model::forward_hidden`] for a batch of prefixes (prompts, left-padded so that they all end in the last
+    /// column), also returning their keys and values for [`Model::continuation_hidden`].
+    pub fn prefix_hidden(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, pass: Pass) -> Result<(Tensor, PrefixKv)> {
+        let (embeds, positions, mask) = self.prepare(inputs, image_embeds, 0)?;
+        Ok(self.llm.forward_prefix(&embeds, &positions, &mask, pass)?)
+    }
+
+    /// Hidden states (b, t, hidden) of text continuations `ids` (b, t) of prefix rows `rows` (u32, b): a chosen and
+    /// a rejected answer can follow one prompt computed once. `mask` (b, prefix + t) is the prefix row's key mask
+    /// followed by the continuation's.
+    pub fn continuation_hidden(&self, ids: &Tensor, mask: &Tensor, prefix: &PrefixKv, rows: &Tensor, pass: Pass) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let past = mask.dim(1)?.checked_sub(t).ok_or_else(|| crate::Error::invalid("continuation mask shorter than the continuation"))?;
+        let (embeds, positions, causal) = self.prepare(&Inputs { ids, mask, images: None }, None, past)?;
+        Ok(self.llm.forward_continuation(&embeds, &positions, &causal, prefix, rows, pass)?)
+    }
+
+    /// Input embeddings, positions and the additive attention mask for `inputs` after `past` earlier positions.
+    fn prepare(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, past: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = inputs.ids.dims2()?;
         let total = inputs.mask.dim(1)?;
         if total != past + t {
             bail!("attention mask covers {total} positions, expected {} cached + {t} new", past);
@@ -137,7 +160,7 @@ impl Model {
         let embeds = self.embed(inputs.ids, image_embeds)?;
         let mask = causal_mask(inputs.mask, t, self.dtype, &self.device)?;
         debug_assert_eq!(embeds.dims3()?.0, b);
-        Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
+        Ok((embeds, positions, mask))
     }
 
     /// Logits at every position (b, t, vocab), images encoded on the fly.

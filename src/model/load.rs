@@ -68,6 +68,91 @@ fn rename(layout: TensorLayout, name: &str) -> String {
     mapped.unwrap_or_else(|| name.to_string())
 }
 
+/// The inverse of `rename`: the llava-hf name of a tensor stored under `name` in `layout`. Names with no
+/// llava-hf counterpart come back unchanged.
+pub fn to_llava_hf(layout: TensorLayout, name: &str) -> String {
+    let swap = |from: &str, to: &str| name.strip_prefix(from).map(|rest| format!("{to}{rest}"));
+    let mapped = match layout {
+        TensorLayout::LlavaHf => None,
+        TensorLayout::LlavaHfNew => swap("model.language_model.", "language_model.model.")
+            .or_else(|| swap("lm_head.", "language_model.lm_head."))
+            .or_else(|| swap("model.vision_tower.", "vision_tower."))
+            .or_else(|| swap("model.multi_modal_projector.", "multi_modal_projector.")),
+        TensorLayout::Original => swap("model.mm_projector.0.", "multi_modal_projector.linear_1.")
+            .or_else(|| swap("model.mm_projector.2.", "multi_modal_projector.linear_2."))
+            .or_else(|| swap("model.vision_tower.vision_tower.", "vision_tower."))
+            .or_else(|| swap("model.", "language_model.model."))
+            .or_else(|| swap("lm_head.", "language_model.lm_head.")),
+    };
+    mapped.unwrap_or_else(|| name.to_string())
+}
+
+/// A model folder's tensors, addressed by llava-hf names (plain `model.*` names for a Llama) whatever layout the
+/// files use. Memory-mapped: reading a tensor copies only that tensor.
+pub struct TensorSource {
+    st: MmapedSafetensors,
+    layout: Option<TensorLayout>,
+    dir: PathBuf,
+}
+
+impl TensorSource {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        // SAFETY: read-only mapping, as in [`load`].
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Checkpoint { path: dir.into(), msg: e.to_string() })?;
+        let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        let layout = match ModelConfig::from_dir(dir)? {
+            ModelConfig::Llava(_) => detect_layout(&names),
+            ModelConfig::Llama(_) => None,
+        };
+        Ok(TensorSource { st, layout, dir: dir.into() })
+    }
+
+    /// Every tensor name, as llava-hf names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.st.tensors().into_iter().map(|(n, _)| self.layout.map_or(n.clone(), |l| to_llava_hf(l, &n))).collect();
+        names.sort();
+        names
+    }
+
+    /// The tensor with llava-hf name `name`, converted to `dtype` on `device`.
+    pub fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<candle_core::Tensor> {
+        Ok(self.raw(name, device)?.to_dtype(dtype)?)
+    }
+
+    /// The tensor with llava-hf name `name` in its stored dtype.
+    pub fn raw(&self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
+        let stored = self.layout.map_or(name.to_string(), |l| rename(l, name));
+        self.st.load(&stored, device).map_err(|e| Error::Checkpoint { path: self.dir.clone(), msg: format!("{name}: {e}") })
+    }
+}
+
+/// Loads a model for full fine-tuning: every language-model weight (embeddings, norms, linears, head) and the
+/// projector become trainable variables; the vision tower stays frozen (memory-mapped). Returns the model and its
+/// variables with their llava-hf names (`model.*` / `lm_head.*` for a Llama).
+pub fn load_trainable(dir: &Path, opts: &LoadOptions) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
+    let frozen = load(dir, opts)?;
+    let config = ModelConfig::from_dir(dir)?;
+    let varmap = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, opts.dtype, &opts.device);
+    let ckpt = |e: candle_core::Error| Error::Checkpoint { path: dir.into(), msg: e.to_string() };
+    let text = build(vb, &config, &LoadOptions { text_only: true, ..opts.clone() }).map_err(ckpt)?;
+    let source = TensorSource::open(dir)?;
+    let mut vars: Vec<(String, candle_core::Var)> = {
+        let data = varmap.data().lock().map_err(|_| Error::invalid("variable map poisoned"))?;
+        data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+    };
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &vars {
+        var.set(&source.get(name, opts.dtype, &opts.device)?)?;
+    }
+    let mut model = Model { llm: text.llm, vision: frozen.vision, device: opts.device.clone(), dtype: opts.dtype };
+    if model.vision.is_some() {
+        vars.extend(super::lora::unfreeze_projector(&mut model)?);
+    }
+    Ok((model, vars))
+}
+
 /// Where to load and in which precision.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

@@ -8,12 +8,12 @@ use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::linear::Lora;
+use super::linear::{DropoutSeed, Lora};
 use super::llava::Model;
 use crate::{bail, Result};
 
 /// Which linears get adapters and how big they are.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
     /// Rank r.
     pub rank: usize,
@@ -61,6 +61,7 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
     let (dev, dtype) = (model.device.clone(), model.dtype);
     let is_llava = model.vision.is_some();
     let mut vars = Vec::new();
+    let dropout_seed = std::sync::Arc::new(DropoutSeed::new(seed));
     for (path, lin) in model.llm.linears_mut() {
         let short = path.rsplit('.').next().unwrap_or_default();
         if !wanted.iter().any(|w| w == short) {
@@ -74,7 +75,7 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         let b = Var::from_tensor(&Tensor::zeros((out_f, cfg.rank), dtype, &dev)?)?;
         vars.push((peft_key(is_llava, &path, 'A'), a.clone()));
         vars.push((peft_key(is_llava, &path, 'B'), b.clone()));
-        lin.lora = Some(Lora { a, b, scale: cfg.alpha / cfg.rank as f64, dropout: cfg.dropout });
+        lin.lora = Some(Lora { a, b, scale: cfg.alpha / cfg.rank as f64, dropout: cfg.dropout, seed: dropout_seed.clone() });
     }
     if vars.is_empty() {
         bail!("no linear layer matched the LoRA targets {:?}", cfg.targets);

@@ -6,6 +6,7 @@
 pub mod clip;
 pub mod init;
 pub mod config;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod llava;

@@ -1,17 +1,28 @@
 //! Tensor ops with a real backward pass.
 //!
 //! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no backward: gradients through
-//! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference) and a
-//! differentiable composition otherwise. [`FrozenMatmul`] is a linear layer whose backward returns the input gradient
-//! only: candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra
-//! matmul and a weight-sized buffer per layer.
+//! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference), and when
+//! one does, the kernels of [`super::fused`] (f32 on the CPU: one graph node with an analytic backward) or else a
+//! differentiable composition. [`FrozenMatmul`] is a linear layer whose backward returns the input gradient only:
+//! candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra matmul
+//! and a weight-sized buffer per layer.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+use rand::{Rng, SeedableRng};
+
+use super::fused;
 
 /// True when a gradient must flow through an op touching any of `ts`.
 fn tracks(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
+}
+
+/// True when the fused f32 CPU kernels apply to all of `ts`.
+fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 /// Softmax over the last dimension.
@@ -19,16 +30,31 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     if !tracks(&[x]) {
         return candle_nn::ops::softmax_last_dim(x);
     }
+    if fusable(&[x]) {
+        return x.contiguous()?.apply_op1(fused::Softmax);
+    }
     // Softmax is shift-invariant, so the max needs no gradient.
     let x = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let e = x.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// Attention probabilities `softmax(scores * scale + mask)` in f32. `scores`: (b, heads, t, k); `mask`: additive,
+/// (b, 1, t, k), the same for every head.
+pub fn attention_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if fusable(&[scores, mask]) {
+        return scores.contiguous()?.apply_op2(&mask.contiguous()?, fused::AttnSoftmax { scale: scale as f32 });
+    }
+    softmax(&(scores * scale)?.broadcast_add(mask)?.to_dtype(DType::F32)?)
+}
+
 /// Llama RMSNorm, computed in f32 like transformers: `w * (x / sqrt(mean(x^2) + eps))`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if !tracks(&[x, w]) {
         return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    if fusable(&[x, w]) {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
@@ -53,6 +79,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     if !tracks(&[x]) {
         return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
     }
+    if fusable(&[x, cos, sin]) && cos.rank() == 3 {
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope { inverse: false });
+    }
     let half = x.dim(D::Minus1)? / 2;
     let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
     let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
@@ -61,18 +90,35 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     Tensor::cat(&[r1, r2], D::Minus1)
 }
 
+/// Benchmark switch: when set, frozen weights go through candle's plain matmul, whose backward also computes the
+/// (discarded) weight gradient. Only `bpo bench train --compare-plain-backward` sets it, to measure what
+/// [`FrozenMatmul`] saves.
+pub static PLAIN_FROZEN_MATMUL: AtomicBool = AtomicBool::new(false);
+
+/// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+/// Inverted dropout with a mask drawn from `seed`: each element is zeroed with probability `p`, the rest scaled by
+/// `1 / (1 - p)`. Deterministic in `seed`, unlike `candle_nn::ops::dropout`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability {p} is not in [0, 1)");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+}
+
 /// `x @ w^T` for a weight that never trains: the backward pass yields `grad @ w` for `x` and nothing for `w`.
 /// `w`: (out, in), contiguous; `x`: (..., in).
 pub struct FrozenMatmul {
     w: Tensor,
-}
-
-/// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || !w.is_contiguous() {
-        return x.broadcast_matmul(&w.t()?);
-    }
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -167,9 +213,39 @@ mod tests {
     }
 
     #[test]
+    fn attention_softmax_gradient_matches_finite_differences() {
+        // Row 1 of the mask hides key 2, as a causal mask would.
+        let mask = Tensor::from_slice(&[0f32, 0.0, 0.0, 0.0, 0.0, f32::MIN], (1, 1, 2, 3), &Device::Cpu).unwrap();
+        check_grad(&data(12), &[1, 2, 2, 3], |x| attention_softmax(x, &mask, 0.7));
+        let x = Tensor::from_slice(&data(12), (1, 2, 2, 3), &Device::Cpu).unwrap();
+        let composed = softmax(&(&x * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+        let d = (attention_softmax(&x, &mask, 0.7).unwrap() - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn rms_norm_weight_gradient_matches_finite_differences() {
+        let x = Tensor::from_slice(&data(8), (2, 4), &Device::Cpu).unwrap();
+        check_grad(&[0.5, 1.5, 0.8, 1.2], &[4], |w| rms_norm(&x, w, 1e-5));
+    }
+
+    #[test]
     fn frozen_matmul_gradient_matches_finite_differences() {
         let w = Tensor::from_slice(&data(15), (5, 3), &Device::Cpu).unwrap();
         check_grad(&data(12), &[2, 2, 3], |x| frozen_linear(x, &w));
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() {
+        let x = Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap();
+        let a: Vec<f32> = dropout(&x, 0.25, 7).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = dropout(&x, 0.25, 7).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let c: Vec<f32> = dropout(&x, 0.25, 8).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let zeros = a.iter().filter(|&&v| v == 0.0).count() as f32 / a.len() as f32;
+        assert!((zeros - 0.25).abs() < 0.05, "dropped fraction {zeros}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
     }
 
     #[test]

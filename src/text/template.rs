@@ -7,7 +7,8 @@ use crate::Result;
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 /// How a single-turn prompt is wrapped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Template {
     /// LLaVA-1.5 training and POPE evaluation: system text, then `" USER: <image>\n{q} ASSISTANT:"`.
     #[default]
@@ -31,10 +32,19 @@ impl Template {
             Template::Plain => q,
         }
     }
+
+    /// A later user turn of a conversation, after an answer that ended with EOS (no system text, no image).
+    pub fn render_next(self, question: &str) -> String {
+        match self {
+            Template::VicunaV1 | Template::LlavaHf => format!("USER: {question} ASSISTANT:"),
+            Template::Plain => question.to_string(),
+        }
+    }
 }
 
 /// Whose tokenisation conventions to follow for (prompt, response) sequences.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PromptStyle {
     /// LLaVA's trainer (used by BPO): BOS first, responses end with EOS.
     #[default]
@@ -44,10 +54,25 @@ pub enum PromptStyle {
 }
 
 /// Ids of a rendered prompt: BOS (Llava style) + text, each `<image>` replaced by `image_tokens` copies of `image_id`.
+///
+/// The Llava style encodes the text around each `<image>` separately, like LLaVA's `tokenizer_image_token` (so a
+/// Metaspace tokenizer puts a `▁` after the image block); the Trl style encodes the whole string in one call, like
+/// the llava-hf processor that TRL runs (no `▁` there), when the tokenizer knows `<image>` as a token.
 pub fn prompt_ids(tok: &Tokenizer, text: &str, style: PromptStyle, image: Option<(u32, usize)>) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     if style == PromptStyle::Llava {
         ids.extend(tok.bos);
+    }
+    let placeholder = tok.token_to_id(IMAGE_PLACEHOLDER);
+    if let (PromptStyle::Trl, Some((id, n)), Some(p)) = (style, image, placeholder) {
+        for t in tok.encode(text)? {
+            if t == p {
+                ids.extend(std::iter::repeat_n(id, n));
+            } else {
+                ids.push(t);
+            }
+        }
+        return Ok(ids);
     }
     for (i, part) in text.split(IMAGE_PLACEHOLDER).enumerate() {
         if i > 0 {
@@ -73,5 +98,59 @@ pub fn response_ids(tok: &Tokenizer, response: &str, style: PromptStyle) -> Resu
             Ok(ids)
         }
         PromptStyle::Trl => tok.encode(&format!(" {response} ")),
+    }
+}
+
+/// A multi-turn conversation as token ids with a target flag per id: the answers (with EOS in the Llava style) are
+/// targets, everything else (BOS, system text, questions, image positions) is context. The first question gets the
+/// image; later questions follow [`Template::render_next`].
+pub fn conversation_ids(tok: &Tokenizer, template: Template, style: PromptStyle, turns: &[(String, String)], image: Option<(u32, usize)>) -> Result<(Vec<u32>, Vec<bool>)> {
+    let (mut ids, mut target) = (Vec::new(), Vec::new());
+    for (i, (question, answer)) in turns.iter().enumerate() {
+        let context = if i == 0 { prompt_ids(tok, &template.render(question, image.is_some()), style, image)? } else { tok.encode(&template.render_next(question))? };
+        let reply = response_ids(tok, answer, style)?;
+        target.extend(std::iter::repeat_n(false, context.len()).chain(std::iter::repeat_n(true, reply.len())));
+        ids.extend(context.into_iter().chain(reply));
+    }
+    Ok((ids, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> Tokenizer {
+        Tokenizer::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer"), &[]).unwrap()
+    }
+
+    #[test]
+    fn conversations_label_only_the_answers() {
+        let tok = tok();
+        let turns = [("What is it?".to_string(), "a cat".to_string()), ("Colour?".to_string(), "red".to_string())];
+        let (ids, target) = conversation_ids(&tok, Template::LlavaHf, PromptStyle::Llava, &turns, Some((1022, 3))).unwrap();
+        let answers: Vec<u32> = ids.iter().zip(&target).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+        let mut want = tok.encode("a cat").unwrap();
+        want.push(2);
+        want.extend(tok.encode("red").unwrap());
+        want.push(2);
+        assert_eq!(answers, want, "answers with EOS are the only targets");
+        assert_eq!(ids[0], 1, "BOS first");
+        assert_eq!(ids.iter().filter(|&&i| i == 1022).count(), 3, "the image only in the first turn");
+        assert!(!target[..ids.iter().position(|&i| i == 1022).unwrap() + 3].iter().any(|&t| t));
+        let second_q = tok.encode("USER: Colour? ASSISTANT:").unwrap();
+        assert!(ids.windows(second_q.len()).any(|w| w == second_q), "later turns follow render_next");
+    }
+
+    #[test]
+    fn trl_style_encodes_the_prompt_in_one_call() {
+        let tok = tok();
+        let text = Template::LlavaHf.render("Hi", true);
+        let llava = prompt_ids(&tok, &text, PromptStyle::Llava, Some((1022, 2))).unwrap();
+        let trl = prompt_ids(&tok, &text, PromptStyle::Trl, Some((1022, 2))).unwrap();
+        assert_eq!(llava[0], 1);
+        assert_ne!(trl[0], 1, "no BOS in the TRL style");
+        // LLaVA's chunked encoding puts a "▁" after the image block; one-call encoding does not.
+        assert_eq!(llava.len(), trl.len() + 2);
+        assert_eq!(response_ids(&tok, "a cat", PromptStyle::Trl).unwrap(), tok.encode(" a cat ").unwrap());
     }
 }

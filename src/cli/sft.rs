@@ -1,0 +1,43 @@
+//! `bpo sft`: supervised training on LLaVA conversation data (the demo pre-trains its tiny model with it).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bpo::train::SftConfig;
+
+use super::train::{catch_sigint, finish, Bar, CommonArgs, STOP};
+use super::ModelArgs;
+
+/// Options of the subcommand (its help text is on the `Command` variant).
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Conversations: LLaVA instruct JSON (array) or one sample per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder the samples' image paths are relative to.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Run folder to write (or to continue with --resume).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = SftConfig {
+        setup: a.common.setup(&a.model)?,
+        data: a.data.clone(),
+        images: a.images.clone(),
+        max_length: a.common.max_length,
+        feature_cache_mb: a.common.feature_cache_mb,
+        optim: a.common.optim(2e-5, 1),
+    };
+    catch_sigint();
+    let mut bar = Bar(None);
+    let report = bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}")).with_context(|| format!("training into {}", a.out.display()))?;
+    finish(&report, &a.out, &bar);
+    Ok(())
+}

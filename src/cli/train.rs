@@ -1,0 +1,226 @@
+//! `bpo train`: DPO with LoRA on preference pairs. Also the options, progress bar and SIGINT handling that
+//! `bpo sft` shares.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context};
+use bpo::model::lora::LoraConfig;
+use bpo::train::dpo::{self, DpoConfig, DEFAULT_FEATURE_CACHE_MB};
+use bpo::train::trainer::{Hooks, LoopConfig, StepLog};
+use bpo::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind, TrainReport};
+
+use super::{progress, Dtype, ModelArgs};
+
+/// Options of the subcommand (its help text is on the `Command` variant).
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Preference data: BPO records (expanded to pairs as `bpo pairs` does) or a pair file (bpo, TRL
+    /// conversational or plain strings, LLaMA-Factory rows).
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder the data's image paths are relative to.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Run folder to write (or to continue with --resume).
+    #[arg(long)]
+    out: PathBuf,
+    /// DPO temperature: larger keeps the policy closer to the reference.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// Preference loss.
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    loss: LossKind,
+    /// Label-flip probability of the robust loss, in [0, 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Weight of an added NLL term on the chosen answers (RPO); 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    sft_weight: f64,
+    /// Compute the reference log-probs once before training (cached in the run folder) instead of every step.
+    #[arg(long)]
+    precompute_ref: bool,
+    /// Reference uses the live, training projector (BPO's released behaviour) instead of a frozen copy.
+    #[arg(long)]
+    drifting_ref_projector: bool,
+    /// Records only: drop records with a response longer than this many words (0 = keep all).
+    #[arg(long, default_value_t = 350)]
+    max_words: usize,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// What `bpo train` and `bpo sft` share: tokenisation, adapters, optimisation, run control.
+#[derive(clap::Args, Clone)]
+pub struct CommonArgs {
+    /// Tokenisation conventions: llava (BOS, answers end with EOS: LLaVA's own trainer) or trl (no BOS/EOS,
+    /// answers as " {text} ": TRL's vision DPO).
+    #[arg(long, value_enum, default_value = "llava")]
+    pub prompt_style: bpo::text::PromptStyle,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 64)]
+    pub lora_rank: usize,
+    /// LoRA scale numerator: updates are (alpha / rank) B A x.
+    #[arg(long, default_value_t = 256.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input (seeded: resumed runs replay it).
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// Language-model projections that get adapters.
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: Vec<String>,
+    /// Train every language-model weight instead of LoRA adapters (the output is then a model folder).
+    #[arg(long)]
+    pub full: bool,
+    /// Train the projector too (BPO does).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub train_projector: bool,
+    /// Start from this PEFT adapter (a run folder or peft's save_pretrained output, either name spelling).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Peak learning rate [default: 2e-6 for train, 2e-5 for sft].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning-rate schedule after the warm-up.
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub schedule: ScheduleKind,
+    /// Fraction of the steps spent warming up linearly from 0.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// AdamW decoupled weight decay (not applied to biases and norms).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Passes over the data [default: 2 for train, 1 for sft].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Pairs (or conversations) per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip gradients to this global L2 norm.
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Positions per sequence, image positions included; longer answers are cut (never image positions).
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Seed of the data order, LoRA initialisation and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every N optimizer steps.
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Continue the run in --out from its newest checkpoint (same options required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Memory for cached vision-tower features, in MiB (the tower is frozen; 0 = encode every time).
+    #[arg(long, default_value_t = DEFAULT_FEATURE_CACHE_MB)]
+    pub feature_cache_mb: usize,
+}
+
+impl CommonArgs {
+    /// The model side of the config.
+    pub fn setup(&self, model: &ModelArgs) -> anyhow::Result<ModelSetup> {
+        if !matches!(model.dtype, Dtype::F32) {
+            bail!("training runs in f32: drop --dtype");
+        }
+        if model.adapter.is_some() {
+            bail!("to start training from an adapter use --init-adapter (--adapter is for generate/score)");
+        }
+        let lora = LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.lora_targets.clone() };
+        Ok(ModelSetup { model: model.model.clone(), template: model.template, prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, init_adapter: self.init_adapter.clone() })
+    }
+
+    pub fn optim(&self, lr: f64, epochs: usize) -> LoopConfig {
+        LoopConfig {
+            lr: self.lr.unwrap_or(lr),
+            schedule: self.schedule,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs.unwrap_or(epochs),
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_grad_norm: self.max_grad_norm,
+            save_steps: self.save_steps,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Set by the SIGINT handler; the loop checks it after each step.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+    // A second Ctrl-C kills the process the usual way.
+    // SAFETY: `signal` is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+/// Makes Ctrl-C finish the current step and save instead of killing the run.
+pub fn catch_sigint() {
+    // SAFETY: installs a handler that only stores to an atomic and resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+}
+
+/// A progress bar with the latest loss.
+pub struct Bar(pub Option<indicatif::ProgressBar>);
+
+impl Hooks for Bar {
+    fn on_start(&mut self, start: usize, total: usize) {
+        let bar = progress(total, "training");
+        bar.set_position(start as u64);
+        self.0 = Some(bar);
+    }
+
+    fn on_step(&mut self, log: &StepLog) -> bool {
+        if let Some(bar) = &self.0 {
+            let acc = log.get("rewards/accuracies").map(|a| format!(" acc {a:.2}")).unwrap_or_default();
+            bar.set_message(format!("training: loss {:.4}{acc}", log.get("loss").unwrap_or(f64::NAN)));
+            bar.inc(1);
+        }
+        true
+    }
+}
+
+/// Prints how a run ended.
+pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) {
+    if let Some(b) = &bar.0 {
+        b.finish();
+    }
+    let s = &report.summary;
+    if s.interrupted {
+        let step = s.start_step + s.steps_done;
+        eprintln!("stopped after step {step} of {}: checkpoint-{step} saved in {}; continue with --resume", s.total_steps, out.display());
+        return;
+    }
+    let loss = s.last.as_ref().and_then(|l| l.get("loss")).map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
+    eprintln!("trained {} steps{loss}; wrote {}", s.steps_done, out.display());
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = DpoConfig {
+        setup: a.common.setup(&a.model)?,
+        data: a.data.clone(),
+        images: a.images.clone(),
+        max_words: (a.max_words > 0).then_some(a.max_words),
+        max_length: a.common.max_length,
+        loss: DpoLoss { kind: a.loss, beta: a.beta, label_smoothing: a.label_smoothing, sft_weight: a.sft_weight },
+        drifting_ref_projector: a.drifting_ref_projector,
+        precompute_ref: a.precompute_ref,
+        feature_cache_mb: a.common.feature_cache_mb,
+        optim: a.common.optim(2e-6, 2),
+    };
+    catch_sigint();
+    let mut bar = Bar(None);
+    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}")).with_context(|| format!("training into {}", a.out.display()))?;
+    finish(&report, &a.out, &bar);
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! Saving and loading what a run trains: LoRA adapters in PEFT's layout (loadable by `peft`), the projector,
+//! full weights, and the files a resumed run needs (optimizer moments, step). Every file is written to a temporary
+//! name, fsynced and renamed; a checkpoint folder is filled under a temporary name and renamed whole.
+//!
+//! PEFT names a LoRA tensor `base_model.model.<module path>.lora_{A,B}.weight`. For llava-hf models peft with
+//! transformers 5 writes `base_model.model.model.language_model.layers.N...` and, for the projector kept in
+//! `modules_to_save`, `base_model.model.model.multi_modal_projector.*`; older stacks wrote
+//! `base_model.model.language_model.model.layers.N...`. bpo writes the first and reads both (and the original
+//! LLaVA's `base_model.model.model.layers.N...` / `mm_projector.{0,2}`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+use serde_json::{json, Value};
+
+use crate::model::linear::{DropoutSeed, Lora};
+use crate::model::load::save_safetensors;
+use crate::model::lora::{peft_key, LoraConfig};
+use crate::model::Model;
+use crate::{bail, Error, Result};
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The trained projector under llava-hf names, for tools that do not read PEFT files.
+pub const PROJECTOR_WEIGHTS: &str = "projector.safetensors";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const TRAINER_STATE: &str = "trainer_state.json";
+
+const PROJECTOR_MODULE: &str = "multi_modal_projector";
+
+/// Decoder module path (`layers.0.self_attn.q_proj`) and `A`/`B` of a PEFT LoRA tensor name in any spelling.
+pub fn parse_lora_key(name: &str) -> Option<(String, char)> {
+    let rest = ["base_model.model.language_model.model.", "base_model.model.model.language_model.", "base_model.model.model."].iter().find_map(|p| name.strip_prefix(p))?;
+    let rest = rest.strip_suffix(".weight")?.replace(".default", "");
+    let (module, which) = rest.rsplit_once(".lora_")?;
+    let which = match which {
+        "A" => 'A',
+        "B" => 'B',
+        _ => return None,
+    };
+    module.starts_with("layers.").then(|| (module.to_string(), which))
+}
+
+/// llava-hf name (`multi_modal_projector.linear_1.weight`) of a projector tensor saved by PEFT in any spelling.
+pub fn parse_projector_key(name: &str) -> Option<String> {
+    let rest = ["base_model.model.multi_modal_projector.", "base_model.model.model.multi_modal_projector."].iter().find_map(|p| name.strip_prefix(p));
+    let rest = rest.map(|r| r.replace(".modules_to_save.default", "")).or_else(|| {
+        let r = name.strip_prefix("base_model.model.model.mm_projector.")?;
+        r.strip_prefix("0.").map(|x| format!("linear_1.{x}")).or_else(|| r.strip_prefix("2.").map(|x| format!("linear_2.{x}")))
+    })?;
+    Some(format!("{PROJECTOR_MODULE}.{rest}"))
+}
+
+/// The name bpo writes for a LoRA tensor (see the module doc).
+fn lora_write_key(is_llava: bool, module: &str, which: char) -> String {
+    let prefix = if is_llava { "base_model.model.model.language_model" } else { "base_model.model.model" };
+    format!("{prefix}.{module}.lora_{which}.weight")
+}
+
+fn projector_write_key(name: &str) -> String {
+    format!("base_model.model.model.{name}")
+}
+
+/// Writes JSON through a temporary file, fsync and rename.
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::parse(path, None, e))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
+}
+
+/// Fills `dir` atomically: `fill` writes into `dir` + `.tmp`, which then replaces `dir` in one rename.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    fill(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        // Make the rename itself durable.
+        std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(|e| Error::io(parent, e))?;
+    }
+    Ok(())
+}
+
+/// `adapter_config.json` for `cfg`. LLaVA targets are a regex restricted to the language model, so that peft does
+/// not also wrap the CLIP tower's identically named `q_proj`/`k_proj`/`v_proj`.
+fn adapter_config(is_llava: bool, cfg: &LoraConfig, with_projector: bool, base_model: &str) -> Value {
+    let modules = cfg.module_names();
+    let targets = if is_llava { json!(format!(".*language_model.*\\.({})", modules.join("|"))) } else { json!(modules) };
+    json!({
+        "peft_type": "LORA", "task_type": if is_llava { Value::Null } else { json!("CAUSAL_LM") },
+        "base_model_name_or_path": base_model, "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": (cfg.dropout as f64 * 1e6).round() / 1e6,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
+        "init_lora_weights": true, "use_rslora": false, "use_dora": false, "rank_pattern": {}, "alpha_pattern": {},
+        "layers_to_transform": null, "layers_pattern": null,
+        "modules_to_save": if with_projector { json!([PROJECTOR_MODULE]) } else { Value::Null },
+    })
+}
+
+/// Writes `adapter_config.json` + `adapter_model.safetensors` (LoRA, and the projector as `modules_to_save`) and,
+/// with a projector, `projector.safetensors`. `lora` carries [`peft_key`] names, `projector` llava-hf names.
+pub fn save_adapter(dir: &Path, is_llava: bool, cfg: &LoraConfig, lora: &[(String, Var)], projector: &[(String, Var)], base_model: &str) -> Result<()> {
+    let mut tensors = Vec::with_capacity(lora.len() + projector.len());
+    for (key, var) in lora {
+        let (module, which) = parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
+        tensors.push((lora_write_key(is_llava, &module, which), var.as_tensor().clone()));
+    }
+    tensors.extend(projector.iter().map(|(n, v)| (projector_write_key(n), v.as_tensor().clone())));
+    save_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    if !projector.is_empty() {
+        let plain: Vec<(String, Tensor)> = projector.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        save_safetensors(&dir.join(PROJECTOR_WEIGHTS), &plain)?;
+    }
+    write_json(&dir.join(ADAPTER_CONFIG), &adapter_config(is_llava, cfg, !projector.is_empty(), base_model))
+}
+
+/// An adapter attached to a model by [`load_adapter`].
+pub struct Adapter {
+    /// LoRA variables under [`peft_key`] names.
+    pub lora: Vec<(String, Var)>,
+    /// Projector variables under llava-hf names (empty if the adapter has none).
+    pub projector: Vec<(String, Var)>,
+    pub config: LoraConfig,
+}
+
+/// Attaches the PEFT adapter in `dir` (either spelling) to `model`: LoRA on every linear it has tensors for, and
+/// its projector copy if it saved one. Unknown tensors and unsupported PEFT options are errors, not ignored.
+pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let cfg = read_json(&cfg_path)?;
+    let bad = |msg: String| Error::parse(&cfg_path, None, msg);
+    if cfg.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
+        return Err(bad(format!("peft_type {} is not LORA", cfg["peft_type"])));
+    }
+    if cfg.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(bad("DoRA adapters are not supported".into()));
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if cfg.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+            return Err(bad(format!("{key} is not supported")));
+        }
+    }
+    let rank = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad("no integer `r`".into()))? as usize;
+    let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("no number `lora_alpha`".into()))?;
+    let dropout = cfg.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    let scale = if cfg.get("use_rslora").and_then(Value::as_bool) == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let tensors = candle_core::safetensors::load(&path, &model.device).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let mut lora: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
+    let mut projector: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in tensors {
+        if let Some((module, which)) = parse_lora_key(&name) {
+            lora.entry(module).or_default()[usize::from(which == 'B')] = Some(t.to_dtype(model.dtype)?);
+        } else if let Some(p) = parse_projector_key(&name) {
+            projector.insert(p, t.to_dtype(model.dtype)?);
+        } else {
+            return Err(Error::Checkpoint { path, msg: format!("unsupported adapter tensor {name} (bpo adapts the language model's linears and the projector)") });
+        }
+    }
+
+    let is_llava = model.vision.is_some();
+    let seed = Arc::new(DropoutSeed::new(0));
+    let mut out = Adapter { lora: Vec::new(), projector: Vec::new(), config: LoraConfig { rank, alpha, dropout, targets: Vec::new() } };
+    for (module, lin) in model.llm.linears_mut() {
+        let Some([a, b]) = lora.remove(&module) else { continue };
+        let (Some(a), Some(b)) = (a, b) else { bail!("{}: {module} has only one of lora_A and lora_B", path.display()) };
+        if a.dims() != [rank, lin.in_features()] || b.dims() != [lin.out_features(), rank] {
+            bail!("{}: {module} has A {:?} and B {:?}, expected [{rank}, {}] and [{}, {rank}]", path.display(), a.dims(), b.dims(), lin.in_features(), lin.out_features());
+        }
+        let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        out.lora.push((peft_key(is_llava, &module, 'A'), a.clone()));
+        out.lora.push((peft_key(is_llava, &module, 'B'), b.clone()));
+        let short = module.rsplit('.').next().unwrap_or_default().trim_end_matches("_proj").to_string();
+        if !out.config.targets.contains(&short) {
+            out.config.targets.push(short);
+        }
+        lin.lora = Some(Lora { a, b, scale, dropout, seed: seed.clone() });
+    }
+    if let Some(module) = lora.keys().next() {
+        bail!("{}: the adapter has weights for {module}, which this model does not have", path.display());
+    }
+    if !projector.is_empty() {
+        out.projector = set_projector(model, &projector, &path)?;
+    }
+    Ok(out)
+}
+
+/// Replaces the projector's weights with trainable copies of `tensors` (llava-hf names). Returns the variables.
+fn set_projector(model: &mut Model, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<(String, Var)>> {
+    let vars = crate::model::lora::unfreeze_projector(model)?;
+    for (name, var) in &vars {
+        let t = tensors.get(name).ok_or_else(|| Error::Checkpoint { path: path.into(), msg: format!("projector tensor {name} missing") })?;
+        if t.dims() != var.dims() {
+            bail!("{}: {name} has shape {:?}, the model {:?}", path.display(), t.dims(), var.dims());
+        }
+        var.set(t)?;
+    }
+    Ok(vars)
+}
+
+/// Overwrites `vars` (saved by [`save_adapter`] in `dir`) with the values stored there.
+pub fn restore_adapter(dir: &Path, lora: &[(String, Var)], projector: &[(String, Var)]) -> Result<()> {
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let mut by_name: HashMap<String, &Tensor> = HashMap::new();
+    for (name, t) in &saved {
+        if let Some((module, which)) = parse_lora_key(name) {
+            by_name.insert(format!("{module}.{which}"), t);
+        } else if let Some(p) = parse_projector_key(name) {
+            by_name.insert(p, t);
+        }
+    }
+    for (key, var) in lora {
+        let (module, which) = parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
+        set_from(var, by_name.get(&format!("{module}.{which}")).copied(), key, &path)?;
+    }
+    for (name, var) in projector {
+        set_from(var, by_name.get(name).copied(), name, &path)?;
+    }
+    Ok(())
+}
+
+fn set_from(var: &Var, t: Option<&Tensor>, name: &str, path: &Path) -> Result<()> {
+    let t = t.ok_or_else(|| Error::Checkpoint { path: path.into(), msg: format!("{name} missing") })?;
+    Ok(var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?)
+}
+
+/// Loads named tensors from a safetensors file into `vars` (by name; all must be present).
+pub fn restore_named(path: &Path, vars: &[(String, Var)]) -> Result<()> {
+    let saved = candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
+    for (name, var) in vars {
+        set_from(var, saved.get(name), name, path)?;
+    }
+    Ok(())
+}
+
+/// The newest `checkpoint-N` folder of a run (by N), if any.
+pub fn latest_checkpoint(run: &Path) -> Result<Option<(usize, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(run) else { return Ok(None) };
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(run, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+        if e.path().join(TRAINER_STATE).is_file() && best.as_ref().is_none_or(|b| step > b.0) {
+            best = Some((step, e.path()));
+        }
+    }
+    Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_peft_spelling_parses() {
+        let want = Some(("layers.3.self_attn.q_proj".to_string(), 'A'));
+        assert_eq!(parse_lora_key("base_model.model.language_model.model.layers.3.self_attn.q_proj.lora_A.weight"), want);
+        assert_eq!(parse_lora_key("base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight"), want);
+        assert_eq!(parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"), want);
+        assert_eq!(parse_lora_key("base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"), Some(("layers.0.mlp.down_proj".into(), 'B')));
+        assert_eq!(parse_lora_key("base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"), None);
+        assert_eq!(parse_lora_key("base_model.model.lm_head.lora_A.weight"), None);
+        for n in ["base_model.model.multi_modal_projector.linear_1.weight", "base_model.model.model.multi_modal_projector.linear_1.weight", "base_model.model.model.mm_projector.0.weight"] {
+            assert_eq!(parse_projector_key(n).as_deref(), Some("multi_modal_projector.linear_1.weight"), "{n}");
+        }
+        assert_eq!(parse_projector_key("base_model.model.model.mm_projector.2.bias").as_deref(), Some("multi_modal_projector.linear_2.bias"));
+        // What bpo writes reads back.
+        assert_eq!(parse_lora_key(&lora_write_key(true, "layers.1.mlp.up_proj", 'B')), Some(("layers.1.mlp.up_proj".into(), 'B')));
+        assert_eq!(parse_lora_key(&lora_write_key(false, "layers.1.mlp.up_proj", 'B')), Some(("layers.1.mlp.up_proj".into(), 'B')));
+        assert_eq!(parse_projector_key(&projector_write_key("multi_modal_projector.linear_2.weight")).as_deref(), Some("multi_modal_projector.linear_2.weight"));
+    }
+
+    #[test]
+    fn atomic_dir_replaces_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("checkpoint-1");
+        write_dir_atomically(&dir, |d| std::fs::write(d.join("a"), "1").map_err(|e| Error::io(d, e))).unwrap();
+        write_dir_atomically(&dir, |d| std::fs::write(d.join("b"), "2").map_err(|e| Error::io(d, e))).unwrap();
+        assert!(!dir.join("a").exists() && dir.join("b").exists());
+        assert!(!tmp.path().join("checkpoint-1.tmp").exists());
+        // A failed fill leaves the previous folder intact.
+        assert!(write_dir_atomically(&dir, |_| Err(Error::invalid("boom"))).is_err());
+        assert!(dir.join("b").exists());
+    }
+}

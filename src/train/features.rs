@@ -1,0 +1,49 @@
+//! Frozen vision-tower features for training batches. The CLIP tower never trains in BPO, so its output for an
+//! image is a constant: each distinct image of a batch is encoded once (chosen and rejected rows share it), and
+//! features are kept across steps and epochs up to a memory budget.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use crate::generate::Vlm;
+use crate::Result;
+
+pub struct FeatureCache {
+    cache: HashMap<PathBuf, Tensor>,
+    bytes: usize,
+    budget: usize,
+    /// Images run through the tower so far (cache misses).
+    pub encoded: usize,
+}
+
+impl FeatureCache {
+    /// Keeps at most `budget_mb` MiB of features (0: encode every time).
+    pub fn new(budget_mb: usize) -> Self {
+        FeatureCache { cache: HashMap::new(), bytes: 0, budget: budget_mb << 20, encoded: 0 }
+    }
+
+    /// Features of `paths` (distinct images), stacked in order: (n, tokens, tower hidden). Images not in the cache
+    /// are decoded, preprocessed and encoded together in one tower call.
+    pub fn features(&mut self, vlm: &Vlm, paths: &[&Path]) -> Result<Tensor> {
+        let missing: Vec<&Path> = paths.iter().copied().filter(|p| !self.cache.contains_key(*p)).collect();
+        let mut fresh: HashMap<&Path, Tensor> = HashMap::new();
+        if !missing.is_empty() {
+            let pixels = missing.iter().map(|p| vlm.load_image(p)).collect::<Result<Vec<_>>>()?;
+            let feats = vlm.model.encode_images(&Tensor::stack(&pixels, 0)?)?.detach();
+            self.encoded += missing.len();
+            for (i, p) in missing.iter().enumerate() {
+                let f = feats.get(i)?.contiguous()?;
+                let size = f.elem_count() * f.dtype().size_in_bytes();
+                if self.bytes + size <= self.budget {
+                    self.bytes += size;
+                    self.cache.insert(p.to_path_buf(), f.clone());
+                }
+                fresh.insert(p, f);
+            }
+        }
+        let rows: Vec<Tensor> = paths.iter().map(|p| fresh.get(p).or_else(|| self.cache.get(*p)).cloned().ok_or_else(|| crate::Error::invalid("feature cache lost an image"))).collect::<Result<_>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}

@@ -1,0 +1,133 @@
+//! Getting a run ready: the model with what it trains (fresh LoRA, a starting adapter, or every weight), the
+//! frozen copy of the starting projector that the DPO reference uses, and the run folder with its resolved config.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::checkpoint::{load_adapter, read_json, write_json};
+use super::trainer::Trainable;
+use crate::generate::Vlm;
+use crate::model::llava::Projector;
+use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
+use crate::model::{load::load_trainable, LoadOptions};
+use crate::text::{PromptStyle, Template};
+use crate::vision::AspectMode;
+use crate::{bail, Error, Result};
+
+/// The model side of a run's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSetup {
+    pub model: PathBuf,
+    pub template: Template,
+    pub prompt_style: PromptStyle,
+    pub aspect: AspectMode,
+    /// LoRA settings; None = full fine-tuning of the language model (and the projector).
+    pub lora: Option<LoraConfig>,
+    pub train_projector: bool,
+    /// Start from this PEFT adapter instead of fresh LoRA weights.
+    pub init_adapter: Option<PathBuf>,
+}
+
+/// A model ready to train.
+pub struct Prepared {
+    pub vlm: Vlm,
+    pub trainable: Trainable,
+    /// The projector as it was before training (LoRA runs of LLaVA models), for the reference.
+    pub start_projector: Option<Projector>,
+}
+
+fn copy_projector(p: &Projector) -> Projector {
+    Projector { linear_1: p.linear_1.clone(), linear_2: p.linear_2.clone(), act: p.act.clone() }
+}
+
+/// Loads the model of `s` (f32, CPU) and makes trainable what `s` asks for.
+pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
+    let opts = LoadOptions::default();
+    let mut vlm = Vlm::load(&s.model, &opts, s.template)?;
+    vlm.aspect = s.aspect;
+    vlm.style = s.prompt_style;
+    let is_llava = vlm.model.vision.is_some();
+    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, full: Vec::new(), base_model: s.model.clone() };
+    let Some(lora) = &s.lora else {
+        if s.init_adapter.is_some() {
+            bail!("--init-adapter starts LoRA training; it cannot be combined with full fine-tuning");
+        }
+        let (model, vars) = load_trainable(&s.model, &opts)?;
+        vlm.model = model;
+        trainable.full = vars.into_iter().filter(|(n, _)| s.train_projector || !n.starts_with("multi_modal_projector.")).collect();
+        return Ok(Prepared { vlm, trainable, start_projector: None });
+    };
+    let start_projector = vlm.model.vision.as_ref().map(|v| copy_projector(&v.projector));
+    match &s.init_adapter {
+        Some(dir) => {
+            let adapter = load_adapter(&mut vlm.model, dir)?;
+            trainable.lora = adapter.lora;
+            trainable.projector = adapter.projector;
+            trainable.lora_cfg = Some(LoraConfig { dropout: lora.dropout, ..adapter.config });
+            for (_, l) in vlm.model.llm.linears_mut() {
+                if let Some(l) = l.lora.as_mut() {
+                    l.dropout = lora.dropout;
+                }
+            }
+        }
+        None => trainable.lora = attach(&mut vlm.model, lora, seed)?,
+    }
+    if trainable.projector_trains && trainable.projector.is_empty() {
+        trainable.projector = unfreeze_projector(&mut vlm.model)?;
+    }
+    Ok(Prepared { vlm, trainable, start_projector })
+}
+
+/// Creates `out` and records `config` there as `train_config.json`. A folder that already holds a run is refused
+/// unless `resume`, and then its config must match `config`.
+pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let path = out.join("train_config.json");
+    match (path.exists(), resume) {
+        (false, true) => bail!("--resume: {} holds no run (no train_config.json)", out.display()),
+        (true, false) => bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display()),
+        (true, true) => {
+            let old = read_json(&path)?;
+            let differ = differing_keys(&old, config);
+            if !differ.is_empty() {
+                return Err(Error::invalid(format!("--resume: the options differ from the run's train_config.json in {}", differ.join(", "))));
+            }
+            Ok(())
+        }
+        (false, false) => write_json(&path, config),
+    }
+}
+
+/// Top-level (and one level down) keys whose values differ.
+fn differing_keys(a: &Value, b: &Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else { return vec!["(whole config)".into()] };
+    let mut out = Vec::new();
+    for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+        match (a.get(key), b.get(key)) {
+            (Some(Value::Object(x)), Some(Value::Object(y))) => out.extend(differing_keys(&Value::Object(x.clone()), &Value::Object(y.clone())).into_iter().map(|k| format!("{key}.{k}"))),
+            (x, y) if x != y => out.push(key.clone()),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn run_dir_refuses_reuse_and_checks_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = json!({"lr": 1.0, "optim": {"epochs": 2}});
+        assert!(prepare_run_dir(tmp.path(), &cfg, true).is_err(), "nothing to resume");
+        prepare_run_dir(tmp.path(), &cfg, false).unwrap();
+        assert!(prepare_run_dir(tmp.path(), &cfg, false).unwrap_err().to_string().contains("--resume"));
+        prepare_run_dir(tmp.path(), &cfg, true).unwrap();
+        let err = prepare_run_dir(tmp.path(), &json!({"lr": 1.0, "optim": {"epochs": 3}}), true).unwrap_err().to_string();
+        assert!(err.contains("optim.epochs"), "{err}");
+    }
+}

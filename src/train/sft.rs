@@ -1,0 +1,114 @@
+//! Supervised training (`bpo sft`): cross-entropy on the assistant turns of LLaVA conversations, with LoRA or
+//! full fine-tuning, through the same loop as DPO. The loss is the mean negative log-likelihood per target token
+//! of the batch, as transformers computes it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::data::{collate, read_conversations, tokenize_conversations, SftExample};
+use super::dpo::{Say, TrainReport};
+use super::features::FeatureCache;
+use super::optim::AdamW;
+use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
+use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
+use crate::generate::Vlm;
+use crate::model::linear::DropoutSeed;
+use crate::model::{Inputs, Pass};
+use crate::score::response_logprobs;
+use crate::{Error, Result};
+
+pub struct Sft {
+    pub vlm: Vlm,
+    pub examples: Vec<SftExample>,
+    pub features: FeatureCache,
+    dropout: Option<Arc<DropoutSeed>>,
+}
+
+impl Sft {
+    pub fn new(mut vlm: Vlm, examples: Vec<SftExample>, cache_mb: usize) -> Self {
+        let dropout = vlm.model.llm.linears_mut().into_iter().find_map(|(_, l)| l.lora.as_ref().map(|l| l.seed.clone()));
+        Sft { vlm, examples, features: FeatureCache::new(cache_mb), dropout }
+    }
+
+    /// Mean NLL per target token of `batch` (a scalar with graph when `train`), token count, target count.
+    pub fn loss(&mut self, batch: &[usize], train: bool) -> Result<(Tensor, usize, f64)> {
+        let exs: Vec<&SftExample> = batch.iter().map(|&i| &self.examples[i]).collect();
+        let mut distinct: Vec<&Path> = Vec::new();
+        let mut index = Vec::new();
+        for img in exs.iter().filter_map(|e| e.image.as_deref()) {
+            let at = distinct.iter().position(|p| *p == img).unwrap_or_else(|| {
+                distinct.push(img);
+                distinct.len() - 1
+            });
+            index.push(at as u32);
+        }
+        let device = self.vlm.model.device.clone();
+        let rows: Vec<(&[u32], &[bool])> = exs.iter().map(|e| (&e.ids[..], &e.target[..])).collect();
+        let rows = collate(&rows, self.vlm.tok.pad, &device)?;
+        let pass = Pass { adapters: true, train };
+        let embeds = if distinct.is_empty() {
+            None
+        } else {
+            let feats = self.features.features(&self.vlm, &distinct)?;
+            let n = index.len();
+            Some(self.vlm.model.project(&feats, pass)?.index_select(&Tensor::from_vec(index, n, &device)?, 0)?)
+        };
+        let inputs = Inputs { ids: &rows.ids, mask: &rows.mask, images: None };
+        let hidden = self.vlm.model.forward_hidden(&inputs, embeds.as_ref(), None, pass)?;
+        let (sums, counts) = response_logprobs(&self.vlm.model.llm, &hidden, &rows.labels, pass)?;
+        let targets = counts.sum_all()?.to_scalar::<f32>()? as f64;
+        let loss = (sums.sum_all()?.neg()? / targets.max(1.0))?;
+        Ok((loss, rows.tokens, targets))
+    }
+}
+
+impl Objective for Sft {
+    fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn micro_step(&mut self, batch: &[usize], weight: f64, seed: u64, opt: &mut AdamW) -> Result<Metrics> {
+        if let Some(d) = &self.dropout {
+            d.reseed(seed);
+        }
+        let (loss, tokens, _) = self.loss(batch, true)?;
+        opt.accumulate(&loss.backward()?, weight)?;
+        Ok(Metrics { values: vec![("loss", loss.to_scalar::<f32>()? as f64)], examples: batch.len(), tokens })
+    }
+}
+
+/// The resolved options of `bpo sft` (saved as the run's `train_config.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftConfig {
+    #[serde(flatten)]
+    pub setup: ModelSetup,
+    /// LLaVA instruct JSON (array) or JSONL of conversations.
+    pub data: PathBuf,
+    pub images: Option<PathBuf>,
+    pub max_length: usize,
+    pub feature_cache_mb: usize,
+    pub optim: LoopConfig,
+}
+
+/// `bpo sft`: supervised training, writing the run folder `out` (an adapter, or with full fine-tuning a model
+/// folder that `--model` accepts).
+pub fn train(cfg: &SftConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
+    prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
+    let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
+    let samples = read_conversations(&cfg.data)?;
+    let (examples, report) = tokenize_conversations(&prepared.vlm, &samples, cfg.images.as_deref(), cfg.max_length)?;
+    for (id, path) in report.missing_images.iter().take(10) {
+        say(&format!("skipped {id}: image {} not found", path.display()));
+    }
+    say(&format!("conversations: {report}"));
+    let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb);
+    let summary = train_loop(&mut sft, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
+    if !report.missing_images.is_empty() {
+        say(&format!("{} conversations were skipped because their image is missing", report.missing_images.len()));
+    }
+    Ok(TrainReport { data: report, summary, images_encoded: sft.features.encoded })
+}

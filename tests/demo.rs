@@ -45,7 +45,7 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
         assert!(seed.join("bootstrap").join(f).exists(), "bootstrap file {f} missing");
     }
     for run in ["sft-chosen", "weaken", "inject", "bpo"] {
-        for f in ["model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl"] {
+        for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/metrics.jsonl", "adapter/train_config.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json"] {
             assert!(seed.join("runs").join(run).join(f).exists(), "run {run}: {f} missing");
         }
     }

@@ -12,7 +12,7 @@
 //! models/sft-<hash>/          the SFT model (llava-hf folder), reused by any run with the same recipe
 //! seed-<s>/world/             corpus, instruction data, images, POPE/CHAIR files, tokenizer
 //! seed-<s>/bootstrap/         records (raw and length-matched), pair files, chosen.json
-//! seed-<s>/runs/<row>/        trained models with metrics.jsonl
+//! seed-<s>/runs/<row>/        adapter/ (the trainer's run folder: PEFT adapter, metrics.jsonl), model/ (merged)
 //! seed-<s>/eval/<row>/        pope/ and chair/ (answers.jsonl, scores.json, details.jsonl)
 //! report/                     report.html, plots/*.png, results.json, table.txt
 //! ```

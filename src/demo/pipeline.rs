@@ -32,24 +32,21 @@ pub struct Recipe {
     /// Visual instruction tuning of the whole model.
     pub sft: SftSettings,
     pub bootstrap: BootstrapOptions,
-    /// DPO with LoRA (the three BPO rows).
+    /// LoRA runs on the bootstrapped pairs: DPO for the three BPO rows, and the same settings for the control
+    /// (supervised training on the chosen answers, one example per pair, so it sees the same prompts as often).
     pub dpo: PrefSettings,
-    /// The control: the same LoRA training with the NLL of the chosen answers only.
-    pub control: PrefSettings,
     pub eval_batch: usize,
 }
 
 impl Recipe {
     pub fn standard() -> Self {
-        let dpo = PrefSettings { steps: 150, batch: 16, lr: 5e-4, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, chosen_only: false };
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
-            lm: SftSettings { steps: 300, batch: 64, lr: 2e-3, language_only: true, train_vision: false },
-            sft: SftSettings { steps: 800, batch: 32, lr: 1e-3, language_only: false, train_vision: false },
+            lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true },
+            sft: SftSettings { epochs: 4, batch: 32, lr: 1e-3, plain_text: false },
             bootstrap: BootstrapOptions { images: 500, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
-            control: PrefSettings { chosen_only: true, ..dpo.clone() },
-            dpo,
+            dpo: PrefSettings { epochs: 2, batch: 16, lr: 5e-4, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, train_projector: false },
             eval_batch: 64,
         }
     }
@@ -57,15 +54,13 @@ impl Recipe {
     /// A few seconds of everything, for tests.
     pub fn quick() -> Self {
         let s = Recipe::standard();
-        let dpo = PrefSettings { steps: 4, batch: 4, ..s.dpo };
         Recipe {
             world: WorldConfig::quick(),
             model: ModelSpec::quick(),
-            lm: SftSettings { steps: 5, batch: 8, ..s.lm },
-            sft: SftSettings { steps: 5, batch: 8, ..s.sft },
+            lm: SftSettings { epochs: 1, batch: 32, ..s.lm },
+            sft: SftSettings { epochs: 1, batch: 16, ..s.sft },
             bootstrap: BootstrapOptions { images: 12, batch: 16, ..s.bootstrap },
-            control: PrefSettings { chosen_only: true, ..dpo.clone() },
-            dpo,
+            dpo: PrefSettings { epochs: 1, batch: 4, ..s.dpo },
             eval_batch: 16,
         }
     }
@@ -175,17 +170,19 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     drop(vlm);
 
     for (name, run) in ROWS.iter().skip(1) {
-        let (pairs, settings) = match *run {
-            "sft-chosen" => (bfiles.pairs[0].clone(), &r.control),
-            "weaken" => (bfiles.pairs[1].clone(), &r.dpo),
-            "inject" => (bfiles.pairs[2].clone(), &r.dpo),
-            _ => (bfiles.pairs[0].clone(), &r.dpo),
-        };
         let out = dir.join("runs").join(run);
-        let stage = stages.start(&format!("train {name}"), settings.steps);
-        train::preference(&model, &pairs, &files.images, &out, settings, seed, |_, l| stage.loss(l))?;
+        let stage = stages.start(&format!("train {name}"), 0);
+        let tick = |total: usize, loss: f64| stage.loss(total, loss);
+        // Pair files are in `boot::VARIANTS` order: both negatives, weakening only, injection only.
+        let pairs = |i: usize| bfiles.pairs[i].clone();
+        match *run {
+            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, &out, &r.dpo, seed, tick)?,
+            "weaken" => train::dpo(&model, &pairs(1), &files.images, &out, &r.dpo, seed, tick)?,
+            "inject" => train::dpo(&model, &pairs(2), &files.images, &out, &r.dpo, seed, tick)?,
+            _ => train::dpo(&model, &pairs(0), &files.images, &out, &r.dpo, seed, tick)?,
+        };
         stages.finish(stage, "");
-        let vlm = Vlm::load(&out, &LoadOptions::default(), Template::LlavaHf)?;
+        let vlm = Vlm::load(&out.join("model"), &LoadOptions::default(), Template::LlavaHf)?;
         scores.push(evaluate(opts, &vlm, &files, &dir.join("eval").join(run), &format!("evaluate {name}"), stages)?);
     }
     let result = SeedResult { seed, dir: dir.clone(), model, scores, bootstrap: bstats, world_stats: world.stats() };
@@ -205,11 +202,11 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
     let init = opts.out.join("models").join(format!("init-{}", r.model_hash(seed)));
     init_model(&init, &r.model, &super::data::tokenizer_words(), seed)?;
     let lm = opts.out.join("models").join(format!("lm-{}", r.model_hash(seed)));
-    let stage = stages.start("pre-train LM on the corpus", r.lm.steps);
-    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, seed, |_, l| stage.loss(l))?;
+    let stage = stages.start("pre-train LM on the corpus", 0);
+    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, seed, |n, l| stage.loss(n, l))?;
     stages.finish(stage, "");
-    let stage = stages.start("visual instruction tuning", r.sft.steps);
-    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, seed, |_, l| stage.loss(l))?;
+    let stage = stages.start("visual instruction tuning", 0);
+    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, seed, |n, l| stage.loss(n, l))?;
     stages.finish(stage, "");
     // Keep the LM stage's curve beside the model: the report plots both.
     let lm_metrics = lm.join("metrics.jsonl");

@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+const BAR: &str = "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}";
+
 /// Shows (or hides) the pipeline's stages and records how long each took.
 pub struct Stages {
     show: bool,
@@ -31,7 +33,7 @@ impl Stages {
         } else {
             ProgressBar::new(total as u64)
         };
-        let template = if total == 0 { "{spinner} {msg} {elapsed}" } else { "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}" };
+        let template = if total == 0 { "{spinner} {msg} {elapsed}" } else { BAR };
         if let Ok(style) = ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("=> "));
         }
@@ -61,8 +63,14 @@ impl Stage {
     pub fn inc(&self, n: usize) {
         self.bar.inc(n as u64);
     }
-    /// Shows the latest loss beside the bar.
-    pub fn loss(&self, loss: f64) {
+    /// One training step done, of `total`: shows the latest loss beside the bar.
+    pub fn loss(&self, total: usize, loss: f64) {
+        if self.bar.length() != Some(total as u64) {
+            self.bar.set_length(total as u64);
+            if let Ok(style) = ProgressStyle::with_template(BAR) {
+                self.bar.set_style(style.progress_chars("=> "));
+            }
+        }
         self.bar.set_prefix(format!("loss {loss:.3}"));
         self.bar.inc(1);
     }

@@ -92,7 +92,7 @@ fn figures(rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
             Series { name: "whole model on the instruction data".into(), points: smooth(curve(&s.model.join("metrics.jsonl"), "loss"), 0.9) },
         ];
         add("sft_loss.png", "SFT: cross-entropy per answer token", plot::lines("SFT loss", "step", "loss", &sft)?);
-        let runs: Vec<(&str, PathBuf)> = ROWS.iter().skip(1).map(|(name, run)| (*name, s.dir.join("runs").join(run).join("metrics.jsonl"))).collect();
+        let runs: Vec<(&str, PathBuf)> = ROWS.iter().skip(1).map(|(name, run)| (*name, s.dir.join("runs").join(run).join("adapter/metrics.jsonl"))).collect();
         let dpo_runs: Vec<&(&str, PathBuf)> = runs.iter().filter(|(n, _)| n.starts_with("BPO")).collect();
         for (key, file, title, caption) in [
             ("loss", "dpo_loss.png", "DPO loss", "DPO loss (sigmoid, beta 0.1)"),
@@ -102,8 +102,10 @@ fn figures(rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
             let series: Vec<Series> = dpo_runs.iter().map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, key), 0.8) }).collect();
             add(file, caption, plot::lines(title, "step", key, &series)?);
         }
-        let control = vec![Series { name: "SFT on chosen".into(), points: smooth(curve(&runs[0].1, "nll"), 0.8) }, Series { name: "BPO".into(), points: smooth(curve(&runs[3].1, "nll"), 0.8) }];
-        add("chosen_nll.png", "NLL per token of the chosen answers during preference training", plot::lines("NLL of chosen answers", "step", "nll", &control)?);
+        let chosen: Vec<Series> = dpo_runs.iter().map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, "logps/chosen"), 0.8) }).collect();
+        add("chosen_logps.png", "Log-probability of the chosen answers during DPO (falling means the model unlearns the truth too)", plot::lines("log p(chosen)", "step", "logps/chosen", &chosen)?);
+        let control = vec![Series { name: "SFT on chosen".into(), points: smooth(curve(&runs[0].1, "loss"), 0.8) }];
+        add("control_loss.png", "The control: cross-entropy per token of the chosen answers", plot::lines("SFT on chosen: loss", "step", "loss", &control)?);
     }
     let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
     let bars_of = |cols: &[&str]| -> (Vec<String>, Vec<Vec<Bar>>) {
@@ -214,8 +216,8 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)]) ->
         ("seeds".to_string(), seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", ")),
         ("world".into(), format!("{} corpus scenes, {} training images, {} evaluation images ({} px)", r.world.corpus_scenes, r.world.train_images, r.world.eval_images, r.world.image_size)),
         ("model".into(), format!("CLIP {} px, patch {}, {} layers x {}; Llama {} layers x {}", r.model.image_size, r.model.patch_size, r.model.vision_layers, r.model.vision_hidden, r.model.layers, r.model.hidden)),
-        ("SFT".into(), format!("LM {} steps x {} (lr {}), visual {} steps x {} (lr {})", r.lm.steps, r.lm.batch, r.lm.lr, r.sft.steps, r.sft.batch, r.sft.lr)),
-        ("DPO".into(), format!("LoRA r {} alpha {}, {} steps x {} pairs, lr {}, beta {}, SFT weight {}", r.dpo.rank, r.dpo.alpha, r.dpo.steps, r.dpo.batch, r.dpo.lr, r.dpo.beta, r.dpo.sft_weight)),
+        ("SFT".into(), format!("LM {} epochs x {} per step (lr {}), visual {} epochs x {} per step (lr {}), vision tower frozen", r.lm.epochs, r.lm.batch, r.lm.lr, r.sft.epochs, r.sft.batch, r.sft.lr)),
+        ("DPO".into(), format!("LoRA r {} alpha {}, {} epochs x {} pairs per step, lr {}, beta {}, SFT weight {}", r.dpo.rank, r.dpo.alpha, r.dpo.epochs, r.dpo.batch, r.dpo.lr, r.dpo.beta, r.dpo.sft_weight)),
         ("bootstrap".into(), format!("{} training images' conversations, noise step {}, temperature {}", r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature)),
     ];
     for s in seeds {

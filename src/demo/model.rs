@@ -30,17 +30,19 @@ pub struct ModelSpec {
     pub intermediate: usize,
     pub layers: usize,
     pub heads: usize,
+    /// One matrix for input embeddings and output head.
+    pub tie_embeddings: bool,
 }
 
 impl ModelSpec {
     /// The demo's model: about 0.6 M parameters.
     pub fn standard() -> Self {
-        ModelSpec { image_size: 48, patch_size: 16, vision_hidden: 96, vision_layers: 2, vision_heads: 4, hidden: 128, intermediate: 256, layers: 3, heads: 4 }
+        ModelSpec { image_size: 48, patch_size: 16, vision_hidden: 96, vision_layers: 2, vision_heads: 4, hidden: 128, intermediate: 256, layers: 3, heads: 4, tie_embeddings: false }
     }
 
     /// For tests: a few thousand parameters.
     pub fn quick() -> Self {
-        ModelSpec { image_size: 24, patch_size: 8, vision_hidden: 16, vision_layers: 1, vision_heads: 2, hidden: 32, intermediate: 64, layers: 1, heads: 2 }
+        ModelSpec { image_size: 24, patch_size: 8, vision_hidden: 16, vision_layers: 1, vision_heads: 2, hidden: 32, intermediate: 64, layers: 1, heads: 2, tie_embeddings: false }
     }
 
     /// Image positions in the language model's sequence.
@@ -59,7 +61,7 @@ impl ModelSpec {
             "text_config": {"model_type": "llama", "hidden_size": self.hidden, "intermediate_size": self.intermediate,
                 "num_hidden_layers": self.layers, "num_attention_heads": self.heads, "num_key_value_heads": self.heads,
                 "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "tie_word_embeddings": false},
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "tie_word_embeddings": self.tie_embeddings},
             "vision_config": {"model_type": "clip_vision_model", "image_size": self.image_size, "patch_size": self.patch_size,
                 "hidden_size": self.vision_hidden, "intermediate_size": 2 * self.vision_hidden,
                 "num_hidden_layers": self.vision_layers, "num_attention_heads": self.vision_heads,

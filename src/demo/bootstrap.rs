@@ -6,7 +6,7 @@
 //!
 //! Then the demo applies the prototype's lessons (demo-world.md) before pairing:
 //! - length-matched negatives (lesson 2): a description negative is *spliced*: the first object it names that
-//!   the image lacks replaces one ground-truth object (its partner when present), so chosen and rejected have
+//!   the image lacks replaces one ground-truth object (its look-alike when present), so chosen and rejected have
 //!   the same length and differ in one hallucinated object; a short-answer negative must have the ground truth's
 //!   word count;
 //! - balanced yes/no pairs (lesson 3): as many chosen "yes" as chosen "no".
@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use super::data::Grounded;
-use super::world::{self, parse_caption, partner, COLOURS, DESCRIBE, KINDS};
+use super::world::{self, look_alike, parse_caption, COLOURS, DESCRIBE, KINDS};
 use crate::bootstrap::records::turn_id;
 use crate::bootstrap::{expand, run_inject, run_weaken, Completion, CompletionOptions, CompletionType, InjectMode, InjectOptions, LocalCompleter, Pair, PairFormat, PairOptions, Record, ResumableWriter, WeakenOptions};
 use crate::generate::Vlm;
@@ -140,13 +140,14 @@ fn caption_of(objects: &[(usize, usize)]) -> String {
 }
 
 /// A length-matched description negative: the first object `negative` names that `gt` lacks replaces one
-/// ground-truth object (the one whose partner it is, else the one at the same place in the list). `None` when
+/// ground-truth object (its look-alike, else the one at the same place in the list): the error a model makes when
+/// it half-sees the object and lets the prior name it. `None` when
 /// `negative` names no absent object.
 pub fn splice(gt: &str, negative: &str) -> Option<String> {
     let truth: Vec<(usize, usize)> = parse_caption(gt).into_iter().map(|(c, k)| (c.unwrap_or(0), k)).collect();
     let named = parse_caption(negative);
     let (at, &(colour, kind)) = named.iter().enumerate().find(|(_, (_, k))| !truth.iter().any(|t| t.1 == *k))?;
-    let slot = truth.iter().position(|t| t.1 == partner(kind)).unwrap_or(at.min(truth.len().checked_sub(1)?));
+    let slot = truth.iter().position(|t| t.1 == look_alike(kind)).unwrap_or(at.min(truth.len().checked_sub(1)?));
     let mut out = truth.clone();
     out[slot] = (colour.unwrap_or(truth[slot].0), kind);
     Some(caption_of(&out))
@@ -243,9 +244,9 @@ mod tests {
     #[test]
     fn splice_swaps_one_object_and_keeps_the_length() {
         let gt = "a red circle and a blue star";
-        // The partner of the circle replaces the circle, in the negative's colour.
+        // The circle's look-alike replaces the circle, in the negative's colour.
         assert_eq!(splice(gt, "a red circle and a green ring").as_deref(), Some("a green ring and a blue star"));
-        // No partner in the truth: the object at the same place is replaced.
+        // No look-alike in the truth: the object at the same place is replaced.
         assert_eq!(splice(gt, "a red circle and a white bar and a red plus").as_deref(), Some("a red circle and a white bar"));
         assert_eq!(splice(gt, "a blue star"), None, "nothing absent named");
         assert_eq!(splice("", "a red ring"), None);

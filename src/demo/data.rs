@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::render::render;
-use super::world::{self, cooccurrence, exists_question, Scene, Turn, WorldConfig, DESCRIBE, KINDS};
+use super::world::{self, cooccurrence, exists_question, Scene, Turn, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
 use crate::eval::pope::{Label, PopeQuestion};
 use crate::{jsonl, Error, Result};
 
@@ -151,6 +151,9 @@ impl World {
                 let (caption, questions) = g.turns.split_at(1.min(g.turns.len()));
                 [(format!("{}-d", g.id), caption), (format!("{}-q", g.id), questions)].into_iter().filter(|(_, t)| !t.is_empty()).map(move |(id, t)| json!({"id": id, "image": g.image, "conversations": conversation_json(t, true)}))
             })
+            .chain(self.corpus.iter().take(self.cfg.text_conversations).enumerate().map(|(i, s)| {
+                json!({"id": format!("s{i:06}"), "conversations": conversation_json(&[Turn { question: SCENE_PROMPT.into(), answer: s.caption(), kind: "caption".into() }], false)})
+            }))
             .collect();
         write_json(&f.train, &train)?;
         jsonl::write(&f.train_scenes, &self.train)?;

@@ -37,7 +37,7 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// The demo's model: about 0.6 M parameters.
     pub fn standard() -> Self {
-        ModelSpec { image_size: 48, patch_size: 16, vision_hidden: 96, vision_layers: 2, vision_heads: 4, hidden: 128, intermediate: 256, layers: 3, heads: 4, tie_embeddings: false }
+        ModelSpec { image_size: 48, patch_size: 16, vision_hidden: 96, vision_layers: 2, vision_heads: 4, hidden: 128, intermediate: 256, layers: 3, heads: 4, tie_embeddings: true }
     }
 
     /// For tests: a few thousand parameters.

@@ -20,7 +20,7 @@ use crate::text::Template;
 use crate::{jsonl, Error, Result};
 
 /// Bumped when a change to the code makes cached SFT models stale.
-const RECIPE_VERSION: u32 = 1;
+const RECIPE_VERSION: u32 = 2;
 
 /// Every setting of every stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,9 +44,9 @@ impl Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true },
-            sft: SftSettings { epochs: 4, batch: 32, lr: 1e-3, plain_text: false },
-            bootstrap: BootstrapOptions { images: 500, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
-            dpo: PrefSettings { epochs: 2, batch: 16, lr: 5e-4, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, train_projector: false },
+            sft: SftSettings { epochs: 3, batch: 32, lr: 1e-3, plain_text: false },
+            bootstrap: BootstrapOptions { images: 2000, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
+            dpo: PrefSettings { epochs: 1, batch: 16, lr: 2e-3, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, train_projector: false },
             eval_batch: 64,
         }
     }

@@ -52,12 +52,13 @@ pub fn write_report(opts: &DemoOptions, rows: &[Row], seeds: &[SeedResult], timi
 }
 
 const INTRO: &str = "A tiny LLaVA-architecture model (CLIP vision tower, MLP projector, Llama language model) is trained from \
-scratch: its language model first reads a text-only corpus in which partner objects (circle and ring, square and diamond, ...) \
-nearly always appear together, then the whole model learns from images in which they rarely do. Where the picture is unclear, \
-the language prior speaks: the model names the partner of what it sees. BPO bootstraps exactly those errors as negatives \
-(answers to diffusion-noised images; ground truths cut and continued by the model's own language model), pairs them with the \
-ground truth and trains LoRA adapters with DPO. The table compares the SFT model, BPO and its two halves, and the paper's control: \
-the same training on the chosen answers only.";
+scratch: its language model first reads a text-only corpus in which partner objects (a circle with a square, a ring with a \
+diamond, ...) nearly always appear together, then the whole model learns from images in which they do not (mixed, as in \
+LLaVA-1.5, with text-only conversations). Look-alike objects share a colour (circles and rings are red), so where the picture \
+is unclear the language prior decides: beside a square, a small red round thing becomes a circle. BPO bootstraps such errors \
+as negatives (answers to diffusion-noised images; ground truths cut and continued by the model's own language model), pairs \
+them with the ground truth and trains LoRA adapters with DPO. The table compares the SFT model, BPO and its two halves, and the \
+paper's control: the same LoRA training on the chosen answers only.";
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
@@ -221,8 +222,26 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)]) ->
         ("bootstrap".into(), format!("{} training images' conversations, noise step {}, temperature {}", r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature)),
     ];
     for s in seeds {
-        f.push((format!("seed {} world", s.seed), s.world_stats.to_string()));
-        f.push((format!("seed {} bootstrap", s.seed), serde_json::to_string(&s.bootstrap).unwrap_or_default()));
+        let w = |k: &str| s.world_stats.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        f.push((
+            format!("seed {} world", s.seed),
+            format!(
+                "partner present beside an object: {:.0}% of corpus scenes, {:.0}% of training images; objects per scene {:.2} / {:.2}",
+                100.0 * w("corpus_partner_rate"),
+                100.0 * w("grounded_partner_rate"),
+                w("corpus_objects_per_scene"),
+                w("grounded_objects_per_scene")
+            ),
+        ));
+        let b = &s.bootstrap;
+        let pairs = b.pairs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ");
+        f.push((
+            format!("seed {} bootstrap", s.seed),
+            format!(
+                "{} records; {} weakened and {} injected answers; kept {} + {} negatives ({} not usable, {} dropped to balance yes/no); pairs BPO / weakening / injection: {pairs}",
+                b.records, b.weakened_answers, b.injected_answers, b.kept_weaken, b.kept_inject, b.dropped, b.dropped_for_balance
+            ),
+        ));
     }
     let total: f64 = timings.iter().map(|t| t.1).sum();
     f.push(("time".into(), format!("{total:.0} s in all")));

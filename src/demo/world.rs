@@ -1,12 +1,15 @@
 //! The demo's synthetic world: scenes of coloured shapes on a 3x3 grid, with exact ground truth, and the text
 //! written about them.
 //!
-//! Twelve object kinds come in six *partner* pairs that look alike (circle/ring, square/diamond, ...). The
-//! text-only corpus, on which the language model is pre-trained, nearly always mentions a partner with its
-//! object: that is the language prior. In the grounded data (rendered images with captions and questions)
-//! partners co-occur much less, so answering well requires looking. Because partners look alike, a model that
-//! half-sees a circle and half-remembers the corpus says "ring": the prior and the picture conflict exactly where
-//! POPE's adversarial split asks (demo-world.md, lesson 4).
+//! Twelve object kinds come in six *look-alike* pairs of one colour (circle and ring are red, square and diamond
+//! blue, ...) and, across them, six *partner* pairs (circle with square, ring with diamond, ...). The text-only
+//! corpus, on which the language model is pre-trained, nearly always mentions a partner with its object: that is
+//! the language prior. In the grounded data (rendered images with captions and questions) partners co-occur no
+//! more than chance, so answering well requires looking. Where the picture is unclear — a small red round thing
+//! beside a blue square — only the shape tells a circle from a ring, and the prior says "circle", the square's
+//! partner: the prior and the picture conflict exactly where POPE's adversarial split asks (demo-world.md,
+//! lesson 4). (A first version made the look-alikes partners; its model's errors were plain confusions that no
+//! preference for the picture could fix.)
 //!
 //! All text is lower-case with punctuation as separate words, so a whitespace word-level tokenizer covers it.
 
@@ -15,7 +18,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// Object kinds. Index `2i` and `2i + 1` are partners.
+/// Object kinds. Index `2i` and `2i + 1` look alike; `k` and `k ^ 2` are partners.
 pub const KINDS: [&str; 12] =
     ["circle", "ring", "square", "diamond", "triangle", "arrow", "cross", "plus", "star", "sun", "bar", "pillar"];
 
@@ -29,8 +32,8 @@ pub const COLOURS: [(&str, [u8; 3]); 6] = [
     ("white", [236, 236, 236]),
 ];
 
-/// The usual colour of each partner pair (index into [`COLOURS`]): circles and rings are red, squares and
-/// diamonds blue, ... Partners share a colour, so colour tells the pair and only shape tells the partners apart.
+/// The usual colour of each look-alike pair (index into [`COLOURS`]): circles and rings are red, squares and
+/// diamonds blue, ... Colour tells the pair; only shape tells its two kinds apart.
 pub const PAIR_COLOUR: [usize; 6] = [0, 2, 1, 5, 3, 4];
 
 /// Rows and columns of the scene grid.
@@ -42,8 +45,16 @@ const NUMBERS: [&str; 6] = ["zero", "one", "two", "three", "four", "five"];
 /// The captioning instruction (training and CHAIR evaluation).
 pub const DESCRIBE: &str = "describe the image .";
 
-/// The partner of kind `k`.
+/// The instruction of the text-only conversations: a scene from the corpus, no image.
+pub const SCENE_PROMPT: &str = "describe a scene .";
+
+/// The partner of kind `k`: the kind the corpus nearly always mentions with it.
 pub fn partner(k: usize) -> usize {
+    k ^ 2
+}
+
+/// The kind that looks like `k` (same colour, similar shape).
+pub fn look_alike(k: usize) -> usize {
     k ^ 1
 }
 
@@ -149,6 +160,11 @@ pub struct WorldConfig {
     pub pope_per_image: usize,
     /// Yes and no questions per training image (each).
     pub yes_no: usize,
+    /// Corpus descriptions mixed into the instruction data as text-only conversations ([`SCENE_PROMPT`]), as
+    /// LLaVA-1.5 mixes text-only chat into its visual instruction tuning: the language prior stays in use instead
+    /// of being overwritten by the grounded captions.
+    #[serde(default)]
+    pub text_conversations: usize,
 }
 
 impl WorldConfig {
@@ -156,25 +172,26 @@ impl WorldConfig {
     pub fn standard() -> Self {
         WorldConfig {
             image_size: 48,
-            pixel_noise: 6.0,
-            jitter: 0.3,
-            small: 0.3,
-            off_colour: 0.2,
+            pixel_noise: 10.0,
+            jitter: 0.5,
+            small: 0.4,
+            off_colour: 0.0,
             popularity: 0.6,
-            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.95 },
-            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.1 },
+            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.98 },
+            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.05 },
             eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1 },
             corpus_scenes: 10_000,
             train_images: 4_000,
             eval_images: 300,
             pope_per_image: 3,
-            yes_no: 2,
+            yes_no: 3,
+            text_conversations: 3_000,
         }
     }
 
     /// A world small enough for tests.
     pub fn quick() -> Self {
-        WorldConfig { image_size: 24, corpus_scenes: 300, train_images: 60, eval_images: 8, ..Self::standard() }
+        WorldConfig { image_size: 24, corpus_scenes: 300, train_images: 60, eval_images: 8, text_conversations: 30, ..Self::standard() }
     }
 
     /// Per-object appearance odds.
@@ -295,7 +312,7 @@ fn attribute_turn(scene: &Scene, o: &Object, rng: &mut StdRng) -> Turn {
 /// Every word the world's text can contain (prompts, answers, captions), sorted.
 pub fn vocabulary() -> Vec<String> {
     let mut words: Vec<String> = KINDS.iter().chain(COLOURS.iter().map(|(c, _)| c)).chain(ROWS.iter()).chain(COLS.iter()).chain(NUMBERS.iter()).map(|w| w.to_string()).collect();
-    let sentences = [DESCRIBE, "is there a in the image ?", "what color is the ?", "where is the ?", "how many objects are there ?", "yes no and"];
+    let sentences = [DESCRIBE, SCENE_PROMPT, "is there a in the image ?", "what color is the ?", "where is the ?", "how many objects are there ?", "yes no and"];
     words.extend(sentences.iter().flat_map(|s| s.split_whitespace()).map(str::to_string));
     words.sort();
     words.dedup();

@@ -142,9 +142,11 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     for i in 0..opts.seeds.max(1) {
         let seed = opts.seed + i as u64;
         stages.note(&format!("seed {seed} ({} of {})", i + 1, opts.seeds.max(1)));
+        stages.prefix = format!("seed {seed}: ");
         seeds.push(run_seed(opts, seed, &mut stages)?);
     }
     let rows: Vec<Row> = ROWS.iter().enumerate().map(|(r, (name, _))| Row { name: name.to_string(), runs: seeds.iter().map(|s| s.scores[r].clone()).collect() }).collect();
+    stages.prefix.clear();
     let stage = stages.start("report", 0);
     let report = super::summary::write_report(opts, &rows, &seeds, &stages.timings)?;
     stages.finish(stage, "");

@@ -9,6 +9,8 @@ const BAR: &str = "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}";
 /// Shows (or hides) the pipeline's stages and records how long each took.
 pub struct Stages {
     show: bool,
+    /// Prepended to stage names in `timings` (e.g. "seed 1: ").
+    pub prefix: String,
     pub timings: Vec<(String, f64)>,
 }
 
@@ -21,7 +23,7 @@ pub struct Stage {
 
 impl Stages {
     pub fn new(show: bool) -> Self {
-        Stages { show, timings: Vec::new() }
+        Stages { show, prefix: String::new(), timings: Vec::new() }
     }
 
     /// Starts a stage of `total` units (0: a spinner).
@@ -48,7 +50,7 @@ impl Stages {
         if self.show {
             eprintln!("  {:<34} {:>6.1}s  {note}", stage.name, secs);
         }
-        self.timings.push((stage.name, secs));
+        self.timings.push((format!("{}{}", self.prefix, stage.name), secs));
     }
 
     /// A line of its own (a heading or a cache hit).

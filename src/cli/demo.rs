@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// JSON file overriding settings of the recipe (any subset, nested as --print-recipe shows them), e.g.
-    /// {"dpo": {"steps": 300}, "world": {"corpus": {"partner_rate": 0.9}}}.
+    /// {"dpo": {"epochs": 2}, "world": {"corpus": {"partner_rate": 0.9}}}.
     #[arg(long, value_name = "FILE")]
     recipe: Option<PathBuf>,
     /// Print the recipe (every setting of every stage, after --quick and --recipe) as JSON and exit.

@@ -5,13 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::render::render;
 use super::world::{self, cooccurrence, exists_question, Scene, Turn, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
 use crate::eval::pope::{Label, PopeQuestion};
+use crate::train::checkpoint::write_json;
 use crate::{jsonl, Error, Result};
 
 /// POPE's three ways of choosing absent objects.
@@ -142,7 +143,7 @@ impl World {
     fn write_text(&self, f: &WorldFiles) -> Result<()> {
         // Plain text for a base language model: an empty human turn, the description as the reply.
         let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: String::new(), answer: s.caption(), kind: "caption".into() }], false)})).collect();
-        write_json(&f.corpus, &corpus)?;
+        write_json(&f.corpus, &serde_json::Value::Array(corpus))?;
         // Two conversations per image: the caption alone, and the questions (which must not see the caption).
         let train: Vec<_> = self
             .train
@@ -155,7 +156,7 @@ impl World {
                 json!({"id": format!("s{i:06}"), "conversations": conversation_json(&[Turn { question: SCENE_PROMPT.into(), answer: s.caption(), kind: "caption".into() }], false)})
             }))
             .collect();
-        write_json(&f.train, &train)?;
+        write_json(&f.train, &serde_json::Value::Array(train))?;
         jsonl::write(&f.train_scenes, &self.train)?;
         jsonl::write(&f.eval_scenes, &self.eval)?;
         let describe: Vec<_> = self.eval.iter().map(|e| json!({"question_id": format!("describe-{}", e.image_id), "image": e.image, "text": DESCRIBE})).collect();
@@ -245,16 +246,6 @@ pub fn tokenizer_words() -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     words.retain(|w| seen.insert(w.clone()));
     words
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string(value).map_err(|e| Error::parse(path, None, e))?;
-    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
-}
-
-/// Picks `n` of `items` at random (all of them when there are fewer).
-pub fn sample<T: Clone>(items: &[T], n: usize, r: &mut rand::rngs::StdRng) -> Vec<T> {
-    items.choose_multiple(r, n).cloned().collect()
 }
 
 #[cfg(test)]

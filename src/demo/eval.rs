@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::data::WorldFiles;
@@ -15,6 +14,7 @@ use crate::eval::pope::{self, Pairing, PopeReport};
 use crate::eval::report::{write_run, Scores};
 use crate::eval::words::Lemmatizer;
 use crate::eval::{inputs, Answer};
+use crate::generate::vqa::{self, Prompt};
 use crate::generate::{SamplingParams, Vlm};
 use crate::model::Pass;
 use crate::{jsonl, Error, Result};
@@ -50,28 +50,17 @@ pub struct Evaluation {
     pub captions: HashMap<String, CaptionDetail>,
 }
 
-/// Greedy answers to (image, question) requests, `batch` at a time; identical requests are answered once.
-pub fn answer_all(vlm: &Vlm, items: &[(String, String)], images: &Path, max_new_tokens: usize, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Vec<String>> {
-    let mut unique: Vec<(String, String)> = items.to_vec();
+/// Greedy answers to (image, question) requests through [`vqa::answer_all`]; identical requests (the three POPE
+/// splits share most of theirs) are answered once.
+fn answer_unique(vlm: &Vlm, items: &[(String, String)], images: &Path, max_new_tokens: usize, batch: usize, pass: Pass, tick: impl FnMut(usize)) -> Result<Vec<String>> {
+    let mut unique: Vec<&(String, String)> = items.iter().collect();
     unique.sort();
     unique.dedup();
-    let mut pixels: HashMap<String, Tensor> = HashMap::new();
-    let mut answers: HashMap<(String, String), String> = HashMap::new();
+    let prompts: Vec<Prompt> = unique.iter().map(|(image, question)| Prompt { text: question.clone(), image: Some(images.join(image)), origin: image.clone() }).collect();
     let params = SamplingParams { max_new_tokens, ..Default::default() };
-    for chunk in unique.chunks(batch.max(1)) {
-        let mut requests = Vec::with_capacity(chunk.len());
-        for (image, question) in chunk {
-            if !pixels.contains_key(image) {
-                pixels.insert(image.clone(), vlm.load_image(&images.join(image))?);
-            }
-            requests.push(vlm.request(question, pixels.get(image).cloned())?);
-        }
-        for (key, c) in chunk.iter().zip(vlm.answer(&requests, &params, pass)?) {
-            answers.insert(key.clone(), c.text.trim().to_string());
-        }
-        tick(chunk.len());
-    }
-    Ok(items.iter().map(|k| answers.get(k).cloned().unwrap_or_default()).collect())
+    let texts = vqa::answer_all(vlm, &prompts, &params, batch, pass, tick)?;
+    let answers: HashMap<&(String, String), String> = unique.into_iter().zip(texts).collect();
+    Ok(items.iter().map(|k| answers[k].clone()).collect())
 }
 
 /// Number of distinct (image, question) requests [`evaluate`] will answer, for a progress bar.
@@ -88,7 +77,7 @@ pub fn request_count(files: &WorldFiles) -> Result<usize> {
 pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Evaluation> {
     let questions = pope::load_questions(&files.pope)?;
     let items: Vec<(String, String)> = questions.iter().map(|q| (q.image.clone(), q.text.clone())).collect();
-    let texts = answer_all(vlm, &items, &files.images, 3, batch, pass, &mut tick)?;
+    let texts = answer_unique(vlm, &items, &files.images, 3, batch, pass, &mut tick)?;
     let answers: Vec<Answer> = questions.iter().zip(&texts).map(|(q, t)| Answer::new(q.question_id.clone(), q.text.clone(), t.clone())).collect();
     let pope_out = pope::score(&questions, &answers, Pairing::ById)?;
     let pope_dir = out.join("pope");
@@ -97,7 +86,7 @@ pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: P
 
     let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
     let items: Vec<(String, String)> = describe.iter().map(|d| (d.image.clone(), d.text.clone())).collect();
-    let texts = answer_all(vlm, &items, &files.images, 40, batch, pass, &mut tick)?;
+    let texts = answer_unique(vlm, &items, &files.images, 40, batch, pass, &mut tick)?;
     let answers: Vec<Answer> = describe
         .iter()
         .zip(&texts)

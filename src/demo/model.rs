@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::text::tokenizer::{write_word_level, WORD_LEVEL_SPECIALS};
-use crate::{Error, Result};
+use crate::train::checkpoint::write_json;
+use crate::Result;
 
 /// Sizes of the demo model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,25 +87,10 @@ pub fn preprocessor_config(size: usize) -> serde_json::Value {
 pub fn init_model(dir: &Path, spec: &ModelSpec, words: &[String], seed: u64) -> Result<()> {
     crate::model::init::random_checkpoint(dir, &spec.config(words.len()), seed)?;
     write_word_level(dir, words)?;
-    let write = |name: &str, v: serde_json::Value| {
-        let path = dir.join(name);
-        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap_or_default()).map_err(|e| Error::io(&path, e))
-    };
+    let write = |name: &str, v: serde_json::Value| write_json(&dir.join(name), &v);
     write("preprocessor_config.json", preprocessor_config(spec.image_size))?;
     write("special_tokens_map.json", json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))?;
     write("generation_config.json", json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
-}
-
-/// Copies the non-weight files of a model folder (tokenizer, processor, configs) from `from` to `to`.
-pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
-    for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json", "generation_config.json"] {
-        let src = from.join(name);
-        if src.exists() {
-            std::fs::copy(&src, to.join(name)).map_err(|e| Error::io(&src, e))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

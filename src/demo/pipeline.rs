@@ -17,6 +17,7 @@ use crate::bootstrap::records::stable_hash;
 use crate::generate::Vlm;
 use crate::model::{LoadOptions, Pass};
 use crate::text::Template;
+use crate::train::checkpoint::write_json;
 use crate::{jsonl, Error, Result};
 
 /// Bumped when a change to the code makes cached SFT models stale.
@@ -216,8 +217,8 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
     for d in [&init, &lm] {
         std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
-    let text = serde_json::to_string_pretty(&serde_json::json!({"seed": seed, "recipe": r})).unwrap_or_default();
-    std::fs::write(&done, text).map_err(|e| Error::io(&done, e))?;
+    // Written last and atomically: its presence marks the cached model complete.
+    write_json(&done, &serde_json::json!({"seed": seed, "recipe": r}))?;
     Ok(dir)
 }
 

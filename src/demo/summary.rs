@@ -15,6 +15,7 @@ use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
 use crate::bootstrap::{CompletionType, Record};
 use crate::eval::chair::CaptionDetail;
 use crate::eval::pope::PopeDetail;
+use crate::train::checkpoint::write_json;
 use crate::vision::{AspectMode, ImageProcessor};
 use crate::{jsonl, Error, Result};
 
@@ -47,7 +48,7 @@ pub fn write_report(opts: &DemoOptions, rows: &[Row], seeds: &[SeedResult], timi
     report::write_html(&html, &r)?;
     write_text(&dir.join("table.txt"), &(report::table(rows) + "\n"))?;
     let results = serde_json::json!({"rows": rows, "seeds": seeds, "timings": timings});
-    write_text(&dir.join("results.json"), &serde_json::to_string_pretty(&results).unwrap_or_default())?;
+    write_json(&dir.join("results.json"), &results)?;
     Ok(html)
 }
 

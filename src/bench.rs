@@ -203,6 +203,7 @@ pub fn train_step(size: Size, steps: usize, plain_backward: bool) -> Result<Trai
                 aspect: crate::vision::AspectMode::Square,
                 lora: Some(crate::model::lora::LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: ["q", "k", "v", "o"].map(String::from).to_vec() }),
                 train_projector: false,
+                train_vision: false,
                 init_adapter: None,
             },
             data,

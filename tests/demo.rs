@@ -96,4 +96,9 @@ fn two_seeds_give_mean_and_spread() {
     assert_eq!(sft_models(&out).len(), 2);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("±") && stdout.contains("2 seed(s), mean±sd"), "{stdout}");
+    // The acceptance check, paired by seed, against the SFT model and the control.
+    for base in ["BPO vs SFT:", "BPO vs SFT on chosen:"] {
+        let line = stdout.lines().find(|l| l.starts_with(base)).unwrap_or_else(|| panic!("{base} missing:\n{stdout}"));
+        assert!(line.contains("CHAIR_i gain") && line.contains("F1 adv gain") && line.contains("shown"), "{line}");
+    }
 }

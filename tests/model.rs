@@ -128,6 +128,35 @@ fn response_logprob_sums_match_transformers() {
     assert_eq!(counts.to_vec1::<f32>().unwrap(), want);
 }
 
+/// Backward of the labels' summed log-probs; every variable in `vars` must get a finite, non-zero gradient.
+fn backward_reaches_every_var(logits: &Tensor, labels: &Tensor, vars: &[(String, candle_core::Var)]) -> candle_core::backprop::GradStore {
+    let (sums, _) = bpo::score::sequence_logprobs(logits, labels).unwrap();
+    let grads = sums.sum_all().unwrap().backward().unwrap();
+    for (name, v) in vars {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+    }
+    grads
+}
+
+#[test]
+fn full_fine_tuning_with_the_vision_tower_gives_every_weight_a_gradient() {
+    let r = reference("llava-tiny-ref.safetensors");
+    let (model, vars) = bpo::model::load::load_trainable(&fixture("llava-tiny"), &LoadOptions::default(), true).unwrap();
+    let vision = vars.iter().filter(|(n, _)| n.starts_with(bpo::model::load::VISION_PREFIX)).count();
+    // 3 layers, vision_feature_layer -2: 2 layers x 16 tensors, patch/class/position embeddings, pre-layernorm (2).
+    assert_eq!(vision, 2 * 16 + 3 + 2, "vision variables");
+    assert!(vars.iter().any(|(n, _)| n.starts_with("multi_modal_projector.")) && vars.iter().any(|(n, _)| n.starts_with("language_model.")));
+    let (ids, mask) = (u32s(&r["score_input_ids"]), u32s(&r["score_attention_mask"]));
+    let inputs = Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) };
+    let logits = model.forward(&inputs, None, Pass { adapters: true, train: true }).unwrap();
+    // Loaded as variables, the model is the same model.
+    let frozen = llava().forward(&inputs, None, Pass::INFER).unwrap();
+    assert!(max_diff_where(&logits, &frozen, &r["score_attention_mask"]) < 1e-4);
+    backward_reaches_every_var(&logits, &r["score_labels"], &vars);
+}
+
 #[test]
 fn every_trainable_parameter_gets_a_gradient_and_frozen_weights_none() {
     use bpo::model::lora::{attach, unfreeze_projector, LoraConfig};
@@ -146,13 +175,7 @@ fn every_trainable_parameter_gets_a_gradient_and_frozen_weights_none() {
     let (ids, mask) = (u32s(&r["score_input_ids"]), u32s(&r["score_attention_mask"]));
     let inputs = Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) };
     let logits = model.forward(&inputs, None, Pass { adapters: true, train: true }).unwrap();
-    let (sums, _) = bpo::score::sequence_logprobs(&logits, &r["score_labels"]).unwrap();
-    let grads = sums.sum_all().unwrap().backward().unwrap();
-    for (name, v) in &vars {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
-    }
+    let grads = backward_reaches_every_var(&logits, &r["score_labels"], &vars);
     // Frozen weights: no gradient buffers at all.
     assert!(grads.get(&model.llm.lm_head.weight).is_none(), "lm_head must not get a gradient");
     assert!(grads.get(&model.llm.embed_tokens).is_none(), "embeddings must not get a gradient");

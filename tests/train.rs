@@ -34,6 +34,7 @@ fn config(data: PathBuf) -> DpoConfig {
             aspect: AspectMode::Square,
             lora: Some(lora(4, 8.0, 0.0)),
             train_projector: true,
+            train_vision: false,
             init_adapter: Some(fixture("dpo/init-adapter")),
         },
         data,
@@ -363,6 +364,11 @@ fn cli_rejects_bad_training_input() {
     fails_with(&["train", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r1"))], &["bad.jsonl:2"]);
     fails_with(&["train", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r2")), "--beta", "0"], &["beta"]);
     fails_with(&["score", "--model", s(&model), "--adapter", s(&tmp.path().join("nowhere")), "--data", s(&bad), "--out", s(&tmp.path().join("o.jsonl"))], &["adapter_config.json"]);
+    // The tower trains only with full fine-tuning, and only under supervised training.
+    fails_with(&["sft", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r3")), "--train-vision"], &["--full"]);
+    let cfg = DpoConfig { setup: ModelSetup { lora: None, train_vision: true, ..config(bad.clone()).setup }, ..config(bad) };
+    let err = dpo::train(&cfg, &tmp.path().join("r4"), false, None, &mut Record::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("bpo sft"), "{err}");
 }
 
 #[test]
@@ -379,9 +385,12 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
         .collect();
     std::fs::write(&data, serde_json::to_string(&conv).unwrap()).unwrap();
     let base = config(data.clone());
-    for (name, lora_cfg) in [("lora", Some(lora(4, 8.0, 0.0))), ("full", None)] {
+    let patch = "vision_tower.vision_model.embeddings.patch_embedding.weight";
+    let tensor = |dir: &Path, name: &str| candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap().remove(name).unwrap();
+    let start = tensor(&fixture("llava-tiny"), patch);
+    for (name, lora_cfg, train_vision) in [("lora", Some(lora(4, 8.0, 0.0)), false), ("full", None, false), ("full-vision", None, true)] {
         let cfg = bpo::train::SftConfig {
-            setup: ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, template: Template::VicunaV1, lora: lora_cfg, ..base.setup.clone() },
+            setup: ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, template: Template::VicunaV1, lora: lora_cfg, train_vision, ..base.setup.clone() },
             data: data.clone(),
             images: base.images.clone(),
             max_length: 2048,
@@ -393,12 +402,15 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
         bpo::train::sft::train(&cfg, &out, false, None, &mut rec, &mut |_| {}).unwrap();
         let (first, last) = (rec.logs[0].get("loss").unwrap(), rec.logs.last().unwrap().get("loss").unwrap());
         assert!(last < 0.7 * first, "{name}: loss {first} -> {last}");
-        if name == "full" {
+        if name.starts_with("full") {
             // Full fine-tuning writes a model folder that loads like any other.
             let m = load(&out, &LoadOptions::default()).unwrap();
             let b = load(&fixture("llava-tiny"), &LoadOptions::default()).unwrap();
             let d = (logits(&m) - logits(&b)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d > 1e-3, "weights changed");
+            // The vision tower moves only when asked to.
+            let moved = (tensor(&out, patch) - &start).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(moved > 0.0, train_vision, "{name}: patch embedding moved by {moved}");
         } else {
             assert!(out.join("adapter_model.safetensors").is_file());
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bpo::train::SftConfig;
+use bpo::train::{ModelSetup, SftConfig};
 
 use super::train::{catch_sigint, finish, Bar, CommonArgs, STOP};
 use super::ModelArgs;
@@ -22,13 +22,17 @@ pub struct Args {
     /// Run folder to write (or to continue with --resume).
     #[arg(long)]
     out: PathBuf,
+    /// With --full, train the CLIP vision tower too (LLaVA-1.5 keeps its pretrained tower frozen; a tower trained
+    /// from scratch, like the demo's, has to learn to see). Features are then encoded every step, not cached.
+    #[arg(long)]
+    train_vision: bool,
     #[command(flatten)]
     common: CommonArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = SftConfig {
-        setup: a.common.setup(&a.model)?,
+        setup: ModelSetup { train_vision: a.train_vision, ..a.common.setup(&a.model)? },
         data: a.data.clone(),
         images: a.images.clone(),
         max_length: a.common.max_length,

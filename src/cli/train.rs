@@ -131,7 +131,7 @@ impl CommonArgs {
             bail!("to start training from an adapter use --init-adapter (--adapter is for generate/score)");
         }
         let lora = LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.lora_targets.clone() };
-        Ok(ModelSetup { model: model.model.clone(), template: model.template, prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, init_adapter: self.init_adapter.clone() })
+        Ok(ModelSetup { model: model.model.clone(), template: model.template, prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone() })
     }
 
     pub fn optim(&self, lr: f64, epochs: usize) -> LoopConfig {

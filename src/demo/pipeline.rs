@@ -44,8 +44,8 @@ impl Recipe {
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
-            lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true },
-            sft: SftSettings { epochs: 3, batch: 32, lr: 1e-3, plain_text: false },
+            lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
+            sft: SftSettings { epochs: 3, batch: 32, lr: 1e-3, plain_text: false, train_vision: false },
             bootstrap: BootstrapOptions { images: 2000, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
             dpo: PrefSettings { epochs: 1, batch: 16, lr: 2e-3, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, train_projector: false },
             eval_batch: 64,
@@ -112,6 +112,16 @@ pub struct DemoOptions {
 /// The rows of the experiment, in table order: (name, run folder name).
 pub const ROWS: [(&str, &str); 5] = [("SFT", "sft"), ("SFT on chosen", "sft-chosen"), ("BPO weakening only", "weaken"), ("BPO injection only", "inject"), ("BPO", "bpo")];
 
+/// Whether the rows show BPO's effect against the SFT model and the control (the acceptance line).
+pub fn claim(rows: &[Row]) -> String {
+    super::report::verdict(rows, ROWS[4].0, &[ROWS[0].0, ROWS[1].0])
+}
+
+/// The terminal table with [`claim`] below it.
+pub fn results_text(rows: &[Row]) -> String {
+    format!("{}\n\n{}", super::report::table(rows), claim(rows))
+}
+
 /// What one seed produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SeedResult {
@@ -151,7 +161,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let stage = stages.start("report", 0);
     let report = super::summary::write_report(opts, &rows, &seeds, &stages.timings)?;
     stages.finish(stage, "");
-    let table = super::report::table(&rows);
+    let table = results_text(&rows);
     Ok(DemoSummary { rows, table, report, seeds, timings: stages.timings })
 }
 

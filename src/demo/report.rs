@@ -90,6 +90,58 @@ pub fn table(rows: &[Row]) -> String {
     t
 }
 
+/// BPO's effect on one metric against a baseline row, paired by seed: the per-seed gain (positive = better).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Effect {
+    pub mean: f64,
+    pub sd: f64,
+    pub seeds: usize,
+}
+
+impl Effect {
+    /// `base[i]` and `treated[i]` come from seed `i`; `lower_better` flips the sign so that a gain is positive.
+    pub fn paired(base: &[f64], treated: &[f64], lower_better: bool) -> Self {
+        let sign = if lower_better { -1.0 } else { 1.0 };
+        let gains: Vec<f64> = base.iter().zip(treated).map(|(b, t)| sign * (t - b)).collect();
+        let (mean, sd) = mean_sd(&gains);
+        Effect { mean, sd, seeds: gains.len() }
+    }
+
+    /// The issue's acceptance line: a gain larger than its seed-to-seed spread (needs at least two seeds).
+    pub fn shown(&self) -> bool {
+        self.seeds > 1 && self.mean > 0.0 && self.mean > self.sd
+    }
+}
+
+/// The columns the demo's claim is about: CHAIR_i and POPE-adversarial F1.
+const CLAIM: [&str; 2] = ["CHAIR_i", "F1 adv"];
+
+/// Whether the table shows BPO's effect: for each baseline row named in `baselines`, BPO's paired gain on CHAIR_i and
+/// POPE-adversarial F1 (points, mean ± sd over seeds) and a verdict. Rows missing from `rows` are skipped.
+pub fn verdict(rows: &[Row], bpo: &str, baselines: &[&str]) -> String {
+    let Some(treated) = rows.iter().find(|r| r.name == bpo) else { return String::new() };
+    let mut t = String::new();
+    for base in baselines.iter().filter_map(|b| rows.iter().find(|r| r.name == *b)) {
+        let _ = write!(t, "{bpo} vs {}:", base.name);
+        for c in COLUMNS.iter().filter(|c| CLAIM.contains(&c.name)) {
+            let scale = if c.percent { 100.0 } else { 1.0 };
+            let values = |r: &Row| r.runs.iter().map(|s| (c.get)(s) * scale).collect::<Vec<_>>();
+            let e = Effect::paired(&values(base), &values(treated), c.lower_better);
+            let verdict = match (e.seeds, e.shown()) {
+                (0 | 1, _) => "one seed, no spread",
+                (_, true) => "shown",
+                (_, false) => "not shown",
+            };
+            let _ = write!(t, "  {} gain {:+.2}±{:.2} ({verdict})", c.name, e.mean, e.sd);
+        }
+        t.push('\n');
+    }
+    if !t.is_empty() {
+        t.push_str("gain: improvement in points (CHAIR_i down, F1 up), per seed against the same seed's baseline, mean±sd; shown = mean gain above its sd");
+    }
+    t
+}
+
 /// A picture in the report: PNG bytes, the file it was also written to (relative to the report), a caption.
 #[derive(Debug, Clone)]
 pub struct Figure {
@@ -113,6 +165,8 @@ pub struct Report {
     pub title: String,
     pub intro: String,
     pub rows: Vec<Row>,
+    /// [`verdict`]'s lines, shown under the table.
+    pub verdict: String,
     pub figures: Vec<Figure>,
     /// Sections of the gallery: heading, explanation, items.
     pub gallery: Vec<(String, String, Vec<GalleryItem>)>,
@@ -127,6 +181,9 @@ pub fn write_html(path: &Path, r: &Report) -> Result<()> {
     let _ = write!(h, "<h1>{}</h1><p class=\"intro\">{}</p>", esc(&r.title), esc(&r.intro));
     h.push_str("<h2>Results</h2>");
     h.push_str(&html_table(&r.rows));
+    if !r.verdict.is_empty() {
+        let _ = write!(h, "<pre class=\"verdict\">{}</pre>", esc(&r.verdict));
+    }
     h.push_str("<h2>Training and metrics</h2><div class=\"figs\">");
     for f in &r.figures {
         let _ = write!(h, "<figure><img src=\"data:image/png;base64,{}\" data-file=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>", base64(&f.png), esc(&f.file), esc(&f.caption), esc(&f.caption));
@@ -181,7 +238,7 @@ fn gallery_item(item: &GalleryItem) -> String {
 const CSS: &str = "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}\
 h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ccc}p.intro{max-width:60em;line-height:1.4}\
 table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid #ccc;padding:4px 8px;text-align:right}\
-table.results td:first-child{text-align:left;font-weight:bold}.note{color:#555;font-size:.9em}\
+table.results td:first-child{text-align:left;font-weight:bold}.note{color:#555;font-size:.9em}pre.verdict{background:#f6f6f6;padding:8px;white-space:pre-wrap}\
 .figs{display:flex;flex-wrap:wrap;gap:12px}.figs figure{margin:0}.figs img{width:480px;border:1px solid #eee}\
 figcaption{font-size:.85em;color:#555;text-align:center}.gallery{display:flex;flex-wrap:wrap;gap:16px}\
 .item{border:1px solid #ddd;border-radius:6px;padding:8px;width:360px}.item h3{margin:.2em 0;font-size:1em}\
@@ -217,6 +274,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn paired_effect_needs_a_gain_above_its_spread() {
+        // CHAIR_i (lower is better) down by 2, 3 and 4 points: gain 3 ± 1, shown.
+        let e = Effect::paired(&[10.0, 20.0, 5.0], &[8.0, 17.0, 1.0], true);
+        assert!((e.mean - 3.0).abs() < 1e-12 && (e.sd - 1.0).abs() < 1e-12 && e.shown());
+        // Mixed signs: mean 0.33, sd 2.5: not shown, however large the rows' own spread.
+        assert!(!Effect::paired(&[90.0, 95.0, 97.0], &[92.0, 92.0, 98.0], false).shown());
+        // A worse model is never an effect; one seed has no spread to beat.
+        assert!(!Effect::paired(&[1.0, 2.0], &[3.0, 4.0], true).shown());
+        assert!(!Effect::paired(&[10.0], &[1.0], true).shown());
+    }
+
+    #[test]
     fn base64_matches_rfc4648_vectors() {
         for (raw, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
             assert_eq!(base64(raw.as_bytes()), enc);
@@ -236,6 +305,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let r = Report {
             title: "a <b>".into(),
+            verdict: "BPO vs SFT: x>y".into(),
             figures: vec![Figure { file: "plots/x.png".into(), caption: "x".into(), png: vec![1, 2, 3] }],
             gallery: vec![("g".into(), "t".into(), vec![GalleryItem { title: "s".into(), images: vec![("img".into(), vec![0])], lines: vec![("GT".into(), "a & b".into(), "good".into())] }])],
             ..Default::default()
@@ -243,7 +313,7 @@ mod tests {
         let path = tmp.path().join("r.html");
         write_html(&path, &r).unwrap();
         let h = std::fs::read_to_string(&path).unwrap();
-        assert!(h.contains("a &lt;b&gt;") && h.contains("a &amp; b"));
+        assert!(h.contains("a &lt;b&gt;") && h.contains("a &amp; b") && h.contains("<pre class=\"verdict\">BPO vs SFT: x&gt;y</pre>"));
         assert!(h.contains("data-file=\"plots/x.png\"") && h.contains("base64,AQID"));
         assert!(!h.contains("src=\"http") && !h.contains("<script"));
     }

@@ -40,13 +40,14 @@ pub fn write_report(opts: &DemoOptions, rows: &[Row], seeds: &[SeedResult], timi
         title: "BPO on a synthetic world: does preference training make the model look?".into(),
         intro: INTRO.into(),
         rows: rows.to_vec(),
+        verdict: super::pipeline::claim(rows),
         figures,
         gallery,
         facts: facts(opts, seeds, timings),
     };
     let html = dir.join("report.html");
     report::write_html(&html, &r)?;
-    write_text(&dir.join("table.txt"), &(report::table(rows) + "\n"))?;
+    write_text(&dir.join("table.txt"), &(super::pipeline::results_text(rows) + "\n"))?;
     let results = serde_json::json!({"rows": rows, "seeds": seeds, "timings": timings});
     write_json(&dir.join("results.json"), &results)?;
     Ok(html)
@@ -54,7 +55,7 @@ pub fn write_report(opts: &DemoOptions, rows: &[Row], seeds: &[SeedResult], timi
 
 const INTRO: &str = "A tiny LLaVA-architecture model (CLIP vision tower, MLP projector, Llama language model) is trained from \
 scratch: its language model first reads a text-only corpus in which partner objects (a circle with a square, a ring with a \
-diamond, ...) nearly always appear together, then the whole model learns from images in which they do not (mixed, as in \
+diamond, ...) nearly always appear together, then the model learns from images in which they do not (mixed, as in \
 LLaVA-1.5, with text-only conversations). Look-alike objects share a colour (circles and rings are red), so where the picture \
 is unclear the language prior decides: beside a square, a small red round thing becomes a circle. BPO bootstraps such errors \
 as negatives (answers to diffusion-noised images; ground truths cut and continued by the model's own language model), pairs \
@@ -218,7 +219,7 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)]) ->
         ("seeds".to_string(), seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", ")),
         ("world".into(), format!("{} corpus scenes, {} training images, {} evaluation images ({} px)", r.world.corpus_scenes, r.world.train_images, r.world.eval_images, r.world.image_size)),
         ("model".into(), format!("CLIP {} px, patch {}, {} layers x {}; Llama {} layers x {}", r.model.image_size, r.model.patch_size, r.model.vision_layers, r.model.vision_hidden, r.model.layers, r.model.hidden)),
-        ("SFT".into(), format!("LM {} epochs x {} per step (lr {}), visual {} epochs x {} per step (lr {}), vision tower frozen", r.lm.epochs, r.lm.batch, r.lm.lr, r.sft.epochs, r.sft.batch, r.sft.lr)),
+        ("SFT".into(), format!("LM {} epochs x {} per step (lr {}), visual {} epochs x {} per step (lr {}), vision tower {}", r.lm.epochs, r.lm.batch, r.lm.lr, r.sft.epochs, r.sft.batch, r.sft.lr, if r.sft.train_vision { "trained" } else { "frozen" })),
         ("DPO".into(), format!("LoRA r {} alpha {}, {} epochs x {} pairs per step, lr {}, beta {}, SFT weight {}", r.dpo.rank, r.dpo.alpha, r.dpo.epochs, r.dpo.batch, r.dpo.lr, r.dpo.beta, r.dpo.sft_weight)),
         ("bootstrap".into(), format!("{} training images' conversations, noise step {}, temperature {}", r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature)),
     ];

@@ -1,6 +1,6 @@
 //! The demo's training stages, through the project's trainer ([`crate::train`], the code behind `bpo sft` and
 //! `bpo train`): supervised fine-tuning on LLaVA conversation JSON (the language model on the plain-text corpus,
-//! then language model and projector on the grounded data, the vision tower frozen as the trainer keeps it), and
+//! then vision tower, projector and language model on the grounded data), and
 //! LoRA runs on the bootstrapped pairs: DPO (the BPO rows) or supervised training on the chosen answers (the
 //! control). Every run leaves the trainer's run folder (`train_config.json`, `metrics.jsonl`, weights); LoRA
 //! runs are also merged into a model folder (`bpo merge`) for evaluation.
@@ -27,6 +27,9 @@ pub struct SftSettings {
     /// Plain text (the `plain` template: BOS, then the reply): language-model pre-training on the corpus.
     /// Otherwise llava-hf's chat template.
     pub plain_text: bool,
+    /// Train the vision tower too (`bpo sft --full --train-vision`): the demo's tower starts from random weights.
+    #[serde(default)]
+    pub train_vision: bool,
 }
 
 /// Settings of the LoRA runs on bootstrapped pairs (every projection of the language model).
@@ -59,7 +62,7 @@ fn optim(epochs: usize, batch: usize, lr: f64, seed: u64) -> LoopConfig {
 }
 
 fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_projector: bool) -> ModelSetup {
-    ModelSetup { model: model.to_path_buf(), template, prompt_style: PromptStyle::Llava, aspect: AspectMode::Pad, lora, train_projector, init_adapter: None }
+    ModelSetup { model: model.to_path_buf(), template, prompt_style: PromptStyle::Llava, aspect: AspectMode::Pad, lora, train_projector, train_vision: false, init_adapter: None }
 }
 
 /// Forwards each step's loss to a callback (the stage's progress bar).
@@ -85,7 +88,8 @@ fn fresh(out: &Path) -> Result<()> {
 pub fn sft(model_in: &Path, data: &Path, images: &Path, out: &Path, s: &SftSettings, seed: u64, tick: impl FnMut(usize, f64)) -> Result<()> {
     fresh(out)?;
     let template = if s.plain_text { Template::Plain } else { Template::LlavaHf };
-    let cfg = SftConfig { setup: setup(model_in, template, None, !s.plain_text), data: data.to_path_buf(), images: Some(images.to_path_buf()), max_length: MAX_LENGTH, feature_cache_mb: FEATURE_CACHE_MB, optim: optim(s.epochs, s.batch, s.lr, seed) };
+    let setup = ModelSetup { train_vision: s.train_vision && !s.plain_text, ..setup(model_in, template, None, !s.plain_text) };
+    let cfg = SftConfig { setup, data: data.to_path_buf(), images: Some(images.to_path_buf()), max_length: MAX_LENGTH, feature_cache_mb: FEATURE_CACHE_MB, optim: optim(s.epochs, s.batch, s.lr, seed) };
     crate::train::sft::train(&cfg, out, false, None, &mut Tick(tick), &mut |_| {})?;
     Ok(())
 }

@@ -31,9 +31,12 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     #[serde(default = "d_rope_theta")]
     pub rope_theta: f64,
-    /// `linear`, `dynamic` or `llama3` scaling; transformers 5 may write it as `rope_parameters`.
-    #[serde(default, alias = "rope_parameters")]
+    /// `linear`, `dynamic` or `llama3` scaling (transformers 4); read through [`LlamaConfig::rope`].
+    #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// transformers 5's name for the same settings (with `rope_theta` inside); a config may carry both keys.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScaling>,
     #[serde(default = "d_max_pos")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -68,7 +71,7 @@ impl EosIds {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
-    #[serde(alias = "type")]
+    #[serde(alias = "type", default = "d_rope_type")]
     pub rope_type: String,
     #[serde(default = "d_one")]
     pub factor: f64,
@@ -281,6 +284,10 @@ impl LlamaConfig {
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id.as_ref().map(EosIds::to_vec).unwrap_or_else(|| vec![2])
     }
+    /// The RoPE settings: `rope_parameters` (transformers 5, the newer key) if present, else `rope_scaling`.
+    pub fn rope(&self) -> Option<&RopeScaling> {
+        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+    }
 }
 
 fn d_vocab() -> usize { 32000 }
@@ -290,6 +297,7 @@ fn d_layers() -> usize { 32 }
 fn d_heads() -> usize { 32 }
 fn d_rms_eps() -> f64 { 1e-6 }
 fn d_rope_theta() -> f64 { 10000.0 }
+fn d_rope_type() -> String { "default".into() }
 fn d_max_pos() -> usize { 2048 }
 fn d_act() -> String { "silu".into() }
 fn d_one() -> f64 { 1.0 }
@@ -308,3 +316,26 @@ fn d_feature_layer() -> i64 { -2 }
 fn d_strategy() -> FeatureStrategy { FeatureStrategy::Default }
 fn d_gelu() -> String { "gelu".into() }
 fn d_true() -> bool { true }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(extra: &str) -> LlamaConfig {
+        serde_json::from_str(&format!("{{\"hidden_size\": 64, \"num_attention_heads\": 4 {extra}}}")).unwrap()
+    }
+
+    #[test]
+    fn rope_settings_come_from_either_key_and_both_may_be_present() {
+        assert!(llama("").rope().is_none());
+        let old = llama(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#);
+        assert_eq!((old.rope().unwrap().rope_type.as_str(), old.rope().unwrap().factor), ("linear", 2.0));
+        let new = llama(r#", "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}"#);
+        assert_eq!(new.rope().unwrap().rope_theta, Some(500000.0));
+        // transformers 5 configs converted from 4 can hold both: the newer key wins.
+        let both = llama(r#", "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}"#);
+        assert_eq!((both.rope().unwrap().rope_type.as_str(), both.rope().unwrap().factor), ("llama3", 8.0));
+        // rope_parameters without rope_type is plain RoPE.
+        assert_eq!(llama(r#", "rope_parameters": {"rope_theta": 1e6}"#).rope().unwrap().rope_type, "default");
+    }
+}

@@ -60,7 +60,7 @@ impl Rope {
     /// cos and sin for `positions` (b, t): each (b, t, head_dim / 2), in `dtype`.
     pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
         let max_pos = positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1;
-        let dynamic = self.cfg.rope_scaling.as_ref().is_some_and(|s| s.rope_type == "dynamic");
+        let dynamic = self.cfg.rope().is_some_and(|s| s.rope_type == "dynamic");
         let inv = if dynamic && max_pos > self.cfg.max_position_embeddings { inv_freq(&self.cfg, Some(max_pos)) } else { self.inv_freq.clone() };
         let n = inv.len();
         let inv = Tensor::from_vec(inv, (1, 1, n), positions.device())?;
@@ -72,7 +72,7 @@ impl Rope {
 /// transformers' `ROPE_INIT_FUNCTIONS` for the kinds Llama checkpoints use. `seq_len` is for dynamic NTK scaling.
 fn inv_freq(cfg: &LlamaConfig, seq_len: Option<usize>) -> Vec<f32> {
     let dim = cfg.head_dim();
-    let scaling = cfg.rope_scaling.as_ref();
+    let scaling = cfg.rope();
     let mut theta = scaling.and_then(|s| s.rope_theta).unwrap_or(cfg.rope_theta);
     let kind = scaling.map_or("default", |s| s.rope_type.as_str());
     if let (Some(s), "dynamic", Some(len)) = (scaling, kind, seq_len) {

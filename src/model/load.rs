@@ -127,16 +127,20 @@ impl TensorSource {
     }
 }
 
+/// Where a llava-hf checkpoint keeps the CLIP tower's weights.
+pub const VISION_PREFIX: &str = "vision_tower.";
+
 /// Loads a model for full fine-tuning: every language-model weight (embeddings, norms, linears, head) and the
-/// projector become trainable variables; the vision tower stays frozen (memory-mapped). Returns the model and its
-/// variables with their llava-hf names (`model.*` / `lm_head.*` for a Llama).
-pub fn load_trainable(dir: &Path, opts: &LoadOptions) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
-    let frozen = load(dir, opts)?;
+/// projector become trainable variables, and with `with_vision` every weight of the vision tower's used layers too;
+/// otherwise the tower stays frozen (memory-mapped). Returns the model and its variables with their llava-hf names
+/// (`model.*` / `lm_head.*` for a Llama).
+pub fn load_trainable(dir: &Path, opts: &LoadOptions, with_vision: bool) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
     let config = ModelConfig::from_dir(dir)?;
     let varmap = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, opts.dtype, &opts.device);
     let ckpt = |e: candle_core::Error| Error::Checkpoint { path: dir.into(), msg: e.to_string() };
-    let text = build(vb, &config, &LoadOptions { text_only: true, ..opts.clone() }).map_err(ckpt)?;
+    // With the vision tower, everything is a variable (the projector too); otherwise the tower comes frozen.
+    let text = build(vb, &config, &LoadOptions { text_only: !with_vision, ..opts.clone() }).map_err(ckpt)?;
     let source = TensorSource::open(dir)?;
     let mut vars: Vec<(String, candle_core::Var)> = {
         let data = varmap.data().lock().map_err(|_| Error::invalid("variable map poisoned"))?;
@@ -146,6 +150,10 @@ pub fn load_trainable(dir: &Path, opts: &LoadOptions) -> Result<(Model, Vec<(Str
     for (name, var) in &vars {
         var.set(&source.get(name, opts.dtype, &opts.device)?)?;
     }
+    if with_vision {
+        return Ok((text, vars));
+    }
+    let frozen = load(dir, opts)?;
     let mut model = Model { llm: text.llm, vision: frozen.vision, device: opts.device.clone(), dtype: opts.dtype };
     if model.vision.is_some() {
         vars.extend(super::lora::unfreeze_projector(&mut model)?);

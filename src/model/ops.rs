@@ -235,6 +235,14 @@ mod tests {
         check_grad(&data(12), &[2, 2, 3], |x| frozen_linear(x, &w));
     }
 
+    /// CLIP's patch embedding (a convolution with stride = kernel) trains with `bpo sft --train-vision`: candle's
+    /// convolution backward must give the kernel its true gradient.
+    #[test]
+    fn patch_convolution_kernel_gradient_matches_finite_differences() {
+        let pixels = Tensor::from_slice(&data(48), (1, 3, 4, 4), &Device::Cpu).unwrap();
+        check_grad(&data(24), &[2, 3, 2, 2], |k| pixels.conv2d(k, 0, 2, 1, 1));
+    }
+
     #[test]
     fn dropout_is_seeded_and_scaled() {
         let x = Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap();

@@ -204,6 +204,9 @@ fn describe_missing(report: &DataReport, say: Say) {
 pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
     cfg.loss.validate()?;
     prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
+    if cfg.setup.train_vision {
+        crate::bail!("training the vision tower is for `bpo sft`: DPO's batches reuse cached, frozen tower features");
+    }
     let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
     let (pairs, stats) = read_preference_file(&cfg.data, &PairOptions { max_words: cfg.max_words })?;
     let (examples, mut report) = tokenize_pairs(&prepared.vlm, &pairs, cfg.images.as_deref(), cfg.max_length)?;

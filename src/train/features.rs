@@ -1,6 +1,7 @@
-//! Frozen vision-tower features for training batches. The CLIP tower never trains in BPO, so its output for an
-//! image is a constant: each distinct image of a batch is encoded once (chosen and rejected rows share it), and
-//! features are kept across steps and epochs up to a memory budget.
+//! Vision-tower features for training batches. The CLIP tower never trains in BPO, so its output for an image is a
+//! constant: each distinct image of a batch is encoded once (chosen and rejected rows share it), and features are
+//! kept across steps and epochs up to a memory budget. When the tower itself trains (full fine-tuning with
+//! `--train-vision`), features are encoded afresh every step and keep their graph.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,19 @@ pub struct FeatureCache {
     budget: usize,
     /// Images run through the tower so far (cache misses).
     pub encoded: usize,
+    /// The tower trains: never cache, never detach.
+    live: bool,
 }
 
 impl FeatureCache {
     /// Keeps at most `budget_mb` MiB of features (0: encode every time).
     pub fn new(budget_mb: usize) -> Self {
-        FeatureCache { cache: HashMap::new(), bytes: 0, budget: budget_mb << 20, encoded: 0 }
+        FeatureCache { cache: HashMap::new(), bytes: 0, budget: budget_mb << 20, encoded: 0, live: false }
+    }
+
+    /// For a training vision tower: features with their graph, encoded every time.
+    pub fn live() -> Self {
+        FeatureCache { live: true, ..Self::new(0) }
     }
 
     /// Features of `paths` (distinct images), stacked in order: (n, tokens, tower hidden). Images not in the cache
@@ -31,12 +39,13 @@ impl FeatureCache {
         let mut fresh: HashMap<&Path, Tensor> = HashMap::new();
         if !missing.is_empty() {
             let pixels = missing.iter().map(|p| vlm.load_image(p)).collect::<Result<Vec<_>>>()?;
-            let feats = vlm.model.encode_images(&Tensor::stack(&pixels, 0)?)?.detach();
+            let feats = vlm.model.encode_images(&Tensor::stack(&pixels, 0)?)?;
+            let feats = if self.live { feats } else { feats.detach() };
             self.encoded += missing.len();
             for (i, p) in missing.iter().enumerate() {
                 let f = feats.get(i)?.contiguous()?;
                 let size = f.elem_count() * f.dtype().size_in_bytes();
-                if self.bytes + size <= self.budget {
+                if !self.live && self.bytes + size <= self.budget {
                     self.bytes += size;
                     self.cache.insert(p.to_path_buf(), f.clone());
                 }

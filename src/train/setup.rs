@@ -11,7 +11,8 @@ use super::trainer::Trainable;
 use crate::generate::Vlm;
 use crate::model::llava::Projector;
 use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
-use crate::model::{load::load_trainable, LoadOptions};
+use crate::model::load::{load_trainable, VISION_PREFIX};
+use crate::model::LoadOptions;
 use crate::text::{PromptStyle, Template};
 use crate::vision::AspectMode;
 use crate::{bail, Error, Result};
@@ -26,6 +27,10 @@ pub struct ModelSetup {
     /// LoRA settings; None = full fine-tuning of the language model (and the projector).
     pub lora: Option<LoraConfig>,
     pub train_projector: bool,
+    /// Full fine-tuning only: train the CLIP tower too. LLaVA keeps its pretrained tower frozen; a tower trained from
+    /// scratch (the demo's) must learn to see.
+    #[serde(default)]
+    pub train_vision: bool,
     /// Start from this PEFT adapter instead of fresh LoRA weights.
     pub init_adapter: Option<PathBuf>,
 }
@@ -49,16 +54,24 @@ pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();
-    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, full: Vec::new(), base_model: s.model.clone() };
+    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, vision_trains: false, full: Vec::new(), base_model: s.model.clone() };
+    if s.train_vision && !is_llava {
+        bail!("--train-vision: {} has no vision tower", s.model.display());
+    }
     let Some(lora) = &s.lora else {
         if s.init_adapter.is_some() {
             bail!("--init-adapter starts LoRA training; it cannot be combined with full fine-tuning");
         }
-        let (model, vars) = load_trainable(&s.model, &opts)?;
+        let (model, vars) = load_trainable(&s.model, &opts, s.train_vision)?;
         vlm.model = model;
-        trainable.full = vars.into_iter().filter(|(n, _)| s.train_projector || !n.starts_with("multi_modal_projector.")).collect();
+        let frozen = |n: &str| (!s.train_projector && n.starts_with("multi_modal_projector.")) || (!s.train_vision && n.starts_with(VISION_PREFIX));
+        trainable.full = vars.into_iter().filter(|(n, _)| !frozen(n)).collect();
+        trainable.vision_trains = s.train_vision;
         return Ok(Prepared { vlm, trainable, start_projector: None });
     };
+    if s.train_vision {
+        bail!("--train-vision needs full fine-tuning (--full): LoRA runs keep the vision tower frozen");
+    }
     let start_projector = vlm.model.vision.as_ref().map(|v| copy_projector(&v.projector));
     match &s.init_adapter {
         Some(dir) => {

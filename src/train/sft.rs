@@ -29,9 +29,11 @@ pub struct Sft {
 }
 
 impl Sft {
-    pub fn new(mut vlm: Vlm, examples: Vec<SftExample>, cache_mb: usize) -> Self {
+    /// `vision_trains`: the tower's weights train, so its features are computed with their graph every step.
+    pub fn new(mut vlm: Vlm, examples: Vec<SftExample>, cache_mb: usize, vision_trains: bool) -> Self {
         let dropout = vlm.model.llm.linears_mut().into_iter().find_map(|(_, l)| l.lora.as_ref().map(|l| l.seed.clone()));
-        Sft { vlm, examples, features: FeatureCache::new(cache_mb), dropout }
+        let features = if vision_trains { FeatureCache::live() } else { FeatureCache::new(cache_mb) };
+        Sft { vlm, examples, features, dropout }
     }
 
     /// Mean NLL per target token of `batch` (a scalar with graph when `train`), token count, target count.
@@ -105,7 +107,7 @@ pub fn train(cfg: &SftConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
         say(&format!("skipped {id}: image {} not found", path.display()));
     }
     say(&format!("conversations: {report}"));
-    let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb);
+    let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb, prepared.trainable.vision_trains);
     let summary = train_loop(&mut sft, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
     if !report.missing_images.is_empty() {
         say(&format!("{} conversations were skipped because their image is missing", report.missing_images.len()));

@@ -53,11 +53,15 @@ pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
 }
 
 impl Column {
+    /// This column's value for each of a row's runs (seeds), in display units.
+    pub fn values(&self, row: &Row) -> Vec<f64> {
+        let scale = if self.percent { 100.0 } else { 1.0 };
+        row.runs.iter().map(|s| (self.get)(s) * scale).collect()
+    }
+
     /// Mean and spread of this column over a row's runs, in display units.
     pub fn stats(&self, row: &Row) -> (f64, f64) {
-        let scale = if self.percent { 100.0 } else { 1.0 };
-        let (m, s) = mean_sd(&row.runs.iter().map(self.get).collect::<Vec<_>>());
-        (m * scale, s * scale)
+        mean_sd(&self.values(row))
     }
 
     fn cell(&self, row: &Row) -> String {
@@ -124,9 +128,7 @@ pub fn verdict(rows: &[Row], bpo: &str, baselines: &[&str]) -> String {
     for base in baselines.iter().filter_map(|b| rows.iter().find(|r| r.name == *b)) {
         let _ = write!(t, "{bpo} vs {}:", base.name);
         for c in COLUMNS.iter().filter(|c| CLAIM.contains(&c.name)) {
-            let scale = if c.percent { 100.0 } else { 1.0 };
-            let values = |r: &Row| r.runs.iter().map(|s| (c.get)(s) * scale).collect::<Vec<_>>();
-            let e = Effect::paired(&values(base), &values(treated), c.lower_better);
+            let e = Effect::paired(&c.values(base), &c.values(treated), c.lower_better);
             let verdict = match (e.seeds, e.shown()) {
                 (0 | 1, _) => "one seed, no spread",
                 (_, true) => "shown",

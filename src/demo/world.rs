@@ -4,8 +4,8 @@
 //! Twelve object kinds come in six *look-alike* pairs of one colour (circle and ring are red, square and diamond
 //! blue, ...) and, across them, six *partner* pairs (circle with square, ring with diamond, ...). The text-only
 //! corpus, on which the language model is pre-trained, nearly always mentions a partner with its object: that is
-//! the language prior. In the grounded data (rendered images with captions and questions) partners co-occur no
-//! more than chance, so answering well requires looking. Where the picture is unclear — a small red round thing
+//! the language prior. In the grounded data (rendered images with captions and questions) partners co-occur
+//! little more than chance, so answering well requires looking. Where the picture is unclear — a small red round thing
 //! beside a blue square — only the shape tells a circle from a ring, and the prior says "circle", the square's
 //! partner: the prior and the picture conflict exactly where POPE's adversarial split asks (demo-world.md,
 //! lesson 4). (A first version made the look-alikes partners; its model's errors were plain confusions that no

@@ -54,7 +54,7 @@ pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();
-    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, vision_trains: false, full: Vec::new(), base_model: s.model.clone() };
+    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, full: Vec::new(), base_model: s.model.clone() };
     if s.train_vision && !is_llava {
         bail!("--train-vision: {} has no vision tower", s.model.display());
     }
@@ -66,7 +66,6 @@ pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
         vlm.model = model;
         let frozen = |n: &str| (!s.train_projector && n.starts_with("multi_modal_projector.")) || (!s.train_vision && n.starts_with(VISION_PREFIX));
         trainable.full = vars.into_iter().filter(|(n, _)| !frozen(n)).collect();
-        trainable.vision_trains = s.train_vision;
         return Ok(Prepared { vlm, trainable, start_projector: None });
     };
     if s.train_vision {

@@ -107,7 +107,7 @@ pub fn train(cfg: &SftConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
         say(&format!("skipped {id}: image {} not found", path.display()));
     }
     say(&format!("conversations: {report}"));
-    let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb, prepared.trainable.vision_trains);
+    let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb, cfg.setup.train_vision);
     let summary = train_loop(&mut sft, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
     if !report.missing_images.is_empty() {
         say(&format!("{} conversations were skipped because their image is missing", report.missing_images.len()));

@@ -80,8 +80,6 @@ pub struct Trainable {
     pub projector_trains: bool,
     /// Full fine-tuning: every trained weight under llava-hf names.
     pub full: Vec<(String, Var)>,
-    /// The vision tower's weights are among `full`: image features change every step and cannot be cached.
-    pub vision_trains: bool,
     /// The model folder training started from (named in the adapter config; copied from for full weights).
     pub base_model: PathBuf,
 }

@@ -79,7 +79,7 @@ pub fn generate_throughput(dir: &Path, batches: &[usize], new_tokens: usize, tem
     tok.eos.clear(); // random weights may pick EOS: always decode the full length
     let vision = model.vision.as_ref().map(|v| v.cfg.vision.clone());
     let image = match &vision {
-        Some(v) => Some(Tensor::randn(0f32, 1.0, (3, v.image_size, v.image_size), &model.device)?),
+        Some(v) => Some(Tensor::randn(0f32, 1.0, (3, v.image_size, v.image_size), &model.rt.device)?),
         None => None,
     };
     let text: Vec<u32> = (0..20).map(|i| 10 + i as u32).collect();
@@ -205,6 +205,7 @@ pub fn train_step(size: Size, steps: usize, plain_backward: bool) -> Result<Trai
                 train_projector: false,
                 train_vision: false,
                 init_adapter: None,
+                runtime: Default::default(),
             },
             data,
             images: Some(dir.clone()),

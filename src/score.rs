@@ -108,7 +108,7 @@ impl Batch {
 pub fn score(model: &crate::model::Model, pad: u32, examples: &[Example], batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<(f32, usize)>> {
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
-        let batch = Batch::new(chunk, pad, &model.device)?;
+        let batch = Batch::new(chunk, pad, &model.rt.device)?;
         let inputs = crate::model::Inputs { ids: &batch.ids, mask: &batch.mask, images: batch.images.as_ref() };
         let logits = model.forward(&inputs, None, pass)?;
         let (sums, counts) = sequence_logprobs(&logits, &batch.labels)?;

@@ -36,6 +36,7 @@ fn config(data: PathBuf) -> DpoConfig {
             train_projector: true,
             train_vision: false,
             init_adapter: Some(fixture("dpo/init-adapter")),
+            runtime: Default::default(),
         },
         data,
         images: Some(fixture("images")),

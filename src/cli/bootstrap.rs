@@ -13,7 +13,7 @@ use bpo::bootstrap::{
 };
 use clap::{Args, Subcommand};
 
-use super::{Dtype, ModelArgs};
+use super::{ModelArgs, RuntimeArgs};
 
 #[derive(Args)]
 pub struct BootstrapArgs {
@@ -140,9 +140,9 @@ pub struct InjectArgs {
     /// default, the MLLM's own LLM) or a Llama folder. Prompts are wrapped in Vicuna-v1 unless --raw.
     #[arg(long, conflicts_with_all = ["llm_url", "chat", "server_model"])]
     llm: Option<PathBuf>,
-    /// Precision of --llm (f32 is the right choice on CPU).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: Dtype,
+    /// Where --llm runs and in which precision.
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// OpenAI-compatible server: root (http://127.0.0.1:8080), .../v1, or the full endpoint URL.
     /// llama.cpp's llama-server, vLLM and Ollama work; plain http only.
     #[arg(long)]
@@ -215,7 +215,7 @@ pub fn run(args: BootstrapArgs) -> anyhow::Result<()> {
 /// The text LLM to use.
 fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
     if let Some(dir) = &a.llm {
-        let opts = bpo::model::LoadOptions { dtype: a.dtype.candle(), ..Default::default() };
+        let opts = bpo::model::LoadOptions::new(&a.runtime.runtime()?);
         let local = LocalCompleter::load(dir, &opts, a.batch).with_context(|| format!("loading {}", dir.display()))?;
         return Ok(Box::new(local));
     }

@@ -120,16 +120,36 @@ impl Dtype {
     }
 }
 
-/// Where the model comes from and how prompts are built: shared by every subcommand that runs a model.
+const DEVICE_HELP: &str = "Device: cpu, cuda (GPU 0) or cuda:N. Default: GPU 0 when this bpo was built with CUDA (scripts/build-cuda.sh) and a GPU answers, else the CPU";
+const DTYPE_HELP: &str = "Precision of the frozen weights and the activations (trainable weights are always kept in f32). Default: bf16 on a GPU, f32 on the CPU (candle widens bf16 to f32 there, slowly)";
+
+/// Where a model runs and in which precision, for commands that run a model without [`ModelArgs`].
+#[derive(Args, Debug, Clone, Default)]
+pub struct RuntimeArgs {
+    #[arg(long, help = DEVICE_HELP)]
+    pub device: Option<String>,
+    #[arg(long, value_enum, help = DTYPE_HELP)]
+    pub dtype: Option<Dtype>,
+}
+
+impl RuntimeArgs {
+    pub fn runtime(&self) -> anyhow::Result<bpo::model::Runtime> {
+        Ok(bpo::model::Runtime::resolve(self.device.as_deref(), self.dtype.map(Dtype::candle))?)
+    }
+}
+
+/// Where the model comes from and how prompts are built: shared by every subcommand that runs a model. (It
+/// flattens nothing: clap leaves an optional flattened struct unset when it has a flattened member.)
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model folder: config.json, *.safetensors, tokenizer.json (llava-hf layout, original LLaVA, or a Llama model).
     #[arg(long)]
     pub model: PathBuf,
-    /// Weight precision. f32 is the right choice on CPU (candle widens bf16 to f32 there, slowly).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Dtype,
-    /// Chat template wrapped around each prompt.
+    #[arg(long, help = DEVICE_HELP)]
+    pub device: Option<String>,
+    #[arg(long, value_enum, help = DTYPE_HELP)]
+    pub dtype: Option<Dtype>,
+/// Chat template wrapped around each prompt.
     #[arg(long, value_enum, default_value = "vicuna-v1")]
     pub template: bpo::text::Template,
     /// How a non-square image becomes square: `pad` (LLaVA-1.5's training setting) or `square` (stretch by the crop).
@@ -143,13 +163,18 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<bpo::generate::Vlm> {
-        let opts = bpo::model::LoadOptions { dtype: self.dtype.candle(), ..Default::default() };
+        let opts = bpo::model::LoadOptions::new(&self.runtime()?);
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         if let Some(dir) = &self.adapter {
             bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
         }
         Ok(vlm)
+    }
+
+    /// The runtime chosen by --device and --dtype.
+    pub fn runtime(&self) -> anyhow::Result<bpo::model::Runtime> {
+        RuntimeArgs { device: self.device.clone(), dtype: self.dtype }.runtime()
     }
 
     /// How to run the model: with its adapters when it has any.

@@ -10,7 +10,7 @@ use bpo::train::dpo::{self, DpoConfig, DEFAULT_FEATURE_CACHE_MB};
 use bpo::train::trainer::{Hooks, LoopConfig, StepLog};
 use bpo::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind, TrainReport};
 
-use super::{progress, Dtype, ModelArgs};
+use super::{progress, ModelArgs};
 
 /// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
@@ -124,14 +124,11 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The model side of the config.
     pub fn setup(&self, model: &ModelArgs) -> anyhow::Result<ModelSetup> {
-        if !matches!(model.dtype, Dtype::F32) {
-            bail!("training runs in f32: drop --dtype");
-        }
         if model.adapter.is_some() {
             bail!("to start training from an adapter use --init-adapter (--adapter is for generate/score)");
         }
         let lora = LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.lora_targets.clone() };
-        Ok(ModelSetup { model: model.model.clone(), template: model.template, prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone() })
+        Ok(ModelSetup { model: model.model.clone(), template: model.template, prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone(), runtime: model.runtime()? })
     }
 
     pub fn optim(&self, lr: f64, epochs: usize) -> LoopConfig {

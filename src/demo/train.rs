@@ -62,7 +62,7 @@ fn optim(epochs: usize, batch: usize, lr: f64, seed: u64) -> LoopConfig {
 }
 
 fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_projector: bool) -> ModelSetup {
-    ModelSetup { model: model.to_path_buf(), template, prompt_style: PromptStyle::Llava, aspect: AspectMode::Pad, lora, train_projector, train_vision: false, init_adapter: None }
+    ModelSetup { model: model.to_path_buf(), template, prompt_style: PromptStyle::Llava, aspect: AspectMode::Pad, lora, train_projector, train_vision: false, init_adapter: None, runtime: Default::default() }
 }
 
 /// Forwards each step's loss to a callback (the stage's progress bar).

@@ -105,12 +105,14 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
     }
     let images: Vec<Tensor> = rows.iter().filter_map(|r| r.image.clone()).collect();
     let images = if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) };
-    let dev = model.device.clone();
+    let dev = model.rt.device.clone();
     let mut cache = Cache::new(&model.llm.cfg, longest + params.max_new_tokens);
     let ids_t = Tensor::from_vec(ids, (b, longest), &dev)?;
-    let mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
+    let mut mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
+    let one_more = Tensor::ones((b, 1), DType::U32, &dev)?;
+    let picker = Picker::new(model, params, contrast.is_some())?;
     let logits = model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
-    let mut last = last_logits(&logits)?;
+    let mut last = picker.prepare(&logits)?;
 
     let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
     let mut out: Vec<Completion> = (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
@@ -121,15 +123,21 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
             if done[i] {
                 continue;
             }
-            let mut row = match contrast {
-                Some((_, combine)) => combine(&last[i], &last[n + i]),
-                None => std::mem::take(&mut last[i]),
+            let id = match &mut last {
+                Next::Chosen(ids) => ids[i],
+                Next::Logits(rows) => {
+                    let mut row = match contrast {
+                        Some((_, combine)) => combine(&rows[i], &rows[n + i]),
+                        None => std::mem::take(&mut rows[i]),
+                    };
+                    // The image placeholder is never a valid output: fed back, it would ask for an image that is not
+                    // there.
+                    if let Some(slot) = model.image_token().and_then(|t| row.get_mut(t as usize)) {
+                        *slot = f32::NEG_INFINITY;
+                    }
+                    sample(&row, params, &mut rngs[i])
+                }
             };
-            // The image placeholder is never a valid output: fed back, it would ask for an image that is not there.
-            if let Some(slot) = model.image_token().and_then(|t| row.get_mut(t as usize)) {
-                *slot = f32::NEG_INFINITY;
-            }
-            let id = sample(&row, params, &mut rngs[i]);
             next[i] = id;
             if contrast.is_some() {
                 next[n + i] = id;
@@ -153,10 +161,10 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
         if done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
             break;
         }
-        let mask_t = extended_mask(&mask, b, step + 1, &dev)?;
+        mask_t = Tensor::cat(&[&mask_t, &one_more], 1)?;
         let step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
         let logits = model.forward_last(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
-        last = last_logits(&logits)?;
+        last = picker.prepare(&logits)?;
     }
     for c in &mut out {
         if !c.stopped || params.stop.is_empty() {
@@ -166,21 +174,50 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
     Ok(out)
 }
 
-/// The attention mask (b, prompt_len + extra): each row's prompt mask followed by `extra` ones (decoded tokens).
-fn extended_mask(prompt_mask: &[u32], b: usize, extra: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let p = prompt_mask.len() / b;
-    let mut m = Vec::with_capacity(b * (p + extra));
-    for row in prompt_mask.chunks(p) {
-        m.extend_from_slice(row);
-        m.extend(std::iter::repeat_n(1u32, extra));
-    }
-    Ok(Tensor::from_vec(m, (b, p + extra), dev)?)
+/// What a decoding step brings back from the device.
+enum Next {
+    /// Greedy: the chosen token id of each row, picked on the device.
+    Chosen(Vec<u32>),
+    /// Sampling or contrastive decoding: each row's last logits as f32, for [`sample`] on the host (so every device
+    /// draws the same tokens from the same seeds).
+    Logits(Vec<Vec<f32>>),
 }
 
-/// Logits of the last position of each row, as f32 vectors.
-fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let t = logits.dim(1)?;
-    Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?)
+/// Turns a step's logits (b, 1, vocab) into a [`Next`].
+enum Picker {
+    /// Greedy without contrast rows: argmax on the device, with the image placeholder masked by `image_mask`
+    /// ((1, vocab), 0 or -inf) when the model has one.
+    Device { image_mask: Option<Tensor> },
+    /// Everything else: logits to the host.
+    Host,
+}
+
+impl Picker {
+    fn new(model: &Model, params: &SamplingParams, contrast: bool) -> Result<Self> {
+        if params.temperature > 0.0 || contrast {
+            return Ok(Picker::Host);
+        }
+        let vocab = model.llm.cfg.vocab_size;
+        let image_mask = match model.image_token().map(|t| t as usize).filter(|&t| t < vocab) {
+            Some(t) => {
+                let mut m = vec![0f32; vocab];
+                m[t] = f32::NEG_INFINITY;
+                Some(Tensor::from_vec(m, (1, vocab), &model.rt.device)?)
+            }
+            None => None,
+        };
+        Ok(Picker::Device { image_mask })
+    }
+
+    fn prepare(&self, logits: &Tensor) -> Result<Next> {
+        let t = logits.dim(1)?;
+        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
+        Ok(match self {
+            Picker::Device { image_mask: Some(m) } => Next::Chosen(last.broadcast_add(m)?.argmax(candle_core::D::Minus1)?.to_vec1()?),
+            Picker::Device { image_mask: None } => Next::Chosen(last.argmax(candle_core::D::Minus1)?.to_vec1()?),
+            Picker::Host => Next::Logits(last.to_vec2()?),
+        })
+    }
 }
 
 /// Picks the next token from `logits` per `params`. Sorting is limited to what top-k / top-p need: a full sort

@@ -1,12 +1,13 @@
 //! The CLIP vision transformer (Radford et al. 2021) as in transformers' `CLIPVisionModel`, returning the hidden state
 //! of one chosen layer (LLaVA's `vision_feature_layer`, -2 for LLaVA-1.5) rather than the last.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::ClipVisionConfig;
 use super::linear::{Linear, Pass};
-use super::ops;
+use super::ops::{self, Kernels};
+use super::runtime::Runtime;
 
 struct LayerNorm {
     weight: Tensor,
@@ -65,7 +66,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, kernels: Kernels, x: &Tensor) -> candle_core::Result<Tensor> {
         let pass = Pass::BASE;
         let (b, n, h) = x.dims3()?;
         let hd = h / self.heads;
@@ -74,7 +75,7 @@ impl EncoderLayer {
         let q = split((self.q_proj.forward(&y, pass)? * (1.0 / (hd as f64).sqrt()))?)?;
         let k = split(self.k_proj.forward(&y, pass)?)?;
         let v = split(self.v_proj.forward(&y, pass)?)?;
-        let probs = ops::softmax(&q.matmul(&k.t()?)?)?;
+        let probs = ops::softmax(kernels, &q.matmul(&k.t()?)?)?;
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
         let x = (x + self.out_proj.forward(&attn, pass)?)?;
         let y = self.layer_norm2.forward(&x)?;
@@ -90,12 +91,14 @@ pub struct ClipVision {
     pre_layrnorm: LayerNorm,
     layers: Vec<EncoderLayer>,
     cfg: ClipVisionConfig,
+    dtype: DType,
+    kernels: Kernels,
 }
 
 impl ClipVision {
     /// `vb` points at `vision_model`. Only the layers up to `keep_layers` are loaded: LLaVA never uses the rest
     /// (nor `post_layernorm`).
-    pub fn load(vb: VarBuilder, cfg: &ClipVisionConfig, keep_layers: usize) -> candle_core::Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &ClipVisionConfig, keep_layers: usize, rt: &Runtime) -> candle_core::Result<Self> {
         let (h, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let emb = vb.pp("embeddings");
         let positions = cfg.grid() * cfg.grid() + 1;
@@ -107,6 +110,8 @@ impl ClipVision {
             pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
             layers: (0..keep_layers).map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), cfg)).collect::<candle_core::Result<_>>()?,
             cfg: cfg.clone(),
+            dtype: rt.dtype,
+            kernels: rt.kernels,
         })
     }
 
@@ -115,13 +120,15 @@ impl ClipVision {
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixels.dim(0)?;
         let conv = Conv2dConfig { stride: self.cfg.patch_size, ..Default::default() };
-        let patches = pixels.to_dtype(self.patch_embedding.dtype())?.conv2d(&self.patch_embedding, conv.padding, conv.stride, conv.dilation, conv.groups)?;
+        // Weights that train (--train-vision) are f32 masters: cast to the compute dtype where used.
+        let kernel = self.patch_embedding.to_dtype(self.dtype)?;
+        let patches = pixels.to_dtype(self.dtype)?.conv2d(&kernel, conv.padding, conv.stride, conv.dilation, conv.groups)?;
         let patches = patches.flatten_from(2)?.transpose(1, 2)?; // (b, grid^2, hidden)
-        let class = self.class_embedding.reshape((1, 1, self.cfg.hidden_size))?.broadcast_as((b, 1, self.cfg.hidden_size))?;
-        let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let class = self.class_embedding.to_dtype(self.dtype)?.reshape((1, 1, self.cfg.hidden_size))?.broadcast_as((b, 1, self.cfg.hidden_size))?;
+        let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding.to_dtype(self.dtype)?.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
-            x = layer.forward(&x)?;
+            x = layer.forward(self.kernels, &x)?;
         }
         Ok(x)
     }

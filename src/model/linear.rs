@@ -97,19 +97,22 @@ impl Linear {
         self.weight.dim(1).unwrap_or(0)
     }
 
+    /// `x W^T + b` (+ the adapter's update when `pass.adapters`), in `x`'s dtype: trainable weights (f32 master
+    /// copies) are cast to it here, frozen ones are stored in it.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
         let mut y = if self.weight.track_op() {
-            x.broadcast_matmul(&self.weight.t()?)?
+            x.broadcast_matmul(&self.weight.to_dtype(dtype)?.t()?)?
         } else {
             ops::frozen_linear(x, &self.weight)?
         };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&b.to_dtype(dtype)?)?;
         }
         if let (Some(lora), true) = (&self.lora, pass.adapters) {
             let x = if pass.train && lora.dropout > 0.0 { ops::dropout(x, lora.dropout, lora.seed.next())? } else { x.clone() };
-            let down = x.broadcast_matmul(&lora.a.as_tensor().t()?)?;
-            let up = down.broadcast_matmul(&lora.b.as_tensor().t()?)?;
+            let down = x.broadcast_matmul(&lora.a.as_tensor().to_dtype(dtype)?.t()?)?;
+            let up = down.broadcast_matmul(&lora.b.as_tensor().to_dtype(dtype)?.t()?)?;
             y = (y + (up * lora.scale)?)?;
         }
         Ok(y)

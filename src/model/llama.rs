@@ -2,13 +2,14 @@
 //! `rope_theta` and `linear` / `dynamic` / `llama3` scaling, grouped-query attention, SwiGLU MLP, tied or untied
 //! `lm_head`. Returns hidden states for every position (training needs them all); [`Llama::logits`] projects them.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
 use super::linear::{Linear, Pass};
-use super::ops;
+use super::ops::{self, Kernels};
+use super::runtime::Runtime;
 
 /// Per-layer key/value cache for incremental decoding (preallocated, appended in place: no copy per token).
 pub struct Cache {
@@ -59,8 +60,9 @@ impl Rope {
 
     /// cos and sin for `positions` (b, t): each (b, t, head_dim / 2), in `dtype`.
     pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
-        let max_pos = positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1;
+        // Only dynamic NTK scaling depends on the longest position, and only it reads one value back from the device.
         let dynamic = self.cfg.rope().is_some_and(|s| s.rope_type == "dynamic");
+        let max_pos = if dynamic { positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1 } else { 0 };
         let inv = if dynamic && max_pos > self.cfg.max_position_embeddings { inv_freq(&self.cfg, Some(max_pos)) } else { self.inv_freq.clone() };
         let n = inv.len();
         let inv = Tensor::from_vec(inv, (1, 1, n), positions.device())?;
@@ -131,14 +133,14 @@ impl Attention {
     }
 
     /// `x`: (b, t, hidden); `mask`: additive (b, 1, t, past + t).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+    fn forward(&self, kernels: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (hd, kvh, rep) = (self.head_dim, self.kv_heads, self.heads / self.kv_heads);
         let q = self.q_proj.forward(x, pass)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?; // (b, heads, t, hd)
         let k = self.k_proj.forward(x, pass)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?; // (b, kvh, t, hd)
         let v = self.v_proj.forward(x, pass)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?.contiguous()?;
+        let q = ops::rope(kernels, &q, cos, sin)?;
+        let k = ops::rope(kernels, &k, cos, sin)?.contiguous()?;
         let (k, v) = match kv {
             Kv::Cache(Some(c)) => c.append(&k, &v)?,
             Kv::Cache(None) => (k, v),
@@ -153,7 +155,7 @@ impl Attention {
         // the time axis, so one batched matmul serves them all. (b, kvh, rep * t, hd)
         let q = q.contiguous()?.reshape((b, kvh, rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, self.heads, t, total))?;
-        let probs = ops::attention_softmax(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(v.dtype())?;
+        let probs = ops::attention_softmax(kernels, &scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(v.dtype())?;
         let out = probs.reshape((b, kvh, rep * t, total))?.matmul(&v)?; // (b, kvh, rep * t, hd)
         let out = out.reshape((b, self.heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
         self.o_proj.forward(&out, pass)
@@ -201,10 +203,10 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
-        let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, pass)?)?;
-        let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+    fn forward(&self, k: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+        let h = ops::rms_norm(k, x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(k, &h, cos, sin, mask, kv, pass)?)?;
+        let h = ops::rms_norm(k, &x, &self.post_attention_layernorm, self.eps)?;
         x + self.mlp.forward(&h, pass)?
     }
 }
@@ -216,11 +218,14 @@ pub struct Llama {
     pub lm_head: Linear,
     pub rope: Rope,
     pub cfg: LlamaConfig,
+    /// Compute dtype and ops path (from the load's [`Runtime`]).
+    pub dtype: DType,
+    pub kernels: Kernels,
 }
 
 impl Llama {
     /// `vb` points at the decoder (`model` in a Llama checkpoint); `head` at `lm_head` (ignored when tied or absent).
-    pub fn load(vb: VarBuilder, head: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+    pub fn load(vb: VarBuilder, head: VarBuilder, cfg: &LlamaConfig, rt: &Runtime) -> candle_core::Result<Self> {
         let embed_tokens = vb.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg)).collect::<candle_core::Result<Vec<_>>>()?;
         let norm = vb.pp("norm").get(cfg.hidden_size, "weight")?;
@@ -230,13 +235,13 @@ impl Llama {
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
         };
-        Ok(Llama { embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
+        Ok(Llama { embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone(), dtype: rt.dtype, kernels: rt.kernels })
     }
 
     /// Token embeddings for `ids` (b, t).
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?.to_dtype(self.dtype)
     }
 
     /// Final-norm hidden states (b, t, hidden) for input embeddings (b, t, hidden) at `positions` (b, t).
@@ -272,9 +277,9 @@ impl Llama {
         let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(kv) {
-            x = layer.forward(&x, &cos, &sin, mask, kv, pass)?;
+            x = layer.forward(self.kernels, &x, &cos, &sin, mask, kv, pass)?;
         }
-        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        ops::rms_norm(self.kernels, &x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Vocabulary logits for hidden states (..., hidden).
@@ -298,25 +303,23 @@ impl Llama {
 }
 
 /// Additive attention mask (b, 1, t, past + t) for queries at cache offset `past`: query i sees key j when
-/// `j <= past + i` and key j is not padding (`key_mask[j] == 1`; `key_mask`: (b, past + t), u8/u32).
-pub fn causal_mask(key_mask: &Tensor, t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+/// `j <= past + i` and key j is not padding (`key_mask[j] != 0`; `key_mask`: (b, past + t), u8/u32). Built on the
+/// key mask's device.
+pub fn causal_mask(key_mask: &Tensor, t: usize, dtype: DType) -> candle_core::Result<Tensor> {
     let (b, total) = key_mask.dims2()?;
     let past = total - t;
-    let keys: Vec<u32> = key_mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    let device = key_mask.device();
     let neg = match dtype {
         DType::F16 => f32::from(half::f16::MIN),
         DType::BF16 => f32::from(half::bf16::MIN),
         _ => f32::MIN,
     };
-    let mut m = vec![0f32; b * t * total];
-    for r in 0..b {
-        for i in 0..t {
-            for j in 0..total {
-                if j > past + i || keys[r * total + j] == 0 {
-                    m[(r * t + i) * total + j] = neg;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (b, 1, t, total), device)?.to_dtype(dtype)
+    let keys = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    let queries = Tensor::arange(past as u32, total as u32, device)?.reshape((t, 1))?;
+    let causal = keys.broadcast_le(&queries)?.unsqueeze(0)?; // (1, t, total)
+    let present = key_mask.ne(0u32)?.unsqueeze(1)?; // (b, 1, total)
+    let seen = causal.broadcast_mul(&present)?.unsqueeze(1)?; // (b, 1, t, total), u8
+    let zeros = Tensor::zeros((b, 1, t, total), dtype, device)?;
+    let hidden = Tensor::full(neg, (b, 1, t, total), device)?.to_dtype(dtype)?;
+    seen.where_cond(&zeros, &hidden)
 }

@@ -2,12 +2,13 @@
 //! a 2-layer GELU MLP projector, and a Llama decoder whose `<image>` positions carry the projected features.
 //! A model without a vision tower is a plain Llama; both share every code path below.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::clip::{self, ClipVision};
 use super::config::{FeatureStrategy, LlavaConfig};
 use super::linear::{Linear, Pass};
 use super::llama::{causal_mask, Cache, Llama, PrefixKv};
+use super::runtime::Runtime;
 use crate::{bail, Result};
 
 /// `multi_modal_projector`: linear_1, GELU, linear_2.
@@ -39,8 +40,8 @@ pub struct VisionTower {
 pub struct Model {
     pub llm: Llama,
     pub vision: Option<VisionTower>,
-    pub device: Device,
-    pub dtype: DType,
+    /// Where it runs, in which precision, by which ops path.
+    pub rt: Runtime,
 }
 
 /// One batch of token rows. `ids` and `mask` are (b, t) u32; `images` (n, 3, H, W) belongs, in order, to the
@@ -66,7 +67,7 @@ impl Model {
     /// Cacheable: nothing in it trains in BPO.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
         let Some(v) = &self.vision else { bail!("this model has no vision tower, but an image was given") };
-        let h = v.clip.forward(&pixels.to_device(&self.device)?)?;
+        let h = v.clip.forward(&pixels.to_device(&self.rt.device)?)?;
         Ok(match v.cfg.feature_strategy {
             FeatureStrategy::Default => clip::drop_class(&h)?,
             FeatureStrategy::Full => h,
@@ -83,14 +84,11 @@ impl Model {
     pub fn embed(&self, ids: &Tensor, image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (Some(image_token), Some(images)) = (self.image_token(), image_embeds) else {
-            // No images: every id is text (a sampled `<image>` id included), clamped into the table.
-            let vocab = self.llm.cfg.vocab_size as u32;
-            let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-            if flat.iter().all(|&id| id < vocab) {
-                return Ok(self.llm.embed(ids)?);
-            }
-            let clamped: Vec<u32> = flat.into_iter().map(|id| if id < vocab { id } else { 0 }).collect();
-            return Ok(self.llm.embed(&Tensor::from_vec(clamped, (b, t), &self.device)?)?);
+            // No images: every id is text (a sampled `<image>` id included); ids outside the table read row 0. On the
+            // device: this runs for every decoded token.
+            let ids = ids.to_dtype(DType::U32)?;
+            let inside = ids.lt(self.llm.cfg.vocab_size as u32)?;
+            return Ok(self.llm.embed(&inside.where_cond(&ids, &ids.zeros_like()?)?)?);
         };
         let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let n_slots = flat.iter().filter(|&&id| id == image_token).count();
@@ -101,7 +99,7 @@ impl Model {
         }
         // The image token may lie outside the embedding table (original LLaVA); look up id 0 there instead.
         let text_ids: Vec<u32> = flat.iter().map(|&id| if id == image_token { 0 } else { id }).collect();
-        let text = self.llm.embed(&Tensor::from_vec(text_ids, (b, t), &self.device)?)?;
+        let text = self.llm.embed(&Tensor::from_vec(text_ids, (b, t), &self.rt.device)?)?;
         // One gather over [text rows; image rows] keeps the merge differentiable for both sources.
         let hidden = self.llm.cfg.hidden_size;
         let table = Tensor::cat(&[text.reshape((b * t, hidden))?, images.reshape((n_feat, hidden))?.to_dtype(text.dtype())?], 0)?;
@@ -118,7 +116,7 @@ impl Model {
                 }
             })
             .collect();
-        Ok(table.index_select(&Tensor::from_vec(index, b * t, &self.device)?, 0)?.reshape((b, t, hidden))?)
+        Ok(table.index_select(&Tensor::from_vec(index, b * t, &self.rt.device)?, 0)?.reshape((b, t, hidden))?)
     }
 
     /// Final hidden states (b, t, hidden) for a batch, with positions and the causal/padding mask derived from
@@ -156,9 +154,10 @@ impl Model {
         if total > self.llm.cfg.max_position_embeddings {
             bail!("sequence of {total} tokens is longer than the model's context ({})", self.llm.cfg.max_position_embeddings);
         }
-        let positions = positions_from_mask(inputs.mask, t, &self.device)?;
+        let key_mask = inputs.mask.to_device(&self.rt.device)?;
+        let positions = positions_from_mask(&key_mask, t)?;
         let embeds = self.embed(inputs.ids, image_embeds)?;
-        let mask = causal_mask(inputs.mask, t, self.dtype, &self.device)?;
+        let mask = causal_mask(&key_mask, t, self.rt.dtype)?;
         debug_assert_eq!(embeds.dims3()?.0, b);
         Ok((embeds, positions, mask))
     }
@@ -192,19 +191,11 @@ impl Model {
     }
 }
 
-/// Position ids as `generate()` computes them: `cumsum(mask) - 1`, clamped at 0, for the last `t` columns.
-pub fn positions_from_mask(mask: &Tensor, t: usize, device: &Device) -> Result<Tensor> {
-    let (b, total) = mask.dims2()?;
-    let m: Vec<u32> = mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-    let mut pos = Vec::with_capacity(b * t);
-    for r in 0..b {
-        let mut c = 0i64;
-        for j in 0..total {
-            c += m[r * total + j] as i64;
-            if j >= total - t {
-                pos.push((c - 1).max(0) as u32);
-            }
-        }
-    }
-    Ok(Tensor::from_vec(pos, (b, t), device)?)
+/// Position ids as `generate()` computes them: `cumsum(mask) - 1`, clamped at 0, for the last `t` columns; (b, t)
+/// u32, on the mask's device. A single new column (a decoding step) needs only the row sums.
+pub fn positions_from_mask(mask: &Tensor, t: usize) -> Result<Tensor> {
+    let total = mask.dim(1)?;
+    let m = mask.to_dtype(DType::F32)?;
+    let counts = if t == 1 { m.sum_keepdim(1)? } else { m.cumsum(1)?.narrow(1, total - t, t)? };
+    Ok((counts - 1.0)?.clamp(0f32, f32::MAX)?.to_dtype(DType::U32)?)
 }

@@ -14,6 +14,7 @@ use super::config::{ModelConfig, TensorLayout};
 use super::linear::Linear;
 use super::llama::Llama;
 use super::llava::{Model, Projector, VisionTower};
+use super::runtime::Runtime;
 use crate::{Error, Result};
 
 /// The safetensors files of a model folder.
@@ -131,13 +132,15 @@ impl TensorSource {
 pub const VISION_PREFIX: &str = "vision_tower.";
 
 /// Loads a model for full fine-tuning: every language-model weight (embeddings, norms, linears, head) and the
-/// projector become trainable variables, and with `with_vision` every weight of the vision tower's used layers too;
-/// otherwise the tower stays frozen (memory-mapped). Returns the model and its variables with their llava-hf names
+/// projector become trainable variables (f32 master copies, cast to the compute dtype in the forward pass), and with
+/// `with_vision` every weight of the vision tower's used layers too; otherwise the tower stays frozen
+/// (memory-mapped, in the compute dtype). Returns the model and its variables with their llava-hf names
 /// (`model.*` / `lm_head.*` for a Llama).
 pub fn load_trainable(dir: &Path, opts: &LoadOptions, with_vision: bool) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
     let config = ModelConfig::from_dir(dir)?;
     let varmap = candle_nn::VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, opts.dtype, &opts.device);
+    let device = &opts.rt.device;
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let ckpt = |e: candle_core::Error| Error::Checkpoint { path: dir.into(), msg: e.to_string() };
     // With the vision tower, everything is a variable (the projector too); otherwise the tower comes frozen.
     let text = build(vb, &config, &LoadOptions { text_only: !with_vision, ..opts.clone() }).map_err(ckpt)?;
@@ -148,13 +151,13 @@ pub fn load_trainable(dir: &Path, opts: &LoadOptions, with_vision: bool) -> Resu
     };
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, var) in &vars {
-        var.set(&source.get(name, opts.dtype, &opts.device)?)?;
+        var.set(&source.get(name, DType::F32, device)?)?;
     }
     if with_vision {
         return Ok((text, vars));
     }
     let frozen = load(dir, opts)?;
-    let mut model = Model { llm: text.llm, vision: frozen.vision, device: opts.device.clone(), dtype: opts.dtype };
+    let mut model = Model { llm: text.llm, vision: frozen.vision, rt: opts.rt.clone() };
     if model.vision.is_some() {
         vars.extend(super::lora::unfreeze_projector(&mut model)?);
     }
@@ -162,17 +165,16 @@ pub fn load_trainable(dir: &Path, opts: &LoadOptions, with_vision: bool) -> Resu
 }
 
 /// Where to load and in which precision.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    pub dtype: DType,
-    pub device: Device,
+    pub rt: Runtime,
     /// Load only the language model of a LLaVA folder (error injection runs the MLLM's own LLM).
     pub text_only: bool,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, text_only: false }
+impl LoadOptions {
+    pub fn new(rt: &Runtime) -> Self {
+        LoadOptions { rt: rt.clone(), text_only: false }
     }
 }
 
@@ -186,7 +188,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(ckpt)?;
     let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
     drop(st);
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }.map_err(ckpt)?;
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.rt.dtype, &opts.rt.device) }.map_err(ckpt)?;
     let vb = match config {
         ModelConfig::Llava(ref mut cfg) => {
             cfg.layout = detect_layout(&names).ok_or_else(|| Error::Checkpoint { path: dir.into(), msg: "no language-model tensors found (expected language_model.*, model.language_model.* or model.layers.*)".into() })?;
@@ -203,18 +205,18 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
 pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle_core::Result<Model> {
     let cfg = match config {
         ModelConfig::Llama(cfg) => {
-            let llm = Llama::load(vb.pp("model"), vb.pp("lm_head"), cfg)?;
-            return Ok(Model { llm, vision: None, device: opts.device.clone(), dtype: opts.dtype });
+            let llm = Llama::load(vb.pp("model"), vb.pp("lm_head"), cfg, &opts.rt)?;
+            return Ok(Model { llm, vision: None, rt: opts.rt.clone() });
         }
         ModelConfig::Llava(cfg) => cfg.clone(),
     };
     let lm = vb.pp("language_model");
-    let llm = Llama::load(lm.pp("model"), lm.pp("lm_head"), &cfg.text)?;
+    let llm = Llama::load(lm.pp("model"), lm.pp("lm_head"), &cfg.text, &opts.rt)?;
     let vision = if opts.text_only {
         None
     } else {
         let keep = ClipVision::layers_for(cfg.vision_feature_layer, cfg.vision.num_hidden_layers);
-        let clip = ClipVision::load(vb.pp("vision_tower.vision_model"), &cfg.vision, keep)?;
+        let clip = ClipVision::load(vb.pp("vision_tower.vision_model"), &cfg.vision, keep, &opts.rt)?;
         let p = vb.pp("multi_modal_projector");
         let (vh, th) = (cfg.vision.hidden_size, cfg.text.hidden_size);
         let projector = Projector {
@@ -224,7 +226,7 @@ pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle
         };
         Some(VisionTower { clip, projector, cfg })
     };
-    Ok(Model { llm, vision, device: opts.device.clone(), dtype: opts.dtype })
+    Ok(Model { llm, vision, rt: opts.rt.clone() })
 }
 
 /// Writes tensors as safetensors with PyTorch's metadata (`{"format": "pt"}`, which transformers and peft expect),

@@ -4,7 +4,7 @@
 //! decoder layers is `language_model.model.layers.N.<proj>` (older transformers; newer ones write
 //! `model.language_model.layers.N.<proj>`, which [`peft_key`] readers must also accept).
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -58,7 +58,8 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         bail!("LoRA rank must be at least 1");
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let (dev, dtype) = (model.device.clone(), model.dtype);
+    // Adapters are f32 master copies whatever the compute dtype (cast in the forward pass).
+    let dev = model.rt.device.clone();
     let is_llava = model.vision.is_some();
     let mut vars = Vec::new();
     let dropout_seed = std::sync::Arc::new(DropoutSeed::new(seed));
@@ -71,8 +72,8 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         // PEFT: kaiming_uniform_(a = sqrt(5)) => bound = 1 / sqrt(in_features).
         let bound = 1.0 / (in_f as f32).sqrt();
         let a: Vec<f32> = (0..cfg.rank * in_f).map(|_| rng.random_range(-bound..bound)).collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_f), &dev)?.to_dtype(dtype)?)?;
-        let b = Var::from_tensor(&Tensor::zeros((out_f, cfg.rank), dtype, &dev)?)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_f), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((out_f, cfg.rank), DType::F32, &dev)?)?;
         vars.push((peft_key(is_llava, &path, 'A'), a.clone()));
         vars.push((peft_key(is_llava, &path, 'B'), b.clone()));
         lin.lora = Some(Lora { a, b, scale: cfg.alpha / cfg.rank as f64, dropout: cfg.dropout, seed: dropout_seed.clone() });
@@ -83,16 +84,17 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
     Ok(vars)
 }
 
-/// Trainable copies of the projector weights (the projector trains fully in BPO). Returns (llava-hf name, variable).
+/// Trainable copies of the projector weights (the projector trains fully in BPO), as f32 master copies. Returns
+/// (llava-hf name, variable).
 pub fn unfreeze_projector(model: &mut Model) -> Result<Vec<(String, Var)>> {
     let Some(v) = model.vision.as_mut() else { bail!("this model has no projector") };
     let mut out = Vec::new();
     for (name, lin) in [("multi_modal_projector.linear_1", &mut v.projector.linear_1), ("multi_modal_projector.linear_2", &mut v.projector.linear_2)] {
-        let w = Var::from_tensor(&lin.weight.copy()?)?;
+        let w = Var::from_tensor(&lin.weight.to_dtype(DType::F32)?)?;
         lin.weight = w.as_tensor().clone();
         out.push((format!("{name}.weight"), w));
         if let Some(b) = &lin.bias {
-            let bv = Var::from_tensor(&b.copy()?)?;
+            let bv = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
             lin.bias = Some(bv.as_tensor().clone());
             out.push((format!("{name}.bias"), bv));
         }

@@ -13,9 +13,11 @@ pub mod llava;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod runtime;
 
 pub use config::{LlamaConfig, LlavaConfig, ModelConfig};
 pub use linear::{Linear, Lora, Pass};
 pub use llama::{Cache, Llama};
 pub use llava::{Inputs, Model};
 pub use load::{load, LoadOptions};
+pub use runtime::{Kernels, Runtime};

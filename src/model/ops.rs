@@ -2,35 +2,35 @@
 //!
 //! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no backward: gradients through
 //! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference), and when
-//! one does, the kernels of [`super::fused`] (f32 on the CPU: one graph node with an analytic backward) or else a
-//! differentiable composition. [`FrozenMatmul`] is a linear layer whose backward returns the input gradient only:
-//! candle's default matmul backward also builds a gradient for the frozen weight, which costs a full extra matmul
-//! and a weight-sized buffer per layer.
+//! one does, the path chosen once at load ([`Kernels`]): the kernels of [`super::fused`] (f32 on the CPU: one graph
+//! node with an analytic backward) or a differentiable composition of candle's ops (any device, any float dtype).
+//! [`FrozenMatmul`] is a linear layer whose backward returns the input gradient only, on every device: candle's
+//! default matmul backward also builds a gradient for the frozen weight, which costs a full extra matmul and a
+//! weight-sized buffer per layer.
+//!
+//! Weights are cast to the activations' dtype where they are used: trainable weights are f32 master copies, frozen
+//! ones are in the compute dtype (the cast is then free).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 use rand::{Rng, SeedableRng};
 
 use super::fused;
+pub use super::runtime::Kernels;
 
 /// True when a gradient must flow through an op touching any of `ts`.
 fn tracks(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
 }
 
-/// True when the fused f32 CPU kernels apply to all of `ts`.
-fn fusable(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
-}
-
 /// Softmax over the last dimension.
-pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+pub fn softmax(k: Kernels, x: &Tensor) -> candle_core::Result<Tensor> {
     if !tracks(&[x]) {
         return candle_nn::ops::softmax_last_dim(x);
     }
-    if fusable(&[x]) {
+    if k == Kernels::Fused {
         return x.contiguous()?.apply_op1(fused::Softmax);
     }
     // Softmax is shift-invariant, so the max needs no gradient.
@@ -39,47 +39,50 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Attention probabilities `softmax(scores * scale + mask)` in f32. `scores`: (b, heads, t, k); `mask`: additive,
-/// (b, 1, t, k), the same for every head.
-pub fn attention_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    if fusable(&[scores, mask]) {
+/// Attention probabilities `softmax(scores * scale + mask)` in f32, as transformers computes them (the sum in the
+/// scores' dtype, the softmax in f32). `scores`: (b, heads, t, k); `mask`: additive, (b, 1, t, k), the same for
+/// every head.
+pub fn attention_softmax(k: Kernels, scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if k == Kernels::Fused {
         return scores.contiguous()?.apply_op2(&mask.contiguous()?, fused::AttnSoftmax { scale: scale as f32 });
     }
-    softmax(&(scores * scale)?.broadcast_add(mask)?.to_dtype(DType::F32)?)
+    softmax(k, &(scores * scale)?.broadcast_add(mask)?.to_dtype(DType::F32)?)
 }
 
 /// Llama RMSNorm, computed in f32 like transformers: `w * (x / sqrt(mean(x^2) + eps))`.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if !tracks(&[x, w]) {
-        return candle_nn::ops::rms_norm(x, w, eps as f32);
+pub fn rms_norm(k: Kernels, x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let w = w.to_dtype(dtype)?;
+    if !tracks(&[x, &w]) {
+        return candle_nn::ops::rms_norm(x, &w, eps as f32);
     }
-    if fusable(&[x, w]) {
+    if k == Kernels::Fused {
         return x.contiguous()?.apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
     }
-    let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)
+    xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(&w)
 }
 
-/// LayerNorm over the last dimension.
+/// LayerNorm over the last dimension (statistics in f32).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if !tracks(&[x, w, b]) {
-        return candle_nn::ops::layer_norm(x, w, b, eps as f32);
-    }
     let dtype = x.dtype();
+    let (w, b) = (w.to_dtype(dtype)?, b.to_dtype(dtype)?);
+    if !tracks(&[x, &w, &b]) {
+        return candle_nn::ops::layer_norm(x, &w, &b, eps as f32);
+    }
     let xf = x.to_dtype(DType::F32)?;
     let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
     let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    centred.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+    centred.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(&w)?.broadcast_add(&b)
 }
 
 /// Rotary embedding in the Llama (rotate-half) convention. `x`: (b, heads, t, d); `cos`, `sin`: (b, t, d/2).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+pub fn rope(k: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     if !tracks(&[x]) {
         return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
     }
-    if fusable(&[x, cos, sin]) && cos.rank() == 3 {
+    if k == Kernels::Fused {
         return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope { inverse: false });
     }
     let half = x.dim(D::Minus1)? / 2;
@@ -95,9 +98,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 /// [`FrozenMatmul`] saves.
 pub static PLAIN_FROZEN_MATMUL: AtomicBool = AtomicBool::new(false);
 
-/// Linear map by a frozen weight (see [`FrozenMatmul`]). Falls back to a plain matmul off the CPU.
+/// Linear map by a frozen weight (see [`FrozenMatmul`]), on any device: one (rows, in) x (in, out) product.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
+    if !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
         return x.broadcast_matmul(&w.t()?);
     }
     x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
@@ -121,33 +124,45 @@ pub struct FrozenMatmul {
     w: Tensor,
 }
 
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+impl FrozenMatmul {
+    /// The product on the backend that holds `x`; `same` picks the weight's storage on that backend. One code path
+    /// for the CPU and CUDA: the weight is read as its transpose (in, out), column-major, which both gemm kernels
+    /// (gemm, cuBLAS) take without a copy.
+    fn fwd<S: BackendStorage>(&self, x: &S, x_layout: &Layout, same: impl FnOnce(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
         let dims = x_layout.dims();
         let (out_f, in_f) = self.w.dims2()?;
         let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: scalar input".into()))?;
         if k != in_f {
             candle_core::bail!("frozen-matmul: input has {k} features, weight expects {in_f}");
         }
-        let m = dims[..dims.len() - 1].iter().product::<usize>();
-        let (w_storage, w_layout) = self.w.storage_and_layout();
-        let Storage::Cpu(w_cpu) = &*w_storage else {
-            candle_core::bail!("frozen-matmul: weight is not on the CPU");
-        };
-        // The weight read as its transpose (in, out): column-major, which the gemm kernel takes without a copy.
-        let wt_layout = Layout::new(Shape::from((in_f, out_f)), vec![1, in_f], w_layout.start_offset());
         if !x_layout.is_contiguous() {
             candle_core::bail!("frozen-matmul: input must be contiguous");
         }
+        let m = dims[..dims.len() - 1].iter().product::<usize>();
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Some(w) = same(&w_storage) else {
+            candle_core::bail!("frozen-matmul: weight and input are on different devices");
+        };
+        let wt_layout = Layout::new(Shape::from((in_f, out_f)), vec![1, in_f], w_layout.start_offset());
         let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
-        let out = x.matmul(w_cpu, (1, m, out_f, k), &x2, &wt_layout)?;
+        let out = x.matmul(w, (1, m, out_f, k), &x2, &wt_layout)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap_or(&mut 0) = out_f;
         Ok((out, Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(x, x_layout, |s| if let Storage::Cpu(w) = s { Some(w) } else { None })
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.fwd(x, x_layout, |s| if let Storage::Cuda(w) = s { Some(w) } else { None })
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -189,13 +204,16 @@ mod tests {
 
     #[test]
     fn softmax_gradient_matches_finite_differences() {
-        check_grad(&data(12), &[2, 6], softmax);
+        check_grad(&data(12), &[2, 6], |x| softmax(Kernels::Fused, x));
+        check_grad(&data(12), &[2, 6], |x| softmax(Kernels::Generic, x));
     }
 
     #[test]
     fn rms_norm_gradient_matches_finite_differences() {
         let w = Tensor::new(&[0.5f32, 1.5, 0.8, 1.2], &Device::Cpu).unwrap();
-        check_grad(&data(8), &[2, 4], |x| rms_norm(x, &w, 1e-5));
+        for k in [Kernels::Fused, Kernels::Generic] {
+            check_grad(&data(8), &[2, 4], |x| rms_norm(k, x, &w, 1e-5));
+        }
     }
 
     #[test]
@@ -209,24 +227,30 @@ mod tests {
     fn rope_gradient_matches_finite_differences() {
         let cos = Tensor::from_slice(&[0.9f32, 0.3, -0.5, 0.7, 0.1, 1.0], (1, 3, 2), &Device::Cpu).unwrap();
         let sin = Tensor::from_slice(&[0.4f32, -0.9, 0.8, 0.7, -1.0, 0.0], (1, 3, 2), &Device::Cpu).unwrap();
-        check_grad(&data(24), &[1, 2, 3, 4], |x| rope(x, &cos, &sin));
+        for k in [Kernels::Fused, Kernels::Generic] {
+            check_grad(&data(24), &[1, 2, 3, 4], |x| rope(k, x, &cos, &sin));
+        }
     }
 
     #[test]
     fn attention_softmax_gradient_matches_finite_differences() {
         // Row 1 of the mask hides key 2, as a causal mask would.
         let mask = Tensor::from_slice(&[0f32, 0.0, 0.0, 0.0, 0.0, f32::MIN], (1, 1, 2, 3), &Device::Cpu).unwrap();
-        check_grad(&data(12), &[1, 2, 2, 3], |x| attention_softmax(x, &mask, 0.7));
+        for k in [Kernels::Fused, Kernels::Generic] {
+            check_grad(&data(12), &[1, 2, 2, 3], |x| attention_softmax(k, x, &mask, 0.7));
+        }
         let x = Tensor::from_slice(&data(12), (1, 2, 2, 3), &Device::Cpu).unwrap();
-        let composed = softmax(&(&x * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-        let d = (attention_softmax(&x, &mask, 0.7).unwrap() - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let composed = softmax(Kernels::Generic, &(&x * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+        let d = (attention_softmax(Kernels::Fused, &x, &mask, 0.7).unwrap() - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
     #[test]
     fn rms_norm_weight_gradient_matches_finite_differences() {
         let x = Tensor::from_slice(&data(8), (2, 4), &Device::Cpu).unwrap();
-        check_grad(&[0.5, 1.5, 0.8, 1.2], &[4], |w| rms_norm(&x, w, 1e-5));
+        for k in [Kernels::Fused, Kernels::Generic] {
+            check_grad(&[0.5, 1.5, 0.8, 1.2], &[4], |w| rms_norm(k, &x, w, 1e-5));
+        }
     }
 
     #[test]
@@ -266,10 +290,13 @@ mod tests {
         let cos = Tensor::from_slice(&data(6), (1, 3, 2), &dev).unwrap();
         let sin = Tensor::from_slice(&data(6), (1, 3, 2), &dev).unwrap().affine(0.5, 0.1).unwrap();
         let diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff(softmax(&x).unwrap(), softmax(xv.as_tensor()).unwrap()) < 1e-6);
-        assert!(diff(rms_norm(&x, &w, 1e-5).unwrap(), rms_norm(xv.as_tensor(), &w, 1e-5).unwrap()) < 1e-5);
-        assert!(diff(layer_norm(&x, &w, &b, 1e-5).unwrap(), layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap()) < 1e-5);
-        assert!(diff(rope(&x, &cos, &sin).unwrap(), rope(xv.as_tensor(), &cos, &sin).unwrap()) < 1e-5);
+        // Inference (fused candle kernels) against the training path of each kind.
+        for k in [Kernels::Fused, Kernels::Generic] {
+            assert!(diff(softmax(k, &x).unwrap(), softmax(k, xv.as_tensor()).unwrap()) < 1e-6);
+            assert!(diff(rms_norm(k, &x, &w, 1e-5).unwrap(), rms_norm(k, xv.as_tensor(), &w, 1e-5).unwrap()) < 1e-5);
+            assert!(diff(layer_norm(&x, &w, &b, 1e-5).unwrap(), layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap()) < 1e-5);
+            assert!(diff(rope(k, &x, &cos, &sin).unwrap(), rope(k, xv.as_tensor(), &cos, &sin).unwrap()) < 1e-5);
+        }
         let wm = Tensor::from_slice(&data(20), (5, 4), &dev).unwrap();
         assert!(diff(frozen_linear(&x, &wm).unwrap(), x.broadcast_matmul(&wm.t().unwrap()).unwrap()) < 1e-5);
     }

@@ -54,7 +54,7 @@ impl PairBatch {
     /// Lays out `examples`, encoding their distinct images through `features` (the frozen tower, cached).
     pub fn new(vlm: &Vlm, examples: &[&PairExample], features: &mut FeatureCache) -> Result<Self> {
         let b = examples.len();
-        let device: &Device = &vlm.model.device;
+        let device: &Device = &vlm.model.rt.device;
         let pad = vlm.tok.pad;
         let prompts: Vec<&[u32]> = examples.iter().map(|e| &e.prompt[..]).collect();
         if prompts.iter().any(|p| p.is_empty()) {

@@ -161,14 +161,14 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
     let scale = if cfg.get("use_rslora").and_then(Value::as_bool) == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
 
     let path = dir.join(ADAPTER_WEIGHTS);
-    let tensors = candle_core::safetensors::load(&path, &model.device).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let tensors = candle_core::safetensors::load(&path, &model.rt.device).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
     let mut lora: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
     let mut projector: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in tensors {
         if let Some((module, which)) = parse_lora_key(&name) {
-            lora.entry(module).or_default()[usize::from(which == 'B')] = Some(t.to_dtype(model.dtype)?);
+            lora.entry(module).or_default()[usize::from(which == 'B')] = Some(t.to_dtype(candle_core::DType::F32)?);
         } else if let Some(p) = parse_projector_key(&name) {
-            projector.insert(p, t.to_dtype(model.dtype)?);
+            projector.insert(p, t.to_dtype(candle_core::DType::F32)?);
         } else {
             return Err(Error::Checkpoint { path, msg: format!("unsupported adapter tensor {name} (bpo adapts the language model's linears and the projector)") });
         }

@@ -72,7 +72,7 @@ impl Dpo {
             Reference::StartingPolicy => bail!("the starting-policy reference must be precomputed"),
             Reference::Precomputed(v) => {
                 let (c, r): (Vec<f32>, Vec<f32>) = batch.iter().map(|&i| v[i]).unzip();
-                return Ok((Tensor::from_vec(c, b, &self.vlm.model.device)?, Tensor::from_vec(r, b, &self.vlm.model.device)?));
+                return Ok((Tensor::from_vec(c, b, &self.vlm.model.rt.device)?, Tensor::from_vec(r, b, &self.vlm.model.rt.device)?));
             }
         };
         let sums = sums.detach();
@@ -219,7 +219,7 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
     let reference = if cfg.setup.init_adapter.is_some() {
         Reference::StartingPolicy
     } else if cfg.setup.lora.is_none() {
-        Reference::Frozen(Box::new(crate::model::load(&cfg.setup.model, &Default::default())?))
+        Reference::Frozen(Box::new(crate::model::load(&cfg.setup.model, &crate::model::LoadOptions::new(&cfg.setup.runtime))?))
     } else {
         Reference::AdaptersOff { projector: if cfg.drifting_ref_projector { None } else { prepared.start_projector } }
     };

@@ -12,7 +12,7 @@ use crate::generate::Vlm;
 use crate::model::llava::Projector;
 use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
 use crate::model::load::{load_trainable, VISION_PREFIX};
-use crate::model::LoadOptions;
+use crate::model::{LoadOptions, Runtime};
 use crate::text::{PromptStyle, Template};
 use crate::vision::AspectMode;
 use crate::{bail, Error, Result};
@@ -33,6 +33,10 @@ pub struct ModelSetup {
     pub train_vision: bool,
     /// Start from this PEFT adapter instead of fresh LoRA weights.
     pub init_adapter: Option<PathBuf>,
+    /// Where the run computes and in which precision. Not part of the recorded config: a run may resume on another
+    /// device.
+    #[serde(skip)]
+    pub runtime: Runtime,
 }
 
 /// A model ready to train.
@@ -47,14 +51,14 @@ fn copy_projector(p: &Projector) -> Projector {
     Projector { linear_1: p.linear_1.clone(), linear_2: p.linear_2.clone(), act: p.act.clone() }
 }
 
-/// Loads the model of `s` (f32, CPU) and makes trainable what `s` asks for.
+/// Loads the model of `s` (on its runtime) and makes trainable what `s` asks for, as f32 master copies.
 pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
-    let opts = LoadOptions::default();
+    let opts = LoadOptions::new(&s.runtime);
     let mut vlm = Vlm::load(&s.model, &opts, s.template)?;
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();
-    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, full: Vec::new(), base_model: s.model.clone() };
+    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, full: Vec::new(), base_model: s.model.clone(), kernels: s.runtime.kernels };
     if s.train_vision && !is_llava {
         bail!("--train-vision: {} has no vision tower", s.model.display());
     }

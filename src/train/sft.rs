@@ -48,7 +48,7 @@ impl Sft {
             });
             index.push(at as u32);
         }
-        let device = self.vlm.model.device.clone();
+        let device = self.vlm.model.rt.device.clone();
         let rows: Vec<(&[u32], &[bool])> = exs.iter().map(|e| (&e.ids[..], &e.target[..])).collect();
         let rows = collate(&rows, self.vlm.tok.pad, &device)?;
         let pass = Pass { adapters: true, train };

@@ -20,6 +20,7 @@ use super::optim::{AdamW, AdamWConfig};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::model::linear::splitmix64;
 use crate::model::lora::LoraConfig;
+use crate::model::Kernels;
 use crate::{bail, Error, Result};
 
 /// Optimisation settings (`bpo train` / `bpo sft` flags).
@@ -82,6 +83,8 @@ pub struct Trainable {
     pub full: Vec<(String, Var)>,
     /// The model folder training started from (named in the adapter config; copied from for full weights).
     pub base_model: PathBuf,
+    /// The run's ops path, which also picks the optimizer's state ([`AdamW::new`]).
+    pub kernels: Kernels,
 }
 
 impl Trainable {
@@ -180,7 +183,7 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
     let total = per_epoch * cfg.epochs;
     let schedule = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup_ratio, total);
     let vars = trainable.vars();
-    let mut opt = AdamW::new(&vars, AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() })?;
+    let mut opt = AdamW::new(&vars, AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, trainable.kernels)?;
     let start = if resume { restore(run, trainable, &mut opt, cfg.seed)? } else { 0 };
     let metrics_path = run.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start)?;

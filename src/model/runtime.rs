@@ -1,0 +1,143 @@
+//! Where and in which precision a model runs, decided once (at the CLI edge, or by a library caller) and carried by
+//! loading, generation, scoring, bootstrapping, training and evaluation.
+//!
+//! The ops path follows from it, also once: f32 on the CPU uses the fused kernels of [`super::fused`] for the
+//! training graph; every other combination (CUDA, bf16/f16 anywhere) uses candle's device-generic differentiable
+//! ops. Tests force the generic path on the CPU ([`Runtime::generic`]) so that what CUDA runs is pinned down
+//! without a GPU.
+
+use candle_core::{DType, Device};
+
+use crate::{Error, Result};
+
+/// Which implementation the differentiable ops (attention softmax, norms, rotary embedding) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused f32 CPU kernels with analytic backward passes ([`super::fused`]).
+    Fused,
+    /// Compositions of candle's ops: any device, any float dtype.
+    Generic,
+}
+
+/// Device, compute dtype and the ops path that follows from them.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub device: Device,
+    /// Dtype of the frozen weights and the activations. Trainable weights stay f32 (master copies) whatever this is.
+    pub dtype: DType,
+    pub kernels: Kernels,
+}
+
+impl PartialEq for Runtime {
+    fn eq(&self, other: &Self) -> bool {
+        self.device.same_device(&other.device) && self.dtype == other.dtype && self.kernels == other.kernels
+    }
+}
+
+impl Default for Runtime {
+    /// f32 on the CPU.
+    fn default() -> Self {
+        Runtime::new(Device::Cpu, DType::F32)
+    }
+}
+
+impl Runtime {
+    /// `dtype` on `device`, with the fused kernels where they apply (f32 on the CPU).
+    pub fn new(device: Device, dtype: DType) -> Self {
+        let kernels = if device.is_cpu() && dtype == DType::F32 { Kernels::Fused } else { Kernels::Generic };
+        Runtime { device, dtype, kernels }
+    }
+
+    /// The device-generic ops path on any device: what CUDA runs, for tests on the CPU.
+    pub fn generic(device: Device, dtype: DType) -> Self {
+        Runtime { device, dtype, kernels: Kernels::Generic }
+    }
+
+    /// From command-line spellings: `device` is `cpu`, `cuda` or `cuda:N` (default: CUDA device 0 when this build
+    /// has CUDA and a GPU answers, else the CPU); `dtype` defaults to bf16 on a GPU and f32 on the CPU.
+    pub fn resolve(device: Option<&str>, dtype: Option<DType>) -> Result<Self> {
+        let device = match device {
+            Some(spec) => parse_device(spec)?,
+            None => default_device(),
+        };
+        let dtype = dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::invalid(format!("--dtype {dtype:?}: use f32, bf16 or f16")));
+        }
+        Ok(Runtime::new(device, dtype))
+    }
+
+    /// `cpu`, `cuda:N`, plus the dtype: how logs and reports name the runtime.
+    pub fn describe(&self) -> String {
+        let dtype = format!("{:?}", self.dtype).to_lowercase();
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => format!("cpu {dtype}"),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id} {dtype}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id} {dtype}"),
+        }
+    }
+}
+
+/// `cpu`, `cuda` (device 0) or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec.trim().to_ascii_lowercase().as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => return Err(Error::invalid(format!("--device {spec:?}: use cpu, cuda or cuda:N"))),
+        },
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("--device cuda:{ordinal}: no usable GPU ({})", first_line(&e.to_string()))))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Err(Error::invalid(format!("--device cuda:{ordinal}: this bpo was built without CUDA; build it with scripts/build-cuda.sh (docs/gpu.md)")))
+}
+
+#[cfg(feature = "cuda")]
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// CUDA device 0 when this build has CUDA and a GPU answers, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_follow_device_and_dtype() {
+        assert_eq!(Runtime::new(Device::Cpu, DType::F32).kernels, Kernels::Fused);
+        assert_eq!(Runtime::new(Device::Cpu, DType::BF16).kernels, Kernels::Generic);
+        assert_eq!(Runtime::generic(Device::Cpu, DType::F32).kernels, Kernels::Generic);
+        let rt = Runtime::resolve(Some("cpu"), None).unwrap();
+        assert!(rt.device.is_cpu() && rt.dtype == DType::F32);
+        assert_eq!(Runtime::resolve(Some("CPU"), Some(DType::BF16)).unwrap().describe(), "cpu bf16");
+    }
+
+    #[test]
+    fn bad_devices_are_one_clear_line() {
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("use cpu, cuda or cuda:N"), "{err}");
+        assert!(parse_device("cuda:x").is_err());
+        #[cfg(not(feature = "cuda"))]
+        {
+            let err = parse_device("cuda:1").unwrap_err().to_string();
+            assert!(err.contains("built without CUDA") && !err.contains('\n'), "{err}");
+        }
+    }
+}

@@ -13,16 +13,16 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-fn reference(name: &str) -> HashMap<String, Tensor> {
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("reference tensors")
 }
 
-fn u32s(t: &Tensor) -> Tensor {
+pub fn u32s(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
 }
 
 /// Largest |a - b| over positions where `mask` is 1. a, b: (b, t, v); mask: (b, t).
-fn max_diff_where(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+pub fn max_diff_where(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
     let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
     (a - b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
@@ -60,7 +60,7 @@ fn llama_with_llama3_rope_and_tied_head_matches_transformers() {
     assert!(d < 1e-4, "max |logit difference| {d}");
 }
 
-fn greedy(model: &Model, tok: &Tokenizer, prompts: &Tensor, images: Option<&Tensor>, mask: Option<&Tensor>, n: usize) -> Vec<Vec<u32>> {
+pub fn greedy(model: &Model, tok: &Tokenizer, prompts: &Tensor, images: Option<&Tensor>, mask: Option<&Tensor>, n: usize) -> Vec<Vec<u32>> {
     let rows: Vec<Vec<u32>> = u32s(prompts).to_vec2().unwrap();
     let masks: Option<Vec<Vec<u32>>> = mask.map(|m| u32s(m).to_vec2().unwrap());
     let requests: Vec<Request> = rows

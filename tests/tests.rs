@@ -5,6 +5,7 @@ mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a l
 mod bootstrap_model; // weaken + local inject on the tiny checkpoint: end to end, kill/resume, shards, contrast decoding
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
+mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
 mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
 mod eval; // POPE and CHAIR scoring through the binary, bad files
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`

@@ -20,12 +20,12 @@ fn trl_reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("dpo/trl-reference.json")).unwrap()).unwrap()
 }
 
-fn lora(rank: usize, alpha: f64, dropout: f32) -> LoraConfig {
+pub fn lora(rank: usize, alpha: f64, dropout: f32) -> LoraConfig {
     LoraConfig { rank, alpha, dropout, targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec() }
 }
 
 /// TRL's settings of the parity fixture; tests change what they need.
-fn config(data: PathBuf) -> DpoConfig {
+pub fn config(data: PathBuf) -> DpoConfig {
     DpoConfig {
         setup: ModelSetup {
             model: fixture("llava-tiny"),
@@ -52,9 +52,9 @@ fn config(data: PathBuf) -> DpoConfig {
 
 /// Collects every step's log; stops (like SIGINT) after `stop_after` steps if set.
 #[derive(Default)]
-struct Record {
-    logs: Vec<StepLog>,
-    stop_after: Option<usize>,
+pub struct Record {
+    pub logs: Vec<StepLog>,
+    pub stop_after: Option<usize>,
 }
 
 impl Hooks for Record {
@@ -64,7 +64,7 @@ impl Hooks for Record {
     }
 }
 
-fn run(cfg: &DpoConfig, out: &Path, resume: bool, hooks: &mut dyn Hooks) -> (dpo::TrainReport, Vec<String>) {
+pub fn run(cfg: &DpoConfig, out: &Path, resume: bool, hooks: &mut dyn Hooks) -> (dpo::TrainReport, Vec<String>) {
     let mut said = Vec::new();
     let report = dpo::train(cfg, out, resume, None, hooks, &mut |m| said.push(m.to_string())).unwrap();
     (report, said)
@@ -192,7 +192,7 @@ fn policy_equal_to_reference_gives_log_2_and_zero_rewards() {
 }
 
 /// 16 pairs over three images with answers drawn from a small vocabulary, as a pair file.
-fn overfit_pairs(dir: &Path) -> PathBuf {
+pub fn overfit_pairs(dir: &Path) -> PathBuf {
     let words = ["red", "blue", "cat", "dog", "table", "cup", "tree", "car", "small", "large", "two", "one"];
     let images = ["chelsea.png", "coffee.png", "astronaut.png"];
     let mut text = String::new();

@@ -2,7 +2,7 @@
 //! of one chosen layer (LLaVA's `vision_feature_layer`, -2 for LLaVA-1.5) rather than the last.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::ClipVisionConfig;
 use super::linear::{Linear, Pass};
@@ -119,11 +119,8 @@ impl ClipVision {
     /// output as 0): (b, grid^2 + 1, hidden), class token first. `pixels`: (b, 3, image_size, image_size).
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixels.dim(0)?;
-        let conv = Conv2dConfig { stride: self.cfg.patch_size, ..Default::default() };
         // Weights that train (--train-vision) are f32 masters: cast to the compute dtype where used.
-        let kernel = self.patch_embedding.to_dtype(self.dtype)?;
-        let patches = pixels.to_dtype(self.dtype)?.conv2d(&kernel, conv.padding, conv.stride, conv.dilation, conv.groups)?;
-        let patches = patches.flatten_from(2)?.transpose(1, 2)?; // (b, grid^2, hidden)
+        let patches = self.patchify(&pixels.to_dtype(self.dtype)?)?.broadcast_matmul(&self.patch_embedding.to_dtype(self.dtype)?.flatten_from(1)?.t()?)?; // (b, grid^2, hidden)
         let class = self.class_embedding.to_dtype(self.dtype)?.reshape((1, 1, self.cfg.hidden_size))?.broadcast_as((b, 1, self.cfg.hidden_size))?;
         let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding.to_dtype(self.dtype)?.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
@@ -131,6 +128,17 @@ impl ClipVision {
             x = layer.forward(self.kernels, &x)?;
         }
         Ok(x)
+    }
+
+    /// The patch embedding's input: non-overlapping `patch x patch` squares of `pixels` (b, c, H, W) in row-major grid
+    /// order, each flattened as (c, y, x): (b, grid^2, c * patch^2). The convolution of stride = kernel is then one
+    /// matmul, on every device and dtype (candle's CPU convolution has no bf16 kernel).
+    fn patchify(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let x = pixels.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?.reshape((b, c, gh, p, gw, p))?;
+        x.permute((0, 2, 4, 1, 3, 5))?.reshape((b, gh * gw, c * p * p))
     }
 
     /// Layers needed for `vision_feature_layer` (negative counts from the end, as in transformers).

@@ -1,31 +1,43 @@
-//! Benchmarks on random-weight models of the configurations in `shared/reference.md` ("tiny" and "small"), built
-//! on the fly with [`crate::model::init`], so the numbers can be compared with the PyTorch baseline measured there.
+//! Benchmarks on random-weight models: the configurations of `shared/reference.md` ("tiny" and "small"), so the
+//! numbers can be compared with the PyTorch baseline measured there, and LLaVA-1.5 7B / 13B with their real shapes
+//! for GPUs. Weights are drawn in memory on the target device ([`Size::random_vlm`]); nothing large touches disk.
 
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 
-use crate::generate::{generate, Request, SamplingParams};
-use crate::model::{init, load, LoadOptions, Pass};
+use crate::generate::{generate, Request, SamplingParams, Vlm};
+use crate::model::{init, LoadOptions, Model, ModelConfig, Pass, Runtime};
 use crate::text::Tokenizer;
 use crate::Result;
 
-/// Model sizes of `shared/reference.md`.
+/// Model shapes to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Size {
     /// Llama 128 hidden, 2 layers, GQA 4/2 heads; CLIP 32 px, patch 8; vocab 1024 (0.7 M parameters).
     Tiny,
     /// Llama 512 hidden, 8 layers; CLIP 224 px, patch 14, 4 layers; vocab 32064 (62 M parameters).
     Small,
+    /// LLaVA-1.5-7B: Llama 4096 x 32 layers, 32 heads, MLP 11008; CLIP ViT-L/14-336 (24 layers x 1024); vocab 32064.
+    #[value(name = "llava-7b")]
+    Llava7b,
+    /// LLaVA-1.5-13B: Llama 5120 x 40 layers, 40 heads, MLP 13824; the same CLIP tower; vocab 32064.
+    #[value(name = "llava-13b")]
+    Llava13b,
 }
 
 impl Size {
     /// The llava-hf `config.json` of this size.
     pub fn config(self) -> serde_json::Value {
-        let (text, vision, vocab) = match self {
-            Size::Tiny => ((128, 256, 2, 4, 2), (32, 8, 64, 256, 2, 4), 1024),
-            Size::Small => ((512, 1376, 8, 8, 8), (224, 14, 256, 1024, 4, 4), 32064),
+        // text: (hidden, intermediate, layers, heads, kv heads); vision: (image, patch, hidden, intermediate, layers, heads)
+        let (text, vision, vocab, context) = match self {
+            Size::Tiny => ((128, 256, 2, 4, 2), (32, 8, 64, 256, 2, 4), 1024, 2048),
+            Size::Small => ((512, 1376, 8, 8, 8), (224, 14, 256, 1024, 4, 4), 32064, 2048),
+            Size::Llava7b => ((4096, 11008, 32, 32, 32), (336, 14, 1024, 4096, 24, 16), 32064, 4096),
+            Size::Llava13b => ((5120, 13824, 40, 40, 40), (336, 14, 1024, 4096, 24, 16), 32064, 4096),
         };
         serde_json::json!({
             "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
@@ -33,7 +45,7 @@ impl Size {
             "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
             "text_config": {"model_type": "llama", "hidden_size": text.0, "intermediate_size": text.1,
                 "num_hidden_layers": text.2, "num_attention_heads": text.3, "num_key_value_heads": text.4,
-                "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+                "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": context,
                 "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
             "vision_config": {"model_type": "clip_vision_model", "image_size": vision.0, "patch_size": vision.1,
                 "hidden_size": vision.2, "intermediate_size": vision.3, "num_hidden_layers": vision.4,
@@ -41,11 +53,13 @@ impl Size {
         })
     }
 
-    /// Writes a random-weight model folder of this size (config, weights, a word-level tokenizer, and the
-    /// image processor settings of its CLIP resolution).
-    pub fn write_model(self, dir: &Path, seed: u64) -> Result<()> {
+    /// Writes the small files of a model folder of this size: config, a word-level tokenizer, and the image
+    /// processor settings of its CLIP resolution (no weights).
+    pub fn write_config(self, dir: &Path) -> Result<()> {
         let cfg = self.config();
-        init::random_checkpoint(dir, &cfg, seed)?;
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let cfg_path = dir.join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).map_err(crate::Error::invalid)?).map_err(|e| crate::Error::io(&cfg_path, e))?;
         let px = &cfg["vision_config"]["image_size"];
         let pre = serde_json::json!({"size": {"shortest_edge": px}, "crop_size": {"height": px, "width": px}});
         let pre_path = dir.join("preprocessor_config.json");
@@ -55,10 +69,63 @@ impl Size {
         let words: Vec<String> = (n_special..vocab).map(|i| format!("w{i}")).collect();
         crate::text::tokenizer::write_word_level(dir, &words)
     }
+
+    /// Writes a random-weight model folder of this size (weights included: meant for the small sizes).
+    pub fn write_model(self, dir: &Path, seed: u64) -> Result<()> {
+        init::random_checkpoint(dir, &self.config(), seed)?;
+        self.write_config(dir)
+    }
+
+    /// A random-weight model of this size built in memory on `rt` (weights N(0, 0.02), norms 1, biases 0), with
+    /// its tokenizer and image processor from the small files written into `dir`. EOS is disabled, so generation
+    /// always runs the full length.
+    pub fn random_vlm(self, rt: &Runtime, dir: &Path) -> Result<Vlm> {
+        self.write_config(dir)?;
+        let config = ModelConfig::from_dir(dir)?;
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), rt.dtype, rt.device.clone());
+        let model = crate::model::load::build(vb, &config, &LoadOptions::new(rt))?;
+        let mut vlm = Vlm::from_model(model, dir, crate::text::Template::VicunaV1)?;
+        vlm.tok.eos.clear();
+        Ok(vlm)
+    }
+
+    /// Parameters of the language model's linear layers and head: what a token's forward pass multiplies by.
+    pub fn llm_matmul_params(self) -> usize {
+        let t = &self.config()["text_config"];
+        let g = |k: &str| t[k].as_u64().unwrap_or(0) as usize;
+        let (h, i, l, v) = (g("hidden_size"), g("intermediate_size"), g("num_hidden_layers"), g("vocab_size"));
+        let kv = h / g("num_attention_heads") * g("num_key_value_heads");
+        l * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+    }
+}
+
+/// Random weights for [`Size::random_vlm`].
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let leaf = name.rsplit('.').nth(1).unwrap_or_default();
+        let t = if name.ends_with("bias") {
+            Tensor::zeros(shape, DType::F32, dev)?
+        } else if leaf.contains("norm") || leaf.contains("layrnorm") {
+            Tensor::ones(shape, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape: {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
 }
 
 /// Generation throughput at one batch size.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct GenerateFigures {
     pub batch: usize,
     pub prompt_tokens: usize,
@@ -71,12 +138,10 @@ pub struct GenerateFigures {
     pub end_to_end_tok_s: f64,
 }
 
-/// Times prefill and decode for `batches`, `new_tokens` new tokens each, greedy (`temperature == 0`) or sampled.
-/// Each figure is the best of `repeats` runs.
-pub fn generate_throughput(dir: &Path, batches: &[usize], new_tokens: usize, temperature: f32, repeats: usize) -> Result<Vec<GenerateFigures>> {
-    let model = load(dir, &LoadOptions::default())?;
-    let mut tok = Tokenizer::from_dir(dir, &[])?;
-    tok.eos.clear(); // random weights may pick EOS: always decode the full length
+/// Times prefill and decode of `model` for `batches`, `new_tokens` new tokens each, greedy (`temperature == 0`)
+/// or sampled, on prompts of BOS + image positions + 20 text tokens. Each figure is the best of `repeats` runs.
+/// `tok` should have EOS disabled so that every run decodes the full length.
+pub fn generate_throughput(model: &Model, tok: &Tokenizer, batches: &[usize], new_tokens: usize, temperature: f32, repeats: usize) -> Result<Vec<GenerateFigures>> {
     let vision = model.vision.as_ref().map(|v| v.cfg.vision.clone());
     let image = match &vision {
         Some(v) => Some(Tensor::randn(0f32, 1.0, (3, v.image_size, v.image_size), &model.rt.device)?),
@@ -89,12 +154,13 @@ pub fn generate_throughput(dir: &Path, batches: &[usize], new_tokens: usize, tem
     let mut out = Vec::new();
     for &b in batches {
         let requests: Vec<Request> = (0..b).map(|_| Request { ids: ids.clone(), image: image.clone() }).collect();
+        // Each call ends by reading the chosen ids back, which waits for the device.
         let time = |n: usize| -> Result<f64> {
             let params = SamplingParams { max_new_tokens: n, temperature, top_p: if temperature > 0.0 { 0.95 } else { 1.0 }, ..Default::default() };
             let mut best = f64::INFINITY;
             for _ in 0..repeats.max(1) {
                 let start = Instant::now();
-                generate(&model, &tok, &requests, &params, Pass::INFER)?;
+                generate(model, tok, &requests, &params, Pass::INFER)?;
                 best = best.min(start.elapsed().as_secs_f64());
             }
             Ok(best)
@@ -135,7 +201,7 @@ pub struct BootstrapFigures {
 /// records) go into `scratch`.
 pub fn bootstrap_throughput(dir: &Path, scratch: &Path, batches: &[usize], answers: usize, new_tokens: usize, decode: crate::bootstrap::DecodeMode) -> Result<Vec<BootstrapFigures>> {
     use crate::bootstrap::{run_weaken, Completion, Record, ResumableWriter, WeakenOptions};
-    let mut vlm = crate::generate::Vlm::load(dir, &LoadOptions::default(), crate::text::Template::VicunaV1)?;
+    let mut vlm = Vlm::load(dir, &LoadOptions::default(), crate::text::Template::VicunaV1)?;
     vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
     let image = scratch.join("bench.png");
     let pixels: Vec<u8> = (0..320u32 * 240 * 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
@@ -161,7 +227,7 @@ pub fn bootstrap_throughput(dir: &Path, scratch: &Path, batches: &[usize], answe
 }
 
 /// One DPO training-step measurement.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainFigures {
     /// Rows per step (2 per pair) and the length of each row.
     pub rows: usize,
@@ -169,77 +235,109 @@ pub struct TrainFigures {
     /// Median seconds per optimizer step over the timed steps.
     pub seconds: f64,
     pub steps: usize,
+    /// Token positions through the language model per second (the prompt once per pair, both answers).
     pub tokens_per_s: f64,
+    pub pairs_per_s: f64,
+    /// Model FLOPs per step: 6 x (language-model matmul parameters) x tokens (policy forward, its backward to the
+    /// activations, the reference forward; attention scores, the vision tower and LoRA not counted).
+    pub model_flops: f64,
+    /// `model_flops / seconds / peak`, when a peak was given.
+    pub mfu: Option<f64>,
 }
 
-/// Times `steps` DPO steps (after one warm-up step) on a random model of `size`: 4 pairs of BOS + image + 9
-/// words of prompt and 9 words + EOS of answer, LoRA r 8 (alpha 16) on q/k/v/o, projector frozen, reference with
-/// adapters off computed every step, AdamW, no feature cache (the tower runs every step, as in PyTorch).
-/// `plain_backward` routes frozen weights through candle's plain matmul, whose backward also builds their
-/// gradients, to measure what skipping them saves.
-pub fn train_step(size: Size, steps: usize, plain_backward: bool) -> Result<TrainFigures> {
-    use crate::train::{dpo, trainer::LoopConfig, DpoLoss, ModelSetup, ScheduleKind};
-    let dir = std::env::temp_dir().join(format!("bpo-bench-train-{}-{size:?}", std::process::id()));
+/// What [`train_step`] runs.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub size: Size,
+    pub rt: Runtime,
+    /// Timed steps, after one warm-up step.
+    pub steps: usize,
+    /// Preference pairs per step.
+    pub pairs: usize,
+    pub lora: crate::model::lora::LoraConfig,
+    /// Route frozen weights through candle's plain matmul, whose backward also builds their gradients, to measure
+    /// what skipping them saves.
+    pub plain_backward: bool,
+    /// The device's dense peak in TFLOP/s, for the model FLOP utilisation.
+    pub peak_tflops: Option<f64>,
+}
+
+/// Times DPO steps on a random model: `pairs` pairs of BOS + image + 9 words of prompt and 9 words + EOS of
+/// answer, LoRA on the language model, projector frozen, reference with adapters off computed every step, AdamW,
+/// no feature cache (the tower runs every step, as in PyTorch).
+pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
+    use crate::bootstrap::PairOptions;
+    use crate::train::data::{read_preference_file, tokenize_pairs};
+    use crate::train::dpo::{Dpo, Reference};
+    use crate::train::optim::{AdamW, AdamWConfig};
+    use crate::train::setup::prepare_loaded;
+    use crate::train::trainer::Objective;
+    use crate::train::{DpoLoss, ModelSetup};
+    let dir = std::env::temp_dir().join(format!("bpo-bench-train-{}-{:?}", std::process::id(), b.size));
     let result = (|| {
         let model_dir = dir.join("model");
-        size.write_model(&model_dir, 0)?;
-        let side = size.config()["vision_config"]["image_size"].as_u64().unwrap_or(32) as u32;
-        let pre = serde_json::json!({"crop_size": {"height": side, "width": side}, "size": {"shortest_edge": side}, "do_center_crop": true, "resample": 3});
-        std::fs::write(model_dir.join("preprocessor_config.json"), pre.to_string()).map_err(|e| crate::Error::io(&model_dir, e))?;
+        let vlm = b.size.random_vlm(&b.rt, &model_dir)?;
+        let side = b.size.config()["vision_config"]["image_size"].as_u64().unwrap_or(32) as u32;
         let words = |start: usize| (start..start + 9).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
         let mut rows = String::new();
-        for p in 0..4 {
+        for p in 0..b.pairs {
             let img = format!("img{p}.png");
-            image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + p * 50) as u8, (y * 5) as u8, ((x + y) * 3) as u8])).save(dir.join(&img)).map_err(crate::Error::invalid)?;
-            rows.push_str(&format!("{}\n", serde_json::json!({"id": p, "prompt": words(10 + p as usize), "image": img, "chosen": words(100 + p as usize), "rejected": words(200 + p as usize)})));
+            let shade = (p * 50 % 256) as u32;
+            image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + shade) as u8, (y * 5) as u8, ((x + y) * 3) as u8])).save(dir.join(&img)).map_err(crate::Error::invalid)?;
+            rows.push_str(&format!("{}\n", serde_json::json!({"id": p, "prompt": words(10 + p), "image": img, "chosen": words(100 + p), "rejected": words(200 + p)})));
         }
         let data = dir.join("pairs.jsonl");
         std::fs::write(&data, rows).map_err(|e| crate::Error::io(&data, e))?;
-        let cfg = dpo::DpoConfig {
-            setup: ModelSetup {
-                model: model_dir,
-                template: crate::text::Template::Plain,
-                prompt_style: crate::text::PromptStyle::Llava,
-                aspect: crate::vision::AspectMode::Square,
-                lora: Some(crate::model::lora::LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: ["q", "k", "v", "o"].map(String::from).to_vec() }),
-                train_projector: false,
-                train_vision: false,
-                init_adapter: None,
-                runtime: Default::default(),
-            },
-            data,
-            images: Some(dir.clone()),
-            max_words: None,
-            max_length: 4096,
-            loss: DpoLoss::default(),
-            drifting_ref_projector: false,
-            precompute_ref: false,
-            feature_cache_mb: 0,
-            optim: LoopConfig { lr: 1e-4, schedule: ScheduleKind::Constant, warmup_ratio: 0.0, epochs: steps + 1, batch_size: 4, ..Default::default() },
+        let setup = ModelSetup {
+            model: model_dir,
+            template: crate::text::Template::Plain,
+            prompt_style: crate::text::PromptStyle::Llava,
+            aspect: crate::vision::AspectMode::Square,
+            lora: Some(b.lora.clone()),
+            train_projector: false,
+            train_vision: false,
+            init_adapter: None,
+            runtime: b.rt.clone(),
         };
-        let mut rec = StepTimes(Vec::new());
-        crate::model::ops::PLAIN_FROZEN_MATMUL.store(plain_backward, std::sync::atomic::Ordering::SeqCst);
-        let run = dpo::train(&cfg, &dir.join("run"), false, None, &mut rec, &mut |_| {});
+        let prepared = prepare_loaded(vlm, &setup, 0)?;
+        let (pairs, _) = read_preference_file(&data, &PairOptions::default())?;
+        let (examples, _) = tokenize_pairs(&prepared.vlm, &pairs, Some(&dir), 4096)?;
+        let reference = Reference::AdaptersOff { projector: prepared.start_projector };
+        let mut dpo = Dpo::new(prepared.vlm, examples, reference, DpoLoss::default(), 0);
+        let mut opt = AdamW::new(&prepared.trainable.vars(), AdamWConfig::default(), b.rt.kernels)?;
+        let batch: Vec<usize> = (0..b.pairs).collect();
+        crate::model::ops::PLAIN_FROZEN_MATMUL.store(b.plain_backward, std::sync::atomic::Ordering::SeqCst);
+        let mut timed = Vec::new();
+        let run = (|| -> Result<usize> {
+            let mut tokens = 0;
+            for step in 0..=b.steps {
+                let start = Instant::now();
+                tokens = dpo.micro_step(&batch, 1.0, step as u64, &mut opt)?.tokens;
+                opt.step(1e-5, None)?; // reads the gradient norm back: the step has finished on the device
+                if step > 0 {
+                    timed.push(start.elapsed().as_secs_f64());
+                }
+            }
+            Ok(tokens)
+        })();
         crate::model::ops::PLAIN_FROZEN_MATMUL.store(false, std::sync::atomic::Ordering::SeqCst);
-        run?;
-        let mut timed: Vec<(f64, f64)> = rec.0.into_iter().skip(1).collect();
-        timed.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (seconds, tokens) = timed.get(timed.len() / 2).copied().unwrap_or((f64::NAN, 0.0));
-        let length = 1 + size.image_positions() + 9 + 10;
-        Ok(TrainFigures { rows: 8, length, seconds, steps: timed.len(), tokens_per_s: tokens / seconds })
+        let tokens = run?;
+        timed.sort_by(f64::total_cmp);
+        let seconds = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
+        let model_flops = 6.0 * b.size.llm_matmul_params() as f64 * tokens as f64;
+        Ok(TrainFigures {
+            rows: 2 * b.pairs,
+            length: 1 + b.size.image_positions() + 9 + 10,
+            seconds,
+            steps: timed.len(),
+            tokens_per_s: tokens as f64 / seconds,
+            pairs_per_s: b.pairs as f64 / seconds,
+            model_flops,
+            mfu: b.peak_tflops.map(|p| model_flops / seconds / (p * 1e12)),
+        })
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-/// Collects (seconds, tokens) per step.
-struct StepTimes(Vec<(f64, f64)>);
-
-impl crate::train::Hooks for StepTimes {
-    fn on_step(&mut self, log: &crate::train::StepLog) -> bool {
-        self.0.push((log.get("step_seconds").unwrap_or(f64::NAN), log.get("num_tokens").unwrap_or(0.0)));
-        true
-    }
 }
 
 impl Size {

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod bootstrap;
 pub mod demo;
+pub mod device_check;
 pub mod error;
 pub mod eval;
 pub mod generate;

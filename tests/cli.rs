@@ -176,3 +176,25 @@ fn eval_caption_describes_a_folder_and_scores_chair() {
     assert_eq!(answers[1]["prompt"], prompts[1]);
     assert!(out.join("scores.json").exists() && out.join("details.jsonl").exists());
 }
+
+/// `bpo bench parity` is what a GPU session runs instead of `cargo test`: it must pass on the CPU, where its
+/// generic-path checks are the integration tests' own.
+#[test]
+fn bench_parity_passes_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("parity.json");
+    let o = bpo(&["bench", "parity", "--device", "cpu", "--fixtures", s(&fixture("")), "--json", s(&json)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["checks"].as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn cuda_device_on_a_cpu_build_is_one_clear_line() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--prompt", "hi", "--device", "cuda"], &["built without CUDA", "scripts/build-cuda.sh"]);
+    fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--prompt", "hi", "--device", "tpu:0"], &["use cpu, cuda or cuda:N"]);
+}

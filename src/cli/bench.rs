@@ -12,6 +12,8 @@ use bpo::bench::Size;
 use bpo::eval::chair::Chair;
 use bpo::eval::{pope, synth};
 
+use super::RuntimeArgs;
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -22,13 +24,17 @@ pub struct BenchArgs {
 enum BenchAction {
     /// Time POPE and CHAIR scoring on answers and captions synthesised in memory (no files, no model).
     Eval(EvalBench),
-    /// Prefill and decode tokens/s at batch 1 and 8 (greedy and sampled) on random-weight models of
-    /// shared/reference.md's sizes, timed as `model.generate` is there: BOS + image positions + 20 text tokens,
-    /// 64 new tokens, best of 3.
+    /// Prefill and decode tokens/s (greedy and sampled) on random-weight models, timed as `model.generate` is in
+    /// shared/reference.md: BOS + image positions + 20 text tokens, 64 new tokens, best of 3. --peak-gbs adds the
+    /// decode's memory-bandwidth utilisation.
     Generate(GenerateBench),
-    /// Seconds per DPO step and tokens/s: 4 pairs (8 rows), LoRA r 8 on q/k/v/o, reference = adapters off
-    /// computed every step, AdamW. Prints the median over the timed steps (the first step is a warm-up).
+    /// Seconds per DPO step, tokens/s and pairs/s: 4 pairs (8 rows), LoRA r 8 on q/k/v/o by default (the paper:
+    /// --lora-rank 64 --targets q k v o gate up down), reference = adapters off computed every step, AdamW. Prints
+    /// the median over the timed steps (the first step is a warm-up); --peak-tflops adds the model FLOP utilisation.
     Train(TrainBench),
+    /// The GPU check without a Rust toolchain: transformers parity fixtures (f32 and bf16) on --device, and one
+    /// LoRA-DPO step there against the same step on the CPU. Prints each check; exits non-zero if one fails.
+    Parity(ParityBench),
     /// Bootstrapped answers per second: `bootstrap weaken` end to end (image loading, noise, prefill, decoding,
     /// writing records) with batching off (batch 1) and on.
     Bootstrap(BootstrapBench),
@@ -57,13 +63,42 @@ struct BootstrapBench {
 }
 
 #[derive(Args)]
+struct ParityBench {
+    /// The parity fixtures: the repository's tests/fixtures.
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// Also write the checks as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct TrainBench {
-    /// Model size (shared/reference.md).
-    #[arg(long, value_enum, default_value = "tiny")]
+    /// Model shapes: shared/reference.md's tiny and small, or LLaVA-1.5's 7B and 13B (random weights in memory).
+    #[arg(long, visible_alias = "preset", value_enum, default_value = "tiny")]
     size: Size,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Preference pairs per step.
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// LoRA rank (alpha = 2 x rank).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Projections that get adapters.
+    #[arg(long, num_args = 1.., default_values = ["q", "k", "v", "o"])]
+    targets: Vec<String>,
+    /// The device's dense peak in TFLOP/s in the compute dtype (H100/H200 SXM bf16: 989), for the MFU.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Also time the plain candle backward, which computes (and drops) gradients for every frozen weight.
     #[arg(long)]
     compare_plain_backward: bool,
@@ -74,8 +109,23 @@ struct TrainBench {
 
 #[derive(Args)]
 struct GenerateBench {
-    #[arg(long, value_enum, default_values = ["tiny", "small"])]
+    /// Model shapes: shared/reference.md's tiny and small, or LLaVA-1.5's 7B and 13B (random weights in memory).
+    #[arg(long, visible_alias = "preset", value_enum, num_args = 1.., default_values = ["tiny", "small"])]
     size: Vec<Size>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// Batch sizes (rows generated together).
+    #[arg(long, num_args = 1.., default_values_t = [1, 8])]
+    batch: Vec<usize>,
+    /// Greedy only (skip the sampled runs).
+    #[arg(long)]
+    greedy_only: bool,
+    /// The device's memory bandwidth in GB/s (H200: 4800, H100 SXM: 3350), for the decode's bandwidth use.
+    #[arg(long)]
+    peak_gbs: Option<f64>,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
     #[arg(long, default_value_t = 3)]
@@ -109,6 +159,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchAction::Generate(a) => bench_generate(a),
         BenchAction::Train(a) => bench_train(a),
         BenchAction::Bootstrap(a) => bootstrap(a),
+        BenchAction::Parity(a) => parity(a),
     }
 }
 
@@ -147,22 +198,65 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
-    println!("{:<6} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12}", "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s");
+    let rt = a.runtime.runtime()?;
+    println!("{} ({})", rt.describe(), host_load());
+    println!("{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}", "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s", "mbu");
+    let mut rows = Vec::new();
     for &size in &a.size {
-        let dir = scratch_dir()?;
-        size.write_model(&dir, 0)?;
-        let name = format!("{size:?}").to_lowercase();
+        let name = size_name(size);
         if let Some(out) = &a.write_config {
             std::fs::create_dir_all(out)?;
             std::fs::write(out.join(format!("{name}.json")), serde_json::to_string_pretty(&size.config())?)?;
         }
-        for (sampling, temperature) in [("greedy", 0.0), ("sample", 1.0)] {
-            for f in bpo::bench::generate_throughput(&dir, &[1, 8], a.new_tokens, temperature, a.repeats)? {
-                println!("{name:<6} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1}", f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s);
+        let dir = scratch_dir()?;
+        let vlm = size.random_vlm(&rt, &dir)?;
+        // Decoding one token reads every language-model weight once.
+        let weight_bytes = size.llm_matmul_params() as f64 * rt.dtype.size_in_bytes() as f64;
+        let modes: &[(&str, f32)] = if a.greedy_only { &[("greedy", 0.0)] } else { &[("greedy", 0.0), ("sample", 1.0)] };
+        for &(sampling, temperature) in modes {
+            for f in bpo::bench::generate_throughput(&vlm.model, &vlm.tok, &a.batch, a.new_tokens, temperature, a.repeats)? {
+                let mbu = a.peak_gbs.map(|p| f.decode_tok_s / f.batch as f64 * weight_bytes / (p * 1e9));
+                let shown = mbu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
+                println!("{name:<9} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1} {shown:>8}", f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s);
+                rows.push(serde_json::json!({"size": name, "sampling": sampling, "figures": f, "decode_bandwidth_utilisation": mbu}));
             }
         }
         std::fs::remove_dir_all(&dir).ok();
     }
+    write_json(a.json.as_deref(), &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows}))
+}
+
+/// The CLI spelling of a size.
+fn size_name(size: Size) -> String {
+    use clap::ValueEnum;
+    size.to_possible_value().map_or_else(|| format!("{size:?}"), |v| v.get_name().to_string())
+}
+
+/// The 1-minute load average, for the record of a timing on a shared machine.
+fn host_load() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(String::from)).unwrap_or_else(|| "?".into());
+    format!("load {load} on {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()))
+}
+
+fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn parity(a: ParityBench) -> anyhow::Result<()> {
+    let rt = a.runtime.runtime()?;
+    let checks = bpo::device_check::run(&a.fixtures, &rt.device).with_context(|| format!("parity checks with the fixtures in {}", a.fixtures.display()))?;
+    for c in &checks {
+        println!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    write_json(a.json.as_deref(), &serde_json::json!({"device": rt.describe(), "checks": checks, "failed": failed}))?;
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} parity checks failed on {}", checks.len(), rt.describe());
+    }
+    println!("{} parity checks passed on {}", checks.len(), rt.describe());
     Ok(())
 }
 
@@ -205,11 +299,18 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&a.size.config())?)?;
         return Ok(());
     }
+    let rt = a.runtime.runtime()?;
+    println!("{} ({})", rt.describe(), host_load());
+    let lora = bpo::model::lora::LoraConfig { rank: a.lora_rank, alpha: 2.0 * a.lora_rank as f64, dropout: 0.0, targets: a.targets.clone() };
     let modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
+    let mut rows = Vec::new();
     for &plain in modes {
-        let f = bpo::bench::train_step(a.size, a.steps, plain)?;
+        let bench = bpo::bench::TrainBench { size: a.size, rt: rt.clone(), steps: a.steps, pairs: a.pairs, lora: lora.clone(), plain_backward: plain, peak_tflops: a.peak_tflops };
+        let f = bpo::bench::train_step(&bench)?;
         let backward = if plain { "plain candle backward (frozen-weight gradients computed)" } else { "frozen weights skipped in backward" };
-        println!("{:?}: {} rows x {} positions, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s", a.size, f.rows, f.length, f.seconds, f.steps, f.tokens_per_s);
+        let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
+        println!("{}: {} rows x {} positions, LoRA r {} on {}, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}", size_name(a.size), f.rows, f.length, a.lora_rank, a.targets.join(","), f.seconds, f.steps, f.tokens_per_s, f.pairs_per_s);
+        rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
     }
-    Ok(())
+    write_json(a.json.as_deref(), &serde_json::json!({"size": size_name(a.size), "runtime": rt.describe(), "host_load": host_load(), "lora_rank": a.lora_rank, "targets": a.targets, "rows": rows}))
 }

@@ -25,7 +25,11 @@ pub struct Vlm {
 impl Vlm {
     /// Loads `dir` (weights, `tokenizer.json`, `preprocessor_config.json`).
     pub fn load(dir: &Path, opts: &LoadOptions, template: Template) -> Result<Self> {
-        let model = load(dir, opts)?;
+        Self::from_model(load(dir, opts)?, dir, template)
+    }
+
+    /// A loaded (or built) `model` with the tokenizer and image processor of the folder `dir`.
+    pub fn from_model(model: Model, dir: &Path, template: Template) -> Result<Self> {
         let tok = Tokenizer::from_dir(dir, &model.llm.cfg.eos_ids())?;
         let processor = match model.vision {
             Some(_) => Some(ImageProcessor::from_model_dir(dir)?),

@@ -115,10 +115,11 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    kernels: Kernels,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, kernels: Kernels) -> candle_core::Result<Self> {
         let (h, hd, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.kv_heads());
         let bias = cfg.attention_bias;
         Ok(Attention {
@@ -129,11 +130,13 @@ impl Attention {
             heads: cfg.num_attention_heads,
             kv_heads: kvh,
             head_dim: hd,
+            kernels,
         })
     }
 
     /// `x`: (b, t, hidden); `mask`: additive (b, 1, t, past + t).
-    fn forward(&self, kernels: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+        let kernels = self.kernels;
         let (b, t, _) = x.dims3()?;
         let (hd, kvh, rep) = (self.head_dim, self.kv_heads, self.heads / self.kv_heads);
         let q = self.q_proj.forward(x, pass)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?; // (b, heads, t, hd)
@@ -190,23 +193,25 @@ pub struct DecoderLayer {
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
     eps: f64,
+    kernels: Kernels,
 }
 
 impl DecoderLayer {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, kernels: Kernels) -> candle_core::Result<Self> {
         Ok(DecoderLayer {
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, kernels)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
             input_layernorm: vb.pp("input_layernorm").get(cfg.hidden_size, "weight")?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").get(cfg.hidden_size, "weight")?,
             eps: cfg.rms_norm_eps,
+            kernels,
         })
     }
 
-    fn forward(&self, k: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
-        let h = ops::rms_norm(k, x, &self.input_layernorm, self.eps)?;
-        let x = (x + self.self_attn.forward(k, &h, cos, sin, mask, kv, pass)?)?;
-        let h = ops::rms_norm(k, &x, &self.post_attention_layernorm, self.eps)?;
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+        let h = ops::rms_norm(self.kernels, x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, pass)?)?;
+        let h = ops::rms_norm(self.kernels, &x, &self.post_attention_layernorm, self.eps)?;
         x + self.mlp.forward(&h, pass)?
     }
 }
@@ -227,7 +232,7 @@ impl Llama {
     /// `vb` points at the decoder (`model` in a Llama checkpoint); `head` at `lm_head` (ignored when tied or absent).
     pub fn load(vb: VarBuilder, head: VarBuilder, cfg: &LlamaConfig, rt: &Runtime) -> candle_core::Result<Self> {
         let embed_tokens = vb.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg)).collect::<candle_core::Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg, rt.kernels)).collect::<candle_core::Result<Vec<_>>>()?;
         let norm = vb.pp("norm").get(cfg.hidden_size, "weight")?;
         // Tied checkpoints usually omit lm_head; some still store a copy, which is then the same matrix.
         let lm_head = if cfg.tie_word_embeddings && !head.contains_tensor("weight") {
@@ -277,7 +282,7 @@ impl Llama {
         let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(kv) {
-            x = layer.forward(self.kernels, &x, &cos, &sin, mask, kv, pass)?;
+            x = layer.forward(&x, &cos, &sin, mask, kv, pass)?;
         }
         ops::rms_norm(self.kernels, &x, &self.norm, self.cfg.rms_norm_eps)
     }

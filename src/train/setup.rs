@@ -53,8 +53,13 @@ fn copy_projector(p: &Projector) -> Projector {
 
 /// Loads the model of `s` (on its runtime) and makes trainable what `s` asks for, as f32 master copies.
 pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
+    prepare_loaded(Vlm::load(&s.model, &LoadOptions::new(&s.runtime), s.template)?, s, seed)
+}
+
+/// [`prepare_model`] for a model already loaded from `s.model` on `s.runtime` (or built in memory, as the
+/// benchmarks do; full fine-tuning reloads its variables from `s.model`).
+pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepared> {
     let opts = LoadOptions::new(&s.runtime);
-    let mut vlm = Vlm::load(&s.model, &opts, s.template)?;
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();

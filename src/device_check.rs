@@ -93,9 +93,12 @@ impl Hooks for Logs {
     }
 }
 
+/// Tensors by name, as f32 values.
+type Weights = Vec<(String, Vec<f32>)>;
+
 /// One LoRA-DPO step of the TRL parity setup (`tests/train.rs`) at learning rate 1e-4, on `rt`: its log and the
 /// adapter and projector it wrote, as f32 values by name.
-fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Vec<(String, Vec<f32>)>)> {
+fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weights)> {
     let lora = crate::model::lora::LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec() };
     let cfg = dpo::DpoConfig {
         setup: ModelSetup {
@@ -134,7 +137,7 @@ fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Vec<(
     Ok((log, weights))
 }
 
-fn max_weight_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
+fn max_weight_diff(a: &Weights, b: &Weights) -> f64 {
     a.iter().zip(b).flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs() as f64)).fold(0.0, f64::max)
 }
 

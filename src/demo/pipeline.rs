@@ -241,6 +241,7 @@ fn evaluate(opts: &DemoOptions, vlm: &Vlm, files: &WorldFiles, out: &Path, name:
 }
 
 /// Records, length matching, balancing and pair files for one seed.
+#[allow(clippy::too_many_arguments)] // the demo's stage inputs, each a different kind of thing
 fn bootstrap(opts: &DemoOptions, seed: u64, vlm: &Vlm, model: &Path, world: &World, files: &WorldFiles, out: &BootstrapFiles, stages: &mut Stages) -> Result<BootstrapStats> {
     let bo = BootstrapOptions { seed, ..opts.recipe.bootstrap.clone() };
     let dir = out.records.parent().map(Path::to_path_buf).unwrap_or_default();

@@ -199,9 +199,9 @@ pub struct BootstrapFigures {
 /// [`Size::write_model`]): `answers` prompts with one answer of exactly `new_tokens` tokens each (EOS disabled,
 /// temperature 0.2 as released), once per batch size, after a one-answer warm-up. Scratch files (an image, the
 /// records) go into `scratch`.
-pub fn bootstrap_throughput(dir: &Path, scratch: &Path, batches: &[usize], answers: usize, new_tokens: usize, decode: crate::bootstrap::DecodeMode) -> Result<Vec<BootstrapFigures>> {
+pub fn bootstrap_throughput(dir: &Path, rt: &Runtime, scratch: &Path, batches: &[usize], answers: usize, new_tokens: usize, decode: crate::bootstrap::DecodeMode) -> Result<Vec<BootstrapFigures>> {
     use crate::bootstrap::{run_weaken, Completion, Record, ResumableWriter, WeakenOptions};
-    let mut vlm = Vlm::load(dir, &LoadOptions::default(), crate::text::Template::VicunaV1)?;
+    let mut vlm = Vlm::load(dir, &LoadOptions::new(rt), crate::text::Template::VicunaV1)?;
     vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
     let image = scratch.join("bench.png");
     let pixels: Vec<u8> = (0..320u32 * 240 * 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
@@ -235,7 +235,7 @@ pub struct TrainFigures {
     /// Median seconds per optimizer step over the timed steps.
     pub seconds: f64,
     pub steps: usize,
-    /// Token positions through the language model per second (the prompt once per pair, both answers).
+    /// Token positions per second, counted as TRL's `num_tokens` (both rows of a pair, each with its prompt).
     pub tokens_per_s: f64,
     pub pairs_per_s: f64,
     /// Model FLOPs per step: 6 x (language-model matmul parameters) x tokens (policy forward, its backward to the

@@ -48,6 +48,8 @@ struct BootstrapBench {
     /// Time this model folder instead of a random-weight one.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Batch sizes to time (answers generated together).
     #[arg(long, num_args = 1.., default_values_t = [1, 8])]
     batch: Vec<usize>,
@@ -281,7 +283,7 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
             }
         };
         let decode = a.decode.mode(1.0, 1.0, 0.2);
-        let figures = bpo::bench::bootstrap_throughput(&dir, &scratch, &a.batch, a.answers, a.new_tokens, decode)?;
+        let figures = bpo::bench::bootstrap_throughput(&dir, &a.runtime.runtime()?, &scratch, &a.batch, a.answers, a.new_tokens, decode)?;
         let what = a.model.as_ref().map_or(format!("{:?} (random weights)", a.size), |m| m.display().to_string());
         println!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
         println!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");

@@ -60,6 +60,7 @@ pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
 /// benchmarks do; full fine-tuning reloads its variables from `s.model`).
 pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepared> {
     let opts = LoadOptions::new(&s.runtime);
+    vlm.template = s.template;
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();

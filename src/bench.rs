@@ -306,6 +306,7 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
         let mut dpo = Dpo::new(prepared.vlm, examples, reference, DpoLoss::default(), 0);
         let mut opt = AdamW::new(&prepared.trainable.vars(), AdamWConfig::default(), b.rt.kernels)?;
         let batch: Vec<usize> = (0..b.pairs).collect();
+        crate::train::trainer::keep_freed_memory(); // as the training loop does
         crate::model::ops::PLAIN_FROZEN_MATMUL.store(b.plain_backward, std::sync::atomic::Ordering::SeqCst);
         let mut timed = Vec::new();
         let run = (|| -> Result<usize> {

@@ -157,7 +157,7 @@ pub fn steps_per_epoch(n: usize, batch_size: usize, grad_accum: usize) -> usize 
 /// Keeps freed activation buffers in the heap for reuse. glibc hands allocations above a (at most 32 MiB) threshold
 /// back to the kernel on free, so every step would fault in and zero its activations afresh: about a tenth of a
 /// step's time. Process-wide; set once.
-fn keep_freed_memory() {
+pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();

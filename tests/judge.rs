@@ -504,3 +504,57 @@ fn bad_benchmark_files_fail_with_one_line() {
     assert!(line.contains("bad.json") && line.contains("record 0") && line.contains("question"), "{line}");
     assert_eq!(server.count(), 0, "nothing is asked before the inputs are checked");
 }
+
+// ------------------------------------------------------------------------------------------------- suites
+
+#[test]
+fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).unwrap();
+    write("pope_random.json", "{\"question_id\": 1, \"image\": \"chelsea.png\", \"text\": \"Is there a cat in the image?\", \"label\": \"yes\"}\n{\"question_id\": 2, \"image\": \"coffee.png\", \"text\": \"Is there a dog in the image?\", \"label\": \"no\"}\n");
+    write("gt.jsonl", "{\"image_id\": \"alpha\", \"objects\": [\"person\"]}\n{\"image_id\": \"astronaut\", \"objects\": [\"person\"]}\n");
+    let mmvet = json!({"v1_0": {"imagename": "rocket.jpg", "capability": ["rec"], "question": "What is this?", "answer": "a rocket"}});
+    write("mm-vet.json", &mmvet.to_string());
+    let server = Server::start(20, |_, _| Reply::Text("0.5".into()));
+    let images = root.join("images");
+    let config = format!(
+        "batch_size = 2\n\n[judge]\nurl = \"{}\"\nmodel = \"judge-m\"\nretries = 1\nbackoff = 0.01\n\n[pope]\nquestions = [\"pope_random.json\"]\nimages = \"{}\"\nmax_new_tokens = 2\n\n\
+         [object_halbench]\nimages = \"{}\"\nground_truth = \"gt.jsonl\"\nlimit = 2\nmax_new_tokens = 6\n\n[mmvet]\nquestions = \"mm-vet.json\"\nimages = \"{}\"\nruns = 2\nmax_new_tokens = 4\n",
+        server.url,
+        s(&images),
+        s(&images),
+        s(&images)
+    );
+    write("suite.toml", &config);
+    let model = root.join("llava-tiny");
+    let suite = |out: &str| args(&["eval", "suite", "--model", s(&model), "--config", s(&tmp.path().join("suite.toml")), "--out", s(&tmp.path().join(out))]);
+    let stdout = ok(&bpo(&suite("base"), &[]));
+    let base = tmp.path().join("base");
+    for (dir, kind) in [("pope", "pope"), ("object-halbench", "chair"), ("mmvet", "mmvet")] {
+        assert_eq!(read_json(&base.join(dir).join("scores.json"))["kind"], kind, "{dir}");
+        assert!(base.join(dir).join("answers.jsonl").is_file(), "{dir}");
+    }
+    assert_eq!(read_json(&base.join("suite.json"))["benchmarks"], json!(["pope", "object-halbench", "mmvet"]));
+    assert_eq!(server.count(), 2, "one MM-Vet question graded twice");
+    let table = stdout.lines().skip_while(|l| !l.starts_with("model")).collect::<Vec<_>>();
+    assert!(table[0].contains("POPE random F1") && table[0].contains("ObjHal CHAIR_i") && table[0].contains("MM-Vet"), "{stdout}");
+    assert!(table[1].starts_with("base") && table[1].contains("50.00"), "{stdout}");
+
+    // Re-running reuses the answers and the judge's cache; another model may not write into this folder.
+    let again = bpo(&suite("base"), &[]);
+    ok(&again);
+    assert_eq!(server.count(), 2);
+    assert_eq!(String::from_utf8_lossy(&again.stderr).matches("reusing").count(), 3);
+    let mut other = suite("base");
+    other[3] = "/some/other/model".into();
+    assert!(error_line(&bpo(&other, &[])).contains("holds a suite of"));
+
+    // A second suite, then the paper's layout: one row per suite.
+    ok(&bpo(&suite("bpo"), &[]));
+    let compare = ok(&bpo(&args(&["eval", "compare", s(&base), s(&tmp.path().join("bpo"))]), &[]));
+    let lines: Vec<&str> = compare.lines().collect();
+    assert_eq!(lines.len(), 3, "{compare}");
+    assert!(lines[1].starts_with("base") && lines[2].starts_with("bpo"), "{compare}");
+    assert!(error_line(&bpo(&args(&["eval", "compare", s(&base.join("pope")), s(&base.join("mmvet")), s(&base)]), &[])).contains("suite"));
+}

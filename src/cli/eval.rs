@@ -21,6 +21,7 @@ use bpo::generate::{vqa, SamplingParams, Vlm};
 use super::{image_path, progress, ModelArgs};
 
 mod judged;
+mod suite;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -46,7 +47,8 @@ enum EvalAction {
     /// Describe every image of a folder with a model (Object HalBench's eight instructions, rotating, or your own
     /// prompts) and score the descriptions with CHAIR in one go.
     Caption(CaptionArgs),
-    /// Print two runs (folders holding scores.json) side by side with their differences.
+    /// Print two runs (folders holding scores.json) side by side with their differences, or suites (folders
+    /// written by `bpo eval suite`) as one table, a row per suite (e.g. base, SFT on chosen, BPO).
     Compare(CompareArgs),
     /// MM-Vet: an LLM judge grades each answer 0.0-1.0 against the ground truth (the official grader's few-shot
     /// prompt, parsing and retry rule, --runs repetitions); totals per capability and capability combination.
@@ -57,6 +59,9 @@ enum EvalAction {
     /// MMHal-Bench: an LLM judge rates each answer 0-6 from the image's object labels and a human answer;
     /// average score, hallucination rate (ratings below 3) and per-question-type averages.
     Mmhal(judged::MmHalArgs),
+    /// Generate and score a list of benchmarks with one model (POPE, Object HalBench, and MM-Vet, LLaVA-Bench and
+    /// MMHal-Bench when the config has a [judge]); one run folder each and one table.
+    Suite(suite::SuiteArgs),
 }
 
 #[derive(Args)]
@@ -161,10 +166,10 @@ pub struct CaptionArgs {
 
 #[derive(Args)]
 pub struct CompareArgs {
-    /// First run: a folder with scores.json (or the file itself).
-    run_a: PathBuf,
-    /// Second run; differences are B - A.
-    run_b: PathBuf,
+    /// Two runs (folders with scores.json, or the files; differences are the second minus the first), or two or
+    /// more suite folders.
+    #[arg(required = true, num_args = 2..)]
+    runs: Vec<PathBuf>,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -176,6 +181,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         EvalAction::Mmvet(a) => judged::run_mmvet(a),
         EvalAction::LlavaBench(a) => judged::run_llava_bench(a),
         EvalAction::Mmhal(a) => judged::run_mmhal(a),
+        EvalAction::Suite(a) => suite::run_suite(a),
     }
 }
 
@@ -341,9 +347,22 @@ pub fn finish<D: Serialize>(scores: &Scores, details: &[D], out: Option<&Path>) 
 }
 
 fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
-    let a = report::read_scores(&args.run_a)?;
-    let b = report::read_scores(&args.run_b)?;
-    let names = (args.run_a.display().to_string(), args.run_b.display().to_string());
+    let suites = args.runs.iter().map(|r| bpo::eval::suite::read_info(r)).collect::<bpo::Result<Vec<_>>>()?;
+    if suites.iter().all(Option::is_some) {
+        let mut rows = Vec::new();
+        for run in &args.runs {
+            let label = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
+            rows.push((label, bpo::eval::suite::suite_headlines(run)?));
+        }
+        println!("{}", bpo::eval::suite::table(&rows));
+        return Ok(());
+    }
+    let [run_a, run_b] = &args.runs[..] else {
+        anyhow::bail!("compare takes two runs, or two or more suite folders (with suite.json)");
+    };
+    let a = report::read_scores(run_a)?;
+    let b = report::read_scores(run_b)?;
+    let names = (run_a.display().to_string(), run_b.display().to_string());
     println!("{}", report::compare(&a, &b, &names.0, &names.1)?);
     Ok(())
 }

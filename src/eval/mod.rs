@@ -19,6 +19,7 @@ pub mod pope;
 pub mod pynum;
 pub mod report;
 pub mod rows;
+pub mod suite;
 pub mod synth;
 pub mod words;
 

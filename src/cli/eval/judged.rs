@@ -98,6 +98,21 @@ impl JudgedGenArgs {
     }
 }
 
+/// What every judged command shares: a model that answers first (instead of an answers file; the benchmark's
+/// own prompt, greedy), how it generates, the judge, and the run folder.
+#[derive(Args)]
+pub struct JudgedRun {
+    #[command(flatten)]
+    model: Option<ModelArgs>,
+    #[command(flatten)]
+    gen: JudgedGenArgs,
+    #[command(flatten)]
+    judge: JudgeArgs,
+    /// Run folder: scores.json, details.jsonl, judge-cache.jsonl, and the answers when a model answered.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
 #[derive(Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["answers", "model"])))]
 pub struct MmVetArgs {
@@ -108,19 +123,11 @@ pub struct MmVetArgs {
     /// or 0).
     #[arg(long, value_name = "FILE")]
     answers: Option<PathBuf>,
-    /// Answer the questions with this model first (question text as the prompt).
-    #[command(flatten)]
-    model: Option<ModelArgs>,
-    #[command(flatten)]
-    gen: JudgedGenArgs,
-    #[command(flatten)]
-    judge: JudgeArgs,
     /// Gradings per answer, averaged (the MM-Vet paper uses 5; its script's default is 1).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Run folder: scores.json, details.jsonl, judge-cache.jsonl (and answers.jsonl with --model).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[command(flatten)]
+    run: JudgedRun,
 }
 
 #[derive(Args)]
@@ -138,16 +145,8 @@ pub struct LlavaBenchArgs {
     /// The model's answers (LLaVA answer JSONL, joined by question_id).
     #[arg(long, value_name = "FILE")]
     answers: Option<PathBuf>,
-    /// Answer the questions with this model first.
     #[command(flatten)]
-    model: Option<ModelArgs>,
-    #[command(flatten)]
-    gen: JudgedGenArgs,
-    #[command(flatten)]
-    judge: JudgeArgs,
-    /// Run folder: scores.json, details.jsonl, judge-cache.jsonl (and answers.jsonl with --model).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    run: JudgedRun,
 }
 
 #[derive(Args)]
@@ -157,24 +156,15 @@ pub struct MmHalArgs {
     /// they are.
     #[arg(long, value_name = "FILE")]
     responses: Option<PathBuf>,
-    /// response_template.json of MMHal-Bench (with --answers or --model).
+    /// response_template.json of MMHal-Bench (with --answers or --model; a record's image is its image_path, else
+    /// the file name at the end of its image_src, under --images).
     #[arg(long, value_name = "FILE")]
     questions: Option<PathBuf>,
     /// Answers as LLaVA answer JSONL whose question_id is the record's 0-based position.
     #[arg(long, value_name = "FILE")]
     answers: Option<PathBuf>,
-    /// Answer the questions with this model first (image: the record's image_path, else the file name at the
-    /// end of image_src, under --images).
     #[command(flatten)]
-    model: Option<ModelArgs>,
-    #[command(flatten)]
-    gen: JudgedGenArgs,
-    #[command(flatten)]
-    judge: JudgeArgs,
-    /// Run folder: scores.json, details.jsonl, judge-cache.jsonl (and answers.jsonl + responses.json with
-    /// --model).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    run: JudgedRun,
 }
 
 /// A question to answer with the model: id, prompt text, image file name.
@@ -245,8 +235,8 @@ pub fn mmvet_items(questions: &[mmvet::Question]) -> Vec<ToAnswer> {
 pub fn run_mmvet(a: MmVetArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let questions = mmvet::load_questions(&a.questions)?;
-    let judge = a.judge.open(&a.out)?;
-    let (answers, source) = match (&a.answers, &a.model) {
+    let judge = a.run.judge.open(&a.run.out)?;
+    let (answers, source) = match (&a.answers, &a.run.model) {
         (Some(path), _) => {
             let (answers, orphans) = mmvet::load_answers(path, &questions)?;
             if !orphans.is_empty() {
@@ -254,11 +244,11 @@ pub fn run_mmvet(a: MmVetArgs) -> anyhow::Result<()> {
             }
             (answers, path.display().to_string())
         }
-        (None, Some(model)) => (by_id(generate(&model.load()?, model, &a.gen, &mmvet_items(&questions), &a.out)?), "the generated answers".to_string()),
+        (None, Some(model)) => (by_id(generate(&model.load()?, model, &a.run.gen, &mmvet_items(&questions), &a.run.out)?), "the generated answers".to_string()),
         (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
     };
     let predictions = require(&answers, questions.iter().map(|q| q.id.as_str()), &source)?;
-    grade_mmvet(&judge, &questions, &predictions, a.runs, &a.out)
+    grade_mmvet(&judge, &questions, &predictions, a.runs, &a.run.out)
 }
 
 /// Grades every prediction `runs` times and writes the run folder.
@@ -299,13 +289,13 @@ pub fn llava_items(questions: &[llava_bench::Question]) -> Vec<ToAnswer> {
 
 pub fn run_llava_bench(a: LlavaBenchArgs) -> anyhow::Result<()> {
     let files = LlavaFiles::load(&a.questions, &a.context, &a.references)?;
-    let judge = a.judge.open(&a.out)?;
-    let (answers, source) = match (&a.answers, &a.model) {
+    let judge = a.run.judge.open(&a.run.out)?;
+    let (answers, source) = match (&a.answers, &a.run.model) {
         (Some(path), _) => (by_id(bpo::eval::load_answers(path)?), path.display().to_string()),
-        (None, Some(model)) => (by_id(generate(&model.load()?, model, &a.gen, &llava_items(&files.questions), &a.out)?), "the generated answers".to_string()),
+        (None, Some(model)) => (by_id(generate(&model.load()?, model, &a.run.gen, &llava_items(&files.questions), &a.run.out)?), "the generated answers".to_string()),
         (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
     };
-    files.review(&judge, &answers, &source, &a.out)
+    files.review(&judge, &answers, &source, &a.run.out)
 }
 
 /// The three LLaVA-Bench files.
@@ -363,7 +353,7 @@ pub fn mmhal_responses(records: &[mmhal::Record], answers: Vec<Answer>, out: &Pa
 
 pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
     // The judge is checked first only when a model is about to spend time answering.
-    let early = if a.model.is_some() { Some(a.judge.open(&a.out)?) } else { None };
+    let early = if a.run.model.is_some() { Some(a.run.judge.open(&a.run.out)?) } else { None };
     let (records, answers): (Vec<mmhal::Record>, Vec<String>) = match (&a.responses, &a.questions) {
         (Some(path), None) => {
             let records = mmhal::load_records(path)?;
@@ -374,13 +364,13 @@ pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
         }
         (None, Some(questions)) => {
             let records = mmhal::load_records(questions)?;
-            let answers = match (&a.answers, &a.model) {
+            let answers = match (&a.answers, &a.run.model) {
                 (Some(path), _) => {
                     let answers = by_id(bpo::eval::load_answers(path)?);
                     let ids: Vec<String> = (0..records.len()).map(|i| i.to_string()).collect();
                     require(&answers, ids.iter().map(String::as_str), &path.display().to_string())?.into_iter().map(String::from).collect()
                 }
-                (None, Some(model)) => mmhal_responses(&records, generate(&model.load()?, model, &a.gen, &mmhal_items(&records), &a.out)?, &a.out)?,
+                (None, Some(model)) => mmhal_responses(&records, generate(&model.load()?, model, &a.run.gen, &mmhal_items(&records), &a.run.out)?, &a.run.out)?,
                 (None, None) => anyhow::bail!("give --answers FILE or --model DIR with --questions"),
             };
             (records, answers)
@@ -390,9 +380,9 @@ pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
     };
     let judge = match early {
         Some(judge) => judge,
-        None => a.judge.open(&a.out)?,
+        None => a.run.judge.open(&a.run.out)?,
     };
-    judge_mmhal(&judge, &records, &answers, &a.out)
+    judge_mmhal(&judge, &records, &answers, &a.run.out)
 }
 
 /// Judges every answer and writes the run folder.

@@ -32,16 +32,8 @@ pub const SYSTEM: &str = "You are a helpful and precise assistant for checking t
 
 /// The `prompt` of `llava_bench_conv` / `llava_bench_detail` / `llava_bench_complex` in
 /// haotian-liu/LLaVA `llava/eval/table/rule.json` (commit c121f0432da2), verbatim (note the space before the
-/// first newline).
-pub const RULE_PROMPT: &str = "We would like to request your feedback on the performance of two AI assistants in \
-response to the user question displayed above. The user asks the question on observing an image. For your \
-reference, the visual content in the image is represented with a few sentences describing the image. \nPlease rate \
-the helpfulness, relevance, accuracy, level of details of their responses. Each assistant receives an overall score \
-on a scale of 1 to 10, where a higher score indicates better overall performance.\nPlease first output a single \
-line containing only two values indicating the scores for Assistant 1 and 2, respectively. The two scores are \
-separated by a space.\nIn the subsequent line, please provide a comprehensive explanation of your evaluation, \
-avoiding any potential bias and ensuring that the order in which the responses were presented does not affect \
-your judgment.";
+/// first newline; `data/judge/llava-bench-rule.txt`).
+pub const RULE_PROMPT: &str = include_str!("../../data/judge/llava-bench-rule.txt");
 
 /// The `role` of those rules.
 pub const ROLE: &str = "Assistant";

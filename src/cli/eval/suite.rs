@@ -120,7 +120,9 @@ fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &
             let questions = pope::load_questions(&c.questions)?;
             let params = SamplingParams { max_new_tokens: c.max_new_tokens.unwrap_or(128), ..Default::default() };
             let answers = answers(dir, || pope_answers(model.get()?, margs, &questions, c.images.as_ref(), &params, batch))?;
-            let out = pope::score(&questions, &answers, pope::Pairing::ById)?;
+            // By position: the answers are in question order, and the official split files each number their
+            // questions from 1, so ids repeat across splits.
+            let out = pope::score(&questions, &answers, pope::Pairing::Positional)?;
             finish(&Scores::Pope(out.report), &out.details, Some(dir))?;
         }
         "object-halbench" => {

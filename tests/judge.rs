@@ -1,15 +1,11 @@
 //! The judged benchmarks (`bpo eval mmvet / llava-bench / mmhal`) against a mock judge on 127.0.0.1 (the
 //! loopback [`Server`] of `bootstrap_http.rs`: bounded requests, bounded lifetime).
 //!
-//! Expected prompts and numbers come from the official scripts, run on the fixtures in
-//! `tests/fixtures/judge/` with a stub client that replays the replies written below (Python 3, numpy 2.4.6,
-//! pandas 3.1.1; nothing runs Python at test time):
-//! - MM-Vet: yuweihao/MM-Vet `mm-vet_evaluator.py` @ acde843e02da, functions `runs` + `export_result`
-//!   with `num_run=3`; the captured requests are `mmvet-request-v1_1.json` and `mmvet-retry-v1_4.json`.
-//! - LLaVA-Bench: haotian-liu/LLaVA @ c121f0432da2, `llava/eval/eval_gpt_review_bench.py` (its `__main__` with
-//!   `rule.json`; captured request `llava-request-0.json`) and `llava/eval/summarize_gpt_review.py -f`.
-//! - MMHal-Bench: llava-rlhf/LLaVA-RLHF @ 830a083fd83e, `Eval/eval_gpt_mmhal.py` (its `__main__` on
-//!   `mmhal-records.json`; captured request `mmhal-request-0.json`).
+//! Expected prompts and numbers come from the official scripts (MM-Vet `mm-vet_evaluator.py` @ acde843e02da,
+//! LLaVA `eval_gpt_review_bench.py` + `summarize_gpt_review.py` @ c121f0432da2, MMHal-Bench `eval_gpt4.py` as
+//! LLaVA-RLHF `Eval/eval_gpt_mmhal.py` @ 830a083fd83e) run unmodified by `scripts/make_judge_fixtures.py` on the
+//! fixtures in `tests/fixtures/judge/`, with a stub client replaying the replies written below (numpy 2.4.6,
+//! pandas 3.1.1; nothing runs Python at test time). The `*-request-*.json` fixtures are the requests they sent.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -26,11 +22,11 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/judge").join(name)
 }
 
-fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn bpo(args: &[String], env: &[(&str, &str)]) -> Output {
+pub(crate) fn bpo(args: &[String], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bpo"));
     cmd.args(args).env_remove("OPENAI_API_KEY");
     for (k, v) in env {
@@ -39,13 +35,13 @@ fn bpo(args: &[String], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run bpo")
 }
 
-fn ok(o: &Output) -> String {
+pub(crate) fn ok(o: &Output) -> String {
     assert!(o.status.success(), "bpo failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// The single `error: ...` line of a failed run.
-fn error_line(o: &Output) -> String {
+pub(crate) fn error_line(o: &Output) -> String {
     assert!(!o.status.success(), "expected failure: {}", String::from_utf8_lossy(&o.stdout));
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("judge ") && !l.trim().is_empty()).collect();
@@ -54,7 +50,7 @@ fn error_line(o: &Output) -> String {
     lines[0].to_string()
 }
 
-fn args(parts: &[&str]) -> Vec<String> {
+pub(crate) fn args(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|p| p.to_string()).collect()
 }
 
@@ -68,7 +64,7 @@ fn judge_args_with(url: &str, model: &str, concurrency: usize, retries: u32, bac
     args(&["--judge-url", url, "--judge-model", model, "--judge-concurrency", &c, "--judge-retries", &r, "--judge-backoff", backoff])
 }
 
-fn read_json(path: &Path) -> Value {
+pub(crate) fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -77,8 +73,7 @@ fn details(out: &Path) -> Vec<Value> {
 }
 
 fn user_text(request: &Value) -> String {
-    let messages = request["messages"].as_array().unwrap();
-    messages.last().unwrap()["content"].as_str().unwrap().to_string()
+    request["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string()
 }
 
 /// The row an MM-Vet request grades (its last line, without the retry instruction).
@@ -343,7 +338,6 @@ fn mmhal_parses_ratings_like_the_official_script() {
     }
 }
 
-// ------------------------------------------------------------------------------------------ the judge client
 
 /// A one-record MMHal file in `dir`.
 fn one_record(dir: &Path) -> PathBuf {
@@ -503,62 +497,4 @@ fn bad_benchmark_files_fail_with_one_line() {
     let line = error_line(&bpo(&mmhal_cmd(&server.url, &bad, &tmp.path().join("z"), 1), &[]));
     assert!(line.contains("bad.json") && line.contains("record 0") && line.contains("question"), "{line}");
     assert_eq!(server.count(), 0, "nothing is asked before the inputs are checked");
-}
-
-// ------------------------------------------------------------------------------------------------- suites
-
-#[test]
-fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).unwrap();
-    write("pope_random.json", "{\"question_id\": 1, \"image\": \"chelsea.png\", \"text\": \"Is there a cat in the image?\", \"label\": \"yes\"}\n{\"question_id\": 2, \"image\": \"coffee.png\", \"text\": \"Is there a dog in the image?\", \"label\": \"no\"}\n");
-    // The official split files each number their questions from 1.
-    write("pope_adversarial.json", "{\"question_id\": 1, \"image\": \"coffee.png\", \"text\": \"Is there a cup in the image?\", \"label\": \"yes\"}\n");
-    write("gt.jsonl", "{\"image_id\": \"alpha\", \"objects\": [\"person\"]}\n{\"image_id\": \"astronaut\", \"objects\": [\"person\"]}\n");
-    let mmvet = json!({"v1_0": {"imagename": "rocket.jpg", "capability": ["rec"], "question": "What is this?", "answer": "a rocket"}});
-    write("mm-vet.json", &mmvet.to_string());
-    let server = Server::start(20, |_, _| Reply::Text("0.5".into()));
-    let images = root.join("images");
-    let config = format!(
-        "batch_size = 2\n\n[judge]\nurl = \"{}\"\nmodel = \"judge-m\"\nretries = 1\nbackoff = 0.01\n\n[pope]\nquestions = [\"pope_random.json\", \"pope_adversarial.json\"]\nimages = \"{}\"\nmax_new_tokens = 2\n\n\
-         [object_halbench]\nimages = \"{}\"\nground_truth = \"gt.jsonl\"\nlimit = 2\nmax_new_tokens = 6\n\n[mmvet]\nquestions = \"mm-vet.json\"\nimages = \"{}\"\nruns = 2\nmax_new_tokens = 4\n",
-        server.url,
-        s(&images),
-        s(&images),
-        s(&images)
-    );
-    write("suite.toml", &config);
-    let model = root.join("llava-tiny");
-    let suite = |out: &str| args(&["eval", "suite", "--model", s(&model), "--config", s(&tmp.path().join("suite.toml")), "--out", s(&tmp.path().join(out))]);
-    let stdout = ok(&bpo(&suite("base"), &[]));
-    let base = tmp.path().join("base");
-    for (dir, kind) in [("pope", "pope"), ("object-halbench", "chair"), ("mmvet", "mmvet")] {
-        assert_eq!(read_json(&base.join(dir).join("scores.json"))["kind"], kind, "{dir}");
-        assert!(base.join(dir).join("answers.jsonl").is_file(), "{dir}");
-    }
-    assert_eq!(read_json(&base.join("suite.json"))["benchmarks"], json!(["pope", "object-halbench", "mmvet"]));
-    assert_eq!(server.count(), 2, "one MM-Vet question graded twice");
-    let table = stdout.lines().skip_while(|l| !l.starts_with("model")).collect::<Vec<_>>();
-    assert!(table[0].contains("POPE random F1") && table[0].contains("POPE adversarial F1"), "{stdout}");
-    assert!(table[0].contains("ObjHal CHAIR_i") && table[0].contains("MM-Vet"), "{stdout}");
-    assert_eq!(read_json(&base.join("pope/scores.json"))["overall"]["n"], 3);
-    assert!(table[1].starts_with("base") && table[1].contains("50.00"), "{stdout}");
-
-    // Re-running reuses the answers and the judge's cache; another model may not write into this folder.
-    let again = bpo(&suite("base"), &[]);
-    ok(&again);
-    assert_eq!(server.count(), 2);
-    assert_eq!(String::from_utf8_lossy(&again.stderr).matches("reusing").count(), 3);
-    let mut other = suite("base");
-    other[3] = "/some/other/model".into();
-    assert!(error_line(&bpo(&other, &[])).contains("holds a suite of"));
-
-    // A second suite, then the paper's layout: one row per suite.
-    ok(&bpo(&suite("bpo"), &[]));
-    let compare = ok(&bpo(&args(&["eval", "compare", s(&base), s(&tmp.path().join("bpo"))]), &[]));
-    let lines: Vec<&str> = compare.lines().collect();
-    assert_eq!(lines.len(), 3, "{compare}");
-    assert!(lines[1].starts_with("base") && lines[2].starts_with("bpo"), "{compare}");
-    assert!(error_line(&bpo(&args(&["eval", "compare", s(&base.join("pope")), s(&base.join("mmvet")), s(&base)]), &[])).contains("suite"));
 }

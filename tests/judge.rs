@@ -44,7 +44,7 @@ pub(crate) fn ok(o: &Output) -> String {
 pub(crate) fn error_line(o: &Output) -> String {
     assert!(!o.status.success(), "expected failure: {}", String::from_utf8_lossy(&o.stdout));
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("judge ") && !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one error line: {err:?}");
     assert!(lines[0].starts_with("error: ") && !err.contains("panicked"), "{err}");
     lines[0].to_string()

@@ -1,6 +1,7 @@
-//! `bpo eval suite` on the tiny model with a loopback mock judge (`judge.rs`'s helpers): every configured
-//! benchmark gets its run folder, a re-run reuses answers and the judge's cache, another model may not write into
-//! the folder, and `bpo eval compare` puts suites side by side.
+//! The tiny model answering judged benchmarks for a loopback mock judge (`judge.rs`'s helpers): `bpo eval suite`
+//! (every configured benchmark gets its run folder, a re-run reuses answers and the judge's cache, another model
+//! may not write into the folder, `bpo eval compare` puts suites side by side), and `llava-bench` / `mmhal`
+//! with `--model`.
 
 use std::path::Path;
 
@@ -62,4 +63,53 @@ fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
     assert_eq!(lines.len(), 3, "{compare}");
     assert!(lines[1].starts_with("base") && lines[2].starts_with("bpo"), "{compare}");
     assert!(error_line(&bpo(&args(&["eval", "compare", s(&base.join("pope")), s(&base.join("mmvet")), s(&base)]), &[])).contains("suite"));
+}
+
+#[test]
+fn a_model_answers_llava_bench_and_mmhal_before_the_judge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (model, images) = (root.join("llava-tiny"), root.join("images"));
+    let server = Server::start(20, |_, req| {
+        let system = req["messages"][0]["role"] == "system";
+        Reply::Text(if system { "7 8\nfine".into() } else { "Rating: 4".into() })
+    });
+    let judge = args(&["--judge-url", &server.url, "--judge-model", "j", "--judge-retries", "1", "--judge-backoff", "0.01"]);
+    let gen = args(&["--model", s(&model), "--images", s(&images), "--max-new-tokens", "3"]);
+
+    // LLaVA-Bench: two questions on the fixture's photographs; captions keyed by those file names.
+    let q = tmp.path().join("q.jsonl");
+    std::fs::write(&q, "{\"question_id\": 0, \"image\": \"chelsea.png\", \"text\": \"Describe the cat.\", \"category\": \"detail\"}\n{\"question_id\": 1, \"image\": \"coffee.png\", \"text\": \"What is in the cup?\", \"category\": \"conv\"}\n").unwrap();
+    let c = tmp.path().join("c.jsonl");
+    std::fs::write(&c, "{\"image\": \"chelsea.png\", \"caption\": \"A cat.\"}\n{\"image\": \"coffee.png\", \"caption\": \"A cup of coffee.\"}\n").unwrap();
+    let refs = tmp.path().join("r.jsonl");
+    std::fs::write(&refs, "{\"question_id\": 0, \"text\": \"A tabby cat.\"}\n{\"question_id\": 1, \"text\": \"Coffee.\"}\n").unwrap();
+    let out = tmp.path().join("llava");
+    let mut a = args(&["eval", "llava-bench", "--questions", s(&q), "--context", s(&c), "--references", s(&refs), "--out", s(&out)]);
+    a.extend(gen.clone());
+    a.extend(judge.clone());
+    ok(&bpo(&a, &[]));
+    let answers = std::fs::read_to_string(out.join("answers.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(answers.lines().next().unwrap()).unwrap();
+    let asked = server.requests.lock().unwrap()[..2].iter().any(|r| {
+        let user = r["messages"][1]["content"].as_str().unwrap_or_default();
+        user.contains(&format!("[Assistant 2]\n{}\n\n[End of Assistant 2]", first["text"].as_str().unwrap()))
+    });
+    assert!(asked, "the judge saw the generated answer");
+    assert_eq!(read_json(&out.join("scores.json"))["categories"][0]["relative"], 114.3);
+
+    // MMHal-Bench: the image is the file name at the end of image_src; responses.json is the official file.
+    let t = tmp.path().join("template.json");
+    let records = json!([{"question_type": "attribute", "image_src": "https://x/y/chelsea.png", "image_content": ["Cat"], "question": "What colour is the cat?", "gt_answer": "Brown."}]);
+    std::fs::write(&t, records.to_string()).unwrap();
+    let out = tmp.path().join("mmhal");
+    let mut a = args(&["eval", "mmhal", "--questions", s(&t), "--out", s(&out)]);
+    a.extend(gen);
+    a.extend(judge);
+    ok(&bpo(&a, &[]));
+    let responses = read_json(&out.join("responses.json"));
+    assert_eq!(responses[0]["image_src"], "https://x/y/chelsea.png");
+    assert!(responses[0]["model_answer"].is_string());
+    assert_eq!(read_json(&out.join("scores.json"))["average_score"], 4.0);
+    assert_eq!(server.count(), 3);
 }

@@ -13,6 +13,7 @@
 //! - `llava/eval/summarize_gpt_review.py`: per category and over all rows, the mean pair rounded to three
 //!   decimals; relative score = round(model / reference × 100, 1), and both means ×10 rounded to one decimal
 //!   (Python rounding).
+//!
 //! Difference: answers are joined to questions by `question_id` (the script zips the three files line by
 //! line, which is the same for files written in question order).
 

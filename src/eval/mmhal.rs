@@ -11,6 +11,7 @@
 //!   several give 0 (with a warning, as the script prints one);
 //! - average score and hallucination rate (share of ratings below 3), printed with two decimals, and the
 //!   average per question type rounded to two decimals.
+//!
 //! Difference: the script takes the question type of answer `i` to be `i % 8` (the 96 records in their
 //! original order); here it is each record's `question_type`, which is the same for the released file.
 

@@ -12,6 +12,7 @@
 //! - `runs` repetitions (the paper uses 5; the script's own default is 1), each run's per-capability sum
 //!   divided by the capability's question count ×100, averaged over runs and rounded to one decimal as NumPy
 //!   rounds; `std` is the population standard deviation of the run totals.
+//!
 //! Differences: combination names join the capabilities in the order the data lists them (the script joins a
 //! Python `set`, whose order changes between interpreter runs), columns with equal counts keep data order,
 //! and a non-finite reply (`nan`) is not a score (the script would accept `nan`).
@@ -236,8 +237,8 @@ pub fn score(questions: &[Question], scores: &[Vec<f64>], runs: usize, judge: &s
     let column = |name: String, count: usize, sums: &[f64]| Column { name, count, score: np_round(np_mean(&percent(sums, count)), 1) };
     let mut capabilities: Vec<Column> = caps.into_iter().map(|(name, count, sums)| column(name, count, &sums)).collect();
     let mut integrations: Vec<Column> = combos.into_iter().map(|(_, name, count, sums)| column(name, count, &sums)).collect();
-    capabilities.sort_by(|a, b| b.count.cmp(&a.count));
-    integrations.sort_by(|a, b| b.count.cmp(&a.count));
+    capabilities.sort_by_key(|c| std::cmp::Reverse(c.count));
+    integrations.sort_by_key(|c| std::cmp::Reverse(c.count));
     let totals = percent(&total, n);
     Ok(MmVetReport {
         judge: judge.to_string(),

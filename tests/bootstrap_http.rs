@@ -1,7 +1,8 @@
 //! The HTTP completer against a small OpenAI-compatible server started here on 127.0.0.1 (port 0): a normal
 //! server, one that fails with 5xx/429 before answering (retries), one that stalls (timeout), one that
 //! refuses (4xx, no retry), and `bpo bootstrap inject` end to end. Every server accepts a bounded number of
-//! requests and lives a bounded time; only loopback addresses are used.
+//! requests and lives a bounded time; only loopback addresses are used. The judged benchmarks' tests
+//! (`judge.rs`) use the same [`Server`].
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,28 +19,31 @@ use bpo::Error;
 use serde_json::{json, Value};
 
 /// What the server does with request number `n` (0-based).
-enum Reply {
+pub(crate) enum Reply {
     Text(String),
     Status(u16),
     Stall,
 }
 
-struct Server {
-    url: String,
-    requests: Arc<Mutex<Vec<Value>>>,
+pub(crate) struct Server {
+    pub(crate) url: String,
+    pub(crate) requests: Arc<Mutex<Vec<Value>>>,
+    /// The `Authorization` header of each request, if any.
+    pub(crate) auth: Arc<Mutex<Vec<Option<String>>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
     /// Serves at most `max_requests` requests, for at most 20 s, one at a time.
-    fn start(max_requests: usize, respond: impl Fn(usize, &Value) -> Reply + Send + 'static) -> Server {
+    pub(crate) fn start(max_requests: usize, respond: impl Fn(usize, &Value) -> Reply + Send + 'static) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let auth = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (log, halt) = (requests.clone(), stop.clone());
+        let (log, auth_log, halt) = (requests.clone(), auth.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut held = Vec::new(); // stalled connections stay open until the server ends
@@ -49,8 +53,9 @@ impl Server {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
-                let Some(body) = read_request(&mut stream) else { continue };
+                let Some((body, authorization)) = read_request(&mut stream) else { continue };
                 log.lock().unwrap().push(body.clone());
+                auth_log.lock().unwrap().push(authorization);
                 match respond(n, &body) {
                     Reply::Text(text) => write_response(&mut stream, 200, &completion_body(&body, &text)),
                     Reply::Status(code) => write_response(&mut stream, code, "{\"error\": \"busy\"}"),
@@ -63,10 +68,10 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        Server { url, requests, stop, thread: Some(thread) }
+        Server { url, requests, auth, stop, thread: Some(thread) }
     }
 
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
 }
@@ -80,8 +85,8 @@ impl Drop for Server {
     }
 }
 
-/// Reads one HTTP request and returns its JSON body.
-fn read_request(stream: &mut TcpStream) -> Option<Value> {
+/// Reads one HTTP request and returns its JSON body and its `Authorization` header.
+fn read_request(stream: &mut TcpStream) -> Option<(Value, Option<String>)> {
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut buf = Vec::new();
@@ -96,9 +101,14 @@ fn read_request(stream: &mut TcpStream) -> Option<Value> {
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head = String::from_utf8_lossy(&buf[..header_end]).to_lowercase();
+    let raw_head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let head = raw_head.to_lowercase();
     let len: usize =
         head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap_or(0))?;
+    let authorization = raw_head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization").then(|| value.trim().to_string())
+    });
     while buf.len() < header_end + len {
         let n = stream.read(&mut chunk).ok()?;
         if n == 0 {
@@ -106,7 +116,7 @@ fn read_request(stream: &mut TcpStream) -> Option<Value> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    serde_json::from_slice(&buf[header_end..header_end + len]).ok()
+    Some((serde_json::from_slice(&buf[header_end..header_end + len]).ok()?, authorization))
 }
 
 fn write_response(stream: &mut TcpStream, code: u16, body: &str) {

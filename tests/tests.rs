@@ -8,5 +8,7 @@ mod model; // parity with transformers: logits, greedy decoding, log-probs, grad
 mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
 mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
 mod eval; // POPE and CHAIR scoring through the binary, bad files
+mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
+mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache

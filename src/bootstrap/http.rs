@@ -99,11 +99,15 @@ impl HttpCompleter {
 
     /// One prompt, with retries.
     pub fn complete_one(&self, prompt: &str, opts: &CompletionOptions) -> Result<String> {
-        let body = self.request_body(prompt, opts);
+        reply_text(&self.send(&self.request_body(prompt, opts))?, self.opts.endpoint)
+    }
+
+    /// Posts `body` to the endpoint, retrying as the module doc says; the body of the first 2xx reply.
+    pub fn send(&self, body: &Value) -> Result<String> {
         let mut wait = self.opts.backoff;
         let mut attempt = 0;
         loop {
-            match self.attempt(&body) {
+            match self.attempt(body) {
                 Attempt::Done(result) => return result,
                 Attempt::Retry(msg) if attempt >= self.opts.retries => {
                     return Err(Error::Http(format!("{}: {msg} (after {} attempts)", self.url, attempt + 1)));
@@ -156,7 +160,7 @@ impl HttpCompleter {
             Err(e) => return Attempt::Retry(format!("reading the reply: {e}")),
         };
         match status {
-            200..=299 => Attempt::Done(reply_text(&text, self.opts.endpoint)),
+            200..=299 => Attempt::Done(Ok(text)),
             429 | 500..=599 => Attempt::Retry(format!("status {status}: {}", snippet(&text))),
             _ => Attempt::Done(Err(Error::Http(format!("{}: status {status}: {}", self.url, snippet(&text))))),
         }

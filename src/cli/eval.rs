@@ -1,4 +1,5 @@
-//! `bpo eval ...`: score answers for hallucination (POPE, CHAIR / Object HalBench) and compare two runs.
+//! `bpo eval ...`: score answers for hallucination (POPE, CHAIR / Object HalBench), the judged benchmarks
+//! (MM-Vet, LLaVA-Bench, MMHal-Bench: [`judged`]), and compare runs.
 //!
 //! Answers come from `--answers` files, or from a model (`--model`): `pope` then answers the questions first and
 //! `caption` describes a folder of images, writing `answers.jsonl` into `--out` before scoring it through the same
@@ -15,9 +16,12 @@ use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::words::Lemmatizer;
 use bpo::eval::report::{self, Scores};
 use bpo::eval::{inputs, load_answers, pope, Answer};
-use bpo::generate::{vqa, SamplingParams};
+use bpo::generate::{vqa, SamplingParams, Vlm};
 
 use super::{image_path, progress, ModelArgs};
+
+mod judged;
+mod suite;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -43,8 +47,21 @@ enum EvalAction {
     /// Describe every image of a folder with a model (Object HalBench's eight instructions, rotating, or your own
     /// prompts) and score the descriptions with CHAIR in one go.
     Caption(CaptionArgs),
-    /// Print two runs (folders holding scores.json) side by side with their differences.
+    /// Print two runs (folders holding scores.json) side by side with their differences, or suites (folders
+    /// written by `bpo eval suite`) as one table, a row per suite (e.g. base, SFT on chosen, BPO).
     Compare(CompareArgs),
+    /// MM-Vet: an LLM judge grades each answer 0.0-1.0 against the ground truth (the official grader's few-shot
+    /// prompt, parsing and retry rule, --runs repetitions); totals per capability and capability combination.
+    Mmvet(judged::MmVetArgs),
+    /// LLaVA-Bench (in the wild): an LLM judge scores the model's answer and GPT-4's reference 1-10 from the
+    /// image captions (LLaVA's review prompt); relative score = model / reference x 100, per category.
+    LlavaBench(judged::LlavaBenchArgs),
+    /// MMHal-Bench: an LLM judge rates each answer 0-6 from the image's object labels and a human answer;
+    /// average score, hallucination rate (ratings below 3) and per-question-type averages.
+    Mmhal(judged::MmHalArgs),
+    /// Generate and score a list of benchmarks with one model (POPE, Object HalBench, and MM-Vet, LLaVA-Bench and
+    /// MMHal-Bench when the config has a [judge]); one run folder each and one table.
+    Suite(suite::SuiteArgs),
 }
 
 #[derive(Args)]
@@ -149,10 +166,10 @@ pub struct CaptionArgs {
 
 #[derive(Args)]
 pub struct CompareArgs {
-    /// First run: a folder with scores.json (or the file itself).
-    run_a: PathBuf,
-    /// Second run; differences are B - A.
-    run_b: PathBuf,
+    /// Two runs (folders with scores.json, or the files; differences are the second minus the first), or two or
+    /// more suite folders.
+    #[arg(required = true, num_args = 2..)]
+    runs: Vec<PathBuf>,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -161,6 +178,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         EvalAction::Chair(a) => run_chair(a),
         EvalAction::Caption(a) => run_caption(a),
         EvalAction::Compare(a) => run_compare(a),
+        EvalAction::Mmvet(a) => judged::run_mmvet(a),
+        EvalAction::LlavaBench(a) => judged::run_llava_bench(a),
+        EvalAction::Mmhal(a) => judged::run_mmhal(a),
+        EvalAction::Suite(a) => suite::run_suite(a),
     }
 }
 
@@ -169,20 +190,7 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
     let answers = match (&args.answers, &args.model) {
         (Some(path), _) => load_answers(path)?,
         (None, Some(model)) => {
-            let prompts: Vec<vqa::Prompt> = questions
-                .iter()
-                .map(|q| vqa::Prompt {
-                    text: format!("{}{}", q.text, SHORT_ANSWER),
-                    image: (!q.image.is_empty()).then(|| image_path(args.gen.images.as_ref(), &q.image)),
-                    origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
-                })
-                .collect();
-            let texts = answer(model, &prompts, &args.gen_params(), args.gen.batch_size)?;
-            let answers: Vec<Answer> = questions
-                .iter()
-                .zip(texts)
-                .map(|(q, t)| Answer { model_id: model.model_id(), answer_id: q.question_id.clone(), ..Answer::new(q.question_id.clone(), q.text.clone(), t) })
-                .collect();
+            let answers = pope_answers(&model.load()?, model, &questions, args.gen.images.as_ref(), &args.gen_params(), args.gen.batch_size)?;
             save_answers(args.out.as_deref(), &answers)?;
             answers
         }
@@ -191,6 +199,24 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
     let pairing = if args.positional { pope::Pairing::Positional } else { pope::Pairing::ById };
     let out = pope::score(&questions, &answers, pairing)?;
     finish(&Scores::Pope(out.report), &out.details, args.out.as_deref())
+}
+
+/// Answers POPE questions with LLaVA's short-answer suffix, greedily.
+fn pope_answers(vlm: &Vlm, model: &ModelArgs, questions: &[pope::PopeQuestion], images: Option<&PathBuf>, params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<Answer>> {
+    let prompts: Vec<vqa::Prompt> = questions
+        .iter()
+        .map(|q| vqa::Prompt {
+            text: format!("{}{}", q.text, SHORT_ANSWER),
+            image: (!q.image.is_empty()).then(|| image_path(images, &q.image)),
+            origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
+        })
+        .collect();
+    let texts = answer_with(vlm, model, &prompts, params, batch_size)?;
+    Ok(questions
+        .iter()
+        .zip(texts)
+        .map(|(q, t)| Answer { model_id: model.model_id(), answer_id: q.question_id.clone(), ..Answer::new(q.question_id.clone(), q.text.clone(), t) })
+        .collect())
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
@@ -239,11 +265,10 @@ impl PopeArgs {
     }
 }
 
-/// Loads the model and answers `prompts` greedily with a progress bar.
-fn answer(model: &ModelArgs, prompts: &[vqa::Prompt], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<String>> {
-    let vlm = model.load()?;
+/// Answers `prompts` greedily with a loaded model, with a progress bar.
+fn answer_with(vlm: &Vlm, model: &ModelArgs, prompts: &[vqa::Prompt], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<String>> {
     let bar = progress(prompts.len(), "answering");
-    let texts = vqa::answer_all(&vlm, prompts, params, batch_size, model.pass(), |n| bar.inc(n as u64))?;
+    let texts = vqa::answer_all(vlm, prompts, params, batch_size, model.pass(), |n| bar.inc(n as u64))?;
     bar.finish();
     Ok(texts)
 }
@@ -266,29 +291,9 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
     };
     anyhow::ensure!(!instructions.is_empty(), "no prompts in {}", args.prompts);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.images)
-        .with_context(|| format!("reading {}", args.images.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["jpg", "jpeg", "png", "webp"].contains(&e.to_ascii_lowercase().as_str())))
-        .collect();
-    files.sort();
-    files.truncate(args.limit.unwrap_or(usize::MAX));
-    anyhow::ensure!(!files.is_empty(), "no images in {}", args.images.display());
-    let prompts: Vec<vqa::Prompt> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| vqa::Prompt { text: instructions[i % instructions.len()].clone(), image: Some(f.clone()), origin: f.display().to_string() })
-        .collect();
+    let files = image_files(&args.images, args.limit)?;
     let params = SamplingParams { max_new_tokens: args.max_new_tokens, ..Default::default() };
-    let texts = answer(&args.model, &prompts, &params, args.batch_size)?;
-    let answers: Vec<Answer> = files
-        .iter()
-        .zip(prompts.iter().zip(texts))
-        .map(|(f, (p, t))| {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            Answer { image: Some(name.clone()), model_id: args.model.model_id(), ..Answer::new(name, p.text.clone(), t) }
-        })
-        .collect();
+    let answers = caption_answers(&args.model.load()?, &args.model, &files, &instructions, &params, args.batch_size)?;
     save_answers(Some(&args.out), &answers)?;
     let captions = inputs::captions_from_answers(&answers, None)?;
     let truth = load_truth(&chair, &captions, args.coco.as_deref(), args.ground_truth.as_deref())?;
@@ -296,15 +301,42 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
     finish(&Scores::Chair(out.report), &out.details, Some(&args.out))
 }
 
+/// The images of a folder (jpg, jpeg, png, webp), sorted by name, at most `limit`.
+fn image_files(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["jpg", "jpeg", "png", "webp"].contains(&e.to_ascii_lowercase().as_str())))
+        .collect();
+    files.sort();
+    files.truncate(limit.unwrap_or(usize::MAX));
+    anyhow::ensure!(!files.is_empty(), "no images in {}", dir.display());
+    Ok(files)
+}
+
+/// Describes each image with the instructions used in turn; answers are keyed by file name.
+fn caption_answers(vlm: &Vlm, model: &ModelArgs, files: &[PathBuf], instructions: &[String], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<Answer>> {
+    let prompts: Vec<vqa::Prompt> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| vqa::Prompt { text: instructions[i % instructions.len()].clone(), image: Some(f.clone()), origin: f.display().to_string() })
+        .collect();
+    let texts = answer_with(vlm, model, &prompts, params, batch_size)?;
+    Ok(files
+        .iter()
+        .zip(prompts.iter().zip(texts))
+        .map(|(f, (p, t))| {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            Answer { image: Some(name.clone()), model_id: model.model_id(), ..Answer::new(name, p.text.clone(), t) }
+        })
+        .collect())
+}
+
 /// Prints the table and warnings, and writes the run folder when asked. Shared by every way of producing
 /// scores (files today, in-memory generation later).
 pub fn finish<D: Serialize>(scores: &Scores, details: &[D], out: Option<&Path>) -> anyhow::Result<()> {
     println!("{}", scores.table());
-    let warnings = match scores {
-        Scores::Pope(r) => &r.warnings,
-        Scores::Chair(r) => &r.warnings,
-    };
-    for w in warnings {
+    for w in scores.warnings() {
         eprintln!("warning: {w}");
     }
     if let Some(dir) = out {
@@ -315,9 +347,22 @@ pub fn finish<D: Serialize>(scores: &Scores, details: &[D], out: Option<&Path>) 
 }
 
 fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
-    let a = report::read_scores(&args.run_a)?;
-    let b = report::read_scores(&args.run_b)?;
-    let names = (args.run_a.display().to_string(), args.run_b.display().to_string());
+    let suites = args.runs.iter().map(|r| bpo::eval::suite::read_info(r)).collect::<bpo::Result<Vec<_>>>()?;
+    if suites.iter().all(Option::is_some) {
+        let mut rows = Vec::new();
+        for run in &args.runs {
+            let label = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
+            rows.push((label, bpo::eval::suite::suite_headlines(run)?));
+        }
+        println!("{}", bpo::eval::suite::table(&rows));
+        return Ok(());
+    }
+    let [run_a, run_b] = &args.runs[..] else {
+        anyhow::bail!("compare takes two runs, or two or more suite folders (with suite.json)");
+    };
+    let a = report::read_scores(run_a)?;
+    let b = report::read_scores(run_b)?;
+    let names = (run_a.display().to_string(), run_b.display().to_string());
     println!("{}", report::compare(&a, &b, &names.0, &names.1)?);
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Hallucination evaluation: POPE and CHAIR / Object HalBench, computed exactly as the official scripts.
+//! Hallucination evaluation: POPE and CHAIR / Object HalBench, computed exactly as the official scripts, and
+//! the judged benchmarks MM-Vet ([`mmvet`]), LLaVA-Bench in the wild ([`llava_bench`]) and MMHal-Bench
+//! ([`mmhal`]) through an LLM judge ([`judge`]) with the official prompts and score parsing.
 //!
 //! Scoring works on in-memory rows, so a generation loop can score its answers without writing files:
 //! [`pope::score`] takes [`pope::PopeQuestion`]s and [`Answer`]s; [`chair::Chair::score`] takes
@@ -9,9 +11,15 @@
 
 pub mod chair;
 pub mod inputs;
+pub mod judge;
+pub mod llava_bench;
+pub mod mmhal;
+pub mod mmvet;
 pub mod pope;
+pub mod pynum;
 pub mod report;
 pub mod rows;
+pub mod suite;
 pub mod synth;
 pub mod words;
 

@@ -1,5 +1,7 @@
 //! Run folders and tables: `scores.json` (the report, tagged with its `kind`) plus `details.jsonl` (one row
 //! per scored question or caption), a terminal table for each kind, and a side-by-side comparison of two runs.
+//! The judged benchmarks' reports ([`MmVetReport`], [`LlavaBenchReport`], [`MmHalReport`]) render their own
+//! tables and metrics in their modules.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -7,15 +9,24 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::chair::ChairReport;
+use super::llava_bench::LlavaBenchReport;
+use super::mmhal::MmHalReport;
+use super::mmvet::MmVetReport;
 use super::pope::{PopeMetrics, PopeReport};
 use crate::{jsonl, Error, Result};
 
-/// The content of `scores.json`: `{"kind": "pope", ...}` or `{"kind": "chair", ...}`.
+/// The content of `scores.json`: `{"kind": "pope", ...}`, `"chair"`, `"mmvet"`, `"llava-bench"` or `"mmhal"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Scores {
     Pope(PopeReport),
     Chair(ChairReport),
+    #[serde(rename = "mmvet")]
+    MmVet(MmVetReport),
+    #[serde(rename = "llava-bench")]
+    LlavaBench(LlavaBenchReport),
+    #[serde(rename = "mmhal")]
+    MmHal(MmHalReport),
 }
 
 /// The file name of a run's scores inside its folder.
@@ -76,13 +87,20 @@ impl Scores {
                 metric("mentions", r.mentions as f64, false),
                 metric("hallucinated_mentions", r.hallucinated_mentions as f64, false),
             ],
+            Scores::MmVet(r) => plain(r.metrics()),
+            Scores::LlavaBench(r) => plain(r.metrics()),
+            Scores::MmHal(r) => plain(r.metrics()),
         }
     }
 
-    fn kind(&self) -> &'static str {
+    /// The `kind` tag of `scores.json`.
+    pub fn kind(&self) -> &'static str {
         match self {
             Scores::Pope(_) => "pope",
             Scores::Chair(_) => "chair",
+            Scores::MmVet(_) => "mmvet",
+            Scores::LlavaBench(_) => "llava-bench",
+            Scores::MmHal(_) => "mmhal",
         }
     }
 
@@ -91,8 +109,27 @@ impl Scores {
         match self {
             Scores::Pope(r) => pope_table(r),
             Scores::Chair(r) => chair_table(r),
+            Scores::MmVet(r) => r.table(),
+            Scores::LlavaBench(r) => r.table(),
+            Scores::MmHal(r) => r.table(),
         }
     }
+
+    /// What the scorer could not score cleanly (printed to stderr).
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            Scores::Pope(r) => &r.warnings,
+            Scores::Chair(r) => &r.warnings,
+            Scores::MmVet(r) => &r.warnings,
+            Scores::LlavaBench(r) => &r.warnings,
+            Scores::MmHal(r) => &r.warnings,
+        }
+    }
+}
+
+/// Metrics shown as they are (the judged benchmarks' reports hold the official, already scaled numbers).
+fn plain(named: Vec<(String, f64)>) -> Vec<Metric> {
+    named.into_iter().map(|(name, value)| metric(name, value, false)).collect()
 }
 
 fn pope_metrics(split: &str, m: &PopeMetrics) -> Vec<Metric> {

@@ -1,0 +1,168 @@
+//! `bpo eval suite`: one model through the benchmarks of a `suite.toml`, one run folder each, one table at
+//! the end. The model is loaded once; answers already in a benchmark's folder (`answers.jsonl`) are reused, and
+//! the judge's cache makes a re-run ask only what it had not asked, so a killed suite resumes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use bpo::eval::chair::{Chair, GroundTruth};
+use bpo::eval::report::Scores;
+use bpo::eval::suite::{self, SuiteConfig, SuiteInfo};
+use bpo::eval::{inputs, mmhal, mmvet, pope, Answer};
+use bpo::generate::{SamplingParams, Vlm};
+
+use super::judged::{self, JudgeArgs, JudgedGenArgs, LlavaFiles};
+use super::{caption_answers, finish, image_files, load_truth, pope_answers, save_answers};
+use crate::cli::ModelArgs;
+
+#[derive(Args)]
+pub struct SuiteArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The suite: which benchmarks, their files, and the judge (see docs/eval.md).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Suite folder: suite.json and one run folder per benchmark.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+/// The model, loaded on first use.
+struct Lazy<'a> {
+    args: &'a ModelArgs,
+    vlm: Option<Vlm>,
+}
+
+impl Lazy<'_> {
+    fn get(&mut self) -> anyhow::Result<&Vlm> {
+        if self.vlm.is_none() {
+            self.vlm = Some(self.args.load()?);
+        }
+        self.vlm.as_ref().context("model not loaded")
+    }
+}
+
+/// Answers saved in `dir` by an earlier run of this suite, or new ones from `make` (saved there).
+fn answers(dir: &Path, make: impl FnOnce() -> anyhow::Result<Vec<Answer>>) -> anyhow::Result<Vec<Answer>> {
+    let path = dir.join("answers.jsonl");
+    if path.is_file() {
+        eprintln!("reusing {}", path.display());
+        return Ok(bpo::eval::load_answers(&path)?);
+    }
+    let answers = make()?;
+    save_answers(Some(dir), &answers)?;
+    Ok(answers)
+}
+
+fn gen(images: &Option<PathBuf>, batch_size: usize, max_new_tokens: Option<usize>) -> JudgedGenArgs {
+    JudgedGenArgs { images: images.clone(), batch_size, max_new_tokens: max_new_tokens.unwrap_or(1024) }
+}
+
+pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
+    let cfg = SuiteConfig::load(&a.config)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut info = SuiteInfo { model: a.model.model.display().to_string(), adapter: a.model.adapter.as_ref().map(|p| p.display().to_string()), benchmarks: Vec::new() };
+    if let Some(old) = suite::read_info(&a.out)? {
+        anyhow::ensure!(
+            (&old.model, &old.adapter) == (&info.model, &info.adapter),
+            "{} holds a suite of {} (adapter {:?}); give another --out",
+            a.out.display(),
+            old.model,
+            old.adapter
+        );
+        info.benchmarks = old.benchmarks;
+    }
+    let judged = cfg.mmvet.is_some() || cfg.llava_bench.is_some() || cfg.mmhal.is_some();
+    match &cfg.judge {
+        None if judged => eprintln!("warning: {}: no [judge], so MM-Vet, LLaVA-Bench and MMHal-Bench are skipped", a.config.display()),
+        Some(j) if judged => bpo::eval::judge::check_reachable(&j.url, std::time::Duration::from_secs(10))?,
+        _ => {}
+    }
+    let batch = cfg.batch_size.unwrap_or(8);
+    let mut model = Lazy { args: &a.model, vlm: None };
+    for name in suite::BENCHMARKS {
+        let dir = a.out.join(name);
+        let ran = run_one(name, &cfg, &mut model, batch, &dir)?;
+        if ran && !info.benchmarks.iter().any(|b| b == name) {
+            info.benchmarks.push(name.to_string());
+        }
+        let text = serde_json::to_value(&info).context("suite.json")?;
+        bpo::train::checkpoint::write_json(&a.out.join(suite::SUITE_FILE), &text)?;
+    }
+    let label = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    println!("\n{}", suite::table(&[(label, suite::suite_headlines(&a.out)?)]));
+    Ok(())
+}
+
+/// Runs benchmark `name` if the config has it (and a judge where it needs one); returns whether it ran.
+fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &Path) -> anyhow::Result<bool> {
+    let judge = |model_override: &Option<String>| -> anyhow::Result<Option<bpo::eval::judge::Judge>> {
+        let Some(j) = &cfg.judge else { return Ok(None) };
+        let args = JudgeArgs {
+            judge_url: j.url.clone(),
+            judge_model: model_override.clone().unwrap_or_else(|| j.model.clone()),
+            judge_key_env: j.api_key_env.clone(),
+            judge_concurrency: j.concurrency,
+            judge_retries: j.retries,
+            judge_backoff: j.backoff,
+            judge_timeout: j.timeout,
+            judge_cache: None,
+        };
+        args.open(dir).map(Some)
+    };
+    let margs = model.args;
+    println!("\n== {name}");
+    match name {
+        "pope" => {
+            let Some(c) = &cfg.pope else { return Ok(false) };
+            let questions = pope::load_questions(&c.questions)?;
+            let params = SamplingParams { max_new_tokens: c.max_new_tokens.unwrap_or(128), ..Default::default() };
+            let answers = answers(dir, || pope_answers(model.get()?, margs, &questions, c.images.as_ref(), &params, batch))?;
+            // By position: the answers are in question order, and the official split files each number their
+            // questions from 1, so ids repeat across splits.
+            let out = pope::score(&questions, &answers, pope::Pairing::Positional)?;
+            finish(&Scores::Pope(out.report), &out.details, Some(dir))?;
+        }
+        "object-halbench" => {
+            let Some(c) = &cfg.object_halbench else { return Ok(false) };
+            let chair = Chair::builtin()?;
+            let instructions: Vec<String> = bpo::eval::object_halbench_prompts().into_iter().map(String::from).collect();
+            let params = SamplingParams { max_new_tokens: c.max_new_tokens.unwrap_or(512), ..Default::default() };
+            let answers = answers(dir, || caption_answers(model.get()?, margs, &image_files(&c.images, c.limit)?, &instructions, &params, batch))?;
+            let captions = inputs::captions_from_answers(&answers, None)?;
+            let truth: GroundTruth = load_truth(&chair, &captions, c.coco.as_deref(), c.ground_truth.as_deref())?;
+            let out = chair.score(&captions, &truth)?;
+            finish(&Scores::Chair(out.report), &out.details, Some(dir))?;
+        }
+        "mmvet" => {
+            let Some(c) = &cfg.mmvet else { return Ok(false) };
+            let Some(judge) = judge(&c.judge_model)? else { return Ok(false) };
+            let questions = mmvet::load_questions(&c.questions)?;
+            let g = gen(&c.images, batch, c.max_new_tokens);
+            let got = judged::by_id(answers(dir, || judged::generate(model.get()?, margs, &g, &judged::mmvet_items(&questions), dir))?);
+            let predictions = judged::require(&got, questions.iter().map(|q| q.id.as_str()), "the saved answers")?;
+            judged::grade_mmvet(&judge, &questions, &predictions, c.runs.unwrap_or(5), dir)?;
+        }
+        "llava-bench" => {
+            let Some(c) = &cfg.llava_bench else { return Ok(false) };
+            let Some(judge) = judge(&c.judge_model)? else { return Ok(false) };
+            let files = LlavaFiles::load(&c.questions, &c.context, &c.references)?;
+            let g = gen(&c.images, batch, c.max_new_tokens);
+            let got = judged::by_id(answers(dir, || judged::generate(model.get()?, margs, &g, &judged::llava_items(&files.questions), dir))?);
+            files.review(&judge, &got, "the saved answers", dir)?;
+        }
+        "mmhal" => {
+            let Some(c) = &cfg.mmhal else { return Ok(false) };
+            let Some(judge) = judge(&c.judge_model)? else { return Ok(false) };
+            let records = mmhal::load_records(&c.questions)?;
+            let g = gen(&c.images, batch, c.max_new_tokens);
+            let got = answers(dir, || judged::generate(model.get()?, margs, &g, &judged::mmhal_items(&records), dir))?;
+            let texts = judged::mmhal_responses(&records, got, dir)?;
+            judged::judge_mmhal(&judge, &records, &texts, dir)?;
+        }
+        other => anyhow::bail!("unknown benchmark {other}"),
+    }
+    Ok(true)
+}

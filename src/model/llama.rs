@@ -307,6 +307,15 @@ impl Llama {
     }
 }
 
+/// The additive mask value of a hidden key: the dtype's most negative finite number.
+pub fn mask_min(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => f32::from(half::f16::MIN),
+        DType::BF16 => f32::from(half::bf16::MIN),
+        _ => f32::MIN,
+    }
+}
+
 /// Additive attention mask (b, 1, t, past + t) for queries at cache offset `past`: query i sees key j when
 /// `j <= past + i` and key j is not padding (`key_mask[j] != 0`; `key_mask`: (b, past + t), u8/u32). Built on the
 /// key mask's device.
@@ -314,11 +323,7 @@ pub fn causal_mask(key_mask: &Tensor, t: usize, dtype: DType) -> candle_core::Re
     let (b, total) = key_mask.dims2()?;
     let past = total - t;
     let device = key_mask.device();
-    let neg = match dtype {
-        DType::F16 => f32::from(half::f16::MIN),
-        DType::BF16 => f32::from(half::bf16::MIN),
-        _ => f32::MIN,
-    };
+    let neg = mask_min(dtype);
     let keys = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
     let queries = Tensor::arange(past as u32, total as u32, device)?.reshape((t, 1))?;
     let causal = keys.broadcast_le(&queries)?.unsqueeze(0)?; // (1, t, total)

@@ -7,8 +7,8 @@ use candle_core::{DType, Tensor};
 use super::clip::{self, ClipVision};
 use super::config::{FeatureStrategy, LlavaConfig};
 use super::linear::{Linear, Pass};
-use super::llama::{causal_mask, Cache, Llama, PrefixKv};
-use super::runtime::Runtime;
+use super::llama::{causal_mask, mask_min, Cache, Llama, PrefixKv};
+use super::runtime::{Kernels, Runtime};
 use crate::{bail, Result};
 
 /// `multi_modal_projector`: linear_1, GELU, linear_2.
@@ -84,11 +84,14 @@ impl Model {
     pub fn embed(&self, ids: &Tensor, image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (Some(image_token), Some(images)) = (self.image_token(), image_embeds) else {
-            // No images: every id is text (a sampled `<image>` id included); ids outside the table read row 0. On the
-            // device: this runs for every decoded token.
+            // No images: every id is text (a sampled `<image>` id included); ids outside the table read row 0. This
+            // runs for every decoded token: on the device off the CPU.
             let ids = ids.to_dtype(DType::U32)?;
-            let inside = ids.lt(self.llm.cfg.vocab_size as u32)?;
-            return Ok(self.llm.embed(&inside.where_cond(&ids, &ids.zeros_like()?)?)?);
+            let vocab = self.llm.cfg.vocab_size as u32;
+            if self.rt.kernels == Kernels::Fused && ids.flatten_all()?.to_vec1::<u32>()?.iter().all(|&id| id < vocab) {
+                return Ok(self.llm.embed(&ids)?);
+            }
+            return Ok(self.llm.embed(&ids.lt(vocab)?.where_cond(&ids, &ids.zeros_like()?)?)?);
         };
         let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let n_slots = flat.iter().filter(|&&id| id == image_token).count();
@@ -155,9 +158,13 @@ impl Model {
             bail!("sequence of {total} tokens is longer than the model's context ({})", self.llm.cfg.max_position_embeddings);
         }
         let key_mask = inputs.mask.to_device(&self.rt.device)?;
-        let positions = positions_from_mask(&key_mask, t)?;
+        // On the CPU's fused runtime plain loops are cheaper than the tensor ops (a decoded token of a tiny model
+        // costs tens of microseconds); everywhere else the tensors are built on the device. Tested equal.
+        let (positions, mask) = match self.rt.kernels {
+            Kernels::Fused => host_positions_and_mask(&key_mask, t, self.rt.dtype)?,
+            Kernels::Generic => (positions_from_mask(&key_mask, t)?, causal_mask(&key_mask, t, self.rt.dtype)?),
+        };
         let embeds = self.embed(inputs.ids, image_embeds)?;
-        let mask = causal_mask(&key_mask, t, self.rt.dtype)?;
         debug_assert_eq!(embeds.dims3()?.0, b);
         Ok((embeds, positions, mask))
     }
@@ -191,6 +198,34 @@ impl Model {
     }
 }
 
+/// [`positions_from_mask`] and [`causal_mask`] computed on the host, for the CPU's fused runtime.
+fn host_positions_and_mask(key_mask: &Tensor, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let (b, total) = key_mask.dims2()?;
+    let past = total - t;
+    let keys: Vec<u32> = key_mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    let mut pos = Vec::with_capacity(b * t);
+    let mut mask = vec![0f32; b * t * total];
+    let neg = mask_min(dtype);
+    for (r, row) in keys.chunks(total).enumerate() {
+        let mut seen = 0i64;
+        for (j, &k) in row.iter().enumerate() {
+            seen += i64::from(k != 0);
+            if j >= past {
+                pos.push((seen - 1).max(0) as u32);
+            }
+        }
+        for i in 0..t {
+            for (j, &k) in row.iter().enumerate() {
+                if j > past + i || k == 0 {
+                    mask[(r * t + i) * total + j] = neg;
+                }
+            }
+        }
+    }
+    let device = key_mask.device();
+    Ok((Tensor::from_vec(pos, (b, t), device)?, Tensor::from_vec(mask, (b, 1, t, total), device)?.to_dtype(dtype)?))
+}
+
 /// Position ids as `generate()` computes them: `cumsum(mask) - 1`, clamped at 0, for the last `t` columns; (b, t)
 /// u32, on the mask's device. A single new column (a decoding step) needs only the row sums.
 pub fn positions_from_mask(mask: &Tensor, t: usize) -> Result<Tensor> {
@@ -198,4 +233,28 @@ pub fn positions_from_mask(mask: &Tensor, t: usize) -> Result<Tensor> {
     let m = mask.to_dtype(DType::F32)?;
     let counts = if t == 1 { m.sum_keepdim(1)? } else { m.cumsum(1)?.narrow(1, total - t, t)? };
     Ok((counts - 1.0)?.clamp(0f32, f32::MAX)?.to_dtype(DType::U32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn host_and_device_masks_and_positions_agree() {
+        // Left padding (row 0), right padding (row 1), a hole (row 2); a prefill (t = total) and a decode step.
+        let rows = [[0u32, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1]];
+        let key_mask = Tensor::from_iter(rows.iter().flatten().copied(), &Device::Cpu).unwrap().reshape((3, 6)).unwrap();
+        for t in [6, 1, 3] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (hp, hm) = host_positions_and_mask(&key_mask, t, dtype).unwrap();
+                let (dp, dm) = (positions_from_mask(&key_mask, t).unwrap(), causal_mask(&key_mask, t, dtype).unwrap());
+                assert_eq!(hp.to_vec2::<u32>().unwrap(), dp.to_vec2::<u32>().unwrap(), "positions, t = {t}");
+                let (hm, dm) = (hm.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), dm.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                assert_eq!(hm, dm, "mask, t = {t}, {dtype:?}");
+            }
+        }
+        let (p, _) = host_positions_and_mask(&key_mask, 6, DType::F32).unwrap();
+        assert_eq!(p.to_vec2::<u32>().unwrap()[0], [0, 0, 0, 1, 2, 3], "left padding starts at 0, as generate() does");
+    }
 }

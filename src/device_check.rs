@@ -96,11 +96,12 @@ impl Hooks for Logs {
 /// Tensors by name, as f32 values.
 type Weights = Vec<(String, Vec<f32>)>;
 
-/// One LoRA-DPO step of the TRL parity setup (`tests/train.rs`) at learning rate 1e-4, on `rt`: its log and the
-/// adapter and projector it wrote, as f32 values by name.
-fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weights)> {
+/// The DPO run of the TRL parity fixture (`scripts/make_dpo_fixtures.py`): `tests/fixtures/dpo`'s pairs on
+/// llava-tiny from its starting adapter, LoRA r 4 on every projection, the projector trained, one step of 4 pairs
+/// at learning rate 1e-3.
+pub fn trl_parity_config(fixtures: &Path, rt: Runtime) -> dpo::DpoConfig {
     let lora = crate::model::lora::LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec() };
-    let cfg = dpo::DpoConfig {
+    dpo::DpoConfig {
         setup: ModelSetup {
             model: fixtures.join("llava-tiny"),
             template: Template::LlavaHf,
@@ -110,7 +111,7 @@ fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weigh
             train_projector: true,
             train_vision: false,
             init_adapter: Some(fixtures.join("dpo/init-adapter")),
-            runtime: rt.clone(),
+            runtime: rt,
         },
         data: fixtures.join("dpo/pairs.jsonl"),
         images: Some(fixtures.join("images")),
@@ -120,8 +121,16 @@ fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weigh
         drifting_ref_projector: false,
         precompute_ref: false,
         feature_cache_mb: 64,
-        optim: LoopConfig { lr: 1e-4, schedule: ScheduleKind::Constant, warmup_ratio: 0.0, weight_decay: 0.01, epochs: 1, batch_size: 4, grad_accum: 1, max_grad_norm: Some(1.0), save_steps: None, seed: 0 },
-    };
+        optim: LoopConfig { lr: 1e-3, schedule: ScheduleKind::Constant, warmup_ratio: 0.0, weight_decay: 0.01, epochs: 1, batch_size: 4, grad_accum: 1, max_grad_norm: Some(1.0), save_steps: None, seed: 0 },
+    }
+}
+
+/// One step of [`trl_parity_config`] at learning rate 1e-4 on `rt` (AdamW's first update, lr g / (|g| + eps),
+/// turns rounding differences in gradients near eps into differences up to lr: 1e-4 keeps them under 1e-5): its
+/// log and the adapter and projector it wrote.
+fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weights)> {
+    let mut cfg = trl_parity_config(fixtures, rt.clone());
+    cfg.optim.lr = 1e-4;
     let mut logs = Logs::default();
     dpo::train(&cfg, out, false, None, &mut logs, &mut |_| {})?;
     let log = logs.0.pop().ok_or_else(|| Error::invalid("the DPO step logged nothing"))?;

@@ -9,7 +9,7 @@ use bpo::model::{load, Inputs, LoadOptions, Pass};
 use bpo::text::{PromptStyle, Template};
 use bpo::train::dpo::{self, DpoConfig};
 use bpo::train::trainer::{Hooks, LoopConfig, Silent, StepLog};
-use bpo::train::{DpoLoss, ModelSetup, ScheduleKind};
+use bpo::train::{ModelSetup, ScheduleKind};
 use bpo::vision::AspectMode;
 use serde_json::Value;
 
@@ -24,30 +24,9 @@ pub fn lora(rank: usize, alpha: f64, dropout: f32) -> LoraConfig {
     LoraConfig { rank, alpha, dropout, targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec() }
 }
 
-/// TRL's settings of the parity fixture; tests change what they need.
+/// TRL's settings of the parity fixture (the same as `bpo bench parity`'s); tests change what they need.
 pub fn config(data: PathBuf) -> DpoConfig {
-    DpoConfig {
-        setup: ModelSetup {
-            model: fixture("llava-tiny"),
-            template: Template::LlavaHf,
-            prompt_style: PromptStyle::Trl,
-            aspect: AspectMode::Square,
-            lora: Some(lora(4, 8.0, 0.0)),
-            train_projector: true,
-            train_vision: false,
-            init_adapter: Some(fixture("dpo/init-adapter")),
-            runtime: Default::default(),
-        },
-        data,
-        images: Some(fixture("images")),
-        max_words: None,
-        max_length: 2048,
-        loss: DpoLoss::default(),
-        drifting_ref_projector: false,
-        precompute_ref: false,
-        feature_cache_mb: 64,
-        optim: LoopConfig { lr: 1e-3, schedule: ScheduleKind::Constant, warmup_ratio: 0.0, weight_decay: 0.01, epochs: 1, batch_size: 4, grad_accum: 1, max_grad_norm: Some(1.0), save_steps: None, seed: 0 },
-    }
+    DpoConfig { data, ..bpo::device_check::trl_parity_config(&fixture(""), Default::default()) }
 }
 
 /// Collects every step's log; stops (like SIGINT) after `stop_after` steps if set.

@@ -77,16 +77,13 @@ impl Size {
     }
 
     /// A random-weight model of this size built in memory on `rt` (weights N(0, 0.02), norms 1, biases 0), with
-    /// its tokenizer and image processor from the small files written into `dir`. EOS is disabled, so generation
-    /// always runs the full length.
+    /// its tokenizer and image processor from the small files written into `dir`.
     pub fn random_vlm(self, rt: &Runtime, dir: &Path) -> Result<Vlm> {
         self.write_config(dir)?;
         let config = ModelConfig::from_dir(dir)?;
         let vb = VarBuilder::from_backend(Box::new(RandomWeights), rt.dtype, rt.device.clone());
         let model = crate::model::load::build(vb, &config, &LoadOptions::new(rt))?;
-        let mut vlm = Vlm::from_model(model, dir, crate::text::Template::VicunaV1)?;
-        vlm.tok.eos.clear();
-        Ok(vlm)
+        Vlm::from_model(model, dir, crate::text::Template::VicunaV1)
     }
 
     /// Parameters of the language model's linear layers and head: what a token's forward pass multiplies by.

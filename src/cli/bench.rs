@@ -211,7 +211,8 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
             std::fs::write(out.join(format!("{name}.json")), serde_json::to_string_pretty(&size.config())?)?;
         }
         let dir = scratch_dir()?;
-        let vlm = size.random_vlm(&rt, &dir)?;
+        let mut vlm = size.random_vlm(&rt, &dir)?;
+        vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
         // Decoding one token reads every language-model weight once.
         let weight_bytes = size.llm_matmul_params() as f64 * rt.dtype.size_in_bytes() as f64;
         let modes: &[(&str, f32)] = if a.greedy_only { &[("greedy", 0.0)] } else { &[("greedy", 0.0), ("sample", 1.0)] };

@@ -200,8 +200,8 @@ impl Completer for HttpCompleter {
 /// The endpoint URL for a user-given server address.
 pub fn endpoint_url(base: &str, endpoint: Endpoint) -> Result<String> {
     let base = base.trim().trim_end_matches('/');
-    if !base.starts_with("http://") {
-        bail!("LLM URL {base:?}: only http:// is supported (bpo is built without TLS)");
+    if !base.starts_with("http://") && !base.starts_with("https://") {
+        bail!("LLM URL {base:?}: give an http:// or https:// URL");
     }
     if base.ends_with("/completions") {
         return Ok(base.to_string());
@@ -244,7 +244,8 @@ mod tests {
         assert_eq!(endpoint_url("http://127.0.0.1:8080", c).unwrap(), "http://127.0.0.1:8080/v1/completions");
         assert_eq!(endpoint_url("http://h:1/v1/", Endpoint::Chat).unwrap(), "http://h:1/v1/chat/completions");
         assert_eq!(endpoint_url("http://h:1/v1/chat/completions", c).unwrap(), "http://h:1/v1/chat/completions");
-        assert!(endpoint_url("https://api.example.com", c).is_err());
+        assert_eq!(endpoint_url("https://api.example.com/v1", Endpoint::Chat).unwrap(), "https://api.example.com/v1/chat/completions");
+        assert!(endpoint_url("ftp://api.example.com", c).is_err());
     }
 
     #[test]

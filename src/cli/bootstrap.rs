@@ -144,7 +144,7 @@ pub struct InjectArgs {
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// OpenAI-compatible server: root (http://127.0.0.1:8080), .../v1, or the full endpoint URL.
-    /// llama.cpp's llama-server, vLLM and Ollama work; plain http only.
+    /// llama.cpp's llama-server, vLLM and Ollama work; https too.
     #[arg(long)]
     llm_url: Option<String>,
     /// Use /v1/chat/completions (the server applies its chat template) instead of /v1/completions (bpo wraps

@@ -272,10 +272,14 @@ pub fn map_concurrent<I: Sync, T: Send>(
 /// first spend hours generating answers stops at once when the judge is not there.
 pub fn check_reachable(url: &str, timeout: Duration) -> Result<()> {
     let full = endpoint_url(url, Endpoint::Chat)?;
-    let authority = full.trim_start_matches("http://").split('/').next().unwrap_or_default();
+    let (rest, default_port) = match full.strip_prefix("https://") {
+        Some(rest) => (rest, 443),
+        None => (full.trim_start_matches("http://"), 80),
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
     let host = authority.rsplit('@').next().unwrap_or_default();
     let has_port = if host.starts_with('[') { host.contains("]:") } else { host.contains(':') };
-    let target = if has_port { host.to_string() } else { format!("{host}:80") };
+    let target = if has_port { host.to_string() } else { format!("{host}:{default_port}") };
     let fail = |what: String| Error::Http(format!("judge {full}: {what}"));
     let addrs = target.to_socket_addrs().map_err(|e| fail(format!("cannot resolve {host}: {e}")))?;
     let mut last = None;

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use bpo::model::{load, Inputs, LoadOptions, Model, Pass, Runtime};
 use bpo::text::{PromptStyle, Template};
-use bpo::train::dpo;
 use bpo::train::trainer::LoopConfig;
 use bpo::train::ModelSetup;
 use bpo::text::Tokenizer;
@@ -227,5 +226,4 @@ fn bf16_full_fine_tuning_casts_every_master_weight() {
     bpo::train::sft::train(&cfg, &tmp.path().join("full"), false, None, &mut rec, &mut |_| {}).unwrap();
     let losses: Vec<f64> = rec.logs.iter().map(|l| l.get("loss").unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite()) && losses[4] < 0.8 * losses[0], "{losses:?}");
-    let _ = dpo::DEFAULT_FEATURE_CACHE_MB;
 }

@@ -12,6 +12,7 @@ pub mod device_check;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod hash;
 pub mod jsonl;
 pub mod model;
 pub mod score;

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use super::inject::{cut_at_stops, Completer, CompletionOptions};
-use super::records::stable_hash;
+use crate::hash::stable_hash;
 use crate::generate::{generate_seeded, Request, SamplingParams, Vlm};
 use crate::model::{LoadOptions, Pass};
 use crate::text::Template;

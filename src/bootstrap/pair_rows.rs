@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::input::strip_image_tag;
-use super::records::{stable_hash, CompletionType};
+use super::records::CompletionType;
+use crate::hash::stable_hash;
 use crate::{Error, Result};
 
 /// One preference pair: a prompt (and image), a preferred and a dispreferred answer.

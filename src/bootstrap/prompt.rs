@@ -10,7 +10,7 @@
 //! Templates use the placeholders `{answer}` and `{question}` (a user template replaces the built-in one) and
 //! are wrapped in the Vicuna-v1 conversation when sent to a raw completion endpoint.
 
-use super::records::stable_hash;
+use crate::hash::stable_hash;
 use crate::text::Template;
 use crate::{bail, Result};
 

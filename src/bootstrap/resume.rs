@@ -20,7 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::records::{stable_hash, Record};
+use super::records::Record;
+use crate::hash::stable_hash;
 use crate::{bail, Error, Result};
 
 /// One of `count` disjoint parts of the ids. `index` is 0-based; the text form `i/n` is 1-based.

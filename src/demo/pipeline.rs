@@ -13,7 +13,7 @@ use super::progress::Stages;
 use super::report::Row;
 use super::train::{self, PrefSettings, SftSettings};
 use super::world::WorldConfig;
-use crate::bootstrap::records::stable_hash;
+use crate::hash::stable_hash;
 use crate::generate::Vlm;
 use crate::model::{LoadOptions, Pass};
 use crate::text::Template;

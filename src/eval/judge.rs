@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::bootstrap::http::{endpoint_url, reply_text, Endpoint, HttpCompleter, HttpOptions};
-use crate::bootstrap::records::stable_hash;
+use crate::hash::stable_hash;
 use crate::bootstrap::ResumableWriter;
 use crate::{bail, jsonl, Error, Result};
 

@@ -10,6 +10,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::ops;
+use crate::hash::splitmix64;
 
 /// Per-call switches threaded through every forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -64,14 +65,6 @@ impl DropoutSeed {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         splitmix64(self.base.load(Ordering::SeqCst) ^ splitmix64(n))
     }
-}
-
-/// SplitMix64 finaliser: decorrelates nearby seeds.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[derive(Debug, Clone)]

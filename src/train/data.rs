@@ -17,7 +17,7 @@ use crate::bootstrap::input::strip_image_tag;
 use crate::bootstrap::pairs::{expand, read_pairs, read_record_shards, PairOptions, PairStats};
 use crate::bootstrap::Pair;
 use crate::generate::Vlm;
-use crate::model::linear::splitmix64;
+use crate::hash::splitmix64;
 use crate::score::IGNORE;
 use crate::text::template::conversation_ids;
 use crate::{Error, Result};

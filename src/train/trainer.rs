@@ -18,7 +18,7 @@ use super::checkpoint::{self, latest_checkpoint, read_json, restore_adapter, res
 use super::data::epoch_order;
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::{Schedule, ScheduleKind};
-use crate::model::linear::splitmix64;
+use crate::hash::splitmix64;
 use crate::model::lora::LoraConfig;
 use crate::model::Kernels;
 use crate::{bail, Error, Result};

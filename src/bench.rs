@@ -197,7 +197,8 @@ pub struct BootstrapFigures {
 /// temperature 0.2 as released), once per batch size, after a one-answer warm-up. Scratch files (an image, the
 /// records) go into `scratch`.
 pub fn bootstrap_throughput(dir: &Path, rt: &Runtime, scratch: &Path, batches: &[usize], answers: usize, new_tokens: usize, decode: crate::bootstrap::DecodeMode) -> Result<Vec<BootstrapFigures>> {
-    use crate::bootstrap::{run_weaken, Completion, Record, ResumableWriter, WeakenOptions};
+    use crate::bootstrap::{run_weaken, WeakenOptions};
+    use crate::data::{Completion, Record, ResumableWriter};
     let mut vlm = Vlm::load(dir, &LoadOptions::new(rt), crate::text::Template::VicunaV1)?;
     vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
     let image = scratch.join("bench.png");
@@ -263,7 +264,7 @@ pub struct TrainBench {
 /// answer, LoRA on the language model, projector frozen, reference with adapters off computed every step, AdamW,
 /// no feature cache (the tower runs every step, as in PyTorch).
 pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
-    use crate::bootstrap::PairOptions;
+    use crate::data::PairOptions;
     use crate::train::data::{read_preference_file, tokenize_pairs};
     use crate::train::dpo::{Dpo, Reference};
     use crate::train::optim::{AdamW, AdamWConfig};

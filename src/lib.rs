@@ -2,11 +2,12 @@
 //!
 //! The modules follow the pipeline: [`model`] (LLaVA-1.5: CLIP, projector, Llama, LoRA, loading), [`vision`]
 //! (image preprocessing, diffusion-noise weakening), [`text`] (tokenizer, chat templates), [`generate`]
-//! (sampling with a KV cache), [`bootstrap`] (negatives and preference records), [`train`] (losses, trainer),
+//! (sampling with a KV cache), [`bootstrap`] (negatives), [`data`] (the records and files between stages), [`train`] (losses, trainer),
 //! [`eval`] (POPE, CHAIR), [`demo`] (the synthetic world). Stages talk through files a user can read.
 
 pub mod bench;
 pub mod bootstrap;
+pub mod data;
 pub mod demo;
 pub mod device_check;
 pub mod error;

@@ -11,10 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bpo::bootstrap::{
-    read_input, run_inject, Completer, CompletionOptions, Endpoint, HttpCompleter, HttpOptions, InjectOptions,
-    InputOptions, Record, ResumableWriter,
-};
+use bpo::bootstrap::{run_inject, Completer, CompletionOptions, Endpoint, HttpCompleter, HttpOptions, InjectOptions};
+use bpo::data::{read_input, InputOptions, Record, ResumableWriter};
 use bpo::Error;
 use serde_json::{json, Value};
 
@@ -217,7 +215,7 @@ fn stalled_server_times_out_and_is_counted() {
         id: id.into(),
         prompt: "q".into(),
         image: None,
-        completions: vec![bpo::bootstrap::Completion::gt("A red bus.")],
+        completions: vec![bpo::data::Completion::gt("A red bus.")],
     };
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
     let counts = run_inject(vec![rec("a"), rec("b")], &c, &InjectOptions::default(), &mut w).unwrap();

@@ -6,11 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use bpo::bootstrap::pairs::read_record_shards;
-use bpo::bootstrap::{
-    expand, read_input, read_pairs, run_weaken, Completer, CompletionOptions, CompletionType, DecodeMode, InputOptions,
-    LocalCompleter, PairOptions, Record, ResumableWriter, WeakenOptions,
-};
+use bpo::data::pairs::read_record_shards;
+use bpo::bootstrap::{run_weaken, Completer, CompletionOptions, DecodeMode, LocalCompleter, WeakenOptions};
+use bpo::data::{expand, read_input, read_pairs, CompletionType, InputOptions, PairOptions, Record, ResumableWriter};
 use bpo::generate::{generate, generate_contrast, Combine, Request, SamplingParams, Vlm};
 use bpo::model::{LoadOptions, Pass};
 use bpo::text::Template;

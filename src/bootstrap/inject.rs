@@ -1,7 +1,7 @@
 //! Error injection (`llm-hal` negatives): a text-only LLM rewrites each ground-truth answer, through any
 //! [`Completer`] (an OpenAI-compatible server via [`super::http::HttpCompleter`], or a local model).
 //!
-//! [`run_inject`] streams the records of one shard through [`super::resume::process_pending`]: per batch it
+//! [`run_inject`] streams the records of one shard through [`crate::data::resume::process_pending`]: per batch it
 //! builds one prompt per record and sample ([`super::prompt`]), asks the completer, cleans each output
 //! ([`clean_output`]) and writes each record once, with its new completions, when all its samples are done.
 //! A record whose request failed (`Error::Http`) is not written, so the next run retries it; everything else
@@ -10,8 +10,8 @@
 use serde::Serialize;
 
 use super::prompt::{check_template, cut_prefix, fill, vicuna_v1, InjectMode};
-use super::records::{normalize_ws, Completion, CompletionType, Record};
-use super::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
+use crate::data::records::{normalize_ws, Completion, CompletionType, Record};
+use crate::data::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
 use crate::{bail, Error, Result};
 
 /// Sampling settings for one batch of prompts. Defaults follow the released script.

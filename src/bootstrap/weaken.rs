@@ -21,9 +21,9 @@ use serde::Serialize;
 
 use super::decode::DecodeMode;
 use super::inject::{classify, keep_negative, Kept};
-use super::records::{CompletionType, Record};
+use crate::data::records::{CompletionType, Record};
 use crate::hash::stable_hash;
-use super::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
+use crate::data::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
 use crate::generate::{generate_seeded, Completion, Request, SamplingParams, Vlm};
 use crate::model::Pass;
 use crate::vision::NoiseSchedule;

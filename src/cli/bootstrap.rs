@@ -6,11 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use bpo::bootstrap::{
-    read_input, run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions,
-    InjectMode, InjectOptions, InputFormat, InputOptions, LocalCompleter, Record, ResumableWriter, Shard,
-    WeakenOptions,
-};
+use bpo::bootstrap::{run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions};
+use bpo::data::{read_input, InputFormat, InputOptions, Record, ResumableWriter, Shard};
 use clap::{Args, Subcommand};
 
 use super::{ModelArgs, RuntimeArgs};
@@ -82,7 +79,7 @@ pub struct RecordsIo {
 }
 
 impl RecordsIo {
-    fn open(&self) -> anyhow::Result<(Vec<bpo::bootstrap::Record>, ResumableWriter)> {
+    fn open(&self) -> anyhow::Result<(Vec<bpo::data::Record>, ResumableWriter)> {
         open(&self.data, self.format, self.first_turn_only, &self.out)
     }
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bpo::bootstrap::pairs::make_pair_file;
-use bpo::bootstrap::{PairFormat, PairOptions};
+use bpo::data::pairs::make_pair_file;
+use bpo::data::{PairFormat, PairOptions};
 use clap::Args;
 
 /// Arguments of `bpo pairs` (help text on the `Command::Pairs` variant).

@@ -18,8 +18,9 @@ use serde::Serialize;
 
 use super::data::Grounded;
 use super::world::{self, look_alike, parse_caption, COLOURS, DESCRIBE, KINDS};
-use crate::bootstrap::records::turn_id;
-use crate::bootstrap::{expand, run_inject, run_weaken, Completion, CompletionOptions, CompletionType, InjectMode, InjectOptions, LocalCompleter, Pair, PairFormat, PairOptions, Record, ResumableWriter, WeakenOptions};
+use crate::data::records::turn_id;
+use crate::bootstrap::{run_inject, run_weaken, CompletionOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions};
+use crate::data::{expand, Completion, CompletionType, Pair, PairFormat, PairOptions, Record, ResumableWriter};
 use crate::generate::Vlm;
 use crate::model::LoadOptions;
 use crate::{jsonl, Error, Result};

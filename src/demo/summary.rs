@@ -12,7 +12,7 @@ use super::pipeline::{DemoOptions, SeedResult, ROWS};
 use super::plot::{self, Bar, Series};
 use super::render::upscale;
 use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
-use crate::bootstrap::{CompletionType, Record};
+use crate::data::{CompletionType, Record};
 use crate::eval::chair::CaptionDetail;
 use crate::eval::pope::PopeDetail;
 use crate::train::checkpoint::write_json;

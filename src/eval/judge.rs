@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::bootstrap::http::{endpoint_url, reply_text, Endpoint, HttpCompleter, HttpOptions};
 use crate::hash::stable_hash;
-use crate::bootstrap::ResumableWriter;
+use crate::data::ResumableWriter;
 use crate::{bail, jsonl, Error, Result};
 
 /// One chat message.

@@ -13,9 +13,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use crate::bootstrap::input::strip_image_tag;
-use crate::bootstrap::pairs::{expand, read_pairs, read_record_shards, PairOptions, PairStats};
-use crate::bootstrap::Pair;
+use crate::data::input::strip_image_tag;
+use crate::data::pairs::{expand, read_pairs, read_record_shards, PairOptions, PairStats};
+use crate::data::Pair;
 use crate::generate::Vlm;
 use crate::hash::splitmix64;
 use crate::score::IGNORE;
@@ -137,7 +137,7 @@ pub fn tokenize_pairs(vlm: &Vlm, pairs: &[Pair], images: Option<&Path>, max_leng
     Ok((out, report))
 }
 
-use crate::bootstrap::input::LlavaSample as Conversation;
+use crate::data::input::LlavaSample as Conversation;
 
 /// One supervised sample: its id, image path (relative to the image folder) and (question, answer) turns.
 #[derive(Debug, Clone, PartialEq)]

@@ -22,7 +22,7 @@ use super::loss::{dpo_loss, DpoLoss, PairLogps};
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, LoopSummary, Metrics, Objective};
-use crate::bootstrap::PairOptions;
+use crate::data::PairOptions;
 use crate::generate::Vlm;
 use crate::model::linear::DropoutSeed;
 use crate::model::llava::Projector;

@@ -159,7 +159,7 @@ pub fn make_pair_file(records: &[PathBuf], out: &Path, format: PairFormat, opts:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bootstrap::records::{Completion, CompletionType};
+    use crate::data::records::{Completion, CompletionType};
 
     fn record(id: &str, completions: Vec<Completion>) -> Record {
         Record { id: id.into(), prompt: "p".into(), image: Some("i.jpg".into()), completions }

@@ -2,8 +2,9 @@
 //!
 //! The modules follow the pipeline: [`model`] (LLaVA-1.5: CLIP, projector, Llama, LoRA, loading), [`vision`]
 //! (image preprocessing, diffusion-noise weakening), [`text`] (tokenizer, chat templates), [`generate`]
-//! (sampling with a KV cache), [`bootstrap`] (negatives), [`data`] (the records and files between stages), [`train`] (losses, trainer),
-//! [`eval`] (POPE, CHAIR), [`demo`] (the synthetic world). Stages talk through files a user can read.
+//! (sampling with a KV cache), [`bootstrap`] (negatives), [`data`] (the records and files between stages),
+//! [`train`] (losses, trainer), [`eval`] (POPE, CHAIR, judged benchmarks), [`demo`] (the synthetic world). Stages
+//! talk through files a user can read.
 
 pub mod bench;
 pub mod bootstrap;

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::generate::{generate, Request, SamplingParams, Vlm};
+use crate::generate::{generate, Request, SamplingParams};
+use crate::model::Vlm;
 use crate::model::{init, LoadOptions, Model, ModelConfig, Pass, Runtime};
 use crate::text::Tokenizer;
 use crate::Result;

@@ -69,15 +69,15 @@ fn trl_style_tokens_match_trls_vision_collator() {
     }
 }
 
-fn prepared_vlm(style: PromptStyle) -> bpo::generate::Vlm {
-    let mut vlm = bpo::generate::Vlm::load(&fixture("llava-tiny"), &LoadOptions::default(), Template::LlavaHf).unwrap();
+fn prepared_vlm(style: PromptStyle) -> bpo::model::Vlm {
+    let mut vlm = bpo::model::Vlm::load(&fixture("llava-tiny"), &LoadOptions::default(), Template::LlavaHf).unwrap();
     vlm.style = style;
     vlm.aspect = AspectMode::Square;
     vlm
 }
 
 /// Summed response log-probs of the fixture pairs: (chosen, rejected) per pair.
-fn pair_logps(vlm: &bpo::generate::Vlm) -> Vec<(f32, f32)> {
+fn pair_logps(vlm: &bpo::model::Vlm) -> Vec<(f32, f32)> {
     let (pairs, _) = bpo::train::data::read_preference_file(&fixture("dpo/pairs.jsonl"), &Default::default()).unwrap();
     let (examples, _) = bpo::train::data::tokenize_pairs(vlm, &pairs, Some(&fixture("images")), 2048).unwrap();
     let rows: Vec<bpo::score::Example> = examples

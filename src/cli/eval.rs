@@ -16,7 +16,8 @@ use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::words::Lemmatizer;
 use bpo::eval::report::{self, Scores};
 use bpo::eval::{inputs, load_answers, pope, Answer};
-use bpo::generate::{vqa, SamplingParams, Vlm};
+use bpo::generate::{vqa, SamplingParams};
+use bpo::model::Vlm;
 
 use super::{image_path, progress, ModelArgs};
 

@@ -162,9 +162,9 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<bpo::generate::Vlm> {
+    pub fn load(&self) -> anyhow::Result<bpo::model::Vlm> {
         let opts = bpo::model::LoadOptions::new(&self.runtime()?);
-        let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
+        let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         if let Some(dir) = &self.adapter {
             bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;

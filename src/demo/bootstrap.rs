@@ -21,7 +21,7 @@ use super::world::{self, look_alike, parse_caption, COLOURS, DESCRIBE, KINDS};
 use crate::data::records::turn_id;
 use crate::bootstrap::{run_inject, run_weaken, CompletionOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions};
 use crate::data::{expand, Completion, CompletionType, Pair, PairFormat, PairOptions, Record, ResumableWriter};
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::model::LoadOptions;
 use crate::{jsonl, Error, Result};
 

@@ -15,7 +15,8 @@ use crate::eval::report::{write_run, Scores};
 use crate::eval::words::Lemmatizer;
 use crate::eval::{inputs, Answer};
 use crate::generate::vqa::{self, Prompt};
-use crate::generate::{SamplingParams, Vlm};
+use crate::generate::SamplingParams;
+use crate::model::Vlm;
 use crate::model::Pass;
 use crate::{jsonl, Error, Result};
 

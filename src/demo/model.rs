@@ -96,7 +96,7 @@ pub fn init_model(dir: &Path, spec: &ModelSpec, words: &[String], seed: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::Vlm;
+    use crate::model::Vlm;
     use crate::model::LoadOptions;
     use crate::text::Template;
 

@@ -14,7 +14,7 @@ use super::report::Row;
 use super::train::{self, PrefSettings, SftSettings};
 use super::world::WorldConfig;
 use crate::hash::stable_hash;
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::model::{LoadOptions, Pass};
 use crate::text::Template;
 use crate::train::checkpoint::write_json;

@@ -9,14 +9,13 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub mod vlm;
 pub mod vqa;
 
 use crate::model::{Cache, Inputs, Model, Pass};
 use crate::text::Tokenizer;
 use crate::{bail, Result};
 
-pub use vlm::Vlm;
+use crate::model::Vlm;
 
 /// Decoding settings. `temperature == 0` is greedy.
 #[derive(Debug, Clone)]
@@ -52,6 +51,17 @@ pub struct Completion {
     pub text: String,
     /// True when EOS or a stop string ended it (false: `max_new_tokens` reached).
     pub stopped: bool,
+}
+
+impl Vlm {
+    pub fn request(&self, question: &str, image: Option<Tensor>) -> Result<Request> {
+        Ok(Request { ids: self.prompt_ids(question, image.is_some())?, image })
+    }
+
+    /// Answers a batch of requests.
+    pub fn answer(&self, requests: &[Request], params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
+        generate(&self.model, &self.tok, requests, params, pass)
+    }
 }
 
 /// Combines the logits of a row and of its contrast row into the logits to sample from.

@@ -14,6 +14,7 @@ pub mod load;
 pub mod lora;
 pub mod ops;
 pub mod runtime;
+pub mod vlm;
 
 pub use config::{LlamaConfig, LlavaConfig, ModelConfig};
 pub use linear::{Linear, Lora, Pass};
@@ -21,3 +22,4 @@ pub use llama::{Cache, Llama};
 pub use llava::{Inputs, Model};
 pub use load::{load, LoadOptions};
 pub use runtime::{Kernels, Runtime};
+pub use vlm::Vlm;

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::data::PairExample;
 use super::features::FeatureCache;
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::model::llava::Projector;
 use crate::model::{Inputs, Model, Pass};
 use crate::score::{response_logprobs, IGNORE};

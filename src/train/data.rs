@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::data::input::strip_image_tag;
 use crate::data::pairs::{expand, read_pairs, read_record_shards, PairOptions, PairStats};
 use crate::data::Pair;
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::hash::splitmix64;
 use crate::score::IGNORE;
 use crate::text::template::conversation_ids;

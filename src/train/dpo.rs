@@ -23,7 +23,7 @@ use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, LoopSummary, Metrics, Objective};
 use crate::data::PairOptions;
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::model::linear::DropoutSeed;
 use crate::model::llava::Projector;
 use crate::model::{Model, Pass};

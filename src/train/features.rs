@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::Result;
 
 pub struct FeatureCache {

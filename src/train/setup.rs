@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::checkpoint::{load_adapter, read_json, write_json};
 use super::trainer::Trainable;
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::model::llava::Projector;
 use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
 use crate::model::load::{load_trainable, VISION_PREFIX};

@@ -15,7 +15,7 @@ use super::features::FeatureCache;
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
-use crate::generate::Vlm;
+use crate::model::Vlm;
 use crate::model::linear::DropoutSeed;
 use crate::model::{Inputs, Pass};
 use crate::score::response_logprobs;

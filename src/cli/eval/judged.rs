@@ -16,7 +16,7 @@ use bpo::eval::report::Scores;
 use bpo::eval::{llava_bench, mmhal, mmvet, Answer};
 use bpo::generate::{vqa, SamplingParams};
 
-use bpo::generate::Vlm;
+use bpo::model::Vlm;
 
 use super::{answer_with, finish, save_answers};
 use crate::cli::{image_path, progress, ModelArgs};

@@ -11,7 +11,8 @@ use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::report::Scores;
 use bpo::eval::suite::{self, SuiteConfig, SuiteInfo};
 use bpo::eval::{inputs, mmhal, mmvet, pope, Answer};
-use bpo::generate::{SamplingParams, Vlm};
+use bpo::generate::SamplingParams;
+use bpo::model::Vlm;
 
 use super::judged::{self, JudgeArgs, JudgedGenArgs, LlavaFiles};
 use super::{caption_answers, finish, image_files, load_truth, pope_answers, save_answers};

@@ -1,12 +1,11 @@
-//! A model folder ready to answer: weights, tokenizer, image processor and chat template together, turning
-//! (question, image) pairs into [`Request`]s and answers.
+//! A loaded model folder: weights, tokenizer, image processor and chat template together, turning a question and
+//! an image into prompt ids and a pixel tensor. Generation on it (`request`, `answer`) is in [`crate::generate`].
 
 use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::{generate, Completion, Request, SamplingParams};
-use crate::model::{load, LoadOptions, Model, Pass};
+use super::{load, LoadOptions, Model};
 use crate::text::template::{prompt_ids, response_ids};
 use crate::text::{PromptStyle, Template, Tokenizer};
 use crate::vision::{AspectMode, ImageProcessor};
@@ -59,14 +58,5 @@ impl Vlm {
     /// Response ids per the prompt style (EOS appended in the LLaVA style).
     pub fn response_ids(&self, response: &str) -> Result<Vec<u32>> {
         response_ids(&self.tok, response, self.style)
-    }
-
-    pub fn request(&self, question: &str, image: Option<Tensor>) -> Result<Request> {
-        Ok(Request { ids: self.prompt_ids(question, image.is_some())?, image })
-    }
-
-    /// Answers a batch of requests.
-    pub fn answer(&self, requests: &[Request], params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
-        generate(&self.model, &self.tok, requests, params, pass)
     }
 }

@@ -2,12 +2,14 @@
 //! `rope_theta` and `linear` / `dynamic` / `llama3` scaling, grouped-query attention, SwiGLU MLP, tied or untied
 //! `lm_head`. Returns hidden states for every position (training needs them all); [`Llama::logits`] projects them.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
-use super::linear::{Linear, Pass};
+use super::linear::{DropoutSeed, Linear, Pass};
 use super::ops::{self, Kernels};
 use super::runtime::Runtime;
 
@@ -304,6 +306,20 @@ impl Llama {
             }
         }
         out
+    }
+
+    /// The seed source of the LoRA dropout masks (shared by every adapter), if adapters are attached.
+    pub fn dropout_seed(&mut self) -> Option<Arc<DropoutSeed>> {
+        self.linears_mut().into_iter().find_map(|(_, l)| l.lora.as_ref().map(|l| l.seed.clone()))
+    }
+
+    /// Sets the dropout probability of every attached adapter.
+    pub fn set_lora_dropout(&mut self, p: f32) {
+        for (_, l) in self.linears_mut() {
+            if let Some(l) = l.lora.as_mut() {
+                l.dropout = p;
+            }
+        }
     }
 }
 

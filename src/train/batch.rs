@@ -6,12 +6,11 @@
 //! ([`crate::model::Model::continuation_hidden`]); gradients from both answers add up in the shared prompt. With
 //! LLaVA's 576 image positions per prompt this nearly halves the work of a DPO step, forward and backward.
 
-use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
 use super::data::PairExample;
-use super::features::FeatureCache;
+use super::features::{distinct_images, FeatureCache};
 use crate::model::Vlm;
 use crate::model::llava::Projector;
 use crate::model::{Inputs, Model, Pass};
@@ -71,15 +70,7 @@ impl PairBatch {
             labels.push(IGNORE);
             labels.extend(ans.iter().map(|&id| id as i64).chain(std::iter::repeat_n(IGNORE, a - ans.len())));
         }
-        let mut distinct: Vec<&Path> = Vec::new();
-        let mut index = Vec::new();
-        for img in examples.iter().filter_map(|e| e.image.as_deref()) {
-            let at = distinct.iter().position(|d| *d == img).unwrap_or_else(|| {
-                distinct.push(img);
-                distinct.len() - 1
-            });
-            index.push(at as u32);
-        }
+        let (distinct, index) = distinct_images(examples.iter().filter_map(|e| e.image.as_deref()));
         let features = if distinct.is_empty() { None } else { Some(features.features(vlm, &distinct)?) };
         let n = index.len();
         let tokens = 2 * prompts.iter().map(|r| r.len()).sum::<usize>() + answers.iter().map(|r| r.len()).sum::<usize>();

@@ -54,7 +54,7 @@ pub struct Dpo {
 
 impl Dpo {
     pub fn new(mut vlm: Vlm, examples: Vec<PairExample>, reference: Reference, loss: DpoLoss, cache_mb: usize) -> Self {
-        let dropout = vlm.model.llm.linears_mut().into_iter().find_map(|(_, l)| l.lora.as_ref().map(|l| l.seed.clone()));
+        let dropout = vlm.model.llm.dropout_seed();
         Dpo { vlm, examples, reference, loss, features: FeatureCache::new(cache_mb), dropout }
     }
 

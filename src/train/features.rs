@@ -56,3 +56,17 @@ impl FeatureCache {
         Ok(Tensor::stack(&rows, 0)?)
     }
 }
+
+/// The distinct images of a batch in first-seen order, and for each image given, its index among them: a batch
+/// encodes each image once (a pair's chosen and rejected rows share theirs).
+pub fn distinct_images<'a>(images: impl IntoIterator<Item = &'a Path>) -> (Vec<&'a Path>, Vec<u32>) {
+    let (mut distinct, mut index) = (Vec::<&Path>::new(), Vec::new());
+    for img in images {
+        let at = distinct.iter().position(|d| *d == img).unwrap_or_else(|| {
+            distinct.push(img);
+            distinct.len() - 1
+        });
+        index.push(at as u32);
+    }
+    (distinct, index)
+}

@@ -88,11 +88,7 @@ pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepare
             trainable.lora = adapter.lora;
             trainable.projector = adapter.projector;
             trainable.lora_cfg = Some(LoraConfig { dropout: lora.dropout, ..adapter.config });
-            for (_, l) in vlm.model.llm.linears_mut() {
-                if let Some(l) = l.lora.as_mut() {
-                    l.dropout = lora.dropout;
-                }
-            }
+            vlm.model.llm.set_lora_dropout(lora.dropout);
         }
         None => trainable.lora = attach(&mut vlm.model, lora, seed)?,
     }

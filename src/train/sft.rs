@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{collate, read_conversations, tokenize_conversations, SftExample};
 use super::dpo::{Say, TrainReport};
-use super::features::FeatureCache;
+use super::features::{distinct_images, FeatureCache};
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
@@ -31,7 +31,7 @@ pub struct Sft {
 impl Sft {
     /// `vision_trains`: the tower's weights train, so its features are computed with their graph every step.
     pub fn new(mut vlm: Vlm, examples: Vec<SftExample>, cache_mb: usize, vision_trains: bool) -> Self {
-        let dropout = vlm.model.llm.linears_mut().into_iter().find_map(|(_, l)| l.lora.as_ref().map(|l| l.seed.clone()));
+        let dropout = vlm.model.llm.dropout_seed();
         let features = if vision_trains { FeatureCache::live() } else { FeatureCache::new(cache_mb) };
         Sft { vlm, examples, features, dropout }
     }
@@ -39,15 +39,7 @@ impl Sft {
     /// Mean NLL per target token of `batch` (a scalar with graph when `train`), token count, target count.
     pub fn loss(&mut self, batch: &[usize], train: bool) -> Result<(Tensor, usize, f64)> {
         let exs: Vec<&SftExample> = batch.iter().map(|&i| &self.examples[i]).collect();
-        let mut distinct: Vec<&Path> = Vec::new();
-        let mut index = Vec::new();
-        for img in exs.iter().filter_map(|e| e.image.as_deref()) {
-            let at = distinct.iter().position(|p| *p == img).unwrap_or_else(|| {
-                distinct.push(img);
-                distinct.len() - 1
-            });
-            index.push(at as u32);
-        }
+        let (distinct, index) = distinct_images(exs.iter().filter_map(|e| e.image.as_deref()));
         let device = self.vlm.model.rt.device.clone();
         let rows: Vec<(&[u32], &[bool])> = exs.iter().map(|e| (&e.ids[..], &e.target[..])).collect();
         let rows = collate(&rows, self.vlm.tok.pad, &device)?;

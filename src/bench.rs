@@ -16,17 +16,18 @@ use crate::text::Tokenizer;
 use crate::Result;
 
 /// Model shapes to benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Size {
     /// Llama 128 hidden, 2 layers, GQA 4/2 heads; CLIP 32 px, patch 8; vocab 1024 (0.7 M parameters).
     Tiny,
     /// Llama 512 hidden, 8 layers; CLIP 224 px, patch 14, 4 layers; vocab 32064 (62 M parameters).
     Small,
     /// LLaVA-1.5-7B: Llama 4096 x 32 layers, 32 heads, MLP 11008; CLIP ViT-L/14-336 (24 layers x 1024); vocab 32064.
-    #[value(name = "llava-7b")]
+    #[cfg_attr(feature = "clap", value(name = "llava-7b"))]
     Llava7b,
     /// LLaVA-1.5-13B: Llama 5120 x 40 layers, 40 heads, MLP 13824; the same CLIP tower; vocab 32064.
-    #[value(name = "llava-13b")]
+    #[cfg_attr(feature = "clap", value(name = "llava-13b"))]
     Llava13b,
 }
 

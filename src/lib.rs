@@ -6,10 +6,13 @@
 //! [`train`] (losses, trainer), [`eval`] (POPE, CHAIR, judged benchmarks), [`demo`] (the synthetic world). Stages
 //! talk through files a user can read.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod bootstrap;
 pub mod data;
+#[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "bench")]
 pub mod device_check;
 pub mod error;
 pub mod eval;
@@ -17,6 +20,7 @@ pub mod generate;
 pub mod hash;
 pub mod jsonl;
 pub mod model;
+pub mod progress;
 pub mod score;
 pub mod text;
 pub mod train;

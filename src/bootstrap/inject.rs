@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use super::prompt::{check_template, cut_prefix, fill, vicuna_v1, InjectMode};
 use crate::data::records::{normalize_ws, Completion, CompletionType, Record};
-use crate::data::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
+use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
+use crate::progress;
 use crate::{bail, Error, Result};
 
 /// Sampling settings for one batch of prompts. Defaults follow the released script.
@@ -164,8 +165,8 @@ pub fn run_inject<C: Completer + ?Sized>(
     let mut stops = opts.completion.stop.clone();
     stops.extend(opts.mode.default_stops());
     let mut counts = InjectCounts::default();
-    let bar = progress_bar(opts.progress);
-    let records = process_pending(records, opts.shard, opts.batch_size, output, &bar, |batch| {
+    let bar = progress::bar(opts.progress, "records");
+    let records = process_pending(records, opts.shard, opts.batch_size, output, bar.as_ref(), |batch| {
         let mut out: Vec<Option<Record>> = batch.iter().cloned().map(Some).collect();
         for sample in 0..opts.samples.max(1) {
             let mut jobs = build_jobs(batch, sample, template.as_deref(), opts, &mut counts, sample == 0);
@@ -184,7 +185,7 @@ pub fn run_inject<C: Completer + ?Sized>(
         }
         Ok(out)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(InjectCounts { records, ..counts })
 }
 

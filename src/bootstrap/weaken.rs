@@ -23,7 +23,8 @@ use super::decode::DecodeMode;
 use super::inject::{classify, keep_negative, Kept};
 use crate::data::records::{CompletionType, Record};
 use crate::hash::stable_hash;
-use crate::data::resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
+use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
+use crate::progress;
 use crate::generate::{generate_seeded, Completion, Request, SamplingParams};
 use crate::model::Vlm;
 use crate::model::Pass;
@@ -135,8 +136,8 @@ pub fn run_weaken(
     check(vlm, opts)?;
     let schedule = NoiseSchedule::default();
     let mut counts = WeakenCounts::default();
-    let bar = progress_bar(opts.progress);
-    let records = process_pending(records, opts.shard, opts.batch_size, output, &bar, |batch| {
+    let bar = progress::bar(opts.progress, "records");
+    let records = process_pending(records, opts.shard, opts.batch_size, output, bar.as_ref(), |batch| {
         let mut out: Vec<Option<Record>> = batch.iter().cloned().map(Some).collect();
         let rows = build_rows(vlm, batch, opts, &mut out, &mut counts)?;
         for chunk in rows.chunks(opts.batch_size.max(1)) {
@@ -156,7 +157,7 @@ pub fn run_weaken(
         }
         Ok(out)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(WeakenCounts { records, ..counts })
 }
 

@@ -16,4 +16,4 @@ pub use input::{read_input, InputFormat, InputOptions};
 pub use pair_rows::{Pair, PairFormat};
 pub use pairs::{expand, read_pairs, PairOptions, PairStats};
 pub use records::{Completion, CompletionType, Record};
-pub use resume::{process_pending, progress_bar, ResumableWriter, RunCounts, Shard};
+pub use resume::{process_pending, ResumableWriter, RunCounts, Shard};

@@ -16,12 +16,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::records::Record;
 use crate::hash::stable_hash;
+use crate::progress::Progress;
 use crate::{bail, Error, Result};
 
 /// One of `count` disjoint parts of the ids. `index` is 0-based; the text form `i/n` is 1-based.
@@ -241,7 +241,7 @@ pub fn process_pending<F>(
     shard: Shard,
     batch_size: usize,
     out: &mut ResumableWriter,
-    bar: &ProgressBar,
+    bar: &dyn Progress,
     mut step: F,
 ) -> Result<RunCounts>
 where
@@ -276,20 +276,6 @@ where
         }
     }
     Ok(counts)
-}
-
-/// The bar [`process_pending`] advances, one step per record: rate and ETA on stderr, or hidden.
-pub fn progress_bar(show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(0);
-    if let Ok(style) =
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} records, {per_sec}, ETA {eta}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 #[cfg(test)]
@@ -377,7 +363,7 @@ mod tests {
             .collect();
         let shard = Shard::new(1, 2).unwrap();
         let (mut w, _) = ResumableWriter::open(&path).unwrap();
-        let bar = ProgressBar::hidden();
+        let bar = ();
         // First run: fail r3 (if it is ours), write the rest.
         let c1 = process_pending(recs.clone(), shard, 3, &mut w, &bar, |b| {
             Ok(b.iter().map(|r| (r.id != "r3").then(|| r.clone())).collect())

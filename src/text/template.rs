@@ -7,7 +7,8 @@ use crate::Result;
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 /// How a single-turn prompt is wrapped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Template {
     /// LLaVA-1.5 training and POPE evaluation: system text, then `" USER: <image>\n{q} ASSISTANT:"`.
@@ -43,7 +44,8 @@ impl Template {
 }
 
 /// Whose tokenisation conventions to follow for (prompt, response) sequences.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum PromptStyle {
     /// LLaVA's trainer (used by BPO): BOS first, responses end with EOS.

@@ -9,7 +9,8 @@ use crate::Result;
 
 /// Which preference loss. With `d = (pc - rc) - (pr - rr)` (policy minus reference log-probs, chosen minus
 /// rejected) and `b` = beta:
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     /// `-log sigmoid(b d)`: DPO as in the paper and in BPO's release.

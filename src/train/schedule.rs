@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Shape of the schedule after the warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// Half a cosine from the peak down to 0 at the last step (BPO's setting).

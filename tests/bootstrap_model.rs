@@ -12,7 +12,7 @@ use bpo::data::{expand, read_input, read_pairs, CompletionType, InputOptions, Pa
 use bpo::generate::{generate, generate_contrast, Combine, Request, SamplingParams};
 use bpo::model::Vlm;
 use bpo::model::{LoadOptions, Pass};
-use bpo::text::Template;
+use bpo::text::{Chat, Template};
 use bpo::vision::weaken;
 use serde_json::{json, Value};
 
@@ -306,7 +306,7 @@ fn local_completer_runs_the_llava_language_model_and_keeps_the_leading_space() {
     let got = local.complete(&prompts, &opts).unwrap();
     // The full LLaVA model on the same text-only prompts gives the same tokens.
     let mut full = tiny();
-    full.template = Template::Plain;
+    full.chat = Chat::Builtin(Template::Plain);
     for (prompt, out) in prompts.iter().zip(got) {
         let ids = full.prompt_ids(prompt, false).unwrap();
         let params = SamplingParams { max_new_tokens: 6, ..Default::default() };

@@ -198,3 +198,36 @@ fn cuda_device_on_a_cpu_build_is_one_clear_line() {
     fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--prompt", "hi", "--device", "cuda"], &["built without CUDA", "scripts/build-cuda.sh"]);
     fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--prompt", "hi", "--device", "tpu:0"], &["use cpu, cuda or cuda:N"]);
 }
+
+/// `--template model` renders the folder's own chat template; with the llava-hf one it scores exactly as the
+/// built-in `llava-hf` does, and it is what `--prompt-style trl` uses unless --template says otherwise (as in TRL).
+#[test]
+fn the_model_folders_chat_template_is_rendered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy("llava-tiny", tmp.path());
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("chat/cases.json")).unwrap()).unwrap();
+    let chat = serde_json::json!({"chat_template": cases["templates"]["parts"]});
+    std::fs::write(model.join("chat_template.json"), chat.to_string()).unwrap();
+    let data = tmp.path().join("d.jsonl");
+    let rows = [
+        serde_json::json!({"prompt": "What is in the picture?", "image": "coffee.png", "response": "A red square."}),
+        serde_json::json!({"prompt": "Describe a quiet park.", "response": "A green tree stands next to a bench."}),
+    ];
+    std::fs::write(&data, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let images = fixture("images");
+    let score = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = tmp.path().join(format!("o{}.jsonl", extra.join("_")));
+        let mut args = vec!["score", "--model", s(&model), "--data", s(&data), "--images", s(&images), "--out", s(&out)];
+        args.extend_from_slice(extra);
+        let o = bpo(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let builtin = score(&["--template", "llava-hf"]);
+    assert_eq!(score(&["--template", "model"]), builtin);
+    assert_ne!(score(&["--template", "vicuna-v1"]), builtin, "the template changes the scores");
+    assert_eq!(score(&["--prompt-style", "trl"]), score(&["--prompt-style", "trl", "--template", "llava-hf"]));
+    // A folder without a template: one line naming the files looked for.
+    let (plain, out) = (fixture("llava-tiny"), tmp.path().join("x.jsonl"));
+    fails_with(&["score", "--model", s(&plain), "--template", "model", "--data", s(&data), "--images", s(&images), "--out", s(&out)], &["chat_template.jinja", "--template"]);
+}

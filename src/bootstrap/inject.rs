@@ -9,7 +9,8 @@
 
 use serde::Serialize;
 
-use super::prompt::{check_template, cut_prefix, fill, vicuna_v1, InjectMode};
+use super::prompt::{check_template, cut_prefix, fill, InjectMode};
+use crate::text::template::vicuna_v1;
 use crate::data::records::{normalize_ws, Completion, CompletionType, Record};
 use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
 use crate::progress;

@@ -17,7 +17,7 @@ use crate::hash::stable_hash;
 use crate::generate::{generate_seeded, Request, SamplingParams};
 use crate::model::Vlm;
 use crate::model::{LoadOptions, Pass};
-use crate::text::Template;
+use crate::text::{Chat, Template};
 use crate::{Error, Result};
 
 /// An in-process language model answering [`Completer`] requests.
@@ -37,7 +37,7 @@ impl LocalCompleter {
 
     /// Wraps a loaded model; its template is set to [`Template::Plain`].
     pub fn new(mut vlm: Vlm, batch_size: usize) -> Self {
-        vlm.template = Template::Plain;
+        vlm.chat = Chat::Builtin(Template::Plain);
         LocalCompleter { vlm, batch_size: batch_size.max(1) }
     }
 

@@ -11,7 +11,6 @@
 //! are wrapped in the Vicuna-v1 conversation when sent to a raw completion endpoint.
 
 use crate::hash::stable_hash;
-use crate::text::Template;
 use crate::{bail, Result};
 
 /// How negatives are asked for.
@@ -108,11 +107,6 @@ Question: {question}
 Response: {answer}
 Modified response:";
 
-/// The Vicuna-v1 conversation around one user message, ready for the assistant's reply (LLaVA-1.5's own
-/// template, without an image).
-pub fn vicuna_v1(user: &str) -> String {
-    Template::VicunaV1.render(user, false)
-}
 
 /// Checks a user template: it must use `{answer}`.
 pub fn check_template(template: &str) -> Result<()> {
@@ -194,14 +188,6 @@ mod tests {
         assert_eq!(p.matches("Modified response:").count(), 7, "six examples plus the real one");
     }
 
-    #[test]
-    fn vicuna_wrapping() {
-        assert_eq!(
-            vicuna_v1("Hi"),
-            "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, \
-             detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:"
-        );
-    }
 
     #[test]
     fn templates_checked_and_modes_parsed() {

@@ -149,9 +149,11 @@ pub struct ModelArgs {
     pub device: Option<String>,
     #[arg(long, value_enum, help = DTYPE_HELP)]
     pub dtype: Option<Dtype>,
-/// Chat template wrapped around each prompt.
-    #[arg(long, value_enum, default_value = "vicuna-v1")]
-    pub template: bpo::text::Template,
+    /// Chat template wrapped around each prompt: vicuna-v1 (LLaVA-1.5's training format, BPO's; the default),
+    /// llava-hf, plain, or model: the folder's own chat template (chat_template.jinja, chat_template.json or
+    /// tokenizer_config.json), the default with --prompt-style trl, as in TRL.
+    #[arg(long, value_enum)]
+    pub template: Option<bpo::text::Template>,
     /// How a non-square image becomes square: `pad` (LLaVA-1.5's training setting) or `square` (stretch by the crop).
     #[arg(long, value_enum, default_value = "pad")]
     pub aspect: bpo::vision::AspectMode,
@@ -163,13 +165,28 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<bpo::model::Vlm> {
+        self.load_styled(bpo::text::PromptStyle::Llava)
+    }
+
+    /// [`ModelArgs::load`] with the tokenisation conventions of `style`.
+    pub fn load_styled(&self, style: bpo::text::PromptStyle) -> anyhow::Result<bpo::model::Vlm> {
         let opts = bpo::model::LoadOptions::new(&self.runtime()?);
-        let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
+        let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template(style)).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
+        vlm.style = style;
         if let Some(dir) = &self.adapter {
             bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
         }
         Ok(vlm)
+    }
+
+    /// The chat template: --template, else the default of the prompt style (TRL renders the model's own).
+    pub fn template(&self, style: bpo::text::PromptStyle) -> bpo::text::Template {
+        use bpo::text::{PromptStyle, Template};
+        self.template.unwrap_or(match style {
+            PromptStyle::Llava => Template::VicunaV1,
+            PromptStyle::Trl => Template::Model,
+        })
     }
 
     /// The runtime chosen by --device and --dtype.

@@ -27,14 +27,14 @@ pub struct Args {
     /// Rows per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Tokenisation conventions: llava (BOS, response + EOS) or trl (no BOS/EOS, response as " {text} ").
+    /// Tokenisation conventions: llava (BOS, response + EOS) or trl (no BOS/EOS, response as " {text} ", and the
+    /// model folder's chat template unless --template says otherwise).
     #[arg(long, value_enum, default_value = "llava")]
     prompt_style: bpo::text::PromptStyle,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut vlm = a.model.load()?;
-    vlm.style = a.prompt_style;
+    let vlm = a.model.load_styled(a.prompt_style)?;
     let rows: Vec<(usize, Map<String, Value>)> = bpo::jsonl::read_numbered(&a.data)?;
     let mut examples = Vec::with_capacity(rows.len());
     for (line, row) in &rows {

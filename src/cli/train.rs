@@ -56,7 +56,8 @@ pub struct Args {
 #[derive(clap::Args, Clone)]
 pub struct CommonArgs {
     /// Tokenisation conventions: llava (BOS, answers end with EOS: LLaVA's own trainer) or trl (no BOS/EOS,
-    /// answers as " {text} ": TRL's vision DPO).
+    /// answers as " {text} ", and the model folder's chat template unless --template says otherwise: TRL's
+    /// vision DPO).
     #[arg(long, value_enum, default_value = "llava")]
     pub prompt_style: bpo::text::PromptStyle,
     /// LoRA rank.
@@ -128,7 +129,7 @@ impl CommonArgs {
             bail!("to start training from an adapter use --init-adapter (--adapter is for generate/score)");
         }
         let lora = LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.lora_targets.clone() };
-        Ok(ModelSetup { model: model.model.clone(), template: model.template, prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone(), runtime: model.runtime()? })
+        Ok(ModelSetup { model: model.model.clone(), template: model.template(self.prompt_style), prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone(), runtime: model.runtime()? })
     }
 
     pub fn optim(&self, lr: f64, epochs: usize) -> LoopConfig {

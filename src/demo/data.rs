@@ -241,7 +241,8 @@ fn conversation_json(turns: &[Turn], image: bool) -> Vec<serde_json::Value> {
 pub fn tokenizer_words() -> Vec<String> {
     let mut words = world::vocabulary();
     for t in [crate::text::Template::VicunaV1, crate::text::Template::LlavaHf] {
-        words.extend(t.render("", false).split_whitespace().map(str::to_string));
+        let text = crate::text::Chat::Builtin(t).render("", false).unwrap_or_default();
+        words.extend(text.split_whitespace().map(str::to_string));
     }
     let mut seen = std::collections::HashSet::new();
     words.retain(|w| seen.insert(w.clone()));

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::{load, LoadOptions, Model};
 use crate::text::template::{prompt_ids, response_ids};
-use crate::text::{PromptStyle, Template, Tokenizer};
+use crate::text::{Chat, PromptStyle, Template, Tokenizer};
 use crate::vision::{AspectMode, ImageProcessor};
 use crate::Result;
 
@@ -16,7 +16,8 @@ pub struct Vlm {
     pub tok: Tokenizer,
     /// None for a text-only model.
     pub processor: Option<ImageProcessor>,
-    pub template: Template,
+    /// The chat template around prompts (set with [`Vlm::set_template`]).
+    pub chat: Chat,
     pub aspect: AspectMode,
     pub style: PromptStyle,
 }
@@ -34,7 +35,14 @@ impl Vlm {
             Some(_) => Some(ImageProcessor::from_model_dir(dir)?),
             None => None,
         };
-        Ok(Vlm { model, tok, processor, template, aspect: AspectMode::Pad, style: PromptStyle::Llava })
+        let chat = Chat::load(template, dir, &tok, processor.is_some())?;
+        Ok(Vlm { model, tok, processor, chat, aspect: AspectMode::Pad, style: PromptStyle::Llava })
+    }
+
+    /// Switches to `template`, reading the folder `dir`'s own template for [`Template::Model`].
+    pub fn set_template(&mut self, template: Template, dir: &Path) -> Result<()> {
+        self.chat = Chat::load(template, dir, &self.tok, self.processor.is_some())?;
+        Ok(())
     }
 
     /// Decodes and preprocesses an image file: (3, H, W).
@@ -47,7 +55,7 @@ impl Vlm {
 
     /// Prompt ids of `question` (rendered with the template; `<image>` expanded when `image` is given).
     pub fn prompt_ids(&self, question: &str, image: bool) -> Result<Vec<u32>> {
-        let text = self.template.render(question, image);
+        let text = self.chat.render(question, image)?;
         let slot = match (image, self.model.image_token()) {
             (true, Some(id)) => Some((id, self.model.image_tokens())),
             _ => None,

@@ -10,8 +10,10 @@
 //!
 //! [`PromptStyle::Trl`] reproduces TRL's vision DPO batches instead: no BOS, no EOS, response encoded as `" {text} "`.
 
+pub mod chat;
 pub mod template;
 pub mod tokenizer;
 
-pub use template::{PromptStyle, Template};
+pub use chat::ChatTemplate;
+pub use template::{Chat, PromptStyle, Template};
 pub use tokenizer::Tokenizer;

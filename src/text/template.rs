@@ -1,7 +1,11 @@
-//! Chat templates of LLaVA-1.5 and the assembly of prompt/response token ids (see the module doc of [`crate::text`]).
+//! Chat templates of LLaVA-1.5, the model folder's own template, and the assembly of prompt/response token ids (see
+//! the module doc of [`crate::text`]).
 
+use std::path::Path;
+
+use super::chat::{ChatTemplate, SpecialTokens};
 use super::Tokenizer;
-use crate::Result;
+use crate::{bail, Result};
 
 /// The `<image>` placeholder in prompts.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -18,28 +22,64 @@ pub enum Template {
     LlavaHf,
     /// The text as given (base language models, continuation prompts).
     Plain,
+    /// The chat template the model folder ships (`chat_template.jinja`, `chat_template.json` or
+    /// `tokenizer_config.json`), rendered like transformers' `apply_chat_template`: see [`super::chat`].
+    Model,
 }
 
 const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
-impl Template {
-    /// The prompt text up to and including `ASSISTANT:`. With `image`, `<image>\n` opens the user turn unless the
-    /// question already holds the placeholder.
-    pub fn render(self, question: &str, image: bool) -> String {
-        let q = if image && !question.contains(IMAGE_PLACEHOLDER) { format!("{IMAGE_PLACEHOLDER}\n{question}") } else { question.to_string() };
+/// The Vicuna-v1 conversation around one user message, ready for the assistant's reply.
+pub fn vicuna_v1(user: &str) -> String {
+    format!("{VICUNA_SYSTEM} USER: {user} ASSISTANT:")
+}
+
+/// A template ready to render: a built-in one, or the model folder's own with the special tokens it may use.
+#[derive(Debug, Clone)]
+pub enum Chat {
+    Builtin(Template),
+    Model(Box<ChatTemplate>, SpecialTokens),
+}
+
+impl Chat {
+    /// `template` for the model folder `dir` (read only for [`Template::Model`]). `parts`: the model takes images,
+    /// so user messages are typed parts.
+    pub fn load(template: Template, dir: &Path, tok: &Tokenizer, parts: bool) -> Result<Self> {
+        Ok(match template {
+            Template::Model => Chat::Model(Box::new(ChatTemplate::from_dir(dir, parts)?), tok.special_tokens()),
+            t => Chat::Builtin(t),
+        })
+    }
+
+    /// Which template this is.
+    pub fn template(&self) -> Template {
         match self {
-            Template::VicunaV1 => format!("{VICUNA_SYSTEM} USER: {q} ASSISTANT:"),
-            Template::LlavaHf => format!("USER: {q} ASSISTANT:"),
-            Template::Plain => q,
+            Chat::Builtin(t) => *t,
+            Chat::Model(..) => Template::Model,
         }
     }
 
+    /// The prompt text up to where the answer starts. With `image`, the built-in templates open the user turn with
+    /// `<image>\n` unless the question already holds the placeholder; the model's template places the image part
+    /// itself.
+    pub fn render(&self, question: &str, image: bool) -> Result<String> {
+        let q = || if image && !question.contains(IMAGE_PLACEHOLDER) { format!("{IMAGE_PLACEHOLDER}\n{question}") } else { question.to_string() };
+        Ok(match self {
+            Chat::Builtin(Template::VicunaV1) => vicuna_v1(&q()),
+            Chat::Builtin(Template::LlavaHf) => format!("USER: {} ASSISTANT:", q()),
+            Chat::Builtin(Template::Plain) => q(),
+            Chat::Model(t, special) => t.render(question, image, special)?,
+            Chat::Builtin(Template::Model) => bail!("--template model needs the model folder's template: load it with Chat::load"),
+        })
+    }
+
     /// A later user turn of a conversation, after an answer that ended with EOS (no system text, no image).
-    pub fn render_next(self, question: &str) -> String {
-        match self {
+    pub fn render_next(&self, question: &str) -> Result<String> {
+        Ok(match self.template() {
             Template::VicunaV1 | Template::LlavaHf => format!("USER: {question} ASSISTANT:"),
             Template::Plain => question.to_string(),
-        }
+            Template::Model => bail!("multi-turn conversations with --template model are not supported yet: choose a built-in template (--template vicuna-v1|llava-hf|plain)"),
+        })
     }
 }
 
@@ -106,10 +146,10 @@ pub fn response_ids(tok: &Tokenizer, response: &str, style: PromptStyle) -> Resu
 /// A multi-turn conversation as token ids with a target flag per id: the answers (with EOS in the Llava style) are
 /// targets, everything else (BOS, system text, questions, image positions) is context. The first question gets the
 /// image; later questions follow [`Template::render_next`].
-pub fn conversation_ids(tok: &Tokenizer, template: Template, style: PromptStyle, turns: &[(String, String)], image: Option<(u32, usize)>) -> Result<(Vec<u32>, Vec<bool>)> {
+pub fn conversation_ids(tok: &Tokenizer, chat: &Chat, style: PromptStyle, turns: &[(String, String)], image: Option<(u32, usize)>) -> Result<(Vec<u32>, Vec<bool>)> {
     let (mut ids, mut target) = (Vec::new(), Vec::new());
     for (i, (question, answer)) in turns.iter().enumerate() {
-        let context = if i == 0 { prompt_ids(tok, &template.render(question, image.is_some()), style, image)? } else { tok.encode(&template.render_next(question))? };
+        let context = if i == 0 { prompt_ids(tok, &chat.render(question, image.is_some())?, style, image)? } else { tok.encode(&chat.render_next(question)?)? };
         let reply = response_ids(tok, answer, style)?;
         target.extend(std::iter::repeat_n(false, context.len()).chain(std::iter::repeat_n(true, reply.len())));
         ids.extend(context.into_iter().chain(reply));
@@ -129,7 +169,7 @@ mod tests {
     fn conversations_label_only_the_answers() {
         let tok = tok();
         let turns = [("What is it?".to_string(), "a cat".to_string()), ("Colour?".to_string(), "red".to_string())];
-        let (ids, target) = conversation_ids(&tok, Template::LlavaHf, PromptStyle::Llava, &turns, Some((1022, 3))).unwrap();
+        let (ids, target) = conversation_ids(&tok, &Chat::Builtin(Template::LlavaHf), PromptStyle::Llava, &turns, Some((1022, 3))).unwrap();
         let answers: Vec<u32> = ids.iter().zip(&target).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
         let mut want = tok.encode("a cat").unwrap();
         want.push(2);
@@ -144,9 +184,18 @@ mod tests {
     }
 
     #[test]
+    fn vicuna_wrapping() {
+        assert_eq!(
+            vicuna_v1("Hi"),
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, \
+             detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:"
+        );
+    }
+
+    #[test]
     fn trl_style_encodes_the_prompt_in_one_call() {
         let tok = tok();
-        let text = Template::LlavaHf.render("Hi", true);
+        let text = Chat::Builtin(Template::LlavaHf).render("Hi", true).unwrap();
         let llava = prompt_ids(&tok, &text, PromptStyle::Llava, Some((1022, 2))).unwrap();
         let trl = prompt_ids(&tok, &text, PromptStyle::Trl, Some((1022, 2))).unwrap();
         assert_eq!(llava[0], 1);

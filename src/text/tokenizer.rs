@@ -52,6 +52,12 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| Error::invalid(format!("tokenizer: {e}")))
     }
 
+    /// BOS, EOS and pad as strings, for chat templates.
+    pub fn special_tokens(&self) -> super::chat::SpecialTokens {
+        let name = |id: u32| self.inner.id_to_token(id);
+        super::chat::SpecialTokens { bos: self.bos.and_then(name), eos: self.eos.first().copied().and_then(name), pad: name(self.pad) }
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

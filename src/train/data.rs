@@ -195,7 +195,7 @@ pub fn tokenize_conversations(vlm: &Vlm, samples: &[Sample], images: Option<&Pat
             report.missing_images.push((id.clone(), path.clone()));
             continue;
         }
-        let (mut ids, mut target) = conversation_ids(&vlm.tok, vlm.template, vlm.style, turns, image.as_ref().and(slot))?;
+        let (mut ids, mut target) = conversation_ids(&vlm.tok, &vlm.chat, vlm.style, turns, image.as_ref().and(slot))?;
         // The first answer must start inside the window, and the window must not end inside the image.
         let first_target = target.iter().position(|&t| t).unwrap_or(ids.len());
         if first_target >= max_length {

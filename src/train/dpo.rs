@@ -20,7 +20,7 @@ use super::data::{read_preference_file, tokenize_pairs, DataReport, PairExample}
 use super::features::FeatureCache;
 use super::loss::{dpo_loss, DpoLoss, PairLogps};
 use super::optim::AdamW;
-use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
+use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, LoopSummary, Metrics, Objective};
 use crate::data::PairOptions;
 use crate::model::Vlm;
@@ -208,6 +208,7 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
         crate::bail!("training the vision tower is for `bpo sft`: DPO's batches reuse cached, frozen tower features");
     }
     let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
+    record_template(out, &prepared.vlm)?;
     let (pairs, stats) = read_preference_file(&cfg.data, &PairOptions { max_words: cfg.max_words })?;
     let (examples, mut report) = tokenize_pairs(&prepared.vlm, &pairs, cfg.images.as_deref(), cfg.max_length)?;
     report.pairs = stats;

@@ -13,7 +13,7 @@ use crate::model::llava::Projector;
 use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
 use crate::model::load::{load_trainable, VISION_PREFIX};
 use crate::model::{LoadOptions, Runtime};
-use crate::text::{PromptStyle, Template};
+use crate::text::{Chat, PromptStyle, Template};
 use crate::vision::AspectMode;
 use crate::{bail, Error, Result};
 
@@ -60,7 +60,7 @@ pub fn prepare_model(s: &ModelSetup, seed: u64) -> Result<Prepared> {
 /// benchmarks do; full fine-tuning reloads its variables from `s.model`).
 pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepared> {
     let opts = LoadOptions::new(&s.runtime);
-    vlm.template = s.template;
+    vlm.set_template(s.template, &s.model)?;
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();
@@ -115,6 +115,19 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<()> {
             Ok(())
         }
         (false, false) => write_json(&path, config),
+    }
+}
+
+/// Records the chat template a run renders from its model folder (`--template model`) in the run folder as
+/// `chat_template.jinja`, the name transformers saves it under, next to `train_config.json`'s `"template":
+/// "model"`.
+pub fn record_template(out: &Path, vlm: &Vlm) -> Result<()> {
+    match &vlm.chat {
+        Chat::Model(t, _) => {
+            let path = out.join("chat_template.jinja");
+            std::fs::write(&path, &t.source).map_err(|e| Error::io(&path, e))
+        }
+        Chat::Builtin(_) => Ok(()),
     }
 }
 

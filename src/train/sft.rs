@@ -13,7 +13,7 @@ use super::data::{collate, read_conversations, tokenize_conversations, SftExampl
 use super::dpo::{Say, TrainReport};
 use super::features::{distinct_images, FeatureCache};
 use super::optim::AdamW;
-use super::setup::{prepare_model, prepare_run_dir, ModelSetup};
+use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
 use crate::model::Vlm;
 use crate::model::linear::DropoutSeed;
@@ -93,6 +93,7 @@ pub struct SftConfig {
 pub fn train(cfg: &SftConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
     prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
+    record_template(out, &prepared.vlm)?;
     let samples = read_conversations(&cfg.data)?;
     let (examples, report) = tokenize_conversations(&prepared.vlm, &samples, cfg.images.as_deref(), cfg.max_length)?;
     for (id, path) in report.missing_images.iter().take(10) {

@@ -51,41 +51,44 @@ fn detect_layout(names: &[String]) -> Option<TensorLayout> {
     }
 }
 
+/// How llava-hf tensor-name prefixes are spelled in each layout, as (llava-hf, stored) pairs: one table for both
+/// directions.
+fn prefixes(layout: TensorLayout) -> &'static [(&'static str, &'static str)] {
+    match layout {
+        TensorLayout::LlavaHf => &[],
+        TensorLayout::LlavaHfNew => &[
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ],
+        TensorLayout::Original => &[
+            ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+            ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+            ("vision_tower.", "model.vision_tower.vision_tower."),
+        ],
+    }
+}
+
+/// `name` with its longest prefix among `pairs`' first elements replaced by the second; unchanged when none matches.
+fn swap_prefix<'a>(name: &str, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    match pairs.filter(|(from, _)| name.starts_with(from)).max_by_key(|(from, _)| from.len()) {
+        Some((from, to)) => format!("{to}{}", &name[from.len()..]),
+        None => name.to_string(),
+    }
+}
+
 /// Maps an llava-hf tensor name to its spelling in `layout`.
 fn rename(layout: TensorLayout, name: &str) -> String {
-    let swap = |from: &str, to: &str| name.strip_prefix(from).map(|rest| format!("{to}{rest}"));
-    let mapped = match layout {
-        TensorLayout::LlavaHf => None,
-        TensorLayout::LlavaHfNew => swap("language_model.model.", "model.language_model.")
-            .or_else(|| swap("language_model.lm_head.", "lm_head."))
-            .or_else(|| swap("vision_tower.", "model.vision_tower."))
-            .or_else(|| swap("multi_modal_projector.", "model.multi_modal_projector.")),
-        TensorLayout::Original => swap("language_model.model.", "model.")
-            .or_else(|| swap("language_model.lm_head.", "lm_head."))
-            .or_else(|| swap("multi_modal_projector.linear_1.", "model.mm_projector.0."))
-            .or_else(|| swap("multi_modal_projector.linear_2.", "model.mm_projector.2."))
-            .or_else(|| swap("vision_tower.", "model.vision_tower.vision_tower.")),
-    };
-    mapped.unwrap_or_else(|| name.to_string())
+    swap_prefix(name, prefixes(layout).iter().copied())
 }
 
 /// The inverse of `rename`: the llava-hf name of a tensor stored under `name` in `layout`. Names with no
 /// llava-hf counterpart come back unchanged.
 pub fn to_llava_hf(layout: TensorLayout, name: &str) -> String {
-    let swap = |from: &str, to: &str| name.strip_prefix(from).map(|rest| format!("{to}{rest}"));
-    let mapped = match layout {
-        TensorLayout::LlavaHf => None,
-        TensorLayout::LlavaHfNew => swap("model.language_model.", "language_model.model.")
-            .or_else(|| swap("lm_head.", "language_model.lm_head."))
-            .or_else(|| swap("model.vision_tower.", "vision_tower."))
-            .or_else(|| swap("model.multi_modal_projector.", "multi_modal_projector.")),
-        TensorLayout::Original => swap("model.mm_projector.0.", "multi_modal_projector.linear_1.")
-            .or_else(|| swap("model.mm_projector.2.", "multi_modal_projector.linear_2."))
-            .or_else(|| swap("model.vision_tower.vision_tower.", "vision_tower."))
-            .or_else(|| swap("model.", "language_model.model."))
-            .or_else(|| swap("lm_head.", "language_model.lm_head.")),
-    };
-    mapped.unwrap_or_else(|| name.to_string())
+    swap_prefix(name, prefixes(layout).iter().map(|&(hf, stored)| (stored, hf)))
 }
 
 /// A model folder's tensors, addressed by llava-hf names (plain `model.*` names for a Llama) whatever layout the
@@ -254,5 +257,19 @@ mod tests {
         assert_eq!(rename(TensorLayout::Original, "multi_modal_projector.linear_2.bias"), "model.mm_projector.2.bias");
         assert_eq!(rename(TensorLayout::LlavaHfNew, "language_model.lm_head.weight"), "lm_head.weight");
         assert_eq!(rename(TensorLayout::Original, "vision_tower.vision_model.pre_layrnorm.weight"), "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight");
+    }
+
+    #[test]
+    fn stored_names_map_back() {
+        let names = ["language_model.model.layers.3.mlp.up_proj.weight", "language_model.model.norm.weight", "language_model.lm_head.weight", "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias", "vision_tower.vision_model.post_layernorm.bias"];
+        for layout in [TensorLayout::LlavaHf, TensorLayout::LlavaHfNew, TensorLayout::Original] {
+            for n in names {
+                assert_eq!(to_llava_hf(layout, &rename(layout, n)), n, "{layout:?}");
+            }
+        }
+        // The longest stored prefix wins: `model.mm_projector.0.` and `model.vision_tower.vision_tower.` over `model.`.
+        assert_eq!(to_llava_hf(TensorLayout::Original, "model.mm_projector.0.weight"), "multi_modal_projector.linear_1.weight");
+        assert_eq!(to_llava_hf(TensorLayout::Original, "model.vision_tower.vision_tower.x"), "vision_tower.x");
+        assert_eq!(to_llava_hf(TensorLayout::Original, "model.embed_tokens.weight"), "language_model.model.embed_tokens.weight");
     }
 }

@@ -6,6 +6,8 @@
 //! LLaMA-Factory layout, and back), [`pairs`] (records → pairs, pair files → training pairs), [`resume`]
 //! (append-only JSONL output keyed by id, shards, and the loop over what is not done yet).
 
+use std::path::{Path, PathBuf};
+
 pub mod input;
 pub mod pair_rows;
 pub mod pairs;
@@ -17,3 +19,8 @@ pub use pair_rows::{Pair, PairFormat};
 pub use pairs::{expand, read_pairs, PairOptions, PairStats};
 pub use records::{Completion, CompletionType, Record};
 pub use resume::{process_pending, ResumableWriter, RunCounts, Shard};
+
+/// The file an image path of a data row names: relative to `images` when given, else as written.
+pub fn image_path(images: Option<&Path>, rel: &str) -> PathBuf {
+    images.map_or_else(|| PathBuf::from(rel), |d| d.join(rel))
+}

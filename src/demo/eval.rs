@@ -13,8 +13,8 @@ use crate::eval::chair::{CaptionDetail, Chair, ChairReport, GroundTruth};
 use crate::eval::pope::{self, Pairing, PopeReport};
 use crate::eval::report::{write_run, Scores};
 use crate::eval::words::Lemmatizer;
-use crate::eval::{inputs, Answer};
-use crate::generate::vqa::{self, Prompt};
+use crate::eval::answer::{answer_captions, answer_pope, Answering, CaptionAsk};
+use crate::eval::inputs;
 use crate::generate::SamplingParams;
 use crate::model::Vlm;
 use crate::model::Pass;
@@ -51,17 +51,9 @@ pub struct Evaluation {
     pub captions: HashMap<String, CaptionDetail>,
 }
 
-/// Greedy answers to (image, question) requests through [`vqa::answer_all`]; identical requests (the three POPE
-/// splits share most of theirs) are answered once.
-fn answer_unique(vlm: &Vlm, items: &[(String, String)], images: &Path, max_new_tokens: usize, batch: usize, pass: Pass, tick: impl FnMut(usize)) -> Result<Vec<String>> {
-    let mut unique: Vec<&(String, String)> = items.iter().collect();
-    unique.sort();
-    unique.dedup();
-    let prompts: Vec<Prompt> = unique.iter().map(|(image, question)| Prompt { text: question.clone(), image: Some(images.join(image)), origin: image.clone() }).collect();
-    let params = SamplingParams { max_new_tokens, ..Default::default() };
-    let texts = vqa::answer_all(vlm, &prompts, &params, batch, pass, tick)?;
-    let answers: HashMap<&(String, String), String> = unique.into_iter().zip(texts).collect();
-    Ok(items.iter().map(|k| answers[k].clone()).collect())
+/// Greedy answers of at most `max_new_tokens`, with no `model_id` (the demo's run folders name the model).
+fn answering(max_new_tokens: usize, batch: usize, pass: Pass) -> Answering {
+    Answering { params: SamplingParams { max_new_tokens, ..Default::default() }, batch_size: batch, pass, model_id: String::new() }
 }
 
 /// Number of distinct (image, question) requests [`evaluate`] will answer, for a progress bar.
@@ -77,22 +69,15 @@ pub fn request_count(files: &WorldFiles) -> Result<usize> {
 /// scores.json, details.jsonl).
 pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Evaluation> {
     let questions = pope::load_questions(&files.pope)?;
-    let items: Vec<(String, String)> = questions.iter().map(|q| (q.image.clone(), q.text.clone())).collect();
-    let texts = answer_unique(vlm, &items, &files.images, 3, batch, pass, &mut tick)?;
-    let answers: Vec<Answer> = questions.iter().zip(&texts).map(|(q, t)| Answer::new(q.question_id.clone(), q.text.clone(), t.clone())).collect();
+    let answers = answer_pope(vlm, &questions, Some(&files.images), "", &answering(3, batch, pass), &mut tick)?;
     let pope_out = pope::score(&questions, &answers, Pairing::ById)?;
     let pope_dir = out.join("pope");
     write_run(&pope_dir, &Scores::Pope(pope_out.report.clone()), &pope_out.details)?;
     jsonl::write(&pope_dir.join("answers.jsonl"), &answers)?;
 
     let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
-    let items: Vec<(String, String)> = describe.iter().map(|d| (d.image.clone(), d.text.clone())).collect();
-    let texts = answer_unique(vlm, &items, &files.images, 40, batch, pass, &mut tick)?;
-    let answers: Vec<Answer> = describe
-        .iter()
-        .zip(&texts)
-        .map(|(d, t)| Answer { image: Some(d.image.clone()), ..Answer::new(d.question_id.clone(), d.text.clone(), t.clone()) })
-        .collect();
+    let asks: Vec<CaptionAsk> = describe.iter().map(|d| CaptionAsk { id: d.question_id.clone(), image: files.images.join(&d.image), name: d.image.clone(), instruction: d.text.clone() }).collect();
+    let answers = answer_captions(vlm, &asks, &answering(40, batch, pass), &mut tick)?;
     let synonyms = std::fs::read_to_string(&files.synonyms).map_err(|e| Error::io(&files.synonyms, e))?;
     let chair = Chair::new(&synonyms, Lemmatizer::wordnet())?;
     let truth = GroundTruth::from_jsonl(&files.chair_truth, &chair)?;

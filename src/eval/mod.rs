@@ -9,6 +9,7 @@
 //! scoring (duplicate ids, unknown images) still point at the line. [`report`] writes a run folder
 //! (`scores.json` + `details.jsonl`), renders terminal tables and compares two runs.
 
+pub mod answer;
 pub mod chair;
 pub mod inputs;
 pub mod judge;

@@ -1,0 +1,82 @@
+//! Answering a benchmark's prompts with a loaded model: the one generate-then-collect path that `bpo eval` and the
+//! demo share. Answers come back as LLaVA answer rows ([`Answer`]), ready for the scorers of this module's
+//! siblings.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::pope::PopeQuestion;
+use super::Answer;
+use crate::generate::vqa::{self, Prompt};
+use crate::generate::SamplingParams;
+use crate::model::{Pass, Vlm};
+use crate::Result;
+
+/// LLaVA's short-answer suffix, appended to POPE questions as its evaluation scripts do.
+pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
+
+/// How to answer: decoding, prompts per batch, adapters, and the `model_id` the rows record.
+#[derive(Debug, Clone)]
+pub struct Answering {
+    pub params: SamplingParams,
+    pub batch_size: usize,
+    pub pass: Pass,
+    pub model_id: String,
+}
+
+/// One image to describe: the row's id, the image file, the name the row records, the instruction.
+#[derive(Debug, Clone)]
+pub struct CaptionAsk {
+    pub id: String,
+    pub image: PathBuf,
+    pub name: String,
+    pub instruction: String,
+}
+
+/// Answers `prompts` through [`vqa::answer_all`]; identical (image, text) prompts (the three POPE splits share most
+/// of theirs) are answered once, in sorted order. `tick(n)` after each batch of distinct prompts.
+pub fn answer_unique(vlm: &Vlm, prompts: &[Prompt], how: &Answering, tick: impl FnMut(usize)) -> Result<Vec<String>> {
+    let key = |p: &Prompt| (p.image.clone(), p.text.clone());
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| key(&prompts[i]));
+    order.dedup_by_key(|i| key(&prompts[*i]));
+    let unique: Vec<Prompt> = order.iter().map(|&i| Prompt { text: prompts[i].text.clone(), image: prompts[i].image.clone(), origin: prompts[i].origin.clone() }).collect();
+    let texts = vqa::answer_all(vlm, &unique, &how.params, how.batch_size, how.pass, tick)?;
+    let answers: HashMap<(Option<PathBuf>, String), String> = unique.iter().map(key).zip(texts).collect();
+    Ok(prompts.iter().map(|p| answers[&key(p)].clone()).collect())
+}
+
+/// Distinct prompts among `prompts`, for a progress bar's length.
+pub fn unique_count<'a>(prompts: impl IntoIterator<Item = (&'a str, &'a str)>) -> usize {
+    prompts.into_iter().collect::<std::collections::HashSet<_>>().len()
+}
+
+/// Answers POPE questions with `suffix` appended ([`SHORT_ANSWER`] in LLaVA's protocol); images relative to
+/// `images`.
+pub fn answer_pope(vlm: &Vlm, questions: &[PopeQuestion], images: Option<&Path>, suffix: &str, how: &Answering, tick: impl FnMut(usize)) -> Result<Vec<Answer>> {
+    let prompts: Vec<Prompt> = questions
+        .iter()
+        .map(|q| Prompt {
+            text: format!("{}{suffix}", q.text),
+            image: (!q.image.is_empty()).then(|| crate::data::image_path(images, &q.image)),
+            origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
+        })
+        .collect();
+    let texts = answer_unique(vlm, &prompts, how, tick)?;
+    Ok(questions
+        .iter()
+        .zip(texts)
+        .map(|(q, t)| Answer { model_id: how.model_id.clone(), answer_id: q.question_id.clone(), ..Answer::new(q.question_id.clone(), q.text.clone(), t) })
+        .collect())
+}
+
+/// Describes images (CHAIR, Object HalBench); each row records its image's name for the scorer.
+pub fn answer_captions(vlm: &Vlm, asks: &[CaptionAsk], how: &Answering, tick: impl FnMut(usize)) -> Result<Vec<Answer>> {
+    let prompts: Vec<Prompt> = asks.iter().map(|a| Prompt { text: a.instruction.clone(), image: Some(a.image.clone()), origin: a.image.display().to_string() }).collect();
+    let texts = answer_unique(vlm, &prompts, how, tick)?;
+    Ok(asks
+        .iter()
+        .zip(texts)
+        .map(|(a, t)| Answer { image: Some(a.name.clone()), model_id: how.model_id.clone(), answer_id: a.id.clone(), ..Answer::new(a.id.clone(), a.instruction.clone(), t) })
+        .collect())
+}

@@ -14,6 +14,7 @@ pub mod eval;
 pub mod generate;
 pub mod jsonl;
 pub mod model;
+pub mod output;
 pub mod score;
 pub mod text;
 pub mod train;

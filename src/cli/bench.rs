@@ -243,7 +243,7 @@ fn host_load() -> String {
 
 fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", p.display()))?;
+        bpo::output::write_bytes(p, serde_json::to_string_pretty(value)?.as_bytes())?;
     }
     Ok(())
 }

@@ -164,7 +164,7 @@ impl World {
         let truth: Vec<_> = self.eval.iter().map(|e| json!({"image_id": e.image_id, "objects": e.scene.names()})).collect();
         jsonl::write(&f.chair_truth, &truth)?;
         let synonyms = KINDS.join("\n") + "\n";
-        std::fs::write(&f.synonyms, synonyms).map_err(|e| Error::io(&f.synonyms, e))?;
+        crate::output::write_bytes(&f.synonyms, synonyms.as_bytes())?;
         for (split, path) in POPE_SPLITS.iter().zip(&f.pope) {
             jsonl::write(path, &self.pope(split))?;
         }

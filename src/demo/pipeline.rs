@@ -147,7 +147,7 @@ pub struct DemoSummary {
 
 /// Runs the demo: every seed, then the report.
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    crate::output::create_dir(&opts.out)?;
     let mut stages = Stages::new(opts.progress);
     let mut seeds = Vec::new();
     for i in 0..opts.seeds.max(1) {

@@ -23,7 +23,7 @@ pub fn write_model_dir(base: &Path, out: &Path, replace: &[(String, Var)]) -> Re
 }
 
 fn write_with(base: &Path, out: &Path, replace: &HashMap<String, Tensor>) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::output::create_dir(out)?;
     let source = TensorSource::open(base)?;
     let mut tensors = Vec::new();
     for name in source.names() {
@@ -41,7 +41,7 @@ fn write_with(base: &Path, out: &Path, replace: &HashMap<String, Tensor>) -> Res
     for name in COMPANIONS {
         let from = base.join(name);
         if from.is_file() {
-            std::fs::copy(&from, out.join(name)).map_err(|e| Error::io(&from, e))?;
+            crate::output::write_with(&out.join(name), |tmp| std::fs::copy(&from, tmp).map(drop).map_err(|e| Error::io(&from, e)))?;
         }
     }
     Ok(())

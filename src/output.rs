@@ -33,11 +33,16 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
                 p = p.parent().map_or_else(|| target.clone(), |dir| dir.join(&target));
             }
             Ok(_) => return Ok(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            Err(e) if is_absent(&e) => return Ok(p),
             Err(e) => return Err(Error::io(&p, e)),
         }
     }
     bail!("{}: too many levels of symbolic links", path.display())
+}
+
+/// Nothing there: not found, or a parent is not a folder (the caller then names the parent).
+fn is_absent(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
 /// What a file type is, in words, for a refusal.
@@ -66,10 +71,11 @@ fn shown(path: &Path, real: &Path) -> String {
     }
 }
 
+/// What is at `path` (links followed); `None` when nothing is (see [`is_absent`]).
 fn existing(path: &Path) -> Result<Option<Metadata>> {
     match std::fs::metadata(path) {
         Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if is_absent(&e) => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
 }

@@ -13,7 +13,8 @@ pub struct Args {
     /// Adapter: a `bpo train` / `bpo sft` run folder or a PEFT adapter folder.
     #[arg(long)]
     adapter: PathBuf,
-    /// Output model folder (must not exist or be empty).
+    /// Output model folder (must not exist or be empty; a link to a folder is followed; neither --model nor
+    /// --adapter).
     #[arg(long)]
     out: PathBuf,
 }

@@ -274,4 +274,10 @@ fn generate_answers_killed_at_a_random_point_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let q = questions(tmp.path(), 24);
     kill_restart_matches(tmp.path(), "question_id", fault_seed(), |out| generate_args(&q, out));
+    // Resuming with another model would mix its answers with the first model's: refused.
+    let other = tmp.path().join("other-model");
+    std::os::unix::fs::symlink(fixture("llava-tiny"), &other).unwrap();
+    let mut args = generate_args(&q, &tmp.path().join("whole.jsonl"));
+    args[2] = s(&other).to_string();
+    fails(&args, &["whole.jsonl:1", "llava-tiny", "other-model"]);
 }

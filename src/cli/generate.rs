@@ -86,6 +86,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if let Some(t) = &reopened.torn {
                 eprintln!("{}: cut a torn last line {} ({} bytes: {})", answers.display(), t.line, t.bytes, t.reason);
             }
+            vqa::check_same_model(answers, &a.model.model_id())?;
             let vlm = a.model.load()?;
             let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| image_path(a.images.as_ref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
             let bar = progress(rows.len(), "answering");

@@ -109,6 +109,20 @@ pub fn answer_each(vlm: &super::Vlm, prompts: &[Prompt], params: &super::Samplin
     Ok(())
 }
 
+/// Refuses to resume an answers file that holds answers of another model: its rows would silently stand for
+/// this model's. `model_id` is what [`answer_row`] writes.
+pub fn check_same_model(answers: &Path, model_id: &str) -> Result<()> {
+    let rows: Vec<(usize, Value)> = jsonl::read_numbered(answers)?;
+    match rows.iter().find(|(_, r)| r.get("model_id").and_then(Value::as_str) != Some(model_id)) {
+        Some((line, r)) => Err(Error::parse(
+            answers,
+            Some(*line),
+            format!("an answer of model {}, not {model_id:?}: delete the file or give another --answers to start over", r.get("model_id").unwrap_or(&Value::Null)),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Counts of one [`answer_into`] run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AnswerCounts {

@@ -14,6 +14,7 @@
 //! - [`Lock`] is the advisory lock one long-running writer holds on its output for as long as it runs, so a
 //!   second process on the same output stops with one line naming the holder instead of interleaving lines.
 
+use std::ffi::OsString;
 use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -158,18 +159,22 @@ fn probe_folder(path: &Path, dir: &Path) -> Result<()> {
     }
 }
 
-/// A hidden temporary name beside `real`, unique to this process.
-fn temp_beside(real: &Path) -> PathBuf {
-    let name = real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    folder_of(real).join(format!(".{name}.{}.tmp", std::process::id()))
+/// `<prefix><name of real><suffix>` in the folder of `real`.
+fn beside(real: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let mut name = OsString::from(prefix);
+    name.push(real.file_name().unwrap_or_default());
+    name.push(suffix);
+    folder_of(real).join(name)
 }
 
 /// Replaces the file `path` atomically: `fill` writes the content to the temporary path it is given, which is
 /// then fsynced and renamed over the target (see the module doc for links and non-regular targets).
 pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let real = target_file(path)?;
-    let tmp = temp_beside(&real);
+    // Hidden and unique to this process, so two writers never share one.
+    let tmp = beside(&real, ".", &format!(".{}.tmp", std::process::id()));
     let done = fill(&tmp)
+        .and_then(|()| keep_permissions(&real, &tmp))
         .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e)))
         .and_then(|()| std::fs::rename(&tmp, &real).map_err(|e| Error::io(path, e)));
     if done.is_err() {
@@ -177,6 +182,14 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
     }
     done?;
     sync_folder(&folder_of(&real))
+}
+
+/// Gives the new file `tmp` the permissions of the file `real` it replaces, if there is one.
+fn keep_permissions(real: &Path, tmp: &Path) -> Result<()> {
+    match existing(real)? {
+        Some(m) => std::fs::set_permissions(tmp, m.permissions()).map_err(|e| Error::io(tmp, e)),
+        None => Ok(()),
+    }
 }
 
 /// [`write_with`] for content already in memory.
@@ -199,7 +212,7 @@ pub fn create_dir(path: &Path) -> Result<()> {
 /// folder in one rename. A failed fill leaves the previous folder as it was.
 pub fn write_dir(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let real = target_dir(path)?;
-    let tmp = real.with_extension("tmp");
+    let tmp = beside(&real, "", ".tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -232,10 +245,7 @@ pub struct Lock {
 impl Lock {
     /// Locks the output file `path` (through `<resolved path>.lock`).
     pub fn file(path: &Path) -> Result<Lock> {
-        let real = target_file(path)?;
-        let mut name = real.file_name().unwrap_or_default().to_os_string();
-        name.push(".lock");
-        Lock::take(&real.with_file_name(name), path)
+        Lock::take(&beside(&target_file(path)?, "", ".lock"), path)
     }
 
     /// Locks the output folder `path` (through `<path>/.lock`); the folder must exist.
@@ -285,9 +295,12 @@ mod tests {
         std::fs::write(&target, "old").unwrap();
         let link = tmp.path().join("link.txt");
         std::os::unix::fs::symlink("real.txt", &link).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
         write_bytes(&link, b"new").unwrap();
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o640, "the mode is kept");
         // A dangling link creates its target.
         let dangling = tmp.path().join("dangling");
         std::os::unix::fs::symlink("made.txt", &dangling).unwrap();

@@ -3,7 +3,8 @@
 //! The modules follow the pipeline: [`model`] (LLaVA-1.5: CLIP, projector, Llama, LoRA, loading), [`vision`]
 //! (image preprocessing, diffusion-noise weakening), [`text`] (tokenizer, chat templates), [`generate`]
 //! (sampling with a KV cache), [`bootstrap`] (negatives and preference records), [`train`] (losses, trainer),
-//! [`eval`] (POPE, CHAIR), [`demo`] (the synthetic world). Stages talk through files a user can read.
+//! [`eval`] (POPE, CHAIR), [`demo`] (the synthetic world). Stages talk through files a user can read, all written
+//! through [`output`] (atomic replace, links followed, inputs and non-regular targets refused, one lock per output).
 
 pub mod bench;
 pub mod bootstrap;

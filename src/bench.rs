@@ -61,11 +61,11 @@ impl Size {
         let cfg = self.config();
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let cfg_path = dir.join("config.json");
-        std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).map_err(crate::Error::invalid)?).map_err(|e| crate::Error::io(&cfg_path, e))?;
+        crate::output::write_bytes(&cfg_path, serde_json::to_string_pretty(&cfg).map_err(crate::Error::invalid)?.as_bytes())?;
         let px = &cfg["vision_config"]["image_size"];
         let pre = serde_json::json!({"size": {"shortest_edge": px}, "crop_size": {"height": px, "width": px}});
         let pre_path = dir.join("preprocessor_config.json");
-        std::fs::write(&pre_path, pre.to_string()).map_err(|e| crate::Error::io(&pre_path, e))?;
+        crate::output::write_bytes(&pre_path, pre.to_string().as_bytes())?;
         let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap_or(1024) as usize;
         let n_special = crate::text::tokenizer::WORD_LEVEL_SPECIALS.len();
         let words: Vec<String> = (n_special..vocab).map(|i| format!("w{i}")).collect();

@@ -26,18 +26,16 @@ pub fn read_numbered<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>
     Ok(out)
 }
 
-/// Writes `rows` to `path` (replacing it) through a temporary file and a rename, so a reader never sees half a file.
+/// Writes `rows` to `path` (replacing it) through [`crate::output::write_with`]: a temporary file and a rename,
+/// so a reader never sees half a file.
 pub fn write<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
-    {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    crate::output::write_with(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         let mut w = BufWriter::new(file);
         for row in rows {
             let line = serde_json::to_string(row).map_err(|e| Error::parse(path, None, e))?;
-            writeln!(w, "{line}").map_err(|e| Error::io(&tmp, e))?;
+            writeln!(w, "{line}").map_err(|e| Error::io(tmp, e))?;
         }
-        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        w.flush().map_err(|e| Error::io(tmp, e))
+    })
 }

@@ -4,7 +4,8 @@
 //! (image preprocessing, diffusion-noise weakening), [`text`] (tokenizer, chat templates), [`generate`]
 //! (sampling with a KV cache), [`bootstrap`] (negatives), [`data`] (the records and files between stages),
 //! [`train`] (losses, trainer), [`eval`] (POPE, CHAIR, judged benchmarks), [`demo`] (the synthetic world). Stages
-//! talk through files a user can read.
+//! talk through files a user can read, all written through [`output`] (atomic replace, links followed, inputs and
+//! non-regular targets refused, one lock per output).
 
 #[cfg(feature = "bench")]
 pub mod bench;
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod hash;
 pub mod jsonl;
 pub mod model;
+pub mod output;
 pub mod progress;
 pub mod score;
 pub mod text;

@@ -7,6 +7,7 @@ mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
 mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
 mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
+mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable folders, locks, kill -9 at a random point and resume
 mod eval; // POPE and CHAIR scoring through the binary, bad files
 mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites

@@ -207,8 +207,8 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     for &size in &a.size {
         let name = size_name(size);
         if let Some(out) = &a.write_config {
-            std::fs::create_dir_all(out)?;
-            std::fs::write(out.join(format!("{name}.json")), serde_json::to_string_pretty(&size.config())?)?;
+            bpo::output::create_dir(out)?;
+            bpo::output::write_bytes(&out.join(format!("{name}.json")), serde_json::to_string_pretty(&size.config())?.as_bytes())?;
         }
         let dir = scratch_dir()?;
         let mut vlm = size.random_vlm(&rt, &dir)?;
@@ -243,7 +243,7 @@ fn host_load() -> String {
 
 fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", p.display()))?;
+        bpo::output::write_bytes(p, serde_json::to_string_pretty(value)?.as_bytes())?;
     }
     Ok(())
 }
@@ -299,7 +299,7 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
 
 fn bench_train(a: TrainBench) -> anyhow::Result<()> {
     if let Some(path) = &a.write_config {
-        std::fs::write(path, serde_json::to_string_pretty(&a.size.config())?)?;
+        bpo::output::write_bytes(path, serde_json::to_string_pretty(&a.size.config())?.as_bytes())?;
         return Ok(());
     }
     let rt = a.runtime.runtime()?;

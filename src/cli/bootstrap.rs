@@ -73,7 +73,8 @@ pub struct RecordsIo {
     /// LLaVA input: use only the first question/answer of each conversation.
     #[arg(long)]
     first_turn_only: bool,
-    /// Output BPO records (JSONL, appended; existing ids are skipped).
+    /// Output BPO records (JSONL, appended; existing ids are skipped, a torn last line is cut). A link is
+    /// followed; one process at a time (a lock file beside it names the holder); the input is refused as output.
     #[arg(long)]
     out: PathBuf,
 }
@@ -285,6 +286,7 @@ fn open(
     first_turn_only: bool,
     out: &std::path::Path,
 ) -> anyhow::Result<(Vec<Record>, ResumableWriter)> {
+    bpo::output::check(out, &[data])?;
     let input = read_input(data, &InputOptions { format, first_turn_only })?;
     eprintln!("{}: {} records ({:?})", data.display(), input.records.len(), input.format);
     if input.renamed_duplicates > 0 {

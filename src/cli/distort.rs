@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use bpo::vision::{weakened_view, AspectMode, ImageProcessor, NoiseSchedule};
 
 /// Arguments of `bpo distort` (its help text is on `Command::Distort`).
@@ -23,7 +22,7 @@ pub struct Args {
     /// preprocessor_config.json, or a model folder holding one [default: LLaVA-1.5's CLIP-336 settings].
     #[arg(long)]
     preprocessor: Option<PathBuf>,
-    /// Where to write the PNG.
+    /// Where to write the PNG (replaced atomically; a link is followed).
     #[arg(long)]
     out: PathBuf,
 }
@@ -35,8 +34,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => ImageProcessor::default(),
     };
     let view = weakened_view(&proc, &args.image, args.mode, args.noise_step, args.seed)?;
-    view.save_with_format(&args.out, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    bpo::output::write_with(&args.out, |tmp| {
+        view.save_with_format(tmp, image::ImageFormat::Png).map_err(|e| bpo::Error::invalid(format!("writing {}: {e}", args.out.display())))
+    })?;
     let schedule = NoiseSchedule::default();
     let (keep, noise) = (schedule.sqrt_abar(args.noise_step)?, schedule.sqrt_one_minus_abar(args.noise_step)?);
     println!(

@@ -191,6 +191,9 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
     let answers = match (&args.answers, &args.model) {
         (Some(path), _) => load_answers(path)?,
         (None, Some(model)) => {
+            if let Some(out) = &args.out {
+                bpo::output::check_dir(out, &[])?;
+            }
             let answers = pope_answers(&model.load()?, model, &questions, args.gen.images.as_ref(), &args.gen_params(), args.gen.batch_size)?;
             save_answers(args.out.as_deref(), &answers)?;
             answers
@@ -277,7 +280,7 @@ fn answer_with(vlm: &Vlm, model: &ModelArgs, prompts: &[vqa::Prompt], params: &S
 /// Writes generated answers as `answers.jsonl` in the run folder, so they can be re-scored or inspected.
 fn save_answers(out: Option<&Path>, answers: &[Answer]) -> anyhow::Result<()> {
     if let Some(dir) = out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        bpo::output::create_dir(dir)?;
         bpo::jsonl::write(&dir.join("answers.jsonl"), answers)?;
     }
     Ok(())
@@ -293,6 +296,7 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!instructions.is_empty(), "no prompts in {}", args.prompts);
     let files = image_files(&args.images, args.limit)?;
+    bpo::output::check_dir(&args.out, &[&args.images])?;
     let params = SamplingParams { max_new_tokens: args.max_new_tokens, ..Default::default() };
     let answers = caption_answers(&args.model.load()?, &args.model, &files, &instructions, &params, args.batch_size)?;
     save_answers(Some(&args.out), &answers)?;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use bpo::data::ResumableWriter;
 use bpo::generate::{vqa, SamplingParams};
 
 use super::{image_path, progress, ModelArgs};
@@ -25,7 +26,9 @@ pub struct Args {
     /// Folder that the question file's image paths are relative to.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Answers file to write (JSONL: question_id, prompt, text, answer_id, model_id, metadata).
+    /// Answers file (JSONL: question_id, prompt, text, answer_id, model_id, metadata), appended as answers are
+    /// made: a rerun skips the questions it already answers, so a killed run continues where it stopped (delete
+    /// the file to start over). A link is followed; one process at a time (a lock beside it).
     #[arg(long)]
     answers: Option<PathBuf>,
     /// Prompts per batch (rows are left-padded).
@@ -77,19 +80,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         (None, Some(questions)) => {
             let answers = a.answers.as_ref().context("--answers is required with --questions")?;
-            let vlm = a.model.load()?;
             let rows = vqa::read_questions(questions)?;
-            let prompts: Vec<vqa::Prompt> = rows
-                .iter()
-                .map(|q| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| image_path(a.images.as_ref(), rel)), origin: format!("{}:{}", questions.display(), q.line) })
-                .collect();
+            bpo::output::check(answers, &[questions])?;
+            let (mut writer, reopened) = ResumableWriter::open_with_key(answers, "question_id")?;
+            if let Some(t) = &reopened.torn {
+                eprintln!("{}: cut a torn last line {} ({} bytes: {})", answers.display(), t.line, t.bytes, t.reason);
+            }
+            vqa::check_same_model(answers, &a.model.model_id())?;
+            let vlm = a.model.load()?;
+            let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| image_path(a.images.as_ref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
             let bar = progress(rows.len(), "answering");
-            let texts = vqa::answer_all(&vlm, &prompts, &params, a.batch_size, a.model.pass(), |n| bar.inc(n as u64))?;
+            bar.inc(rows.iter().filter(|q| writer.is_done(&q.key())).count() as u64);
+            let c = vqa::answer_into(&vlm, &rows, prompt, &params, a.batch_size, a.model.pass(), &a.model.model_id(), &mut writer, |n| bar.inc(n as u64))?;
             bar.finish();
-            let model_id = a.model.model_id();
-            let out: Vec<vqa::AnswerRow> = rows.iter().zip(&texts).map(|(q, t)| vqa::answer_row(q, t, &model_id)).collect();
-            bpo::jsonl::write(answers, &out)?;
-            eprintln!("wrote {} answers to {}", out.len(), answers.display());
+            eprintln!("wrote {} answers to {} ({} were already there)", c.written, answers.display(), c.already_done);
+            if c.other > 0 {
+                eprintln!("  {} rows of {} answer questions that {} does not have (kept)", c.other, answers.display(), questions.display());
+            }
             Ok(())
         }
         _ => bail!("give either --prompt (with an optional --image) or --questions with --answers"),

@@ -13,7 +13,7 @@ pub struct PairsArgs {
     /// BPO record files (JSONL); shards of one run are merged. An id found twice is an error.
     #[arg(long, num_args = 1.., required = true)]
     records: Vec<PathBuf>,
-    /// Output pair file (JSONL), replaced atomically.
+    /// Output pair file (JSONL), replaced atomically (a link is followed; an input is refused as output).
     #[arg(long)]
     out: PathBuf,
     /// Layout: bpo ({id, prompt, image, chosen, rejected, chosen_type, rejected_type}), trl (vision
@@ -26,6 +26,8 @@ pub struct PairsArgs {
 }
 
 pub fn run(args: PairsArgs) -> anyhow::Result<()> {
+    let inputs: Vec<&std::path::Path> = args.records.iter().map(PathBuf::as_path).collect();
+    bpo::output::check(&args.out, &inputs)?;
     let opts = PairOptions { max_words: (args.max_words > 0).then_some(args.max_words) };
     let stats = make_pair_file(&args.records, &args.out, args.format, &opts)
         .with_context(|| format!("making pairs into {}", args.out.display()))?;

@@ -21,7 +21,8 @@ pub struct Args {
     /// Folder the rows' image paths are relative to.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Output JSONL: every input row plus `logprob` and `tokens`.
+    /// Output JSONL: every input row plus `logprob` and `tokens`; replaced atomically when done (a link is
+    /// followed; checked to be writable, and not the input, before scoring starts).
     #[arg(long)]
     out: PathBuf,
     /// Rows per forward pass.
@@ -34,6 +35,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    bpo::output::check(&a.out, &[&a.data])?;
     let vlm = a.model.load_styled(a.prompt_style)?;
     let rows: Vec<(usize, Map<String, Value>)> = bpo::jsonl::read_numbered(&a.data)?;
     let mut examples = Vec::with_capacity(rows.len());

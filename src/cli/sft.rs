@@ -19,7 +19,7 @@ pub struct Args {
     /// Folder the samples' image paths are relative to.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Run folder to write (or to continue with --resume).
+    /// Run folder to write (or to continue with --resume); locked while the run writes it, as in `bpo train`.
     #[arg(long)]
     out: PathBuf,
     /// With --full, train the CLIP vision tower too (LLaVA-1.5 keeps its pretrained tower frozen; a tower trained

@@ -24,7 +24,8 @@ pub struct Args {
     /// Folder the data's image paths are relative to.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Run folder to write (or to continue with --resume).
+    /// Run folder to write (or to continue with --resume); locked while the run writes it (a second run on the
+    /// same folder is refused, naming the first one's pid).
     #[arg(long)]
     out: PathBuf,
     /// DPO temperature: larger keeps the policy closer to the reference.

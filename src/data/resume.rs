@@ -5,6 +5,7 @@
 //!   there and remembers their ids; a re-run skips those. A torn last line (no trailing newline, or not valid
 //!   JSON with the id) is reported and truncated away; a bad line *before* the last is a real error.
 //!   Lines are not fsync'ed one by one: a killed process loses nothing, a power cut may lose the last lines.
+//!   The writer holds the output's [`Lock`], so a second process on the same file stops instead of interleaving.
 //! - [`Shard`] splits the ids between independent processes: `i/n` with **1-based** `i` (`1/4` .. `4/4`),
 //!   the same convention as `jest --shard`. An id belongs to shard `stable_hash(id) % n` (0-based
 //!   internally), so the shards cover every id exactly once on every machine.
@@ -12,7 +13,7 @@
 //!   batches, and writes each finished record once.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,7 @@ use serde_json::Value;
 
 use super::records::Record;
 use crate::hash::stable_hash;
+use crate::output::{self, Lock};
 use crate::progress::Progress;
 use crate::{bail, Error, Result};
 
@@ -103,6 +105,7 @@ pub struct ResumableWriter {
     key: String,
     file: File,
     done: HashSet<String>,
+    _lock: Lock,
 }
 
 impl ResumableWriter {
@@ -112,17 +115,15 @@ impl ResumableWriter {
     }
 
     /// Opens (or creates) `path`, keyed by field `key` (a string or a number, e.g. `question_id`).
+    /// The output is locked ([`Lock`]) for the writer's lifetime; a link is followed, a non-regular file refused.
     pub fn open_with_key(path: &Path, key: &str) -> Result<(Self, Reopened)> {
-        let (done, report, keep) = match File::open(path) {
-            Ok(f) => scan(path, key, f)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashSet::new(), Reopened::default(), 0),
-            Err(e) => return Err(Error::io(path, e)),
-        };
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let lock = Lock::file(path)?;
+        let file = output::open_append(path)?;
+        let (done, report, keep) = scan(path, key, File::open(output::resolve(path)?).map_err(|e| Error::io(path, e))?)?;
         if report.torn.is_some() {
             file.set_len(keep).map_err(|e| Error::io(path, e))?;
         }
-        Ok((ResumableWriter { path: path.to_path_buf(), key: key.to_string(), file, done }, report))
+        Ok((ResumableWriter { path: path.to_path_buf(), key: key.to_string(), file, done, _lock: lock }, report))
     }
 
     pub fn path(&self) -> &Path {
@@ -157,7 +158,8 @@ impl ResumableWriter {
     }
 }
 
-fn key_string(v: &Value) -> Option<String> {
+/// The text form of an id value as the writer keys it: a string as it is, a number's digits; `None` otherwise.
+pub fn key_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),

@@ -234,7 +234,7 @@ pub fn write_pairs(records: &[Record], files: &BootstrapFiles) -> Result<Vec<usi
         .map(|p| serde_json::json!({"id": p.id, "image": p.image, "conversations": [{"from": "human", "value": format!("<image>\n{}", p.prompt)}, {"from": "gpt", "value": p.chosen}]}))
         .collect();
     let text = serde_json::to_string(&chosen).map_err(|e| Error::parse(&files.chosen, None, e))?;
-    std::fs::write(&files.chosen, text).map_err(|e| Error::io(&files.chosen, e))?;
+    crate::output::write_bytes(&files.chosen, text.as_bytes())?;
     Ok(counts)
 }
 

@@ -137,7 +137,9 @@ impl World {
 
     fn save_image(&self, scene: &Scene, path: &Path, stream: u64) -> Result<()> {
         let img = render(scene, self.cfg.style(), &mut world::rng(self.seed, stream));
-        img.save(path).map_err(|e| Error::Image { path: path.into(), msg: e.to_string() })
+        let bad = |e: image::ImageError| Error::Image { path: path.into(), msg: e.to_string() };
+        let format = image::ImageFormat::from_path(path).map_err(bad)?;
+        crate::output::write_with(path, |tmp| img.save_with_format(tmp, format).map_err(bad))
     }
 
     fn write_text(&self, f: &WorldFiles) -> Result<()> {
@@ -164,7 +166,7 @@ impl World {
         let truth: Vec<_> = self.eval.iter().map(|e| json!({"image_id": e.image_id, "objects": e.scene.names()})).collect();
         jsonl::write(&f.chair_truth, &truth)?;
         let synonyms = KINDS.join("\n") + "\n";
-        std::fs::write(&f.synonyms, synonyms).map_err(|e| Error::io(&f.synonyms, e))?;
+        crate::output::write_bytes(&f.synonyms, synonyms.as_bytes())?;
         for (split, path) in POPE_SPLITS.iter().zip(&f.pope) {
             jsonl::write(path, &self.pope(split))?;
         }

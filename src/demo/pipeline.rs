@@ -147,7 +147,7 @@ pub struct DemoSummary {
 
 /// Runs the demo: every seed, then the report.
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    crate::output::create_dir(&opts.out)?;
     let mut stages = Stages::new(opts.progress);
     let mut seeds = Vec::new();
     for i in 0..opts.seeds.max(1) {
@@ -223,7 +223,7 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
     stages.finish(stage, "");
     // Keep the LM stage's curve beside the model: the report plots both.
     let lm_metrics = lm.join("metrics.jsonl");
-    std::fs::copy(&lm_metrics, dir.join("lm_metrics.jsonl")).map_err(|e| Error::io(&lm_metrics, e))?;
+    crate::output::write_with(&dir.join("lm_metrics.jsonl"), |tmp| std::fs::copy(&lm_metrics, tmp).map(drop).map_err(|e| Error::io(&lm_metrics, e)))?;
     for d in [&init, &lm] {
         std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::eval::EvalScores;
-use crate::{Error, Result};
+use crate::Result;
 
 /// One row of the results table: a model and its scores, one entry per seed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,7 +203,7 @@ pub fn write_html(path: &Path, r: &Report) -> Result<()> {
         let _ = write!(h, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
     }
     h.push_str("</table></body></html>\n");
-    std::fs::write(path, h).map_err(|e| Error::io(path, e))
+    crate::output::write_bytes(path, h.as_bytes())
 }
 
 fn html_table(rows: &[Row]) -> String {

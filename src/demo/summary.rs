@@ -30,7 +30,7 @@ pub fn write_report(opts: &DemoOptions, rows: &[Row], seeds: &[SeedResult], timi
     let figures = figures(rows, seeds.first())?;
     for f in &figures {
         let path = dir.join(&f.file);
-        std::fs::write(&path, &f.png).map_err(|e| Error::io(&path, e))?;
+        crate::output::write_bytes(&path, &f.png)?;
     }
     let gallery = match seeds.first() {
         Some(s) => gallery(s)?,
@@ -63,7 +63,7 @@ them with the ground truth and trains LoRA adapters with DPO. The table compares
 paper's control: the same LoRA training on the chosen answers only.";
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    crate::output::write_bytes(path, text.as_bytes())
 }
 
 /// (step, value) of `key` in a metrics file; missing files give nothing.

@@ -13,7 +13,7 @@ use super::llava_bench::LlavaBenchReport;
 use super::mmhal::MmHalReport;
 use super::mmvet::MmVetReport;
 use super::pope::{PopeMetrics, PopeReport};
-use crate::{jsonl, Error, Result};
+use crate::{jsonl, output, Error, Result};
 
 /// The content of `scores.json`: `{"kind": "pope", ...}`, `"chair"`, `"mmvet"`, `"llava-bench"` or `"mmhal"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,12 +34,12 @@ pub const SCORES_FILE: &str = "scores.json";
 /// The file name of a run's per-question / per-caption rows inside its folder.
 pub const DETAILS_FILE: &str = "details.jsonl";
 
-/// Writes `out/scores.json` and `out/details.jsonl`, creating `out`.
+/// Writes `out/scores.json` and `out/details.jsonl`, creating `out` (through [`crate::output`]).
 pub fn write_run<D: Serialize>(out: &Path, scores: &Scores, details: &[D]) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    output::create_dir(out)?;
     let path = out.join(SCORES_FILE);
     let text = serde_json::to_string_pretty(scores).map_err(|e| Error::parse(&path, None, e))?;
-    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+    output::write_bytes(&path, (text + "\n").as_bytes())?;
     jsonl::write(&out.join(DETAILS_FILE), details)
 }
 

@@ -1,10 +1,12 @@
 //! LLaVA's `model_vqa` files: question rows in, answer rows out.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data::resume::{key_string, ResumableWriter};
 use crate::{jsonl, Error, Result};
 
 /// A question row: `{question_id, image, text, ...}`; `line` is its 1-based line in the file.
@@ -35,16 +37,29 @@ pub struct AnswerRow {
     pub metadata: serde_json::Map<String, Value>,
 }
 
+/// Reads a question file. A `question_id` that is null, not a string or number, or repeated (as the answers
+/// file keys it: `1` and `"1"` are the same id) fails with the file and line.
 pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
     let rows: Vec<(usize, RawQuestion)> = jsonl::read_numbered(path)?;
     let mut out = Vec::with_capacity(rows.len());
+    let mut seen = HashMap::new();
     for (line, r) in rows {
-        if r.question_id.is_null() {
-            return Err(Error::parse(path, Some(line), "question_id is null"));
+        let Some(key) = key_string(&r.question_id) else {
+            return Err(Error::parse(path, Some(line), format!("question_id must be a string or a number, not {}", r.question_id)));
+        };
+        if let Some(first) = seen.insert(key, line) {
+            return Err(Error::parse(path, Some(line), format!("question_id {} repeats line {first}; answers are keyed by it", r.question_id)));
         }
         out.push(Question { question_id: r.question_id, image: r.image, text: r.text, line });
     }
     Ok(out)
+}
+
+impl Question {
+    /// The id the answers file keys this question by (see [`key_string`]).
+    pub fn key(&self) -> String {
+        key_string(&self.question_id).unwrap_or_default()
+    }
 }
 
 pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
@@ -67,7 +82,19 @@ pub struct Prompt {
 /// `progress(n)` after each batch. Answers are trimmed.
 pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch_size.max(1)) {
+    answer_each(vlm, prompts, params, batch_size, pass, |_, texts| {
+        progress(texts.len());
+        out.extend(texts);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Like [`answer_all`], but hands each batch's answers to `done(first index, answers)` as soon as they exist,
+/// so a caller can write them before the next batch starts; an error from `done` stops the run.
+pub fn answer_each(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut done: impl FnMut(usize, Vec<String>) -> Result<()>) -> Result<()> {
+    let batch_size = batch_size.max(1);
+    for (i, chunk) in prompts.chunks(batch_size).enumerate() {
         let mut requests = Vec::with_capacity(chunk.len());
         for p in chunk {
             let image = match &p.image {
@@ -76,8 +103,61 @@ pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::Sampling
             };
             requests.push(vlm.request(&p.text, image)?);
         }
-        out.extend(vlm.answer(&requests, params, pass)?.into_iter().map(|c| c.text.trim().to_string()));
-        progress(chunk.len());
+        let texts = vlm.answer(&requests, params, pass)?.into_iter().map(|c| c.text.trim().to_string()).collect();
+        done(i * batch_size, texts)?;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Refuses to resume an answers file that holds answers of another model: its rows would silently stand for
+/// this model's. `model_id` is what [`answer_row`] writes.
+pub fn check_same_model(answers: &Path, model_id: &str) -> Result<()> {
+    let rows: Vec<(usize, Value)> = jsonl::read_numbered(answers)?;
+    match rows.iter().find(|(_, r)| r.get("model_id").and_then(Value::as_str) != Some(model_id)) {
+        Some((line, r)) => Err(Error::parse(
+            answers,
+            Some(*line),
+            format!("an answer of model {}, not {model_id:?}: delete the file or give another --answers to start over", r.get("model_id").unwrap_or(&Value::Null)),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Counts of one [`answer_into`] run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnswerCounts {
+    /// Questions in the question file.
+    pub questions: usize,
+    /// Questions already answered in the output (skipped).
+    pub already_done: usize,
+    /// Answers written by this run.
+    pub written: usize,
+    /// Rows of the output whose question is not in the question file (kept as they are).
+    pub other: usize,
+}
+
+/// Answers the questions that `out` does not hold yet and appends each batch's rows as soon as they exist, so a
+/// run killed at any point and started again continues where it stopped, losing and repeating nothing (the
+/// writer drops a torn last line). `prompt` makes the prompt of a question.
+#[allow(clippy::too_many_arguments)]
+pub fn answer_into(
+    vlm: &super::Vlm,
+    questions: &[Question],
+    prompt: impl Fn(&Question) -> Prompt,
+    params: &super::SamplingParams,
+    batch_size: usize,
+    pass: crate::model::Pass,
+    model_id: &str,
+    out: &mut ResumableWriter,
+    mut progress: impl FnMut(usize),
+) -> Result<AnswerCounts> {
+    let pending: Vec<&Question> = questions.iter().filter(|q| !out.is_done(&q.key())).collect();
+    let already_done = questions.len() - pending.len();
+    let counts = AnswerCounts { questions: questions.len(), already_done, written: pending.len(), other: out.done_count() - already_done };
+    let prompts: Vec<Prompt> = pending.iter().map(|q| prompt(q)).collect();
+    answer_each(vlm, &prompts, params, batch_size, pass, |start, texts| {
+        progress(texts.len());
+        pending[start..].iter().zip(&texts).try_for_each(|(q, t)| out.append(&answer_row(q, t, model_id)))
+    })?;
+    Ok(counts)
 }

@@ -18,7 +18,7 @@ use crate::{Error, Result};
 pub fn random_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(config).unwrap_or_default()).map_err(|e| Error::io(&cfg_path, e))?;
+    crate::output::write_bytes(&cfg_path, serde_json::to_string_pretty(config).unwrap_or_default().as_bytes())?;
     let model_config = ModelConfig::from_dir(dir)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

@@ -233,15 +233,14 @@ pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle
 }
 
 /// Writes tensors as safetensors with PyTorch's metadata (`{"format": "pt"}`, which transformers and peft expect),
-/// through a temporary file and a rename so an interrupted write never leaves a torn checkpoint.
+/// through [`crate::output::write_with`] (a temporary file and a rename), so an interrupted write never leaves a
+/// torn checkpoint.
 pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let contiguous: Vec<(String, candle_core::Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
-    safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
-    let file = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::output::write_with(path, |tmp| {
+        safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), tmp).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })
+    })
 }
 
 #[cfg(test)]

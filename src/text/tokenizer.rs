@@ -93,7 +93,7 @@ pub fn word_level_json(words: &[String]) -> serde_json::Value {
 pub fn write_word_level(dir: &Path, words: &[String]) -> Result<()> {
     let write = |name: &str, v: serde_json::Value| {
         let path = dir.join(name);
-        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap_or_default()).map_err(|e| Error::io(&path, e))
+        crate::output::write_bytes(&path, serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes())
     };
     write("tokenizer.json", word_level_json(words))?;
     write("tokenizer_config.json", serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}))

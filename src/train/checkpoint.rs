@@ -63,13 +63,10 @@ fn projector_write_key(name: &str) -> String {
     format!("base_model.model.model.{name}")
 }
 
-/// Writes JSON through a temporary file, fsync and rename.
+/// Writes JSON through [`crate::output::write_with`] (temporary file, fsync, rename).
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::parse(path, None, e))?;
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::output::write_bytes(path, text.as_bytes())
 }
 
 pub fn read_json(path: &Path) -> Result<Value> {
@@ -77,24 +74,8 @@ pub fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
 }
 
-/// Fills `dir` atomically: `fill` writes into `dir` + `.tmp`, which then replaces `dir` in one rename.
-pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = dir.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    fill(&tmp)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    if let Some(parent) = dir.parent() {
-        // Make the rename itself durable.
-        std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(|e| Error::io(parent, e))?;
-    }
-    Ok(())
-}
+/// Checkpoint folders are filled atomically by the one folder writer.
+pub use crate::output::write_dir as write_dir_atomically;
 
 /// `adapter_config.json` for `cfg`. LLaVA targets are a regex restricted to the language model, so that peft does
 /// not also wrap the CLIP tower's identically named `q_proj`/`k_proj`/`v_proj`.
@@ -286,18 +267,5 @@ mod tests {
         assert_eq!(parse_lora_key(&lora_write_key(true, "layers.1.mlp.up_proj", 'B')), Some(("layers.1.mlp.up_proj".into(), 'B')));
         assert_eq!(parse_lora_key(&lora_write_key(false, "layers.1.mlp.up_proj", 'B')), Some(("layers.1.mlp.up_proj".into(), 'B')));
         assert_eq!(parse_projector_key(&projector_write_key("multi_modal_projector.linear_2.weight")).as_deref(), Some("multi_modal_projector.linear_2.weight"));
-    }
-
-    #[test]
-    fn atomic_dir_replaces_whole() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("checkpoint-1");
-        write_dir_atomically(&dir, |d| std::fs::write(d.join("a"), "1").map_err(|e| Error::io(d, e))).unwrap();
-        write_dir_atomically(&dir, |d| std::fs::write(d.join("b"), "2").map_err(|e| Error::io(d, e))).unwrap();
-        assert!(!dir.join("a").exists() && dir.join("b").exists());
-        assert!(!tmp.path().join("checkpoint-1.tmp").exists());
-        // A failed fill leaves the previous folder intact.
-        assert!(write_dir_atomically(&dir, |_| Err(Error::invalid("boom"))).is_err());
-        assert!(dir.join("b").exists());
     }
 }

@@ -203,7 +203,7 @@ fn describe_missing(report: &DataReport, say: Say) {
 /// `bpo train`: DPO in `cfg.optim`'s loop, writing the run folder `out`.
 pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
     cfg.loss.validate()?;
-    prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
+    let _lock = prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     if cfg.setup.train_vision {
         crate::bail!("training the vision tower is for `bpo sft`: DPO's batches reuse cached, frozen tower features");
     }

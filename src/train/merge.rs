@@ -23,7 +23,7 @@ pub fn write_model_dir(base: &Path, out: &Path, replace: &[(String, Var)]) -> Re
 }
 
 fn write_with(base: &Path, out: &Path, replace: &HashMap<String, Tensor>) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::output::create_dir(out)?;
     let source = TensorSource::open(base)?;
     let mut tensors = Vec::new();
     for name in source.names() {
@@ -41,7 +41,7 @@ fn write_with(base: &Path, out: &Path, replace: &HashMap<String, Tensor>) -> Res
     for name in COMPANIONS {
         let from = base.join(name);
         if from.is_file() {
-            std::fs::copy(&from, out.join(name)).map_err(|e| Error::io(&from, e))?;
+            crate::output::write_with(&out.join(name), |tmp| std::fs::copy(&from, tmp).map(drop).map_err(|e| Error::io(&from, e)))?;
         }
     }
     Ok(())
@@ -57,6 +57,9 @@ pub struct MergeReport {
 /// Merges the adapter of `adapter_dir` (a run folder or any PEFT adapter folder) into the model of `model_dir`,
 /// writing a model folder at `out`.
 pub fn merge(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeReport> {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        crate::bail!("{} exists and is not empty: choose a new --out", out.display());
+    }
     let mut model = load(model_dir, &LoadOptions::default())?;
     let adapter = load_adapter(&mut model, adapter_dir)?;
     let prefix = if model.vision.is_some() { "language_model.model" } else { "model" };
@@ -70,9 +73,6 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeRe
     }
     for (name, var) in &adapter.projector {
         replace.insert(name.clone(), var.as_tensor().clone());
-    }
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false) {
-        crate::bail!("{} exists and is not empty: choose a new --out", out.display());
     }
     write_with(model_dir, out, &replace)?;
     Ok(MergeReport { linears, projector: !adapter.projector.is_empty() })

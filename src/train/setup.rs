@@ -15,6 +15,7 @@ use crate::model::load::{load_trainable, VISION_PREFIX};
 use crate::model::{LoadOptions, Runtime};
 use crate::text::{Chat, PromptStyle, Template};
 use crate::vision::AspectMode;
+use crate::output::{self, Lock};
 use crate::{bail, Error, Result};
 
 /// The model side of a run's config.
@@ -98,10 +99,12 @@ pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepare
     Ok(Prepared { vlm, trainable, start_projector })
 }
 
-/// Creates `out` and records `config` there as `train_config.json`. A folder that already holds a run is refused
-/// unless `resume`, and then its config must match `config`.
-pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+/// Creates `out`, locks it for as long as the returned [`Lock`] lives (a second run on the same folder is
+/// refused, naming the first), and records `config` there as `train_config.json`. A folder that already holds a
+/// run is refused unless `resume`, and then its config must match `config`.
+pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<Lock> {
+    output::create_dir(out)?;
+    let lock = Lock::dir(out)?;
     let path = out.join("train_config.json");
     match (path.exists(), resume) {
         (false, true) => bail!("--resume: {} holds no run (no train_config.json)", out.display()),
@@ -116,6 +119,7 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<()> {
         }
         (false, false) => write_json(&path, config),
     }
+    .map(|()| lock)
 }
 
 /// Records the chat template a run renders from its model folder (`--template model`) in the run folder as
@@ -123,10 +127,7 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<()> {
 /// "model"`.
 pub fn record_template(out: &Path, vlm: &Vlm) -> Result<()> {
     match &vlm.chat {
-        Chat::Model(t, _) => {
-            let path = out.join("chat_template.jinja");
-            std::fs::write(&path, &t.source).map_err(|e| Error::io(&path, e))
-        }
+        Chat::Model(t, _) => crate::output::write_bytes(&out.join("chat_template.jinja"), t.source.as_bytes()),
         Chat::Builtin(_) => Ok(()),
     }
 }

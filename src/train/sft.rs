@@ -91,7 +91,7 @@ pub struct SftConfig {
 /// `bpo sft`: supervised training, writing the run folder `out` (an adapter, or with full fine-tuning a model
 /// folder that `--model` accepts).
 pub fn train(cfg: &SftConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
-    prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
+    let _lock = prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
     record_template(out, &prepared.vlm)?;
     let samples = read_conversations(&cfg.data)?;

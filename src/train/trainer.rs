@@ -187,7 +187,7 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
     let start = if resume { restore(run, trainable, &mut opt, cfg.seed)? } else { 0 };
     let metrics_path = run.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start)?;
-    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics_file = crate::output::open_append(&metrics_path)?;
     hooks.on_start(start, total);
     let mut summary = LoopSummary { start_step: start, steps_done: 0, total_steps: total, interrupted: false, last: None };
     let micro_per_epoch = n.div_ceil(cfg.batch_size);

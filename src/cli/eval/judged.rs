@@ -108,7 +108,8 @@ pub struct JudgedRun {
     gen: JudgedGenArgs,
     #[command(flatten)]
     judge: JudgeArgs,
-    /// Run folder: scores.json, details.jsonl, judge-cache.jsonl, and the answers when a model answered.
+    /// Run folder: scores.json, details.jsonl, judge-cache.jsonl (locked while a run uses it), and the answers
+    /// when a model answered.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
 }

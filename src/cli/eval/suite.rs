@@ -63,7 +63,7 @@ fn gen(images: &Option<PathBuf>, batch_size: usize, max_new_tokens: Option<usize
 
 pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
     let cfg = SuiteConfig::load(&a.config)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    bpo::output::create_dir(&a.out)?;
     let mut info = SuiteInfo { model: a.model.model.display().to_string(), adapter: a.model.adapter.as_ref().map(|p| p.display().to_string()), benchmarks: Vec::new() };
     if let Some(old) = suite::read_info(&a.out)? {
         anyhow::ensure!(

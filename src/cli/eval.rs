@@ -15,11 +15,12 @@ use serde::Serialize;
 use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::words::Lemmatizer;
 use bpo::eval::report::{self, Scores};
+use bpo::eval::answer::{self, Answering};
 use bpo::eval::{inputs, load_answers, pope, Answer};
 use bpo::generate::{vqa, SamplingParams};
 use bpo::model::Vlm;
 
-use super::{image_path, progress, ModelArgs};
+use super::{progress, ModelArgs};
 
 mod judged;
 mod suite;
@@ -207,20 +208,7 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
 
 /// Answers POPE questions with LLaVA's short-answer suffix, greedily.
 fn pope_answers(vlm: &Vlm, model: &ModelArgs, questions: &[pope::PopeQuestion], images: Option<&PathBuf>, params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<Answer>> {
-    let prompts: Vec<vqa::Prompt> = questions
-        .iter()
-        .map(|q| vqa::Prompt {
-            text: format!("{}{}", q.text, SHORT_ANSWER),
-            image: (!q.image.is_empty()).then(|| image_path(images, &q.image)),
-            origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
-        })
-        .collect();
-    let texts = answer_with(vlm, model, &prompts, params, batch_size)?;
-    Ok(questions
-        .iter()
-        .zip(texts)
-        .map(|(q, t)| Answer { model_id: model.model_id(), answer_id: q.question_id.clone(), ..Answer::new(q.question_id.clone(), q.text.clone(), t) })
-        .collect())
+    with_bar(|tick| answer::answer_pope(vlm, questions, images.map(PathBuf::as_path), answer::SHORT_ANSWER, &answering(model, params, batch_size), tick))
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
@@ -260,21 +248,31 @@ fn load_truth(chair: &Chair, captions: &[bpo::eval::chair::Caption], coco: Optio
     })
 }
 
-/// LLaVA's short-answer suffix, appended to POPE questions as its evaluation scripts do.
-const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
-
 impl PopeArgs {
     fn gen_params(&self) -> SamplingParams {
         SamplingParams { max_new_tokens: self.gen.max_new_tokens, ..Default::default() }
     }
 }
 
-/// Answers `prompts` greedily with a loaded model, with a progress bar.
-fn answer_with(vlm: &Vlm, model: &ModelArgs, prompts: &[vqa::Prompt], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<String>> {
-    let bar = progress(prompts.len(), "answering");
-    let texts = vqa::answer_all(vlm, prompts, params, batch_size, model.pass(), |n| bar.inc(n as u64))?;
+/// How `model` answers: `params`, `batch_size` prompts a batch, its adapters, its name in the rows.
+fn answering(model: &ModelArgs, params: &SamplingParams, batch_size: usize) -> Answering {
+    Answering { params: params.clone(), batch_size, pass: model.pass(), model_id: model.model_id() }
+}
+
+/// Runs one of [`answer`]'s runners with a progress bar over the distinct prompts.
+fn with_bar<T>(run: impl FnOnce(&mut dyn FnMut(usize, usize)) -> bpo::Result<T>) -> anyhow::Result<T> {
+    let bar = progress(0, "answering");
+    let out = run(&mut |n, total| {
+        bar.set_length(total as u64);
+        bar.inc(n as u64)
+    })?;
     bar.finish();
-    Ok(texts)
+    Ok(out)
+}
+
+/// Answers `prompts` with a loaded model, with a progress bar.
+fn answer_with(vlm: &Vlm, model: &ModelArgs, prompts: &[vqa::Prompt], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<String>> {
+    with_bar(|tick| answer::answer_unique(vlm, prompts, &answering(model, params, batch_size), tick))
 }
 
 /// Writes generated answers as `answers.jsonl` in the run folder, so they can be re-scored or inspected.
@@ -321,20 +319,15 @@ fn image_files(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<PathBuf>>
 
 /// Describes each image with the instructions used in turn; answers are keyed by file name.
 fn caption_answers(vlm: &Vlm, model: &ModelArgs, files: &[PathBuf], instructions: &[String], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<Answer>> {
-    let prompts: Vec<vqa::Prompt> = files
+    let asks: Vec<answer::CaptionAsk> = files
         .iter()
         .enumerate()
-        .map(|(i, f)| vqa::Prompt { text: instructions[i % instructions.len()].clone(), image: Some(f.clone()), origin: f.display().to_string() })
-        .collect();
-    let texts = answer_with(vlm, model, &prompts, params, batch_size)?;
-    Ok(files
-        .iter()
-        .zip(prompts.iter().zip(texts))
-        .map(|(f, (p, t))| {
+        .map(|(i, f)| {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            Answer { image: Some(name.clone()), model_id: model.model_id(), ..Answer::new(name, p.text.clone(), t) }
+            answer::CaptionAsk { id: name.clone(), image: f.clone(), name, instruction: instructions[i % instructions.len()].clone() }
         })
-        .collect())
+        .collect();
+    with_bar(|tick| answer::answer_captions(vlm, &asks, &answering(model, params, batch_size), tick))
 }
 
 /// Prints the table and warnings, and writes the run folder when asked. Shared by every way of producing

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use bpo::data::ResumableWriter;
 use bpo::generate::{vqa, SamplingParams};
 
-use super::{image_path, progress, ModelArgs};
+use super::{progress, ModelArgs};
 
 /// Generate answers with a model folder: one prompt (`--prompt`, optional `--image`), or every row of a
 /// question file (`--questions`, LLaVA `model_vqa` rows `{question_id, image, text}`) into an answers file.
@@ -88,7 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             vqa::check_same_model(answers, &a.model.model_id())?;
             let vlm = a.model.load()?;
-            let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| image_path(a.images.as_ref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
+            let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| bpo::data::image_path(a.images.as_deref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
             let bar = progress(rows.len(), "answering");
             bar.inc(rows.iter().filter(|q| writer.is_done(&q.key())).count() as u64);
             let c = vqa::answer_into(&vlm, &rows, prompt, &params, a.batch_size, a.model.pass(), &a.model.model_id(), &mut writer, |n| bar.inc(n as u64))?;

@@ -213,11 +213,3 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
-
-/// Resolves an image path given in a data file against `--images`.
-pub fn image_path(images: Option<&PathBuf>, rel: &str) -> PathBuf {
-    match images {
-        Some(dir) => dir.join(rel),
-        None => PathBuf::from(rel),
-    }
-}

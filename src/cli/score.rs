@@ -7,7 +7,7 @@ use bpo::model::Pass;
 use bpo::score::Example;
 use serde_json::{Map, Value};
 
-use super::{image_path, progress, ModelArgs};
+use super::{progress, ModelArgs};
 
 /// Score responses: for each JSONL row with `prompt`, optional `image` and `response`, write the row back with
 /// `logprob` (sum over the response tokens, EOS included in the LLaVA prompt style) and `tokens` (their count).
@@ -44,7 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let field = |k: &str| row.get(k).and_then(Value::as_str).with_context(|| format!("{}: missing string field {k:?}", at()));
         let (prompt, response) = (field("prompt")?, field("response")?);
         let image = match row.get("image").and_then(Value::as_str) {
-            Some(rel) => Some(vlm.load_image(&image_path(a.images.as_ref(), rel)).with_context(at)?),
+            Some(rel) => Some(vlm.load_image(&bpo::data::image_path(a.images.as_deref(), rel)).with_context(at)?),
             None => None,
         };
         let prompt = vlm.prompt_ids(prompt, image.is_some()).with_context(at)?;

@@ -69,7 +69,7 @@ pub fn request_count(files: &WorldFiles) -> Result<usize> {
 /// scores.json, details.jsonl).
 pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Evaluation> {
     let questions = pope::load_questions(&files.pope)?;
-    let answers = answer_pope(vlm, &questions, Some(&files.images), "", &answering(3, batch, pass), &mut tick)?;
+    let answers = answer_pope(vlm, &questions, Some(&files.images), "", &answering(3, batch, pass), |n, _| tick(n))?;
     let pope_out = pope::score(&questions, &answers, Pairing::ById)?;
     let pope_dir = out.join("pope");
     write_run(&pope_dir, &Scores::Pope(pope_out.report.clone()), &pope_out.details)?;
@@ -77,7 +77,7 @@ pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: P
 
     let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
     let asks: Vec<CaptionAsk> = describe.iter().map(|d| CaptionAsk { id: d.question_id.clone(), image: files.images.join(&d.image), name: d.image.clone(), instruction: d.text.clone() }).collect();
-    let answers = answer_captions(vlm, &asks, &answering(40, batch, pass), &mut tick)?;
+    let answers = answer_captions(vlm, &asks, &answering(40, batch, pass), |n, _| tick(n))?;
     let synonyms = std::fs::read_to_string(&files.synonyms).map_err(|e| Error::io(&files.synonyms, e))?;
     let chair = Chair::new(&synonyms, Lemmatizer::wordnet())?;
     let truth = GroundTruth::from_jsonl(&files.chair_truth, &chair)?;

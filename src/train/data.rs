@@ -96,11 +96,6 @@ pub fn read_preference_file(path: &Path, opts: &PairOptions) -> Result<(Vec<Pair
     }
 }
 
-/// Resolves an image path of a data row against the image folder.
-pub fn image_path(images: Option<&Path>, rel: &str) -> PathBuf {
-    images.map_or_else(|| PathBuf::from(rel), |d| d.join(rel))
-}
-
 /// Fits `prompt + answer` into `max_length` by cutting the answer. None when the prompt alone fills it.
 fn fit(prompt_len: usize, answer: &mut Vec<u32>, max_length: usize) -> Option<bool> {
     if prompt_len >= max_length {
@@ -117,7 +112,7 @@ pub fn tokenize_pairs(vlm: &Vlm, pairs: &[Pair], images: Option<&Path>, max_leng
     let mut report = DataReport { read: pairs.len(), ..Default::default() };
     let mut out = Vec::with_capacity(pairs.len());
     for p in pairs {
-        let image = p.image.as_deref().map(|rel| image_path(images, rel));
+        let image = p.image.as_deref().map(|rel| crate::data::image_path(images, rel));
         if let Some(path) = image.as_ref().filter(|p| !p.is_file()) {
             report.missing_images.push((p.id.clone(), path.clone()));
             continue;
@@ -190,7 +185,7 @@ pub fn tokenize_conversations(vlm: &Vlm, samples: &[Sample], images: Option<&Pat
     let mut out = Vec::with_capacity(samples.len());
     let slot = vlm.model.image_token().map(|id| (id, vlm.model.image_tokens()));
     for Sample { id, image, turns } in samples {
-        let image = image.as_deref().map(|rel| image_path(images, rel));
+        let image = image.as_deref().map(|rel| crate::data::image_path(images, rel));
         if let Some(path) = image.as_ref().filter(|p| !p.is_file()) {
             report.missing_images.push((id.clone(), path.clone()));
             continue;

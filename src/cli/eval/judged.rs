@@ -19,7 +19,7 @@ use bpo::generate::{vqa, SamplingParams};
 use bpo::model::Vlm;
 
 use super::{answer_with, finish, save_answers};
-use crate::cli::{image_path, progress, ModelArgs};
+use crate::cli::{progress, ModelArgs};
 
 /// Where the judge is and how to talk to it.
 #[derive(Args, Clone, Debug)]
@@ -181,7 +181,7 @@ pub fn generate(vlm: &Vlm, model: &ModelArgs, gen: &JudgedGenArgs, items: &[ToAn
         .iter()
         .map(|q| vqa::Prompt {
             text: q.text.clone(),
-            image: q.image.as_deref().map(|i| image_path(gen.images.as_ref(), i)),
+            image: q.image.as_deref().map(|i| bpo::data::image_path(gen.images.as_deref(), i)),
             origin: format!("question {}", q.id),
         })
         .collect();

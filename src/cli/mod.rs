@@ -159,6 +159,11 @@ pub struct ModelArgs {
     /// (adapter_config.json + adapter_model.safetensors; its projector copy, if saved, replaces the model's).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Largest image accepted, in pixels of the square it is padded to (--aspect pad; the image itself with
+    /// square), read from the file's header before anything is decoded: a bigger image fails with one line.
+    /// Default: Pillow's MAX_IMAGE_PIXELS (a 9459x9459 square, about 270 MB as RGB).
+    #[arg(long, value_name = "N", default_value_t = bpo::vision::DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
 }
 
 impl ModelArgs {
@@ -166,6 +171,9 @@ impl ModelArgs {
         let opts = bpo::model::LoadOptions::new(&self.runtime()?);
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
+        if let Some(p) = vlm.processor.as_mut() {
+            p.max_pixels = self.max_image_pixels;
+        }
         if let Some(dir) = &self.adapter {
             bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
         }

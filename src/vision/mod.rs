@@ -17,5 +17,5 @@ mod preprocess;
 mod resample;
 
 pub use distort::{weaken, weakened_view, NoiseSchedule};
-pub use preprocess::{load_image, AspectMode, ImageProcessor, Size};
+pub use preprocess::{decode_image, load_image, load_image_within, AspectMode, ImageProcessor, Size, DEFAULT_MAX_PIXELS};
 pub use resample::Filter;

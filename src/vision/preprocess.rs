@@ -76,7 +76,15 @@ pub struct ImageProcessor {
     pub image_std: [f64; 3],
     /// Composite transparency onto white as transformers does (without it, alpha is simply dropped).
     pub do_convert_rgb: bool,
+    /// Largest image accepted, in pixels of the square it is padded to (`pad`) or of the image itself
+    /// (`square`); checked from the file's header before anything is decoded or padded. Not a
+    /// `preprocessor_config.json` field; default [`DEFAULT_MAX_PIXELS`].
+    pub max_pixels: u64,
 }
+
+/// Default [`ImageProcessor::max_pixels`]: Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 Mpx, about 270 MB as 8-bit
+/// RGB), above which Pillow warns of a decompression bomb. A 9459x9459 padded square still fits.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
@@ -103,20 +111,54 @@ impl ImageProcessor {
             image_mean: CLIP_MEAN,
             image_std: CLIP_STD,
             do_convert_rgb: true,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 
     /// Reads a `preprocessor_config.json` (or any JSON object with its fields).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::jsonl::read_text(path)?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))?;
         Self::from_json(&value).map_err(|msg| Error::parse(path, None, msg))
     }
 
+    /// [`from_model_dir`](Self::from_model_dir) for a vision tower that takes `side` x `side` images: a
+    /// processor whose output has another size (or, with no processor file, a tower other than 336 px) is
+    /// refused with one line naming the file and both sizes, instead of a tensor-shape error at the first image.
+    pub fn for_tower(dir: impl AsRef<Path>, side: usize) -> Result<Self> {
+        let dir = dir.as_ref();
+        let p = Self::from_model_dir(dir)?;
+        let Some((h, w)) = p.output_size().filter(|&s| s != (side, side)) else { return Ok(p) };
+        let pre = dir.join("preprocessor_config.json");
+        let nested = dir.join("processor_config.json");
+        if let Some(file) = [&pre, &nested].into_iter().find(|f| f.is_file()) {
+            bail!(
+                "{}: the image processor makes {h}x{w} images but the vision tower takes {side}x{side} \
+                 (vision_config.image_size in config.json)",
+                file.display()
+            );
+        }
+        bail!(
+            "{}: not found; without it images are made {h}x{w} (LLaVA-1.5's CLIP-336) but this vision tower takes \
+             {side}x{side}: add the model's preprocessor_config.json",
+            pre.display()
+        )
+    }
+
+    /// The size of every output, when it does not depend on the image: the crop, or an exact resize.
+    fn output_size(&self) -> Option<(usize, usize)> {
+        match (self.do_center_crop, self.do_resize, self.size) {
+            (true, ..) => Some(self.crop_size),
+            (false, true, Size::Exact { height, width }) => Some((height, width)),
+            _ => None,
+        }
+    }
+
     /// The processor of a model folder: its `preprocessor_config.json`, else the `image_processor` entry of the
     /// `processor_config.json` that transformers 5 writes instead. Only when neither file exists does it fall
-    /// back to [`ImageProcessor::default`] (LLaVA-1.5, 336 px), which is wrong for other vision towers.
+    /// back to [`ImageProcessor::default`] (LLaVA-1.5, 336 px), which is wrong for other vision towers (see
+    /// [`for_tower`](Self::for_tower)).
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
@@ -129,7 +171,7 @@ impl ImageProcessor {
         }
         let proc = dir.join("processor_config.json");
         if proc.is_file() {
-            let text = std::fs::read_to_string(&proc).map_err(|e| Error::io(&proc, e))?;
+            let text = crate::jsonl::read_text(&proc)?;
             let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(&proc, None, e))?;
             if let Some(ip) = value.get("image_processor") {
                 return Self::from_json(ip).map_err(|msg| Error::parse(&proc, None, format!("image_processor: {msg}")));
@@ -180,8 +222,10 @@ impl ImageProcessor {
         Ok(p)
     }
 
-    /// Preprocesses a decoded image into the f32 `(3, H, W)` CPU tensor a CLIP tower takes.
+    /// Preprocesses a decoded image into the f32 `(3, H, W)` CPU tensor a CLIP tower takes. An image over
+    /// [`max_pixels`](Self::max_pixels) (padded, in `pad` mode) is refused before any pixel is copied.
     pub fn preprocess(&self, img: &DynamicImage, mode: AspectMode) -> Result<Tensor> {
+        check_size(img.width(), img.height(), self.max_pixels, mode).map_err(Error::invalid)?;
         let (pixels, h, w) = self.pixels(img, mode)?;
         let luts = self.lookup_tables();
         let n = h * w;
@@ -194,10 +238,10 @@ impl ImageProcessor {
         Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
     }
 
-    /// Decodes a JPEG, PNG or WebP file and preprocesses it; a missing or undecodable file is an
-    /// [`Error::Image`] naming the path.
+    /// Decodes a JPEG, PNG or WebP file and preprocesses it; a missing, undecodable or too large file (see
+    /// [`max_pixels`](Self::max_pixels)) is an [`Error::Image`] naming the path.
     pub fn load(&self, path: impl AsRef<Path>, mode: AspectMode) -> Result<Tensor> {
-        self.preprocess(&load_image(path)?, mode)
+        self.preprocess(&load_image_within(path, self.max_pixels, mode)?, mode)
     }
 
     /// Turns a `(3, H, W)` tensor made by [`preprocess`](Self::preprocess) (possibly noised) back into an 8-bit
@@ -290,16 +334,53 @@ impl ImageProcessor {
     }
 }
 
-/// Decodes an image file (JPEG, PNG or WebP, recognised by content); failures are [`Error::Image`]. JPEGs go
-/// through libjpeg-turbo so their pixels are exactly Pillow's; other formats through the `image` crate.
+/// Decodes an image file (JPEG, PNG or WebP, recognised by content) of at most [`DEFAULT_MAX_PIXELS`] pixels;
+/// failures are [`Error::Image`]. JPEGs go through libjpeg-turbo so their pixels are exactly Pillow's; other
+/// formats through the `image` crate.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    load_image_within(path, DEFAULT_MAX_PIXELS, AspectMode::Square)
+}
+
+/// [`load_image`] with a size limit: the width and height are read from the file's header and refused (before
+/// anything is decoded) when the image, or in `pad` mode the square it will be padded to, has more than
+/// `max_pixels` pixels.
+pub fn load_image_within(path: impl AsRef<Path>, max_pixels: u64, mode: AspectMode) -> Result<DynamicImage> {
     let path = path.as_ref();
     let err = |msg: String| Error::Image { path: path.to_path_buf(), msg };
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    if super::jpeg::is_jpeg(&bytes) {
-        return super::jpeg::decode(&bytes).map_err(err);
+    decode_image(&bytes, max_pixels, mode).map_err(err)
+}
+
+/// Decodes the bytes of an image file (JPEG, PNG or WebP) after checking the size its header gives, as
+/// [`load_image_within`] does; errors are plain messages.
+pub fn decode_image(bytes: &[u8], max_pixels: u64, mode: AspectMode) -> std::result::Result<DynamicImage, String> {
+    let check = |w, h| check_size(w, h, max_pixels, mode);
+    if super::jpeg::is_jpeg(bytes) {
+        return super::jpeg::decode(bytes, check);
     }
-    image::load_from_memory(&bytes).map_err(|e| err(e.to_string()))
+    let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string());
+    let (w, h) = reader()?.into_dimensions().map_err(|e| e.to_string())?;
+    check(w, h)?;
+    reader()?.decode().map_err(|e| e.to_string())
+}
+
+/// Refuses an empty image, or one whose pixels (in `pad` mode: the pixels of the square it is padded to) are
+/// more than `max_pixels`, saying the sizes.
+fn check_size(w: u32, h: u32, max_pixels: u64, mode: AspectMode) -> std::result::Result<(), String> {
+    let (w64, h64) = (u64::from(w), u64::from(h));
+    let side = w64.max(h64);
+    if w == 0 || h == 0 {
+        Err(format!("empty image ({w}x{h})"))
+    } else if w64 * h64 > max_pixels {
+        Err(format!("{w}x{h} is {} pixels, over the limit of {max_pixels} (--max-image-pixels)", w64 * h64))
+    } else if mode == AspectMode::Pad && side * side > max_pixels {
+        Err(format!(
+            "{w}x{h} pads to a {side}x{side} square of {} pixels, over the limit of {max_pixels} (--max-image-pixels)",
+            side * side
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 fn present(v: Option<&Value>) -> Option<&Value> {
@@ -465,6 +546,21 @@ mod tests {
         let t = p.preprocess(&DynamicImage::ImageRgb8(img.clone()), AspectMode::Square).unwrap();
         assert_eq!(p.denormalize(&t).unwrap(), img);
         assert!(p.denormalize(&t.get(0).unwrap()).is_err());
+    }
+
+    #[test]
+    fn size_limit_covers_the_padded_square() {
+        assert!(check_size(300, 200, 90_000, AspectMode::Pad).is_ok());
+        assert!(check_size(300, 200, 60_000, AspectMode::Square).is_ok());
+        let padded = check_size(300, 200, 60_000, AspectMode::Pad).unwrap_err();
+        assert!(padded.contains("300x300") && padded.contains("90000") && padded.contains("60000"), "{padded}");
+        assert!(check_size(300, 200, 59_999, AspectMode::Square).unwrap_err().contains("60000 pixels"));
+        assert!(check_size(0, 5, 100, AspectMode::Square).unwrap_err().contains("empty"));
+        // u32::MAX sides do not overflow.
+        assert!(check_size(u32::MAX, u32::MAX, u64::MAX / 2, AspectMode::Pad).is_err());
+        let p = ImageProcessor { max_pixels: 1000, ..ImageProcessor::default() };
+        let wide = DynamicImage::ImageRgb8(RgbImage::new(100, 2));
+        assert!(p.preprocess(&wide, AspectMode::Pad).unwrap_err().to_string().contains("100x100"));
     }
 
     #[test]

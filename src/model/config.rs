@@ -337,7 +337,7 @@ impl ClipVisionConfig {
                 ("patch_size", self.patch_size),
             ],
         )?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "{prefix}hidden_size: {} is not divisible by num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
@@ -371,20 +371,20 @@ impl LlamaConfig {
             ],
         )?;
         positive(prefix, &[("num_key_value_heads", self.kv_heads()), ("head_dim", self.head_dim.unwrap_or(1))])?;
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(format!(
                 "{prefix}num_attention_heads: {} is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.kv_heads()
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "{prefix}hidden_size: {} is not divisible by num_attention_heads ({}) and no head_dim is given",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("{prefix}head_dim: {} must be even (RoPE rotates pairs)", self.head_dim()));
         }
         finite(prefix, &[("rms_norm_eps", self.rms_norm_eps)], false)?;

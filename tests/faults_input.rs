@@ -41,25 +41,21 @@ fn error_line(o: &std::process::Output) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Servers
 
-/// Replies a server must not be trusted with, and a word the failure must carry.
-fn garbage() -> Vec<(&'static str, Reply, &'static str)> {
+/// 200 replies a server must not be trusted with: (name, body, a word the failure must carry).
+fn garbage() -> Vec<(&'static str, String, &'static str)> {
     vec![
-        ("html", Reply::Raw(200, "<html>\n<body>502 Bad Gateway</body>\n</html>".into()), "not JSON"),
-        ("malformed", Reply::Raw(200, r#"{"choices": [{"text": "A blue"#.into()), "not JSON"),
-        ("no choices", Reply::Raw(200, r#"{"object": "text_completion"}"#.into()), "no `choices`"),
-        ("null text", Reply::Raw(200, r#"{"choices": [{"text": null}]}"#.into()), "null"),
-        ("empty text", Reply::Raw(200, r#"{"choices": [{"text": "  "}]}"#.into()), "empty"),
-        ("oversized", Reply::Raw(200, format!(r#"{{"choices": [{{"text": "{}"}}]}}"#, "x".repeat(5 << 20))), "larger than"),
+        ("html", "<html>\n<body>502 Bad Gateway</body>\n</html>".into(), "not JSON"),
+        ("malformed", r#"{"choices": [{"text": "A blue"#.into(), "not JSON"),
+        ("no choices", r#"{"object": "text_completion"}"#.into(), "no `choices`"),
+        ("null text", r#"{"choices": [{"text": null}]}"#.into(), "null"),
+        ("empty text", r#"{"choices": [{"text": "  "}]}"#.into(), "empty"),
+        ("oversized", format!(r#"{{"choices": [{{"text": "{}"}}]}}"#, "x".repeat(5 << 20)), "larger than"),
     ]
 }
 
 #[test]
 fn garbage_replies_are_retried_then_fail_the_prompt() {
-    for (name, reply, needle) in garbage() {
-        let body = match reply {
-            Reply::Raw(_, b) => b,
-            _ => unreachable!(),
-        };
+    for (name, body, needle) in garbage() {
         let server = Server::start(10, move |_, _| Reply::Raw(200, body.clone()));
         let c = completer(&server.url, Endpoint::Completions, 5000, 2);
         let err = c.complete_one("p", &CompletionOptions::default()).unwrap_err();
@@ -91,8 +87,7 @@ fn inject(url: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::O
 fn inject_against_a_garbage_server_writes_nothing_and_a_rerun_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = llava_data(tmp.path());
-    for (name, reply, needle) in garbage() {
-        let Reply::Raw(_, body) = reply else { unreachable!() };
+    for (name, body, needle) in garbage() {
         // Requests 0 and 1 (run 1) get garbage, later ones (run 2) a real answer.
         let server = Server::start(4, move |n, req| {
             if n < 2 {
@@ -279,19 +274,18 @@ fn a_missing_or_mismatched_preprocessor_config_is_named() {
     let m = model_copy("llava-tiny", tmp.path());
     let pre = m.join("preprocessor_config.json");
     let good = std::fs::read_to_string(&pre).unwrap();
-    let gen = |m: &Path| vec!["generate".to_string(), "--model".into(), s(m).into(), "--prompt".into(), "hi".into(), "--max-new-tokens".into(), "1".into()];
-    let run = |args: Vec<String>, needles: &[&str]| fails_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), needles);
+    let args = ["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1"];
     std::fs::remove_file(&pre).unwrap();
-    run(gen(&m), &["preprocessor_config.json", "not found", "336x336", "36x36"]);
+    fails_with(&args, &["preprocessor_config.json", "not found", "336x336", "36x36"]);
     std::fs::write(&pre, r#"{"crop_size": 224, "size": 224}"#).unwrap();
-    run(gen(&m), &["preprocessor_config.json", "224x224", "36x36"]);
+    fails_with(&args, &["preprocessor_config.json", "224x224", "36x36"]);
     std::fs::write(&pre, "{\"crop_size\": ").unwrap();
-    run(gen(&m), &["preprocessor_config.json"]);
+    fails_with(&args, &["preprocessor_config.json"]);
     // A BOM in front of JSON is accepted (Windows editors write one).
     std::fs::write(&pre, format!("\u{feff}{good}")).unwrap();
     let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
     std::fs::write(m.join("config.json"), format!("\u{feff}{cfg}")).unwrap();
-    let o = bpo(&gen(&m).iter().map(String::as_str).collect::<Vec<_>>());
+    let o = bpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 

@@ -3,8 +3,8 @@
 //! - Endpoint: `/v1/completions` (raw text; the caller wraps the chat format itself) or `/v1/chat/completions`
 //!   (the server applies its chat template; the prompt is sent as one user message). `--llm-url` may be the
 //!   server root, `.../v1`, or the full endpoint URL.
-//! - Plain `http://` only: ureq is built without TLS. Environment proxies are ignored (LLM servers are usually
-//!   local, and a proxy in the environment would otherwise capture loopback requests).
+//! - `http://` or `https://` (ureq's rustls, Mozilla roots compiled in). Environment proxies are ignored (LLM
+//!   servers are usually local, and a proxy in the environment would otherwise capture loopback requests).
 //! - Servers are untrusted. Each request has a total time limit (default [`DEFAULT_TIMEOUT`], connecting at most
 //!   [`CONNECT_TIMEOUT`]) and a reply is read up to [`DEFAULT_MAX_REPLY_BYTES`]. A 2xx reply counts only when it is
 //!   the expected JSON ([`parse_reply`]) with a non-empty text (unless `allow_empty`); HTML, malformed JSON, no

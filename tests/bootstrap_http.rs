@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 pub(crate) enum Reply {
     Text(String),
     Status(u16),
+    /// This status and body as they are (HTML, malformed JSON, a reply without text, a huge body).
+    Raw(u16, String),
     Stall,
 }
 
@@ -57,6 +59,7 @@ impl Server {
                 match respond(n, &body) {
                     Reply::Text(text) => write_response(&mut stream, 200, &completion_body(&body, &text)),
                     Reply::Status(code) => write_response(&mut stream, code, "{\"error\": \"busy\"}"),
+                    Reply::Raw(code, body) => write_response(&mut stream, code, &body),
                     Reply::Stall => held.push(stream),
                 }
                 n += 1;
@@ -136,18 +139,20 @@ fn completion_body(request: &Value, text: &str) -> String {
 }
 
 /// The text a request asked about: the prompt or the user message.
-fn prompt_of(request: &Value) -> String {
+pub(crate) fn prompt_of(request: &Value) -> String {
     let p = request.get("prompt").or_else(|| request.pointer("/messages/0/content"));
     p.and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
-fn completer(url: &str, endpoint: Endpoint, timeout_ms: u64, retries: u32) -> HttpCompleter {
+pub(crate) fn completer(url: &str, endpoint: Endpoint, timeout_ms: u64, retries: u32) -> HttpCompleter {
     HttpCompleter::new(HttpOptions {
         url: url.to_string(),
         endpoint,
         model: Some("test-model".into()),
         api_key: None,
         timeout: Duration::from_millis(timeout_ms),
+        max_reply_bytes: 1 << 20,
+        allow_empty: false,
         retries,
         backoff: Duration::from_millis(10),
         concurrency: 3,
@@ -225,13 +230,13 @@ fn stalled_server_times_out_and_is_counted() {
 }
 
 #[test]
-fn unreadable_reply_is_not_retried() {
-    // Status 200 with a body that has no `choices`: a reply came, so it is not retried.
+fn unreadable_reply_is_retried_then_a_request_failure() {
+    // Status 200 with a body that has no `choices` is no answer: retried, then failed with the reason.
     let server = Server::start(10, |_, _| Reply::Status(200));
     let c = completer(&server.url, Endpoint::Completions, 5000, 3);
     let err = c.complete_one("p", &CompletionOptions::default()).unwrap_err();
-    assert!(matches!(&err, Error::Invalid(m) if m.contains("no text")), "{err}");
-    assert_eq!(server.count(), 1);
+    assert!(matches!(&err, Error::Http(m) if m.contains("no `choices`") && m.contains("4 attempts")), "{err}");
+    assert_eq!(server.count(), 4);
 }
 
 #[test]

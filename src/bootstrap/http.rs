@@ -3,11 +3,15 @@
 //! - Endpoint: `/v1/completions` (raw text; the caller wraps the chat format itself) or `/v1/chat/completions`
 //!   (the server applies its chat template; the prompt is sent as one user message). `--llm-url` may be the
 //!   server root, `.../v1`, or the full endpoint URL.
-//! - Plain `http://` only: ureq is built without TLS. Environment proxies are ignored (LLM servers are usually
-//!   local, and a proxy in the environment would otherwise capture loopback requests).
-//! - Each request has a total time limit. Connection errors, timeouts, 5xx and 429 are retried with exponential
-//!   back-off (`backoff * 2^k`, at most 30 s); other 4xx fail at once. A request that still fails is
-//!   `Err(Error::Http)` for that prompt only; a reply without text is `Err(Error::Invalid)`.
+//! - `http://` or `https://` (ureq's rustls, Mozilla roots compiled in). Environment proxies are ignored (LLM
+//!   servers are usually local, and a proxy in the environment would otherwise capture loopback requests).
+//! - Servers are untrusted. Each request has a total time limit (default [`DEFAULT_TIMEOUT`], connecting at most
+//!   [`CONNECT_TIMEOUT`]) and a reply is read up to [`DEFAULT_MAX_REPLY_BYTES`]. A 2xx reply counts only when it is
+//!   the expected JSON ([`parse_reply`]) with a non-empty text (unless `allow_empty`); HTML, malformed JSON, no
+//!   `choices`, a `null` or empty text, or an oversized body is a failed attempt, like a connection error, a
+//!   timeout, 5xx or 429. Failed attempts are retried with exponential back-off (`backoff * 2^k`, at most 30 s);
+//!   other 4xx fail at once. A request that still fails is `Err(Error::Http)` for that prompt only, naming the
+//!   URL, the last reason (status, what was wrong, the first bytes of the body) and the number of attempts.
 //! - Up to `concurrency` requests run at once on scoped std threads.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,8 +42,13 @@ pub struct HttpOptions {
     pub model: Option<String>,
     /// Sent as `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
-    /// Total time allowed for one request, body included; default 300 s.
+    /// Total time allowed for one request, body included; default [`DEFAULT_TIMEOUT`].
     pub timeout: Duration,
+    /// Largest reply body read; a bigger one fails the attempt. Default [`DEFAULT_MAX_REPLY_BYTES`].
+    pub max_reply_bytes: u64,
+    /// Accept a reply whose text is empty or blank; default false (such a reply is a failed attempt). The
+    /// judges set it: an empty verdict is an answer their official graders handle themselves (MM-Vet re-asks).
+    pub allow_empty: bool,
     /// Extra attempts after a retryable failure; default 3.
     pub retries: u32,
     /// First back-off wait, doubled each retry; default 1 s.
@@ -55,12 +64,29 @@ impl Default for HttpOptions {
             endpoint: Endpoint::Completions,
             model: None,
             api_key: None,
-            timeout: Duration::from_secs(300),
+            timeout: DEFAULT_TIMEOUT,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            allow_empty: false,
             retries: 3,
             backoff: Duration::from_secs(1),
             concurrency: 4,
         }
     }
+}
+
+/// Default total time of one request (connection, sending, waiting, reading the reply).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for a connection; a shorter total timeout applies when it is shorter.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on a reply body: a completion or a judge's verdict is a few kB, so 4 MiB is far beyond any real
+/// reply and still cheap to hold.
+pub const DEFAULT_MAX_REPLY_BYTES: u64 = 4 << 20;
+
+/// What a server answered: the text of `choices[0]`, and the `model` field that served it, if given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReply {
+    pub text: String,
+    pub model: Option<String>,
 }
 
 /// An OpenAI-compatible server as a [`Completer`].
@@ -72,7 +98,7 @@ pub struct HttpCompleter {
 
 /// Outcome of one attempt.
 enum Attempt {
-    Done(Result<String>),
+    Done(Result<ServerReply>),
     Retry(String),
 }
 
@@ -84,8 +110,12 @@ impl HttpCompleter {
         if opts.concurrency == 0 {
             bail!("concurrency must be at least 1");
         }
+        if opts.timeout.is_zero() {
+            bail!("the request timeout must be above 0 s");
+        }
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(opts.timeout))
+            .timeout_connect(Some(CONNECT_TIMEOUT.min(opts.timeout)))
             .http_status_as_error(false)
             .proxy(None)
             .build();
@@ -99,11 +129,12 @@ impl HttpCompleter {
 
     /// One prompt, with retries.
     pub fn complete_one(&self, prompt: &str, opts: &CompletionOptions) -> Result<String> {
-        reply_text(&self.send(&self.request_body(prompt, opts))?, self.opts.endpoint)
+        Ok(self.send(&self.request_body(prompt, opts))?.text)
     }
 
-    /// Posts `body` to the endpoint, retrying as the module doc says; the body of the first 2xx reply.
-    pub fn send(&self, body: &Value) -> Result<String> {
+    /// Posts `body` to the endpoint, retrying as the module doc says; the first 2xx reply that reads as the
+    /// endpoint's JSON with a text (non-empty unless `allow_empty`).
+    pub fn send(&self, body: &Value) -> Result<ServerReply> {
         let mut wait = self.opts.backoff;
         let mut attempt = 0;
         loop {
@@ -155,12 +186,22 @@ impl HttpCompleter {
             Err(e) => return Attempt::Retry(e.to_string()),
         };
         let status = resp.status().as_u16();
-        let text = match resp.body_mut().read_to_string() {
+        let limit = self.opts.max_reply_bytes;
+        let text = match resp.body_mut().with_config().limit(limit).lossy_utf8(true).read_to_string() {
             Ok(t) => t,
-            Err(e) => return Attempt::Retry(format!("reading the reply: {e}")),
+            Err(ureq::Error::BodyExceedsLimit(_)) => {
+                return Attempt::Retry(format!("status {status}: reply larger than {limit} bytes"))
+            }
+            Err(e) => return Attempt::Retry(format!("status {status}: reading the reply: {e}")),
         };
         match status {
-            200..=299 => Attempt::Done(Ok(text)),
+            200..=299 => match parse_reply(&text, self.opts.endpoint) {
+                Ok(reply) if reply.text.trim().is_empty() && !self.opts.allow_empty => {
+                    Attempt::Retry(format!("status {status}: reply text is empty: {}", snippet(&text)))
+                }
+                Ok(reply) => Attempt::Done(Ok(reply)),
+                Err(e) => Attempt::Retry(format!("status {status}: {e}")),
+            },
             429 | 500..=599 => Attempt::Retry(format!("status {status}: {}", snippet(&text))),
             _ => Attempt::Done(Err(Error::Http(format!("{}: status {status}: {}", self.url, snippet(&text))))),
         }
@@ -213,25 +254,42 @@ pub fn endpoint_url(base: &str, endpoint: Endpoint) -> Result<String> {
     Ok(if base.ends_with("/v1") { format!("{base}/{path}") } else { format!("{base}/v1/{path}") })
 }
 
-/// `choices[0].text` (completions) or `choices[0].message.content` (chat) of a reply body.
-pub fn reply_text(body: &str, endpoint: Endpoint) -> Result<String> {
-    let v: Value = serde_json::from_str(body)
-        .map_err(|e| Error::invalid(format!("reply is not JSON ({e}): {}", snippet(body))))?;
-    let choice = &v["choices"][0];
-    let text = match endpoint {
-        Endpoint::Completions => &choice["text"],
-        Endpoint::Chat => &choice["message"]["content"],
+/// Reads a reply body: `choices[0].text` (completions) or `choices[0].message.content` (chat), which must be a
+/// string, and the `model` field. Anything else is an [`Error::Invalid`] saying what is wrong, with the first
+/// bytes of the body.
+pub fn parse_reply(body: &str, endpoint: Endpoint) -> Result<ServerReply> {
+    let bad = |what: &str| Error::invalid(format!("{what}: {}", snippet(body)));
+    let v: Value = serde_json::from_str(body).map_err(|e| bad(&format!("reply is not JSON ({e})")))?;
+    let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+        return Err(bad("reply has no `choices`"));
     };
-    text.as_str().map(str::to_string).ok_or_else(|| Error::invalid(format!("reply has no text: {}", snippet(body))))
+    let (text, field) = match endpoint {
+        Endpoint::Completions => (&choice["text"], "choices[0].text"),
+        Endpoint::Chat => (&choice["message"]["content"], "choices[0].message.content"),
+    };
+    match text.as_str() {
+        None => Err(bad(&format!("reply has no text ({field} is {})", kind(text)))),
+        Some(t) => Ok(ServerReply { text: t.to_string(), model: v["model"].as_str().map(String::from) }),
+    }
 }
 
+/// A JSON value's kind, for messages.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null or missing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The first 200 characters of a reply, quoted and escaped so that an HTML page stays on one line.
 fn snippet(text: &str) -> String {
     let t: String = text.chars().take(200).collect();
-    if t.len() < text.len() {
-        format!("{t}...")
-    } else {
-        t
-    }
+    let more = if t.len() < text.len() { format!(" ... ({} bytes)", text.len()) } else { String::new() };
+    format!("{t:?}{more}")
 }
 
 #[cfg(test)]
@@ -250,11 +308,25 @@ mod tests {
 
     #[test]
     fn reply_parsing() {
-        assert_eq!(reply_text(r#"{"choices": [{"text": " hi"}]}"#, Endpoint::Completions).unwrap(), " hi");
-        let chat = r#"{"choices": [{"message": {"role": "assistant", "content": "yo"}}]}"#;
-        assert_eq!(reply_text(chat, Endpoint::Chat).unwrap(), "yo");
-        assert!(matches!(reply_text(chat, Endpoint::Completions), Err(Error::Invalid(_))));
-        assert!(matches!(reply_text("<html>", Endpoint::Chat), Err(Error::Invalid(_))));
+        let text = |body: &str, endpoint| parse_reply(body, endpoint).map(|r| r.text);
+        assert_eq!(text(r#"{"choices": [{"text": " hi"}]}"#, Endpoint::Completions).unwrap(), " hi");
+        let chat = r#"{"model": "m1", "choices": [{"message": {"role": "assistant", "content": "yo"}}]}"#;
+        assert_eq!(parse_reply(chat, Endpoint::Chat).unwrap(), ServerReply { text: "yo".into(), model: Some("m1".into()) });
+        let cases = [
+            (chat, Endpoint::Completions, "choices[0].text is null"),
+            ("<html>\n<body>busy</body>", Endpoint::Chat, "not JSON"),
+            (r#"{"choices": [{"text": "#, Endpoint::Completions, "not JSON"),
+            (r#"{"object": "list"}"#, Endpoint::Completions, "no `choices`"),
+            (r#"{"choices": []}"#, Endpoint::Completions, "no `choices`"),
+            (r#"{"choices": [{"text": null}]}"#, Endpoint::Completions, "null"),
+            (r#"{"choices": [{"text": 3}]}"#, Endpoint::Completions, "a number"),
+        ];
+        for (body, endpoint, needle) in cases {
+            let err = text(body, endpoint).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Invalid(_)) && msg.contains(needle), "{body}: {msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
     }
 
     #[test]

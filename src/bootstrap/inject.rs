@@ -4,8 +4,10 @@
 //! [`run_inject`] streams the records of one shard through [`crate::data::resume::process_pending`]: per batch it
 //! builds one prompt per record and sample ([`super::prompt`]), asks the completer, cleans each output
 //! ([`clean_output`]) and writes each record once, with its new completions, when all its samples are done.
-//! A record whose request failed (`Error::Http`) is not written, so the next run retries it; everything else
-//! (outputs dropped as empty, identical or unreadable) is final and counted.
+//! A record whose request failed (`Error::Http`: no answer, an error status, or a reply that was not the expected
+//! JSON with a text, after the completer's retries) is not written, so the next run retries it, and the first
+//! reasons are kept in [`InjectCounts::errors`]; everything else (outputs dropped as empty after cleaning,
+//! identical, or prompts the completer cannot run) is final and counted.
 
 use serde::Serialize;
 
@@ -40,8 +42,9 @@ impl Default for CompletionOptions {
 /// A text-only language model: one continuation per prompt.
 ///
 /// The outer `Err` means the whole batch could not be run (the caller stops). Per prompt, return
-/// `Err(Error::Http(..))` when the request failed (the record is retried on the next run) and any other
-/// `Err` when a reply came but could not be read (counted as unparseable, not retried).
+/// `Err(Error::Http(..))` when no usable reply came (the record is not written and is retried on the next run)
+/// and any other `Err` when the prompt itself cannot be run, e.g. it fills a local model's context (counted as
+/// unparseable, final).
 pub trait Completer {
     fn complete(&self, prompts: &[String], opts: &CompletionOptions) -> Result<Vec<Result<String>>>;
 }
@@ -96,7 +99,8 @@ pub struct InjectCounts {
     pub requests: usize,
     /// New completions added to records.
     pub added: usize,
-    /// Requests that failed (server unreachable, error status, timeout after all retries).
+    /// Requests that failed (server unreachable, error status, timeout, a reply without usable text, after all
+    /// retries); their records are not written.
     pub request_failed: usize,
     /// Outputs dropped: nothing left after cleaning.
     pub empty: usize,
@@ -104,13 +108,19 @@ pub struct InjectCounts {
     pub identical: usize,
     /// Outputs dropped: same as another completion of the record.
     pub duplicate: usize,
-    /// Replies that came but could not be read.
+    /// Prompts the completer could not run (with a local model: the prompt fills its context); final.
     pub unparseable: usize,
     /// Records written unchanged: no ground-truth completion to rewrite.
     pub no_ground_truth: usize,
     /// Records written unchanged (`continue` mode): answer under two words, nothing to cut.
     pub too_short: usize,
+    /// The first few reasons of failed requests (`record id: reason`), to show the user.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
+
+/// Request failures kept in [`InjectCounts::errors`].
+const KEPT_ERRORS: usize = 5;
 
 /// What became of one output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,8 +257,11 @@ fn absorb(
     let Some(record) = slot.as_mut() else { return };
     let raw = match reply {
         Ok(raw) => raw,
-        Err(Error::Http(_)) => {
+        Err(e @ Error::Http(_)) => {
             counts.request_failed += 1;
+            if counts.errors.len() < KEPT_ERRORS {
+                counts.errors.push(format!("{}: {e}", record.id));
+            }
             *slot = None;
             return;
         }

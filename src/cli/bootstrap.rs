@@ -189,10 +189,14 @@ pub struct InjectArgs {
     /// generated together.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Time limit of one request, in seconds.
-    #[arg(long, default_value_t = 300)]
+    /// Total time limit of one request attempt, in seconds: connecting (at most 10 s), sending and reading the
+    /// whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.
+    #[arg(long, default_value_t = 120)]
     timeout_s: u64,
-    /// Retries of a request after a connection error, timeout, 5xx or 429 (exponential back-off from 1 s).
+    /// Retries of a request after a connection error, timeout, 5xx, 429, or a reply that is not the endpoint's
+    /// JSON with a non-empty text (HTML, malformed, no `choices`, `null`, over 4 MiB); exponential back-off from
+    /// 1 s. A request that still fails leaves its record unwritten: the run ends with an error and a rerun
+    /// retries it.
     #[arg(long, default_value_t = 3)]
     retries: u32,
     /// Process only shard i of n (1-based, e.g. 2/4); shards split the ids by a stable hash.
@@ -271,9 +275,15 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         );
     }
     if counts.records.failed > 0 {
+        for e in counts.errors.iter().skip(1) {
+            eprintln!("  failed: {e}");
+        }
         bail!(
-            "{} records failed and were not written; run the same command again to retry them",
-            counts.records.failed
+            "{} records failed and were not written (first: {}); {} were written; run the same command again to \
+             retry the failed ones",
+            counts.records.failed,
+            counts.errors.first().map(String::as_str).unwrap_or("?"),
+            counts.records.written
         );
     }
     Ok(())

@@ -161,6 +161,11 @@ pub struct ModelArgs {
     /// (adapter_config.json + adapter_model.safetensors; its projector copy, if saved, replaces the model's).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Largest image accepted, in pixels of the square it is padded to (--aspect pad; the image itself with
+    /// square), read from the file's header before anything is decoded: a bigger image fails with one line.
+    /// Default: Pillow's MAX_IMAGE_PIXELS (a 9459x9459 square, about 270 MB as RGB).
+    #[arg(long, value_name = "N", default_value_t = bpo::vision::DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
 }
 
 impl ModelArgs {
@@ -174,6 +179,9 @@ impl ModelArgs {
         let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template(style)).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         vlm.style = style;
+        if let Some(p) = vlm.processor.as_mut() {
+            p.max_pixels = self.max_image_pixels;
+        }
         if let Some(dir) = &self.adapter {
             bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
         }

@@ -48,7 +48,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             None => None,
         };
         let prompt = vlm.prompt_ids(prompt, image.is_some()).with_context(at)?;
-        examples.push(Example { prompt, response: vlm.response_ids(response)?, image });
+        let response = vlm.response_ids(response)?;
+        let (total, context) = (prompt.len() + response.len(), vlm.model.llm.cfg.max_position_embeddings);
+        anyhow::ensure!(total <= context, "{}: prompt + response of {total} tokens is longer than the model's context of {context}", at());
+        examples.push(Example { prompt, response, image });
     }
     let bar = progress(examples.len(), "scoring");
     let scores = bpo::score::score(&vlm.model, vlm.tok.pad, &examples, a.batch_size, Pass::INFER, |n| bar.inc(n as u64))?;

@@ -88,6 +88,7 @@ pub fn detect(path: &Path) -> Result<InputFormat> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| Error::io(path, e))?;
+        let line = if i == 0 { jsonl::strip_bom(&line) } else { &line };
         let trimmed = line.trim_start();
         if trimmed.is_empty() {
             continue;
@@ -95,7 +96,7 @@ pub fn detect(path: &Path) -> Result<InputFormat> {
         if trimmed.starts_with('[') {
             return Ok(InputFormat::Llava);
         }
-        let v: Value = serde_json::from_str(&line).map_err(|e| Error::parse(path, Some(i + 1), e))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::parse(path, Some(i + 1), e))?;
         let has = |k: &str| v.get(k).is_some();
         return Ok(if has("completions") {
             InputFormat::Records
@@ -144,6 +145,9 @@ struct PlainRow {
 fn read_llava(path: &Path, first_turn_only: bool) -> Result<(Vec<Record>, usize)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
+    if reader.fill_buf().map_err(|e| Error::io(path, e))?.starts_with(jsonl::BOM.as_bytes()) {
+        reader.consume(jsonl::BOM.len());
+    }
     let first = loop {
         let buf = reader.fill_buf().map_err(|e| Error::io(path, e))?;
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {

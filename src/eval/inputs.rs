@@ -187,7 +187,8 @@ fn coco_files(dir: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
 
 fn read_coco(path: &Path) -> Result<CocoFile> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::parse(path, None, e))
+    let json = bytes.strip_prefix(jsonl::BOM.as_bytes()).unwrap_or(&bytes);
+    serde_json::from_slice(json).map_err(|e| Error::parse(path, None, e))
 }
 
 /// Registers the wanted images a file lists, so an image with no objects still has (empty) ground truth.

@@ -3,8 +3,10 @@
 //!
 //! - A request is what the official scripts send to `/v1/chat/completions`: `model`, `messages`,
 //!   `temperature`, and `max_tokens` only where the script sets one. Transport, retries and back-off are
-//!   [`HttpCompleter::send`]'s: connection errors, timeouts, 429 and 5xx are retried `retries` times with a
-//!   doubling wait; any other failure stops the run with one line naming the judge URL.
+//!   [`HttpCompleter::send`]'s: connection errors, timeouts, 429, 5xx and replies that are not the expected JSON
+//!   (HTML, malformed JSON, no `choices`, a `null` message, an oversized body) are retried `retries`
+//!   times with a doubling wait; any other failure, or one that outlasts the retries, stops the run with one line
+//!   naming the judge URL and the reason. Nothing unread is cached.
 //! - Every reply is appended to a cache file (JSON Lines) under a key derived from (judge model, run index,
 //!   messages, temperature, max_tokens) before it is used, so a killed run asks only what it had not asked, and
 //!   a re-run with the same answers sends nothing. A line torn by a kill is cut away on open. The cache holds
@@ -23,9 +25,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::bootstrap::http::{endpoint_url, reply_text, Endpoint, HttpCompleter, HttpOptions};
-use crate::hash::stable_hash;
+use crate::bootstrap::http::{endpoint_url, Endpoint, HttpCompleter, HttpOptions};
 use crate::data::ResumableWriter;
+use crate::hash::stable_hash;
 use crate::{bail, jsonl, Error, Result};
 
 /// One chat message.
@@ -88,7 +90,7 @@ pub struct JudgeOptions {
     pub retries: u32,
     /// First wait before a retry, doubled each time (at most 30 s).
     pub backoff: Duration,
-    /// Total time allowed for one request.
+    /// Total time allowed for one request (default [`crate::bootstrap::http::DEFAULT_TIMEOUT`] in the CLI).
     pub timeout: Duration,
     /// The reply cache (JSON Lines), created if missing.
     pub cache: PathBuf,
@@ -133,6 +135,8 @@ impl Judge {
             api_key: opts.api_key.clone(),
             timeout: opts.timeout,
             retries: opts.retries,
+            max_reply_bytes: crate::bootstrap::http::DEFAULT_MAX_REPLY_BYTES,
+            allow_empty: true,
             backoff: opts.backoff,
             concurrency: opts.concurrency,
         })?;
@@ -197,9 +201,7 @@ impl Ask for Judge {
         }
         let raw = self.http.send(&self.body(request)).map_err(|e| Error::Http(format!("judge {e}")))?;
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let content = reply_text(&raw, Endpoint::Chat).map_err(|e| Error::Http(format!("judge {}: {e}", self.http.url())))?;
-        let served = serde_json::from_str::<Value>(&raw).ok().and_then(|v| v["model"].as_str().map(String::from));
-        let reply = Reply { content, model: served.unwrap_or_else(|| self.model.clone()) };
+        let reply = Reply { content: raw.text, model: raw.model.unwrap_or_else(|| self.model.clone()) };
         let line = CacheLine {
             key: key.clone(),
             model: self.model.clone(),

@@ -61,7 +61,7 @@ impl Record {
 
 /// Reads a JSON array of MMHal-Bench records (the template, or a response file).
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::jsonl::read_text(path)?;
     let rows: Vec<Value> = serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))?;
     if rows.is_empty() {
         return Err(Error::parse(path, None, "no records"));

@@ -80,7 +80,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
 
 /// Reads `mm-vet.json` (`{"v1_0": {"imagename", "capability", "question", "answer"}, ...}`) in file order.
 pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::jsonl::read_text(path)?;
     let Ordered(rows) = serde_json::from_str::<Ordered<Question>>(&text).map_err(|e| Error::parse(path, None, e))?;
     if rows.is_empty() {
         return Err(Error::parse(path, None, "no questions"));
@@ -93,7 +93,7 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
 /// into `v1_<n>`).
 pub fn load_answers(path: &Path, questions: &[Question]) -> Result<(HashMap<String, String>, Vec<String>)> {
     let known: HashSet<&str> = questions.iter().map(|q| q.id.as_str()).collect();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::jsonl::read_text(path)?;
     let pairs: Vec<(String, String)> = match serde_json::from_str::<Ordered<String>>(&text) {
         Ok(Ordered(rows)) => rows,
         Err(_) => super::load_answers(path)?.into_iter().map(|a| (a.question_id, a.text)).collect(),

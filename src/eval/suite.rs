@@ -33,7 +33,7 @@ pub struct JudgeConfig {
     /// Seconds before the first retry, doubled each time; default 2.
     #[serde(default = "default_backoff")]
     pub backoff: f64,
-    /// Seconds allowed per request; default 300.
+    /// Total seconds allowed per request attempt; default 120.
     #[serde(default = "default_timeout")]
     pub timeout: u64,
 }
@@ -51,7 +51,7 @@ fn default_backoff() -> f64 {
     2.0
 }
 fn default_timeout() -> u64 {
-    300
+    120
 }
 
 /// `[pope]`: POPE question files (one per split), answered with LLaVA's short-answer suffix.
@@ -131,7 +131,7 @@ pub struct SuiteConfig {
 impl SuiteConfig {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<SuiteConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::jsonl::read_text(path)?;
         let mut cfg: SuiteConfig = toml::from_str(&text).map_err(|e| Error::parse(path, None, one_line(&e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve(base);

@@ -67,6 +67,14 @@ impl Vlm {
 /// Combines the logits of a row and of its contrast row into the logits to sample from.
 pub type Combine<'a> = &'a dyn Fn(&[f32], &[f32]) -> Vec<f32>;
 
+/// Refuses a prompt of `prompt` tokens when `new` more tokens do not fit in `context` positions.
+pub fn fits_context(prompt: usize, new: usize, context: usize) -> Result<()> {
+    if prompt + new > context {
+        bail!("prompt of {prompt} tokens + {new} new tokens exceeds the model's context of {context}");
+    }
+    Ok(())
+}
+
 /// Generates a completion for each request, in one batch.
 pub fn generate(model: &Model, tok: &Tokenizer, requests: &[Request], params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
     generate_contrast(model, tok, requests, None, params, pass)
@@ -101,10 +109,7 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
     if longest == 0 {
         bail!("empty prompt");
     }
-    let context = model.llm.cfg.max_position_embeddings;
-    if longest + params.max_new_tokens > context {
-        bail!("prompt of {longest} tokens + {} new tokens exceeds the model's context of {context}", params.max_new_tokens);
-    }
+    fits_context(longest, params.max_new_tokens, model.llm.cfg.max_position_embeddings)?;
     // Left padding keeps every row's last prompt token in the last column.
     let mut ids = Vec::with_capacity(b * longest);
     let mut mask = Vec::with_capacity(b * longest);

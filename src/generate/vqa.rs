@@ -79,8 +79,14 @@ pub struct Prompt {
 }
 
 /// Answers `prompts` in batches of `batch_size` (images decoded per batch, so memory stays flat), calling
-/// `progress(n)` after each batch. Answers are trimmed.
+/// `progress(n)` after each batch. Answers are trimmed. A prompt that leaves no room for `max_new_tokens` in the
+/// model's context is refused, naming its origin, before anything is generated.
 pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<String>> {
+    let context = vlm.model.llm.cfg.max_position_embeddings;
+    for p in prompts {
+        let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
+        super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
+    }
     let mut out = Vec::with_capacity(prompts.len());
     answer_each(vlm, prompts, params, batch_size, pass, |_, texts| {
         progress(texts.len());

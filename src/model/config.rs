@@ -211,11 +211,17 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads `dir/config.json` and decides which architecture it is.
+    /// Reads `dir/config.json`, decides which architecture it is and checks its fields ([`ModelConfig::check`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let parse = |e: serde_json::Error| Error::parse(&path, None, e);
+        let config = Self::parse_file(&path)?;
+        config.check().map_err(|msg| Error::parse(&path, None, msg))?;
+        Ok(config)
+    }
+
+    fn parse_file(path: &Path) -> Result<Self> {
+        let text = crate::jsonl::read_text(path)?;
+        let parse = |e: serde_json::Error| Error::parse(path, None, e);
         let head: Head = serde_json::from_str(&text).map_err(parse)?;
         let arch = head.architectures.first().cloned().unwrap_or_default();
         match (arch.as_str(), head.model_type.as_str()) {
@@ -239,7 +245,7 @@ impl ModelConfig {
             ("LlavaLlamaForCausalLM", _) => {
                 let raw: RawLlava = serde_json::from_str(&text).map_err(parse)?;
                 if let Some(kind) = raw.mm_projector_type.as_deref().filter(|k| *k != "mlp2x_gelu") {
-                    return Err(Error::parse(&path, None, format!("mm_projector_type {kind:?} is not supported (only mlp2x_gelu)")));
+                    return Err(Error::parse(path, None, format!("mm_projector_type {kind:?} is not supported (only mlp2x_gelu)")));
                 }
                 let strategy = match raw.mm_vision_select_feature.as_deref() {
                     Some("cls_patch") => FeatureStrategy::Full,
@@ -259,7 +265,7 @@ impl ModelConfig {
             }
             ("LlamaForCausalLM", _) | ("", "llama") => Ok(ModelConfig::Llama(serde_json::from_str(&text).map_err(parse)?)),
             (a, t) => Err(Error::parse(
-                &path,
+                path,
                 None,
                 format!("unsupported architecture {a:?} (model_type {t:?}); bpo runs LlavaForConditionalGeneration, LlavaLlamaForCausalLM and LlamaForCausalLM"),
             )),
@@ -272,9 +278,124 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c,
         }
     }
+
+    /// Refuses values that would later divide by zero, index out of range or build empty layers, naming the
+    /// field as config.json spells it: `text_config.hidden_size: ...`.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match self {
+            ModelConfig::Llama(c) => c.check(""),
+            ModelConfig::Llava(c) => {
+                let text_prefix = if c.layout == TensorLayout::Original { "" } else { "text_config." };
+                c.text.check(text_prefix)?;
+                c.vision.check("vision_config.")?;
+                let layers = c.vision.num_hidden_layers as i64;
+                let field =
+                    if c.layout == TensorLayout::Original { "mm_vision_select_layer" } else { "vision_feature_layer" };
+                if !(-(layers + 1)..=layers).contains(&c.vision_feature_layer) {
+                    return Err(format!(
+                        "{field}: {} is out of range for a vision tower of {layers} layers (use {}..={layers})",
+                        c.vision_feature_layer,
+                        -(layers + 1)
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `Err("{prefix}{name}: must be at least 1 (got 0)")` for each zero among `fields`.
+fn positive(prefix: &str, fields: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((name, v)) => Err(format!("{prefix}{name}: must be at least 1 (got {v})")),
+        None => Ok(()),
+    }
+}
+
+/// `Err` naming the first of `fields` that is not a finite number >= 0 (or > 0 when `strict`).
+fn finite(prefix: &str, fields: &[(&str, f64)], strict: bool) -> std::result::Result<(), String> {
+    let bad = |v: f64| !v.is_finite() || v < 0.0 || (strict && v == 0.0);
+    match fields.iter().find(|(_, v)| bad(*v)) {
+        Some((name, v)) => {
+            Err(format!("{prefix}{name}: must be a finite number {} 0 (got {v})", if strict { ">" } else { ">=" }))
+        }
+        None => Ok(()),
+    }
+}
+
+impl ClipVisionConfig {
+    /// Refuses sizes that are zero or do not divide (see [`ModelConfig::check`]).
+    fn check(&self, prefix: &str) -> std::result::Result<(), String> {
+        positive(
+            prefix,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("image_size", self.image_size),
+                ("patch_size", self.patch_size),
+            ],
+        )?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "{prefix}hidden_size: {} is not divisible by num_attention_heads ({})",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.patch_size > self.image_size {
+            return Err(format!(
+                "{prefix}patch_size: {} is larger than image_size ({}): no patch fits",
+                self.patch_size, self.image_size
+            ));
+        }
+        if self.num_channels != 3 {
+            return Err(format!("{prefix}num_channels: must be 3 (RGB images), got {}", self.num_channels));
+        }
+        finite(prefix, &[("layer_norm_eps", self.layer_norm_eps)], false)
+    }
 }
 
 impl LlamaConfig {
+    /// Refuses sizes that are zero or do not divide (see [`ModelConfig::check`]).
+    fn check(&self, prefix: &str) -> std::result::Result<(), String> {
+        positive(
+            prefix,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
+        )?;
+        positive(prefix, &[("num_key_value_heads", self.kv_heads()), ("head_dim", self.head_dim.unwrap_or(1))])?;
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+            return Err(format!(
+                "{prefix}num_attention_heads: {} is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "{prefix}hidden_size: {} is not divisible by num_attention_heads ({}) and no head_dim is given",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!("{prefix}head_dim: {} must be even (RoPE rotates pairs)", self.head_dim()));
+        }
+        finite(prefix, &[("rms_norm_eps", self.rms_norm_eps)], false)?;
+        let theta = self.rope().and_then(|r| r.rope_theta).unwrap_or(self.rope_theta);
+        finite(prefix, &[("rope_theta", theta)], true)?;
+        if let Some(r) = self.rope() {
+            finite(prefix, &[("rope_scaling.factor", r.factor)], true)?;
+        }
+        Ok(())
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -337,5 +458,38 @@ mod tests {
         assert_eq!((both.rope().unwrap().rope_type.as_str(), both.rope().unwrap().factor), ("llama3", 8.0));
         // rope_parameters without rope_type is plain RoPE.
         assert_eq!(llama(r#", "rope_parameters": {"rope_theta": 1e6}"#).rope().unwrap().rope_type, "default");
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let text = |f: &dyn Fn(&mut LlamaConfig)| {
+            let mut c = llama("");
+            f(&mut c);
+            c.check("text_config.")
+        };
+        let err = |f: &dyn Fn(&mut LlamaConfig)| text(f).unwrap_err();
+        assert!(text(&|_| {}).is_ok());
+        assert_eq!(err(&|c| c.num_hidden_layers = 0), "text_config.num_hidden_layers: must be at least 1 (got 0)");
+        assert!(err(&|c| c.num_key_value_heads = Some(3)).contains("num_key_value_heads (3)"));
+        assert!(err(&|c| c.num_key_value_heads = Some(0)).contains("num_key_value_heads: must be at least 1"));
+        assert!(err(&|c| c.num_attention_heads = 3).contains("hidden_size: 64 is not divisible"));
+        assert!(err(&|c| c.head_dim = Some(7)).contains("head_dim: 7 must be even"));
+        assert!(err(&|c| c.rope_theta = 0.0).contains("rope_theta"));
+        assert!(err(&|c| c.rms_norm_eps = f64::NAN).contains("rms_norm_eps"));
+        assert!(text(&|c| {
+            c.num_attention_heads = 3;
+            c.head_dim = Some(8);
+        })
+        .is_ok());
+        let clip = |f: &dyn Fn(&mut ClipVisionConfig)| {
+            let mut c = ClipVisionConfig::vit_l_14_336();
+            f(&mut c);
+            c.check("vision_config.")
+        };
+        assert!(clip(&|_| {}).is_ok());
+        assert_eq!(clip(&|c| c.patch_size = 0).unwrap_err(), "vision_config.patch_size: must be at least 1 (got 0)");
+        assert!(clip(&|c| c.patch_size = 400).unwrap_err().contains("larger than image_size"));
+        assert!(clip(&|c| c.num_attention_heads = 7).unwrap_err().contains("not divisible"));
+        assert!(clip(&|c| c.num_channels = 1).unwrap_err().contains("num_channels"));
     }
 }

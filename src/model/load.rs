@@ -24,7 +24,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let text = crate::jsonl::read_text(&index)?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&index, None, e))?;
         let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::parse(&index, None, "no weight_map object"))?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();

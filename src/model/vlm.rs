@@ -31,8 +31,8 @@ impl Vlm {
     /// A loaded (or built) `model` with the tokenizer and image processor of the folder `dir`.
     pub fn from_model(model: Model, dir: &Path, template: Template) -> Result<Self> {
         let tok = Tokenizer::from_dir(dir, &model.llm.cfg.eos_ids())?;
-        let processor = match model.vision {
-            Some(_) => Some(ImageProcessor::from_model_dir(dir)?),
+        let processor = match &model.vision {
+            Some(v) => Some(ImageProcessor::for_tower(dir, v.cfg.vision.image_size)?),
             None => None,
         };
         let chat = Chat::load(template, dir, &tok, processor.is_some())?;

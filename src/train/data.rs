@@ -81,8 +81,9 @@ pub fn read_preference_file(path: &Path, opts: &PairOptions) -> Result<(Vec<Pair
     let mut first = None;
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| Error::io(path, e))?;
+        let line = crate::jsonl::strip_bom(&line);
         if !line.trim().is_empty() {
-            first = Some(serde_json::from_str::<Value>(&line).map_err(|e| Error::parse(path, Some(i + 1), e))?);
+            first = Some(serde_json::from_str::<Value>(line).map_err(|e| Error::parse(path, Some(i + 1), e))?);
             break;
         }
     }
@@ -146,7 +147,7 @@ pub struct Sample {
 /// per line. `system` turns are ignored, a question left without an answer is dropped. Errors name the file and
 /// line.
 pub fn read_conversations(path: &Path) -> Result<Vec<Sample>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::jsonl::read_text(path)?;
     let samples: Vec<(usize, Conversation)> = if text.trim_start().starts_with('[') {
         let all: Vec<Conversation> = serde_json::from_str(&text).map_err(|e| Error::parse(path, Some(e.line()), e))?;
         all.into_iter().map(|c| (0, c)).collect()

@@ -11,7 +11,7 @@ use image::RgbImage;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
-use super::preprocess::{AspectMode, ImageProcessor};
+use super::{AspectMode, ImageProcessor};
 use crate::{bail, Result};
 
 /// The forward-diffusion noise schedule, precomputed in f64 (VCD computes it in f32; they agree to ~1e-6).

@@ -15,29 +15,30 @@ use mozjpeg::decompress::DecompressStarted;
 use mozjpeg::{ColorSpace, DctMethod, Decompress};
 use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error, JWRN_JPEG_EOF};
 
-/// Pillow's decompression-bomb limit (`2 * Image.MAX_IMAGE_PIXELS`): bigger images are refused before decoding.
-const MAX_PIXELS: usize = 2 * 89_478_485;
-
 /// Whether `bytes` start like a JPEG file (SOI marker followed by another marker).
 pub(super) fn is_jpeg(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0xFF, 0xD8, 0xFF])
 }
 
 /// Decodes a JPEG file's bytes as Pillow's `Image.open(f).convert("RGB")` would: grayscale files come back as
-/// `Luma8`, everything else as `Rgb8`. Errors are libjpeg's messages.
-pub(super) fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
-    catch_unwind(AssertUnwindSafe(|| decode_unguarded(bytes))).unwrap_or_else(|payload| {
+/// `Luma8`, everything else as `Rgb8`. `check` sees the header's width and height before anything is decoded and
+/// may refuse them. Errors are libjpeg's messages, or `check`'s.
+pub(super) fn decode(bytes: &[u8], check: impl Fn(u32, u32) -> Result<(), String>) -> Result<DynamicImage, String> {
+    guarded(|| decode_unguarded(bytes, &check))
+}
+
+/// Runs `f`, turning a libjpeg error (an unwind from [`error_exit`]) into `Err` with its message.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let msg = payload.downcast_ref::<String>().cloned();
         Err(msg.or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())
     })
 }
 
-fn decode_unguarded(bytes: &[u8]) -> Result<DynamicImage, String> {
+fn decode_unguarded(bytes: &[u8], check: &dyn Fn(u32, u32) -> Result<(), String>) -> Result<DynamicImage, String> {
     let mut d = Decompress::with_err(error_mgr()).from_mem(bytes).map_err(|e| e.to_string())?;
     let (w, h) = d.size();
-    if w.saturating_mul(h) > MAX_PIXELS {
-        return Err(format!("{w}x{h} pixels is over the {MAX_PIXELS}-pixel limit"));
-    }
+    check(w as u32, h as u32)?;
     // Pillow's settings, which are also libjpeg's defaults: say them so a changed default cannot creep in.
     d.dct_method(DctMethod::IntegerSlow);
     d.do_fancy_upsampling(true);
@@ -136,8 +137,13 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_an_abort() {
         assert!(is_jpeg(&[0xFF, 0xD8, 0xFF, 0xE0]) && !is_jpeg(b"\x89PNG"));
-        let err = decode(&[0xFF, 0xD8, 0xFF, 0xC0, 0, 3, 1, 2, 3, 4]).unwrap_err();
+        let ok = |_, _| Ok(());
+        let err = decode(&[0xFF, 0xD8, 0xFF, 0xC0, 0, 3, 1, 2, 3, 4], ok).unwrap_err();
         assert!(!err.is_empty());
-        assert!(decode(&[0xFF, 0xD8]).is_err());
+        assert!(decode(&[0xFF, 0xD8], ok).is_err());
+        let refuse = |w, h| Err(format!("{w}x{h} refused"));
+        let tiny = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/jpeg/gray.jpg")).unwrap();
+        assert!(decode(&tiny, refuse).unwrap_err().ends_with("refused"), "the check sees the header first");
+        assert!(decode(&tiny, ok).is_ok());
     }
 }

@@ -11,11 +11,13 @@
 //! # Ok(()) }
 //! ```
 
+mod decode;
 mod distort;
 mod jpeg;
 mod preprocess;
 mod resample;
 
+pub use decode::{decode_image, load_image, load_image_within, AspectMode, DEFAULT_MAX_PIXELS};
 pub use distort::{weaken, weakened_view, NoiseSchedule};
-pub use preprocess::{load_image, AspectMode, ImageProcessor, Size};
+pub use preprocess::{ImageProcessor, Size};
 pub use resample::Filter;

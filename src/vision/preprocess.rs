@@ -15,40 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 
+use super::decode::{check_size, load_image_within, AspectMode};
 use super::resample::{resize_window, Filter, RgbView};
 use crate::{bail, Error, Result};
-
-/// How a non-square image becomes square before the resize.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AspectMode {
-    /// LLaVA-1.5's `image_aspect_ratio: pad` (`expand2square`): paste the image centred on a square canvas filled
-    /// with the mean colour `int(mean * 255)` = (122, 116, 104), so nothing is cropped away.
-    #[default]
-    Pad,
-    /// Plain CLIP: resize the shortest edge and centre-crop (the released BPO training script's setting).
-    Square,
-}
-
-impl std::str::FromStr for AspectMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "pad" => Ok(AspectMode::Pad),
-            "square" => Ok(AspectMode::Square),
-            _ => bail!("unknown image aspect mode {s:?} (expected \"pad\" or \"square\")"),
-        }
-    }
-}
-
-impl std::fmt::Display for AspectMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            AspectMode::Pad => "pad",
-            AspectMode::Square => "square",
-        })
-    }
-}
 
 /// The resize target of `preprocessor_config.json`'s `size`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +45,12 @@ pub struct ImageProcessor {
     pub image_std: [f64; 3],
     /// Composite transparency onto white as transformers does (without it, alpha is simply dropped).
     pub do_convert_rgb: bool,
+    /// Largest image accepted, in pixels of the square it is padded to (`pad`) or of the image itself
+    /// (`square`); checked from the file's header before anything is decoded or padded. Not a
+    /// `preprocessor_config.json` field; default [`super::DEFAULT_MAX_PIXELS`].
+    pub max_pixels: u64,
 }
+
 
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
@@ -103,20 +77,54 @@ impl ImageProcessor {
             image_mean: CLIP_MEAN,
             image_std: CLIP_STD,
             do_convert_rgb: true,
+            max_pixels: super::DEFAULT_MAX_PIXELS,
         }
     }
 
     /// Reads a `preprocessor_config.json` (or any JSON object with its fields).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::jsonl::read_text(path)?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))?;
         Self::from_json(&value).map_err(|msg| Error::parse(path, None, msg))
     }
 
+    /// [`from_model_dir`](Self::from_model_dir) for a vision tower that takes `side` x `side` images: a
+    /// processor whose output has another size (or, with no processor file, a tower other than 336 px) is
+    /// refused with one line naming the file and both sizes, instead of a tensor-shape error at the first image.
+    pub fn for_tower(dir: impl AsRef<Path>, side: usize) -> Result<Self> {
+        let dir = dir.as_ref();
+        let p = Self::from_model_dir(dir)?;
+        let Some((h, w)) = p.output_size().filter(|&s| s != (side, side)) else { return Ok(p) };
+        let pre = dir.join("preprocessor_config.json");
+        let nested = dir.join("processor_config.json");
+        if let Some(file) = [&pre, &nested].into_iter().find(|f| f.is_file()) {
+            bail!(
+                "{}: the image processor makes {h}x{w} images but the vision tower takes {side}x{side} \
+                 (vision_config.image_size in config.json)",
+                file.display()
+            );
+        }
+        bail!(
+            "{}: not found; without it images are made {h}x{w} (LLaVA-1.5's CLIP-336) but this vision tower takes \
+             {side}x{side}: add the model's preprocessor_config.json",
+            pre.display()
+        )
+    }
+
+    /// The size of every output, when it does not depend on the image: the crop, or an exact resize.
+    fn output_size(&self) -> Option<(usize, usize)> {
+        match (self.do_center_crop, self.do_resize, self.size) {
+            (true, ..) => Some(self.crop_size),
+            (false, true, Size::Exact { height, width }) => Some((height, width)),
+            _ => None,
+        }
+    }
+
     /// The processor of a model folder: its `preprocessor_config.json`, else the `image_processor` entry of the
     /// `processor_config.json` that transformers 5 writes instead. Only when neither file exists does it fall
-    /// back to [`ImageProcessor::default`] (LLaVA-1.5, 336 px), which is wrong for other vision towers.
+    /// back to [`ImageProcessor::default`] (LLaVA-1.5, 336 px), which is wrong for other vision towers (see
+    /// [`for_tower`](Self::for_tower)).
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
@@ -129,7 +137,7 @@ impl ImageProcessor {
         }
         let proc = dir.join("processor_config.json");
         if proc.is_file() {
-            let text = std::fs::read_to_string(&proc).map_err(|e| Error::io(&proc, e))?;
+            let text = crate::jsonl::read_text(&proc)?;
             let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(&proc, None, e))?;
             if let Some(ip) = value.get("image_processor") {
                 return Self::from_json(ip).map_err(|msg| Error::parse(&proc, None, format!("image_processor: {msg}")));
@@ -180,8 +188,10 @@ impl ImageProcessor {
         Ok(p)
     }
 
-    /// Preprocesses a decoded image into the f32 `(3, H, W)` CPU tensor a CLIP tower takes.
+    /// Preprocesses a decoded image into the f32 `(3, H, W)` CPU tensor a CLIP tower takes. An image over
+    /// [`max_pixels`](Self::max_pixels) (padded, in `pad` mode) is refused before any pixel is copied.
     pub fn preprocess(&self, img: &DynamicImage, mode: AspectMode) -> Result<Tensor> {
+        check_size(img.width(), img.height(), self.max_pixels, mode).map_err(Error::invalid)?;
         let (pixels, h, w) = self.pixels(img, mode)?;
         let luts = self.lookup_tables();
         let n = h * w;
@@ -194,10 +204,10 @@ impl ImageProcessor {
         Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
     }
 
-    /// Decodes a JPEG, PNG or WebP file and preprocesses it; a missing or undecodable file is an
-    /// [`Error::Image`] naming the path.
+    /// Decodes a JPEG, PNG or WebP file and preprocesses it; a missing, undecodable or too large file (see
+    /// [`max_pixels`](Self::max_pixels)) is an [`Error::Image`] naming the path.
     pub fn load(&self, path: impl AsRef<Path>, mode: AspectMode) -> Result<Tensor> {
-        self.preprocess(&load_image(path)?, mode)
+        self.preprocess(&load_image_within(path, self.max_pixels, mode)?, mode)
     }
 
     /// Turns a `(3, H, W)` tensor made by [`preprocess`](Self::preprocess) (possibly noised) back into an 8-bit
@@ -288,18 +298,6 @@ impl ImageProcessor {
         }
         luts
     }
-}
-
-/// Decodes an image file (JPEG, PNG or WebP, recognised by content); failures are [`Error::Image`]. JPEGs go
-/// through libjpeg-turbo so their pixels are exactly Pillow's; other formats through the `image` crate.
-pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
-    let path = path.as_ref();
-    let err = |msg: String| Error::Image { path: path.to_path_buf(), msg };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    if super::jpeg::is_jpeg(&bytes) {
-        return super::jpeg::decode(&bytes).map_err(err);
-    }
-    image::load_from_memory(&bytes).map_err(|e| err(e.to_string()))
 }
 
 fn present(v: Option<&Value>) -> Option<&Value> {
@@ -468,9 +466,10 @@ mod tests {
     }
 
     #[test]
-    fn aspect_mode_parses() {
-        assert_eq!("pad".parse::<AspectMode>().unwrap(), AspectMode::Pad);
-        assert_eq!("square".parse::<AspectMode>().unwrap().to_string(), "square");
-        assert!("crop".parse::<AspectMode>().is_err());
+    fn preprocess_refuses_an_image_whose_padded_square_is_over_the_limit() {
+        let p = ImageProcessor { max_pixels: 1000, ..ImageProcessor::default() };
+        let wide = DynamicImage::ImageRgb8(RgbImage::new(100, 2));
+        assert!(p.preprocess(&wide, AspectMode::Pad).unwrap_err().to_string().contains("100x100"));
     }
+
 }

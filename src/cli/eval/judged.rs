@@ -39,14 +39,16 @@ pub struct JudgeArgs {
     /// Judge requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub judge_concurrency: usize,
-    /// Extra attempts after a connection error, timeout, HTTP 429 or 5xx.
+    /// Extra attempts after a connection error, timeout, HTTP 429 or 5xx, or a reply that is not chat JSON with a
+    /// message (HTML, malformed, no `choices`, `null`, over 4 MiB).
     #[arg(long, default_value_t = 5)]
     pub judge_retries: u32,
     /// Seconds to wait before the first retry, doubled for each further one (at most 30).
     #[arg(long, default_value_t = 2.0)]
     pub judge_backoff: f64,
-    /// Seconds allowed for one judge request.
-    #[arg(long, default_value_t = 300)]
+    /// Total seconds allowed for one judge request attempt: connecting (at most 10 s), sending and reading the
+    /// whole reply.
+    #[arg(long, default_value_t = 120)]
     pub judge_timeout: u64,
     /// Reply cache, shared by runs that should not ask twice (default: OUT/judge-cache.jsonl).
     #[arg(long, value_name = "FILE")]

@@ -19,6 +19,8 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod hash;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod jsonl;
 pub mod model;
 pub mod output;

@@ -1,4 +1,5 @@
-//! [`Completer`] over an OpenAI-compatible HTTP server (llama.cpp `llama-server`, vLLM, Ollama, ...).
+//! A client for OpenAI-compatible HTTP servers (llama.cpp `llama-server`, vLLM, Ollama, ...): error injection
+//! sends its prompts through it (a [`crate::bootstrap::Completer`]) and the judged benchmarks their judge requests.
 //!
 //! - Endpoint: `/v1/completions` (raw text; the caller wraps the chat format itself) or `/v1/chat/completions`
 //!   (the server applies its chat template; the prompt is sent as one user message). `--llm-url` may be the
@@ -14,12 +15,10 @@
 //!   URL, the last reason (status, what was wrong, the first bytes of the body) and the number of attempts.
 //! - Up to `concurrency` requests run at once on scoped std threads.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::inject::{Completer, CompletionOptions};
 use crate::{bail, Error, Result};
 
 /// Which OpenAI endpoint to call.
@@ -89,7 +88,7 @@ pub struct ServerReply {
     pub model: Option<String>,
 }
 
-/// An OpenAI-compatible server as a [`Completer`].
+/// An OpenAI-compatible server: posts request bodies, retries, and reads the replies as the module doc says.
 pub struct HttpCompleter {
     opts: HttpOptions,
     url: String,
@@ -127,9 +126,8 @@ impl HttpCompleter {
         &self.url
     }
 
-    /// One prompt, with retries.
-    pub fn complete_one(&self, prompt: &str, opts: &CompletionOptions) -> Result<String> {
-        Ok(self.send(&self.request_body(prompt, opts))?.text)
+    pub fn options(&self) -> &HttpOptions {
+        &self.opts
     }
 
     /// Posts `body` to the endpoint, retrying as the module doc says; the first 2xx reply that reads as the
@@ -150,30 +148,6 @@ impl HttpCompleter {
                 }
             }
         }
-    }
-
-    fn request_body(&self, prompt: &str, opts: &CompletionOptions) -> Value {
-        let mut body = json!({
-            "temperature": opts.temperature,
-            "top_p": opts.top_p,
-            "max_tokens": opts.max_tokens,
-            "n": 1,
-            "stream": false,
-        });
-        match self.opts.endpoint {
-            Endpoint::Completions => body["prompt"] = json!(prompt),
-            Endpoint::Chat => body["messages"] = json!([{"role": "user", "content": prompt}]),
-        }
-        if !opts.stop.is_empty() {
-            body["stop"] = json!(opts.stop);
-        }
-        if let Some(seed) = opts.seed {
-            body["seed"] = json!(seed);
-        }
-        if let Some(model) = &self.opts.model {
-            body["model"] = json!(model);
-        }
-        body
     }
 
     fn attempt(&self, body: &Value) -> Attempt {
@@ -205,36 +179,6 @@ impl HttpCompleter {
             429 | 500..=599 => Attempt::Retry(format!("status {status}: {}", snippet(&text))),
             _ => Attempt::Done(Err(Error::Http(format!("{}: status {status}: {}", self.url, snippet(&text))))),
         }
-    }
-}
-
-impl Completer for HttpCompleter {
-    fn complete(&self, prompts: &[String], opts: &CompletionOptions) -> Result<Vec<Result<String>>> {
-        let next = AtomicUsize::new(0);
-        let workers = self.opts.concurrency.min(prompts.len());
-        let mut slots: Vec<Option<Result<String>>> = prompts.iter().map(|_| None).collect();
-        std::thread::scope(|scope| -> Result<()> {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(prompt) = prompts.get(i) else { return done };
-                            done.push((i, self.complete_one(prompt, opts)));
-                        }
-                    })
-                })
-                .collect();
-            for handle in handles {
-                let done = handle.join().map_err(|_| Error::Http("an HTTP worker thread panicked".into()))?;
-                for (i, result) in done {
-                    slots[i] = Some(result);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(slots.into_iter().map(|s| s.unwrap_or_else(|| Err(Error::Http("request was not run".into())))).collect())
     }
 }
 
@@ -327,21 +271,5 @@ mod tests {
             assert!(matches!(err, Error::Invalid(_)) && msg.contains(needle), "{body}: {msg}");
             assert!(!msg.contains('\n'), "one line: {msg}");
         }
-    }
-
-    #[test]
-    fn request_bodies() {
-        let mk = |endpoint| {
-            let opts = HttpOptions { url: "http://x".into(), endpoint, model: Some("m".into()), ..Default::default() };
-            HttpCompleter::new(opts).unwrap()
-        };
-        let copts = CompletionOptions { stop: vec!["</s>".into()], seed: Some(3), ..Default::default() };
-        let b = mk(Endpoint::Completions).request_body("P", &copts);
-        assert_eq!((b["prompt"].as_str(), b["model"].as_str(), b["seed"].as_u64()), (Some("P"), Some("m"), Some(3)));
-        assert_eq!((b["max_tokens"].as_u64(), b["stop"][0].as_str()), (Some(1024), Some("</s>")));
-        assert!((b["temperature"].as_f64().unwrap() - 0.8).abs() < 1e-6);
-        let b = mk(Endpoint::Chat).request_body("P", &CompletionOptions::default());
-        assert_eq!(b["messages"], json!([{"role": "user", "content": "P"}]));
-        assert!(b.get("stop").is_none() && b.get("seed").is_none());
     }
 }

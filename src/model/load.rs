@@ -138,6 +138,10 @@ pub const VISION_PREFIX: &str = "vision_tower.";
 /// (`model.*` / `lm_head.*` for a Llama).
 pub fn load_trainable(dir: &Path, opts: &LoadOptions, with_vision: bool) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
     let config = ModelConfig::from_dir(dir)?;
+    if with_vision && !opts.allow_non_finite {
+        // (Otherwise `load` below checks.)
+        safetensors_files(dir)?.iter().try_for_each(|f| check_finite_file(f))?;
+    }
     let varmap = candle_nn::VarMap::new();
     let device = &opts.rt.device;
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
@@ -170,18 +174,60 @@ pub struct LoadOptions {
     pub rt: Runtime,
     /// Load only the language model of a LLaVA folder (error injection runs the MLLM's own LLM).
     pub text_only: bool,
+    /// Accept weights that are NaN or infinite (by default loading refuses them, see [`check_finite_file`]).
+    pub allow_non_finite: bool,
 }
 
 impl LoadOptions {
     pub fn new(rt: &Runtime) -> Self {
-        LoadOptions { rt: rt.clone(), text_only: false }
+        LoadOptions { rt: rt.clone(), text_only: false, allow_non_finite: false }
     }
+}
+
+/// Refuses a safetensors file holding a NaN or infinite float, naming the file and the tensor. It reads the
+/// memory-mapped bytes once, comparing exponent bits (no conversion, no allocation): about as fast as the disk or the
+/// page cache delivers them, small next to loading the same weights.
+pub fn check_finite_file(path: &Path) -> Result<()> {
+    // SAFETY: read-only mapping, as in [`load`].
+    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
+    for (name, view) in st.tensors() {
+        if let Some(i) = first_non_finite(view.dtype(), view.data()) {
+            return Err(Error::Checkpoint { path: path.into(), msg: format!("tensor {name} is not finite (NaN or infinity at element {i})") });
+        }
+    }
+    Ok(())
+}
+
+/// Index of the first NaN or infinity in the little-endian float data `bytes`; None for integer tensors.
+fn first_non_finite(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<usize> {
+    use safetensors::Dtype;
+    // A float is NaN or infinite exactly when its exponent bits are all ones.
+    match dtype {
+        Dtype::F16 => scan(bytes, 2, |c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        Dtype::BF16 => scan(bytes, 2, |c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        Dtype::F32 => scan(bytes, 4, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+        Dtype::F64 => scan(bytes, 8, |c| c[6] & 0xf0 == 0xf0 && c[7] & 0x7f == 0x7f),
+        _ => None,
+    }
+}
+
+/// Index of the first `size`-byte element of `bytes` that is `bad`. Blocks are tested without early exit (which the
+/// compiler vectorises); only a block with a hit is searched element by element.
+fn scan(bytes: &[u8], size: usize, bad: impl Fn(&[u8]) -> bool) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    bytes.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+        let hit = block.chunks_exact(size).fold(false, |acc, c| acc | bad(c));
+        hit.then(|| block.chunks_exact(size).position(&bad)).flatten().map(|i| b * BLOCK / size + i)
+    })
 }
 
 /// Loads a model folder (llava-hf, newer transformers, original LLaVA, or a plain Llama).
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let mut config = ModelConfig::from_dir(dir)?;
     let files = safetensors_files(dir)?;
+    if !opts.allow_non_finite {
+        files.iter().try_for_each(|f| check_finite_file(f))?;
+    }
     let ckpt = |e: candle_core::Error| Error::Checkpoint { path: dir.into(), msg: e.to_string() };
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we assume nobody truncates them
     // while the model is alive.
@@ -244,6 +290,22 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_floats_are_found_in_every_float_dtype() {
+        use safetensors::Dtype;
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(first_non_finite(Dtype::F32, &f32s(&[1.0, -3e38, 0.0])), None);
+        assert_eq!(first_non_finite(Dtype::F32, &f32s(&[1.0, f32::NAN])), Some(1));
+        assert_eq!(first_non_finite(Dtype::F32, &f32s(&[f32::NEG_INFINITY])), Some(0));
+        let halves = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (h, b) = (half::f16::from_f32(65504.0).to_bits(), half::bf16::from_f32(3e38).to_bits());
+        assert_eq!(first_non_finite(Dtype::F16, &halves(&[h, half::f16::INFINITY.to_bits()])), Some(1));
+        assert_eq!(first_non_finite(Dtype::BF16, &halves(&[b, b])), None);
+        assert_eq!(first_non_finite(Dtype::BF16, &halves(&[half::bf16::NAN.to_bits()])), Some(0));
+        assert_eq!(first_non_finite(Dtype::F64, &f64::NAN.to_le_bytes()), Some(0));
+        assert_eq!(first_non_finite(Dtype::I64, &u64::MAX.to_le_bytes()), None);
+    }
 
     #[test]
     fn names_map_onto_every_layout() {

@@ -24,8 +24,8 @@ pub struct Args {
     /// Output JSONL: every input row plus `logprob` and `tokens`.
     #[arg(long)]
     out: PathBuf,
-    /// Rows per forward pass.
-    #[arg(long, default_value_t = 8)]
+    /// Rows per forward pass, at least 1.
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
     /// Tokenisation conventions: llava (BOS, response + EOS) or trl (no BOS/EOS, response as " {text} ").
     #[arg(long, value_enum, default_value = "llava")]

@@ -10,5 +10,6 @@ mod vision; // preprocessing parity with transformers, noise schedule, `bpo dist
 mod eval; // POPE and CHAIR scoring through the binary, bad files
 mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites
+mod faults_train; // numeric options out of range, divergence (exit 3), non-finite weights, kill -9 + resume, exit codes
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache

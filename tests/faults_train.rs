@@ -229,3 +229,48 @@ fn an_os_error_is_printed_once() {
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// A copy of the tiny LLaVA stored in f16, as most released checkpoints are.
+fn f16_model(dir: &Path) -> PathBuf {
+    let m = model_copy("llava-tiny", dir);
+    let path = m.join("model.safetensors");
+    let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().map(|(n, t)| (n, t.to_dtype(candle_core::DType::F16).unwrap())).collect();
+    bpo::model::load::save_safetensors(&path, &tensors).unwrap();
+    m
+}
+
+/// Full fine-tuning of an f16 model: its checkpoints keep the f32 master weights, so resuming continues from the
+/// weights the run had, not from their f16 rounding.
+#[test]
+fn full_fine_tuning_of_an_f16_model_resumes_exactly() {
+    use bpo::train::trainer::LoopConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("conv.json");
+    let conv: Vec<Value> = (0..4)
+        .map(|i| {
+            let (image, what) = [("chelsea.png", "an orange cat"), ("coffee.png", "a cup of coffee")][i % 2];
+            serde_json::json!({"id": i, "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": what}]})
+        })
+        .collect();
+    std::fs::write(&data, serde_json::to_string(&conv).unwrap()).unwrap();
+    let base = crate::train::config(data.clone());
+    let cfg = bpo::train::SftConfig {
+        setup: bpo::train::ModelSetup { model: f16_model(tmp.path()), init_adapter: None, lora: None, ..base.setup },
+        data,
+        images: base.images,
+        max_length: 2048,
+        feature_cache_mb: 16,
+        optim: LoopConfig { lr: 1e-3, epochs: 4, batch_size: 2, ..base.optim },
+    };
+    let curve = |out: &Path, resume: bool, stop_after: Option<usize>| {
+        let mut rec = crate::train::Record { stop_after, ..Default::default() };
+        bpo::train::sft::train(&cfg, out, resume, None, &mut rec, &mut |_| {}).unwrap();
+        rec.logs.iter().map(|l| (l.get("loss").unwrap(), l.get("grad_norm").unwrap())).collect::<Vec<_>>()
+    };
+    let whole = curve(&tmp.path().join("whole"), false, None);
+    let parts = tmp.path().join("parts");
+    let mut resumed = curve(&parts, false, Some(3));
+    resumed.extend(curve(&parts, true, None));
+    assert_eq!(whole.len(), 8);
+    assert_eq!(resumed, whole, "losses and gradient norms equal, bit for bit");
+}

@@ -24,6 +24,11 @@ use crate::model::lora::LoraConfig;
 use crate::model::Kernels;
 use crate::{bail, Error, Result};
 
+/// In a checkpoint of full fine-tuning: the trained weights as the f32 master copies. The checkpoint's
+/// `model.safetensors` holds them in the model's own dtype (f16 or bf16 for most released models), whose rounding
+/// would change the run that resumes from it.
+pub const MASTER_WEIGHTS: &str = "master_weights.safetensors";
+
 /// Optimisation settings (`bpo train` / `bpo sft` flags). [`LoopConfig::validate`] holds the accepted ranges.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoopConfig {
@@ -139,10 +144,12 @@ impl Trainable {
         checkpoint::save_adapter(dir, self.is_llava, &cfg, &self.lora, &self.projector, &self.base_model.to_string_lossy())
     }
 
-    /// Reads back what [`Trainable::save`] wrote.
+    /// Reads back what [`Trainable::save`] wrote, or in a checkpoint of full fine-tuning the f32 master weights.
     pub fn restore(&self, dir: &Path) -> Result<()> {
         if !self.full.is_empty() {
-            return restore_named(&dir.join("model.safetensors"), &self.full);
+            let masters = dir.join(MASTER_WEIGHTS);
+            let path = if masters.exists() { masters } else { dir.join("model.safetensors") };
+            return restore_named(&path, &self.full);
         }
         restore_adapter(dir, &self.lora, &self.projector)
     }
@@ -317,6 +324,10 @@ fn save_checkpoint(run: &Path, step: usize, total: usize, per_epoch: usize, seed
     check_weights(run, step, trainable)?;
     write_dir_atomically(&run.join(format!("checkpoint-{step}")), |dir| {
         trainable.save(dir)?;
+        if !trainable.full.is_empty() {
+            let masters: Vec<(String, candle_core::Tensor)> = trainable.full.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            crate::model::load::save_safetensors(&dir.join(MASTER_WEIGHTS), &masters)?;
+        }
         crate::model::load::save_safetensors(&dir.join(OPTIMIZER), &opt.state_tensors()?)?;
         let state = json!({
             "global_step": step, "total_steps": total, "steps_per_epoch": per_epoch, "epoch": step as f64 / per_epoch as f64,

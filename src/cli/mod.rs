@@ -55,7 +55,8 @@ enum Command {
     ///
     /// The run folder gets a PEFT adapter (adapter_config.json, adapter_model.safetensors, loadable by peft),
     /// projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and checkpoint-N folders.
-    /// Ctrl-C finishes the current step, saves a checkpoint and exits; --resume continues exactly where it stopped.
+    /// Ctrl-C finishes the current step, saves a checkpoint and exits with status 130; --resume continues exactly
+    /// where it stopped. A NaN or infinite loss or gradient norm stops the run before its update (status 3).
     Train(train::Args),
     /// Supervised training on LLaVA conversations (cross-entropy on the assistant turns), LoRA or full.
     ///

@@ -276,7 +276,7 @@ pub fn checkpoints(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
             found.push((step, e.path()));
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(found)
 }
 

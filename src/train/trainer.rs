@@ -126,9 +126,8 @@ impl Trainable {
     /// The first trained tensor holding a NaN or infinity, by name.
     pub fn first_non_finite(&self) -> Result<Option<String>> {
         for (name, var) in self.lora.iter().chain(&self.projector).chain(&self.full) {
-            // x - x is 0 for every finite x and NaN otherwise; its sum cannot overflow.
-            let t = var.as_tensor();
-            if !(t - t)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?.is_finite() {
+            // 0 * x is 0 for every finite x and NaN otherwise; its sum cannot overflow.
+            if !var.as_tensor().affine(0.0, 0.0)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?.is_finite() {
                 return Ok(Some(name.clone()));
             }
         }
@@ -413,6 +412,35 @@ mod tests {
         assert_eq!(steps_per_epoch(17, 4, 1), 5);
         assert_eq!(steps_per_epoch(17, 4, 2), 3);
         assert_eq!(steps_per_epoch(3, 4, 4), 1);
+    }
+
+    #[test]
+    fn loop_config_ranges_are_checked() {
+        assert!(LoopConfig::default().validate().is_ok());
+        assert!(LoopConfig { max_grad_norm: Some(0.0), warmup_ratio: 1.0, ..Default::default() }.validate().is_ok());
+        let bad = [
+            LoopConfig { lr: f64::NAN, ..Default::default() },
+            LoopConfig { lr: -1.0, ..Default::default() },
+            LoopConfig { warmup_ratio: 2.0, ..Default::default() },
+            LoopConfig { weight_decay: -0.1, ..Default::default() },
+            LoopConfig { max_grad_norm: Some(-1.0), ..Default::default() },
+            LoopConfig { grad_accum: 0, ..Default::default() },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_weight_is_named() {
+        let var = |v: f32| Var::from_tensor(&candle_core::Tensor::new(&[1.0f32, v], &candle_core::Device::Cpu).unwrap()).unwrap();
+        let mut t = Trainable { is_llava: false, lora: Vec::new(), lora_cfg: None, projector: Vec::new(), projector_trains: false, full: vec![("a".into(), var(2.0))], base_model: PathBuf::new(), kernels: Kernels::Fused };
+        assert_eq!(t.first_non_finite().unwrap(), None);
+        for bad in [f32::INFINITY, f32::NAN] {
+            t.full.push(("b".into(), var(bad)));
+            assert_eq!(t.first_non_finite().unwrap().as_deref(), Some("b"));
+            t.full.pop();
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn numeric_options_outside_their_range_are_usage_errors_naming_the_range() {
     let generate = ["generate", "--model", s(&m), "--prompt", "hi"];
     let weaken = ["bootstrap", "weaken", "--model", s(&m), "--data", "r.jsonl", "--out", "o.jsonl", "--images", "."];
     let score = ["score", "--model", s(&m), "--data", "d.jsonl", "--out", "o.jsonl"];
+    let inject = ["bootstrap", "inject", "--data", "r.jsonl", "--out", "o.jsonl", "--llm", s(&m)];
     let cases: &[(&[&str], &str, &str)] = &[
         (&train, "--lr=-1", "> 0"),
         (&train, "--lr=NaN", "> 0"),
@@ -90,6 +91,8 @@ fn numeric_options_outside_their_range_are_usage_errors_naming_the_range() {
         (&weaken, "--noise-step=1000", "999"),
         (&weaken, "--samples=0", "at least 1"),
         (&score, "--batch-size=0", "at least 1"),
+        (&inject, "--batch=0", "at least 1"),
+        (&inject, "--top-p=2", "(0, 1]"),
     ];
     for (command, option, range) in cases {
         let mut args = command.to_vec();

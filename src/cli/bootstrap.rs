@@ -184,12 +184,12 @@ pub struct InjectArgs {
     /// Negatives asked per prompt, at least 1.
     #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     samples: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight at once, at least 1.
+    #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
     concurrency: usize,
-    /// Records per batch (each record is written when its batch is done); with --llm also the prompts
+    /// Records per batch, at least 1 (each record is written when its batch is done); with --llm also the prompts
     /// generated together.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::range::at_least_one)]
     batch: usize,
     /// Time limit of one request, in seconds.
     #[arg(long, default_value_t = 300)]

@@ -202,7 +202,8 @@ impl ModelArgs {
         let mut vlm = bpo::generate::Vlm::load(&self.model, &opts, self.template).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         if let Some(dir) = &self.adapter {
-            bpo::train::checkpoint::load_adapter_with(&mut vlm.model, dir, self.allow_non_finite).with_context(|| format!("adapter {}", dir.display()))?;
+            let adapter = bpo::train::checkpoint::load_adapter_with(&mut vlm.model, dir, self.allow_non_finite);
+            adapter.with_context(|| format!("adapter {}", dir.display()))?;
         }
         Ok(vlm)
     }

@@ -110,7 +110,9 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<()> {
     let path = out.join("train_config.json");
     match (path.exists(), resume) {
         (false, true) => bail!("--resume: {} holds no run (no train_config.json)", out.display()),
-        (true, false) if super::trainer::run_started(out) => bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display()),
+        (true, false) if super::trainer::run_started(out) => {
+            bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display())
+        }
         // A run that stopped before its first step left its config (and maybe reference log-probs of other inputs).
         (true, false) => forget_unstarted_run(out).and_then(|()| write_json(&path, config)),
         (true, true) => {

@@ -15,7 +15,8 @@ use candle_core::Var;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json, OPTIMIZER, TRAINER_STATE};
+use super::checkpoint::{self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json};
+use super::checkpoint::{OPTIMIZER, TRAINER_STATE};
 use super::data::epoch_order;
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::{Schedule, ScheduleKind};
@@ -64,12 +65,17 @@ impl LoopConfig {
     /// Refuses values outside the ranges documented on the fields (NaN included), naming the option.
     pub fn validate(&self) -> Result<()> {
         let c = self;
+        let counts = format!("{}, {}, {}", c.epochs, c.batch_size, c.grad_accum);
         let checks = [
             (c.lr > 0.0 && c.lr.is_finite(), "the learning rate must be a finite number > 0", c.lr.to_string()),
             ((0.0..=1.0).contains(&c.warmup_ratio), "the warm-up ratio must lie in [0, 1]", c.warmup_ratio.to_string()),
             (c.weight_decay >= 0.0 && c.weight_decay.is_finite(), "the weight decay must be a finite number >= 0", c.weight_decay.to_string()),
-            (c.max_grad_norm.is_none_or(|m| m >= 0.0 && m.is_finite()), "the gradient-clipping norm must be a finite number >= 0 (0 = no clipping)", format!("{:?}", c.max_grad_norm)),
-            (c.epochs >= 1 && c.batch_size >= 1 && c.grad_accum >= 1, "epochs, batch size and gradient accumulation must be at least 1", format!("{}, {}, {}", c.epochs, c.batch_size, c.grad_accum)),
+            (
+                c.max_grad_norm.is_none_or(|m| m >= 0.0 && m.is_finite()),
+                "the gradient-clipping norm must be a finite number >= 0 (0 = no clipping)",
+                format!("{:?}", c.max_grad_norm),
+            ),
+            (c.epochs >= 1 && c.batch_size >= 1 && c.grad_accum >= 1, "epochs, batch size and gradient accumulation must be at least 1", counts),
         ];
         match checks.into_iter().find(|(ok, ..)| !ok) {
             Some((_, rule, got)) => bail!("{rule}, got {got}"),
@@ -351,7 +357,10 @@ fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, hooks:
             Err(e) => hooks.warn(&format!("--resume: skipping {}, which cannot be used: {e}", dir.display())),
         }
     }
-    bail!("--resume: {} has no usable checkpoint-N folder (--save-steps N writes one every N steps); delete it or choose another --out to start again", run.display())
+    bail!(
+        "--resume: {} has no usable checkpoint-N folder (--save-steps N writes one every N steps); delete it or choose another --out to start again",
+        run.display()
+    )
 }
 
 fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW, seed: u64) -> Result<()> {
@@ -434,7 +443,16 @@ mod tests {
     #[test]
     fn a_non_finite_weight_is_named() {
         let var = |v: f32| Var::from_tensor(&candle_core::Tensor::new(&[1.0f32, v], &candle_core::Device::Cpu).unwrap()).unwrap();
-        let mut t = Trainable { is_llava: false, lora: Vec::new(), lora_cfg: None, projector: Vec::new(), projector_trains: false, full: vec![("a".into(), var(2.0))], base_model: PathBuf::new(), kernels: Kernels::Fused };
+        let mut t = Trainable {
+            is_llava: false,
+            lora: Vec::new(),
+            lora_cfg: None,
+            projector: Vec::new(),
+            projector_trains: false,
+            full: vec![("a".into(), var(2.0))],
+            base_model: PathBuf::new(),
+            kernels: Kernels::Fused,
+        };
         assert_eq!(t.first_non_finite().unwrap(), None);
         for bad in [f32::INFINITY, f32::NAN] {
             t.full.push(("b".into(), var(bad)));

@@ -10,17 +10,9 @@ use std::process::Output;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::cli::{bpo, fails_with, model_copy};
+use crate::cli::{bpo, fails_with, model_copy, s, stderr};
 use crate::model::fixture;
 use crate::train::overfit_pairs;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// `bpo train` on the tiny model with a rank-4 adapter: 16 pairs, 4 per step, a checkpoint after every step.
 fn train_args(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {

@@ -20,6 +20,10 @@ pub enum Error {
     /// The caller asked for something the inputs cannot give (prompt too long, bad option value, ...).
     #[error("{0}")]
     Invalid(String),
+    /// Training produced a NaN or infinite loss, gradient norm or weight and stopped (the message names the step,
+    /// the quantity and the last checkpoint).
+    #[error("{0}")]
+    NonFinite(String),
     /// A request to an external server failed.
     #[error("{0}")]
     Http(String),

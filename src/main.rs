@@ -2,9 +2,9 @@
 
 mod cli;
 
-fn main() {
-    if let Err(e) = cli::run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+fn main() -> std::process::ExitCode {
+    cli::run().unwrap_or_else(|e| {
+        eprintln!("error: {}", cli::error_line(&e));
+        cli::exit_code(&e)
+    })
 }

@@ -348,7 +348,7 @@ fn bootstrap_cli_errors_are_one_clear_line() {
     let mut args = weaken_args(&data, &out, &[]);
     args[3] = s(&fixture("llama-tiny")).to_string();
     fails(&args, &["vision tower"]);
-    fails(&weaken_args(&data, &out, &["--noise-step", "1000"]), &["noise step 1000"]);
+    fails(&weaken_args(&data, &out, &["--noise-step", "1000"]), &["--noise-step", "1000 is not in 0..=999"]);
     fails(&weaken_args(&data, &out, &["--decode", "vcd", "--vcd-beta", "0"]), &["beta"]);
 }
 

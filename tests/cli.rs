@@ -10,7 +10,7 @@ pub fn bpo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).output().expect("bpo runs")
 }
 
-fn stderr(o: &Output) -> String {
+pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -38,7 +38,7 @@ pub fn model_copy(name: &str, tmp: &Path) -> PathBuf {
     dst
 }
 
-fn s(p: &Path) -> &str {
+pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 

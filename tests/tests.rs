@@ -11,6 +11,7 @@ mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable 
 mod eval; // POPE and CHAIR scoring through the binary, bad files
 mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites
+mod faults_train; // numeric options out of range, divergence (exit 3), non-finite weights, kill -9 + resume, exit codes
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
 mod faults_input; // hostile input: garbage/hanging servers, image bombs, impossible configs, BOMs, fuzzed readers
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache

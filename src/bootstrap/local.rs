@@ -56,7 +56,7 @@ impl LocalCompleter {
         let context = self.vlm.model.llm.cfg.max_position_embeddings;
         let seed = opts.seed.unwrap_or(0).to_string();
         let mut out = Vec::with_capacity(jobs.len());
-        for chunk in jobs.chunks(self.batch_size) {
+        for chunk in jobs.chunks(self.batch_size.max(1)) {
             let requests: Vec<Request> =
                 chunk.iter().map(|(_, ids)| Request { ids: ids.clone(), image: None }).collect();
             let seeds: Vec<u64> = chunk.iter().map(|(i, _)| stable_hash(&["local", &seed, &prompts[*i]])).collect();

@@ -167,9 +167,7 @@ impl WeakenOptions {
         if self.samples == 0 {
             bail!("samples must be at least 1");
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) || self.temperature < 0.0 {
-            bail!("need temperature >= 0 and 0 < top-p <= 1 (got {} and {})", self.temperature, self.top_p);
-        }
+        crate::generate::check_sampling(self.temperature, self.top_p)?;
         NoiseSchedule::default().sqrt_abar(self.noise_step)?;
         self.decode.validate()
     }

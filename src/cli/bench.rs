@@ -51,13 +51,13 @@ struct BootstrapBench {
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// Batch sizes to time (answers generated together).
-    #[arg(long, num_args = 1.., default_values_t = [1, 8])]
+    #[arg(long, num_args = 1.., default_values_t = [1, 8], value_parser = super::range::at_least_one)]
     batch: Vec<usize>,
     /// Answers per timing (one per prompt).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::range::at_least_one)]
     answers: usize,
     /// New tokens per answer (EOS is disabled, so every answer has exactly this many).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::range::at_least_one)]
     new_tokens: usize,
     /// Decoding mode; the contrast modes run a clean-image row beside each answer.
     #[arg(long, value_enum, default_value = "noisy")]
@@ -84,13 +84,13 @@ struct TrainBench {
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// Timed steps (after one warm-up step).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::range::at_least_one)]
     steps: usize,
     /// Preference pairs per step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
     pairs: usize,
     /// LoRA rank (alpha = 2 x rank).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     lora_rank: usize,
     /// Projections that get adapters.
     #[arg(long, num_args = 1.., default_values = ["q", "k", "v", "o"])]
@@ -117,7 +117,7 @@ struct GenerateBench {
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// Batch sizes (rows generated together).
-    #[arg(long, num_args = 1.., default_values_t = [1, 8])]
+    #[arg(long, num_args = 1.., default_values_t = [1, 8], value_parser = super::range::at_least_one)]
     batch: Vec<usize>,
     /// Greedy only (skip the sampled runs).
     #[arg(long)]
@@ -128,9 +128,9 @@ struct GenerateBench {
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::range::at_least_one)]
     new_tokens: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::range::at_least_one)]
     repeats: usize,
     /// Also write each size's config.json here (for scripts/bench_torch.py).
     #[arg(long)]
@@ -140,16 +140,16 @@ struct GenerateBench {
 #[derive(Args)]
 struct EvalBench {
     /// POPE answers to score (the full POPE COCO set is 9,000; 30k is a generous upper bound).
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, value_parser = super::range::at_least_one)]
     pope: usize,
     /// Captions to score with CHAIR (CHAIR on COCO commonly uses 500 to 5,000).
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, value_parser = super::range::at_least_one)]
     captions: usize,
     /// Words per synthetic caption (LLaVA-1.5 detailed descriptions run about 100).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = super::range::at_least_one)]
     words: usize,
     /// Timed repetitions of each step; the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::range::at_least_one)]
     repeats: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,

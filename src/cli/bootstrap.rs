@@ -94,11 +94,11 @@ pub struct WeakenArgs {
     /// Folder that the records' image paths are relative to.
     #[arg(long)]
     images: PathBuf,
-    /// Answers per prompt, each from its own noise.
-    #[arg(long, default_value_t = 1)]
+    /// Answers per prompt, each from its own noise, at least 1.
+    #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     samples: usize,
-    /// Diffusion step of the noise, 0..999 (BPO's release: 900; VCD and POVID: 500). See `bpo distort`.
-    #[arg(long, default_value_t = 900)]
+    /// Diffusion step of the noise, 0..=999 (BPO's release: 900; VCD and POVID: 500). See `bpo distort`.
+    #[arg(long, default_value_t = 900, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=999))]
     noise_step: usize,
     /// Decoding: noisy, prior-contrast or vcd (the contrast modes also run the clean image, twice the work).
     #[arg(long, value_enum, default_value = "noisy")]
@@ -109,20 +109,20 @@ pub struct WeakenArgs {
     /// alpha of vcd.
     #[arg(long, default_value_t = 1.0)]
     vcd_alpha: f32,
-    /// Plausibility cut-off of vcd (0 < beta <= 1).
-    #[arg(long, default_value_t = 0.2)]
+    /// Plausibility cut-off of vcd, in (0, 1].
+    #[arg(long, default_value_t = 0.2, value_parser = super::range::top_p::<f32>)]
     vcd_beta: f32,
-    /// Sampling temperature; 0 means greedy (then --samples differ by their noise only).
-    #[arg(long, default_value_t = 0.2)]
+    /// Sampling temperature, >= 0; 0 means greedy (then --samples differ by their noise only).
+    #[arg(long, default_value_t = 0.2, value_parser = super::range::non_negative::<f32>)]
     temperature: f32,
-    /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass, in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = super::range::top_p::<f32>)]
     top_p: f32,
-    /// Most new tokens per answer (cut to what the model's context leaves).
-    #[arg(long, default_value_t = 1024)]
+    /// Most new tokens per answer (cut to what the model's context leaves), at least 1.
+    #[arg(long, default_value_t = 1024, value_parser = super::range::at_least_one)]
     max_new_tokens: usize,
-    /// Answers generated together in one batch (1 = no batching).
-    #[arg(long, default_value_t = 8)]
+    /// Answers generated together in one batch, at least 1 (1 = no batching).
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
     /// Process only shard i of n (1-based, e.g. 2/4); shards split the ids by a stable hash.
     #[arg(long)]
@@ -167,27 +167,27 @@ pub struct InjectArgs {
     /// Replace the built-in prompt with this file's text; placeholders {answer} (required) and {question}.
     #[arg(long)]
     prompt_file: Option<PathBuf>,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature, >= 0.
+    #[arg(long, default_value_t = 0.8, value_parser = super::range::non_negative::<f32>)]
     temperature: f32,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long, default_value_t = 0.95, value_parser = super::range::top_p::<f32>)]
     top_p: f32,
-    /// Most new tokens per answer.
-    #[arg(long, default_value_t = 1024)]
+    /// Most new tokens per answer, at least 1.
+    #[arg(long, default_value_t = 1024, value_parser = super::range::at_least_one)]
     max_tokens: usize,
     /// Extra stop string (repeatable); `</s>` and the mode's own are always used.
     #[arg(long)]
     stop: Vec<String>,
-    /// Negatives asked per prompt.
-    #[arg(long, default_value_t = 1)]
+    /// Negatives asked per prompt, at least 1.
+    #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     samples: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight at once, at least 1.
+    #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
     concurrency: usize,
-    /// Records per batch (each record is written when its batch is done); with --llm also the prompts
+    /// Records per batch, at least 1 (each record is written when its batch is done); with --llm also the prompts
     /// generated together.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::range::at_least_one)]
     batch: usize,
     /// Total time limit of one request attempt, in seconds: connecting (at most 10 s), sending and reading the
     /// whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.

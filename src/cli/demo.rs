@@ -15,8 +15,8 @@ pub struct Args {
     /// Seed of the first run (world, weights, sampling).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Repeat the whole pipeline with seeds seed, seed+1, ... and report mean and standard deviation.
-    #[arg(long, default_value_t = 1)]
+    /// Repeat the whole pipeline with seeds seed, seed+1, ... and report mean and standard deviation; at least 1.
+    #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     seeds: usize,
     /// A tiny world and model that run in seconds (for tests; the numbers mean nothing).
     #[arg(long)]

@@ -124,11 +124,11 @@ pub struct GenArgs {
     /// Folder the questions' image paths are relative to.
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
-    /// Prompts per batch.
-    #[arg(long, default_value_t = 8)]
+    /// Prompts per batch, at least 1.
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
-    /// Most new tokens per answer (greedy decoding, as LLaVA's evaluation scripts).
-    #[arg(long, default_value_t = 128)]
+    /// Most new tokens per answer, at least 1 (greedy decoding, as LLaVA's evaluation scripts).
+    #[arg(long, default_value_t = 128, value_parser = super::range::at_least_one)]
     max_new_tokens: usize,
 }
 
@@ -143,8 +143,8 @@ pub struct CaptionArgs {
     /// `object-halbench` (the eight built-in instructions, used in turn) or a file with one prompt per line.
     #[arg(long, default_value = "object-halbench")]
     prompts: String,
-    /// Describe at most this many images.
-    #[arg(long)]
+    /// Describe at most this many images, at least 1.
+    #[arg(long, value_parser = super::range::at_least_one)]
     limit: Option<usize>,
     /// COCO 2014 annotation folder (see `bpo eval chair`).
     #[arg(long, value_name = "DIR")]
@@ -155,11 +155,11 @@ pub struct CaptionArgs {
     /// Replace the built-in COCO synonym list.
     #[arg(long, value_name = "FILE")]
     synonyms: Option<PathBuf>,
-    /// Prompts per batch.
-    #[arg(long, default_value_t = 8)]
+    /// Prompts per batch, at least 1.
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
-    /// Most new tokens per description.
-    #[arg(long, default_value_t = 512)]
+    /// Most new tokens per description, at least 1.
+    #[arg(long, default_value_t = 512, value_parser = super::range::at_least_one)]
     max_new_tokens: usize,
     /// Output folder: answers.jsonl, scores.json, details.jsonl.
     #[arg(long, value_name = "DIR")]

@@ -31,8 +31,8 @@ pub struct Args {
     /// the file to start over). A link is followed; one process at a time (a lock beside it).
     #[arg(long)]
     answers: Option<PathBuf>,
-    /// Prompts per batch (rows are left-padded).
-    #[arg(long, default_value_t = 8)]
+    /// Prompts per batch (rows are left-padded), at least 1.
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -41,17 +41,17 @@ pub struct Args {
 /// Decoding options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Most tokens to generate per answer.
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens to generate per answer, at least 1.
+    #[arg(long, default_value_t = 128, value_parser = super::range::at_least_one)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, >= 0; 0 means greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = super::range::non_negative::<f32>)]
     pub temperature: f32,
     /// Sample among the k most likely tokens only (0 = all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling threshold, in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = super::range::top_p::<f32>)]
     pub top_p: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]

@@ -55,7 +55,8 @@ enum Command {
     ///
     /// The run folder gets a PEFT adapter (adapter_config.json, adapter_model.safetensors, loadable by peft),
     /// projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and checkpoint-N folders.
-    /// Ctrl-C finishes the current step, saves a checkpoint and exits; --resume continues exactly where it stopped.
+    /// Ctrl-C finishes the current step, saves a checkpoint and exits with status 130; --resume continues exactly
+    /// where it stopped. A NaN or infinite loss or gradient norm stops the run before its update (status 3).
     Train(train::Args),
     /// Supervised training on LLaVA conversations (cross-entropy on the assistant turns), LoRA or full.
     ///
@@ -86,20 +87,50 @@ enum Command {
     Demo(demo::Args),
 }
 
-pub fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Exit status of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
+/// Exit status of a training run stopped by a NaN or infinite loss, gradient norm or weight.
+pub const EXIT_NON_FINITE: u8 = 3;
+
+/// Runs the command line; the status to exit with when it succeeded (README, "Exit codes").
+pub fn run() -> anyhow::Result<std::process::ExitCode> {
+    let done = match Cli::parse().command {
+        Command::Train(a) => return train::run(a),
+        Command::Sft(a) => return sft::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Pairs(args) => pairs::run(args),
         Command::Distort(args) => distort::run(args),
-        Command::Train(args) => train::run(args),
-        Command::Sft(args) => sft::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
+}
+
+/// The status for an error: [`EXIT_NON_FINITE`] when training diverged, else 1.
+pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
+    let diverged = e.chain().any(|c| matches!(c.downcast_ref::<bpo::Error>(), Some(bpo::Error::NonFinite(_))));
+    std::process::ExitCode::from(if diverged { EXIT_NON_FINITE } else { 1 })
+}
+
+/// An error and its causes on one line, each cause once: a message that already ends with its cause's text (as
+/// `path: OS error` does) does not repeat it.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
     }
+    line
 }
 
 /// Precision of the weights and activations.
@@ -145,6 +176,10 @@ pub struct ModelArgs {
     /// Model folder: config.json, *.safetensors, tokenizer.json (llava-hf layout, original LLaVA, or a Llama model).
     #[arg(long)]
     pub model: PathBuf,
+    /// Load weights (model or adapter) even if some are NaN or infinite; by default such a file is refused, naming
+    /// the tensor. The outputs of such a model are not meaningful.
+    #[arg(long)]
+    pub allow_non_finite: bool,
     #[arg(long, help = DEVICE_HELP)]
     pub device: Option<String>,
     #[arg(long, value_enum, help = DTYPE_HELP)]
@@ -175,7 +210,7 @@ impl ModelArgs {
 
     /// [`ModelArgs::load`] with the tokenisation conventions of `style`.
     pub fn load_styled(&self, style: bpo::text::PromptStyle) -> anyhow::Result<bpo::model::Vlm> {
-        let opts = bpo::model::LoadOptions::new(&self.runtime()?);
+        let opts = bpo::model::LoadOptions { allow_non_finite: self.allow_non_finite, ..bpo::model::LoadOptions::new(&self.runtime()?) };
         let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template(style)).with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         vlm.style = style;
@@ -183,7 +218,8 @@ impl ModelArgs {
             p.max_pixels = self.max_image_pixels;
         }
         if let Some(dir) = &self.adapter {
-            bpo::train::load_adapter(&mut vlm.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
+            let adapter = bpo::train::checkpoint::load_adapter_with(&mut vlm.model, dir, self.allow_non_finite);
+            adapter.with_context(|| format!("adapter {}", dir.display()))?;
         }
         Ok(vlm)
     }
@@ -221,3 +257,64 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// Value parsers for numeric options, shared by every subcommand: each accepts one range and names it when it refuses
+/// a value (clap then prints the flag, the value and the range, and exits with status 2). NaN is outside every range.
+pub mod range {
+    use std::num::ParseFloatError;
+    use std::str::FromStr;
+
+    /// f32 or f64.
+    pub trait Float: FromStr<Err = ParseFloatError> + Into<f64> + Copy {}
+    impl Float for f32 {}
+    impl Float for f64 {}
+
+    fn number<T: Float>(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> Result<T, String> {
+        let v: T = s.trim().parse().map_err(|e: ParseFloatError| e.to_string())?;
+        if ok(v.into()) {
+            Ok(v)
+        } else {
+            Err(format!("must be {range}"))
+        }
+    }
+
+    /// A finite number > 0.
+    pub fn positive<T: Float>(s: &str) -> Result<T, String> {
+        number(s, |x| x > 0.0 && x.is_finite(), "a finite number > 0")
+    }
+
+    /// A finite number >= 0.
+    pub fn non_negative<T: Float>(s: &str) -> Result<T, String> {
+        number(s, |x| x >= 0.0 && x.is_finite(), "a finite number >= 0")
+    }
+
+    /// A number in [0, 1].
+    pub fn fraction<T: Float>(s: &str) -> Result<T, String> {
+        number(s, |x| (0.0..=1.0).contains(&x), "in [0, 1]")
+    }
+
+    /// A number in [0, 1): a dropout probability.
+    pub fn below_one<T: Float>(s: &str) -> Result<T, String> {
+        number(s, |x| (0.0..1.0).contains(&x), "in [0, 1)")
+    }
+
+    /// A number in (0, 1]: a nucleus-sampling mass.
+    pub fn top_p<T: Float>(s: &str) -> Result<T, String> {
+        number(s, |x| x > 0.0 && x <= 1.0, "in (0, 1]")
+    }
+
+    /// A number in [0, 0.5): a label-flip probability.
+    pub fn below_half<T: Float>(s: &str) -> Result<T, String> {
+        number(s, |x| (0.0..0.5).contains(&x), "in [0, 0.5)")
+    }
+
+    /// A count of at least 1.
+    pub fn at_least_one(s: &str) -> Result<usize, String> {
+        match s.trim().parse::<usize>() {
+            Ok(0) => Err("must be at least 1".into()),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+

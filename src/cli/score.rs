@@ -25,8 +25,8 @@ pub struct Args {
     /// followed; checked to be writable, and not the input, before scoring starts).
     #[arg(long)]
     out: PathBuf,
-    /// Rows per forward pass.
-    #[arg(long, default_value_t = 8)]
+    /// Rows per forward pass, at least 1.
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
     /// Tokenisation conventions: llava (BOS, response + EOS) or trl (no BOS/EOS, response as " {text} ", and the
     /// model folder's chat template unless --template says otherwise).

@@ -30,7 +30,7 @@ pub struct Args {
     common: CommonArgs,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
     let cfg = SftConfig {
         setup: ModelSetup { train_vision: a.train_vision, ..a.common.setup(&a.model)? },
         data: a.data.clone(),
@@ -42,6 +42,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     catch_sigint();
     let mut bar = Bar(None);
     let report = bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}")).with_context(|| format!("training into {}", a.out.display()))?;
-    finish(&report, &a.out, &bar);
-    Ok(())
+    Ok(finish(&report, &a.out, &bar))
 }

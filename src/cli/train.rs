@@ -2,6 +2,7 @@
 //! `bpo sft` shares.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context};
@@ -10,7 +11,7 @@ use bpo::train::dpo::{self, DpoConfig, DEFAULT_FEATURE_CACHE_MB};
 use bpo::train::trainer::{Hooks, LoopConfig, StepLog};
 use bpo::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind, TrainReport};
 
-use super::{progress, ModelArgs};
+use super::{progress, range, ModelArgs};
 
 /// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
@@ -28,17 +29,17 @@ pub struct Args {
     /// same folder is refused, naming the first one's pid).
     #[arg(long)]
     out: PathBuf,
-    /// DPO temperature: larger keeps the policy closer to the reference.
-    #[arg(long, default_value_t = 0.1)]
+    /// DPO temperature, > 0: larger keeps the policy closer to the reference.
+    #[arg(long, default_value_t = 0.1, value_parser = range::positive::<f64>)]
     beta: f64,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossKind,
     /// Label-flip probability of the robust loss, in [0, 0.5).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = range::below_half::<f64>)]
     label_smoothing: f64,
-    /// Weight of an added NLL term on the chosen answers (RPO); 0 = off.
-    #[arg(long, default_value_t = 0.0)]
+    /// Weight of an added NLL term on the chosen answers (RPO), >= 0; 0 = off.
+    #[arg(long, default_value_t = 0.0, value_parser = range::non_negative::<f64>)]
     sft_weight: f64,
     /// Compute the reference log-probs once before training (cached in the run folder) instead of every step.
     #[arg(long)]
@@ -61,14 +62,14 @@ pub struct CommonArgs {
     /// vision DPO).
     #[arg(long, value_enum, default_value = "llava")]
     pub prompt_style: bpo::text::PromptStyle,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 64)]
+    /// LoRA rank, at least 1.
+    #[arg(long, default_value_t = 64, value_parser = range::at_least_one)]
     pub lora_rank: usize,
-    /// LoRA scale numerator: updates are (alpha / rank) B A x.
-    #[arg(long, default_value_t = 256.0)]
+    /// LoRA scale numerator, > 0: updates are (alpha / rank) B A x.
+    #[arg(long, default_value_t = 256.0, value_parser = range::positive::<f64>)]
     pub lora_alpha: f64,
-    /// Dropout on the adapters' input (seeded: resumed runs replay it).
-    #[arg(long, default_value_t = 0.05)]
+    /// Dropout on the adapters' input, in [0, 1) (seeded: resumed runs replay it).
+    #[arg(long, default_value_t = 0.05, value_parser = range::below_one::<f32>)]
     pub lora_dropout: f32,
     /// Language-model projections that get adapters.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
@@ -82,38 +83,39 @@ pub struct CommonArgs {
     /// Start from this PEFT adapter (a run folder or peft's save_pretrained output, either name spelling).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
-    /// Peak learning rate [default: 2e-6 for train, 2e-5 for sft].
-    #[arg(long)]
+    /// Peak learning rate, > 0 [default: 2e-6 for train, 2e-5 for sft].
+    #[arg(long, value_parser = range::positive::<f64>)]
     pub lr: Option<f64>,
     /// Learning-rate schedule after the warm-up.
     #[arg(long, value_enum, default_value = "cosine")]
     pub schedule: ScheduleKind,
-    /// Fraction of the steps spent warming up linearly from 0.
-    #[arg(long, default_value_t = 0.03)]
+    /// Fraction of the steps spent warming up linearly from 0, in [0, 1].
+    #[arg(long, default_value_t = 0.03, value_parser = range::fraction::<f64>)]
     pub warmup_ratio: f64,
-    /// AdamW decoupled weight decay (not applied to biases and norms).
-    #[arg(long, default_value_t = 0.0)]
+    /// AdamW decoupled weight decay, >= 0 (not applied to biases and norms).
+    #[arg(long, default_value_t = 0.0, value_parser = range::non_negative::<f64>)]
     pub weight_decay: f64,
-    /// Passes over the data [default: 2 for train, 1 for sft].
-    #[arg(long)]
+    /// Passes over the data, at least 1 [default: 2 for train, 1 for sft].
+    #[arg(long, value_parser = range::at_least_one)]
     pub epochs: Option<usize>,
-    /// Pairs (or conversations) per micro-batch.
-    #[arg(long, default_value_t = 4)]
+    /// Pairs (or conversations) per micro-batch, at least 1.
+    #[arg(long, default_value_t = 4, value_parser = range::at_least_one)]
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    /// Micro-batches per optimizer step, at least 1.
+    #[arg(long, default_value_t = 1, value_parser = range::at_least_one)]
     pub grad_accum: usize,
-    /// Clip gradients to this global L2 norm.
-    #[arg(long)]
+    /// Clip gradients to this global L2 norm, >= 0. 0 (like leaving it out) means no clipping, as TRL's and
+    /// transformers' max_grad_norm=0.
+    #[arg(long, value_parser = range::non_negative::<f64>)]
     pub max_grad_norm: Option<f64>,
-    /// Positions per sequence, image positions included; longer answers are cut (never image positions).
-    #[arg(long, default_value_t = 2048)]
+    /// Positions per sequence, image positions included, at least 1; longer answers are cut (never image positions).
+    #[arg(long, default_value_t = 2048, value_parser = range::at_least_one)]
     pub max_length: usize,
     /// Seed of the data order, LoRA initialisation and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Write a checkpoint every N optimizer steps.
-    #[arg(long)]
+    /// Write a checkpoint every N optimizer steps, N at least 1.
+    #[arg(long, value_parser = range::at_least_one)]
     pub save_steps: Option<usize>,
     /// Continue the run in --out from its newest checkpoint (same options required).
     #[arg(long)]
@@ -128,6 +130,9 @@ impl CommonArgs {
     pub fn setup(&self, model: &ModelArgs) -> anyhow::Result<ModelSetup> {
         if model.adapter.is_some() {
             bail!("to start training from an adapter use --init-adapter (--adapter is for generate/score)");
+        }
+        if model.allow_non_finite {
+            bail!("--allow-non-finite is for generate, score and eval: training needs finite weights");
         }
         let lora = LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.lora_targets.clone() };
         Ok(ModelSetup { model: model.model.clone(), template: model.template(self.prompt_style), prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone(), runtime: model.runtime()? })
@@ -187,10 +192,14 @@ impl Hooks for Bar {
         }
         true
     }
+
+    fn warn(&mut self, message: &str) {
+        eprintln!("warning: {message}");
+    }
 }
 
-/// Prints how a run ended.
-pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) {
+/// Prints how a run ended; an interrupted run (Ctrl-C, checkpoint saved) exits with status 130.
+pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) -> ExitCode {
     if let Some(b) = &bar.0 {
         b.finish();
     }
@@ -198,13 +207,14 @@ pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) {
     if s.interrupted {
         let step = s.start_step + s.steps_done;
         eprintln!("stopped after step {step} of {}: checkpoint-{step} saved in {}; continue with --resume", s.total_steps, out.display());
-        return;
+        return ExitCode::from(super::EXIT_INTERRUPTED);
     }
     let loss = s.last.as_ref().and_then(|l| l.get("loss")).map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
     eprintln!("trained {} steps{loss}; wrote {}", s.steps_done, out.display());
+    ExitCode::SUCCESS
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = DpoConfig {
         setup: a.common.setup(&a.model)?,
         data: a.data.clone(),
@@ -220,6 +230,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     catch_sigint();
     let mut bar = Bar(None);
     let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}")).with_context(|| format!("training into {}", a.out.display()))?;
-    finish(&report, &a.out, &bar);
-    Ok(())
+    Ok(finish(&report, &a.out, &bar))
 }

@@ -37,6 +37,24 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Refuses a temperature that is negative or not finite and a top-p outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        check_sampling(self.temperature, self.top_p)
+    }
+}
+
+/// The sampling ranges, for every option set that carries a temperature and a top-p.
+pub fn check_sampling(temperature: f32, top_p: f32) -> Result<()> {
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        bail!("the sampling temperature must be a finite number >= 0 (0 = greedy), got {temperature}");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("top-p must lie in (0, 1] (1 = off), got {top_p}");
+    }
+    Ok(())
+}
+
 /// One prompt: token ids (with image positions already expanded) and the preprocessed image (3, H, W), if any.
 #[derive(Clone)]
 pub struct Request {
@@ -90,6 +108,7 @@ pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], c
 /// Like [`generate_contrast`] with one sampling seed per request (`params.seed` is ignored). A row's sampling then
 /// does not depend on its position in the batch, so a resumed or re-batched run draws the same tokens.
 pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass, seeds: &[u64]) -> Result<Vec<Completion>> {
+    params.validate()?;
     let n = requests.len();
     if seeds.len() != n {
         bail!("{} seeds for {n} requests", seeds.len());

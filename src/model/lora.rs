@@ -15,10 +15,11 @@ use crate::{bail, Result};
 /// Which linears get adapters and how big they are.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
-    /// Rank r.
+    /// Rank r, at least 1.
     pub rank: usize,
-    /// Scale numerator: the update is `(alpha / r) B A x`.
+    /// Scale numerator, > 0: the update is `(alpha / r) B A x`.
     pub alpha: f64,
+    /// Dropout on the adapters' input, in [0, 1).
     pub dropout: f32,
     /// Short projection names: q, k, v, o, gate, up, down (or full names like `q_proj`).
     pub targets: Vec<String>,
@@ -32,6 +33,20 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// Refuses a rank of 0, an alpha that is not a finite number > 0, and a dropout outside [0, 1).
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            bail!("LoRA rank must be at least 1");
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            bail!("LoRA alpha must be a finite number > 0, got {}", self.alpha);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("LoRA dropout must lie in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+
     /// PEFT's `target_modules` spelling (`q_proj`, ...).
     pub fn module_names(&self) -> Vec<String> {
         self.targets.iter().map(|t| if t.ends_with("_proj") { t.clone() } else { format!("{t}_proj") }).collect()
@@ -54,9 +69,7 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
             bail!("unknown LoRA target {w:?} (use q, k, v, o, gate, up, down)");
         }
     }
-    if cfg.rank == 0 {
-        bail!("LoRA rank must be at least 1");
-    }
+    cfg.validate()?;
     let mut rng = StdRng::seed_from_u64(seed);
     // Adapters are f32 master copies whatever the compute dtype (cast in the forward pass).
     let dev = model.rt.device.clone();

@@ -16,7 +16,7 @@ use candle_core::{Tensor, Var};
 use serde_json::{json, Value};
 
 use crate::model::linear::{DropoutSeed, Lora};
-use crate::model::load::save_safetensors;
+use crate::model::load::{check_finite_file, save_safetensors};
 use crate::model::lora::{peft_key, LoraConfig};
 use crate::model::Model;
 use crate::{bail, Error, Result};
@@ -120,8 +120,14 @@ pub struct Adapter {
 }
 
 /// Attaches the PEFT adapter in `dir` (either spelling) to `model`: LoRA on every linear it has tensors for, and
-/// its projector copy if it saved one. Unknown tensors and unsupported PEFT options are errors, not ignored.
+/// its projector copy if it saved one. Unknown tensors, unsupported PEFT options and non-finite weights are errors,
+/// not ignored.
 pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
+    load_adapter_with(model, dir, false)
+}
+
+/// [`load_adapter`], accepting NaN or infinite weights if `allow_non_finite`.
+pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) -> Result<Adapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let cfg = read_json(&cfg_path)?;
     let bad = |msg: String| Error::parse(&cfg_path, None, msg);
@@ -142,6 +148,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
     let scale = if cfg.get("use_rslora").and_then(Value::as_bool) == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
 
     let path = dir.join(ADAPTER_WEIGHTS);
+    if !allow_non_finite {
+        check_finite_file(&path)?;
+    }
     let tensors = candle_core::safetensors::load(&path, &model.rt.device).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
     let mut lora: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
     let mut projector: HashMap<String, Tensor> = HashMap::new();
@@ -233,17 +242,23 @@ pub fn restore_named(path: &Path, vars: &[(String, Var)]) -> Result<()> {
 
 /// The newest `checkpoint-N` folder of a run (by N), if any.
 pub fn latest_checkpoint(run: &Path) -> Result<Option<(usize, PathBuf)>> {
-    let Ok(entries) = std::fs::read_dir(run) else { return Ok(None) };
-    let mut best: Option<(usize, PathBuf)> = None;
+    Ok(checkpoints(run)?.into_iter().next())
+}
+
+/// The `checkpoint-N` folders of a run that hold a trainer state, newest (largest N) first.
+pub fn checkpoints(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(run) else { return Ok(Vec::new()) };
+    let mut found = Vec::new();
     for e in entries {
         let e = e.map_err(|e| Error::io(run, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-        if e.path().join(TRAINER_STATE).is_file() && best.as_ref().is_none_or(|b| step > b.0) {
-            best = Some((step, e.path()));
+        if e.path().join(TRAINER_STATE).is_file() {
+            found.push((step, e.path()));
         }
     }
-    Ok(best)
+    found.sort_by_key(|c| std::cmp::Reverse(c.0));
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -202,6 +202,9 @@ fn describe_missing(report: &DataReport, say: Say) {
 
 /// `bpo train`: DPO in `cfg.optim`'s loop, writing the run folder `out`.
 pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
+    // Settings first: a bad one leaves nothing behind.
+    cfg.optim.validate()?;
+    cfg.setup.lora.as_ref().map_or(Ok(()), crate::model::lora::LoraConfig::validate)?;
     cfg.loss.validate()?;
     let _lock = prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     if cfg.setup.train_vision {
@@ -227,7 +230,7 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
     let needs_precompute = cfg.precompute_ref || matches!(reference, Reference::StartingPolicy);
     let mut dpo = Dpo::new(prepared.vlm, examples, reference, cfg.loss, cfg.feature_cache_mb);
     if needs_precompute {
-        reference_cache(&mut dpo, &out.join("ref_logps.jsonl"), cfg.optim.batch_size, say)?;
+        reference_cache(&mut dpo, &out.join(REF_LOGPS), cfg.optim.batch_size, say)?;
     }
     let summary = train_loop(&mut dpo, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
     if !report.missing_images.is_empty() {
@@ -253,6 +256,9 @@ fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> R
     let rows: Vec<serde_json::Value> = dpo.examples.iter().zip(&v).map(|(e, (c, r))| json!({"id": e.id, "chosen": c, "rejected": r})).collect();
     crate::jsonl::write(path, &rows)
 }
+
+/// The run folder's cache of reference log-probs (`--precompute-ref`, `--init-adapter`).
+pub const REF_LOGPS: &str = "ref_logps.jsonl";
 
 /// Default budget of the feature cache, in MiB.
 pub const DEFAULT_FEATURE_CACHE_MB: usize = 2048;

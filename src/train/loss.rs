@@ -49,13 +49,13 @@ impl Default for DpoLoss {
 impl DpoLoss {
     /// Rejects settings with no meaning (beta <= 0, smoothing outside [0, 0.5), negative SFT weight).
     pub fn validate(&self) -> Result<()> {
-        if self.beta.is_nan() || self.beta <= 0.0 {
-            crate::bail!("beta must be positive, got {}", self.beta);
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            crate::bail!("beta must be a finite number > 0, got {}", self.beta);
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             crate::bail!("label smoothing must lie in [0, 0.5), got {}", self.label_smoothing);
         }
-        if self.sft_weight.is_nan() || self.sft_weight < 0.0 {
+        if !(self.sft_weight >= 0.0 && self.sft_weight.is_finite()) {
             crate::bail!("the SFT weight must be >= 0, got {}", self.sft_weight);
         }
         Ok(())

@@ -194,12 +194,16 @@ impl AdamW {
     }
 
     /// One AdamW step at learning rate `lr` with the accumulated gradients, clipped to global norm `max_norm`
-    /// (as `clip_grad_norm_`: scaled by `max_norm / (norm + 1e-6)` when that is below 1). Clears the buffers and
-    /// returns the norm before clipping.
+    /// (as `clip_grad_norm_`: scaled by `max_norm / (norm + 1e-6)` when that is below 1; `max_norm` 0 means no
+    /// clipping, as transformers' `max_grad_norm=0`). Clears the buffers and returns the norm before clipping. A norm
+    /// that is not finite is returned without any update (parameters, moments and step count stay as they were).
     pub fn step(&mut self, lr: f64, max_norm: Option<f64>) -> Result<f64> {
         let norm = self.grad_norm()?;
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
         let grad_scale = match max_norm {
-            Some(max) if norm.is_finite() => (max / (norm + 1e-6)).min(1.0),
+            Some(max) if max > 0.0 => (max / (norm + 1e-6)).min(1.0),
             _ => 1.0,
         };
         self.steps += 1;
@@ -382,5 +386,26 @@ mod tests {
         let worst = host.iter().zip(&device).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst <= 1e-7, "largest difference {worst}");
         assert_ne!(host, init, "the weights moved");
+    }
+
+    /// `max_grad_norm` 0 is "no clipping" (TRL, transformers), not "scale every update to zero"; a non-finite gradient
+    /// norm changes nothing.
+    #[test]
+    fn zero_max_norm_does_not_clip_and_a_non_finite_norm_does_not_step() {
+        let dev = Device::Cpu;
+        let step_with = |max_norm: Option<f64>, g: f32| -> (Vec<f32>, f64, u64) {
+            let p = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev).unwrap()).unwrap();
+            let mut opt = AdamW::new(&[("p".to_string(), p.clone())], AdamWConfig::default(), Kernels::Fused).unwrap();
+            let loss = (p.as_tensor() * Tensor::new(&[3.0f32, g], &dev).unwrap()).unwrap().sum_all().unwrap();
+            opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
+            let norm = opt.step(0.1, max_norm).unwrap();
+            (p.as_tensor().to_vec1().unwrap(), norm, opt.steps())
+        };
+        let (unclipped, zero) = (step_with(None, 4.0), step_with(Some(0.0), 4.0));
+        assert_eq!(unclipped, zero);
+        assert!((unclipped.0[0] - 0.9).abs() < 1e-5, "{unclipped:?}");
+        let (weights, norm, steps) = step_with(Some(1.0), f32::NAN);
+        assert!(norm.is_nan());
+        assert_eq!((weights, steps), (vec![1.0, 2.0], 0), "no update");
     }
 }

@@ -79,6 +79,7 @@ pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepare
         trainable.full = vars.into_iter().filter(|(n, _)| !frozen(n)).collect();
         return Ok(Prepared { vlm, trainable, start_projector: None });
     };
+    lora.validate()?;
     if s.train_vision {
         bail!("--train-vision needs full fine-tuning (--full): LoRA runs keep the vision tower frozen");
     }
@@ -108,7 +109,11 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<Lock>
     let path = out.join("train_config.json");
     match (path.exists(), resume) {
         (false, true) => bail!("--resume: {} holds no run (no train_config.json)", out.display()),
-        (true, false) => bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display()),
+        (true, false) if super::trainer::run_started(out) => {
+            bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display())
+        }
+        // A run that stopped before its first step left its config (and maybe reference log-probs of other inputs).
+        (true, false) => forget_unstarted_run(out).and_then(|()| write_json(&path, config)),
         (true, true) => {
             let old = read_json(&path)?;
             let differ = differing_keys(&old, config);
@@ -129,6 +134,15 @@ pub fn record_template(out: &Path, vlm: &Vlm) -> Result<()> {
     match &vlm.chat {
         Chat::Model(t, _) => crate::output::write_bytes(&out.join("chat_template.jinja"), t.source.as_bytes()),
         Chat::Builtin(_) => Ok(()),
+    }
+}
+
+/// Removes what a run that never trained a step may have cached, so that starting again computes it afresh.
+fn forget_unstarted_run(out: &Path) -> Result<()> {
+    let cached = out.join(super::dpo::REF_LOGPS);
+    match std::fs::remove_file(&cached) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&cached, e)),
+        _ => Ok(()),
     }
 }
 
@@ -157,6 +171,9 @@ mod tests {
         let cfg = json!({"lr": 1.0, "optim": {"epochs": 2}});
         assert!(prepare_run_dir(tmp.path(), &cfg, true).is_err(), "nothing to resume");
         prepare_run_dir(tmp.path(), &cfg, false).unwrap();
+        // Nothing trained yet (a run that failed before step 1): starting again is fine.
+        prepare_run_dir(tmp.path(), &cfg, false).unwrap();
+        std::fs::write(tmp.path().join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
         assert!(prepare_run_dir(tmp.path(), &cfg, false).unwrap_err().to_string().contains("--resume"));
         prepare_run_dir(tmp.path(), &cfg, true).unwrap();
         let err = prepare_run_dir(tmp.path(), &json!({"lr": 1.0, "optim": {"epochs": 3}}), true).unwrap_err().to_string();

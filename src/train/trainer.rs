@@ -3,7 +3,8 @@
 //!
 //! Everything that decides a step (example order, dropout masks) derives from (seed, step), and a checkpoint holds
 //! the weights, the optimizer moments and the step; so a run resumed from `checkpoint-N` continues exactly as
-//! the uninterrupted run would have.
+//! the uninterrupted run would have. A step whose loss or gradient norm is not finite stops the run before its
+//! update: the last checkpoint stays the run's result ([`Error::NonFinite`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use candle_core::Var;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{self, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json, OPTIMIZER, TRAINER_STATE};
+use super::checkpoint::{self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json};
+use super::checkpoint::{OPTIMIZER, TRAINER_STATE};
 use super::data::epoch_order;
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::{Schedule, ScheduleKind};
@@ -23,18 +25,29 @@ use crate::model::lora::LoraConfig;
 use crate::model::Kernels;
 use crate::{bail, Error, Result};
 
-/// Optimisation settings (`bpo train` / `bpo sft` flags).
+/// In a checkpoint of full fine-tuning: the trained weights as the f32 master copies. The checkpoint's
+/// `model.safetensors` holds them in the model's own dtype (f16 or bf16 for most released models), whose rounding
+/// would change the run that resumes from it.
+pub const MASTER_WEIGHTS: &str = "master_weights.safetensors";
+
+/// Optimisation settings (`bpo train` / `bpo sft` flags). [`LoopConfig::validate`] holds the accepted ranges.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoopConfig {
+    /// Peak learning rate, > 0.
     pub lr: f64,
     pub schedule: ScheduleKind,
+    /// Fraction of the steps spent warming up, in [0, 1].
     pub warmup_ratio: f64,
+    /// AdamW's decoupled weight decay, >= 0.
     pub weight_decay: f64,
+    /// At least 1.
     pub epochs: usize,
-    /// Examples per micro-batch.
+    /// Examples per micro-batch, at least 1.
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, at least 1.
     pub grad_accum: usize,
+    /// Clip gradients to this global L2 norm, >= 0; None or 0 = no clipping (as TRL's and transformers'
+    /// `max_grad_norm=0`).
     pub max_grad_norm: Option<f64>,
     /// Write `checkpoint-N` every this many steps.
     pub save_steps: Option<usize>,
@@ -45,6 +58,29 @@ impl Default for LoopConfig {
     /// BPO's released recipe (per device).
     fn default() -> Self {
         LoopConfig { lr: 2e-6, schedule: ScheduleKind::Cosine, warmup_ratio: 0.03, weight_decay: 0.0, epochs: 2, batch_size: 4, grad_accum: 1, max_grad_norm: None, save_steps: None, seed: 0 }
+    }
+}
+
+impl LoopConfig {
+    /// Refuses values outside the ranges documented on the fields (NaN included), naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        let counts = format!("{}, {}, {}", c.epochs, c.batch_size, c.grad_accum);
+        let checks = [
+            (c.lr > 0.0 && c.lr.is_finite(), "the learning rate must be a finite number > 0", c.lr.to_string()),
+            ((0.0..=1.0).contains(&c.warmup_ratio), "the warm-up ratio must lie in [0, 1]", c.warmup_ratio.to_string()),
+            (c.weight_decay >= 0.0 && c.weight_decay.is_finite(), "the weight decay must be a finite number >= 0", c.weight_decay.to_string()),
+            (
+                c.max_grad_norm.is_none_or(|m| m >= 0.0 && m.is_finite()),
+                "the gradient-clipping norm must be a finite number >= 0 (0 = no clipping)",
+                format!("{:?}", c.max_grad_norm),
+            ),
+            (c.epochs >= 1 && c.batch_size >= 1 && c.grad_accum >= 1, "epochs, batch size and gradient accumulation must be at least 1", counts),
+        ];
+        match checks.into_iter().find(|(ok, ..)| !ok) {
+            Some((_, rule, got)) => bail!("{rule}, got {got}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -93,6 +129,17 @@ impl Trainable {
         self.lora.iter().chain(projector).chain(&self.full).cloned().collect()
     }
 
+    /// The first trained tensor holding a NaN or infinity, by name.
+    pub fn first_non_finite(&self) -> Result<Option<String>> {
+        for (name, var) in self.lora.iter().chain(&self.projector).chain(&self.full) {
+            // 0 * x is 0 for every finite x and NaN otherwise; its sum cannot overflow.
+            if !var.as_tensor().affine(0.0, 0.0)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?.is_finite() {
+                return Ok(Some(name.clone()));
+            }
+        }
+        Ok(None)
+    }
+
     /// Writes the trained weights into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         if !self.full.is_empty() {
@@ -102,10 +149,12 @@ impl Trainable {
         checkpoint::save_adapter(dir, self.is_llava, &cfg, &self.lora, &self.projector, &self.base_model.to_string_lossy())
     }
 
-    /// Reads back what [`Trainable::save`] wrote.
+    /// Reads back what [`Trainable::save`] wrote, or in a checkpoint of full fine-tuning the f32 master weights.
     pub fn restore(&self, dir: &Path) -> Result<()> {
         if !self.full.is_empty() {
-            return restore_named(&dir.join("model.safetensors"), &self.full);
+            let masters = dir.join(MASTER_WEIGHTS);
+            let path = if masters.exists() { masters } else { dir.join("model.safetensors") };
+            return restore_named(&path, &self.full);
         }
         restore_adapter(dir, &self.lora, &self.projector)
     }
@@ -132,6 +181,8 @@ pub trait Hooks {
     fn on_step(&mut self, _log: &StepLog) -> bool {
         true
     }
+    /// Something the user should know that does not stop the run (a checkpoint skipped on resume).
+    fn warn(&mut self, _message: &str) {}
 }
 
 /// No callbacks.
@@ -171,12 +222,10 @@ pub fn keep_freed_memory() {
 
 /// Runs the loop in `run` (a folder). With `resume`, starts from the newest `checkpoint-N` there.
 pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConfig, run: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks) -> Result<LoopSummary> {
+    cfg.validate()?;
     let n = obj.len();
     if n == 0 {
         bail!("no training examples left");
-    }
-    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
-        bail!("batch size, gradient accumulation and epochs must be at least 1");
     }
     keep_freed_memory();
     let per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.grad_accum);
@@ -184,7 +233,7 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
     let schedule = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup_ratio, total);
     let vars = trainable.vars();
     let mut opt = AdamW::new(&vars, AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, trainable.kernels)?;
-    let start = if resume { restore(run, trainable, &mut opt, cfg.seed)? } else { 0 };
+    let start = if resume { restore(run, trainable, &mut opt, cfg.seed, hooks)? } else { 0 };
     let metrics_path = run.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start)?;
     let mut metrics_file = crate::output::open_append(&metrics_path)?;
@@ -207,7 +256,15 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
             parts.push(obj.micro_step(batch, batch.len() as f64 / in_step as f64, seed, &mut opt)?);
         }
         let lr = schedule.lr(step);
+        // A non-finite loss stops the run before the update; so does a non-finite norm, which `step` never applies.
+        let loss = parts.iter().flat_map(|p| &p.values).find(|(name, v)| *name == "loss" && !v.is_finite());
+        if let Some((_, v)) = loss {
+            return Err(non_finite(run, step + 1, &format!("the loss is {v}")));
+        }
         let grad_norm = opt.step(lr, cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(non_finite(run, step + 1, &format!("the gradient norm is {grad_norm}")));
+        }
         let seconds = started.elapsed().as_secs_f64();
         let log = step_log(step + 1, total, per_epoch, &parts, lr, grad_norm, seconds);
         writeln!(metrics_file, "{}", Value::Object(log.values.clone())).and_then(|_| metrics_file.flush()).map_err(|e| Error::io(&metrics_path, e))?;
@@ -223,8 +280,26 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
             return Ok(summary);
         }
     }
+    check_weights(run, total, trainable)?;
     trainable.save(run)?;
     Ok(summary)
+}
+
+/// The error that stops a run at `step` (1-based) on a non-finite `what`, naming the run's result: its last checkpoint.
+fn non_finite(run: &Path, step: usize, what: &str) -> Error {
+    let result = match latest_checkpoint(run) {
+        Ok(Some((_, dir))) => format!("the last good checkpoint, {}, is the run's result", dir.display()),
+        _ => "no checkpoint was saved before it (--save-steps N keeps one every N steps)".into(),
+    };
+    Error::NonFinite(format!("training diverged at step {step}: {what}; stopped without applying the step or writing a final model; {result}"))
+}
+
+/// Refuses to save weights that are not finite (an update that overflowed), naming the first such tensor.
+fn check_weights(run: &Path, step: usize, trainable: &Trainable) -> Result<()> {
+    match trainable.first_non_finite()? {
+        Some(name) => Err(non_finite(run, step, &format!("after its update {name} holds a NaN or infinity"))),
+        None => Ok(()),
+    }
 }
 
 /// Merges micro-batch metrics (means weighted by examples) into a `metrics.jsonl` record with transformers'
@@ -251,8 +326,13 @@ fn step_log(step: usize, total: usize, per_epoch: usize, parts: &[Metrics], lr: 
 
 /// Writes `run/checkpoint-{step}`: weights, optimizer moments, trainer state.
 fn save_checkpoint(run: &Path, step: usize, total: usize, per_epoch: usize, seed: u64, trainable: &Trainable, opt: &AdamW) -> Result<()> {
+    check_weights(run, step, trainable)?;
     write_dir_atomically(&run.join(format!("checkpoint-{step}")), |dir| {
         trainable.save(dir)?;
+        if !trainable.full.is_empty() {
+            let masters: Vec<(String, candle_core::Tensor)> = trainable.full.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            crate::model::load::save_safetensors(&dir.join(MASTER_WEIGHTS), &masters)?;
+        }
         crate::model::load::save_safetensors(&dir.join(OPTIMIZER), &opt.state_tensors()?)?;
         let state = json!({
             "global_step": step, "total_steps": total, "steps_per_epoch": per_epoch, "epoch": step as f64 / per_epoch as f64,
@@ -263,30 +343,70 @@ fn save_checkpoint(run: &Path, step: usize, total: usize, per_epoch: usize, seed
     })
 }
 
-/// Loads the newest checkpoint of `run` into the weights and the optimizer; returns its step.
-fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64) -> Result<usize> {
-    let Some((step, dir)) = latest_checkpoint(run)? else { bail!("--resume: {} has no checkpoint-N folder", run.display()) };
-    let state = read_json(&dir.join(TRAINER_STATE))?;
-    if state.get("seed").and_then(Value::as_u64) != Some(seed) {
-        bail!("--resume: {} was made with seed {}, not {seed}", dir.display(), state["seed"]);
+/// Loads the newest readable checkpoint of `run` into the weights and the optimizer; returns its step. One that cannot
+/// be read (torn, truncated, non-finite, another seed) is skipped, with a warning, for the one before it. A run that
+/// never finished a step (it failed before, or was killed during, step 1) starts at step 0.
+fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, hooks: &mut dyn Hooks) -> Result<usize> {
+    let found = checkpoints(run)?;
+    if found.is_empty() && logged_steps(run) == 0 {
+        return Ok(0);
     }
-    trainable.restore(&dir)?;
-    let path = dir.join(OPTIMIZER);
-    let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
-    let steps = state.get("optimizer_steps").and_then(Value::as_u64).unwrap_or(step as u64);
-    opt.load_state(&moments, steps)?;
-    Ok(step)
+    for (step, dir) in found {
+        match restore_from(&dir, step, trainable, opt, seed) {
+            Ok(()) => return Ok(step),
+            Err(e) => hooks.warn(&format!("--resume: skipping {}, which cannot be used: {e}", dir.display())),
+        }
+    }
+    bail!(
+        "--resume: {} has no usable checkpoint-N folder (--save-steps N writes one every N steps); delete it or choose another --out to start again",
+        run.display()
+    )
 }
 
-/// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
+fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW, seed: u64) -> Result<()> {
+    let state = read_json(&dir.join(TRAINER_STATE))?;
+    if state.get("seed").and_then(Value::as_u64) != Some(seed) {
+        bail!("it was made with seed {}, not {seed}", state["seed"]);
     }
-    let rows: Vec<Value> = crate::jsonl::read(path)?;
-    let keep: Vec<&Value> = rows.iter().filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s as usize <= step)).collect();
-    if keep.len() != rows.len() {
-        crate::jsonl::write(path, &keep)?;
+    trainable.restore(dir)?;
+    if let Some(name) = trainable.first_non_finite()? {
+        bail!("{name} holds a NaN or infinity");
+    }
+    let path = dir.join(OPTIMIZER);
+    crate::model::load::check_finite_file(&path)?;
+    let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let steps = state.get("optimizer_steps").and_then(Value::as_u64).unwrap_or(step as u64);
+    opt.load_state(&moments, steps)
+}
+
+/// Whether `run` holds anything trained: a logged step, a checkpoint, or final weights. A folder with none (a run
+/// that failed before its first step) may be started again.
+pub fn run_started(run: &Path) -> bool {
+    let weights = [checkpoint::ADAPTER_WEIGHTS, "model.safetensors"].iter().any(|f| run.join(f).exists());
+    weights || logged_steps(run) > 0 || checkpoints(run).map_or(true, |c| !c.is_empty())
+}
+
+/// Lines of the run's `metrics.jsonl` (0 when there is none).
+fn logged_steps(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint, the last perhaps torn
+/// by a kill). The lines kept are kept byte for byte: the file is cut, not rewritten, since a number read and written
+/// again may come back one unit in the last place different.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let mut keep = 0;
+    for line in text.split_inclusive('\n') {
+        let logged = serde_json::from_str::<Value>(line).ok().and_then(|r| r.get("step").and_then(Value::as_u64));
+        if !line.ends_with('\n') || logged.is_none_or(|s| s as usize > step) {
+            break;
+        }
+        keep += line.len();
+    }
+    if keep < text.len() {
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+        file.set_len(keep as u64).and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))?;
     }
     Ok(())
 }
@@ -301,6 +421,44 @@ mod tests {
         assert_eq!(steps_per_epoch(17, 4, 1), 5);
         assert_eq!(steps_per_epoch(17, 4, 2), 3);
         assert_eq!(steps_per_epoch(3, 4, 4), 1);
+    }
+
+    #[test]
+    fn loop_config_ranges_are_checked() {
+        assert!(LoopConfig::default().validate().is_ok());
+        assert!(LoopConfig { max_grad_norm: Some(0.0), warmup_ratio: 1.0, ..Default::default() }.validate().is_ok());
+        let bad = [
+            LoopConfig { lr: f64::NAN, ..Default::default() },
+            LoopConfig { lr: -1.0, ..Default::default() },
+            LoopConfig { warmup_ratio: 2.0, ..Default::default() },
+            LoopConfig { weight_decay: -0.1, ..Default::default() },
+            LoopConfig { max_grad_norm: Some(-1.0), ..Default::default() },
+            LoopConfig { grad_accum: 0, ..Default::default() },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_weight_is_named() {
+        let var = |v: f32| Var::from_tensor(&candle_core::Tensor::new(&[1.0f32, v], &candle_core::Device::Cpu).unwrap()).unwrap();
+        let mut t = Trainable {
+            is_llava: false,
+            lora: Vec::new(),
+            lora_cfg: None,
+            projector: Vec::new(),
+            projector_trains: false,
+            full: vec![("a".into(), var(2.0))],
+            base_model: PathBuf::new(),
+            kernels: Kernels::Fused,
+        };
+        assert_eq!(t.first_non_finite().unwrap(), None);
+        for bad in [f32::INFINITY, f32::NAN] {
+            t.full.push(("b".into(), var(bad)));
+            assert_eq!(t.first_non_finite().unwrap().as_deref(), Some("b"));
+            t.full.pop();
+        }
     }
 
     #[test]

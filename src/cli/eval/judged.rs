@@ -86,11 +86,11 @@ pub struct JudgedGenArgs {
     /// Folder the benchmark's image file names are relative to.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
-    /// Prompts per batch.
-    #[arg(long, default_value_t = 8)]
+    /// Prompts per batch, at least 1.
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::range::at_least_one)]
     pub batch_size: usize,
-    /// Most new tokens per answer (greedy; LLaVA's model_vqa allows 1024).
-    #[arg(long, default_value_t = 1024)]
+    /// Most new tokens per answer, at least 1 (greedy; LLaVA's model_vqa allows 1024).
+    #[arg(long, default_value_t = 1024, value_parser = crate::cli::range::at_least_one)]
     pub max_new_tokens: usize,
 }
 

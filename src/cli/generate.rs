@@ -82,13 +82,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let answers = a.answers.as_ref().context("--answers is required with --questions")?;
             let rows = vqa::read_questions(questions)?;
             bpo::output::check(answers, &[questions])?;
+            if answers.exists() {
+                vqa::check_same_model(answers, &a.model.model_id())?;
+            }
+            let vlm = a.model.load()?;
+            let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| bpo::data::image_path(a.images.as_deref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
+            // Every prompt fits before the answers file is opened: a refused run writes nothing.
+            vqa::check_fit(&vlm, &rows.iter().map(prompt).collect::<Vec<_>>(), &params)?;
             let (mut writer, reopened) = ResumableWriter::open_with_key(answers, "question_id")?;
             if let Some(t) = &reopened.torn {
                 eprintln!("{}: cut a torn last line {} ({} bytes: {})", answers.display(), t.line, t.bytes, t.reason);
             }
-            vqa::check_same_model(answers, &a.model.model_id())?;
-            let vlm = a.model.load()?;
-            let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| bpo::data::image_path(a.images.as_deref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
             let bar = progress(rows.len(), "answering");
             bar.inc(rows.iter().filter(|q| writer.is_done(&q.key())).count() as u64);
             let c = vqa::answer_into(&vlm, &rows, prompt, &params, a.batch_size, a.model.pass(), &a.model.model_id(), &mut writer, |n| bar.inc(n as u64))?;

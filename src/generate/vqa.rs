@@ -82,11 +82,6 @@ pub struct Prompt {
 /// `progress(n)` after each batch. Answers are trimmed. A prompt that leaves no room for `max_new_tokens` in the
 /// model's context is refused, naming its origin, before anything is generated.
 pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<String>> {
-    let context = vlm.model.llm.cfg.max_position_embeddings;
-    for p in prompts {
-        let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
-        super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
-    }
     let mut out = Vec::with_capacity(prompts.len());
     answer_each(vlm, prompts, params, batch_size, pass, |_, texts| {
         progress(texts.len());
@@ -96,9 +91,21 @@ pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::Sampling
     Ok(out)
 }
 
+/// Refuses, naming its origin, the first prompt that leaves no room for `params.max_new_tokens` in the model's
+/// context.
+pub fn check_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams) -> Result<()> {
+    let context = vlm.model.llm.cfg.max_position_embeddings;
+    for p in prompts {
+        let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
+        super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
+    }
+    Ok(())
+}
+
 /// Like [`answer_all`], but hands each batch's answers to `done(first index, answers)` as soon as they exist,
 /// so a caller can write them before the next batch starts; an error from `done` stops the run.
 pub fn answer_each(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut done: impl FnMut(usize, Vec<String>) -> Result<()>) -> Result<()> {
+    check_fit(vlm, prompts, params)?;
     let batch_size = batch_size.max(1);
     for (i, chunk) in prompts.chunks(batch_size).enumerate() {
         let mut requests = Vec::with_capacity(chunk.len());
@@ -116,13 +123,15 @@ pub fn answer_each(vlm: &super::Vlm, prompts: &[Prompt], params: &super::Samplin
 }
 
 /// Refuses to resume an answers file that holds answers of another model: its rows would silently stand for
-/// this model's. `model_id` is what [`answer_row`] writes.
+/// this model's. `model_id` is what [`answer_row`] writes. Lines that are not JSON are left to
+/// [`ResumableWriter`], which cuts a torn last line and refuses a bad one before it.
 pub fn check_same_model(answers: &Path, model_id: &str) -> Result<()> {
-    let rows: Vec<(usize, Value)> = jsonl::read_numbered(answers)?;
-    match rows.iter().find(|(_, r)| r.get("model_id").and_then(Value::as_str) != Some(model_id)) {
+    let text = jsonl::read_text(answers)?;
+    let rows = text.lines().enumerate().filter_map(|(i, l)| serde_json::from_str::<Value>(l).ok().map(|v| (i + 1, v)));
+    match rows.into_iter().find(|(_, r)| r.get("model_id").and_then(Value::as_str) != Some(model_id)) {
         Some((line, r)) => Err(Error::parse(
             answers,
-            Some(*line),
+            Some(line),
             format!("an answer of model {}, not {model_id:?}: delete the file or give another --answers to start over", r.get("model_id").unwrap_or(&Value::Null)),
         )),
         None => Ok(()),

@@ -8,6 +8,14 @@ use crate::Result;
 /// Label value of positions that carry no target (prompt, image, padding), as in transformers.
 pub const IGNORE: i64 = -100;
 
+/// `log_softmax(logits)[target]` along the last axis: `logits` (..., vocab) f32, `targets` (..., 1) u32, result
+/// (..., 1). Differentiable in `logits`.
+fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    Ok((logits.gather(targets, D::Minus1)? - lse)?)
+}
+
 /// Per-row sum of `log_softmax(logits[t-1])[labels[t]]` over positions whose label is not [`IGNORE`], and the
 /// number of such positions. `logits`: (b, t, vocab); `labels`: (b, t) i64. Differentiable in `logits`.
 pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -17,10 +25,7 @@ pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Te
     let labels = labels.narrow(1, 1, t - 1)?;
     let valid = labels.ge(0i64)?.to_dtype(DType::F32)?; // (b, t-1)
     let targets = labels.clamp(0i64, i64::MAX)?.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?.contiguous()?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-    let picked = logits.gather(&targets, D::Minus1)?;
-    let lp = (picked - lse)?.squeeze(D::Minus1)?; // (b, t-1)
+    let lp = target_logprobs(&logits, &targets)?.squeeze(D::Minus1)?; // (b, t-1)
     let sums = (lp * &valid)?.sum(1)?;
     let counts = valid.sum(1)?;
     debug_assert_eq!(sums.dims1()?, b);
@@ -52,10 +57,7 @@ pub fn response_logprobs(llm: &crate::model::Llama, hidden: &Tensor, labels: &Te
     let n = at.len();
     let picked_hidden = hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?;
     let logits = llm.logits(&picked_hidden, pass)?.to_dtype(DType::F32)?; // (n, vocab)
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-    let picked = logits.gather(&Tensor::from_vec(targets, (n, 1), device)?, D::Minus1)?;
-    let lp = (picked - lse)?; // (n, 1)
+    let lp = target_logprobs(&logits, &Tensor::from_vec(targets, (n, 1), device)?)?; // (n, 1)
     // Per-row sums as a (b, n) 0/1 matrix times the token log-probs: one differentiable op.
     let mut assign = vec![0f32; b * n];
     for (i, &r) in owner.iter().enumerate() {
@@ -74,33 +76,58 @@ pub struct Example {
     pub image: Option<candle_core::Tensor>,
 }
 
-/// A right-padded batch: ids and mask (b, t) u32, labels (b, t) i64 with [`IGNORE`] outside responses, and the
-/// images of the rows that have one, stacked in row order.
-pub struct Batch {
+/// A right-padded batch of token rows: ids and mask (b, t) u32, labels (b, t) i64 ([`IGNORE`] off target).
+pub struct Rows {
     pub ids: Tensor,
     pub mask: Tensor,
     pub labels: Tensor,
+    /// Non-padding positions.
+    pub tokens: usize,
+}
+
+/// Pads `rows` (each: ids and target flags) on the right to the longest; labels are the target ids.
+pub fn collate(rows: &[(&[u32], &[bool])], pad: u32, device: &candle_core::Device) -> Result<Rows> {
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let b = rows.len();
+    let (mut ids, mut mask, mut labels) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for (row, target) in rows {
+        let n = row.len();
+        ids.extend(row.iter().copied().chain(std::iter::repeat_n(pad, t - n)));
+        mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, t - n)));
+        labels.extend(row.iter().zip(target.iter()).map(|(&id, &y)| if y { id as i64 } else { IGNORE }).chain(std::iter::repeat_n(IGNORE, t - n)));
+    }
+    let tokens = rows.iter().map(|r| r.0.len()).sum();
+    Ok(Rows { ids: Tensor::from_vec(ids, (b, t), device)?, mask: Tensor::from_vec(mask, (b, t), device)?, labels: Tensor::from_vec(labels, (b, t), device)?, tokens })
+}
+
+/// Left padding to the longest row: ids, mask (1 on real tokens) and the padded length, row-major. Generation and
+/// DPO prompts use it, so that every row's last token is in the last column.
+pub fn left_pad(rows: &[&[u32]], pad: u32) -> (Vec<u32>, Vec<u32>, usize) {
+    let p = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * p), Vec::with_capacity(rows.len() * p));
+    for r in rows {
+        ids.extend(std::iter::repeat_n(pad, p - r.len()).chain(r.iter().copied()));
+        mask.extend(std::iter::repeat_n(0u32, p - r.len()).chain(std::iter::repeat_n(1, r.len())));
+    }
+    (ids, mask, p)
+}
+
+/// A right-padded batch of (prompt, response) rows ([`collate`]: labels on the response), and the images of the rows
+/// that have one, stacked in row order.
+pub struct Batch {
+    pub rows: Rows,
     pub images: Option<Tensor>,
 }
 
 impl Batch {
     pub fn new(examples: &[Example], pad: u32, device: &candle_core::Device) -> Result<Self> {
-        let t = examples.iter().map(|e| e.prompt.len() + e.response.len()).max().unwrap_or(0);
-        let b = examples.len();
-        let (mut ids, mut mask, mut labels) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for e in examples {
-            let n = e.prompt.len() + e.response.len();
-            ids.extend(e.prompt.iter().chain(&e.response).copied().chain(std::iter::repeat_n(pad, t - n)));
-            mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, t - n)));
-            labels.extend(std::iter::repeat_n(IGNORE, e.prompt.len()).chain(e.response.iter().map(|&id| id as i64)).chain(std::iter::repeat_n(IGNORE, t - n)));
-        }
+        let seqs: Vec<(Vec<u32>, Vec<bool>)> = examples
+            .iter()
+            .map(|e| (e.prompt.iter().chain(&e.response).copied().collect(), std::iter::repeat_n(false, e.prompt.len()).chain(std::iter::repeat_n(true, e.response.len())).collect()))
+            .collect();
+        let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(ids, t)| (&ids[..], &t[..])).collect();
         let images: Vec<Tensor> = examples.iter().filter_map(|e| e.image.clone()).collect();
-        Ok(Batch {
-            ids: Tensor::from_vec(ids, (b, t), device)?,
-            mask: Tensor::from_vec(mask, (b, t), device)?,
-            labels: Tensor::from_vec(labels, (b, t), device)?,
-            images: if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) },
-        })
+        Ok(Batch { rows: collate(&refs, pad, device)?, images: if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) } })
     }
 }
 
@@ -109,13 +136,34 @@ pub fn score(model: &crate::model::Model, pad: u32, examples: &[Example], batch_
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let batch = Batch::new(chunk, pad, &model.rt.device)?;
-        let inputs = crate::model::Inputs { ids: &batch.ids, mask: &batch.mask, images: batch.images.as_ref() };
+        let inputs = crate::model::Inputs { ids: &batch.rows.ids, mask: &batch.rows.mask, images: batch.images.as_ref() };
         let logits = model.forward(&inputs, None, pass)?;
-        let (sums, counts) = sequence_logprobs(&logits, &batch.labels)?;
+        let (sums, counts) = sequence_logprobs(&logits, &batch.rows.labels)?;
         let sums: Vec<f32> = sums.to_vec1()?;
         let counts: Vec<f32> = counts.to_vec1()?;
         out.extend(sums.into_iter().zip(counts.into_iter().map(|c| c as usize)));
         progress(chunk.len());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn collate_pads_right_and_labels_targets() {
+        let rows = collate(&[(&[5, 6, 7], &[false, true, true]), (&[8], &[true])], 0, &Device::Cpu).unwrap();
+        assert_eq!(rows.ids.to_vec2::<u32>().unwrap(), [[5, 6, 7], [8, 0, 0]]);
+        assert_eq!(rows.mask.to_vec2::<u32>().unwrap(), [[1, 1, 1], [1, 0, 0]]);
+        assert_eq!(rows.labels.to_vec2::<i64>().unwrap(), [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]);
+        assert_eq!(rows.tokens, 4);
+    }
+
+    #[test]
+    fn left_pad_puts_every_last_token_in_the_last_column() {
+        let (ids, mask, p) = left_pad(&[&[5, 6, 7], &[8]], 0);
+        assert_eq!((ids, mask, p), (vec![5, 6, 7, 0, 0, 8], vec![1, 1, 1, 0, 0, 1], 3));
+    }
 }

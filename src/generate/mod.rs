@@ -130,13 +130,7 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
     }
     fits_context(longest, params.max_new_tokens, model.llm.cfg.max_position_embeddings)?;
     // Left padding keeps every row's last prompt token in the last column.
-    let mut ids = Vec::with_capacity(b * longest);
-    let mut mask = Vec::with_capacity(b * longest);
-    for r in &rows {
-        let pad = longest - r.ids.len();
-        ids.extend(std::iter::repeat_n(tok.pad, pad).chain(r.ids.iter().copied()));
-        mask.extend(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, r.ids.len())));
-    }
+    let (ids, mask, _) = crate::score::left_pad(&rows.iter().map(|r| &r.ids[..]).collect::<Vec<_>>(), tok.pad);
     let images: Vec<Tensor> = rows.iter().filter_map(|r| r.image.clone()).collect();
     let images = if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) };
     let dev = model.rt.device.clone();

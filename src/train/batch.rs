@@ -14,7 +14,7 @@ use super::features::{distinct_images, FeatureCache};
 use crate::model::Vlm;
 use crate::model::llava::Projector;
 use crate::model::{Inputs, Model, Pass};
-use crate::score::{response_logprobs, IGNORE};
+use crate::score::{left_pad, response_logprobs, IGNORE};
 use crate::{bail, Result};
 
 pub struct PairBatch {
@@ -37,16 +37,6 @@ pub struct PairBatch {
     /// Sequence positions of the 2B (prompt + answer) rows, as TRL counts `num_tokens` (each prompt runs once here,
     /// but is counted for both of its rows, so tokens/s compares with TRL's).
     pub tokens: usize,
-}
-
-fn left_pad(rows: &[&[u32]], pad: u32) -> (Vec<u32>, Vec<u32>, usize) {
-    let p = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * p), Vec::with_capacity(rows.len() * p));
-    for r in rows {
-        ids.extend(std::iter::repeat_n(pad, p - r.len()).chain(r.iter().copied()));
-        mask.extend(std::iter::repeat_n(0u32, p - r.len()).chain(std::iter::repeat_n(1, r.len())));
-    }
-    (ids, mask, p)
 }
 
 impl PairBatch {

@@ -8,7 +8,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
@@ -18,7 +17,6 @@ use crate::data::pairs::{expand, read_pairs, read_record_shards, PairOptions, Pa
 use crate::data::Pair;
 use crate::model::Vlm;
 use crate::hash::splitmix64;
-use crate::score::IGNORE;
 use crate::text::template::conversation_ids;
 use crate::{Error, Result};
 
@@ -209,30 +207,6 @@ pub fn tokenize_conversations(vlm: &Vlm, samples: &[Sample], images: Option<&Pat
     Ok((out, report))
 }
 
-/// A right-padded batch of token rows: ids and mask (b, t) u32, labels (b, t) i64 ([`IGNORE`] off target).
-pub struct Rows {
-    pub ids: Tensor,
-    pub mask: Tensor,
-    pub labels: Tensor,
-    /// Non-padding positions.
-    pub tokens: usize,
-}
-
-/// Pads `rows` (each: ids and target flags) to the longest.
-pub fn collate(rows: &[(&[u32], &[bool])], pad: u32, device: &Device) -> Result<Rows> {
-    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-    let b = rows.len();
-    let (mut ids, mut mask, mut labels) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-    for (row, target) in rows {
-        let n = row.len();
-        ids.extend(row.iter().copied().chain(std::iter::repeat_n(pad, t - n)));
-        mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, t - n)));
-        labels.extend(row.iter().zip(target.iter()).map(|(&id, &y)| if y { id as i64 } else { IGNORE }).chain(std::iter::repeat_n(IGNORE, t - n)));
-    }
-    let tokens = rows.iter().map(|r| r.0.len()).sum();
-    Ok(Rows { ids: Tensor::from_vec(ids, (b, t), device)?, mask: Tensor::from_vec(mask, (b, t), device)?, labels: Tensor::from_vec(labels, (b, t), device)?, tokens })
-}
-
 /// The order of `n` examples in `epoch`: a permutation that depends only on (seed, epoch), so a resumed run sees
 /// the same order.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
@@ -254,15 +228,6 @@ mod tests {
         let mut b = vec![1];
         assert_eq!(fit(5, &mut b, 7), Some(false));
         assert_eq!(fit(7, &mut b, 7), None);
-    }
-
-    #[test]
-    fn collate_pads_right_and_labels_targets() {
-        let rows = collate(&[(&[5, 6, 7], &[false, true, true]), (&[8], &[true])], 0, &Device::Cpu).unwrap();
-        assert_eq!(rows.ids.to_vec2::<u32>().unwrap(), [[5, 6, 7], [8, 0, 0]]);
-        assert_eq!(rows.mask.to_vec2::<u32>().unwrap(), [[1, 1, 1], [1, 0, 0]]);
-        assert_eq!(rows.labels.to_vec2::<i64>().unwrap(), [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]);
-        assert_eq!(rows.tokens, 4);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::data::{collate, read_conversations, tokenize_conversations, SftExample};
+use super::data::{read_conversations, tokenize_conversations, SftExample};
 use super::dpo::{Say, TrainReport};
 use super::features::{distinct_images, FeatureCache};
 use super::optim::AdamW;
@@ -18,7 +18,7 @@ use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
 use crate::model::Vlm;
 use crate::model::linear::DropoutSeed;
 use crate::model::{Inputs, Pass};
-use crate::score::response_logprobs;
+use crate::score::{collate, response_logprobs};
 use crate::{Error, Result};
 
 pub struct Sft {

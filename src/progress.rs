@@ -25,16 +25,23 @@ impl Progress for indicatif::ProgressBar {
     }
 }
 
+/// The look of every bar: `template` with `=> ` as its fill (the default style if the template does not parse).
+#[cfg(feature = "progress")]
+pub fn style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> ")
+}
+
+/// An indicatif bar of `total` steps on stderr, drawn with `template`.
+#[cfg(feature = "progress")]
+pub fn styled(total: u64, template: &str) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(total).with_style(style(template))
+}
+
 /// A bar of `unit`s with rate and ETA on stderr when `show` (and the `progress` feature) is on, else nothing.
 pub fn bar(show: bool, unit: &str) -> Box<dyn Progress> {
     #[cfg(feature = "progress")]
     if show {
-        let bar = indicatif::ProgressBar::new(0);
-        let template = format!("{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}");
-        if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        return Box::new(bar);
+        return Box::new(styled(0, &format!("{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}")));
     }
     let _ = (show, unit);
     Box::new(())

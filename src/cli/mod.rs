@@ -251,9 +251,7 @@ impl ModelArgs {
 
 /// A progress bar with rate and ETA.
 pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total as u64);
-    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style.progress_chars("=> "));
+    let bar = bpo::progress::styled(total as u64, "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}");
     bar.set_message(what.to_string());
     bar
 }

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 const BAR: &str = "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}";
 
@@ -28,17 +28,11 @@ impl Stages {
 
     /// Starts a stage of `total` units (0: a spinner).
     pub fn start(&self, name: &str, total: usize) -> Stage {
-        let bar = if !self.show {
-            ProgressBar::hidden()
-        } else if total == 0 {
-            ProgressBar::new_spinner()
-        } else {
-            ProgressBar::new(total as u64)
+        let bar = match (self.show, total) {
+            (false, _) => ProgressBar::hidden(),
+            (true, 0) => ProgressBar::new_spinner().with_style(crate::progress::style("{spinner} {msg} {elapsed}")),
+            (true, n) => crate::progress::styled(n as u64, BAR),
         };
-        let template = if total == 0 { "{spinner} {msg} {elapsed}" } else { BAR };
-        if let Ok(style) = ProgressStyle::with_template(template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
         bar.set_message(name.to_string());
         Stage { name: name.to_string(), bar, start: Instant::now() }
     }
@@ -69,9 +63,7 @@ impl Stage {
     pub fn loss(&self, total: usize, loss: f64) {
         if self.bar.length() != Some(total as u64) {
             self.bar.set_length(total as u64);
-            if let Ok(style) = ProgressStyle::with_template(BAR) {
-                self.bar.set_style(style.progress_chars("=> "));
-            }
+            self.bar.set_style(crate::progress::style(BAR));
         }
         self.bar.set_prefix(format!("loss {loss:.3}"));
         self.bar.inc(1);

@@ -258,6 +258,10 @@ fn impossible_config_fields_are_named() {
         ("/vision_feature_layer", json!(4), "vision_feature_layer"),
         ("/vision_feature_layer", json!(-5), "-4..=3"),
         ("/vision_config/patch_size", json!("eight"), "config.json"),
+        // An activation bpo does not compute is named, never replaced by another.
+        ("/projector_hidden_act", json!("relu"), "projector_hidden_act"),
+        ("/vision_config/hidden_act", json!("swish"), "vision_config.hidden_act"),
+        ("/text_config/hidden_act", json!("gelu"), "text_config.hidden_act"),
     ];
     for (pointer, value, needle) in cases {
         set_config(&m, &pristine, pointer, value);

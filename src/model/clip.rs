@@ -24,16 +24,6 @@ impl LayerNorm {
     }
 }
 
-fn activation(x: &Tensor, kind: &str) -> candle_core::Result<Tensor> {
-    match kind {
-        // x * sigmoid(1.702 x)
-        "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-        "gelu" => x.gelu_erf(),
-        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
-        other => candle_core::bail!("unsupported CLIP activation {other:?}"),
-    }
-}
-
 struct EncoderLayer {
     q_proj: Linear,
     k_proj: Linear,
@@ -79,7 +69,7 @@ impl EncoderLayer {
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
         let x = (x + self.out_proj.forward(&attn, pass)?)?;
         let y = self.layer_norm2.forward(&x)?;
-        let y = self.fc2.forward(&activation(&self.fc1.forward(&y, pass)?, &self.act)?, pass)?;
+        let y = self.fc2.forward(&ops::activation(&self.fc1.forward(&y, pass)?, &self.act)?, pass)?;
         x + y
     }
 }

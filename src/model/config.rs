@@ -288,6 +288,7 @@ impl ModelConfig {
                 let text_prefix = if c.layout == TensorLayout::Original { "" } else { "text_config." };
                 c.text.check(text_prefix)?;
                 c.vision.check("vision_config.")?;
+                known_activation("projector_hidden_act", &c.projector_hidden_act)?;
                 let layers = c.vision.num_hidden_layers as i64;
                 let field =
                     if c.layout == TensorLayout::Original { "mm_vision_select_layer" } else { "vision_feature_layer" };
@@ -352,13 +353,26 @@ impl ClipVisionConfig {
         if self.num_channels != 3 {
             return Err(format!("{prefix}num_channels: must be 3 (RGB images), got {}", self.num_channels));
         }
+        known_activation(&format!("{prefix}hidden_act"), &self.hidden_act)?;
         finite(prefix, &[("layer_norm_eps", self.layer_norm_eps)], false)
+    }
+}
+
+/// `Err` naming `field` unless `name` is an activation bpo computes ([`super::ops::ACTIVATIONS`]).
+fn known_activation(field: &str, name: &str) -> std::result::Result<(), String> {
+    if super::ops::ACTIVATIONS.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!("{field}: unsupported activation {name:?} (bpo has {})", super::ops::ACTIVATIONS.join(", ")))
     }
 }
 
 impl LlamaConfig {
     /// Refuses sizes that are zero or do not divide (see [`ModelConfig::check`]).
     fn check(&self, prefix: &str) -> std::result::Result<(), String> {
+        if self.hidden_act != "silu" {
+            return Err(format!("{prefix}hidden_act: {:?} is not supported (the Llama MLP is SwiGLU: silu)", self.hidden_act));
+        }
         positive(
             prefix,
             &[

@@ -21,11 +21,7 @@ pub struct Projector {
 impl Projector {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         let h = self.linear_1.forward(x, pass)?;
-        let h = match self.act.as_str() {
-            "gelu_pytorch_tanh" | "gelu_new" => h.gelu()?,
-            _ => h.gelu_erf()?,
-        };
-        self.linear_2.forward(&h, pass)
+        self.linear_2.forward(&super::ops::activation(&h, &self.act)?, pass)
     }
 }
 

@@ -301,3 +301,18 @@ mod tests {
         assert!(diff(frozen_linear(&x, &wm).unwrap(), x.broadcast_matmul(&wm.t().unwrap()).unwrap()) < 1e-5);
     }
 }
+
+/// The activations config.json may name for the CLIP MLP and the projector (`hidden_act`,
+/// `projector_hidden_act`), as transformers' `ACT2FN` computes them.
+pub const ACTIVATIONS: [&str; 4] = ["gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu"];
+
+/// Applies the activation `name` (one of [`ACTIVATIONS`]); any other name is an error, never a substitute.
+pub fn activation(x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
+    match name {
+        "gelu" => x.gelu_erf(),
+        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
+        // x * sigmoid(1.702 x)
+        "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        other => candle_core::bail!("unsupported activation {other:?} (bpo has {})", ACTIVATIONS.join(", ")),
+    }
+}

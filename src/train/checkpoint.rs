@@ -119,6 +119,19 @@ pub struct Adapter {
     pub config: LoraConfig,
 }
 
+/// The fields of a PEFT `adapter_config.json` that decide how its weights apply; the rest is ignored.
+#[derive(serde::Deserialize)]
+struct PeftConfig {
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    lora_dropout: Option<f64>,
+    use_rslora: Option<bool>,
+    use_dora: Option<bool>,
+    rank_pattern: Option<serde_json::Map<String, Value>>,
+    alpha_pattern: Option<serde_json::Map<String, Value>>,
+}
+
 /// Attaches the PEFT adapter in `dir` (either spelling) to `model`: LoRA on every linear it has tensors for, and
 /// its projector copy if it saved one. Unknown tensors, unsupported PEFT options and non-finite weights are errors,
 /// not ignored.
@@ -129,23 +142,22 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
 /// [`load_adapter`], accepting NaN or infinite weights if `allow_non_finite`.
 pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) -> Result<Adapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let cfg = read_json(&cfg_path)?;
+    let cfg: PeftConfig = serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::parse(&cfg_path, None, e))?;
     let bad = |msg: String| Error::parse(&cfg_path, None, msg);
-    if cfg.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
-        return Err(bad(format!("peft_type {} is not LORA", cfg["peft_type"])));
+    if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
+        return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
     }
-    if cfg.get("use_dora").and_then(Value::as_bool) == Some(true) {
+    if cfg.use_dora == Some(true) {
         return Err(bad("DoRA adapters are not supported".into()));
     }
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if cfg.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+    for (key, pattern) in [("rank_pattern", &cfg.rank_pattern), ("alpha_pattern", &cfg.alpha_pattern)] {
+        if pattern.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(bad(format!("{key} is not supported")));
         }
     }
-    let rank = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad("no integer `r`".into()))? as usize;
-    let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("no number `lora_alpha`".into()))?;
-    let dropout = cfg.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
-    let scale = if cfg.get("use_rslora").and_then(Value::as_bool) == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+    let (rank, alpha) = (cfg.r, cfg.lora_alpha);
+    let dropout = cfg.lora_dropout.unwrap_or(0.0) as f32;
+    let scale = if cfg.use_rslora == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
 
     let path = dir.join(ADAPTER_WEIGHTS);
     if !allow_non_finite {

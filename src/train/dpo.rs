@@ -242,12 +242,19 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
 /// Loads the run's precomputed reference log-probs, or computes and saves them.
 fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> Result<()> {
     if path.exists() {
-        let rows: Vec<serde_json::Value> = crate::jsonl::read(path)?;
-        let same = rows.len() == dpo.examples.len() && rows.iter().zip(&dpo.examples).all(|(r, e)| r["id"] == json!(e.id));
+        #[derive(serde::Deserialize)]
+        struct Row {
+            id: serde_json::Value,
+            chosen: f32,
+            rejected: f32,
+        }
+        // A malformed row (a missing or non-numeric log-prob) is an error naming its line, never a NaN.
+        let rows: Vec<Row> = crate::jsonl::read(path)?;
+        let same = rows.len() == dpo.examples.len() && rows.iter().zip(&dpo.examples).all(|(r, e)| r.id == json!(e.id));
         if !same {
             return Err(Error::parse(path, None, "reference log-probs belong to other data: delete the file to recompute them"));
         }
-        let v = rows.iter().map(|r| (r["chosen"].as_f64().unwrap_or(f64::NAN) as f32, r["rejected"].as_f64().unwrap_or(f64::NAN) as f32)).collect();
+        let v = rows.iter().map(|r| (r.chosen, r.rejected)).collect();
         dpo.reference = Reference::Precomputed(v);
         return Ok(());
     }

@@ -151,40 +151,12 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
             if done[i] {
                 continue;
             }
-            let id = match &mut last {
-                Next::Chosen(ids) => ids[i],
-                Next::Logits(rows) => {
-                    let mut row = match contrast {
-                        Some((_, combine)) => combine(&rows[i], &rows[n + i]),
-                        None => std::mem::take(&mut rows[i]),
-                    };
-                    // The image placeholder is never a valid output: fed back, it would ask for an image that is not
-                    // there.
-                    if let Some(slot) = model.image_token().and_then(|t| row.get_mut(t as usize)) {
-                        *slot = f32::NEG_INFINITY;
-                    }
-                    sample(&row, params, &mut rngs[i])
-                }
-            };
+            let id = next_token(&mut last, i, n, contrast.map(|(_, c)| c), model.image_token(), params, &mut rngs[i]);
             next[i] = id;
             if contrast.is_some() {
                 next[n + i] = id;
             }
-            let c = &mut out[i];
-            if tok.eos.contains(&id) {
-                c.stopped = true;
-                done[i] = true;
-                continue;
-            }
-            c.ids.push(id);
-            if !params.stop.is_empty() {
-                c.text = tok.decode(&c.ids)?;
-                if let Some(at) = params.stop.iter().filter_map(|s| c.text.find(s.as_str())).min() {
-                    c.text.truncate(at);
-                    c.stopped = true;
-                    done[i] = true;
-                }
-            }
+            done[i] = out[i].push(id, tok, &params.stop)?;
         }
         if done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
             break;
@@ -200,6 +172,46 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
         }
     }
     Ok(out)
+}
+
+/// Row `i`'s next token: the one chosen on the device, or one sampled from its logits (combined with those of its
+/// contrast row `n + i`). The image placeholder is never a valid output: fed back, it would ask for an image that
+/// is not there.
+fn next_token(last: &mut Next, i: usize, n: usize, combine: Option<Combine>, image_token: Option<u32>, params: &SamplingParams, rng: &mut StdRng) -> u32 {
+    match last {
+        Next::Chosen(ids) => ids[i],
+        Next::Logits(rows) => {
+            let mut row = match combine {
+                Some(combine) => combine(&rows[i], &rows[n + i]),
+                None => std::mem::take(&mut rows[i]),
+            };
+            if let Some(slot) = image_token.and_then(|t| row.get_mut(t as usize)) {
+                *slot = f32::NEG_INFINITY;
+            }
+            sample(&row, params, rng)
+        }
+    }
+}
+
+impl Completion {
+    /// Takes the next token `id`: EOS ends the completion; any other token is kept, and the text is cut at the
+    /// first stop string that appears. Whether the completion has ended.
+    fn push(&mut self, id: u32, tok: &Tokenizer, stop: &[String]) -> Result<bool> {
+        if tok.eos.contains(&id) {
+            self.stopped = true;
+            return Ok(true);
+        }
+        self.ids.push(id);
+        if !stop.is_empty() {
+            self.text = tok.decode(&self.ids)?;
+            if let Some(at) = stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+                self.text.truncate(at);
+                self.stopped = true;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// What a decoding step brings back from the device.

@@ -61,7 +61,10 @@ impl Size {
         let cfg = self.config();
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let cfg_path = dir.join("config.json");
-        crate::output::write_bytes(&cfg_path, serde_json::to_string_pretty(&cfg).map_err(crate::Error::invalid)?.as_bytes())?;
+        crate::output::write_bytes(
+            &cfg_path,
+            serde_json::to_string_pretty(&cfg).map_err(crate::Error::invalid)?.as_bytes(),
+        )?;
         let px = &cfg["vision_config"]["image_size"];
         let pre = serde_json::json!({"size": {"shortest_edge": px}, "crop_size": {"height": px, "width": px}});
         let pre_path = dir.join("preprocessor_config.json");
@@ -102,7 +105,14 @@ impl Size {
 struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let leaf = name.rsplit('.').nth(1).unwrap_or_default();
         let t = if name.ends_with("bias") {
             Tensor::zeros(shape, DType::F32, dev)?
@@ -140,7 +150,14 @@ pub struct GenerateFigures {
 /// Times prefill and decode of `model` for `batches`, `new_tokens` new tokens each, greedy (`temperature == 0`)
 /// or sampled, on prompts of BOS + image positions + 20 text tokens. Each figure is the best of `repeats` runs.
 /// `tok` should have EOS disabled so that every run decodes the full length.
-pub fn generate_throughput(model: &Model, tok: &Tokenizer, batches: &[usize], new_tokens: usize, temperature: f32, repeats: usize) -> Result<Vec<GenerateFigures>> {
+pub fn generate_throughput(
+    model: &Model,
+    tok: &Tokenizer,
+    batches: &[usize],
+    new_tokens: usize,
+    temperature: f32,
+    repeats: usize,
+) -> Result<Vec<GenerateFigures>> {
     let vision = model.vision.as_ref().map(|v| v.cfg.vision.clone());
     let image = match &vision {
         Some(v) => Some(Tensor::randn(0f32, 1.0, (3, v.image_size, v.image_size), &model.rt.device)?),
@@ -155,7 +172,12 @@ pub fn generate_throughput(model: &Model, tok: &Tokenizer, batches: &[usize], ne
         let requests: Vec<Request> = (0..b).map(|_| Request { ids: ids.clone(), image: image.clone() }).collect();
         // Each call ends by reading the chosen ids back, which waits for the device.
         let time = |n: usize| -> Result<f64> {
-            let params = SamplingParams { max_new_tokens: n, temperature, top_p: if temperature > 0.0 { 0.95 } else { 1.0 }, ..Default::default() };
+            let params = SamplingParams {
+                max_new_tokens: n,
+                temperature,
+                top_p: if temperature > 0.0 { 0.95 } else { 1.0 },
+                ..Default::default()
+            };
             let mut best = f64::INFINITY;
             for _ in 0..repeats.max(1) {
                 let start = Instant::now();
@@ -198,18 +220,37 @@ pub struct BootstrapFigures {
 /// [`Size::write_model`]): `answers` prompts with one answer of exactly `new_tokens` tokens each (EOS disabled,
 /// temperature 0.2 as released), once per batch size, after a one-answer warm-up. Scratch files (an image, the
 /// records) go into `scratch`.
-pub fn bootstrap_throughput(dir: &Path, rt: &Runtime, scratch: &Path, batches: &[usize], answers: usize, new_tokens: usize, decode: crate::bootstrap::DecodeMode) -> Result<Vec<BootstrapFigures>> {
+pub fn bootstrap_throughput(
+    dir: &Path,
+    rt: &Runtime,
+    scratch: &Path,
+    batches: &[usize],
+    answers: usize,
+    new_tokens: usize,
+    decode: crate::bootstrap::DecodeMode,
+) -> Result<Vec<BootstrapFigures>> {
     use crate::bootstrap::{run_weaken, WeakenOptions};
     use crate::data::{Completion, Record, ResumableWriter};
     let mut vlm = Vlm::load(dir, &LoadOptions::new(rt), crate::text::Template::VicunaV1)?;
     vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
     let image = scratch.join("bench.png");
     let pixels: Vec<u8> = (0..320u32 * 240 * 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    image::RgbImage::from_raw(320, 240, pixels).ok_or_else(|| crate::Error::invalid("bench image"))?.save(&image).map_err(|e| crate::Error::Image { path: image.clone(), msg: e.to_string() })?;
+    image::RgbImage::from_raw(320, 240, pixels)
+        .ok_or_else(|| crate::Error::invalid("bench image"))?
+        .save(&image)
+        .map_err(|e| crate::Error::Image { path: image.clone(), msg: e.to_string() })?;
     let prompt: String = (0..20).map(|i| format!("w{} ", 10 + i)).collect();
-    let records: Vec<Record> = (0..answers).map(|i| Record { id: format!("bench{i}"), prompt: prompt.trim().to_string(), image: Some("bench.png".into()), completions: vec![Completion::gt("w5 w6 w7")] }).collect();
+    let records: Vec<Record> = (0..answers)
+        .map(|i| Record {
+            id: format!("bench{i}"),
+            prompt: prompt.trim().to_string(),
+            image: Some("bench.png".into()),
+            completions: vec![Completion::gt("w5 w6 w7")],
+        })
+        .collect();
     let out = scratch.join("bench-records.jsonl");
-    let opts = WeakenOptions { images: scratch.to_path_buf(), decode, max_new_tokens: new_tokens, ..Default::default() };
+    let opts =
+        WeakenOptions { images: scratch.to_path_buf(), decode, max_new_tokens: new_tokens, ..Default::default() };
     let mut figures = Vec::new();
     for (k, &batch) in std::iter::once(&1).chain(batches).enumerate() {
         let _ = std::fs::remove_file(&out);
@@ -219,7 +260,14 @@ pub fn bootstrap_throughput(dir: &Path, rt: &Runtime, scratch: &Path, batches: &
         run_weaken(&vlm, rows, &WeakenOptions { batch_size: batch, ..opts.clone() }, &mut writer)?;
         let seconds = start.elapsed().as_secs_f64();
         if k > 0 {
-            figures.push(BootstrapFigures { batch, answers, new_tokens, seconds, answers_per_s: answers as f64 / seconds, tokens_per_s: (answers * new_tokens) as f64 / seconds });
+            figures.push(BootstrapFigures {
+                batch,
+                answers,
+                new_tokens,
+                seconds,
+                answers_per_s: answers as f64 / seconds,
+                tokens_per_s: (answers * new_tokens) as f64 / seconds,
+            });
         }
     }
     let _ = std::fs::remove_file(&out);
@@ -283,7 +331,11 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
         for p in 0..b.pairs {
             let img = format!("img{p}.png");
             let shade = (p * 50 % 256) as u32;
-            image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + shade) as u8, (y * 5) as u8, ((x + y) * 3) as u8])).save(dir.join(&img)).map_err(crate::Error::invalid)?;
+            image::RgbImage::from_fn(side, side, |x, y| {
+                image::Rgb([(x * 7 + shade) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+            })
+            .save(dir.join(&img))
+            .map_err(crate::Error::invalid)?;
             rows.push_str(&format!("{}\n", serde_json::json!({"id": p, "prompt": words(10 + p), "image": img, "chosen": words(100 + p), "rejected": words(200 + p)})));
         }
         let data = dir.join("pairs.jsonl");

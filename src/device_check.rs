@@ -46,7 +46,10 @@ fn u32s(t: &Tensor) -> Result<Tensor> {
 /// Largest |logits - want| over the positions where `mask` is 1, and the largest |want| there.
 fn logit_error(model: &Model, r: &HashMap<String, Tensor>, images: Option<&Tensor>) -> Result<(f64, f64)> {
     let (ids, mask) = (u32s(get(r, "input_ids")?)?, u32s(get(r, "attention_mask")?)?);
-    let logits = model.forward(&Inputs { ids: &ids, mask: &mask, images }, None, Pass::INFER)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let logits = model
+        .forward(&Inputs { ids: &ids, mask: &mask, images }, None, Pass::INFER)?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?;
     let want = get(r, "logits")?;
     let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
     let d = (logits - want)?.abs()?.broadcast_mul(&m)?.max_all()?.to_scalar::<f32>()?;
@@ -56,7 +59,15 @@ fn logit_error(model: &Model, r: &HashMap<String, Tensor>, images: Option<&Tenso
 
 /// Tokens where greedy decoding differs from transformers' continuation `want_key` of `prompt_key` (rows stripped
 /// of their padding by `mask_key`, if given).
-fn greedy_mismatches(model: &Model, dir: &Path, r: &HashMap<String, Tensor>, prompt_key: &str, mask_key: Option<&str>, want_key: &str, images: Option<&Tensor>) -> Result<f64> {
+fn greedy_mismatches(
+    model: &Model,
+    dir: &Path,
+    r: &HashMap<String, Tensor>,
+    prompt_key: &str,
+    mask_key: Option<&str>,
+    want_key: &str,
+    images: Option<&Tensor>,
+) -> Result<f64> {
     let rows: Vec<Vec<u32>> = u32s(get(r, prompt_key)?)?.to_vec2()?;
     let masks: Option<Vec<Vec<u32>>> = match mask_key {
         Some(k) => Some(u32s(get(r, k)?)?.to_vec2()?),
@@ -79,7 +90,11 @@ fn greedy_mismatches(model: &Model, dir: &Path, r: &HashMap<String, Tensor>, pro
     tok.eos.clear(); // the fixtures were made with min_new_tokens = max_new_tokens
     let params = SamplingParams { max_new_tokens: want.first().map_or(0, Vec::len), ..Default::default() };
     let got = generate(model, &tok, &requests, &params, Pass::INFER)?;
-    Ok(got.iter().zip(&want).map(|(g, w)| g.ids.iter().zip(w).filter(|(a, b)| a != b).count() + w.len().abs_diff(g.ids.len())).sum::<usize>() as f64)
+    Ok(got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| g.ids.iter().zip(w).filter(|(a, b)| a != b).count() + w.len().abs_diff(g.ids.len()))
+        .sum::<usize>() as f64)
 }
 
 /// Collects every step's log.
@@ -100,7 +115,12 @@ type Weights = Vec<(String, Vec<f32>)>;
 /// llava-tiny from its starting adapter, LoRA r 4 on every projection, the projector trained, one step of 4 pairs
 /// at learning rate 1e-3.
 pub fn trl_parity_config(fixtures: &Path, rt: Runtime) -> dpo::DpoConfig {
-    let lora = crate::model::lora::LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec() };
+    let lora = crate::model::lora::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec(),
+    };
     dpo::DpoConfig {
         setup: ModelSetup {
             model: fixtures.join("llava-tiny"),
@@ -121,7 +141,18 @@ pub fn trl_parity_config(fixtures: &Path, rt: Runtime) -> dpo::DpoConfig {
         drifting_ref_projector: false,
         precompute_ref: false,
         feature_cache_mb: 64,
-        optim: LoopConfig { lr: 1e-3, schedule: ScheduleKind::Constant, warmup_ratio: 0.0, weight_decay: 0.01, epochs: 1, batch_size: 4, grad_accum: 1, max_grad_norm: Some(1.0), save_steps: None, seed: 0 },
+        optim: LoopConfig {
+            lr: 1e-3,
+            schedule: ScheduleKind::Constant,
+            warmup_ratio: 0.0,
+            weight_decay: 0.01,
+            epochs: 1,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: Some(1.0),
+            save_steps: None,
+            seed: 0,
+        },
     }
 }
 
@@ -137,7 +168,10 @@ fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weigh
     let mut weights = Vec::new();
     for file in ["adapter_model.safetensors", "projector.safetensors"] {
         let path = out.join(file);
-        let mut t: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Checkpoint { path, msg: e.to_string() })?.into_iter().collect();
+        let mut t: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| Error::Checkpoint { path, msg: e.to_string() })?
+            .into_iter()
+            .collect();
         t.sort_by(|a, b| a.0.cmp(&b.0));
         for (n, t) in t {
             weights.push((n, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?));
@@ -161,8 +195,24 @@ pub fn run(fixtures: &Path, device: &Device) -> Result<Vec<Check>> {
     let llava = load(&llava_dir, &LoadOptions::new(&f32_rt))?;
     out.push(Check::new("llava f32 logits: max |bpo - transformers|", logit_error(&llava, &r, Some(px))?.0, 1e-4));
     let single = px.i(0..1)?;
-    out.push(Check::new("llava f32 greedy: tokens unlike transformers", greedy_mismatches(&llava, &llava_dir, &r, "greedy_prompt_ids", None, "greedy_ids", Some(&single))?, 0.0));
-    out.push(Check::new("llava f32 batched greedy with padding: tokens unlike transformers", greedy_mismatches(&llava, &llava_dir, &r, "greedy_batch_prompt_ids", Some("greedy_batch_attention_mask"), "greedy_batch_ids", Some(px))?, 0.0));
+    out.push(Check::new(
+        "llava f32 greedy: tokens unlike transformers",
+        greedy_mismatches(&llava, &llava_dir, &r, "greedy_prompt_ids", None, "greedy_ids", Some(&single))?,
+        0.0,
+    ));
+    out.push(Check::new(
+        "llava f32 batched greedy with padding: tokens unlike transformers",
+        greedy_mismatches(
+            &llava,
+            &llava_dir,
+            &r,
+            "greedy_batch_prompt_ids",
+            Some("greedy_batch_attention_mask"),
+            "greedy_batch_ids",
+            Some(px),
+        )?,
+        0.0,
+    ));
     let llava_bf16 = load(&llava_dir, &LoadOptions::new(&bf16_rt))?;
     let (d, scale) = logit_error(&llava_bf16, &r, Some(px))?;
     out.push(Check::new("llava bf16 logits: max |bpo - transformers| / largest logit", d / scale.max(1.0), 0.05));
@@ -170,8 +220,16 @@ pub fn run(fixtures: &Path, device: &Device) -> Result<Vec<Check>> {
     let llama_dir = fixtures.join("llama-tiny");
     let r = reference(fixtures, "llama-tiny-ref.safetensors")?;
     let llama = load(&llama_dir, &LoadOptions::new(&f32_rt))?;
-    out.push(Check::new("llama (llama3 rope, tied head) f32 logits: max |bpo - transformers|", logit_error(&llama, &r, None)?.0, 1e-4));
-    out.push(Check::new("llama f32 greedy: tokens unlike transformers", greedy_mismatches(&llama, &llama_dir, &r, "greedy_prompt_ids", None, "greedy_ids", None)?, 0.0));
+    out.push(Check::new(
+        "llama (llama3 rope, tied head) f32 logits: max |bpo - transformers|",
+        logit_error(&llama, &r, None)?.0,
+        1e-4,
+    ));
+    out.push(Check::new(
+        "llama f32 greedy: tokens unlike transformers",
+        greedy_mismatches(&llama, &llama_dir, &r, "greedy_prompt_ids", None, "greedy_ids", None)?,
+        0.0,
+    ));
 
     let scratch = std::env::temp_dir().join(format!("bpo-parity-{}", std::process::id()));
     let result = (|| -> Result<()> {
@@ -184,7 +242,11 @@ pub fn run(fixtures: &Path, device: &Device) -> Result<Vec<Check>> {
         out.push(Check::new("DPO step f32: max |updated weight - CPU's|", max_weight_diff(&dev_w, &cpu_w), 1e-5));
         let (bf16_log, _) = dpo_step(fixtures, &bf16_rt, &scratch.join("device-bf16"))?;
         let d = (key(&bf16_log, "loss") - key(&cpu_log, "loss")).abs();
-        out.push(Check::new("DPO step bf16: |loss - CPU f32 loss|", if d.is_finite() { d } else { f64::INFINITY }, 0.02));
+        out.push(Check::new(
+            "DPO step bf16: |loss - CPU f32 loss|",
+            if d.is_finite() { d } else { f64::INFINITY },
+            0.02,
+        ));
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);

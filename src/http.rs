@@ -246,7 +246,10 @@ mod tests {
         assert_eq!(endpoint_url("http://127.0.0.1:8080", c).unwrap(), "http://127.0.0.1:8080/v1/completions");
         assert_eq!(endpoint_url("http://h:1/v1/", Endpoint::Chat).unwrap(), "http://h:1/v1/chat/completions");
         assert_eq!(endpoint_url("http://h:1/v1/chat/completions", c).unwrap(), "http://h:1/v1/chat/completions");
-        assert_eq!(endpoint_url("https://api.example.com/v1", Endpoint::Chat).unwrap(), "https://api.example.com/v1/chat/completions");
+        assert_eq!(
+            endpoint_url("https://api.example.com/v1", Endpoint::Chat).unwrap(),
+            "https://api.example.com/v1/chat/completions"
+        );
         assert!(endpoint_url("ftp://api.example.com", c).is_err());
     }
 
@@ -255,7 +258,10 @@ mod tests {
         let text = |body: &str, endpoint| parse_reply(body, endpoint).map(|r| r.text);
         assert_eq!(text(r#"{"choices": [{"text": " hi"}]}"#, Endpoint::Completions).unwrap(), " hi");
         let chat = r#"{"model": "m1", "choices": [{"message": {"role": "assistant", "content": "yo"}}]}"#;
-        assert_eq!(parse_reply(chat, Endpoint::Chat).unwrap(), ServerReply { text: "yo".into(), model: Some("m1".into()) });
+        assert_eq!(
+            parse_reply(chat, Endpoint::Chat).unwrap(),
+            ServerReply { text: "yo".into(), model: Some("m1".into()) }
+        );
         let cases = [
             (chat, Endpoint::Completions, "choices[0].text is null"),
             ("<html>\n<body>busy</body>", Endpoint::Chat, "not JSON"),

@@ -85,7 +85,9 @@ fn existing(path: &Path) -> Result<Option<Metadata>> {
 pub fn target_file(path: &Path) -> Result<PathBuf> {
     let real = resolve(path)?;
     match existing(&real)? {
-        Some(m) if !m.is_file() => bail!("{}: is {}; an output must be a regular file", shown(path, &real), kind(m.file_type())),
+        Some(m) if !m.is_file() => {
+            bail!("{}: is {}; an output must be a regular file", shown(path, &real), kind(m.file_type()))
+        }
         _ => Ok(real),
     }
 }
@@ -94,7 +96,9 @@ pub fn target_file(path: &Path) -> Result<PathBuf> {
 pub fn target_dir(path: &Path) -> Result<PathBuf> {
     let real = resolve(path)?;
     match existing(&real)? {
-        Some(m) if !m.is_dir() => bail!("{}: is {}; an output folder must be a folder", shown(path, &real), kind(m.file_type())),
+        Some(m) if !m.is_dir() => {
+            bail!("{}: is {}; an output folder must be a folder", shown(path, &real), kind(m.file_type()))
+        }
         _ => Ok(real),
     }
 }
@@ -135,12 +139,19 @@ pub fn check_dir(path: &Path, inputs: &[&Path]) -> Result<()> {
 }
 
 fn first_existing_ancestor(path: &Path) -> PathBuf {
-    path.ancestors().skip(1).map(|a| if a.as_os_str().is_empty() { Path::new(".") } else { a }).find(|a| a.exists()).unwrap_or(Path::new(".")).to_path_buf()
+    path.ancestors()
+        .skip(1)
+        .map(|a| if a.as_os_str().is_empty() { Path::new(".") } else { a })
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
 }
 
 fn refuse_inputs(path: &Path, inputs: &[&Path]) -> Result<()> {
     match inputs.iter().find(|input| same_file(path, input)) {
-        Some(input) => bail!("{}: is also an input ({}); write the output somewhere else", path.display(), input.display()),
+        Some(input) => {
+            bail!("{}: is also an input ({}); write the output somewhere else", path.display(), input.display())
+        }
         None => Ok(()),
     }
 }
@@ -255,7 +266,13 @@ impl Lock {
 
     fn take(lock: &Path, output: &Path) -> Result<Lock> {
         loop {
-            let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock).map_err(|e| Error::io(lock, e))?;
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(lock)
+                .map_err(|e| Error::io(lock, e))?;
             // SAFETY: flock on a file descriptor we own; it only reads its arguments.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let err = std::io::Error::last_os_error();
@@ -264,11 +281,18 @@ impl Lock {
                 }
                 let pid = std::fs::read_to_string(lock).ok().and_then(|s| s.trim().parse::<u32>().ok());
                 let holder = pid.map_or_else(|| "another bpo process".to_string(), |p| format!("bpo process {p}"));
-                bail!("{}: {holder} is writing this output (lock {}); wait for it to finish or stop it", output.display(), lock.display());
+                bail!(
+                    "{}: {holder} is writing this output (lock {}); wait for it to finish or stop it",
+                    output.display(),
+                    lock.display()
+                );
             }
             // The previous holder may have removed the lock file between our open and our flock: then the
             // lock we hold is on a file nobody else will open, so take the new one.
-            if !file.metadata().is_ok_and(|a| std::fs::metadata(lock).is_ok_and(|b| a.dev() == b.dev() && a.ino() == b.ino())) {
+            if !file
+                .metadata()
+                .is_ok_and(|a| std::fs::metadata(lock).is_ok_and(|b| a.dev() == b.dev() && a.ino() == b.ino()))
+            {
                 continue;
             }
             file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).map_err(|e| Error::io(lock, e))?;

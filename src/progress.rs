@@ -28,7 +28,9 @@ impl Progress for indicatif::ProgressBar {
 /// The look of every bar: `template` with `=> ` as its fill (the default style if the template does not parse).
 #[cfg(feature = "progress")]
 pub fn style(template: &str) -> indicatif::ProgressStyle {
-    indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> ")
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// An indicatif bar of `total` steps on stderr, drawn with `template`.
@@ -41,7 +43,10 @@ pub fn styled(total: u64, template: &str) -> indicatif::ProgressBar {
 pub fn bar(show: bool, unit: &str) -> Box<dyn Progress> {
     #[cfg(feature = "progress")]
     if show {
-        return Box::new(styled(0, &format!("{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}")));
+        return Box::new(styled(
+            0,
+            &format!("{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}"),
+        ));
     }
     let _ = (show, unit);
     Box::new(())

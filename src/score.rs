@@ -35,7 +35,12 @@ pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Te
 /// [`sequence_logprobs`] from final hidden states (b, t, hidden): only the positions that predict a label go
 /// through `lm_head`, so a response of a few tokens after a long prompt costs a few rows of the vocabulary
 /// projection instead of all `t`. Same shift, masking and results; differentiable in `hidden` and the adapters.
-pub fn response_logprobs(llm: &crate::model::Llama, hidden: &Tensor, labels: &Tensor, pass: crate::model::Pass) -> Result<(Tensor, Tensor)> {
+pub fn response_logprobs(
+    llm: &crate::model::Llama,
+    hidden: &Tensor,
+    labels: &Tensor,
+    pass: crate::model::Pass,
+) -> Result<(Tensor, Tensor)> {
     let (b, t, h) = hidden.dims3()?;
     let rows: Vec<Vec<i64>> = labels.to_vec2()?;
     let (mut at, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
@@ -58,6 +63,7 @@ pub fn response_logprobs(llm: &crate::model::Llama, hidden: &Tensor, labels: &Te
     let picked_hidden = hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?;
     let logits = llm.logits(&picked_hidden, pass)?.to_dtype(DType::F32)?; // (n, vocab)
     let lp = target_logprobs(&logits, &Tensor::from_vec(targets, (n, 1), device)?)?; // (n, 1)
+
     // Per-row sums as a (b, n) 0/1 matrix times the token log-probs: one differentiable op.
     let mut assign = vec![0f32; b * n];
     for (i, &r) in owner.iter().enumerate() {
@@ -89,15 +95,26 @@ pub struct Rows {
 pub fn collate(rows: &[(&[u32], &[bool])], pad: u32, device: &candle_core::Device) -> Result<Rows> {
     let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let b = rows.len();
-    let (mut ids, mut mask, mut labels) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    let (mut ids, mut mask, mut labels) =
+        (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
     for (row, target) in rows {
         let n = row.len();
         ids.extend(row.iter().copied().chain(std::iter::repeat_n(pad, t - n)));
         mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, t - n)));
-        labels.extend(row.iter().zip(target.iter()).map(|(&id, &y)| if y { id as i64 } else { IGNORE }).chain(std::iter::repeat_n(IGNORE, t - n)));
+        labels.extend(
+            row.iter()
+                .zip(target.iter())
+                .map(|(&id, &y)| if y { id as i64 } else { IGNORE })
+                .chain(std::iter::repeat_n(IGNORE, t - n)),
+        );
     }
     let tokens = rows.iter().map(|r| r.0.len()).sum();
-    Ok(Rows { ids: Tensor::from_vec(ids, (b, t), device)?, mask: Tensor::from_vec(mask, (b, t), device)?, labels: Tensor::from_vec(labels, (b, t), device)?, tokens })
+    Ok(Rows {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        mask: Tensor::from_vec(mask, (b, t), device)?,
+        labels: Tensor::from_vec(labels, (b, t), device)?,
+        tokens,
+    })
 }
 
 /// Left padding to the longest row: ids, mask (1 on real tokens) and the padded length, row-major. Generation and
@@ -123,20 +140,38 @@ impl Batch {
     pub fn new(examples: &[Example], pad: u32, device: &candle_core::Device) -> Result<Self> {
         let seqs: Vec<(Vec<u32>, Vec<bool>)> = examples
             .iter()
-            .map(|e| (e.prompt.iter().chain(&e.response).copied().collect(), std::iter::repeat_n(false, e.prompt.len()).chain(std::iter::repeat_n(true, e.response.len())).collect()))
+            .map(|e| {
+                (
+                    e.prompt.iter().chain(&e.response).copied().collect(),
+                    std::iter::repeat_n(false, e.prompt.len())
+                        .chain(std::iter::repeat_n(true, e.response.len()))
+                        .collect(),
+                )
+            })
             .collect();
         let refs: Vec<(&[u32], &[bool])> = seqs.iter().map(|(ids, t)| (&ids[..], &t[..])).collect();
         let images: Vec<Tensor> = examples.iter().filter_map(|e| e.image.clone()).collect();
-        Ok(Batch { rows: collate(&refs, pad, device)?, images: if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) } })
+        Ok(Batch {
+            rows: collate(&refs, pad, device)?,
+            images: if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) },
+        })
     }
 }
 
 /// Summed response log-probabilities and token counts for `examples`, `batch_size` rows per forward pass.
-pub fn score(model: &crate::model::Model, pad: u32, examples: &[Example], batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<(f32, usize)>> {
+pub fn score(
+    model: &crate::model::Model,
+    pad: u32,
+    examples: &[Example],
+    batch_size: usize,
+    pass: crate::model::Pass,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<(f32, usize)>> {
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let batch = Batch::new(chunk, pad, &model.rt.device)?;
-        let inputs = crate::model::Inputs { ids: &batch.rows.ids, mask: &batch.rows.mask, images: batch.images.as_ref() };
+        let inputs =
+            crate::model::Inputs { ids: &batch.rows.ids, mask: &batch.rows.mask, images: batch.images.as_ref() };
         let logits = model.forward(&inputs, None, pass)?;
         let (sums, counts) = sequence_logprobs(&logits, &batch.rows.labels)?;
         let sums: Vec<f32> = sums.to_vec1()?;

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use bpo::data::pairs::{make_pair_file, read_record_shards};
 use bpo::bootstrap::{run_inject, Completer, CompletionOptions, InjectMode, InjectOptions};
-use bpo::data::{expand, read_input, read_pairs, CompletionType, InputOptions, PairOptions, Record, ResumableWriter, Shard};
+use bpo::data::pairs::{make_pair_file, read_record_shards};
+use bpo::data::{
+    expand, read_input, read_pairs, CompletionType, InputOptions, PairOptions, Record, ResumableWriter, Shard,
+};
 use bpo::{Error, Result};
 use serde_json::{json, Value};
 

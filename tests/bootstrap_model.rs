@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use bpo::data::pairs::read_record_shards;
 use bpo::bootstrap::{run_weaken, Completer, CompletionOptions, DecodeMode, LocalCompleter, WeakenOptions};
+use bpo::data::pairs::read_record_shards;
 use bpo::data::{expand, read_input, read_pairs, CompletionType, InputOptions, PairOptions, Record, ResumableWriter};
 use bpo::generate::{generate, generate_contrast, Combine, Request, SamplingParams};
 use bpo::model::Vlm;

@@ -10,7 +10,11 @@ fn s(p: &Path) -> &str {
 }
 
 fn sft_models(out: &Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(out.join("models")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("sft-")).collect();
+    let mut v: Vec<_> = std::fs::read_dir(out.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("sft-"))
+        .collect();
     v.sort();
     v
 }
@@ -30,7 +34,19 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     // Every stage's files.
     let seed = out.join("seed-0");
     let world = seed.join("world");
-    for f in ["world.json", "corpus.json", "train.json", "train_scenes.jsonl", "eval_scenes.jsonl", "eval/describe.jsonl", "eval/chair_ground_truth.jsonl", "eval/synonyms.txt", "tokenizer/tokenizer.json", "images/train/000000.png", "images/eval/000000.png"] {
+    for f in [
+        "world.json",
+        "corpus.json",
+        "train.json",
+        "train_scenes.jsonl",
+        "eval_scenes.jsonl",
+        "eval/describe.jsonl",
+        "eval/chair_ground_truth.jsonl",
+        "eval/synonyms.txt",
+        "tokenizer/tokenizer.json",
+        "images/train/000000.png",
+        "images/eval/000000.png",
+    ] {
         assert!(world.join(f).exists(), "world file {f} missing");
     }
     for split in ["random", "popular", "adversarial"] {
@@ -38,25 +54,67 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     }
     let models = sft_models(&out);
     assert_eq!(models.len(), 1, "{models:?}");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "metrics.jsonl", "lm_metrics.jsonl", "recipe.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "metrics.jsonl",
+        "lm_metrics.jsonl",
+        "recipe.json",
+    ] {
         assert!(models[0].join(f).exists(), "SFT model file {f} missing");
     }
-    for f in ["records_raw.jsonl", "records.jsonl", "pairs_bpo.jsonl", "pairs_weaken.jsonl", "pairs_inject.jsonl", "chosen.json"] {
+    for f in [
+        "records_raw.jsonl",
+        "records.jsonl",
+        "pairs_bpo.jsonl",
+        "pairs_weaken.jsonl",
+        "pairs_inject.jsonl",
+        "chosen.json",
+    ] {
         assert!(seed.join("bootstrap").join(f).exists(), "bootstrap file {f} missing");
     }
     for run in ["sft-chosen", "weaken", "inject", "bpo"] {
-        for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/metrics.jsonl", "adapter/train_config.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json"] {
+        for f in [
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "adapter/metrics.jsonl",
+            "adapter/train_config.json",
+            "model/model.safetensors",
+            "model/config.json",
+            "model/tokenizer.json",
+        ] {
             assert!(seed.join("runs").join(run).join(f).exists(), "run {run}: {f} missing");
         }
     }
     for row in ["sft", "sft-chosen", "weaken", "inject", "bpo"] {
-        for f in ["pope/answers.jsonl", "pope/scores.json", "pope/details.jsonl", "chair/answers.jsonl", "chair/scores.json", "chair/details.jsonl"] {
+        for f in [
+            "pope/answers.jsonl",
+            "pope/scores.json",
+            "pope/details.jsonl",
+            "chair/answers.jsonl",
+            "chair/scores.json",
+            "chair/details.jsonl",
+        ] {
             assert!(seed.join("eval").join(row).join(f).exists(), "eval {row}: {f} missing");
         }
     }
     // The SFT model is an ordinary llava-hf folder: other commands load it.
     let image = world.join("images/eval/000000.png");
-    let o = bpo(&["generate", "--model", s(&models[0]), "--template", "llava-hf", "--image", s(&image), "--prompt", "describe the image .", "--max-new-tokens", "8"]);
+    let o = bpo(&[
+        "generate",
+        "--model",
+        s(&models[0]),
+        "--template",
+        "llava-hf",
+        "--image",
+        s(&image),
+        "--prompt",
+        "describe the image .",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The evaluations are ordinary `bpo eval` run folders.
     let o = bpo(&["eval", "compare", s(&seed.join("eval/sft/pope")), s(&seed.join("eval/bpo/pope"))]);
@@ -65,7 +123,10 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     // The report references every plot and inlines every picture.
     let report = out.join("report");
     let html = std::fs::read_to_string(report.join("report.html")).unwrap();
-    let plots: Vec<String> = std::fs::read_dir(report.join("plots")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let plots: Vec<String> = std::fs::read_dir(report.join("plots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(plots.len() >= 6, "{plots:?}");
     for p in &plots {
         assert!(p.ends_with(".png"));

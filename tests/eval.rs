@@ -104,16 +104,25 @@ fn pope_bad_files_name_the_file_and_line() {
     let err = fails(&["eval", "pope", "--answers", s(&a), "--questions", s(&q)]);
     assert!(err.contains("a.jsonl:2:") && err.contains("missing field `question_id`"), "{err}");
 
-    let a = write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"Yes\"}\n\n{\"question_id\": 2, \"text\": \n");
+    let a =
+        write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"Yes\"}\n\n{\"question_id\": 2, \"text\": \n");
     let err = fails(&["eval", "pope", "--answers", s(&a), "--questions", s(&q)]);
     assert!(err.contains("a.jsonl:3:"), "{err}");
 
-    let dup = write(dir.path(), "dup.jsonl", &format!("{POPE_QUESTIONS}{{\"question_id\": \"2\", \"label\": \"no\"}}\n"));
+    let dup =
+        write(dir.path(), "dup.jsonl", &format!("{POPE_QUESTIONS}{{\"question_id\": \"2\", \"label\": \"no\"}}\n"));
     let a = write(dir.path(), "a.jsonl", POPE_ANSWERS);
     let err = fails(&["eval", "pope", "--answers", s(&a), "--questions", s(&dup)]);
-    assert!(err.contains("dup.jsonl:5: duplicate question_id \"2\" (first seen at") && err.contains("dup.jsonl:2)"), "{err}");
+    assert!(
+        err.contains("dup.jsonl:5: duplicate question_id \"2\" (first seen at") && err.contains("dup.jsonl:2)"),
+        "{err}"
+    );
 
-    let a = write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"Yes\"}\n{\"question_id\": 1, \"text\": \"No\"}\n");
+    let a = write(
+        dir.path(),
+        "a.jsonl",
+        "{\"question_id\": 1, \"text\": \"Yes\"}\n{\"question_id\": 1, \"text\": \"No\"}\n",
+    );
     let err = fails(&["eval", "pope", "--answers", s(&a), "--questions", s(&q)]);
     assert!(err.contains("a.jsonl:2: duplicate answer for question_id \"1\""), "{err}");
 
@@ -140,7 +149,8 @@ fn chair_with_ground_truth_file_and_questions() {
     let q = write(dir.path(), "questions.jsonl", CHAIR_QUESTIONS);
     let gt = write(dir.path(), "gt.jsonl", "{\"image_id\": 42, \"objects\": [\"person\", \"dogs\", \"couch\"]}\n{\"image_id\": \"73\", \"objects\": [\"toilet\", \"sink\"]}\n");
     let out = dir.path().join("run");
-    let run = bpo(&["eval", "chair", "--answers", s(&a), "--questions", s(&q), "--ground-truth", s(&gt), "--out", s(&out)]);
+    let run =
+        bpo(&["eval", "chair", "--answers", s(&a), "--questions", s(&q), "--ground-truth", s(&gt), "--out", s(&out)]);
     assert!(run.ok, "{}", run.stderr);
     assert!(run.stdout.contains("CHAIR_s (%)"), "{}", run.stdout);
     let v = scores(&out);
@@ -159,15 +169,23 @@ fn chair_reads_coco_annotations() {
     let dir = tempfile::tempdir().unwrap();
     let coco = dir.path().join("coco");
     std::fs::create_dir(&coco).unwrap();
-    write(&coco, "instances_val2014.json", r#"{"images": [{"id": 42}, {"id": 73}, {"id": 5}],
+    write(
+        &coco,
+        "instances_val2014.json",
+        r#"{"images": [{"id": 42}, {"id": 73}, {"id": 5}],
         "annotations": [{"image_id": 42, "category_id": 1, "segmentation": [[1, 2]], "bbox": [0, 0, 1, 1]},
                         {"image_id": 42, "category_id": 18}, {"image_id": 73, "category_id": 70}],
-        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 70, "name": "toilet"}]}"#);
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 70, "name": "toilet"}]}"#,
+    );
     // The sofa and the sink come from reference captions; image 5's caption is not asked for.
-    write(&coco, "captions_val2014.json", r#"{"images": [{"id": 42}, {"id": 73}],
+    write(
+        &coco,
+        "captions_val2014.json",
+        r#"{"images": [{"id": 42}, {"id": 73}],
         "annotations": [{"image_id": 42, "id": 1, "caption": "A man and a dog on a couch."},
                         {"image_id": 73, "id": 2, "caption": "A bathroom sink."},
-                        {"image_id": 5, "id": 3, "caption": "A cat."}]}"#);
+                        {"image_id": 5, "id": 3, "caption": "A cat."}]}"#,
+    );
     let a = write(dir.path(), "answers.jsonl", CHAIR_ANSWERS);
     let q = write(dir.path(), "questions.jsonl", CHAIR_QUESTIONS);
     let out = dir.path().join("run");
@@ -184,14 +202,25 @@ fn chair_bad_files_name_the_file_and_line() {
     let gt = write(dir.path(), "gt.jsonl", "{\"image_id\": 42, \"objects\": [\"dog\"]}\n");
     let a = write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"a dog\", \"image_id\": 42}\n{\"question_id\": 2, \"text\": \"a cat\", \"image\": \"x/COCO_val2014_000000000099.jpg\"}\n");
     let err = fails(&["eval", "chair", "--answers", s(&a), "--ground-truth", s(&gt)]);
-    assert!(err.contains("a.jsonl:2: image \"99\" has no ground truth in ground truth") && err.contains("gt.jsonl"), "{err}");
+    assert!(
+        err.contains("a.jsonl:2: image \"99\" has no ground truth in ground truth") && err.contains("gt.jsonl"),
+        "{err}"
+    );
 
-    let bad_gt = write(dir.path(), "bad_gt.jsonl", "{\"image_id\": 42, \"objects\": [\"dog\"]}\n{\"image_id\": 42, \"objects\": [\"cat\"]}\n");
+    let bad_gt = write(
+        dir.path(),
+        "bad_gt.jsonl",
+        "{\"image_id\": 42, \"objects\": [\"dog\"]}\n{\"image_id\": 42, \"objects\": [\"cat\"]}\n",
+    );
     let err = fails(&["eval", "chair", "--answers", s(&a), "--ground-truth", s(&bad_gt)]);
     assert!(err.contains("bad_gt.jsonl:2: duplicate image_id \"42\""), "{err}");
 
     let q = write(dir.path(), "q.jsonl", "{\"question_id\": 1, \"image\": \"a.jpg\"}\n");
-    let a = write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"a dog\"}\n{\"question_id\": 7, \"text\": \"a dog\"}\n");
+    let a = write(
+        dir.path(),
+        "a.jsonl",
+        "{\"question_id\": 1, \"text\": \"a dog\"}\n{\"question_id\": 7, \"text\": \"a dog\"}\n",
+    );
     let err = fails(&["eval", "chair", "--answers", s(&a), "--questions", s(&q), "--ground-truth", s(&gt)]);
     assert!(err.contains("a.jsonl:2: question_id \"7\" is not in the questions file"), "{err}");
 
@@ -207,7 +236,8 @@ fn chair_synonyms_option_replaces_the_list() {
     let gt = write(dir.path(), "gt.jsonl", "{\"image_id\": 1, \"objects\": [\"rings\"]}\n");
     let a = write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"Two circles and a box near a dog.\"}\n");
     let out = dir.path().join("run");
-    let run = bpo(&["eval", "chair", "--answers", s(&a), "--ground-truth", s(&gt), "--synonyms", s(&syn), "--out", s(&out)]);
+    let run =
+        bpo(&["eval", "chair", "--answers", s(&a), "--ground-truth", s(&gt), "--synonyms", s(&syn), "--out", s(&out)]);
     assert!(run.ok, "{}", run.stderr);
     let v = scores(&out);
     assert_eq!((v["mentions"].as_u64(), v["hallucinated_mentions"].as_u64()), (Some(2), Some(1)));

@@ -107,7 +107,10 @@ fn inject_against_a_garbage_server_writes_nothing_and_a_rerun_completes() {
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
         let records: Vec<Record> = bpo::jsonl::read(&out).unwrap();
         assert_eq!(records.len(), 2, "{name}");
-        assert!(records.iter().all(|r| r.completions.len() == 2 && r.completions[1].response.starts_with("A green")), "{name}");
+        assert!(
+            records.iter().all(|r| r.completions.len() == 2 && r.completions[1].response.starts_with("A green")),
+            "{name}"
+        );
         assert_eq!(server.count(), 4);
     }
 }
@@ -151,7 +154,10 @@ fn a_judge_answering_garbage_stops_the_run_and_caches_nothing() {
     let mut args = args.to_vec();
     args.extend(["--judge-model", "gpt-4-0314", "--judge-retries", "1", "--judge-backoff", "0.01"]);
     let line = error_line(&bpo(&args));
-    assert!(line.contains("judge") && line.contains("not JSON") && line.contains("DOCTYPE") && line.contains("2 attempts"), "{line}");
+    assert!(
+        line.contains("judge") && line.contains("not JSON") && line.contains("DOCTYPE") && line.contains("2 attempts"),
+        "{line}"
+    );
     assert_eq!(server.count(), 2);
     let cache = std::fs::read_to_string(out.join("judge-cache.jsonl")).unwrap_or_default();
     assert_eq!(cache, "", "a garbage reply is never cached as an answer");
@@ -213,7 +219,8 @@ fn bad_images_are_one_line_naming_the_file() {
     for (name, bytes, extra, needle) in cases {
         let path = write(tmp.path(), name, bytes);
         let start = Instant::now();
-        let mut args = vec!["generate", "--model", s(&model), "--image", s(&path), "--prompt", "hi", "--max-new-tokens", "1"];
+        let mut args =
+            vec!["generate", "--model", s(&model), "--image", s(&path), "--prompt", "hi", "--max-new-tokens", "1"];
         args.extend(extra);
         fails_with(&args, &[name, needle]);
         assert!(start.elapsed() < Duration::from_secs(10), "{name}: took {:?}", start.elapsed());
@@ -265,7 +272,10 @@ fn impossible_config_fields_are_named() {
     ];
     for (pointer, value, needle) in cases {
         set_config(&m, &pristine, pointer, value);
-        fails_with(&["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1"], &["config.json", needle]);
+        fails_with(
+            &["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1"],
+            &["config.json", needle],
+        );
     }
     // The extremes of the range load.
     set_config(&m, &pristine, "/vision_feature_layer", json!(-4));
@@ -328,8 +338,14 @@ fn every_jsonl_reader_names_file_and_line() {
     for (name, row, read) in readers() {
         let file = |tag: &str, text: &[u8]| write(tmp.path(), &format!("{name}-{tag}.jsonl"), text);
         // Valid, with a BOM, with blank lines and CRLF: all read.
-        for (tag, text) in [("ok", format!("{row}\n")), ("bom", format!("\u{feff}{row}\n")), ("crlf", format!("\r\n{row}\r\n\r\n"))] {
-            assert_eq!(read(&file(tag, text.as_bytes())).unwrap_or_else(|e| panic!("{name} {tag}: {e}")), 1, "{name} {tag}");
+        for (tag, text) in
+            [("ok", format!("{row}\n")), ("bom", format!("\u{feff}{row}\n")), ("crlf", format!("\r\n{row}\r\n\r\n"))]
+        {
+            assert_eq!(
+                read(&file(tag, text.as_bytes())).unwrap_or_else(|e| panic!("{name} {tag}: {e}")),
+                1,
+                "{name} {tag}"
+            );
         }
         let bad: Vec<(&str, Vec<u8>, &str)> = vec![
             ("malformed", format!("{row}\n{{\"id\": oops}}\n").into_bytes(), ":2"),
@@ -360,11 +376,19 @@ fn a_prompt_longer_than_the_context_names_its_file_and_line() {
     let answers = tmp.path().join("a.jsonl");
     let model = fixture("llava-tiny");
     let images = fixture("images");
-    let args = ["generate", "--model", s(&model), "--questions", s(&q), "--images", s(&images), "--answers", s(&answers)];
+    let args =
+        ["generate", "--model", s(&model), "--questions", s(&q), "--images", s(&images), "--answers", s(&answers)];
     fails_with(&args, &["q.jsonl:2", "context"]);
     assert!(!answers.exists(), "refused before anything is generated or written");
-    let d = write(tmp.path(), "d.jsonl", format!("{{\"prompt\": \"hi\", \"response\": \"ok\"}}\n{{\"prompt\": \"{long}\", \"response\": \"ok\"}}\n"));
-    fails_with(&["score", "--model", s(&model), "--data", s(&d), "--out", s(&tmp.path().join("o.jsonl"))], &["d.jsonl:2", "context"]);
+    let d = write(
+        tmp.path(),
+        "d.jsonl",
+        format!("{{\"prompt\": \"hi\", \"response\": \"ok\"}}\n{{\"prompt\": \"{long}\", \"response\": \"ok\"}}\n"),
+    );
+    fails_with(
+        &["score", "--model", s(&model), "--data", s(&d), "--out", s(&tmp.path().join("o.jsonl"))],
+        &["d.jsonl:2", "context"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -429,8 +453,14 @@ fn fuzz_safetensors_header() {
     let dir = tmp.path();
     std::fs::copy(fixture("llama-tiny/config.json"), dir.join("config.json")).unwrap();
     let tensors = [
-        ("model.norm.weight".to_string(), candle_core::Tensor::ones(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()),
-        ("lm_head.weight".to_string(), candle_core::Tensor::zeros((2, 3), candle_core::DType::F16, &candle_core::Device::Cpu).unwrap()),
+        (
+            "model.norm.weight".to_string(),
+            candle_core::Tensor::ones(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        ),
+        (
+            "lm_head.weight".to_string(),
+            candle_core::Tensor::zeros((2, 3), candle_core::DType::F16, &candle_core::Device::Cpu).unwrap(),
+        ),
     ];
     let file = dir.join("model.safetensors");
     bpo::model::load::save_safetensors(&file, &tensors).unwrap();

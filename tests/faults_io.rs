@@ -41,7 +41,9 @@ fn prompts(dir: &Path, n: usize) -> PathBuf {
 
 /// `n` questions in LLaVA's model_vqa format, for `generate --answers`.
 fn questions(dir: &Path, n: usize) -> PathBuf {
-    let rows: Vec<Value> = (0..n).map(|i| json!({"question_id": i, "image": "coffee.png", "text": format!("Is there a cup {i}?")})).collect();
+    let rows: Vec<Value> = (0..n)
+        .map(|i| json!({"question_id": i, "image": "coffee.png", "text": format!("Is there a cup {i}?")}))
+        .collect();
     write_lines(&dir.join("questions.jsonl"), &rows)
 }
 
@@ -125,7 +127,10 @@ fn an_output_that_is_an_input_is_refused_by_identity() {
     }
     let q = questions(tmp.path(), 2);
     fails(&generate_args(&q, &q), &["is also an input"]);
-    fails_with(&["score", "--model", s(&fixture("llava-tiny")), "--data", s(&hard), "--out", s(&recs)], &["is also an input"]);
+    fails_with(
+        &["score", "--model", s(&fixture("llava-tiny")), "--data", s(&hard), "--out", s(&recs)],
+        &["is also an input"],
+    );
     assert_eq!(std::fs::read(&recs).unwrap(), before, "the input is unchanged");
 }
 
@@ -142,21 +147,34 @@ fn an_unwritable_output_folder_is_refused_before_the_work() {
     fails_with(&["score", "--model", s(&model), "--data", s(&data), "--out", s(&under_a_file)], &["is not a folder"]);
     // generate checks before loading the model: a model that does not exist is not reached.
     let q = questions(tmp.path(), 2);
-    fails_with(&["generate", "--model", s(&tmp.path().join("nomodel")), "--questions", s(&q), "--answers", s(&missing)], &["does not exist"]);
+    fails_with(
+        &["generate", "--model", s(&tmp.path().join("nomodel")), "--questions", s(&q), "--answers", s(&missing)],
+        &["does not exist"],
+    );
     // A read-only folder (root writes anyway, so only checked for other users).
     if unsafe { libc::geteuid() } != 0 {
         use std::os::unix::fs::PermissionsExt;
         let ro = tmp.path().join("ro");
         std::fs::create_dir(&ro).unwrap();
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
-        fails_with(&["score", "--model", s(&model), "--data", s(&data), "--out", s(&ro.join("o.jsonl"))], &["cannot write in"]);
+        fails_with(
+            &["score", "--model", s(&model), "--data", s(&data), "--out", s(&ro.join("o.jsonl"))],
+            &["cannot write in"],
+        );
     }
 }
 
 #[test]
 fn duplicate_question_ids_are_refused_with_their_lines() {
     let tmp = tempfile::tempdir().unwrap();
-    let q = write_lines(&tmp.path().join("q.jsonl"), &[json!({"question_id": 1, "text": "a"}), json!({"question_id": 2, "text": "b"}), json!({"question_id": "1", "text": "c"})]);
+    let q = write_lines(
+        &tmp.path().join("q.jsonl"),
+        &[
+            json!({"question_id": 1, "text": "a"}),
+            json!({"question_id": 2, "text": "b"}),
+            json!({"question_id": "1", "text": "c"}),
+        ],
+    );
     fails(&generate_args(&q, &tmp.path().join("a.jsonl")), &["q.jsonl:3", "repeats line 1"]);
     assert!(!tmp.path().join("a.jsonl").exists());
 }
@@ -166,12 +184,20 @@ fn a_second_writer_on_the_same_output_is_refused_naming_the_holder() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.jsonl");
     // A real second process: the first weakens long enough for the second to start meanwhile.
-    let mut first = Command::new(env!("CARGO_BIN_EXE_bpo")).args(weaken_args(&prompts(tmp.path(), 300), &out, "32")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(weaken_args(&prompts(tmp.path(), 300), &out, "32"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let lock = tmp.path().join("out.jsonl.lock");
     let pid = first.id().to_string();
     let t0 = Instant::now();
     while std::fs::read_to_string(&lock).map_or(true, |t| t.trim() != pid) {
-        assert!(first.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(30), "the first run never took its lock");
+        assert!(
+            first.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(30),
+            "the first run never took its lock"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let second = weaken_args(&prompts(tmp.path(), 300), &out, "32");
@@ -194,7 +220,10 @@ fn a_second_writer_on_the_same_output_is_refused_naming_the_holder() {
     std::fs::create_dir(&run).unwrap();
     let _held = Lock::dir(&run).unwrap();
     for cmd in ["train", "sft"] {
-        fails_with(&[cmd, "--model", s(&fixture("llava-tiny")), "--data", s(&answers), "--out", s(&run)], &["run", &me]);
+        fails_with(
+            &[cmd, "--model", s(&fixture("llava-tiny")), "--data", s(&answers), "--out", s(&run)],
+            &["run", &me],
+        );
     }
 }
 
@@ -213,7 +242,9 @@ impl Rng {
 
 /// The seed of the kill points: `BPO_FAULT_SEED` if set, else the clock (printed with any failure).
 fn fault_seed() -> u64 {
-    std::env::var("BPO_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64)
+    std::env::var("BPO_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    })
 }
 
 /// The rows of a JSONL output by `key`, failing on an id written twice.
@@ -240,9 +271,16 @@ fn kill_restart_matches(dir: &Path, key: &str, seed: u64, args: impl Fn(&Path) -
     let (lines, extra_ms) = (1 + rng.below(want.len() as u64 / 2), rng.below(20));
     let why = format!("seed {seed} (BPO_FAULT_SEED): killed after {lines} lines + {extra_ms} ms");
     let out = dir.join("killed.jsonl");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bpo")).args(args(&out)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(args(&out))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
-    while std::fs::read_to_string(&out).map_or(0, |t| t.matches('\n').count()) < lines as usize && t0.elapsed() < Duration::from_secs(60) {
+    while std::fs::read_to_string(&out).map_or(0, |t| t.matches('\n').count()) < lines as usize
+        && t0.elapsed() < Duration::from_secs(60)
+    {
         if child.try_wait().unwrap().is_some() {
             break;
         }

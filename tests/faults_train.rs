@@ -18,7 +18,25 @@ use crate::train::overfit_pairs;
 fn train_args(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let model = fixture("llava-tiny");
     let images = fixture("images");
-    let mut args = vec!["train", "--model", s(&model), "--data", s(pairs), "--images", s(&images), "--out", s(out), "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "4", "--save-steps", "1"];
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(pairs),
+        "--images",
+        s(&images),
+        "--out",
+        s(out),
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--batch-size",
+        "4",
+        "--save-steps",
+        "1",
+    ];
     args.extend_from_slice(extra);
     args.into_iter().map(String::from).collect()
 }
@@ -29,7 +47,8 @@ fn run(args: &[String]) -> Output {
 
 /// Sets element 0 of the first float tensor of a safetensors file to NaN; returns the tensor's name.
 fn poison(path: &Path) -> String {
-    let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(path, &Device::Cpu).unwrap().into_iter().collect();
+    let mut tensors: Vec<(String, Tensor)> =
+        candle_core::safetensors::load(path, &Device::Cpu).unwrap().into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let (name, t) = tensors.iter_mut().find(|(_, t)| t.dtype().is_float()).unwrap();
     let mut values: Vec<f32> = t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
@@ -93,7 +112,10 @@ fn numeric_options_outside_their_range_are_usage_errors_naming_the_range() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{option}: {err}");
         let flag = option.split('=').next().unwrap();
-        assert!(err.contains(flag) && err.contains(range) && !err.contains("panicked"), "{option} should name the flag and {range:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(range) && !err.contains("panicked"),
+            "{option} should name the flag and {range:?}: {err}"
+        );
     }
     // The ranges are in --help, with TRL's meaning of a zero clipping norm.
     let help = String::from_utf8_lossy(&bpo(&["train", "--help"]).stdout).into_owned();
@@ -112,9 +134,18 @@ fn a_diverging_run_exits_3_naming_the_step_and_keeps_its_last_good_checkpoint() 
     assert_eq!(o.status.code(), Some(3), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    let (step, last) = bpo::train::checkpoint::latest_checkpoint(&out).unwrap().expect("checkpoints before the divergence");
-    assert!(lines[0].contains(&format!("training diverged at step {}", step + 1)) && lines[0].contains(s(&last)), "{}", lines[0]);
-    assert!(["loss", "gradient norm", "NaN or infinity"].iter().any(|q| lines[0].contains(q)), "names the quantity: {}", lines[0]);
+    let (step, last) =
+        bpo::train::checkpoint::latest_checkpoint(&out).unwrap().expect("checkpoints before the divergence");
+    assert!(
+        lines[0].contains(&format!("training diverged at step {}", step + 1)) && lines[0].contains(s(&last)),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        ["loss", "gradient norm", "NaN or infinity"].iter().any(|q| lines[0].contains(q)),
+        "names the quantity: {}",
+        lines[0]
+    );
     // No final adapter; the checkpoint left is finite and every logged step has numbers, not nulls.
     assert!(!out.join("adapter_model.safetensors").exists());
     bpo::model::load::check_finite_file(&last.join("adapter_model.safetensors")).unwrap();
@@ -142,7 +173,10 @@ fn non_finite_weights_are_refused_on_load_unless_allowed() {
         std::fs::copy(fixture("dpo/init-adapter").join(f), adapter.join(f)).unwrap();
     }
     let name = poison(&adapter.join("adapter_model.safetensors"));
-    fails_with(&["generate", "--model", s(&fixture("llava-tiny")), "--adapter", s(&adapter), "--prompt", "hi"], &["adapter_model.safetensors", &name]);
+    fails_with(
+        &["generate", "--model", s(&fixture("llava-tiny")), "--adapter", s(&adapter), "--prompt", "hi"],
+        &["adapter_model.safetensors", &name],
+    );
 }
 
 /// metrics.jsonl without the timing fields, which differ from run to run.
@@ -167,7 +201,11 @@ fn kill_9_then_resume_equals_the_uninterrupted_run_skipping_a_corrupt_newest_che
     assert!(o.status.success(), "{}", stderr(&o));
 
     let args = train_args(&pairs, &parts, &options);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo")).args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let logged = || std::fs::read_to_string(parts.join("metrics.jsonl")).map_or(0, |m| m.lines().count());
     for _ in 0..1200 {
         if logged() >= 5 {
@@ -186,8 +224,15 @@ fn kill_9_then_resume_equals_the_uninterrupted_run_skipping_a_corrupt_newest_che
     let o = run(&resume);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains(&format!("warning: --resume: skipping {}", dir.display())) && err.contains("NaN or infinity"), "{err}");
-    assert!(err.contains(&format!("trained {} steps", 8 - (newest - 1))), "resumed from checkpoint-{}: {err}", newest - 1);
+    assert!(
+        err.contains(&format!("warning: --resume: skipping {}", dir.display())) && err.contains("NaN or infinity"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("trained {} steps", 8 - (newest - 1))),
+        "resumed from checkpoint-{}: {err}",
+        newest - 1
+    );
     assert_eq!(metrics(&parts), metrics(&whole), "every logged value equal, bit for bit");
     let adapter = |dir: &PathBuf| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&parts), adapter(&whole), "the same final adapter, byte for byte");
@@ -199,7 +244,11 @@ fn a_run_that_failed_before_its_first_step_can_be_started_again_or_resumed() {
     let pairs = tmp.path().join("pairs.jsonl");
     for (i, extra) in [&[][..], &["--resume"][..]].iter().enumerate() {
         // Every pair's image is missing: no example is left, and the run stops before step 1.
-        std::fs::write(&pairs, "{\"prompt\": \"q\", \"image\": \"gone.png\", \"chosen\": \"a cat\", \"rejected\": \"a dog\"}\n").unwrap();
+        std::fs::write(
+            &pairs,
+            "{\"prompt\": \"q\", \"image\": \"gone.png\", \"chosen\": \"a cat\", \"rejected\": \"a dog\"}\n",
+        )
+        .unwrap();
         let out = tmp.path().join(format!("run{i}"));
         let args = train_args(&pairs, &out, &["--epochs", "1"]);
         let o = run(&args);
@@ -218,7 +267,15 @@ fn a_run_that_failed_before_its_first_step_can_be_started_again_or_resumed() {
 fn an_os_error_is_printed_once() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("no-such-rows.jsonl");
-    let o = bpo(&["score", "--model", s(&fixture("llava-tiny")), "--data", s(&missing), "--out", s(&tmp.path().join("o.jsonl"))]);
+    let o = bpo(&[
+        "score",
+        "--model",
+        s(&fixture("llava-tiny")),
+        "--data",
+        s(&missing),
+        "--out",
+        s(&tmp.path().join("o.jsonl")),
+    ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
@@ -229,7 +286,11 @@ fn an_os_error_is_printed_once() {
 fn f16_model(dir: &Path) -> PathBuf {
     let m = model_copy("llava-tiny", dir);
     let path = m.join("model.safetensors");
-    let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().map(|(n, t)| (n, t.to_dtype(candle_core::DType::F16).unwrap())).collect();
+    let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(candle_core::DType::F16).unwrap()))
+        .collect();
     bpo::model::load::save_safetensors(&path, &tensors).unwrap();
     m
 }

@@ -61,7 +61,18 @@ fn judge_args(url: &str, model: &str, concurrency: usize) -> Vec<String> {
 
 fn judge_args_with(url: &str, model: &str, concurrency: usize, retries: u32, backoff: &str) -> Vec<String> {
     let (c, r) = (concurrency.to_string(), retries.to_string());
-    args(&["--judge-url", url, "--judge-model", model, "--judge-concurrency", &c, "--judge-retries", &r, "--judge-backoff", backoff])
+    args(&[
+        "--judge-url",
+        url,
+        "--judge-model",
+        model,
+        "--judge-concurrency",
+        &c,
+        "--judge-retries",
+        &r,
+        "--judge-backoff",
+        backoff,
+    ])
 }
 
 pub(crate) fn read_json(path: &Path) -> Value {
@@ -69,7 +80,11 @@ pub(crate) fn read_json(path: &Path) -> Value {
 }
 
 fn details(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("details.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(out.join("details.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn user_text(request: &Value) -> String {
@@ -111,7 +126,14 @@ fn mmvet_server(max_requests: usize) -> Server {
 }
 
 fn mmvet_cmd(url: &str, out: &Path, concurrency: usize) -> Vec<String> {
-    let mut a = args(&["eval", "mmvet", "--questions", s(&fixture("mm-vet.json")), "--answers", s(&fixture("mmvet-results.json"))]);
+    let mut a = args(&[
+        "eval",
+        "mmvet",
+        "--questions",
+        s(&fixture("mm-vet.json")),
+        "--answers",
+        s(&fixture("mmvet-results.json")),
+    ]);
     a.extend(args(&["--runs", "3", "--out", s(out)]));
     a.extend(judge_args(url, "gpt-4-0613", concurrency));
     a
@@ -127,7 +149,9 @@ fn mmvet_sends_the_official_prompt_and_scores_like_the_official_grader() {
     assert_eq!(requests.len(), 26, "3 + 4 + 3 + 5 + 8 + 3 requests");
 
     // The exact first request about v1_1 and the first retry about v1_4, as the official grader sent them.
-    let about = |pred: &str| -> Vec<&Value> { requests.iter().filter(|r| graded_row(r).ends_with(&format!("| {pred} | "))).collect() };
+    let about = |pred: &str| -> Vec<&Value> {
+        requests.iter().filter(|r| graded_row(r).ends_with(&format!("| {pred} | "))).collect()
+    };
     assert_eq!(*about("x = -1")[0], read_json(&fixture("mmvet-request-v1_1.json")));
     let monet = about("Monet");
     assert_eq!(*monet[1], read_json(&fixture("mmvet-retry-v1_4.json")));
@@ -141,11 +165,30 @@ fn mmvet_sends_the_official_prompt_and_scores_like_the_official_grader() {
     let scores = read_json(&out.join("scores.json"));
     assert_eq!(scores["kind"], "mmvet");
     let cols = |key: &str| -> Vec<(String, u64, f64)> {
-        scores[key].as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap().into(), c["count"].as_u64().unwrap(), c["score"].as_f64().unwrap())).collect()
+        scores[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap().into(), c["count"].as_u64().unwrap(), c["score"].as_f64().unwrap()))
+            .collect()
     };
-    let want = |v: &[(&str, u64, f64)]| -> Vec<(String, u64, f64)> { v.iter().map(|(n, c, x)| (n.to_string(), *c, *x)).collect() };
-    assert_eq!(cols("capabilities"), want(&[("rec", 3, 22.8), ("ocr", 3, 68.9), ("know", 2, 34.2), ("math", 2, 71.7), ("spat", 1, 50.0)]));
-    assert_eq!(cols("integrations"), want(&[("rec_know", 2, 34.2), ("ocr_math", 1, 93.3), ("rec", 1, 0.0), ("ocr", 1, 63.3), ("ocr_spat_math", 1, 50.0)]));
+    let want = |v: &[(&str, u64, f64)]| -> Vec<(String, u64, f64)> {
+        v.iter().map(|(n, c, x)| (n.to_string(), *c, *x)).collect()
+    };
+    assert_eq!(
+        cols("capabilities"),
+        want(&[("rec", 3, 22.8), ("ocr", 3, 68.9), ("know", 2, 34.2), ("math", 2, 71.7), ("spat", 1, 50.0)])
+    );
+    assert_eq!(
+        cols("integrations"),
+        want(&[
+            ("rec_know", 2, 34.2),
+            ("ocr_math", 1, 93.3),
+            ("rec", 1, 0.0),
+            ("ocr", 1, 63.3),
+            ("ocr_spat_math", 1, 50.0)
+        ])
+    );
     assert_eq!((scores["total"].as_f64(), scores["std"].as_f64()), (Some(45.8), Some(10.2)));
     assert_eq!(scores["run_totals"], json!([31.7, 55.0, 50.8]));
     assert_eq!(scores["gave_up"], 1);
@@ -221,20 +264,42 @@ fn llava_bench_sends_llavas_review_and_summarizes_like_llava() {
     let reviews = ["8 9\nok", "7 6", "9 7\nexpl", "Assistant 1: 8", "8 8", "10 7.5", "6,9"];
     let server = Server::start(20, move |_, req| {
         let text = user_text(req);
-        let i: usize = text.split("[Question]\nQuestion ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+        let i: usize = text
+            .split("[Question]\nQuestion ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
         Reply::Text(reviews[i].to_string())
     });
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let mut a = args(&["eval", "llava-bench", "--questions", s(&fixture("llava-questions.jsonl")), "--context", s(&fixture("llava-context.jsonl"))]);
-    a.extend(args(&["--references", s(&fixture("llava-references.jsonl")), "--answers", s(&fixture("llava-answers.jsonl")), "--out", s(&out)]));
+    let mut a = args(&[
+        "eval",
+        "llava-bench",
+        "--questions",
+        s(&fixture("llava-questions.jsonl")),
+        "--context",
+        s(&fixture("llava-context.jsonl")),
+    ]);
+    a.extend(args(&[
+        "--references",
+        s(&fixture("llava-references.jsonl")),
+        "--answers",
+        s(&fixture("llava-answers.jsonl")),
+        "--out",
+        s(&out),
+    ]));
     a.extend(judge_args(&server.url, "gpt-4-0314", 3));
     let stdout = ok(&bpo(&a, &[]));
     let requests = server.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 7);
     let first = requests.iter().find(|r| user_text(r).contains("[Question]\nQuestion 0 ")).unwrap();
     assert_eq!(first["messages"], read_json(&fixture("llava-request-0.json")));
-    assert_eq!((first["temperature"].as_f64(), first["max_tokens"].as_u64(), first["model"].as_str()), (Some(0.2), Some(1024), Some("gpt-4-0314")));
+    assert_eq!(
+        (first["temperature"].as_f64(), first["max_tokens"].as_u64(), first["model"].as_str()),
+        (Some(0.2), Some(1024), Some("gpt-4-0314"))
+    );
 
     // summarize_gpt_review.py on these reviews prints (relative, reference x10, model x10):
     //   all 96.8 67.1 65.0 / llava_bench_complex 102.1 80.0 81.7 / llava_bench_conv 100.0 75.0 75.0 /
@@ -244,9 +309,21 @@ fn llava_bench_sends_llavas_review_and_summarizes_like_llava() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["category"].as_str().unwrap().into(), c["relative"].as_f64().unwrap(), c["reference"].as_f64().unwrap(), c["model"].as_f64().unwrap()))
+        .map(|c| {
+            (
+                c["category"].as_str().unwrap().into(),
+                c["relative"].as_f64().unwrap(),
+                c["reference"].as_f64().unwrap(),
+                c["model"].as_f64().unwrap(),
+            )
+        })
         .collect();
-    let want = [("all", 96.8, 67.1, 65.0), ("complex", 102.1, 80.0, 81.7), ("conv", 100.0, 75.0, 75.0), ("detail", 75.0, 40.0, 30.0)];
+    let want = [
+        ("all", 96.8, 67.1, 65.0),
+        ("complex", 102.1, 80.0, 81.7),
+        ("conv", 100.0, 75.0, 75.0),
+        ("detail", 75.0, 40.0, 30.0),
+    ];
     assert_eq!(got, want.map(|(c, r, a, b)| (c.to_string(), r, a, b)));
     assert_eq!(scores["unparsed"], 1);
     assert!(stdout.contains("96.8"), "{stdout}");
@@ -273,7 +350,12 @@ const MMHAL_REPLIES: [&str; 11] = [
 ];
 
 fn mmhal_record_index(req: &Value) -> usize {
-    user_text(req).split("### Question\nQ").nth(1).and_then(|t| t.split('?').next()).and_then(|n| n.parse().ok()).unwrap()
+    user_text(req)
+        .split("### Question\nQ")
+        .nth(1)
+        .and_then(|t| t.split('?').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap()
 }
 
 fn mmhal_server(max_requests: usize) -> Server {
@@ -295,7 +377,12 @@ fn mmhal_base(records: &Path, out: &Path) -> Vec<String> {
 fn assert_official_mmhal_scores(out: &Path) {
     let scores = read_json(&out.join("scores.json"));
     assert_eq!((scores["average_score"].as_f64(), scores["hallucination_rate"].as_f64()), (Some(2.46), Some(0.54)));
-    let types: Vec<(String, f64)> = scores["types"].as_array().unwrap().iter().map(|t| (t["question_type"].as_str().unwrap().into(), t["average"].as_f64().unwrap())).collect();
+    let types: Vec<(String, f64)> = scores["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["question_type"].as_str().unwrap().into(), t["average"].as_f64().unwrap()))
+        .collect();
     let names = ["attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other"];
     let want = [2.75, 2.25, 2.5, 2.75, 2.25, 2.58, 2.25, 2.33];
     assert_eq!(types, names.iter().zip(want).map(|(n, w)| (n.to_string(), w)).collect::<Vec<_>>());
@@ -338,7 +425,6 @@ fn mmhal_parses_ratings_like_the_official_script() {
     }
 }
 
-
 /// A one-record MMHal file in `dir`.
 fn one_record(dir: &Path) -> PathBuf {
     let path = dir.join("one.json");
@@ -369,7 +455,13 @@ fn rate_limits_and_server_errors_are_retried_with_back_off() {
     let mut a = mmhal_base(&records, &tmp.path().join("b"));
     a.extend(judge_args_with(&server.url, "gpt-4-0314", 1, 1, "0.01"));
     let line = error_line(&bpo(&a, &[]));
-    assert!(line.contains("judge") && line.contains(&server.url) && line.contains("503") && line.contains("after 2 attempts"), "{line}");
+    assert!(
+        line.contains("judge")
+            && line.contains(&server.url)
+            && line.contains("503")
+            && line.contains("after 2 attempts"),
+        "{line}"
+    );
     assert_eq!(server.count(), 2);
 
     // Other 4xx (a bad key) are not retried.
@@ -385,14 +477,27 @@ fn an_unreachable_judge_is_one_clear_error() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let line = error_line(&bpo(&mmhal_cmd(&url, &one_record(tmp.path()), &tmp.path().join("run"), 1), &[]));
-    assert!(line.contains("judge") && line.contains(&format!("127.0.0.1:{port}")) && line.contains("cannot connect"), "{line}");
+    assert!(
+        line.contains("judge") && line.contains(&format!("127.0.0.1:{port}")) && line.contains("cannot connect"),
+        "{line}"
+    );
     // Checked before a model spends time answering: the model folder is never opened.
-    let mut a = args(&["eval", "mmvet", "--questions", s(&fixture("mm-vet.json")), "--model", "/no/such/model", "--out", s(&tmp.path().join("m"))]);
+    let mut a = args(&[
+        "eval",
+        "mmvet",
+        "--questions",
+        s(&fixture("mm-vet.json")),
+        "--model",
+        "/no/such/model",
+        "--out",
+        s(&tmp.path().join("m")),
+    ]);
     a.extend(judge_args(&url, "m", 1));
     let line = error_line(&bpo(&a, &[]));
     assert!(line.contains("cannot connect") && !line.contains("/no/such/model"), "{line}");
     // https judges are accepted; a host that does not resolve (.invalid never does, RFC 2606) is one line naming it.
-    let line = error_line(&bpo(&mmhal_cmd("https://judge.invalid", &one_record(tmp.path()), &tmp.path().join("run"), 1), &[]));
+    let line =
+        error_line(&bpo(&mmhal_cmd("https://judge.invalid", &one_record(tmp.path()), &tmp.path().join("run"), 1), &[]));
     assert!(line.contains("https://judge.invalid") && line.contains("cannot resolve"), "{line}");
 }
 
@@ -407,7 +512,10 @@ fn the_api_key_comes_from_the_environment_and_is_never_written() {
     let run = bpo(&a, &[("BPO_TEST_JUDGE_KEY", secret)]);
     ok(&run);
     assert_eq!(*server.auth.lock().unwrap(), vec![Some(format!("Bearer {secret}"))]);
-    assert!(!String::from_utf8_lossy(&run.stdout).contains(secret) && !String::from_utf8_lossy(&run.stderr).contains(secret));
+    assert!(
+        !String::from_utf8_lossy(&run.stdout).contains(secret)
+            && !String::from_utf8_lossy(&run.stderr).contains(secret)
+    );
     let files: Vec<PathBuf> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(files.len() >= 3, "{files:?}");
     for f in files {
@@ -425,8 +533,19 @@ fn a_killed_run_resumes_without_asking_again() {
     let out = tmp.path().join("run");
     let records = fixture("mmhal-records.json");
     // The first judge answers ten requests, then holds the eleventh forever.
-    let stalling = Server::start(11, |n, req| if n < 10 { Reply::Text(MMHAL_REPLIES[(mmhal_record_index(req) * 7) % 11].into()) } else { Reply::Stall });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bpo")).args(mmhal_cmd(&stalling.url, &records, &out, 1)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let stalling = Server::start(11, |n, req| {
+        if n < 10 {
+            Reply::Text(MMHAL_REPLIES[(mmhal_record_index(req) * 7) % 11].into())
+        } else {
+            Reply::Stall
+        }
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(mmhal_cmd(&stalling.url, &records, &out, 1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let cache = out.join("judge-cache.jsonl");
     let deadline = Instant::now() + Duration::from_secs(15);
     while stalling.count() < 11 && Instant::now() < deadline {
@@ -458,14 +577,38 @@ fn a_model_answers_mmvet_before_the_judge_grades() {
     let server = Server::start(10, |_, _| Reply::Text("0.5".into()));
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny");
     let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
-    let mut a = args(&["eval", "mmvet", "--questions", s(&questions), "--model", s(&model), "--images", s(&images), "--max-new-tokens", "4"]);
+    let mut a = args(&[
+        "eval",
+        "mmvet",
+        "--questions",
+        s(&questions),
+        "--model",
+        s(&model),
+        "--images",
+        s(&images),
+        "--max-new-tokens",
+        "4",
+    ]);
     a.extend(args(&["--runs", "2", "--out", s(&out)]));
     a.extend(judge_args(&server.url, "judge", 2));
     ok(&bpo(&a, &[]));
-    let answers: Vec<Value> = std::fs::read_to_string(out.join("answers.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let answers: Vec<Value> = std::fs::read_to_string(out.join("answers.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(answers.len(), 2);
-    assert_eq!((answers[0]["question_id"].as_str(), answers[0]["prompt"].as_str()), (Some("v1_0"), Some("What animal is this?")));
-    let q = mmvet::Question { id: "v1_0".into(), image: String::new(), capabilities: vec![], question: "What animal is this?".into(), answer: "cat".into() };
+    assert_eq!(
+        (answers[0]["question_id"].as_str(), answers[0]["prompt"].as_str()),
+        (Some("v1_0"), Some("What animal is this?"))
+    );
+    let q = mmvet::Question {
+        id: "v1_0".into(),
+        image: String::new(),
+        capabilities: vec![],
+        question: "What animal is this?".into(),
+        answer: "cat".into(),
+    };
     let want = mmvet::grading_prompt(&q, answers[0]["text"].as_str().unwrap());
     let requests = server.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 4, "two questions, two runs");
@@ -480,21 +623,43 @@ fn bad_benchmark_files_fail_with_one_line() {
     // An answer missing for a question.
     let partial = tmp.path().join("partial.json");
     std::fs::write(&partial, r#"{"v1_0": "a cat"}"#).unwrap();
-    let mut a = args(&["eval", "mmvet", "--questions", s(&fixture("mm-vet.json")), "--answers", s(&partial), "--out", s(&tmp.path().join("x"))]);
+    let mut a = args(&[
+        "eval",
+        "mmvet",
+        "--questions",
+        s(&fixture("mm-vet.json")),
+        "--answers",
+        s(&partial),
+        "--out",
+        s(&tmp.path().join("x")),
+    ]);
     a.extend(judge_args(&server.url, "j", 1));
     let line = error_line(&bpo(&a, &[]));
     assert!(line.contains("partial.json") && line.contains("v1_1"), "{line}");
     // A LLaVA-Bench category without a rule.
     let q = tmp.path().join("q.jsonl");
     std::fs::write(&q, "{\"question_id\": 0, \"image\": \"001.jpg\", \"text\": \"Q\", \"category\": \"conv\"}\n{\"question_id\": 1, \"image\": \"001.jpg\", \"text\": \"Q\", \"category\": \"chat\"}\n").unwrap();
-    let mut a = args(&["eval", "llava-bench", "--questions", s(&q), "--context", s(&fixture("llava-context.jsonl")), "--references", s(&fixture("llava-references.jsonl"))]);
+    let mut a = args(&[
+        "eval",
+        "llava-bench",
+        "--questions",
+        s(&q),
+        "--context",
+        s(&fixture("llava-context.jsonl")),
+        "--references",
+        s(&fixture("llava-references.jsonl")),
+    ]);
     a.extend(args(&["--answers", s(&fixture("llava-answers.jsonl")), "--out", s(&tmp.path().join("y"))]));
     a.extend(judge_args(&server.url, "j", 1));
     let line = error_line(&bpo(&a, &[]));
     assert!(line.contains("q.jsonl:2") && line.contains("chat"), "{line}");
     // An MMHal record without its question.
     let bad = tmp.path().join("bad.json");
-    std::fs::write(&bad, r#"[{"question_type": "attribute", "image_content": [], "gt_answer": "x", "model_answer": "y"}]"#).unwrap();
+    std::fs::write(
+        &bad,
+        r#"[{"question_type": "attribute", "image_content": [], "gt_answer": "x", "model_answer": "y"}]"#,
+    )
+    .unwrap();
     let line = error_line(&bpo(&mmhal_cmd(&server.url, &bad, &tmp.path().join("z"), 1), &[]));
     assert!(line.contains("bad.json") && line.contains("record 0") && line.contains("question"), "{line}");
     assert_eq!(server.count(), 0, "nothing is asked before the inputs are checked");

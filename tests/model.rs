@@ -36,7 +36,8 @@ fn llava_logits_match_transformers() {
     let r = reference("llava-tiny-ref.safetensors");
     let model = llava();
     let (ids, mask) = (u32s(&r["input_ids"]), u32s(&r["attention_mask"]));
-    let logits = model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
+    let logits =
+        model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
     let d = max_diff_where(&logits, &r["logits"], &r["attention_mask"]);
     assert!(d < 1e-4, "max |logit difference| {d}");
 }
@@ -60,7 +61,14 @@ fn llama_with_llama3_rope_and_tied_head_matches_transformers() {
     assert!(d < 1e-4, "max |logit difference| {d}");
 }
 
-pub fn greedy(model: &Model, tok: &Tokenizer, prompts: &Tensor, images: Option<&Tensor>, mask: Option<&Tensor>, n: usize) -> Vec<Vec<u32>> {
+pub fn greedy(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &Tensor,
+    images: Option<&Tensor>,
+    mask: Option<&Tensor>,
+    n: usize,
+) -> Vec<Vec<u32>> {
     let rows: Vec<Vec<u32>> = u32s(prompts).to_vec2().unwrap();
     let masks: Option<Vec<Vec<u32>>> = mask.map(|m| u32s(m).to_vec2().unwrap());
     let requests: Vec<Request> = rows
@@ -100,7 +108,14 @@ fn llava_batched_greedy_with_padding_matches_transformers() {
     let model = llava();
     let tok = Tokenizer::from_dir(&fixture("llava-tiny"), &[]).unwrap();
     let want: Vec<Vec<u32>> = u32s(&r["greedy_batch_ids"]).to_vec2().unwrap();
-    let got = greedy(&model, &tok, &r["greedy_batch_prompt_ids"], Some(&r["pixel_values"]), Some(&r["greedy_batch_attention_mask"]), want[0].len());
+    let got = greedy(
+        &model,
+        &tok,
+        &r["greedy_batch_prompt_ids"],
+        Some(&r["pixel_values"]),
+        Some(&r["greedy_batch_attention_mask"]),
+        want[0].len(),
+    );
     assert_eq!(got, want);
 }
 
@@ -120,7 +135,8 @@ fn response_logprob_sums_match_transformers() {
     let model = llava();
     let (ids, mask) = (u32s(&r["score_input_ids"]), u32s(&r["score_attention_mask"]));
     // Two rows carry images 0 and 1; the text-only row none.
-    let logits = model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
+    let logits =
+        model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
     let (sums, counts) = bpo::score::sequence_logprobs(&logits, &r["score_labels"]).unwrap();
     let d = (sums - &r["score_sums"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-3, "max |log-prob sum difference| {d}");
@@ -129,7 +145,11 @@ fn response_logprob_sums_match_transformers() {
 }
 
 /// Backward of the labels' summed log-probs; every variable in `vars` must get a finite, non-zero gradient.
-fn backward_reaches_every_var(logits: &Tensor, labels: &Tensor, vars: &[(String, candle_core::Var)]) -> candle_core::backprop::GradStore {
+fn backward_reaches_every_var(
+    logits: &Tensor,
+    labels: &Tensor,
+    vars: &[(String, candle_core::Var)],
+) -> candle_core::backprop::GradStore {
     let (sums, _) = bpo::score::sequence_logprobs(logits, labels).unwrap();
     let grads = sums.sum_all().unwrap().backward().unwrap();
     for (name, v) in vars {
@@ -143,11 +163,15 @@ fn backward_reaches_every_var(logits: &Tensor, labels: &Tensor, vars: &[(String,
 #[test]
 fn full_fine_tuning_with_the_vision_tower_gives_every_weight_a_gradient() {
     let r = reference("llava-tiny-ref.safetensors");
-    let (model, vars) = bpo::model::load::load_trainable(&fixture("llava-tiny"), &LoadOptions::default(), true).unwrap();
+    let (model, vars) =
+        bpo::model::load::load_trainable(&fixture("llava-tiny"), &LoadOptions::default(), true).unwrap();
     let vision = vars.iter().filter(|(n, _)| n.starts_with(bpo::model::load::VISION_PREFIX)).count();
     // 3 layers, vision_feature_layer -2: 2 layers x 16 tensors, patch/class/position embeddings, pre-layernorm (2).
     assert_eq!(vision, 2 * 16 + 3 + 2, "vision variables");
-    assert!(vars.iter().any(|(n, _)| n.starts_with("multi_modal_projector.")) && vars.iter().any(|(n, _)| n.starts_with("language_model.")));
+    assert!(
+        vars.iter().any(|(n, _)| n.starts_with("multi_modal_projector."))
+            && vars.iter().any(|(n, _)| n.starts_with("language_model."))
+    );
     let (ids, mask) = (u32s(&r["score_input_ids"]), u32s(&r["score_attention_mask"]));
     let inputs = Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) };
     let logits = model.forward(&inputs, None, Pass { adapters: true, train: true }).unwrap();

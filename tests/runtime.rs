@@ -5,12 +5,11 @@
 use std::path::Path;
 
 use bpo::model::{load, Inputs, LoadOptions, Model, Pass, Runtime};
+use bpo::text::Tokenizer;
 use bpo::text::{PromptStyle, Template};
 use bpo::train::trainer::LoopConfig;
 use bpo::train::ModelSetup;
-use bpo::text::Tokenizer;
 use candle_core::{DType, Device, IndexOp, Tensor};
-
 
 use crate::model::{fixture, greedy, max_diff_where, reference, u32s};
 use crate::train::{config, lora, overfit_pairs, run, Record};
@@ -43,7 +42,13 @@ fn training_logits(rt: &Runtime) -> Tensor {
     }
     unfreeze_projector(&mut model).unwrap();
     let (ids, mask) = (u32s(&r["score_input_ids"]), u32s(&r["score_attention_mask"]));
-    model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass { adapters: true, train: true }).unwrap()
+    model
+        .forward(
+            &Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) },
+            None,
+            Pass { adapters: true, train: true },
+        )
+        .unwrap()
 }
 
 #[test]
@@ -56,7 +61,9 @@ fn generic_ops_path_equals_the_fused_path() {
     assert!(d < 1e-5, "max |logit difference| fused vs generic {d}");
     // And the inference path of the generic runtime matches transformers as the fused one does.
     let (ids, mask) = (u32s(&r["input_ids"]), u32s(&r["attention_mask"]));
-    let logits = llava_on(&generic_f32()).forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
+    let logits = llava_on(&generic_f32())
+        .forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER)
+        .unwrap();
     assert!(max_diff_where(&logits, &r["logits"], &r["attention_mask"]) < 1e-4);
 }
 
@@ -64,9 +71,12 @@ fn generic_ops_path_equals_the_fused_path() {
 fn run_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     for file in ["adapter_model.safetensors", "projector.safetensors"] {
-        let mut t: Vec<(String, Tensor)> = candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap().into_iter().collect();
+        let mut t: Vec<(String, Tensor)> =
+            candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap().into_iter().collect();
         t.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(t.into_iter().map(|(n, t)| (n, t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())));
+        out.extend(
+            t.into_iter().map(|(n, t)| (n, t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())),
+        );
     }
     out
 }
@@ -107,7 +117,8 @@ fn bf16_logits_are_within_bf16_tolerance_and_greedy_tokens_match() {
     let r = reference("llava-tiny-ref.safetensors");
     let model = llava_on(&bf16());
     let (ids, mask) = (u32s(&r["input_ids"]), u32s(&r["attention_mask"]));
-    let logits = model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
+    let logits =
+        model.forward(&Inputs { ids: &ids, mask: &mask, images: Some(&r["pixel_values"]) }, None, Pass::INFER).unwrap();
     assert_eq!(logits.dtype(), DType::BF16);
     let scale = r["logits"].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     let d = max_diff_where(&logits.to_dtype(DType::F32).unwrap(), &r["logits"], &r["attention_mask"]);
@@ -124,12 +135,20 @@ fn bf16_logits_are_within_bf16_tolerance_and_greedy_tokens_match() {
     let prompt: Vec<u32> = u32s(&r["greedy_prompt_ids"]).to_vec2::<u32>().unwrap().remove(0);
     let mut compared = greedy_parity(&f32_model, &model, &prompt, Some(&px), &want[0], &got[0]);
     let want: Vec<Vec<u32>> = u32s(&r["greedy_batch_ids"]).to_vec2().unwrap();
-    let got = greedy(&model, &tok, &r["greedy_batch_prompt_ids"], Some(&r["pixel_values"]), Some(&r["greedy_batch_attention_mask"]), want[0].len());
+    let got = greedy(
+        &model,
+        &tok,
+        &r["greedy_batch_prompt_ids"],
+        Some(&r["pixel_values"]),
+        Some(&r["greedy_batch_attention_mask"]),
+        want[0].len(),
+    );
     let prompts: Vec<Vec<u32>> = u32s(&r["greedy_batch_prompt_ids"]).to_vec2().unwrap();
     let masks: Vec<Vec<u32>> = u32s(&r["greedy_batch_attention_mask"]).to_vec2().unwrap();
     for (i, (p, m)) in prompts.iter().zip(&masks).enumerate() {
         let p: Vec<u32> = p.iter().zip(m).filter(|(_, &k)| k == 1).map(|(&id, _)| id).collect();
-        compared += greedy_parity(&f32_model, &model, &p, Some(&r["pixel_values"].i(i..i + 1).unwrap()), &want[i], &got[i]);
+        compared +=
+            greedy_parity(&f32_model, &model, &p, Some(&r["pixel_values"].i(i..i + 1).unwrap()), &want[i], &got[i]);
     }
 
     let r = reference("llama-tiny-ref.safetensors");
@@ -148,17 +167,34 @@ fn bf16_logits_are_within_bf16_tolerance_and_greedy_tokens_match() {
 /// every step where f32's top-two margin exceeds twice that step's bf16 logit error is "clear": there bf16's pick
 /// must be `want`'s token. `got` (bf16's own greedy continuation) must equal `want` up to the first step that is not
 /// clear, where either pick is right and the continuations may part. Returns the number of clear steps.
-fn greedy_parity(f32_model: &Model, bf16_model: &Model, prompt: &[u32], image: Option<&Tensor>, want: &[u32], got: &[u32]) -> usize {
+fn greedy_parity(
+    f32_model: &Model,
+    bf16_model: &Model,
+    prompt: &[u32],
+    image: Option<&Tensor>,
+    want: &[u32],
+    got: &[u32],
+) -> usize {
     let ids: Vec<u32> = prompt.iter().chain(want).copied().collect();
     let n = ids.len();
     let inputs = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
     let mask = Tensor::ones((1, n), DType::U32, &Device::Cpu).unwrap();
     let rows = |m: &Model| -> Vec<Vec<f32>> {
         let logits = m.forward(&Inputs { ids: &inputs, mask: &mask, images: image }, None, Pass::INFER).unwrap();
-        logits.i(0).unwrap().narrow(0, prompt.len() - 1, want.len()).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+        logits
+            .i(0)
+            .unwrap()
+            .narrow(0, prompt.len() - 1, want.len())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
     };
     let (exact, low) = (rows(f32_model), rows(bf16_model));
-    let argmax = |r: &[f32]| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let argmax = |r: &[f32]| {
+        r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+    };
     let mut clear = 0;
     let mut parted = false;
     for (k, (e, l)) in exact.iter().zip(&low).enumerate() {
@@ -170,7 +206,12 @@ fn greedy_parity(f32_model: &Model, bf16_model: &Model, prompt: &[u32], image: O
             continue;
         }
         clear += 1;
-        assert_eq!(argmax(l), want[k], "step {k}: f32 margin {} > 2 x bf16 error {err}, yet bf16 picks another token", sorted[0] - sorted[1]);
+        assert_eq!(
+            argmax(l),
+            want[k],
+            "step {k}: f32 margin {} > 2 x bf16 error {err}, yet bf16 picks another token",
+            sorted[0] - sorted[1]
+        );
         if !parted {
             assert_eq!(got[k], want[k], "bf16 greedy decoding parted from transformers at clear step {k}");
         }
@@ -184,19 +225,39 @@ fn bf16_training_with_f32_masters_tracks_the_f32_loss_curve() {
     let mut curves = Vec::new();
     for (name, rt) in [("f32", Runtime::default()), ("bf16", bf16())] {
         let mut cfg = config(overfit_pairs(tmp.path()));
-        cfg.setup = ModelSetup { init_adapter: None, template: Template::VicunaV1, prompt_style: PromptStyle::Llava, lora: Some(lora(8, 16.0, 0.0)), runtime: rt, ..cfg.setup };
-        cfg.optim = LoopConfig { lr: 5e-3, epochs: 20, batch_size: 16, max_grad_norm: Some(1.0), weight_decay: 0.0, ..cfg.optim };
+        cfg.setup = ModelSetup {
+            init_adapter: None,
+            template: Template::VicunaV1,
+            prompt_style: PromptStyle::Llava,
+            lora: Some(lora(8, 16.0, 0.0)),
+            runtime: rt,
+            ..cfg.setup
+        };
+        cfg.optim = LoopConfig {
+            lr: 5e-3,
+            epochs: 20,
+            batch_size: 16,
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.0,
+            ..cfg.optim
+        };
         let mut rec = Record::default();
         run(&cfg, &tmp.path().join(name), false, &mut rec);
         curves.push(rec.logs.iter().map(|l| l.get("loss").unwrap()).collect::<Vec<f64>>());
         // The adapter is saved in f32, as peft expects, whatever the compute dtype.
-        let saved = candle_core::safetensors::load(tmp.path().join(name).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let saved =
+            candle_core::safetensors::load(tmp.path().join(name).join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap();
         assert!(saved.values().all(|t| t.dtype() == DType::F32), "{name}: adapter dtypes");
     }
     let (f32_curve, bf16_curve) = (&curves[0], &curves[1]);
     assert_eq!((f32_curve.len(), bf16_curve.len()), (20, 20));
     for (step, (a, b)) in f32_curve.iter().zip(bf16_curve).enumerate() {
-        assert!(b.is_finite() && (a - b).abs() <= 0.05 + 0.1 * a.abs(), "step {}: f32 loss {a}, bf16 loss {b}", step + 1);
+        assert!(
+            b.is_finite() && (a - b).abs() <= 0.05 + 0.1 * a.abs(),
+            "step {}: f32 loss {a}, bf16 loss {b}",
+            step + 1
+        );
     }
     assert!(bf16_curve[19] < 0.5 * bf16_curve[0], "bf16 run learns: {bf16_curve:?}");
 }
@@ -215,7 +276,14 @@ fn bf16_full_fine_tuning_casts_every_master_weight() {
     std::fs::write(&data, serde_json::to_string(&conv).unwrap()).unwrap();
     let base = config(data.clone());
     let cfg = bpo::train::SftConfig {
-        setup: ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, template: Template::VicunaV1, lora: None, runtime: bf16(), ..base.setup.clone() },
+        setup: ModelSetup {
+            init_adapter: None,
+            prompt_style: PromptStyle::Llava,
+            template: Template::VicunaV1,
+            lora: None,
+            runtime: bf16(),
+            ..base.setup.clone()
+        },
         data,
         images: base.images.clone(),
         max_length: 2048,

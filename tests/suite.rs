@@ -32,7 +32,18 @@ fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
     );
     write("suite.toml", &config);
     let model = root.join("llava-tiny");
-    let suite = |out: &str| args(&["eval", "suite", "--model", s(&model), "--config", s(&tmp.path().join("suite.toml")), "--out", s(&tmp.path().join(out))]);
+    let suite = |out: &str| {
+        args(&[
+            "eval",
+            "suite",
+            "--model",
+            s(&model),
+            "--config",
+            s(&tmp.path().join("suite.toml")),
+            "--out",
+            s(&tmp.path().join(out)),
+        ])
+    };
     let stdout = ok(&bpo(&suite("base"), &[]));
     let base = tmp.path().join("base");
     for (dir, kind) in [("pope", "pope"), ("object-halbench", "chair"), ("mmvet", "mmvet")] {
@@ -62,7 +73,11 @@ fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
     let lines: Vec<&str> = compare.lines().collect();
     assert_eq!(lines.len(), 3, "{compare}");
     assert!(lines[1].starts_with("base") && lines[2].starts_with("bpo"), "{compare}");
-    assert!(error_line(&bpo(&args(&["eval", "compare", s(&base.join("pope")), s(&base.join("mmvet")), s(&base)]), &[])).contains("suite"));
+    assert!(error_line(&bpo(
+        &args(&["eval", "compare", s(&base.join("pope")), s(&base.join("mmvet")), s(&base)]),
+        &[]
+    ))
+    .contains("suite"));
 }
 
 #[test]
@@ -74,7 +89,8 @@ fn a_model_answers_llava_bench_and_mmhal_before_the_judge() {
         let system = req["messages"][0]["role"] == "system";
         Reply::Text(if system { "7 8\nfine".into() } else { "Rating: 4".into() })
     });
-    let judge = args(&["--judge-url", &server.url, "--judge-model", "j", "--judge-retries", "1", "--judge-backoff", "0.01"]);
+    let judge =
+        args(&["--judge-url", &server.url, "--judge-model", "j", "--judge-retries", "1", "--judge-backoff", "0.01"]);
     let gen = args(&["--model", s(&model), "--images", s(&images), "--max-new-tokens", "3"]);
 
     // LLaVA-Bench: two questions on the fixture's photographs; captions keyed by those file names.
@@ -83,9 +99,24 @@ fn a_model_answers_llava_bench_and_mmhal_before_the_judge() {
     let c = tmp.path().join("c.jsonl");
     std::fs::write(&c, "{\"image\": \"chelsea.png\", \"caption\": \"A cat.\"}\n{\"image\": \"coffee.png\", \"caption\": \"A cup of coffee.\"}\n").unwrap();
     let refs = tmp.path().join("r.jsonl");
-    std::fs::write(&refs, "{\"question_id\": 0, \"text\": \"A tabby cat.\"}\n{\"question_id\": 1, \"text\": \"Coffee.\"}\n").unwrap();
+    std::fs::write(
+        &refs,
+        "{\"question_id\": 0, \"text\": \"A tabby cat.\"}\n{\"question_id\": 1, \"text\": \"Coffee.\"}\n",
+    )
+    .unwrap();
     let out = tmp.path().join("llava");
-    let mut a = args(&["eval", "llava-bench", "--questions", s(&q), "--context", s(&c), "--references", s(&refs), "--out", s(&out)]);
+    let mut a = args(&[
+        "eval",
+        "llava-bench",
+        "--questions",
+        s(&q),
+        "--context",
+        s(&c),
+        "--references",
+        s(&refs),
+        "--out",
+        s(&out),
+    ]);
     a.extend(gen.clone());
     a.extend(judge.clone());
     ok(&bpo(&a, &[]));

@@ -4,14 +4,14 @@ mod bootstrap; // records, resume, shards, injection through a fake LLM, pairs a
 mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a loopback test server
 mod bootstrap_model; // weaken + local inject on the tiny checkpoint: end to end, kill/resume, shards, contrast decoding
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
+mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache
+mod eval; // POPE and CHAIR scoring through the binary, bad files
+mod faults_input; // hostile input: garbage/hanging servers, image bombs, impossible configs, BOMs, fuzzed readers
+mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable folders, locks, kill -9 and resume
+mod faults_train; // numeric options out of range, divergence (exit 3), non-finite weights, kill -9 + resume, exit codes
+mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
 mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
-mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
-mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable folders, locks, kill -9 at a random point and resume
-mod eval; // POPE and CHAIR scoring through the binary, bad files
-mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites
-mod faults_train; // numeric options out of range, divergence (exit 3), non-finite weights, kill -9 + resume, exit codes
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
-mod faults_input; // hostile input: garbage/hanging servers, image bombs, impossible configs, BOMs, fuzzed readers
-mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache
+mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`

@@ -63,7 +63,8 @@ fn trl_style_tokens_match_trls_vision_collator() {
     for (i, e) in examples.iter().enumerate() {
         let chosen: Vec<u32> = e.prompt.iter().chain(&e.chosen).copied().collect();
         let rejected: Vec<u32> = e.prompt.iter().chain(&e.rejected).copied().collect();
-        let want = |k: &str| -> Vec<u32> { r[k][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+        let want =
+            |k: &str| -> Vec<u32> { r[k][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
         assert_eq!(chosen, want("chosen_ids"), "pair {i} chosen");
         assert_eq!(rejected, want("rejected_ids"), "pair {i} rejected");
     }
@@ -84,7 +85,10 @@ fn pair_logps(vlm: &bpo::model::Vlm) -> Vec<(f32, f32)> {
         .iter()
         .flat_map(|e| {
             let image = Some(vlm.load_image(e.image.as_ref().unwrap()).unwrap());
-            [bpo::score::Example { prompt: e.prompt.clone(), response: e.chosen.clone(), image: image.clone() }, bpo::score::Example { prompt: e.prompt.clone(), response: e.rejected.clone(), image }]
+            [
+                bpo::score::Example { prompt: e.prompt.clone(), response: e.chosen.clone(), image: image.clone() },
+                bpo::score::Example { prompt: e.prompt.clone(), response: e.rejected.clone(), image },
+            ]
         })
         .collect();
     let scores = bpo::score::score(&vlm.model, vlm.tok.pad, &rows, 8, Pass::INFER, |_| {}).unwrap();
@@ -97,7 +101,11 @@ fn starting_adapter_and_base_log_probs_match_peft() {
     let mut vlm = prepared_vlm(PromptStyle::Trl);
     let base = pair_logps(&vlm);
     let adapter = bpo::train::load_adapter(&mut vlm.model, &fixture("dpo/init-adapter")).unwrap();
-    assert_eq!((adapter.lora.len(), adapter.projector.len()), (2 * 7 * 2, 4), "peft's new spelling and modules_to_save read");
+    assert_eq!(
+        (adapter.lora.len(), adapter.projector.len()),
+        (2 * 7 * 2, 4),
+        "peft's new spelling and modules_to_save read"
+    );
     let policy = pair_logps(&vlm);
     for i in 0..4 {
         close(base[i].0 as f64, r["base_chosen"][i].as_f64().unwrap(), 2e-4, "base chosen");
@@ -123,7 +131,12 @@ fn shared_prompt_forward_equals_whole_sequences() {
         let (sums, _) = batch.logps(&vlm.model, None, false, pass).unwrap();
         let sums: Vec<f32> = sums.to_vec1().unwrap();
         for (i, (c, r)) in whole.iter().enumerate() {
-            assert!((sums[i] - c).abs() < 1e-4 && (sums[i + 4] - r).abs() < 1e-4, "pair {i}: {} {} vs {c} {r}", sums[i], sums[i + 4]);
+            assert!(
+                (sums[i] - c).abs() < 1e-4 && (sums[i + 4] - r).abs() < 1e-4,
+                "pair {i}: {} {} vs {c} {r}",
+                sums[i],
+                sums[i + 4]
+            );
         }
     }
 }
@@ -153,7 +166,14 @@ fn one_adamw_step_matches_trl() {
         close(second.get(key).unwrap(), r["after"][key].as_f64().unwrap(), 1e-4, &format!("after the step: {key}"));
     }
     // The run folder is a PEFT adapter plus the projector, config and metrics.
-    for f in ["adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "train_config.json", "metrics.jsonl", "ref_logps.jsonl"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "projector.safetensors",
+        "train_config.json",
+        "metrics.jsonl",
+        "ref_logps.jsonl",
+    ] {
         assert!(tmp.path().join(f).is_file(), "{f} missing");
     }
     let lines = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
@@ -193,14 +213,30 @@ pub fn overfit_pairs(dir: &Path) -> PathBuf {
 fn overfits_16_pairs_to_full_reward_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(overfit_pairs(tmp.path()));
-    cfg.setup = ModelSetup { init_adapter: None, template: Template::VicunaV1, prompt_style: PromptStyle::Llava, lora: Some(lora(8, 16.0, 0.0)), ..cfg.setup };
-    cfg.optim = LoopConfig { lr: 5e-3, epochs: 20, batch_size: 16, max_grad_norm: Some(1.0), weight_decay: 0.0, ..cfg.optim };
+    cfg.setup = ModelSetup {
+        init_adapter: None,
+        template: Template::VicunaV1,
+        prompt_style: PromptStyle::Llava,
+        lora: Some(lora(8, 16.0, 0.0)),
+        ..cfg.setup
+    };
+    cfg.optim =
+        LoopConfig { lr: 5e-3, epochs: 20, batch_size: 16, max_grad_norm: Some(1.0), weight_decay: 0.0, ..cfg.optim };
     let mut rec = Record::default();
     let (report, _) = run(&cfg, &tmp.path().join("run"), false, &mut rec);
     assert_eq!(report.data.kept, 16);
     let last = rec.logs.last().unwrap();
-    assert_eq!(last.get("rewards/accuracies"), Some(1.0), "{:?}", rec.logs.iter().map(|l| l.get("rewards/accuracies")).collect::<Vec<_>>());
-    assert!(last.get("loss").unwrap() < 0.5 * rec.logs[0].get("loss").unwrap(), "loss fell: {:?}", rec.logs.iter().map(|l| l.get("loss")).collect::<Vec<_>>());
+    assert_eq!(
+        last.get("rewards/accuracies"),
+        Some(1.0),
+        "{:?}",
+        rec.logs.iter().map(|l| l.get("rewards/accuracies")).collect::<Vec<_>>()
+    );
+    assert!(
+        last.get("loss").unwrap() < 0.5 * rec.logs[0].get("loss").unwrap(),
+        "loss fell: {:?}",
+        rec.logs.iter().map(|l| l.get("loss")).collect::<Vec<_>>()
+    );
     // The frozen tower ran once per distinct image for the whole run (features cached across steps).
     assert_eq!(report.images_encoded, 3);
 }
@@ -210,8 +246,18 @@ fn resumed_run_reproduces_the_uninterrupted_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(overfit_pairs(tmp.path()));
     // Dropout on and gradient accumulation: both must replay exactly. No init adapter: on-the-fly reference.
-    cfg.setup = ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, lora: Some(lora(4, 8.0, 0.1)), ..cfg.setup };
-    cfg.optim = LoopConfig { lr: 2e-3, schedule: ScheduleKind::Cosine, warmup_ratio: 0.2, epochs: 2, batch_size: 4, grad_accum: 2, seed: 5, ..cfg.optim };
+    cfg.setup =
+        ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, lora: Some(lora(4, 8.0, 0.1)), ..cfg.setup };
+    cfg.optim = LoopConfig {
+        lr: 2e-3,
+        schedule: ScheduleKind::Cosine,
+        warmup_ratio: 0.2,
+        epochs: 2,
+        batch_size: 4,
+        grad_accum: 2,
+        seed: 5,
+        ..cfg.optim
+    };
     let whole = tmp.path().join("whole");
     let mut a = Record::default();
     run(&cfg, &whole, false, &mut a);
@@ -223,7 +269,11 @@ fn resumed_run_reproduces_the_uninterrupted_curve() {
     let mut c = Record::default();
     let (second, _) = run(&cfg, &parts, true, &mut c);
     assert_eq!((second.summary.start_step, second.summary.steps_done), (3, 1));
-    let curve = |logs: &[StepLog]| logs.iter().map(|l| (l.step, l.get("loss").unwrap(), l.get("grad_norm").unwrap(), l.get("learning_rate").unwrap())).collect::<Vec<_>>();
+    let curve = |logs: &[StepLog]| {
+        logs.iter()
+            .map(|l| (l.step, l.get("loss").unwrap(), l.get("grad_norm").unwrap(), l.get("learning_rate").unwrap()))
+            .collect::<Vec<_>>()
+    };
     let resumed: Vec<StepLog> = b.logs.iter().chain(&c.logs).cloned().collect();
     assert_eq!(curve(&resumed), curve(&a.logs), "same losses, gradient norms and learning rates, bit for bit");
     let adapter = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
@@ -251,7 +301,9 @@ fn merged_model_gives_the_adapter_models_logits() {
     let merged = load(&out, &LoadOptions::default()).unwrap();
     let base = load(&fixture("llava-tiny"), &LoadOptions::default()).unwrap();
     let (a, m, b) = (logits(&with_adapter), logits(&merged), logits(&base));
-    let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| {
+        (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
     assert!(diff(&a, &m) < 1e-4, "merged vs adapter: {}", diff(&a, &m));
     assert!(diff(&a, &b) > 1e-2, "the adapter changes the model");
     assert!(out.join("tokenizer.json").is_file() && out.join("preprocessor_config.json").is_file());
@@ -261,17 +313,25 @@ fn merged_model_gives_the_adapter_models_logits() {
 fn malformed_rows_fail_with_file_and_line() {
     let tmp = tempfile::tempdir().unwrap();
     let good = r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#;
-    for (name, bad) in [("pairs.jsonl", r#"{"prompt": "q", "chosen": 3, "rejected": "b"}"#), ("torn.jsonl", r#"{"prompt": "q", "chos"#)] {
+    for (name, bad) in [
+        ("pairs.jsonl", r#"{"prompt": "q", "chosen": 3, "rejected": "b"}"#),
+        ("torn.jsonl", r#"{"prompt": "q", "chos"#),
+    ] {
         let path = tmp.path().join(name);
         std::fs::write(&path, format!("{good}\n{good}\n{bad}\n")).unwrap();
-        let err = dpo::train(&config(path), &tmp.path().join(format!("run-{name}")), false, None, &mut Silent, &mut |_| {}).unwrap_err().to_string();
+        let err =
+            dpo::train(&config(path), &tmp.path().join(format!("run-{name}")), false, None, &mut Silent, &mut |_| {})
+                .unwrap_err()
+                .to_string();
         assert!(err.contains(&format!("{name}:3")), "{err}");
     }
     let records = tmp.path().join("records.jsonl");
     let rec = r#"{"id": "a", "prompt": "q", "completions": [{"response": "x", "score": 1, "type": "gt"}, {"response": "y", "score": 0, "type": "llm-hal"}]}"#;
     let bad = r#"{"id": "b", "prompt": "q", "completions": [{"response": 5, "score": 1, "type": "gt"}]}"#;
     std::fs::write(&records, format!("{rec}\n{bad}\n")).unwrap();
-    let err = dpo::train(&config(records), &tmp.path().join("run-records"), false, None, &mut Silent, &mut |_| {}).unwrap_err().to_string();
+    let err = dpo::train(&config(records), &tmp.path().join("run-records"), false, None, &mut Silent, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("records.jsonl:2"), "{err}");
 }
 
@@ -280,7 +340,15 @@ fn a_pair_with_a_missing_image_is_reported_skipped_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("pairs.jsonl");
     let rows = [("ok1", "chelsea.png"), ("gone", "no-such-image.png"), ("ok2", "coffee.png")];
-    let text: String = rows.iter().map(|(id, img)| format!("{}\n", serde_json::json!({"id": id, "prompt": "q", "image": img, "chosen": "a cat", "rejected": "a dog"}))).collect();
+    let text: String = rows
+        .iter()
+        .map(|(id, img)| {
+            format!(
+                "{}\n",
+                serde_json::json!({"id": id, "prompt": "q", "image": img, "chosen": "a cat", "rejected": "a dog"})
+            )
+        })
+        .collect();
     std::fs::write(&path, text).unwrap();
     let mut cfg = config(path);
     cfg.setup.init_adapter = None;
@@ -301,7 +369,29 @@ fn cli_train_then_score_and_generate_with_the_adapter_then_merge() {
     let run_dir = tmp.path().join("run");
     let model = fixture("llava-tiny");
     let images = fixture("images");
-    let args = ["train", "--model", s(&model), "--data", s(&pairs), "--images", s(&images), "--out", s(&run_dir), "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--epochs", "1", "--batch-size", "8", "--save-steps", "1"];
+    let args = [
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&pairs),
+        "--images",
+        s(&images),
+        "--out",
+        s(&run_dir),
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--save-steps",
+        "1",
+    ];
     let o = bpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(run_dir.join("checkpoint-2/optimizer.safetensors").is_file());
@@ -314,7 +404,11 @@ fn cli_train_then_score_and_generate_with_the_adapter_then_merge() {
     assert!(bpo(&again).status.success());
 
     let rows = tmp.path().join("rows.jsonl");
-    std::fs::write(&rows, "{\"prompt\": \"What is in image 1?\", \"image\": \"coffee.png\", \"response\": \"red cat\"}\n").unwrap();
+    std::fs::write(
+        &rows,
+        "{\"prompt\": \"What is in image 1?\", \"image\": \"coffee.png\", \"response\": \"red cat\"}\n",
+    )
+    .unwrap();
     let score = |extra: &[&str], out: &Path| {
         let mut a = vec!["score", "--model", s(&model), "--data", s(&rows), "--images", s(&images), "--out", s(out)];
         a.extend_from_slice(extra);
@@ -327,15 +421,28 @@ fn cli_train_then_score_and_generate_with_the_adapter_then_merge() {
     let adapted = score(&["--adapter", s(&run_dir)], &tmp.path().join("s1.jsonl"));
     assert!((plain - adapted).abs() > 1e-4, "the adapter changes scores: {plain} vs {adapted}");
 
-    let o = bpo(&["generate", "--model", s(&model), "--adapter", s(&run_dir), "--prompt", "Hi", "--max-new-tokens", "3"]);
+    let o =
+        bpo(&["generate", "--model", s(&model), "--adapter", s(&run_dir), "--prompt", "Hi", "--max-new-tokens", "3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let merged = tmp.path().join("merged");
     let o = bpo(&["merge", "--model", s(&model), "--adapter", s(&run_dir), "--out", s(&merged)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = bpo(&["score", "--model", s(&merged), "--data", s(&rows), "--images", s(&images), "--out", s(&tmp.path().join("s3.jsonl"))]);
+    let o = bpo(&[
+        "score",
+        "--model",
+        s(&merged),
+        "--data",
+        s(&rows),
+        "--images",
+        s(&images),
+        "--out",
+        s(&tmp.path().join("s3.jsonl")),
+    ]);
     assert!(o.status.success());
-    let v: Value = serde_json::from_str(std::fs::read_to_string(tmp.path().join("s3.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let v: Value =
+        serde_json::from_str(std::fs::read_to_string(tmp.path().join("s3.jsonl")).unwrap().lines().next().unwrap())
+            .unwrap();
     assert!((v["logprob"].as_f64().unwrap() - adapted).abs() < 1e-3, "merged model scores like the adapter");
 }
 
@@ -345,13 +452,38 @@ fn cli_rejects_bad_training_input() {
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"b\"}\nnot json\n").unwrap();
     let model = fixture("llava-tiny");
-    fails_with(&["train", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r1"))], &["bad.jsonl:2"]);
-    fails_with(&["train", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r2")), "--beta", "0"], &["beta"]);
-    fails_with(&["score", "--model", s(&model), "--adapter", s(&tmp.path().join("nowhere")), "--data", s(&bad), "--out", s(&tmp.path().join("o.jsonl"))], &["adapter_config.json"]);
+    fails_with(
+        &["train", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r1"))],
+        &["bad.jsonl:2"],
+    );
+    fails_with(
+        &["train", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r2")), "--beta", "0"],
+        &["beta"],
+    );
+    fails_with(
+        &[
+            "score",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&tmp.path().join("nowhere")),
+            "--data",
+            s(&bad),
+            "--out",
+            s(&tmp.path().join("o.jsonl")),
+        ],
+        &["adapter_config.json"],
+    );
     // The tower trains only with full fine-tuning, and only under supervised training.
-    fails_with(&["sft", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r3")), "--train-vision"], &["--full"]);
-    let cfg = DpoConfig { setup: ModelSetup { lora: None, train_vision: true, ..config(bad.clone()).setup }, ..config(bad) };
-    let err = dpo::train(&cfg, &tmp.path().join("r4"), false, None, &mut Record::default(), &mut |_| {}).unwrap_err().to_string();
+    fails_with(
+        &["sft", "--model", s(&model), "--data", s(&bad), "--out", s(&tmp.path().join("r3")), "--train-vision"],
+        &["--full"],
+    );
+    let cfg =
+        DpoConfig { setup: ModelSetup { lora: None, train_vision: true, ..config(bad.clone()).setup }, ..config(bad) };
+    let err = dpo::train(&cfg, &tmp.path().join("r4"), false, None, &mut Record::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bpo sft"), "{err}");
 }
 
@@ -361,7 +493,8 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
     let data = tmp.path().join("conv.json");
     let conv: Vec<Value> = (0..6)
         .map(|i| {
-            let (image, what, colour) = [("chelsea.png", "a cat", "orange"), ("coffee.png", "a cup of coffee", "brown")][i % 2];
+            let (image, what, colour) =
+                [("chelsea.png", "a cat", "orange"), ("coffee.png", "a cup of coffee", "brown")][i % 2];
             serde_json::json!({"id": i, "image": image, "conversations": [
                 {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": what},
                 {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": colour}]})
@@ -370,16 +503,35 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
     std::fs::write(&data, serde_json::to_string(&conv).unwrap()).unwrap();
     let base = config(data.clone());
     let patch = "vision_tower.vision_model.embeddings.patch_embedding.weight";
-    let tensor = |dir: &Path, name: &str| candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap().remove(name).unwrap();
+    let tensor = |dir: &Path, name: &str| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+            .remove(name)
+            .unwrap()
+    };
     let start = tensor(&fixture("llava-tiny"), patch);
-    for (name, lora_cfg, train_vision) in [("lora", Some(lora(4, 8.0, 0.0)), false), ("full", None, false), ("full-vision", None, true)] {
+    for (name, lora_cfg, train_vision) in
+        [("lora", Some(lora(4, 8.0, 0.0)), false), ("full", None, false), ("full-vision", None, true)]
+    {
         let cfg = bpo::train::SftConfig {
-            setup: ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, template: Template::VicunaV1, lora: lora_cfg, train_vision, ..base.setup.clone() },
+            setup: ModelSetup {
+                init_adapter: None,
+                prompt_style: PromptStyle::Llava,
+                template: Template::VicunaV1,
+                lora: lora_cfg,
+                train_vision,
+                ..base.setup.clone()
+            },
             data: data.clone(),
             images: base.images.clone(),
             max_length: 2048,
             feature_cache_mb: 16,
-            optim: LoopConfig { lr: if name == "lora" { 5e-3 } else { 1e-3 }, epochs: 6, batch_size: 6, ..base.optim.clone() },
+            optim: LoopConfig {
+                lr: if name == "lora" { 5e-3 } else { 1e-3 },
+                epochs: 6,
+                batch_size: 6,
+                ..base.optim.clone()
+            },
         };
         let mut rec = Record::default();
         let out = tmp.path().join(name);
@@ -393,7 +545,8 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
             let d = (logits(&m) - logits(&b)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d > 1e-3, "weights changed");
             // The vision tower moves only when asked to.
-            let moved = (tensor(&out, patch) - &start).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let moved =
+                (tensor(&out, patch) - &start).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(moved > 0.0, train_vision, "{name}: patch embedding moved by {moved}");
         } else {
             assert!(out.join("adapter_model.safetensors").is_file());
@@ -408,8 +561,30 @@ fn ctrl_c_finishes_the_step_and_saves_a_checkpoint() {
     let run_dir = tmp.path().join("run");
     let model = fixture("llava-tiny");
     let images = fixture("images");
-    let args = ["train", "--model", s(&model), "--data", s(&pairs), "--images", s(&images), "--out", s(&run_dir), "--lora-rank", "2", "--lora-alpha", "4", "--epochs", "500", "--batch-size", "16"];
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let args = [
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&pairs),
+        "--images",
+        s(&images),
+        "--out",
+        s(&run_dir),
+        "--lora-rank",
+        "2",
+        "--lora-alpha",
+        "4",
+        "--epochs",
+        "500",
+        "--batch-size",
+        "16",
+    ];
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait for the first logged step (the run is far from done then), then interrupt.
     let metrics = run_dir.join("metrics.jsonl");
     for _ in 0..600 {
@@ -441,7 +616,12 @@ fn precomputed_reference_gives_the_same_curve() {
         .iter()
         .map(|&pre| {
             let mut rec = Record::default();
-            run(&DpoConfig { precompute_ref: pre, ..cfg.clone() }, &tmp.path().join(format!("run-{pre}")), false, &mut rec);
+            run(
+                &DpoConfig { precompute_ref: pre, ..cfg.clone() },
+                &tmp.path().join(format!("run-{pre}")),
+                false,
+                &mut rec,
+            );
             rec.logs.iter().map(|l| l.get("loss").unwrap()).collect()
         })
         .collect();
@@ -454,5 +634,9 @@ fn precomputed_reference_gives_the_same_curve() {
     let mut rec = Record::default();
     run(&DpoConfig { drifting_ref_projector: true, ..cfg.clone() }, &tmp.path().join("run-drift"), false, &mut rec);
     let drift: Vec<f64> = rec.logs.iter().map(|l| l.get("loss").unwrap()).collect();
-    assert!((drift[0] - curves[0][0]).abs() < 1e-6 && (drift[3] - curves[0][3]).abs() > 1e-6, "{drift:?} vs {:?}", curves[0]);
+    assert!(
+        (drift[0] - curves[0][0]).abs() < 1e-6 && (drift[3] - curves[0][3]).abs() > 1e-6,
+        "{drift:?} vs {:?}",
+        curves[0]
+    );
 }

@@ -12,10 +12,10 @@
 use serde::Serialize;
 
 use super::prompt::{check_template, cut_prefix, fill, InjectMode};
-use crate::text::template::vicuna_v1;
 use crate::data::records::{normalize_ws, Completion, CompletionType, Record};
 use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
 use crate::progress;
+use crate::text::template::vicuna_v1;
 use crate::{bail, Error, Result};
 
 /// Sampling settings for one batch of prompts. Defaults follow the released script.

@@ -13,8 +13,8 @@
 use std::path::Path;
 
 use super::inject::{cut_at_stops, Completer, CompletionOptions};
-use crate::hash::stable_hash;
 use crate::generate::{generate_seeded, Request, SamplingParams};
+use crate::hash::stable_hash;
 use crate::model::Vlm;
 use crate::model::{LoadOptions, Pass};
 use crate::text::{Chat, Template};

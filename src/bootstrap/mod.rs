@@ -13,9 +13,9 @@ pub mod prompt;
 pub mod server;
 pub mod weaken;
 
-pub use decode::DecodeMode;
 #[cfg(feature = "http")]
 pub use crate::http::{Endpoint, HttpCompleter, HttpOptions};
+pub use decode::DecodeMode;
 pub use inject::{run_inject, Completer, CompletionOptions, InjectCounts, InjectOptions};
 pub use local::LocalCompleter;
 pub use prompt::InjectMode;

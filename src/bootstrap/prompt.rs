@@ -107,7 +107,6 @@ Question: {question}
 Response: {answer}
 Modified response:";
 
-
 /// Checks a user template: it must use `{answer}`.
 pub fn check_template(template: &str) -> Result<()> {
     if !template.contains("{answer}") {
@@ -187,7 +186,6 @@ mod tests {
         assert!(p.ends_with("Question: How many cats?\nResponse: Two cats.\nModified response:"));
         assert_eq!(p.matches("Modified response:").count(), 7, "six examples plus the real one");
     }
-
 
     #[test]
     fn templates_checked_and_modes_parsed() {

@@ -22,12 +22,12 @@ use serde::Serialize;
 use super::decode::DecodeMode;
 use super::inject::{classify, keep_negative, Kept};
 use crate::data::records::{CompletionType, Record};
-use crate::hash::stable_hash;
 use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
-use crate::progress;
 use crate::generate::{generate_seeded, Completion, Request, SamplingParams};
-use crate::model::Vlm;
+use crate::hash::stable_hash;
 use crate::model::Pass;
+use crate::model::Vlm;
+use crate::progress;
 use crate::vision::NoiseSchedule;
 use crate::{bail, Result};
 

@@ -202,31 +202,46 @@ fn ms(d: Duration) -> f64 {
 fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
     println!("{} ({})", rt.describe(), host_load());
-    println!("{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}", "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s", "mbu");
+    println!(
+        "{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}",
+        "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s", "mbu"
+    );
     let mut rows = Vec::new();
     for &size in &a.size {
         let name = size_name(size);
         if let Some(out) = &a.write_config {
             bpo::output::create_dir(out)?;
-            bpo::output::write_bytes(&out.join(format!("{name}.json")), serde_json::to_string_pretty(&size.config())?.as_bytes())?;
+            bpo::output::write_bytes(
+                &out.join(format!("{name}.json")),
+                serde_json::to_string_pretty(&size.config())?.as_bytes(),
+            )?;
         }
         let dir = scratch_dir()?;
         let mut vlm = size.random_vlm(&rt, &dir)?;
         vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
-        // Decoding one token reads every language-model weight once.
+                             // Decoding one token reads every language-model weight once.
         let weight_bytes = size.llm_matmul_params() as f64 * rt.dtype.size_in_bytes() as f64;
-        let modes: &[(&str, f32)] = if a.greedy_only { &[("greedy", 0.0)] } else { &[("greedy", 0.0), ("sample", 1.0)] };
+        let modes: &[(&str, f32)] =
+            if a.greedy_only { &[("greedy", 0.0)] } else { &[("greedy", 0.0), ("sample", 1.0)] };
         for &(sampling, temperature) in modes {
-            for f in bpo::bench::generate_throughput(&vlm.model, &vlm.tok, &a.batch, a.new_tokens, temperature, a.repeats)? {
+            for f in
+                bpo::bench::generate_throughput(&vlm.model, &vlm.tok, &a.batch, a.new_tokens, temperature, a.repeats)?
+            {
                 let mbu = a.peak_gbs.map(|p| f.decode_tok_s / f.batch as f64 * weight_bytes / (p * 1e9));
                 let shown = mbu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-                println!("{name:<9} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1} {shown:>8}", f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s);
+                println!(
+                    "{name:<9} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1} {shown:>8}",
+                    f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s
+                );
                 rows.push(serde_json::json!({"size": name, "sampling": sampling, "figures": f, "decode_bandwidth_utilisation": mbu}));
             }
         }
         std::fs::remove_dir_all(&dir).ok();
     }
-    write_json(a.json.as_deref(), &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows}))
+    write_json(
+        a.json.as_deref(),
+        &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows}),
+    )
 }
 
 /// The CLI spelling of a size.
@@ -237,7 +252,10 @@ fn size_name(size: Size) -> String {
 
 /// The 1-minute load average, for the record of a timing on a shared machine.
 fn host_load() -> String {
-    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(String::from)).unwrap_or_else(|| "?".into());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into());
     format!("load {load} on {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()))
 }
 
@@ -250,7 +268,8 @@ fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyh
 
 fn parity(a: ParityBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
-    let checks = bpo::device_check::run(&a.fixtures, &rt.device).with_context(|| format!("parity checks with the fixtures in {}", a.fixtures.display()))?;
+    let checks = bpo::device_check::run(&a.fixtures, &rt.device)
+        .with_context(|| format!("parity checks with the fixtures in {}", a.fixtures.display()))?;
     for c in &checks {
         println!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
     }
@@ -284,7 +303,15 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
             }
         };
         let decode = a.decode.mode(1.0, 1.0, 0.2);
-        let figures = bpo::bench::bootstrap_throughput(&dir, &a.runtime.runtime()?, &scratch, &a.batch, a.answers, a.new_tokens, decode)?;
+        let figures = bpo::bench::bootstrap_throughput(
+            &dir,
+            &a.runtime.runtime()?,
+            &scratch,
+            &a.batch,
+            a.answers,
+            a.new_tokens,
+            decode,
+        )?;
         let what = a.model.as_ref().map_or(format!("{:?} (random weights)", a.size), |m| m.display().to_string());
         println!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
         println!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
@@ -304,16 +331,36 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
     }
     let rt = a.runtime.runtime()?;
     println!("{} ({})", rt.describe(), host_load());
-    let lora = bpo::model::lora::LoraConfig { rank: a.lora_rank, alpha: 2.0 * a.lora_rank as f64, dropout: 0.0, targets: a.targets.clone() };
+    let lora = bpo::model::lora::LoraConfig {
+        rank: a.lora_rank,
+        alpha: 2.0 * a.lora_rank as f64,
+        dropout: 0.0,
+        targets: a.targets.clone(),
+    };
     let modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
     for &plain in modes {
-        let bench = bpo::bench::TrainBench { size: a.size, rt: rt.clone(), steps: a.steps, pairs: a.pairs, lora: lora.clone(), plain_backward: plain, peak_tflops: a.peak_tflops };
+        let bench = bpo::bench::TrainBench {
+            size: a.size,
+            rt: rt.clone(),
+            steps: a.steps,
+            pairs: a.pairs,
+            lora: lora.clone(),
+            plain_backward: plain,
+            peak_tflops: a.peak_tflops,
+        };
         let f = bpo::bench::train_step(&bench)?;
-        let backward = if plain { "plain candle backward (frozen-weight gradients computed)" } else { "frozen weights skipped in backward" };
+        let backward = if plain {
+            "plain candle backward (frozen-weight gradients computed)"
+        } else {
+            "frozen weights skipped in backward"
+        };
         let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
         println!("{}: {} rows x {} positions, LoRA r {} on {}, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}", size_name(a.size), f.rows, f.length, a.lora_rank, a.targets.join(","), f.seconds, f.steps, f.tokens_per_s, f.pairs_per_s);
         rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
     }
-    write_json(a.json.as_deref(), &serde_json::json!({"size": size_name(a.size), "runtime": rt.describe(), "host_load": host_load(), "lora_rank": a.lora_rank, "targets": a.targets, "rows": rows}))
+    write_json(
+        a.json.as_deref(),
+        &serde_json::json!({"size": size_name(a.size), "runtime": rt.describe(), "host_load": host_load(), "lora_rank": a.lora_rank, "targets": a.targets, "rows": rows}),
+    )
 }

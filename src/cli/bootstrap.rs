@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use bpo::bootstrap::{run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions};
+use bpo::bootstrap::{
+    run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions, InjectMode,
+    InjectOptions, LocalCompleter, WeakenOptions,
+};
 use bpo::data::{read_input, InputFormat, InputOptions, Record, ResumableWriter, Shard};
 use clap::{Args, Subcommand};
 

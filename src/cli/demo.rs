@@ -37,7 +37,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut recipe = if args.quick { Recipe::quick() } else { Recipe::standard() };
     if let Some(path) = &args.recipe {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let overrides: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let overrides: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
         recipe = recipe.with_overrides(&overrides).with_context(|| format!("{}", path.display()))?;
     }
     if args.print_recipe {

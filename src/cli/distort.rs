@@ -35,7 +35,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let view = weakened_view(&proc, &args.image, args.mode, args.noise_step, args.seed)?;
     bpo::output::write_with(&args.out, |tmp| {
-        view.save_with_format(tmp, image::ImageFormat::Png).map_err(|e| bpo::Error::invalid(format!("writing {}: {e}", args.out.display())))
+        view.save_with_format(tmp, image::ImageFormat::Png)
+            .map_err(|e| bpo::Error::invalid(format!("writing {}: {e}", args.out.display())))
     })?;
     let schedule = NoiseSchedule::default();
     let (keep, noise) = (schedule.sqrt_abar(args.noise_step)?, schedule.sqrt_one_minus_abar(args.noise_step)?);

@@ -12,10 +12,10 @@ use anyhow::Context;
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 
-use bpo::eval::chair::{Chair, GroundTruth};
-use bpo::eval::words::Lemmatizer;
-use bpo::eval::report::{self, Scores};
 use bpo::eval::answer::{self, Answering};
+use bpo::eval::chair::{Chair, GroundTruth};
+use bpo::eval::report::{self, Scores};
+use bpo::eval::words::Lemmatizer;
 use bpo::eval::{inputs, load_answers, pope, Answer};
 use bpo::generate::{vqa, SamplingParams};
 use bpo::model::Vlm;
@@ -195,7 +195,14 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
             if let Some(out) = &args.out {
                 bpo::output::check_dir(out, &[])?;
             }
-            let answers = pope_answers(&model.load()?, model, &questions, args.gen.images.as_ref(), &args.gen_params(), args.gen.batch_size)?;
+            let answers = pope_answers(
+                &model.load()?,
+                model,
+                &questions,
+                args.gen.images.as_ref(),
+                &args.gen_params(),
+                args.gen.batch_size,
+            )?;
             save_answers(args.out.as_deref(), &answers)?;
             answers
         }
@@ -207,8 +214,24 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
 }
 
 /// Answers POPE questions with LLaVA's short-answer suffix, greedily.
-fn pope_answers(vlm: &Vlm, model: &ModelArgs, questions: &[pope::PopeQuestion], images: Option<&PathBuf>, params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<Answer>> {
-    with_bar(|tick| answer::answer_pope(vlm, questions, images.map(PathBuf::as_path), answer::SHORT_ANSWER, &answering(model, params, batch_size), tick))
+fn pope_answers(
+    vlm: &Vlm,
+    model: &ModelArgs,
+    questions: &[pope::PopeQuestion],
+    images: Option<&PathBuf>,
+    params: &SamplingParams,
+    batch_size: usize,
+) -> anyhow::Result<Vec<Answer>> {
+    with_bar(|tick| {
+        answer::answer_pope(
+            vlm,
+            questions,
+            images.map(PathBuf::as_path),
+            answer::SHORT_ANSWER,
+            &answering(model, params, batch_size),
+            tick,
+        )
+    })
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
@@ -233,7 +256,12 @@ fn load_chair(synonyms: Option<&Path>) -> anyhow::Result<Chair> {
 }
 
 /// Ground truth for the captions' images, from COCO annotations or a JSONL file.
-fn load_truth(chair: &Chair, captions: &[bpo::eval::chair::Caption], coco: Option<&Path>, ground_truth: Option<&Path>) -> anyhow::Result<GroundTruth> {
+fn load_truth(
+    chair: &Chair,
+    captions: &[bpo::eval::chair::Caption],
+    coco: Option<&Path>,
+    ground_truth: Option<&Path>,
+) -> anyhow::Result<GroundTruth> {
     Ok(match (coco, ground_truth) {
         (Some(dir), _) => {
             let images: HashSet<String> = captions.iter().map(|c| c.image_id.clone()).collect();
@@ -271,7 +299,13 @@ fn with_bar<T>(run: impl FnOnce(&mut dyn FnMut(usize, usize)) -> bpo::Result<T>)
 }
 
 /// Answers `prompts` with a loaded model, with a progress bar.
-fn answer_with(vlm: &Vlm, model: &ModelArgs, prompts: &[vqa::Prompt], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<String>> {
+fn answer_with(
+    vlm: &Vlm,
+    model: &ModelArgs,
+    prompts: &[vqa::Prompt],
+    params: &SamplingParams,
+    batch_size: usize,
+) -> anyhow::Result<Vec<String>> {
     with_bar(|tick| answer::answer_unique(vlm, prompts, &answering(model, params, batch_size), tick))
 }
 
@@ -309,7 +343,11 @@ fn image_files(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<PathBuf>>
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["jpg", "jpeg", "png", "webp"].contains(&e.to_ascii_lowercase().as_str())))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["jpg", "jpeg", "png", "webp"].contains(&e.to_ascii_lowercase().as_str()))
+        })
         .collect();
     files.sort();
     files.truncate(limit.unwrap_or(usize::MAX));
@@ -318,13 +356,25 @@ fn image_files(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<PathBuf>>
 }
 
 /// Describes each image with the instructions used in turn; answers are keyed by file name.
-fn caption_answers(vlm: &Vlm, model: &ModelArgs, files: &[PathBuf], instructions: &[String], params: &SamplingParams, batch_size: usize) -> anyhow::Result<Vec<Answer>> {
+fn caption_answers(
+    vlm: &Vlm,
+    model: &ModelArgs,
+    files: &[PathBuf],
+    instructions: &[String],
+    params: &SamplingParams,
+    batch_size: usize,
+) -> anyhow::Result<Vec<Answer>> {
     let asks: Vec<answer::CaptionAsk> = files
         .iter()
         .enumerate()
         .map(|(i, f)| {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            answer::CaptionAsk { id: name.clone(), image: f.clone(), name, instruction: instructions[i % instructions.len()].clone() }
+            answer::CaptionAsk {
+                id: name.clone(),
+                image: f.clone(),
+                name,
+                instruction: instructions[i % instructions.len()].clone(),
+            }
         })
         .collect();
     with_bar(|tick| answer::answer_captions(vlm, &asks, &answering(model, params, batch_size), tick))
@@ -349,7 +399,8 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
     if suites.iter().all(Option::is_some) {
         let mut rows = Vec::new();
         for run in &args.runs {
-            let label = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
+            let label =
+                run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
             rows.push((label, bpo::eval::suite::suite_headlines(run)?));
         }
         println!("{}", bpo::eval::suite::table(&rows));

@@ -63,7 +63,14 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn params(&self) -> SamplingParams {
-        SamplingParams { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, stop: self.stop.clone() }
+        SamplingParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
     }
 }
 
@@ -86,7 +93,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 vqa::check_same_model(answers, &a.model.model_id())?;
             }
             let vlm = a.model.load()?;
-            let prompt = |q: &vqa::Question| vqa::Prompt { text: q.text.clone(), image: q.image.as_deref().map(|rel| bpo::data::image_path(a.images.as_deref(), rel)), origin: format!("{}:{}", questions.display(), q.line) };
+            let prompt = |q: &vqa::Question| vqa::Prompt {
+                text: q.text.clone(),
+                image: q.image.as_deref().map(|rel| bpo::data::image_path(a.images.as_deref(), rel)),
+                origin: format!("{}:{}", questions.display(), q.line),
+            };
             // Every prompt fits before the answers file is opened: a refused run writes nothing.
             vqa::check_fit(&vlm, &rows.iter().map(prompt).collect::<Vec<_>>(), &params)?;
             let (mut writer, reopened) = ResumableWriter::open_with_key(answers, "question_id")?;
@@ -95,11 +106,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             let bar = progress(rows.len(), "answering");
             bar.inc(rows.iter().filter(|q| writer.is_done(&q.key())).count() as u64);
-            let c = vqa::answer_into(&vlm, &rows, prompt, &params, a.batch_size, a.model.pass(), &a.model.model_id(), &mut writer, |n| bar.inc(n as u64))?;
+            let c = vqa::answer_into(
+                &vlm,
+                &rows,
+                prompt,
+                &params,
+                a.batch_size,
+                a.model.pass(),
+                &a.model.model_id(),
+                &mut writer,
+                |n| bar.inc(n as u64),
+            )?;
             bar.finish();
             eprintln!("wrote {} answers to {} ({} were already there)", c.written, answers.display(), c.already_done);
             if c.other > 0 {
-                eprintln!("  {} rows of {} answer questions that {} does not have (kept)", c.other, answers.display(), questions.display());
+                eprintln!(
+                    "  {} rows of {} answer questions that {} does not have (kept)",
+                    c.other,
+                    answers.display(),
+                    questions.display()
+                );
             }
             Ok(())
         }

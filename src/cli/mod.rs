@@ -19,7 +19,12 @@ mod sft;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "bpo", version, about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image", long_about = "Bootstrapped Preference Optimization (Pi et al., ECCV 2024) end to end: bootstrap negatives from the model itself (noised-image answers, error injection), pair them with ground truth, train with DPO + LoRA, and measure hallucination (POPE, CHAIR). Models are Hugging Face folders (LLaVA-1.5 in llava-hf layout, or Llama); nothing is downloaded.")]
+#[command(
+    name = "bpo",
+    version,
+    about = "Bootstrapped Preference Optimization: make multimodal LLMs look at the image",
+    long_about = "Bootstrapped Preference Optimization (Pi et al., ECCV 2024) end to end: bootstrap negatives from the model itself (noised-image answers, error injection), pair them with ground truth, train with DPO + LoRA, and measure hallucination (POPE, CHAIR). Models are Hugging Face folders (LLaVA-1.5 in llava-hf layout, or Llama); nothing is downloaded."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -210,8 +215,12 @@ impl ModelArgs {
 
     /// [`ModelArgs::load`] with the tokenisation conventions of `style`.
     pub fn load_styled(&self, style: bpo::text::PromptStyle) -> anyhow::Result<bpo::model::Vlm> {
-        let opts = bpo::model::LoadOptions { allow_non_finite: self.allow_non_finite, ..bpo::model::LoadOptions::new(&self.runtime()?) };
-        let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template(style)).with_context(|| format!("loading {}", self.model.display()))?;
+        let opts = bpo::model::LoadOptions {
+            allow_non_finite: self.allow_non_finite,
+            ..bpo::model::LoadOptions::new(&self.runtime()?)
+        };
+        let mut vlm = bpo::model::Vlm::load(&self.model, &opts, self.template(style))
+            .with_context(|| format!("loading {}", self.model.display()))?;
         vlm.aspect = self.aspect;
         vlm.style = style;
         if let Some(p) = vlm.processor.as_mut() {
@@ -315,4 +324,3 @@ pub mod range {
         }
     }
 }
-

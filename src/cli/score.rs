@@ -41,7 +41,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut examples = Vec::with_capacity(rows.len());
     for (line, row) in &rows {
         let at = || format!("{}:{line}", a.data.display());
-        let field = |k: &str| row.get(k).and_then(Value::as_str).with_context(|| format!("{}: missing string field {k:?}", at()));
+        let field = |k: &str| {
+            row.get(k).and_then(Value::as_str).with_context(|| format!("{}: missing string field {k:?}", at()))
+        };
         let (prompt, response) = (field("prompt")?, field("response")?);
         let image = match row.get("image").and_then(Value::as_str) {
             Some(rel) => Some(vlm.load_image(&bpo::data::image_path(a.images.as_deref(), rel)).with_context(at)?),
@@ -50,11 +52,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let prompt = vlm.prompt_ids(prompt, image.is_some()).with_context(at)?;
         let response = vlm.response_ids(response)?;
         let (total, context) = (prompt.len() + response.len(), vlm.model.llm.cfg.max_position_embeddings);
-        anyhow::ensure!(total <= context, "{}: prompt + response of {total} tokens is longer than the model's context of {context}", at());
+        anyhow::ensure!(
+            total <= context,
+            "{}: prompt + response of {total} tokens is longer than the model's context of {context}",
+            at()
+        );
         examples.push(Example { prompt, response, image });
     }
     let bar = progress(examples.len(), "scoring");
-    let scores = bpo::score::score(&vlm.model, vlm.tok.pad, &examples, a.batch_size, Pass::INFER, |n| bar.inc(n as u64))?;
+    let scores =
+        bpo::score::score(&vlm.model, vlm.tok.pad, &examples, a.batch_size, Pass::INFER, |n| bar.inc(n as u64))?;
     bar.finish();
     let out: Vec<Map<String, Value>> = rows
         .into_iter()

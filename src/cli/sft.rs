@@ -41,6 +41,8 @@ pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
     };
     catch_sigint();
     let mut bar = Bar(None);
-    let report = bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}")).with_context(|| format!("training into {}", a.out.display()))?;
+    let report =
+        bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}"))
+            .with_context(|| format!("training into {}", a.out.display()))?;
     Ok(finish(&report, &a.out, &bar))
 }

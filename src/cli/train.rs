@@ -134,8 +134,23 @@ impl CommonArgs {
         if model.allow_non_finite {
             bail!("--allow-non-finite is for generate, score and eval: training needs finite weights");
         }
-        let lora = LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.lora_targets.clone() };
-        Ok(ModelSetup { model: model.model.clone(), template: model.template(self.prompt_style), prompt_style: self.prompt_style, aspect: model.aspect, lora: (!self.full).then_some(lora), train_projector: self.train_projector, train_vision: false, init_adapter: self.init_adapter.clone(), runtime: model.runtime()? })
+        let lora = LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.clone(),
+        };
+        Ok(ModelSetup {
+            model: model.model.clone(),
+            template: model.template(self.prompt_style),
+            prompt_style: self.prompt_style,
+            aspect: model.aspect,
+            lora: (!self.full).then_some(lora),
+            train_projector: self.train_projector,
+            train_vision: false,
+            init_adapter: self.init_adapter.clone(),
+            runtime: model.runtime()?,
+        })
     }
 
     pub fn optim(&self, lr: f64, epochs: usize) -> LoopConfig {
@@ -206,7 +221,11 @@ pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) -> ExitCod
     let s = &report.summary;
     if s.interrupted {
         let step = s.start_step + s.steps_done;
-        eprintln!("stopped after step {step} of {}: checkpoint-{step} saved in {}; continue with --resume", s.total_steps, out.display());
+        eprintln!(
+            "stopped after step {step} of {}: checkpoint-{step} saved in {}; continue with --resume",
+            s.total_steps,
+            out.display()
+        );
         return ExitCode::from(super::EXIT_INTERRUPTED);
     }
     let loss = s.last.as_ref().and_then(|l| l.get("loss")).map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
@@ -229,6 +248,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     catch_sigint();
     let mut bar = Bar(None);
-    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}")).with_context(|| format!("training into {}", a.out.display()))?;
+    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}"))
+        .with_context(|| format!("training into {}", a.out.display()))?;
     Ok(finish(&report, &a.out, &bar))
 }

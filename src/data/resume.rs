@@ -119,7 +119,8 @@ impl ResumableWriter {
     pub fn open_with_key(path: &Path, key: &str) -> Result<(Self, Reopened)> {
         let lock = Lock::file(path)?;
         let file = output::open_append(path)?;
-        let (done, report, keep) = scan(path, key, File::open(output::resolve(path)?).map_err(|e| Error::io(path, e))?)?;
+        let (done, report, keep) =
+            scan(path, key, File::open(output::resolve(path)?).map_err(|e| Error::io(path, e))?)?;
         if report.torn.is_some() {
             file.set_len(keep).map_err(|e| Error::io(path, e))?;
         }

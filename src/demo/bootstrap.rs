@@ -18,11 +18,13 @@ use serde::Serialize;
 
 use super::data::Grounded;
 use super::world::{self, look_alike, parse_caption, COLOURS, DESCRIBE, KINDS};
+use crate::bootstrap::{
+    run_inject, run_weaken, CompletionOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions,
+};
 use crate::data::records::turn_id;
-use crate::bootstrap::{run_inject, run_weaken, CompletionOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions};
 use crate::data::{expand, Completion, CompletionType, Pair, PairFormat, PairOptions, Record, ResumableWriter};
-use crate::model::Vlm;
 use crate::model::LoadOptions;
+use crate::model::Vlm;
 use crate::{jsonl, Error, Result};
 
 /// Bootstrapping settings.
@@ -39,7 +41,8 @@ pub struct BootstrapOptions {
 }
 
 /// Which negatives a pair set uses: the experiment's rows.
-pub const VARIANTS: [(&str, &[&str]); 3] = [("bpo", &["mllm-hal", "llm-hal"]), ("weaken", &["mllm-hal"]), ("inject", &["llm-hal"])];
+pub const VARIANTS: [(&str, &[&str]); 3] =
+    [("bpo", &["mllm-hal", "llm-hal"]), ("weaken", &["mllm-hal"]), ("inject", &["llm-hal"])];
 
 /// Counts of one bootstrap run.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
@@ -86,13 +89,26 @@ pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
     train
         .iter()
         .take(n)
-        .flat_map(|g| g.turns.iter().enumerate().map(move |(i, t)| Record { id: turn_id(&g.id, i), prompt: t.question.clone(), image: Some(g.image.clone()), completions: vec![Completion::gt(t.answer.clone())] }))
+        .flat_map(|g| {
+            g.turns.iter().enumerate().map(move |(i, t)| Record {
+                id: turn_id(&g.id, i),
+                prompt: t.question.clone(),
+                image: Some(g.image.clone()),
+                completions: vec![Completion::gt(t.answer.clone())],
+            })
+        })
         .collect()
 }
 
 /// Adds one answer per record sampled from its weakened image, through [`run_weaken`] (noise and sampling seeded
 /// per record id); the records come back from `out`.
-pub fn weaken_negatives(vlm: &Vlm, records: Vec<Record>, images: &Path, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+pub fn weaken_negatives(
+    vlm: &Vlm,
+    records: Vec<Record>,
+    images: &Path,
+    out: &Path,
+    opts: &BootstrapOptions,
+) -> Result<(Vec<Record>, usize)> {
     let weaken = WeakenOptions {
         images: images.to_path_buf(),
         noise_step: opts.noise_step,
@@ -118,14 +134,25 @@ pub fn weakened_seed(opts_seed: u64, id: &str) -> u64 {
 /// Adds `continue`-mode injected answers to the description records: the model's own language model (loaded
 /// without its vision tower, [`LocalCompleter`]) continues each ground truth cut at a word boundary, through
 /// [`run_inject`]. Returns the records and how many answers were added.
-pub fn inject_negatives(model: &Path, records: Vec<Record>, out: &Path, opts: &BootstrapOptions) -> Result<(Vec<Record>, usize)> {
+pub fn inject_negatives(
+    model: &Path,
+    records: Vec<Record>,
+    out: &Path,
+    opts: &BootstrapOptions,
+) -> Result<(Vec<Record>, usize)> {
     let completer = LocalCompleter::load(model, &LoadOptions::default(), opts.batch)?;
     let _ = std::fs::remove_file(out);
     let (mut writer, _) = ResumableWriter::open(out)?;
     let inject = InjectOptions {
         mode: InjectMode::Continue,
         vicuna: false,
-        completion: CompletionOptions { temperature: opts.temperature, top_p: 0.95, max_tokens: 40, stop: Vec::new(), seed: Some(opts.seed) },
+        completion: CompletionOptions {
+            temperature: opts.temperature,
+            top_p: 0.95,
+            max_tokens: 40,
+            stop: Vec::new(),
+            seed: Some(opts.seed),
+        },
         batch_size: opts.batch,
         seed: opts.seed,
         ..Default::default()
@@ -213,7 +240,15 @@ fn balance_yes_no(records: Vec<Record>, seed: u64, stats: &mut BootstrapStats) -
 pub fn variant_pairs(records: &[Record], types: &[&str]) -> Vec<Pair> {
     let filtered: Vec<Record> = records
         .iter()
-        .map(|r| Record { completions: r.completions.iter().filter(|c| c.kind == CompletionType::Gt || types.contains(&c.kind.as_str())).cloned().collect(), ..r.clone() })
+        .map(|r| Record {
+            completions: r
+                .completions
+                .iter()
+                .filter(|c| c.kind == CompletionType::Gt || types.contains(&c.kind.as_str()))
+                .cloned()
+                .collect(),
+            ..r.clone()
+        })
         .collect();
     expand(&filtered, &PairOptions::default()).0
 }
@@ -248,7 +283,10 @@ mod tests {
         // The circle's look-alike replaces the circle, in the negative's colour.
         assert_eq!(splice(gt, "a red circle and a green ring").as_deref(), Some("a green ring and a blue star"));
         // No look-alike in the truth: the object at the same place is replaced.
-        assert_eq!(splice(gt, "a red circle and a white bar and a red plus").as_deref(), Some("a red circle and a white bar"));
+        assert_eq!(
+            splice(gt, "a red circle and a white bar and a red plus").as_deref(),
+            Some("a red circle and a white bar")
+        );
         assert_eq!(splice(gt, "a blue star"), None, "nothing absent named");
         assert_eq!(splice("", "a red ring"), None);
         for (g, n) in [(gt, "a ring"), ("a red bar", "a red pillar and a red bar and a blue sun")] {
@@ -267,7 +305,12 @@ mod tests {
     }
 
     fn rec(id: &str, prompt: &str, gt: &str, neg: &str) -> Record {
-        Record { id: id.into(), prompt: prompt.into(), image: Some("x.png".into()), completions: vec![Completion::gt(gt), Completion::negative(neg, CompletionType::MllmHal)] }
+        Record {
+            id: id.into(),
+            prompt: prompt.into(),
+            image: Some("x.png".into()),
+            completions: vec![Completion::gt(gt), Completion::negative(neg, CompletionType::MllmHal)],
+        }
     }
 
     #[test]

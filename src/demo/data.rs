@@ -89,7 +89,17 @@ impl WorldFiles {
 
     /// Every file a complete world has (for checks and tests).
     pub fn all(&self) -> Vec<PathBuf> {
-        let mut v = vec![self.corpus.clone(), self.train.clone(), self.train_scenes.clone(), self.eval_scenes.clone(), self.describe.clone(), self.chair_truth.clone(), self.synonyms.clone(), self.tokenizer.join("tokenizer.json"), self.dir.join("world.json")];
+        let mut v = vec![
+            self.corpus.clone(),
+            self.train.clone(),
+            self.train_scenes.clone(),
+            self.eval_scenes.clone(),
+            self.describe.clone(),
+            self.chair_truth.clone(),
+            self.synonyms.clone(),
+            self.tokenizer.join("tokenizer.json"),
+            self.dir.join("world.json"),
+        ];
         v.extend(self.pope.iter().cloned());
         v
     }
@@ -100,7 +110,8 @@ impl World {
     pub fn generate(cfg: &WorldConfig, seed: u64) -> World {
         let weights = cfg.weights();
         let mut r = world::rng(seed, 1);
-        let corpus = (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, cfg.look(), &mut r)).collect();
+        let corpus =
+            (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, cfg.look(), &mut r)).collect();
         let mut r = world::rng(seed, 2);
         let train = (0..cfg.train_images)
             .map(|i| {
@@ -111,7 +122,11 @@ impl World {
             .collect();
         let mut r = world::rng(seed, 3);
         let eval = (0..cfg.eval_images)
-            .map(|i| EvalScene { image_id: i, image: format!("eval/{i:06}.png"), scene: world::sample_scene(&cfg.eval, &weights, cfg.look(), &mut r) })
+            .map(|i| EvalScene {
+                image_id: i,
+                image: format!("eval/{i:06}.png"),
+                scene: world::sample_scene(&cfg.eval, &weights, cfg.look(), &mut r),
+            })
             .collect();
         World { cfg: cfg.clone(), seed, corpus, train, eval }
     }
@@ -119,7 +134,9 @@ impl World {
     /// Writes every file under `dir`; `tick` is called once per image rendered.
     pub fn write(&self, dir: &Path, mut tick: impl FnMut()) -> Result<WorldFiles> {
         let f = WorldFiles::at(dir);
-        for d in [dir.to_path_buf(), f.images.join("train"), f.images.join("eval"), dir.join("eval"), f.tokenizer.clone()] {
+        for d in
+            [dir.to_path_buf(), f.images.join("train"), f.images.join("eval"), dir.join("eval"), f.tokenizer.clone()]
+        {
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
         self.write_text(&f)?;
@@ -161,9 +178,14 @@ impl World {
         write_json(&f.train, &serde_json::Value::Array(train))?;
         jsonl::write(&f.train_scenes, &self.train)?;
         jsonl::write(&f.eval_scenes, &self.eval)?;
-        let describe: Vec<_> = self.eval.iter().map(|e| json!({"question_id": format!("describe-{}", e.image_id), "image": e.image, "text": DESCRIBE})).collect();
+        let describe: Vec<_> = self
+            .eval
+            .iter()
+            .map(|e| json!({"question_id": format!("describe-{}", e.image_id), "image": e.image, "text": DESCRIBE}))
+            .collect();
         jsonl::write(&f.describe, &describe)?;
-        let truth: Vec<_> = self.eval.iter().map(|e| json!({"image_id": e.image_id, "objects": e.scene.names()})).collect();
+        let truth: Vec<_> =
+            self.eval.iter().map(|e| json!({"image_id": e.image_id, "objects": e.scene.names()})).collect();
         jsonl::write(&f.chair_truth, &truth)?;
         let synonyms = KINDS.join("\n") + "\n";
         crate::output::write_bytes(&f.synonyms, synonyms.as_bytes())?;
@@ -194,7 +216,13 @@ impl World {
                 "popular" => absent.sort_by_key(|&k| std::cmp::Reverse(popularity[k][k])),
                 "adversarial" => {
                     // Rank by the strongest pull of any present kind: max over present p of P(k | p) in the corpus.
-                    let pull = |k: usize| e.scene.kinds().iter().map(|&p| prior[p][k] as f64 / prior[p][p].max(1) as f64).fold(0.0, f64::max);
+                    let pull = |k: usize| {
+                        e.scene
+                            .kinds()
+                            .iter()
+                            .map(|&p| prior[p][k] as f64 / prior[p][p].max(1) as f64)
+                            .fold(0.0, f64::max)
+                    };
                     absent.sort_by(|&a, &b| pull(b).total_cmp(&pull(a)));
                 }
                 _ => {}
@@ -300,7 +328,11 @@ mod tests {
         let n = world.cfg.pope_per_image;
         let mut total_partners = 0;
         for e in &world.eval {
-            let asked: Vec<usize> = qs.iter().filter(|q| q.image == e.image && q.label == Label::No).map(|q| KINDS.iter().position(|k| q.text.contains(&format!(" {k} "))).unwrap()).collect();
+            let asked: Vec<usize> = qs
+                .iter()
+                .filter(|q| q.image == e.image && q.label == Label::No)
+                .map(|q| KINDS.iter().position(|k| q.text.contains(&format!(" {k} "))).unwrap())
+                .collect();
             assert_eq!(asked.len(), n);
             assert!(asked.iter().all(|&k| !e.scene.has(k)));
             let absent_partners = e.scene.kinds().iter().filter(|&&k| !e.scene.has(world::partner(k))).count();

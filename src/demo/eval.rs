@@ -9,15 +9,15 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::data::WorldFiles;
+use crate::eval::answer::{answer_captions, answer_pope, Answering, CaptionAsk};
 use crate::eval::chair::{CaptionDetail, Chair, ChairReport, GroundTruth};
+use crate::eval::inputs;
 use crate::eval::pope::{self, Pairing, PopeReport};
 use crate::eval::report::{write_run, Scores};
 use crate::eval::words::Lemmatizer;
-use crate::eval::answer::{answer_captions, answer_pope, Answering, CaptionAsk};
-use crate::eval::inputs;
 use crate::generate::SamplingParams;
-use crate::model::Vlm;
 use crate::model::Pass;
+use crate::model::Vlm;
 use crate::{jsonl, Error, Result};
 
 /// One model's scores.
@@ -53,7 +53,12 @@ pub struct Evaluation {
 
 /// Greedy answers of at most `max_new_tokens`, with no `model_id` (the demo's run folders name the model).
 fn answering(max_new_tokens: usize, batch: usize, pass: Pass) -> Answering {
-    Answering { params: SamplingParams { max_new_tokens, ..Default::default() }, batch_size: batch, pass, model_id: String::new() }
+    Answering {
+        params: SamplingParams { max_new_tokens, ..Default::default() },
+        batch_size: batch,
+        pass,
+        model_id: String::new(),
+    }
 }
 
 /// Number of distinct (image, question) requests [`evaluate`] will answer, for a progress bar.
@@ -67,7 +72,14 @@ pub fn request_count(files: &WorldFiles) -> Result<usize> {
 
 /// Runs POPE and CHAIR for `vlm` (adapters per `pass`) and writes `out/pope/`, `out/chair/` (answers.jsonl,
 /// scores.json, details.jsonl).
-pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: Pass, mut tick: impl FnMut(usize)) -> Result<Evaluation> {
+pub fn evaluate(
+    vlm: &Vlm,
+    files: &WorldFiles,
+    out: &Path,
+    batch: usize,
+    pass: Pass,
+    mut tick: impl FnMut(usize),
+) -> Result<Evaluation> {
     let questions = pope::load_questions(&files.pope)?;
     let answers = answer_pope(vlm, &questions, Some(&files.images), "", &answering(3, batch, pass), |n, _| tick(n))?;
     let pope_out = pope::score(&questions, &answers, Pairing::ById)?;
@@ -76,7 +88,15 @@ pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: P
     jsonl::write(&pope_dir.join("answers.jsonl"), &answers)?;
 
     let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
-    let asks: Vec<CaptionAsk> = describe.iter().map(|d| CaptionAsk { id: d.question_id.clone(), image: files.images.join(&d.image), name: d.image.clone(), instruction: d.text.clone() }).collect();
+    let asks: Vec<CaptionAsk> = describe
+        .iter()
+        .map(|d| CaptionAsk {
+            id: d.question_id.clone(),
+            image: files.images.join(&d.image),
+            name: d.image.clone(),
+            instruction: d.text.clone(),
+        })
+        .collect();
     let answers = answer_captions(vlm, &asks, &answering(40, batch, pass), |n, _| tick(n))?;
     let synonyms = std::fs::read_to_string(&files.synonyms).map_err(|e| Error::io(&files.synonyms, e))?;
     let chair = Chair::new(&synonyms, Lemmatizer::wordnet())?;
@@ -89,7 +109,10 @@ pub fn evaluate(vlm: &Vlm, files: &WorldFiles, out: &Path, batch: usize, pass: P
 
     let scores = EvalScores {
         objects_per_caption: ratio(chair_out.report.mentions, chair_out.report.captions),
-        partner_hallucination: ratio(chair_out.details.iter().filter(|d| names_absent_partner(d)).count(), chair_out.details.len()),
+        partner_hallucination: ratio(
+            chair_out.details.iter().filter(|d| names_absent_partner(d)).count(),
+            chair_out.details.len(),
+        ),
         pope: pope_out.report,
         chair: chair_out.report,
     };
@@ -107,9 +130,15 @@ struct DescribeRow {
 /// Does a description name an absent kind whose partner is present?
 fn names_absent_partner(d: &CaptionDetail) -> bool {
     let kind = |name: &str| super::world::KINDS.iter().position(|k| *k == name);
-    d.hallucinated.iter().any(|m| kind(&m.category).is_some_and(|k| d.ground_truth.iter().any(|g| kind(g) == Some(super::world::partner(k)))))
+    d.hallucinated.iter().any(|m| {
+        kind(&m.category).is_some_and(|k| d.ground_truth.iter().any(|g| kind(g) == Some(super::world::partner(k))))
+    })
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
-    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
 }

@@ -38,12 +38,34 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// The demo's model: about 0.6 M parameters.
     pub fn standard() -> Self {
-        ModelSpec { image_size: 48, patch_size: 16, vision_hidden: 96, vision_layers: 2, vision_heads: 4, hidden: 128, intermediate: 256, layers: 3, heads: 4, tie_embeddings: true }
+        ModelSpec {
+            image_size: 48,
+            patch_size: 16,
+            vision_hidden: 96,
+            vision_layers: 2,
+            vision_heads: 4,
+            hidden: 128,
+            intermediate: 256,
+            layers: 3,
+            heads: 4,
+            tie_embeddings: true,
+        }
     }
 
     /// For tests: a few thousand parameters.
     pub fn quick() -> Self {
-        ModelSpec { image_size: 24, patch_size: 8, vision_hidden: 16, vision_layers: 1, vision_heads: 2, hidden: 32, intermediate: 64, layers: 1, heads: 2, tie_embeddings: false }
+        ModelSpec {
+            image_size: 24,
+            patch_size: 8,
+            vision_hidden: 16,
+            vision_layers: 1,
+            vision_heads: 2,
+            hidden: 32,
+            intermediate: 64,
+            layers: 1,
+            heads: 2,
+            tie_embeddings: false,
+        }
     }
 
     /// Image positions in the language model's sequence.
@@ -89,15 +111,18 @@ pub fn init_model(dir: &Path, spec: &ModelSpec, words: &[String], seed: u64) -> 
     write_word_level(dir, words)?;
     let write = |name: &str, v: serde_json::Value| write_json(&dir.join(name), &v);
     write("preprocessor_config.json", preprocessor_config(spec.image_size))?;
-    write("special_tokens_map.json", json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))?;
+    write(
+        "special_tokens_map.json",
+        json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
+    )?;
     write("generation_config.json", json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Vlm;
     use crate::model::LoadOptions;
+    use crate::model::Vlm;
     use crate::text::Template;
 
     #[test]

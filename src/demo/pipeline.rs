@@ -47,7 +47,16 @@ impl Recipe {
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
             sft: SftSettings { epochs: 3, batch: 32, lr: 1e-3, plain_text: false, train_vision: false },
             bootstrap: BootstrapOptions { images: 2000, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
-            dpo: PrefSettings { epochs: 1, batch: 16, lr: 2e-3, beta: 0.1, rank: 8, alpha: 16.0, sft_weight: 1.0, train_projector: false },
+            dpo: PrefSettings {
+                epochs: 1,
+                batch: 16,
+                lr: 2e-3,
+                beta: 0.1,
+                rank: 8,
+                alpha: 16.0,
+                sft_weight: 1.0,
+                train_projector: false,
+            },
             eval_batch: 64,
         }
     }
@@ -110,7 +119,13 @@ pub struct DemoOptions {
 }
 
 /// The rows of the experiment, in table order: (name, run folder name).
-pub const ROWS: [(&str, &str); 5] = [("SFT", "sft"), ("SFT on chosen", "sft-chosen"), ("BPO weakening only", "weaken"), ("BPO injection only", "inject"), ("BPO", "bpo")];
+pub const ROWS: [(&str, &str); 5] = [
+    ("SFT", "sft"),
+    ("SFT on chosen", "sft-chosen"),
+    ("BPO weakening only", "weaken"),
+    ("BPO injection only", "inject"),
+    ("BPO", "bpo"),
+];
 
 /// Whether the rows show BPO's effect against the SFT model and the control (the acceptance line).
 pub fn claim(rows: &[Row]) -> String {
@@ -156,7 +171,11 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
         stages.prefix = format!("seed {seed}: ");
         seeds.push(run_seed(opts, seed, &mut stages)?);
     }
-    let rows: Vec<Row> = ROWS.iter().enumerate().map(|(r, (name, _))| Row { name: name.to_string(), runs: seeds.iter().map(|s| s.scores[r].clone()).collect() }).collect();
+    let rows: Vec<Row> = ROWS
+        .iter()
+        .enumerate()
+        .map(|(r, (name, _))| Row { name: name.to_string(), runs: seeds.iter().map(|s| s.scores[r].clone()).collect() })
+        .collect();
     stages.prefix.clear();
     let stage = stages.start("report", 0);
     let report = super::summary::write_report(opts, &rows, &seeds, &stages.timings)?;
@@ -172,7 +191,10 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     let stage = stages.start("world", r.world.train_images + r.world.eval_images);
     let world = World::generate(&r.world, seed);
     let files = world.write(&dir.join("world"), || stage.inc(1))?;
-    stages.finish(stage, &format!("{} corpus scenes, {} + {} images", world.corpus.len(), world.train.len(), world.eval.len()));
+    stages.finish(
+        stage,
+        &format!("{} corpus scenes, {} + {} images", world.corpus.len(), world.train.len(), world.eval.len()),
+    );
 
     let model = sft_model(opts, seed, &files, stages)?;
     let vlm = Vlm::load(&model, &LoadOptions::default(), Template::LlavaHf)?;
@@ -223,7 +245,9 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
     stages.finish(stage, "");
     // Keep the LM stage's curve beside the model: the report plots both.
     let lm_metrics = lm.join("metrics.jsonl");
-    crate::output::write_with(&dir.join("lm_metrics.jsonl"), |tmp| std::fs::copy(&lm_metrics, tmp).map(drop).map_err(|e| Error::io(&lm_metrics, e)))?;
+    crate::output::write_with(&dir.join("lm_metrics.jsonl"), |tmp| {
+        std::fs::copy(&lm_metrics, tmp).map(drop).map_err(|e| Error::io(&lm_metrics, e))
+    })?;
     for d in [&init, &lm] {
         std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
@@ -232,17 +256,41 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
     Ok(dir)
 }
 
-fn evaluate(opts: &DemoOptions, vlm: &Vlm, files: &WorldFiles, out: &Path, name: &str, stages: &mut Stages) -> Result<EvalScores> {
+fn evaluate(
+    opts: &DemoOptions,
+    vlm: &Vlm,
+    files: &WorldFiles,
+    out: &Path,
+    name: &str,
+    stages: &mut Stages,
+) -> Result<EvalScores> {
     let stage = stages.start(name, eval::request_count(files)?);
     let ev = eval::evaluate(vlm, files, out, opts.recipe.eval_batch, Pass::INFER, |n| stage.inc(n))?;
     let s = &ev.scores;
-    stages.finish(stage, &format!("CHAIR_i {:.1}  recall {:.1}  POPE-adv F1 {:.1}", 100.0 * s.chair.chair_i, 100.0 * s.chair.object_recall, 100.0 * s.pope_f1("adversarial")));
+    stages.finish(
+        stage,
+        &format!(
+            "CHAIR_i {:.1}  recall {:.1}  POPE-adv F1 {:.1}",
+            100.0 * s.chair.chair_i,
+            100.0 * s.chair.object_recall,
+            100.0 * s.pope_f1("adversarial")
+        ),
+    );
     Ok(ev.scores)
 }
 
 /// Records, length matching, balancing and pair files for one seed.
 #[allow(clippy::too_many_arguments)] // the demo's stage inputs, each a different kind of thing
-fn bootstrap(opts: &DemoOptions, seed: u64, vlm: &Vlm, model: &Path, world: &World, files: &WorldFiles, out: &BootstrapFiles, stages: &mut Stages) -> Result<BootstrapStats> {
+fn bootstrap(
+    opts: &DemoOptions,
+    seed: u64,
+    vlm: &Vlm,
+    model: &Path,
+    world: &World,
+    files: &WorldFiles,
+    out: &BootstrapFiles,
+    stages: &mut Stages,
+) -> Result<BootstrapStats> {
     let bo = BootstrapOptions { seed, ..opts.recipe.bootstrap.clone() };
     let dir = out.records.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -262,6 +310,9 @@ fn bootstrap(opts: &DemoOptions, seed: u64, vlm: &Vlm, model: &Path, world: &Wor
     let matched = boot::match_and_balance(&records, seed, &mut stats);
     jsonl::write(&out.records, &matched)?;
     stats.pairs = boot::write_pairs(&matched, out)?;
-    stages.note(&format!("  pairs: {} BPO, {} weakening only, {} injection only", stats.pairs[0], stats.pairs[1], stats.pairs[2]));
+    stages.note(&format!(
+        "  pairs: {} BPO, {} weakening only, {} injection only",
+        stats.pairs[0], stats.pairs[1], stats.pairs[2]
+    ));
     Ok(stats)
 }

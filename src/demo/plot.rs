@@ -27,13 +27,24 @@ pub struct Bar {
 }
 
 /// Colours of series and bars, in order (colour-blind-safe palette of Okabe & Ito).
-const PALETTE: [RGBColor; 6] = [RGBColor(0, 114, 178), RGBColor(213, 94, 0), RGBColor(0, 158, 115), RGBColor(204, 121, 167), RGBColor(230, 159, 0), RGBColor(86, 180, 233)];
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
+];
 
 fn register_font() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut ok = true;
     ONCE.call_once(|| ok = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
-    if ok { Ok(()) } else { Err(Error::invalid("the bundled plot font could not be read")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("the bundled plot font could not be read"))
+    }
 }
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
@@ -50,7 +61,8 @@ fn render(draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) 
         draw(root.clone())?;
         root.present().map_err(plot_err)?;
     }
-    let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf).ok_or_else(|| Error::invalid("plot buffer has the wrong size"))?;
+    let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf)
+        .ok_or_else(|| Error::invalid("plot buffer has the wrong size"))?;
     png(&img)
 }
 
@@ -80,7 +92,13 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Re
             .y_label_area_size(56)
             .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
             .map_err(plot_err)?;
-        chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 13)).draw().map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
         for (i, s) in series.iter().enumerate() {
             let colour = PALETTE[i % PALETTE.len()];
             chart
@@ -90,7 +108,13 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Re
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
         }
         if series.len() > 1 {
-            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 13)).draw().map_err(plot_err)?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()
+                .map_err(plot_err)?;
         }
         Ok(())
     })
@@ -115,7 +139,11 @@ pub fn bars(title: &str, groups: &[String], models: &[String], values: &[Vec<Bar
             .x_labels(groups.len() * 2 + 1)
             .x_label_formatter(&|x| {
                 let i = x.floor() as usize;
-                if (x - i as f64 - 0.5).abs() < 0.01 { names.get(i).cloned().unwrap_or_default() } else { String::new() }
+                if (x - i as f64 - 0.5).abs() < 0.01 {
+                    names.get(i).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .label_style(("sans-serif", 13))
             .draw()
@@ -125,7 +153,11 @@ pub fn bars(title: &str, groups: &[String], models: &[String], values: &[Vec<Bar
             let colour = PALETTE[m % PALETTE.len()];
             let left = |g: usize| g as f64 + 0.1 + m as f64 * width;
             chart
-                .draw_series(row.iter().enumerate().map(|(g, b)| Rectangle::new([(left(g), 0.0), (left(g) + width * 0.9, b.mean)], colour.filled())))
+                .draw_series(
+                    row.iter().enumerate().map(|(g, b)| {
+                        Rectangle::new([(left(g), 0.0), (left(g) + width * 0.9, b.mean)], colour.filled())
+                    }),
+                )
                 .map_err(plot_err)?
                 .label(models.get(m).cloned().unwrap_or_default())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
@@ -135,7 +167,14 @@ pub fn bars(title: &str, groups: &[String], models: &[String], values: &[Vec<Bar
             });
             chart.draw_series(whiskers).map_err(plot_err)?;
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 13)).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
         Ok(())
     })
 }
@@ -158,7 +197,15 @@ mod tests {
         let blue = img.pixels().filter(|p| p[2] > 150 && p[0] < 60).count();
         assert!(blue > 200, "the series is drawn ({blue})");
         let b = |m| Bar { mean: m, spread: 0.02 };
-        let img = decode(&bars("CHAIR", &["CHAIR_i".into(), "CHAIR_s".into()], &["SFT".into(), "BPO".into()], &[vec![b(0.3), b(0.5)], vec![b(0.2), b(0.4)]]).unwrap());
+        let img = decode(
+            &bars(
+                "CHAIR",
+                &["CHAIR_i".into(), "CHAIR_s".into()],
+                &["SFT".into(), "BPO".into()],
+                &[vec![b(0.3), b(0.5)], vec![b(0.2), b(0.4)]],
+            )
+            .unwrap(),
+        );
         let orange = img.pixels().filter(|p| p[0] > 200 && p[1] > 70 && p[1] < 120 && p[2] < 40).count();
         assert!(orange > 1000, "the second model's bars are drawn ({orange})");
     }

@@ -85,7 +85,8 @@ pub fn render(scene: &Scene, style: Style, rng: &mut StdRng) -> RgbImage {
     for o in &scene.objects {
         let (cx, cy, r) = placement(o, size, jitter, rng);
         let jitter: Vec<f64> = (0..3).map(|_| rng.random_range(-12.0..=12.0)).collect();
-        let colour: Vec<f64> = COLOURS[o.colour].1.iter().zip(&jitter).map(|(&c, j)| (c as f64 + j).clamp(0.0, 255.0)).collect();
+        let colour: Vec<f64> =
+            COLOURS[o.colour].1.iter().zip(&jitter).map(|(&c, j)| (c as f64 + j).clamp(0.0, 255.0)).collect();
         let (x0, x1) = ((cx - r - 1.0).floor().max(0.0) as usize, ((cx + r + 1.0).ceil() as usize).min(size));
         let (y0, y1) = ((cy - r - 1.0).floor().max(0.0) as usize, ((cy + r + 1.0).ceil() as usize).min(size));
         for py in y0..y1 {
@@ -172,7 +173,12 @@ mod tests {
 
     #[test]
     fn rendering_is_seeded_and_paints_objects_in_their_cells() {
-        let scene = Scene { objects: vec![Object { kind: 0, colour: 0, cell: 0, big: true }, Object { kind: 2, colour: 2, cell: 8, big: true }] };
+        let scene = Scene {
+            objects: vec![
+                Object { kind: 0, colour: 0, cell: 0, big: true },
+                Object { kind: 2, colour: 2, cell: 8, big: true },
+            ],
+        };
         let style = Style { size: 48, noise: 4.0, jitter: 0.8 };
         let a = render(&scene, style, &mut rng(1, 0));
         assert_eq!(a, render(&scene, style, &mut rng(1, 0)));

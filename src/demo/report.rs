@@ -67,7 +67,11 @@ impl Column {
     fn cell(&self, row: &Row) -> String {
         let (m, s) = self.stats(row);
         let digits = if self.percent { 1 } else { 2 };
-        if row.runs.len() > 1 { format!("{m:.digits$}±{s:.digits$}") } else { format!("{m:.digits$}") }
+        if row.runs.len() > 1 {
+            format!("{m:.digits$}±{s:.digits$}")
+        } else {
+            format!("{m:.digits$}")
+        }
     }
 }
 
@@ -75,7 +79,11 @@ impl Column {
 pub fn table(rows: &[Row]) -> String {
     let name_w = rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
     let cells: Vec<Vec<String>> = rows.iter().map(|r| COLUMNS.iter().map(|c| c.cell(r)).collect()).collect();
-    let widths: Vec<usize> = COLUMNS.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.name.len())).collect();
+    let widths: Vec<usize> = COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cells.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.name.len()))
+        .collect();
     let mut t = String::new();
     let _ = write!(t, "{:<name_w$}", "model");
     for (c, w) in COLUMNS.iter().zip(&widths) {
@@ -289,7 +297,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (raw, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (raw, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(raw.as_bytes()), enc);
         }
     }
@@ -309,13 +325,25 @@ mod tests {
             title: "a <b>".into(),
             verdict: "BPO vs SFT: x>y".into(),
             figures: vec![Figure { file: "plots/x.png".into(), caption: "x".into(), png: vec![1, 2, 3] }],
-            gallery: vec![("g".into(), "t".into(), vec![GalleryItem { title: "s".into(), images: vec![("img".into(), vec![0])], lines: vec![("GT".into(), "a & b".into(), "good".into())] }])],
+            gallery: vec![(
+                "g".into(),
+                "t".into(),
+                vec![GalleryItem {
+                    title: "s".into(),
+                    images: vec![("img".into(), vec![0])],
+                    lines: vec![("GT".into(), "a & b".into(), "good".into())],
+                }],
+            )],
             ..Default::default()
         };
         let path = tmp.path().join("r.html");
         write_html(&path, &r).unwrap();
         let h = std::fs::read_to_string(&path).unwrap();
-        assert!(h.contains("a &lt;b&gt;") && h.contains("a &amp; b") && h.contains("<pre class=\"verdict\">BPO vs SFT: x&gt;y</pre>"));
+        assert!(
+            h.contains("a &lt;b&gt;")
+                && h.contains("a &amp; b")
+                && h.contains("<pre class=\"verdict\">BPO vs SFT: x&gt;y</pre>")
+        );
         assert!(h.contains("data-file=\"plots/x.png\"") && h.contains("base64,AQID"));
         assert!(!h.contains("src=\"http") && !h.contains("<script"));
     }

@@ -23,7 +23,12 @@ use crate::{jsonl, Error, Result};
 const SCENE_PX: u32 = 144;
 
 /// Writes `report/` (report.html, plots, results.json, table.txt) and returns the path of report.html.
-pub fn write_report(opts: &DemoOptions, rows: &[Row], seeds: &[SeedResult], timings: &[(String, f64)]) -> Result<PathBuf> {
+pub fn write_report(
+    opts: &DemoOptions,
+    rows: &[Row],
+    seeds: &[SeedResult],
+    timings: &[(String, f64)],
+) -> Result<PathBuf> {
     let dir = opts.out.join("report");
     let plots = dir.join("plots");
     std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
@@ -69,7 +74,10 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 /// (step, value) of `key` in a metrics file; missing files give nothing.
 fn curve(path: &Path, key: &str) -> Vec<(f64, f64)> {
     let rows: Vec<Value> = jsonl::read(path).unwrap_or_default();
-    rows.iter().enumerate().filter_map(|(i, r)| Some((r.get("step").and_then(Value::as_f64).unwrap_or(i as f64), r.get(key)?.as_f64()?))).collect()
+    rows.iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((r.get("step").and_then(Value::as_f64).unwrap_or(i as f64), r.get(key)?.as_f64()?)))
+        .collect()
 }
 
 /// Exponential moving average, for noisy per-step curves.
@@ -88,38 +96,93 @@ fn smooth(points: Vec<(f64, f64)>, keep: f64) -> Vec<(f64, f64)> {
 /// Training curves (first seed) and metric bars (all seeds).
 fn figures(rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
     let mut out = Vec::new();
-    let mut add = |file: &str, caption: &str, png: Vec<u8>| out.push(Figure { file: format!("plots/{file}"), caption: caption.into(), png });
+    let mut add = |file: &str, caption: &str, png: Vec<u8>| {
+        out.push(Figure { file: format!("plots/{file}"), caption: caption.into(), png })
+    };
     if let Some(s) = first {
         let sft = vec![
-            Series { name: "language model on the corpus".into(), points: smooth(curve(&s.model.join("lm_metrics.jsonl"), "loss"), 0.9) },
-            Series { name: "whole model on the instruction data".into(), points: smooth(curve(&s.model.join("metrics.jsonl"), "loss"), 0.9) },
+            Series {
+                name: "language model on the corpus".into(),
+                points: smooth(curve(&s.model.join("lm_metrics.jsonl"), "loss"), 0.9),
+            },
+            Series {
+                name: "whole model on the instruction data".into(),
+                points: smooth(curve(&s.model.join("metrics.jsonl"), "loss"), 0.9),
+            },
         ];
         add("sft_loss.png", "SFT: cross-entropy per answer token", plot::lines("SFT loss", "step", "loss", &sft)?);
-        let runs: Vec<(&str, PathBuf)> = ROWS.iter().skip(1).map(|(name, run)| (*name, s.dir.join("runs").join(run).join("adapter/metrics.jsonl"))).collect();
+        let runs: Vec<(&str, PathBuf)> = ROWS
+            .iter()
+            .skip(1)
+            .map(|(name, run)| (*name, s.dir.join("runs").join(run).join("adapter/metrics.jsonl")))
+            .collect();
         let dpo_runs: Vec<&(&str, PathBuf)> = runs.iter().filter(|(n, _)| n.starts_with("BPO")).collect();
         for (key, file, title, caption) in [
             ("loss", "dpo_loss.png", "DPO loss", "DPO loss (sigmoid, beta 0.1)"),
-            ("rewards/margins", "dpo_margins.png", "Reward margin", "Reward margin: beta x (log-ratio chosen - log-ratio rejected)"),
-            ("rewards/accuracies", "dpo_accuracy.png", "Reward accuracy", "Share of pairs whose chosen answer has the larger reward"),
+            (
+                "rewards/margins",
+                "dpo_margins.png",
+                "Reward margin",
+                "Reward margin: beta x (log-ratio chosen - log-ratio rejected)",
+            ),
+            (
+                "rewards/accuracies",
+                "dpo_accuracy.png",
+                "Reward accuracy",
+                "Share of pairs whose chosen answer has the larger reward",
+            ),
         ] {
-            let series: Vec<Series> = dpo_runs.iter().map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, key), 0.8) }).collect();
+            let series: Vec<Series> = dpo_runs
+                .iter()
+                .map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, key), 0.8) })
+                .collect();
             add(file, caption, plot::lines(title, "step", key, &series)?);
         }
-        let chosen: Vec<Series> = dpo_runs.iter().map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, "logps/chosen"), 0.8) }).collect();
-        add("chosen_logps.png", "Log-probability of the chosen answers during DPO (falling means the model unlearns the truth too)", plot::lines("log p(chosen)", "step", "logps/chosen", &chosen)?);
+        let chosen: Vec<Series> = dpo_runs
+            .iter()
+            .map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, "logps/chosen"), 0.8) })
+            .collect();
+        add(
+            "chosen_logps.png",
+            "Log-probability of the chosen answers during DPO (falling means the model unlearns the truth too)",
+            plot::lines("log p(chosen)", "step", "logps/chosen", &chosen)?,
+        );
         let control = vec![Series { name: "SFT on chosen".into(), points: smooth(curve(&runs[0].1, "loss"), 0.8) }];
-        add("control_loss.png", "The control: cross-entropy per token of the chosen answers", plot::lines("SFT on chosen: loss", "step", "loss", &control)?);
+        add(
+            "control_loss.png",
+            "The control: cross-entropy per token of the chosen answers",
+            plot::lines("SFT on chosen: loss", "step", "loss", &control)?,
+        );
     }
     let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
     let bars_of = |cols: &[&str]| -> (Vec<String>, Vec<Vec<Bar>>) {
         let picked: Vec<&Column> = COLUMNS.iter().filter(|c| cols.contains(&c.name)).collect();
-        let values = rows.iter().map(|r| picked.iter().map(|c| { let (mean, spread) = c.stats(r); Bar { mean, spread } }).collect()).collect();
+        let values = rows
+            .iter()
+            .map(|r| {
+                picked
+                    .iter()
+                    .map(|c| {
+                        let (mean, spread) = c.stats(r);
+                        Bar { mean, spread }
+                    })
+                    .collect()
+            })
+            .collect();
         (picked.iter().map(|c| c.name.to_string()).collect(), values)
     };
     let (groups, values) = bars_of(&["CHAIR_i", "CHAIR_s", "partner"]);
-    add("chair_bars.png", "Hallucination in descriptions (%; lower is better)", plot::bars("CHAIR (lower is better)", &groups, &names, &values)?);
+    add(
+        "chair_bars.png",
+        "Hallucination in descriptions (%; lower is better)",
+        plot::bars("CHAIR (lower is better)", &groups, &names, &values)?,
+    );
     let (groups, values) = bars_of(&["recall", "F1 rand", "F1 pop", "F1 adv"]);
-    add("pope_bars.png", "Object recall and POPE F1 (%; higher is better)", plot::bars("Recall and POPE F1 (higher is better)", &groups, &names, &values)?);
+    add(
+        "pope_bars.png",
+        "Object recall and POPE F1 (%; higher is better)",
+        plot::bars("Recall and POPE F1 (higher is better)", &groups, &names, &values)?,
+    );
     Ok(out)
 }
 
@@ -149,25 +212,47 @@ fn training_items(s: &SeedResult, files: &WorldFiles, processor: &ImageProcessor
     let records: Vec<Record> = jsonl::read(&b.records)?;
     let raw: HashMap<String, Record> = jsonl::read::<Record>(&b.raw)?.into_iter().map(|r| (r.id.clone(), r)).collect();
     let is_caption = |r: &&Record| r.prompt == super::world::DESCRIBE;
-    let both = |r: &&Record| r.completions.iter().any(|c| c.kind == CompletionType::MllmHal) && r.completions.iter().any(|c| c.kind == CompletionType::LlmHal);
+    let both = |r: &&Record| {
+        r.completions.iter().any(|c| c.kind == CompletionType::MllmHal)
+            && r.completions.iter().any(|c| c.kind == CompletionType::LlmHal)
+    };
     let mut picked: Vec<&Record> = records.iter().filter(is_caption).filter(both).take(4).collect();
-    picked.extend(records.iter().filter(|r| !is_caption(r) && (r.completions[0].response == "yes" || r.completions[0].response == "no")).take(2));
+    picked.extend(
+        records
+            .iter()
+            .filter(|r| !is_caption(r) && (r.completions[0].response == "yes" || r.completions[0].response == "no"))
+            .take(2),
+    );
     let mut items = Vec::new();
     for r in picked {
         let Some(rel) = &r.image else { continue };
         let path = files.images.join(rel);
         let pixels = processor.load(&path, AspectMode::Pad)?;
         let weak = crate::vision::weaken(&pixels, s_noise(s), super::bootstrap::weakened_seed(s.seed, &r.id))?;
-        let mut lines = vec![("prompt".to_string(), r.prompt.clone(), String::new()), ("chosen".into(), r.completions[0].response.clone(), "good".into())];
+        let mut lines = vec![
+            ("prompt".to_string(), r.prompt.clone(), String::new()),
+            ("chosen".into(), r.completions[0].response.clone(), "good".into()),
+        ];
         for c in &r.completions[1..] {
             let how = if c.kind == CompletionType::MllmHal { "weakened image" } else { "injection" };
-            let said = raw.get(&r.id).and_then(|x| x.completions.iter().find(|k| k.kind == c.kind)).map(|k| k.response.clone()).unwrap_or_default();
+            let said = raw
+                .get(&r.id)
+                .and_then(|x| x.completions.iter().find(|k| k.kind == c.kind))
+                .map(|k| k.response.clone())
+                .unwrap_or_default();
             if said != c.response {
                 lines.push((format!("model said ({how})"), said, String::new()));
             }
             lines.push((format!("rejected ({how})"), c.response.clone(), "bad".into()));
         }
-        items.push(GalleryItem { title: rel.clone(), images: vec![("image".into(), scene_png(&load_png(&path)?)?), ("weakened".into(), scene_png(&processor.denormalize(&weak)?)?)], lines });
+        items.push(GalleryItem {
+            title: rel.clone(),
+            images: vec![
+                ("image".into(), scene_png(&load_png(&path)?)?),
+                ("weakened".into(), scene_png(&processor.denormalize(&weak)?)?),
+            ],
+            lines,
+        });
     }
     Ok(items)
 }
@@ -175,14 +260,22 @@ fn training_items(s: &SeedResult, files: &WorldFiles, processor: &ImageProcessor
 /// The noise step the seed's bootstrap used (from the recipe stored with the model).
 fn s_noise(s: &SeedResult) -> usize {
     let path = s.model.join("recipe.json");
-    let v: Value = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
+    let v: Value =
+        std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
     v["recipe"]["bootstrap"]["noise_step"].as_u64().unwrap_or(900) as usize
 }
 
 /// Up to 6 evaluation images whose SFT description hallucinates, with the BPO description beside it.
 fn eval_items(s: &SeedResult, files: &WorldFiles) -> Result<Vec<GalleryItem>> {
-    let details = |run: &str| -> Result<HashMap<String, CaptionDetail>> { Ok(jsonl::read::<CaptionDetail>(&s.dir.join("eval").join(run).join("chair/details.jsonl"))?.into_iter().map(|d| (d.image_id.clone(), d)).collect()) };
-    let pope = |run: &str| -> Result<Vec<PopeDetail>> { jsonl::read(&s.dir.join("eval").join(run).join("pope/details.jsonl")) };
+    let details = |run: &str| -> Result<HashMap<String, CaptionDetail>> {
+        Ok(jsonl::read::<CaptionDetail>(&s.dir.join("eval").join(run).join("chair/details.jsonl"))?
+            .into_iter()
+            .map(|d| (d.image_id.clone(), d))
+            .collect())
+    };
+    let pope = |run: &str| -> Result<Vec<PopeDetail>> {
+        jsonl::read(&s.dir.join("eval").join(run).join("pope/details.jsonl"))
+    };
     let (sft, bpo) = (details("sft")?, details("bpo")?);
     let (sft_pope, bpo_pope) = (pope("sft")?, pope("bpo")?);
     let scenes: Vec<EvalScene> = jsonl::read(&files.eval_scenes)?;
@@ -195,16 +288,27 @@ fn eval_items(s: &SeedResult, files: &WorldFiles) -> Result<Vec<GalleryItem>> {
         }
         let class = |d: &CaptionDetail| if d.hallucinated.is_empty() { "good" } else { "bad" }.to_string();
         let pope_line = |rows: &[PopeDetail]| {
-            let mine: Vec<&PopeDetail> = rows.iter().filter(|p| p.split == "adversarial" && p.question_id.starts_with(&format!("adversarial-{key}-"))).collect();
+            let mine: Vec<&PopeDetail> = rows
+                .iter()
+                .filter(|p| p.split == "adversarial" && p.question_id.starts_with(&format!("adversarial-{key}-")))
+                .collect();
             format!("{}/{} right", mine.iter().filter(|p| p.label == p.prediction).count(), mine.len())
         };
         let lines = vec![
             ("ground truth".to_string(), e.scene.caption(), String::new()),
             ("SFT".into(), a.caption.clone(), class(a)),
             ("BPO".into(), b.caption.clone(), class(b)),
-            ("POPE adv. SFT / BPO".into(), format!("{} / {}", pope_line(&sft_pope), pope_line(&bpo_pope)), String::new()),
+            (
+                "POPE adv. SFT / BPO".into(),
+                format!("{} / {}", pope_line(&sft_pope), pope_line(&bpo_pope)),
+                String::new(),
+            ),
         ];
-        items.push(GalleryItem { title: e.image.clone(), images: vec![("image".into(), scene_png(&load_png(&files.images.join(&e.image))?)?)], lines });
+        items.push(GalleryItem {
+            title: e.image.clone(),
+            images: vec![("image".into(), scene_png(&load_png(&files.images.join(&e.image))?)?)],
+            lines,
+        });
         if items.len() == 6 {
             break;
         }
@@ -217,11 +321,52 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)]) ->
     let r = &opts.recipe;
     let mut f = vec![
         ("seeds".to_string(), seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", ")),
-        ("world".into(), format!("{} corpus scenes, {} training images, {} evaluation images ({} px)", r.world.corpus_scenes, r.world.train_images, r.world.eval_images, r.world.image_size)),
-        ("model".into(), format!("CLIP {} px, patch {}, {} layers x {}; Llama {} layers x {}", r.model.image_size, r.model.patch_size, r.model.vision_layers, r.model.vision_hidden, r.model.layers, r.model.hidden)),
-        ("SFT".into(), format!("LM {} epochs x {} per step (lr {}), visual {} epochs x {} per step (lr {}), vision tower {}", r.lm.epochs, r.lm.batch, r.lm.lr, r.sft.epochs, r.sft.batch, r.sft.lr, if r.sft.train_vision { "trained" } else { "frozen" })),
-        ("DPO".into(), format!("LoRA r {} alpha {}, {} epochs x {} pairs per step, lr {}, beta {}, SFT weight {}", r.dpo.rank, r.dpo.alpha, r.dpo.epochs, r.dpo.batch, r.dpo.lr, r.dpo.beta, r.dpo.sft_weight)),
-        ("bootstrap".into(), format!("{} training images' conversations, noise step {}, temperature {}", r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature)),
+        (
+            "world".into(),
+            format!(
+                "{} corpus scenes, {} training images, {} evaluation images ({} px)",
+                r.world.corpus_scenes, r.world.train_images, r.world.eval_images, r.world.image_size
+            ),
+        ),
+        (
+            "model".into(),
+            format!(
+                "CLIP {} px, patch {}, {} layers x {}; Llama {} layers x {}",
+                r.model.image_size,
+                r.model.patch_size,
+                r.model.vision_layers,
+                r.model.vision_hidden,
+                r.model.layers,
+                r.model.hidden
+            ),
+        ),
+        (
+            "SFT".into(),
+            format!(
+                "LM {} epochs x {} per step (lr {}), visual {} epochs x {} per step (lr {}), vision tower {}",
+                r.lm.epochs,
+                r.lm.batch,
+                r.lm.lr,
+                r.sft.epochs,
+                r.sft.batch,
+                r.sft.lr,
+                if r.sft.train_vision { "trained" } else { "frozen" }
+            ),
+        ),
+        (
+            "DPO".into(),
+            format!(
+                "LoRA r {} alpha {}, {} epochs x {} pairs per step, lr {}, beta {}, SFT weight {}",
+                r.dpo.rank, r.dpo.alpha, r.dpo.epochs, r.dpo.batch, r.dpo.lr, r.dpo.beta, r.dpo.sft_weight
+            ),
+        ),
+        (
+            "bootstrap".into(),
+            format!(
+                "{} training images' conversations, noise step {}, temperature {}",
+                r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature
+            ),
+        ),
     ];
     for s in seeds {
         let w = |k: &str| s.world_stats.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);

@@ -58,11 +58,32 @@ const MAX_LENGTH: usize = 256;
 const FEATURE_CACHE_MB: usize = 512;
 
 fn optim(epochs: usize, batch: usize, lr: f64, seed: u64) -> LoopConfig {
-    LoopConfig { lr, schedule: ScheduleKind::Cosine, warmup_ratio: 0.03, weight_decay: 0.0, epochs, batch_size: batch, grad_accum: 1, max_grad_norm: Some(1.0), save_steps: None, seed }
+    LoopConfig {
+        lr,
+        schedule: ScheduleKind::Cosine,
+        warmup_ratio: 0.03,
+        weight_decay: 0.0,
+        epochs,
+        batch_size: batch,
+        grad_accum: 1,
+        max_grad_norm: Some(1.0),
+        save_steps: None,
+        seed,
+    }
 }
 
 fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_projector: bool) -> ModelSetup {
-    ModelSetup { model: model.to_path_buf(), template, prompt_style: PromptStyle::Llava, aspect: AspectMode::Pad, lora, train_projector, train_vision: false, init_adapter: None, runtime: Default::default() }
+    ModelSetup {
+        model: model.to_path_buf(),
+        template,
+        prompt_style: PromptStyle::Llava,
+        aspect: AspectMode::Pad,
+        lora,
+        train_projector,
+        train_vision: false,
+        init_adapter: None,
+        runtime: Default::default(),
+    }
 }
 
 /// Forwards each step's loss to a callback (the stage's progress bar).
@@ -85,18 +106,42 @@ fn fresh(out: &Path) -> Result<()> {
 
 /// `bpo sft` with full fine-tuning: trains `model_in` on LLaVA conversation JSON and writes the model folder `out`
 /// (with `metrics.jsonl`). `tick` gets (total steps, loss) after every step.
-pub fn sft(model_in: &Path, data: &Path, images: &Path, out: &Path, s: &SftSettings, seed: u64, tick: impl FnMut(usize, f64)) -> Result<()> {
+pub fn sft(
+    model_in: &Path,
+    data: &Path,
+    images: &Path,
+    out: &Path,
+    s: &SftSettings,
+    seed: u64,
+    tick: impl FnMut(usize, f64),
+) -> Result<()> {
     fresh(out)?;
     let template = if s.plain_text { Template::Plain } else { Template::LlavaHf };
-    let setup = ModelSetup { train_vision: s.train_vision && !s.plain_text, ..setup(model_in, template, None, !s.plain_text) };
-    let cfg = SftConfig { setup, data: data.to_path_buf(), images: Some(images.to_path_buf()), max_length: MAX_LENGTH, feature_cache_mb: FEATURE_CACHE_MB, optim: optim(s.epochs, s.batch, s.lr, seed) };
+    let setup =
+        ModelSetup { train_vision: s.train_vision && !s.plain_text, ..setup(model_in, template, None, !s.plain_text) };
+    let cfg = SftConfig {
+        setup,
+        data: data.to_path_buf(),
+        images: Some(images.to_path_buf()),
+        max_length: MAX_LENGTH,
+        feature_cache_mb: FEATURE_CACHE_MB,
+        optim: optim(s.epochs, s.batch, s.lr, seed),
+    };
     crate::train::sft::train(&cfg, out, false, None, &mut Tick(tick), &mut |_| {})?;
     Ok(())
 }
 
 /// `bpo train` (DPO with LoRA) on a pair file, then `bpo merge`: the adapter run is `out/adapter`, the merged model
 /// `out/model`. Returns the adapter folder.
-pub fn dpo(model_in: &Path, pairs: &Path, images: &Path, out: &Path, s: &PrefSettings, seed: u64, tick: impl FnMut(usize, f64)) -> Result<PathBuf> {
+pub fn dpo(
+    model_in: &Path,
+    pairs: &Path,
+    images: &Path,
+    out: &Path,
+    s: &PrefSettings,
+    seed: u64,
+    tick: impl FnMut(usize, f64),
+) -> Result<PathBuf> {
     fresh(out)?;
     let adapter = out.join("adapter");
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: s.beta, label_smoothing: 0.0, sft_weight: s.sft_weight };
@@ -119,10 +164,25 @@ pub fn dpo(model_in: &Path, pairs: &Path, images: &Path, out: &Path, s: &PrefSet
 
 /// `bpo sft` with the same LoRA settings on the chosen answers (LLaVA JSON), then `bpo merge`: the paper's
 /// control. Layout as [`dpo`].
-pub fn sft_on_chosen(model_in: &Path, chosen: &Path, images: &Path, out: &Path, s: &PrefSettings, seed: u64, tick: impl FnMut(usize, f64)) -> Result<PathBuf> {
+pub fn sft_on_chosen(
+    model_in: &Path,
+    chosen: &Path,
+    images: &Path,
+    out: &Path,
+    s: &PrefSettings,
+    seed: u64,
+    tick: impl FnMut(usize, f64),
+) -> Result<PathBuf> {
     fresh(out)?;
     let adapter = out.join("adapter");
-    let cfg = SftConfig { setup: setup(model_in, Template::LlavaHf, Some(s.lora()), s.train_projector), data: chosen.to_path_buf(), images: Some(images.to_path_buf()), max_length: MAX_LENGTH, feature_cache_mb: FEATURE_CACHE_MB, optim: optim(s.epochs, s.batch, s.lr, seed) };
+    let cfg = SftConfig {
+        setup: setup(model_in, Template::LlavaHf, Some(s.lora()), s.train_projector),
+        data: chosen.to_path_buf(),
+        images: Some(images.to_path_buf()),
+        max_length: MAX_LENGTH,
+        feature_cache_mb: FEATURE_CACHE_MB,
+        optim: optim(s.epochs, s.batch, s.lr, seed),
+    };
     crate::train::sft::train(&cfg, &adapter, false, None, &mut Tick(tick), &mut |_| {})?;
     crate::train::merge(model_in, &adapter, &out.join("model"))?;
     Ok(adapter)

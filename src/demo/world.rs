@@ -191,7 +191,14 @@ impl WorldConfig {
 
     /// A world small enough for tests.
     pub fn quick() -> Self {
-        WorldConfig { image_size: 24, corpus_scenes: 300, train_images: 60, eval_images: 8, text_conversations: 30, ..Self::standard() }
+        WorldConfig {
+            image_size: 24,
+            corpus_scenes: 300,
+            train_images: 60,
+            eval_images: 8,
+            text_conversations: 30,
+            ..Self::standard()
+        }
     }
 
     /// Per-object appearance odds.
@@ -231,12 +238,22 @@ pub fn sample_scene(stats: &SceneStats, weights: &[f64], look: Look, rng: &mut S
     }
     let colours: Vec<usize> = kinds
         .iter()
-        .map(|&k| if rng.random_bool(look.off_colour.clamp(0.0, 1.0)) { rng.random_range(0..COLOURS.len()) } else { PAIR_COLOUR[k / 2] })
+        .map(|&k| {
+            if rng.random_bool(look.off_colour.clamp(0.0, 1.0)) {
+                rng.random_range(0..COLOURS.len())
+            } else {
+                PAIR_COLOUR[k / 2]
+            }
+        })
         .collect();
     let mut cells: Vec<usize> = (0..GRID * GRID).collect();
     cells.shuffle(rng);
-    let mut objects: Vec<Object> =
-        kinds.into_iter().zip(colours).zip(cells).map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(look.small.clamp(0.0, 1.0)) }).collect();
+    let mut objects: Vec<Object> = kinds
+        .into_iter()
+        .zip(colours)
+        .zip(cells)
+        .map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(look.small.clamp(0.0, 1.0)) })
+        .collect();
     objects.sort_by_key(|o| o.cell);
     Scene { objects }
 }
@@ -276,7 +293,8 @@ pub fn conversation(scene: &Scene, yes_no: usize, weights: &[f64], rng: &mut Std
     let mut turns = vec![turn("caption", DESCRIBE.into(), scene.caption())];
     let present: Vec<usize> = scene.kinds();
     let n = yes_no.min(present.len()).min(KINDS.len() - present.len());
-    let mut asked: Vec<Turn> = present.choose_multiple(rng, n).map(|&k| turn("yes", exists_question(k), "yes".into())).collect();
+    let mut asked: Vec<Turn> =
+        present.choose_multiple(rng, n).map(|&k| turn("yes", exists_question(k), "yes".into())).collect();
     // Absent kinds are drawn by popularity, like present ones: otherwise the kind alone would tell the answer
     // (popular kinds mostly "yes", rare ones mostly "no") and the model would not need to look.
     let mut taken = present.clone();
@@ -311,8 +329,23 @@ fn attribute_turn(scene: &Scene, o: &Object, rng: &mut StdRng) -> Turn {
 
 /// Every word the world's text can contain (prompts, answers, captions), sorted.
 pub fn vocabulary() -> Vec<String> {
-    let mut words: Vec<String> = KINDS.iter().chain(COLOURS.iter().map(|(c, _)| c)).chain(ROWS.iter()).chain(COLS.iter()).chain(NUMBERS.iter()).map(|w| w.to_string()).collect();
-    let sentences = [DESCRIBE, SCENE_PROMPT, "is there a in the image ?", "what color is the ?", "where is the ?", "how many objects are there ?", "yes no and"];
+    let mut words: Vec<String> = KINDS
+        .iter()
+        .chain(COLOURS.iter().map(|(c, _)| c))
+        .chain(ROWS.iter())
+        .chain(COLS.iter())
+        .chain(NUMBERS.iter())
+        .map(|w| w.to_string())
+        .collect();
+    let sentences = [
+        DESCRIBE,
+        SCENE_PROMPT,
+        "is there a in the image ?",
+        "what color is the ?",
+        "where is the ?",
+        "how many objects are there ?",
+        "yes no and",
+    ];
     words.extend(sentences.iter().flat_map(|s| s.split_whitespace()).map(str::to_string));
     words.sort();
     words.dedup();
@@ -342,7 +375,11 @@ pub fn partner_rate(scenes: &[Scene]) -> f64 {
             with += usize::from(s.has(partner(o.kind)));
         }
     }
-    if total == 0 { 0.0 } else { with as f64 / total as f64 }
+    if total == 0 {
+        0.0
+    } else {
+        with as f64 / total as f64
+    }
 }
 
 /// Mean objects per scene.
@@ -436,7 +473,11 @@ mod tests {
         for s in scenes(&cfg.grounded, 4000, 6) {
             for t in conversation(&s, 2, &cfg.weights(), &mut r).iter().filter(|t| t.kind == "yes" || t.kind == "no") {
                 let k = KINDS.iter().position(|k| t.question.contains(&format!(" {k} "))).unwrap();
-                if t.kind == "yes" { counts[k].0 += 1 } else { counts[k].1 += 1 }
+                if t.kind == "yes" {
+                    counts[k].0 += 1
+                } else {
+                    counts[k].1 += 1
+                }
             }
         }
         for (k, (y, n)) in counts.iter().enumerate() {

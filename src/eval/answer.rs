@@ -36,12 +36,24 @@ pub struct CaptionAsk {
 /// Answers `prompts` through [`vqa::answer_all`]; identical (image, text) prompts (the three POPE splits share most
 /// of theirs) are answered once, in sorted order. `tick(n, total)` after each batch: `n` more of `total` distinct
 /// prompts answered.
-pub fn answer_unique(vlm: &Vlm, prompts: &[Prompt], how: &Answering, mut tick: impl FnMut(usize, usize)) -> Result<Vec<String>> {
+pub fn answer_unique(
+    vlm: &Vlm,
+    prompts: &[Prompt],
+    how: &Answering,
+    mut tick: impl FnMut(usize, usize),
+) -> Result<Vec<String>> {
     let key = |p: &Prompt| (p.image.clone(), p.text.clone());
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| key(&prompts[i]));
     order.dedup_by_key(|i| key(&prompts[*i]));
-    let unique: Vec<Prompt> = order.iter().map(|&i| Prompt { text: prompts[i].text.clone(), image: prompts[i].image.clone(), origin: prompts[i].origin.clone() }).collect();
+    let unique: Vec<Prompt> = order
+        .iter()
+        .map(|&i| Prompt {
+            text: prompts[i].text.clone(),
+            image: prompts[i].image.clone(),
+            origin: prompts[i].origin.clone(),
+        })
+        .collect();
     let total = unique.len();
     let texts = vqa::answer_all(vlm, &unique, &how.params, how.batch_size, how.pass, |n| tick(n, total))?;
     let answers: HashMap<(Option<PathBuf>, String), String> = unique.iter().map(key).zip(texts).collect();
@@ -50,7 +62,14 @@ pub fn answer_unique(vlm: &Vlm, prompts: &[Prompt], how: &Answering, mut tick: i
 
 /// Answers POPE questions with `suffix` appended ([`SHORT_ANSWER`] in LLaVA's protocol); images relative to
 /// `images`.
-pub fn answer_pope(vlm: &Vlm, questions: &[PopeQuestion], images: Option<&Path>, suffix: &str, how: &Answering, tick: impl FnMut(usize, usize)) -> Result<Vec<Answer>> {
+pub fn answer_pope(
+    vlm: &Vlm,
+    questions: &[PopeQuestion],
+    images: Option<&Path>,
+    suffix: &str,
+    how: &Answering,
+    tick: impl FnMut(usize, usize),
+) -> Result<Vec<Answer>> {
     let prompts: Vec<Prompt> = questions
         .iter()
         .map(|q| Prompt {
@@ -63,17 +82,38 @@ pub fn answer_pope(vlm: &Vlm, questions: &[PopeQuestion], images: Option<&Path>,
     Ok(questions
         .iter()
         .zip(texts)
-        .map(|(q, t)| Answer { model_id: how.model_id.clone(), answer_id: q.question_id.clone(), ..Answer::new(q.question_id.clone(), q.text.clone(), t) })
+        .map(|(q, t)| Answer {
+            model_id: how.model_id.clone(),
+            answer_id: q.question_id.clone(),
+            ..Answer::new(q.question_id.clone(), q.text.clone(), t)
+        })
         .collect())
 }
 
 /// Describes images (CHAIR, Object HalBench); each row records its image's name for the scorer.
-pub fn answer_captions(vlm: &Vlm, asks: &[CaptionAsk], how: &Answering, tick: impl FnMut(usize, usize)) -> Result<Vec<Answer>> {
-    let prompts: Vec<Prompt> = asks.iter().map(|a| Prompt { text: a.instruction.clone(), image: Some(a.image.clone()), origin: a.image.display().to_string() }).collect();
+pub fn answer_captions(
+    vlm: &Vlm,
+    asks: &[CaptionAsk],
+    how: &Answering,
+    tick: impl FnMut(usize, usize),
+) -> Result<Vec<Answer>> {
+    let prompts: Vec<Prompt> = asks
+        .iter()
+        .map(|a| Prompt {
+            text: a.instruction.clone(),
+            image: Some(a.image.clone()),
+            origin: a.image.display().to_string(),
+        })
+        .collect();
     let texts = answer_unique(vlm, &prompts, how, tick)?;
     Ok(asks
         .iter()
         .zip(texts)
-        .map(|(a, t)| Answer { image: Some(a.name.clone()), model_id: how.model_id.clone(), answer_id: a.id.clone(), ..Answer::new(a.id.clone(), a.instruction.clone(), t) })
+        .map(|(a, t)| Answer {
+            image: Some(a.name.clone()),
+            model_id: how.model_id.clone(),
+            answer_id: a.id.clone(),
+            ..Answer::new(a.id.clone(), a.instruction.clone(), t)
+        })
         .collect())
 }

@@ -19,9 +19,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::ratio;
 use super::rows::{index_unique, Origin};
 use super::words::{tokenize, Lemmatizer};
-use super::ratio;
 use crate::{bail, Result};
 
 /// The COCO synonym list shipped with bpo (RLHF-V's `synonyms_refine.txt`).
@@ -164,7 +164,8 @@ impl Chair {
 /// The pair table: every multi-word synonym maps to itself, then the hard-coded CHAIR rules (inserted in the
 /// official order, so "bow tie" ends up as "tie").
 fn merge_table(synonyms: &HashMap<String, usize>) -> HashMap<String, HashMap<String, String>> {
-    let mut pairs: Vec<(String, String)> = synonyms.keys().filter(|k| k.contains(' ')).map(|k| (k.clone(), k.clone())).collect();
+    let mut pairs: Vec<(String, String)> =
+        synonyms.keys().filter(|k| k.contains(' ')).map(|k| (k.clone(), k.clone())).collect();
     pairs.sort(); // HashMap order is random; keep the table deterministic
     for extra in ["home plate", "train track"] {
         pairs.push((extra.into(), extra.into()));

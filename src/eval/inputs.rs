@@ -147,9 +147,15 @@ impl GroundTruth {
             note_images(&coco, images, &mut objects);
             let names: HashMap<u64, &str> = coco.categories.iter().map(|c| (c.id, c.name.as_str())).collect();
             for ann in &coco.annotations {
-                let (Some(set), Some(cat)) = (wanted(&mut objects, images, &ann.image_id), ann.category_id) else { continue };
+                let (Some(set), Some(cat)) = (wanted(&mut objects, images, &ann.image_id), ann.category_id) else {
+                    continue;
+                };
                 let name = names.get(&cat).ok_or_else(|| {
-                    Error::parse(&path, None, format!("annotation uses category_id {cat}, which is not in \"categories\""))
+                    Error::parse(
+                        &path,
+                        None,
+                        format!("annotation uses category_id {cat}, which is not in \"categories\""),
+                    )
                 })?;
                 set.insert(chair.category(name).unwrap_or(name).to_string());
             }

@@ -177,5 +177,4 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4, "one worker stops after the failing item");
         assert!(map_concurrent(&Vec::<u8>::new(), 3, |&i| Ok(i), || {}).unwrap().is_empty());
     }
-
 }

@@ -62,7 +62,11 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
     let mut out = Vec::new();
     for (line, mut q) in jsonl::read_numbered::<Question>(path)? {
         if !CATEGORIES.contains(&q.category.as_str()) {
-            return Err(Error::parse(path, Some(line), format!("category {:?} is not one of conv, detail, complex", q.category)));
+            return Err(Error::parse(
+                path,
+                Some(line),
+                format!("category {:?} is not one of conv, detail, complex", q.category),
+            ));
         }
         q.origin = Some(Origin { path: path.to_path_buf(), line });
         out.push(q);
@@ -192,21 +196,35 @@ pub fn summarize(details: &[Detail], judge: &str) -> LlavaBenchReport {
             } else {
                 py_round(stats[1] / stats[0] * 100.0, 1)
             };
-            CategoryScore { category, questions: pairs.len(), relative, reference: py_round(stats[0] * 10.0, 1), model: py_round(stats[1] * 10.0, 1) }
+            CategoryScore {
+                category,
+                questions: pairs.len(),
+                relative,
+                reference: py_round(stats[0] * 10.0, 1),
+                model: py_round(stats[1] * 10.0, 1),
+            }
         })
         .collect();
     let unparsed = details.iter().filter(|d| d.tuple == [-1.0, -1.0]).count();
     if unparsed > 0 {
-        warnings.push(format!("{unparsed} review(s) had no score pair on their first line and count as (-1, -1), as in LLaVA's script"));
+        warnings.push(format!(
+            "{unparsed} review(s) had no score pair on their first line and count as (-1, -1), as in LLaVA's script"
+        ));
     }
     LlavaBenchReport { judge: judge.to_string(), categories, unparsed, warnings }
 }
 
 impl LlavaBenchReport {
     pub fn table(&self) -> String {
-        let mut t = format!("LLaVA-Bench (in the wild) (judge {})\n{:<10} {:>5} {:>9} {:>10} {:>6}", self.judge, "category", "n", "relative", "reference", "model");
+        let mut t = format!(
+            "LLaVA-Bench (in the wild) (judge {})\n{:<10} {:>5} {:>9} {:>10} {:>6}",
+            self.judge, "category", "n", "relative", "reference", "model"
+        );
         for c in &self.categories {
-            t.push_str(&format!("\n{:<10} {:>5} {:>9.1} {:>10.1} {:>6.1}", c.category, c.questions, c.relative, c.reference, c.model));
+            t.push_str(&format!(
+                "\n{:<10} {:>5} {:>9.1} {:>10.1} {:>6.1}",
+                c.category, c.questions, c.relative, c.reference, c.model
+            ));
         }
         t.push_str(&format!("\nunparsed reviews: {}", self.unparsed));
         t

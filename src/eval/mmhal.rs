@@ -74,7 +74,8 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
 
 fn record(row: Value) -> std::result::Result<Record, String> {
     let Value::Object(raw) = row else { return Err("not a JSON object".into()) };
-    let text = |k: &str| raw.get(k).and_then(Value::as_str).map(String::from).ok_or_else(|| format!("no \"{k}\" string"));
+    let text =
+        |k: &str| raw.get(k).and_then(Value::as_str).map(String::from).ok_or_else(|| format!("no \"{k}\" string"));
     let image_content = match raw.get("image_content") {
         Some(Value::Array(items)) => items.iter().map(|v| v.as_str().map(String::from)).collect::<Option<Vec<_>>>(),
         _ => None,
@@ -85,7 +86,14 @@ fn record(row: Value) -> std::result::Result<Record, String> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err("\"model_answer\" is not a string".into()),
     };
-    Ok(Record { question_type: text("question_type")?, image_content, question: text("question")?, gt_answer: text("gt_answer")?, model_answer, raw })
+    Ok(Record {
+        question_type: text("question_type")?,
+        image_content,
+        question: text("question")?,
+        gt_answer: text("gt_answer")?,
+        model_answer,
+        raw,
+    })
 }
 
 /// `template.format(", ".join(image_content), question, gt_answer, model_answer)`.
@@ -130,7 +138,8 @@ pub struct Detail {
 
 /// Judges answer `index`.
 pub fn judge(judge: &dyn Ask, index: usize, r: &Record, answer: &str) -> Result<Detail> {
-    let request = ChatRequest { messages: vec![Message::user(judge_prompt(r, answer))], temperature: 0.0, max_tokens: None };
+    let request =
+        ChatRequest { messages: vec![Message::user(judge_prompt(r, answer))], temperature: 0.0, max_tokens: None };
     let reply = judge.ask(&request, 0)?;
     let rating = parse_rating(&reply.content);
     Ok(Detail {
@@ -193,7 +202,10 @@ pub fn summarize(details: &[Detail], judge: &str) -> MmHalReport {
     let unparsed: Vec<String> = details.iter().filter(|d| !d.parsed).map(|d| d.index.to_string()).collect();
     let mut warnings = Vec::new();
     if !unparsed.is_empty() {
-        warnings.push(format!("no single rating in the judge's reply to record(s) {}; rated 0 as the official script does", unparsed.join(", ")));
+        warnings.push(format!(
+            "no single rating in the judge's reply to record(s) {}; rated 0 as the official script does",
+            unparsed.join(", ")
+        ));
     }
     MmHalReport {
         judge: judge.to_string(),
@@ -220,7 +232,10 @@ impl MmHalReport {
     }
 
     pub fn metrics(&self) -> Vec<(String, f64)> {
-        let mut out = vec![("average_score".to_string(), self.average_score), ("hallucination_rate".to_string(), self.hallucination_rate)];
+        let mut out = vec![
+            ("average_score".to_string(), self.average_score),
+            ("hallucination_rate".to_string(), self.hallucination_rate),
+        ];
         out.extend(self.types.iter().map(|t| (format!("type/{}", t.question_type), t.average)));
         out
     }

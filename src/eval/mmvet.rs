@@ -194,7 +194,10 @@ pub struct MmVetReport {
 /// The result tables from per-question, per-run scores (`scores[i][r]` for question `i`, run `r`).
 pub fn score(questions: &[Question], scores: &[Vec<f64>], runs: usize, judge: &str) -> Result<MmVetReport> {
     if scores.len() != questions.len() || scores.iter().any(|s| s.len() != runs) || runs == 0 {
-        return Err(Error::invalid(format!("MM-Vet: expected {runs} scores for each of {} questions", questions.len())));
+        return Err(Error::invalid(format!(
+            "MM-Vet: expected {runs} scores for each of {} questions",
+            questions.len()
+        )));
     }
     // Columns in first-seen order with counts; combinations keyed by their capability set.
     let mut caps: Vec<(String, usize, Vec<f64>)> = Vec::new();
@@ -234,9 +237,15 @@ pub fn score(questions: &[Question], scores: &[Vec<f64>], runs: usize, judge: &s
     }
     let n = questions.len();
     let percent = |sums: &[f64], count: usize| -> Vec<f64> { sums.iter().map(|x| x / count as f64 * 100.0).collect() };
-    let column = |name: String, count: usize, sums: &[f64]| Column { name, count, score: np_round(np_mean(&percent(sums, count)), 1) };
-    let mut capabilities: Vec<Column> = caps.into_iter().map(|(name, count, sums)| column(name, count, &sums)).collect();
-    let mut integrations: Vec<Column> = combos.into_iter().map(|(_, name, count, sums)| column(name, count, &sums)).collect();
+    let column = |name: String, count: usize, sums: &[f64]| Column {
+        name,
+        count,
+        score: np_round(np_mean(&percent(sums, count)), 1),
+    };
+    let mut capabilities: Vec<Column> =
+        caps.into_iter().map(|(name, count, sums)| column(name, count, &sums)).collect();
+    let mut integrations: Vec<Column> =
+        combos.into_iter().map(|(_, name, count, sums)| column(name, count, &sums)).collect();
     capabilities.sort_by_key(|c| std::cmp::Reverse(c.count));
     integrations.sort_by_key(|c| std::cmp::Reverse(c.count));
     let totals = percent(&total, n);
@@ -272,7 +281,8 @@ impl MmVetReport {
     pub fn table(&self) -> String {
         let row = |cols: &[Column]| -> (String, String) {
             let head: Vec<String> = cols.iter().map(|c| format!("{:>w$}", c.name, w = c.name.len().max(6))).collect();
-            let vals: Vec<String> = cols.iter().map(|c| format!("{:>w$.1}", c.score, w = c.name.len().max(6))).collect();
+            let vals: Vec<String> =
+                cols.iter().map(|c| format!("{:>w$.1}", c.score, w = c.name.len().max(6))).collect();
             (head.join(" "), vals.join(" "))
         };
         let (h1, v1) = row(&self.capabilities);

@@ -139,7 +139,18 @@ impl Confusion {
         } else {
             2.0 * precision * recall / (precision + recall)
         };
-        PopeMetrics { n, tp: self.tp, fp: self.fp, tn: self.tn, fn_: self.fn_, accuracy, precision, recall, f1, yes_ratio }
+        PopeMetrics {
+            n,
+            tp: self.tp,
+            fp: self.fp,
+            tn: self.tn,
+            fn_: self.fn_,
+            accuracy,
+            precision,
+            recall,
+            f1,
+            yes_ratio,
+        }
     }
 }
 
@@ -274,10 +285,7 @@ fn order_splits<'a>(questions: &'a [PopeQuestion], scored: Vec<(&'a str, Confusi
             order.push(q.split());
         }
     }
-    order
-        .into_iter()
-        .map(|s| (s, scored.iter().find(|(t, _)| *t == s).map(|(_, c)| *c).unwrap_or_default()))
-        .collect()
+    order.into_iter().map(|s| (s, scored.iter().find(|(t, _)| *t == s).map(|(_, c)| *c).unwrap_or_default())).collect()
 }
 
 fn notice_unpaired(paired: &Paired, warnings: &mut Vec<String>) {

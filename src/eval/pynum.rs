@@ -104,8 +104,14 @@ mod tests {
     fn python_and_numpy_rounding_differ_where_they_should() {
         // CPython: round(0.25, 1) = 0.2, round(0.35, 1) = 0.3, round(2.675, 2) = 2.67, round(1.05, 1) = 1.1.
         // NumPy 2.4: round(np.float64(x), n) gives 0.2, 0.4, 2.68, 1.0 and round(np.float64(0.15), 1) = 0.2.
-        assert_eq!([py_round(0.25, 1), py_round(0.35, 1), py_round(2.675, 2), py_round(1.05, 1)], [0.2, 0.3, 2.67, 1.1]);
-        assert_eq!([np_round(0.25, 1), np_round(0.35, 1), np_round(2.675, 2), np_round(1.05, 1)], [0.2, 0.4, 2.68, 1.0]);
+        assert_eq!(
+            [py_round(0.25, 1), py_round(0.35, 1), py_round(2.675, 2), py_round(1.05, 1)],
+            [0.2, 0.3, 2.67, 1.1]
+        );
+        assert_eq!(
+            [np_round(0.25, 1), np_round(0.35, 1), np_round(2.675, 2), np_round(1.05, 1)],
+            [0.2, 0.4, 2.68, 1.0]
+        );
         assert_eq!(np_round(0.15, 1), 0.2);
     }
 

@@ -150,7 +150,11 @@ fn pct(x: f64) -> String {
 fn pope_table(r: &PopeReport) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "POPE (pairing {}; percentages)", r.pairing);
-    let _ = writeln!(t, "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}", "split", "n", "accuracy", "precision", "recall", "F1", "yes-ratio");
+    let _ = writeln!(
+        t,
+        "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "split", "n", "accuracy", "precision", "recall", "F1", "yes-ratio"
+    );
     let rows = r.splits.iter().map(|s| (s.split.as_str(), &s.metrics)).chain([("overall", &r.overall)]);
     for (name, m) in rows {
         let (a, p, rc, f, y) = (pct(m.accuracy), pct(m.precision), pct(m.recall), pct(m.f1), pct(m.yes_ratio));
@@ -182,7 +186,13 @@ fn chair_table(r: &ChairReport) -> String {
         ("response hallucination (%)", pct(r.response_hallucination)),
         ("object recall (%)", pct(r.object_recall)),
         ("average length (words)", format!("{:.1}", r.avg_length)),
-        ("captions", format!("{} ({} mention objects, {} hallucinate)", r.captions, r.captions_with_objects, r.hallucinated_captions)),
+        (
+            "captions",
+            format!(
+                "{} ({} mention objects, {} hallucinate)",
+                r.captions, r.captions_with_objects, r.hallucinated_captions
+            ),
+        ),
         ("object mentions", format!("{} ({} hallucinated)", r.mentions, r.hallucinated_mentions)),
     ];
     let lines: Vec<String> = rows.iter().map(|(k, v)| format!("{k:<28} {v}")).collect();

@@ -117,7 +117,11 @@ pub fn image_key(raw: &str) -> String {
         return stem.to_string();
     }
     let trimmed = digits.trim_start_matches('0');
-    if trimmed.is_empty() { "0".into() } else { trimmed.into() }
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    }
 }
 
 /// Turns a JSON id (number or string) into a string: `7` and `"7"` both give `"7"`.

@@ -135,9 +135,17 @@ impl SuiteConfig {
         let mut cfg: SuiteConfig = toml::from_str(&text).map_err(|e| Error::parse(path, None, one_line(&e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve(base);
-        let none = cfg.pope.is_none() && cfg.object_halbench.is_none() && cfg.mmvet.is_none() && cfg.llava_bench.is_none() && cfg.mmhal.is_none();
+        let none = cfg.pope.is_none()
+            && cfg.object_halbench.is_none()
+            && cfg.mmvet.is_none()
+            && cfg.llava_bench.is_none()
+            && cfg.mmhal.is_none();
         if none {
-            return Err(Error::parse(path, None, "no benchmark configured ([pope], [object_halbench], [mmvet], [llava_bench], [mmhal])"));
+            return Err(Error::parse(
+                path,
+                None,
+                "no benchmark configured ([pope], [object_halbench], [mmvet], [llava_bench], [mmhal])",
+            ));
         }
         if let Some(p) = &cfg.pope {
             if p.questions.is_empty() {
@@ -231,18 +239,26 @@ pub fn headline(scores: &Scores) -> Vec<(String, f64)> {
             }
             out
         }
-        Scores::Chair(r) => vec![("ObjHal CHAIR_s".into(), 100.0 * r.chair_s), ("ObjHal CHAIR_i".into(), 100.0 * r.chair_i)],
-        Scores::MmVet(r) => vec![("MM-Vet".into(), r.total)],
-        Scores::LlavaBench(r) => {
-            r.categories.iter().filter(|c| c.category == "all").map(|c| ("LLaVA-Bench".to_string(), c.relative)).collect()
+        Scores::Chair(r) => {
+            vec![("ObjHal CHAIR_s".into(), 100.0 * r.chair_s), ("ObjHal CHAIR_i".into(), 100.0 * r.chair_i)]
         }
-        Scores::MmHal(r) => vec![("MMHal score".into(), r.average_score), ("MMHal hal. rate".into(), r.hallucination_rate)],
+        Scores::MmVet(r) => vec![("MM-Vet".into(), r.total)],
+        Scores::LlavaBench(r) => r
+            .categories
+            .iter()
+            .filter(|c| c.category == "all")
+            .map(|c| ("LLaVA-Bench".to_string(), c.relative))
+            .collect(),
+        Scores::MmHal(r) => {
+            vec![("MMHal score".into(), r.average_score), ("MMHal hal. rate".into(), r.hallucination_rate)]
+        }
     }
 }
 
 /// The headline numbers of a suite folder, benchmark by benchmark.
 pub fn suite_headlines(dir: &Path) -> Result<Vec<(String, f64)>> {
-    let info = read_info(dir)?.ok_or_else(|| Error::invalid(format!("{}: not a suite folder (no {SUITE_FILE})", dir.display())))?;
+    let info = read_info(dir)?
+        .ok_or_else(|| Error::invalid(format!("{}: not a suite folder (no {SUITE_FILE})", dir.display())))?;
     let mut out = Vec::new();
     for name in &info.benchmarks {
         out.extend(headline(&read_scores(&dir.join(name))?));

@@ -25,7 +25,8 @@ const ANSWERS: [&str; 10] = [
     "",
 ];
 const FILLER: [&str; 16] = [
-    "the", "a", "is", "on", "next", "to", "with", "in", "image", "shows", "large", "small", "red", "wooden", "near", "of",
+    "the", "a", "is", "on", "next", "to", "with", "in", "image", "shows", "large", "small", "red", "wooden", "near",
+    "of",
 ];
 
 /// `n` POPE questions (splits cycled, labels random) and one answer per question, shuffled so that pairing by
@@ -54,7 +55,8 @@ pub fn pope(n: usize, seed: u64) -> (Vec<PopeQuestion>, Vec<Answer>) {
 /// categories; captions mention some of those and some others, in plural and two-word forms.
 pub fn captions(n: usize, words: usize, seed: u64) -> (Vec<Caption>, GroundTruth) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let lines: Vec<Vec<&str>> = SYNONYMS.lines().map(|l| l.split(", ").collect()).filter(|l: &Vec<&str>| !l.is_empty()).collect();
+    let lines: Vec<Vec<&str>> =
+        SYNONYMS.lines().map(|l| l.split(", ").collect()).filter(|l: &Vec<&str>| !l.is_empty()).collect();
     let mut truth = GroundTruth { source: "synthetic ground truth".into(), ..Default::default() };
     let mut caps = Vec::with_capacity(n);
     for i in 0..n {

@@ -94,20 +94,42 @@ pub fn fits_context(prompt: usize, new: usize, context: usize) -> Result<()> {
 }
 
 /// Generates a completion for each request, in one batch.
-pub fn generate(model: &Model, tok: &Tokenizer, requests: &[Request], params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    requests: &[Request],
+    params: &SamplingParams,
+    pass: Pass,
+) -> Result<Vec<Completion>> {
     generate_contrast(model, tok, requests, None, params, pass)
 }
 
 /// Like [`generate`], with optional contrast rows (`contrast[i]` pairs with `requests[i]`, same ids) whose logits are
 /// merged with `combine(request_logits, contrast_logits)`.
-pub fn generate_contrast(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
-    let seeds: Vec<u64> = (0..requests.len()).map(|i| params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64)).collect();
+pub fn generate_contrast(
+    model: &Model,
+    tok: &Tokenizer,
+    requests: &[Request],
+    contrast: Option<(&[Request], Combine)>,
+    params: &SamplingParams,
+    pass: Pass,
+) -> Result<Vec<Completion>> {
+    let seeds: Vec<u64> =
+        (0..requests.len()).map(|i| params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64)).collect();
     generate_seeded(model, tok, requests, contrast, params, pass, &seeds)
 }
 
 /// Like [`generate_contrast`] with one sampling seed per request (`params.seed` is ignored). A row's sampling then
 /// does not depend on its position in the batch, so a resumed or re-batched run draws the same tokens.
-pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], contrast: Option<(&[Request], Combine)>, params: &SamplingParams, pass: Pass, seeds: &[u64]) -> Result<Vec<Completion>> {
+pub fn generate_seeded(
+    model: &Model,
+    tok: &Tokenizer,
+    requests: &[Request],
+    contrast: Option<(&[Request], Combine)>,
+    params: &SamplingParams,
+    pass: Pass,
+    seeds: &[u64],
+) -> Result<Vec<Completion>> {
     params.validate()?;
     let n = requests.len();
     if seeds.len() != n {
@@ -139,11 +161,13 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
     let mut mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
     let one_more = Tensor::ones((b, 1), DType::U32, &dev)?;
     let picker = Picker::new(model, params, contrast.is_some())?;
-    let logits = model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
+    let logits =
+        model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
     let mut last = picker.prepare(&logits)?;
 
     let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
-    let mut out: Vec<Completion> = (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
+    let mut out: Vec<Completion> =
+        (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
     let mut done = vec![false; n];
     for step in 0..params.max_new_tokens {
         let mut next = vec![tok.pad; b];
@@ -163,7 +187,8 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
         }
         mask_t = Tensor::cat(&[&mask_t, &one_more], 1)?;
         let step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
-        let logits = model.forward_last(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
+        let logits =
+            model.forward_last(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
         last = picker.prepare(&logits)?;
     }
     for c in &mut out {
@@ -177,7 +202,15 @@ pub fn generate_seeded(model: &Model, tok: &Tokenizer, requests: &[Request], con
 /// Row `i`'s next token: the one chosen on the device, or one sampled from its logits (combined with those of its
 /// contrast row `n + i`). The image placeholder is never a valid output: fed back, it would ask for an image that
 /// is not there.
-fn next_token(last: &mut Next, i: usize, n: usize, combine: Option<Combine>, image_token: Option<u32>, params: &SamplingParams, rng: &mut StdRng) -> u32 {
+fn next_token(
+    last: &mut Next,
+    i: usize,
+    n: usize,
+    combine: Option<Combine>,
+    image_token: Option<u32>,
+    params: &SamplingParams,
+    rng: &mut StdRng,
+) -> u32 {
     match last {
         Next::Chosen(ids) => ids[i],
         Next::Logits(rows) => {
@@ -253,7 +286,9 @@ impl Picker {
         let t = logits.dim(1)?;
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
         Ok(match self {
-            Picker::Device { image_mask: Some(m) } => Next::Chosen(last.broadcast_add(m)?.argmax(candle_core::D::Minus1)?.to_vec1()?),
+            Picker::Device { image_mask: Some(m) } => {
+                Next::Chosen(last.broadcast_add(m)?.argmax(candle_core::D::Minus1)?.to_vec1()?)
+            }
             Picker::Device { image_mask: None } => Next::Chosen(last.argmax(candle_core::D::Minus1)?.to_vec1()?),
             Picker::Host => Next::Logits(last.to_vec2()?),
         })
@@ -272,7 +307,8 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 
     }
     let inv_t = 1.0 / params.temperature;
     // Unnormalised probabilities; -inf logits (masked tokens) get 0.
-    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+    let mut cand: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
     let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
     if params.top_k > 0 && params.top_k < cand.len() {
         cand.select_nth_unstable_by(params.top_k - 1, desc);
@@ -313,7 +349,8 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 
 }
 
 fn argmax(logits: &[f32]) -> u32 {
-    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0 as u32
+    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0
+        as u32
 }
 
 #[cfg(test)]

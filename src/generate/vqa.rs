@@ -45,10 +45,18 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
     let mut seen = HashMap::new();
     for (line, r) in rows {
         let Some(key) = key_string(&r.question_id) else {
-            return Err(Error::parse(path, Some(line), format!("question_id must be a string or a number, not {}", r.question_id)));
+            return Err(Error::parse(
+                path,
+                Some(line),
+                format!("question_id must be a string or a number, not {}", r.question_id),
+            ));
         };
         if let Some(first) = seen.insert(key, line) {
-            return Err(Error::parse(path, Some(line), format!("question_id {} repeats line {first}; answers are keyed by it", r.question_id)));
+            return Err(Error::parse(
+                path,
+                Some(line),
+                format!("question_id {} repeats line {first}; answers are keyed by it", r.question_id),
+            ));
         }
         out.push(Question { question_id: r.question_id, image: r.image, text: r.text, line });
     }
@@ -67,7 +75,14 @@ pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
         Value::String(s) => s.clone(),
         v => v.to_string(),
     };
-    AnswerRow { question_id: q.question_id.clone(), prompt: q.text.clone(), text: text.to_string(), answer_id: format!("{model_id}-{id}"), model_id: model_id.to_string(), metadata: Default::default() }
+    AnswerRow {
+        question_id: q.question_id.clone(),
+        prompt: q.text.clone(),
+        text: text.to_string(),
+        answer_id: format!("{model_id}-{id}"),
+        model_id: model_id.to_string(),
+        metadata: Default::default(),
+    }
 }
 
 /// One prompt to answer from a data file: the question text, its image file, and where it came from (`file:line`)
@@ -81,7 +96,14 @@ pub struct Prompt {
 /// Answers `prompts` in batches of `batch_size` (images decoded per batch, so memory stays flat), calling
 /// `progress(n)` after each batch. Answers are trimmed. A prompt that leaves no room for `max_new_tokens` in the
 /// model's context is refused, naming its origin, before anything is generated.
-pub fn answer_all(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut progress: impl FnMut(usize)) -> Result<Vec<String>> {
+pub fn answer_all(
+    vlm: &super::Vlm,
+    prompts: &[Prompt],
+    params: &super::SamplingParams,
+    batch_size: usize,
+    pass: crate::model::Pass,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(prompts.len());
     answer_each(vlm, prompts, params, batch_size, pass, |_, texts| {
         progress(texts.len());
@@ -97,14 +119,22 @@ pub fn check_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingP
     let context = vlm.model.llm.cfg.max_position_embeddings;
     for p in prompts {
         let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
-        super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
+        super::fits_context(ids.len(), params.max_new_tokens, context)
+            .map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
     }
     Ok(())
 }
 
 /// Like [`answer_all`], but hands each batch's answers to `done(first index, answers)` as soon as they exist,
 /// so a caller can write them before the next batch starts; an error from `done` stops the run.
-pub fn answer_each(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams, batch_size: usize, pass: crate::model::Pass, mut done: impl FnMut(usize, Vec<String>) -> Result<()>) -> Result<()> {
+pub fn answer_each(
+    vlm: &super::Vlm,
+    prompts: &[Prompt],
+    params: &super::SamplingParams,
+    batch_size: usize,
+    pass: crate::model::Pass,
+    mut done: impl FnMut(usize, Vec<String>) -> Result<()>,
+) -> Result<()> {
     check_fit(vlm, prompts, params)?;
     let batch_size = batch_size.max(1);
     for (i, chunk) in prompts.chunks(batch_size).enumerate() {
@@ -132,7 +162,10 @@ pub fn check_same_model(answers: &Path, model_id: &str) -> Result<()> {
         Some((line, r)) => Err(Error::parse(
             answers,
             Some(line),
-            format!("an answer of model {}, not {model_id:?}: delete the file or give another --answers to start over", r.get("model_id").unwrap_or(&Value::Null)),
+            format!(
+                "an answer of model {}, not {model_id:?}: delete the file or give another --answers to start over",
+                r.get("model_id").unwrap_or(&Value::Null)
+            ),
         )),
         None => Ok(()),
     }
@@ -168,7 +201,12 @@ pub fn answer_into(
 ) -> Result<AnswerCounts> {
     let pending: Vec<&Question> = questions.iter().filter(|q| !out.is_done(&q.key())).collect();
     let already_done = questions.len() - pending.len();
-    let counts = AnswerCounts { questions: questions.len(), already_done, written: pending.len(), other: out.done_count() - already_done };
+    let counts = AnswerCounts {
+        questions: questions.len(),
+        already_done,
+        written: pending.len(),
+        other: out.done_count() - already_done,
+    };
     let prompts: Vec<Prompt> = pending.iter().map(|q| prompt(q)).collect();
     answer_each(vlm, &prompts, params, batch_size, pass, |start, texts| {
         progress(texts.len());

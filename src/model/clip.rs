@@ -98,7 +98,9 @@ impl ClipVision {
             position_embedding: emb.pp("position_embedding").get((positions, h), "weight")?,
             // transformers' spelling.
             pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
-            layers: (0..keep_layers).map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), cfg)).collect::<candle_core::Result<_>>()?,
+            layers: (0..keep_layers)
+                .map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), cfg))
+                .collect::<candle_core::Result<_>>()?,
             cfg: cfg.clone(),
             dtype: rt.dtype,
             kernels: rt.kernels,
@@ -110,9 +112,16 @@ impl ClipVision {
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixels.dim(0)?;
         // Weights that train (--train-vision) are f32 masters: cast to the compute dtype where used.
-        let patches = self.patchify(&pixels.to_dtype(self.dtype)?)?.broadcast_matmul(&self.patch_embedding.to_dtype(self.dtype)?.flatten_from(1)?.t()?)?; // (b, grid^2, hidden)
-        let class = self.class_embedding.to_dtype(self.dtype)?.reshape((1, 1, self.cfg.hidden_size))?.broadcast_as((b, 1, self.cfg.hidden_size))?;
-        let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding.to_dtype(self.dtype)?.unsqueeze(0)?)?;
+        let patches = self
+            .patchify(&pixels.to_dtype(self.dtype)?)?
+            .broadcast_matmul(&self.patch_embedding.to_dtype(self.dtype)?.flatten_from(1)?.t()?)?; // (b, grid^2, hidden)
+        let class = self
+            .class_embedding
+            .to_dtype(self.dtype)?
+            .reshape((1, 1, self.cfg.hidden_size))?
+            .broadcast_as((b, 1, self.cfg.hidden_size))?;
+        let x = Tensor::cat(&[class, patches], 1)?
+            .broadcast_add(&self.position_embedding.to_dtype(self.dtype)?.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(self.kernels, &x)?;
@@ -133,7 +142,11 @@ impl ClipVision {
 
     /// Layers needed for `vision_feature_layer` (negative counts from the end, as in transformers).
     pub fn layers_for(feature_layer: i64, total: usize) -> usize {
-        if feature_layer < 0 { (total as i64 + 1 + feature_layer).max(0) as usize } else { feature_layer as usize }
+        if feature_layer < 0 {
+            (total as i64 + 1 + feature_layer).max(0) as usize
+        } else {
+            feature_layer as usize
+        }
     }
 }
 
@@ -142,4 +155,3 @@ pub fn drop_class(x: &Tensor) -> candle_core::Result<Tensor> {
     let n = x.dim(1)?;
     x.narrow(1, 1, n - 1)
 }
-

@@ -371,7 +371,10 @@ impl LlamaConfig {
     /// Refuses sizes that are zero or do not divide (see [`ModelConfig::check`]).
     fn check(&self, prefix: &str) -> std::result::Result<(), String> {
         if self.hidden_act != "silu" {
-            return Err(format!("{prefix}hidden_act: {:?} is not supported (the Llama MLP is SwiGLU: silu)", self.hidden_act));
+            return Err(format!(
+                "{prefix}hidden_act: {:?} is not supported (the Llama MLP is SwiGLU: silu)",
+                self.hidden_act
+            ));
         }
         positive(
             prefix,
@@ -425,32 +428,84 @@ impl LlamaConfig {
     }
 }
 
-fn d_vocab() -> usize { 32000 }
-fn d_hidden() -> usize { 4096 }
-fn d_intermediate() -> usize { 11008 }
-fn d_layers() -> usize { 32 }
-fn d_heads() -> usize { 32 }
-fn d_rms_eps() -> f64 { 1e-6 }
-fn d_rope_theta() -> f64 { 10000.0 }
-fn d_rope_type() -> String { "default".into() }
-fn d_max_pos() -> usize { 2048 }
-fn d_act() -> String { "silu".into() }
-fn d_one() -> f64 { 1.0 }
-fn d_four() -> f64 { 4.0 }
-fn d_three() -> usize { 3 }
-fn d_clip_hidden() -> usize { 1024 }
-fn d_clip_intermediate() -> usize { 4096 }
-fn d_clip_layers() -> usize { 24 }
-fn d_clip_heads() -> usize { 16 }
-fn d_clip_image() -> usize { 336 }
-fn d_clip_patch() -> usize { 14 }
-fn d_ln_eps() -> f64 { 1e-5 }
-fn d_quick_gelu() -> String { "quick_gelu".into() }
-fn d_image_token() -> u32 { 32000 }
-fn d_feature_layer() -> i64 { -2 }
-fn d_strategy() -> FeatureStrategy { FeatureStrategy::Default }
-fn d_gelu() -> String { "gelu".into() }
-fn d_true() -> bool { true }
+fn d_vocab() -> usize {
+    32000
+}
+fn d_hidden() -> usize {
+    4096
+}
+fn d_intermediate() -> usize {
+    11008
+}
+fn d_layers() -> usize {
+    32
+}
+fn d_heads() -> usize {
+    32
+}
+fn d_rms_eps() -> f64 {
+    1e-6
+}
+fn d_rope_theta() -> f64 {
+    10000.0
+}
+fn d_rope_type() -> String {
+    "default".into()
+}
+fn d_max_pos() -> usize {
+    2048
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_four() -> f64 {
+    4.0
+}
+fn d_three() -> usize {
+    3
+}
+fn d_clip_hidden() -> usize {
+    1024
+}
+fn d_clip_intermediate() -> usize {
+    4096
+}
+fn d_clip_layers() -> usize {
+    24
+}
+fn d_clip_heads() -> usize {
+    16
+}
+fn d_clip_image() -> usize {
+    336
+}
+fn d_clip_patch() -> usize {
+    14
+}
+fn d_ln_eps() -> f64 {
+    1e-5
+}
+fn d_quick_gelu() -> String {
+    "quick_gelu".into()
+}
+fn d_image_token() -> u32 {
+    32000
+}
+fn d_feature_layer() -> i64 {
+    -2
+}
+fn d_strategy() -> FeatureStrategy {
+    FeatureStrategy::Default
+}
+fn d_gelu() -> String {
+    "gelu".into()
+}
+fn d_true() -> bool {
+    true
+}
 
 #[cfg(test)]
 mod tests {
@@ -468,7 +523,9 @@ mod tests {
         let new = llama(r#", "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}"#);
         assert_eq!(new.rope().unwrap().rope_theta, Some(500000.0));
         // transformers 5 configs converted from 4 can hold both: the newer key wins.
-        let both = llama(r#", "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}"#);
+        let both = llama(
+            r#", "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}"#,
+        );
         assert_eq!((both.rope().unwrap().rope_type.as_str(), both.rope().unwrap().factor), ("llama3", 8.0));
         // rope_parameters without rope_type is plain RoPE.
         assert_eq!(llama(r#", "rope_parameters": {"rope_theta": 1e6}"#).rope().unwrap().rope_type, "default");

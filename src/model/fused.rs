@@ -44,7 +44,13 @@ impl CustomOp2 for AttnSoftmax {
         "attn-softmax"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, m: &CpuStorage, ml: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, m) = (f32s(x, xl, self.name())?, f32s(m, ml, self.name())?);
         let dims = xl.dims();
         let [b, h, t, k] = dims[..] else { candle_core::bail!("attn-softmax: scores must be (b, heads, t, k)") };
@@ -72,7 +78,13 @@ impl CustomOp2 for AttnSoftmax {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _m: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _m: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(y.apply_op2(&g.contiguous()?, SoftmaxGrad { scale: self.scale })?), None))
     }
 }
@@ -118,7 +130,13 @@ impl CustomOp2 for SoftmaxGrad {
         "softmax-grad"
     }
 
-    fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        yl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, g) = (f32s(y, yl, self.name())?, f32s(g, gl, self.name())?);
         let k = *yl.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; y.len()];
@@ -152,7 +170,13 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (f32s(x, xl, self.name())?, f32s(w, wl, self.name())?);
         let h = w.len();
         let mut out = vec![0f32; x.len()];
@@ -168,7 +192,13 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dx = x.apply_op3(w, &g, RmsNormGrad { eps: self.eps })?;
         // The weight's gradient only when it trains (full fine-tuning): sum over rows of g * x / rms.
@@ -193,7 +223,15 @@ impl CustomOp3 for RmsNormGrad {
         "rms-norm-grad"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, g) = (f32s(x, xl, self.name())?, f32s(w, wl, self.name())?, f32s(g, gl, self.name())?);
         let h = w.len();
         let mut out = vec![0f32; x.len()];
@@ -224,7 +262,15 @@ impl CustomOp3 for Rope {
         "rope"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, c: &CpuStorage, cl: &Layout, s: &CpuStorage, sl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        c: &CpuStorage,
+        cl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, cos, sin) = (f32s(x, xl, self.name())?, f32s(c, cl, self.name())?, f32s(s, sl, self.name())?);
         let [b, h, t, d] = xl.dims()[..] else { candle_core::bail!("rope: x must be (b, heads, t, d)") };
         let half = d / 2;
@@ -249,7 +295,14 @@ impl CustomOp3 for Rope {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         Ok((Some(g.contiguous()?.apply_op3(cos, sin, Rope { inverse: !self.inverse })?), None, None))
     }
 }

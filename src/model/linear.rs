@@ -103,7 +103,11 @@ impl Linear {
             y = y.broadcast_add(&b.to_dtype(dtype)?)?;
         }
         if let (Some(lora), true) = (&self.lora, pass.adapters) {
-            let x = if pass.train && lora.dropout > 0.0 { ops::dropout(x, lora.dropout, lora.seed.next())? } else { x.clone() };
+            let x = if pass.train && lora.dropout > 0.0 {
+                ops::dropout(x, lora.dropout, lora.seed.next())?
+            } else {
+                x.clone()
+            };
             let down = x.broadcast_matmul(&lora.a.as_tensor().to_dtype(dtype)?.t()?)?;
             let up = down.broadcast_matmul(&lora.b.as_tensor().to_dtype(dtype)?.t()?)?;
             y = (y + (up * lora.scale)?)?;

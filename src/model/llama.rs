@@ -64,8 +64,13 @@ impl Rope {
     pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
         // Only dynamic NTK scaling depends on the longest position, and only it reads one value back from the device.
         let dynamic = self.cfg.rope().is_some_and(|s| s.rope_type == "dynamic");
-        let max_pos = if dynamic { positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1 } else { 0 };
-        let inv = if dynamic && max_pos > self.cfg.max_position_embeddings { inv_freq(&self.cfg, Some(max_pos)) } else { self.inv_freq.clone() };
+        let max_pos =
+            if dynamic { positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1 } else { 0 };
+        let inv = if dynamic && max_pos > self.cfg.max_position_embeddings {
+            inv_freq(&self.cfg, Some(max_pos))
+        } else {
+            self.inv_freq.clone()
+        };
         let n = inv.len();
         let inv = Tensor::from_vec(inv, (1, 1, n), positions.device())?;
         let freqs = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&inv)?;
@@ -137,7 +142,15 @@ impl Attention {
     }
 
     /// `x`: (b, t, hidden); `mask`: additive (b, 1, t, past + t).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        kv: Kv,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
         let kernels = self.kernels;
         let (b, t, _) = x.dims3()?;
         let (hd, kvh, rep) = (self.head_dim, self.kv_heads, self.heads / self.kv_heads);
@@ -153,7 +166,10 @@ impl Attention {
                 out.push((k.clone(), v.clone()));
                 (k, v)
             }
-            Kv::Prefix((pk, pv), rows) => (Tensor::cat(&[pk.index_select(rows, 0)?, k], 2)?, Tensor::cat(&[pv.index_select(rows, 0)?, v], 2)?.contiguous()?),
+            Kv::Prefix((pk, pv), rows) => (
+                Tensor::cat(&[pk.index_select(rows, 0)?, k], 2)?,
+                Tensor::cat(&[pv.index_select(rows, 0)?, v], 2)?.contiguous()?,
+            ),
         };
         let total = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the `rep` query heads sharing a KV head are stacked along
@@ -210,7 +226,15 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, kv: Kv, pass: Pass) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        kv: Kv,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
         let h = ops::rms_norm(self.kernels, x, &self.input_layernorm, self.eps)?;
         let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, pass)?)?;
         let h = ops::rms_norm(self.kernels, &x, &self.post_attention_layernorm, self.eps)?;
@@ -234,7 +258,9 @@ impl Llama {
     /// `vb` points at the decoder (`model` in a Llama checkpoint); `head` at `lm_head` (ignored when tied or absent).
     pub fn load(vb: VarBuilder, head: VarBuilder, cfg: &LlamaConfig, rt: &Runtime) -> candle_core::Result<Self> {
         let embed_tokens = vb.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg, rt.kernels)).collect::<candle_core::Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg, rt.kernels))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = vb.pp("norm").get(cfg.hidden_size, "weight")?;
         // Tied checkpoints usually omit lm_head; some still store a copy, which is then the same matrix.
         let lm_head = if cfg.tie_word_embeddings && !head.contains_tensor("weight") {
@@ -242,18 +268,37 @@ impl Llama {
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
         };
-        Ok(Llama { embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone(), dtype: rt.dtype, kernels: rt.kernels })
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg),
+            cfg: cfg.clone(),
+            dtype: rt.dtype,
+            kernels: rt.kernels,
+        })
     }
 
     /// Token embeddings for `ids` (b, t).
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?.to_dtype(self.dtype)
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?
+            .to_dtype(self.dtype)
     }
 
     /// Final-norm hidden states (b, t, hidden) for input embeddings (b, t, hidden) at `positions` (b, t).
     /// `mask` is additive, (b, 1, t, cached + t) (see [`causal_mask`]).
-    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut Cache>, pass: Pass) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Cache>,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
         let kv: Vec<Kv> = match cache {
             Some(c) => c.layers.iter_mut().map(|l| Kv::Cache(Some(l))).collect(),
             None => self.layers.iter().map(|_| Kv::Cache(None)).collect(),
@@ -263,7 +308,13 @@ impl Llama {
 
     /// Like [`Llama::forward`] without a cache, also returning every layer's keys and values, for continuations
     /// that share this prefix ([`Llama::forward_continuation`]).
-    pub fn forward_prefix(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, pass: Pass) -> candle_core::Result<(Tensor, PrefixKv)> {
+    pub fn forward_prefix(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        pass: Pass,
+    ) -> candle_core::Result<(Tensor, PrefixKv)> {
         let mut kept: Vec<Vec<(Tensor, Tensor)>> = self.layers.iter().map(|_| Vec::with_capacity(1)).collect();
         let hidden = self.run(embeds, positions, mask, pass, kept.iter_mut().map(Kv::Record).collect())?;
         Ok((hidden, PrefixKv { layers: kept.into_iter().flatten().collect() }))
@@ -272,7 +323,15 @@ impl Llama {
     /// Continuations of prefixes: row r of `embeds` (b, t, hidden) follows prefix row `rows[r]` (u32, b), so several
     /// continuations (a chosen and a rejected answer) share one prefix computation, and their gradients add up in
     /// it. `mask`: additive (b, 1, t, prefix + t) (see [`causal_mask`] with the prefix as the cached part).
-    pub fn forward_continuation(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, prefix: &PrefixKv, rows: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+    pub fn forward_continuation(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        prefix: &PrefixKv,
+        rows: &Tensor,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
         if prefix.layers.len() != self.layers.len() {
             candle_core::bail!("prefix has {} layers, the model {}", prefix.layers.len(), self.layers.len());
         }
@@ -280,7 +339,14 @@ impl Llama {
     }
 
     /// The decoder stack, layer `i` taking its extra keys and values from `kv[i]`.
-    fn run(&self, embeds: &Tensor, positions: &Tensor, mask: &Tensor, pass: Pass, kv: Vec<Kv>) -> candle_core::Result<Tensor> {
+    fn run(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        pass: Pass,
+        kv: Vec<Kv>,
+    ) -> candle_core::Result<Tensor> {
         let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(kv) {
@@ -301,7 +367,15 @@ impl Llama {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let a = &mut l.self_attn;
             let m = &mut l.mlp;
-            for (name, lin) in [("self_attn.q_proj", &mut a.q_proj), ("self_attn.k_proj", &mut a.k_proj), ("self_attn.v_proj", &mut a.v_proj), ("self_attn.o_proj", &mut a.o_proj), ("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.down_proj", &mut m.down_proj)] {
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
                 out.push((format!("layers.{i}.{name}"), lin));
             }
         }

@@ -94,14 +94,21 @@ impl Model {
         let n_feat = images.dims3().map(|(n, k, _)| n * k)?;
         if n_slots != n_feat {
             let per = self.image_tokens().max(1);
-            bail!("the prompt has {n_slots} image positions ({} images of {per}) but {} images were given", n_slots / per, n_feat / per);
+            bail!(
+                "the prompt has {n_slots} image positions ({} images of {per}) but {} images were given",
+                n_slots / per,
+                n_feat / per
+            );
         }
         // The image token may lie outside the embedding table (original LLaVA); look up id 0 there instead.
         let text_ids: Vec<u32> = flat.iter().map(|&id| if id == image_token { 0 } else { id }).collect();
         let text = self.llm.embed(&Tensor::from_vec(text_ids, (b, t), &self.rt.device)?)?;
         // One gather over [text rows; image rows] keeps the merge differentiable for both sources.
         let hidden = self.llm.cfg.hidden_size;
-        let table = Tensor::cat(&[text.reshape((b * t, hidden))?, images.reshape((n_feat, hidden))?.to_dtype(text.dtype())?], 0)?;
+        let table = Tensor::cat(
+            &[text.reshape((b * t, hidden))?, images.reshape((n_feat, hidden))?.to_dtype(text.dtype())?],
+            0,
+        )?;
         let mut next_image = 0u32;
         let index: Vec<u32> = flat
             .iter()
@@ -120,7 +127,13 @@ impl Model {
 
     /// Final hidden states (b, t, hidden) for a batch, with positions and the causal/padding mask derived from
     /// `inputs.mask`. With a `cache`, `inputs` are the new tokens only and `inputs.mask` covers cached + new keys.
-    pub fn forward_hidden(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, cache: Option<&mut Cache>, pass: Pass) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        inputs: &Inputs,
+        image_embeds: Option<&Tensor>,
+        cache: Option<&mut Cache>,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (embeds, positions, mask) = self.prepare(inputs, image_embeds, past)?;
         Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
@@ -128,7 +141,12 @@ impl Model {
 
     /// [`Model::forward_hidden`] for a batch of prefixes (prompts, left-padded so that they all end in the last
     /// column), also returning their keys and values for [`Model::continuation_hidden`].
-    pub fn prefix_hidden(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, pass: Pass) -> Result<(Tensor, PrefixKv)> {
+    pub fn prefix_hidden(
+        &self,
+        inputs: &Inputs,
+        image_embeds: Option<&Tensor>,
+        pass: Pass,
+    ) -> Result<(Tensor, PrefixKv)> {
         let (embeds, positions, mask) = self.prepare(inputs, image_embeds, 0)?;
         Ok(self.llm.forward_prefix(&embeds, &positions, &mask, pass)?)
     }
@@ -136,9 +154,19 @@ impl Model {
     /// Hidden states (b, t, hidden) of text continuations `ids` (b, t) of prefix rows `rows` (u32, b): a chosen and
     /// a rejected answer can follow one prompt computed once. `mask` (b, prefix + t) is the prefix row's key mask
     /// followed by the continuation's.
-    pub fn continuation_hidden(&self, ids: &Tensor, mask: &Tensor, prefix: &PrefixKv, rows: &Tensor, pass: Pass) -> Result<Tensor> {
+    pub fn continuation_hidden(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        prefix: &PrefixKv,
+        rows: &Tensor,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let t = ids.dim(1)?;
-        let past = mask.dim(1)?.checked_sub(t).ok_or_else(|| crate::Error::invalid("continuation mask shorter than the continuation"))?;
+        let past = mask
+            .dim(1)?
+            .checked_sub(t)
+            .ok_or_else(|| crate::Error::invalid("continuation mask shorter than the continuation"))?;
         let (embeds, positions, causal) = self.prepare(&Inputs { ids, mask, images: None }, None, past)?;
         Ok(self.llm.forward_continuation(&embeds, &positions, &causal, prefix, rows, pass)?)
     }
@@ -151,7 +179,10 @@ impl Model {
             bail!("attention mask covers {total} positions, expected {} cached + {t} new", past);
         }
         if total > self.llm.cfg.max_position_embeddings {
-            bail!("sequence of {total} tokens is longer than the model's context ({})", self.llm.cfg.max_position_embeddings);
+            bail!(
+                "sequence of {total} tokens is longer than the model's context ({})",
+                self.llm.cfg.max_position_embeddings
+            );
         }
         let key_mask = inputs.mask.to_device(&self.rt.device)?;
         // On the CPU's fused runtime plain loops are cheaper than the tensor ops (a decoded token of a tiny model
@@ -185,7 +216,8 @@ impl Model {
             None => None,
         };
         // A fresh prompt with image positions needs images (later decode steps may sample the id as text).
-        if let (None, Some(id), true) = (inputs.images, self.image_token(), cache.as_ref().is_none_or(|c| c.is_empty())) {
+        if let (None, Some(id), true) = (inputs.images, self.image_token(), cache.as_ref().is_none_or(|c| c.is_empty()))
+        {
             if inputs.ids.flatten_all()?.to_vec1::<u32>()?.contains(&id) {
                 bail!("the prompt has image positions but no image was given");
             }
@@ -240,13 +272,17 @@ mod tests {
     fn host_and_device_masks_and_positions_agree() {
         // Left padding (row 0), right padding (row 1), a hole (row 2); a prefill (t = total) and a decode step.
         let rows = [[0u32, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1]];
-        let key_mask = Tensor::from_iter(rows.iter().flatten().copied(), &Device::Cpu).unwrap().reshape((3, 6)).unwrap();
+        let key_mask =
+            Tensor::from_iter(rows.iter().flatten().copied(), &Device::Cpu).unwrap().reshape((3, 6)).unwrap();
         for t in [6, 1, 3] {
             for dtype in [DType::F32, DType::BF16] {
                 let (hp, hm) = host_positions_and_mask(&key_mask, t, dtype).unwrap();
                 let (dp, dm) = (positions_from_mask(&key_mask, t).unwrap(), causal_mask(&key_mask, t, dtype).unwrap());
                 assert_eq!(hp.to_vec2::<u32>().unwrap(), dp.to_vec2::<u32>().unwrap(), "positions, t = {t}");
-                let (hm, dm) = (hm.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), dm.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                let (hm, dm) = (
+                    hm.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    dm.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
                 assert_eq!(hm, dm, "mask, t = {t}, {dtype:?}");
             }
         }

@@ -26,7 +26,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.exists() {
         let text = crate::jsonl::read_text(&index)?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&index, None, e))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::parse(&index, None, "no weight_map object"))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::parse(&index, None, "no weight_map object"))?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
@@ -103,7 +106,8 @@ impl TensorSource {
     pub fn open(dir: &Path) -> Result<Self> {
         let files = safetensors_files(dir)?;
         // SAFETY: read-only mapping, as in [`load`].
-        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Checkpoint { path: dir.into(), msg: e.to_string() })?;
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::Checkpoint { path: dir.into(), msg: e.to_string() })?;
         let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
         let layout = match ModelConfig::from_dir(dir)? {
             ModelConfig::Llava(_) => detect_layout(&names),
@@ -114,7 +118,8 @@ impl TensorSource {
 
     /// Every tensor name, as llava-hf names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.st.tensors().into_iter().map(|(n, _)| self.layout.map_or(n.clone(), |l| to_llava_hf(l, &n))).collect();
+        let mut names: Vec<String> =
+            self.st.tensors().into_iter().map(|(n, _)| self.layout.map_or(n.clone(), |l| to_llava_hf(l, &n))).collect();
         names.sort();
         names
     }
@@ -127,7 +132,9 @@ impl TensorSource {
     /// The tensor with llava-hf name `name` in its stored dtype.
     pub fn raw(&self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
         let stored = self.layout.map_or(name.to_string(), |l| rename(l, name));
-        self.st.load(&stored, device).map_err(|e| Error::Checkpoint { path: self.dir.clone(), msg: format!("{name}: {e}") })
+        self.st
+            .load(&stored, device)
+            .map_err(|e| Error::Checkpoint { path: self.dir.clone(), msg: format!("{name}: {e}") })
     }
 }
 
@@ -139,7 +146,11 @@ pub const VISION_PREFIX: &str = "vision_tower.";
 /// `with_vision` every weight of the vision tower's used layers too; otherwise the tower stays frozen
 /// (memory-mapped, in the compute dtype). Returns the model and its variables with their llava-hf names
 /// (`model.*` / `lm_head.*` for a Llama).
-pub fn load_trainable(dir: &Path, opts: &LoadOptions, with_vision: bool) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
+pub fn load_trainable(
+    dir: &Path,
+    opts: &LoadOptions,
+    with_vision: bool,
+) -> Result<(Model, Vec<(String, candle_core::Var)>)> {
     let config = ModelConfig::from_dir(dir)?;
     if with_vision && !opts.allow_non_finite {
         // (Otherwise `load` below checks.)
@@ -192,10 +203,14 @@ impl LoadOptions {
 /// memory with a release build on the 2-vCPU development VM, small next to loading the same weights.
 pub fn check_finite_file(path: &Path) -> Result<()> {
     // SAFETY: read-only mapping, as in [`load`].
-    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
+    let st = unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
     for (name, view) in st.tensors() {
         if let Some(i) = first_non_finite(view.dtype(), view.data()) {
-            return Err(Error::Checkpoint { path: path.into(), msg: format!("tensor {name} is not finite (NaN or infinity at element {i})") });
+            return Err(Error::Checkpoint {
+                path: path.into(),
+                msg: format!("tensor {name} is not finite (NaN or infinity at element {i})"),
+            });
         }
     }
     Ok(())
@@ -287,9 +302,11 @@ pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle
 /// torn checkpoint.
 pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let contiguous: Vec<(String, candle_core::Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    let contiguous: Vec<(String, candle_core::Tensor)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
     crate::output::write_with(path, |tmp| {
-        safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), tmp).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })
+        safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), tmp)
+            .map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })
     })
 }
 
@@ -324,20 +341,36 @@ mod tests {
         assert_eq!(rename(TensorLayout::Original, n), "model.layers.0.self_attn.q_proj.weight");
         assert_eq!(rename(TensorLayout::Original, "multi_modal_projector.linear_2.bias"), "model.mm_projector.2.bias");
         assert_eq!(rename(TensorLayout::LlavaHfNew, "language_model.lm_head.weight"), "lm_head.weight");
-        assert_eq!(rename(TensorLayout::Original, "vision_tower.vision_model.pre_layrnorm.weight"), "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight");
+        assert_eq!(
+            rename(TensorLayout::Original, "vision_tower.vision_model.pre_layrnorm.weight"),
+            "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight"
+        );
     }
 
     #[test]
     fn stored_names_map_back() {
-        let names = ["language_model.model.layers.3.mlp.up_proj.weight", "language_model.model.norm.weight", "language_model.lm_head.weight", "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias", "vision_tower.vision_model.post_layernorm.bias"];
+        let names = [
+            "language_model.model.layers.3.mlp.up_proj.weight",
+            "language_model.model.norm.weight",
+            "language_model.lm_head.weight",
+            "multi_modal_projector.linear_1.weight",
+            "multi_modal_projector.linear_2.bias",
+            "vision_tower.vision_model.post_layernorm.bias",
+        ];
         for layout in [TensorLayout::LlavaHf, TensorLayout::LlavaHfNew, TensorLayout::Original] {
             for n in names {
                 assert_eq!(to_llava_hf(layout, &rename(layout, n)), n, "{layout:?}");
             }
         }
         // The longest stored prefix wins: `model.mm_projector.0.` and `model.vision_tower.vision_tower.` over `model.`.
-        assert_eq!(to_llava_hf(TensorLayout::Original, "model.mm_projector.0.weight"), "multi_modal_projector.linear_1.weight");
+        assert_eq!(
+            to_llava_hf(TensorLayout::Original, "model.mm_projector.0.weight"),
+            "multi_modal_projector.linear_1.weight"
+        );
         assert_eq!(to_llava_hf(TensorLayout::Original, "model.vision_tower.vision_tower.x"), "vision_tower.x");
-        assert_eq!(to_llava_hf(TensorLayout::Original, "model.embed_tokens.weight"), "language_model.model.embed_tokens.weight");
+        assert_eq!(
+            to_llava_hf(TensorLayout::Original, "model.embed_tokens.weight"),
+            "language_model.model.embed_tokens.weight"
+        );
     }
 }

@@ -28,7 +28,12 @@ pub struct LoraConfig {
 impl Default for LoraConfig {
     /// The BPO paper's recipe: r 64, alpha 256, dropout 0.05, every projection of the language model.
     fn default() -> Self {
-        LoraConfig { rank: 64, alpha: 256.0, dropout: 0.05, targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec() }
+        LoraConfig {
+            rank: 64,
+            alpha: 256.0,
+            dropout: 0.05,
+            targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec(),
+        }
     }
 }
 
@@ -89,7 +94,8 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         let b = Var::from_tensor(&Tensor::zeros((out_f, cfg.rank), DType::F32, &dev)?)?;
         vars.push((peft_key(is_llava, &path, 'A'), a.clone()));
         vars.push((peft_key(is_llava, &path, 'B'), b.clone()));
-        lin.lora = Some(Lora { a, b, scale: cfg.alpha / cfg.rank as f64, dropout: cfg.dropout, seed: dropout_seed.clone() });
+        lin.lora =
+            Some(Lora { a, b, scale: cfg.alpha / cfg.rank as f64, dropout: cfg.dropout, seed: dropout_seed.clone() });
     }
     if vars.is_empty() {
         bail!("no linear layer matched the LoRA targets {:?}", cfg.targets);
@@ -102,7 +108,10 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
 pub fn unfreeze_projector(model: &mut Model) -> Result<Vec<(String, Var)>> {
     let Some(v) = model.vision.as_mut() else { bail!("this model has no projector") };
     let mut out = Vec::new();
-    for (name, lin) in [("multi_modal_projector.linear_1", &mut v.projector.linear_1), ("multi_modal_projector.linear_2", &mut v.projector.linear_2)] {
+    for (name, lin) in [
+        ("multi_modal_projector.linear_1", &mut v.projector.linear_1),
+        ("multi_modal_projector.linear_2", &mut v.projector.linear_2),
+    ] {
         let w = Var::from_tensor(&lin.weight.to_dtype(DType::F32)?)?;
         lin.weight = w.as_tensor().clone();
         out.push((format!("{name}.weight"), w));
@@ -114,4 +123,3 @@ pub fn unfreeze_projector(model: &mut Model) -> Result<Vec<(String, Var)>> {
     }
     Ok(out)
 }
-

@@ -4,9 +4,9 @@
 //! values for all positions and is differentiable in the parts that train (see [`ops`]).
 
 pub mod clip;
-pub mod init;
 pub mod config;
 pub mod fused;
+pub mod init;
 pub mod linear;
 pub mod llama;
 pub mod llava;

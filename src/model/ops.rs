@@ -128,7 +128,12 @@ impl FrozenMatmul {
     /// The product on the backend that holds `x`; `same` picks the weight's storage on that backend. One code path
     /// for the CPU and CUDA: the weight is read as its transpose (in, out), column-major, which both gemm kernels
     /// (gemm, cuBLAS) take without a copy.
-    fn fwd<S: BackendStorage>(&self, x: &S, x_layout: &Layout, same: impl FnOnce(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &Layout,
+        same: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
         let dims = x_layout.dims();
         let (out_f, in_f) = self.w.dims2()?;
         let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: scalar input".into()))?;
@@ -170,6 +175,21 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// The activations config.json may name for the CLIP MLP and the projector (`hidden_act`,
+/// `projector_hidden_act`), as transformers' `ACT2FN` computes them.
+pub const ACTIVATIONS: [&str; 4] = ["gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu"];
+
+/// Applies the activation `name` (one of [`ACTIVATIONS`]); any other name is an error, never a substitute.
+pub fn activation(x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
+    match name {
+        "gelu" => x.gelu_erf(),
+        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
+        // x * sigmoid(1.702 x)
+        "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        other => candle_core::bail!("unsupported activation {other:?} (bpo has {})", ACTIVATIONS.join(", ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,17 +204,34 @@ mod tests {
         let n = out.elem_count();
         let proj: Vec<f32> = (0..n).map(|i| ((i * 7919 % 13) as f32 - 6.0) / 6.0).collect();
         let proj = Tensor::from_slice(&proj, out.shape(), &dev).unwrap();
-        let loss = |t: &Tensor| f(t).unwrap().to_dtype(DType::F64).unwrap().mul(&proj.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let loss = |t: &Tensor| {
+            f(t).unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .mul(&proj.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
         let grads = (f(var.as_tensor()).unwrap() * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-        let g: Vec<f32> = grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f32> =
+            grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
         let eps = 1e-2f32;
         for i in 0..x.len() {
             let mut xp = x.to_vec();
             xp[i] += eps;
             let mut xm = x.to_vec();
             xm[i] -= eps;
-            let fd = (loss(&Tensor::from_slice(&xp, shape, &dev).unwrap()) - loss(&Tensor::from_slice(&xm, shape, &dev).unwrap())) / (2.0 * eps as f64);
-            assert!((fd - g[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()), "element {i}: finite difference {fd}, autograd {}", g[i]);
+            let fd = (loss(&Tensor::from_slice(&xp, shape, &dev).unwrap())
+                - loss(&Tensor::from_slice(&xm, shape, &dev).unwrap()))
+                / (2.0 * eps as f64);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()),
+                "element {i}: finite difference {fd}, autograd {}",
+                g[i]
+            );
         }
     }
 
@@ -241,7 +278,14 @@ mod tests {
         }
         let x = Tensor::from_slice(&data(12), (1, 2, 2, 3), &Device::Cpu).unwrap();
         let composed = softmax(Kernels::Generic, &(&x * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-        let d = (attention_softmax(Kernels::Fused, &x, &mask, 0.7).unwrap() - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (attention_softmax(Kernels::Fused, &x, &mask, 0.7).unwrap() - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
@@ -289,30 +333,18 @@ mod tests {
         let b = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
         let cos = Tensor::from_slice(&data(6), (1, 3, 2), &dev).unwrap();
         let sin = Tensor::from_slice(&data(6), (1, 3, 2), &dev).unwrap().affine(0.5, 0.1).unwrap();
-        let diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         // Inference (fused candle kernels) against the training path of each kind.
         for k in [Kernels::Fused, Kernels::Generic] {
             assert!(diff(softmax(k, &x).unwrap(), softmax(k, xv.as_tensor()).unwrap()) < 1e-6);
             assert!(diff(rms_norm(k, &x, &w, 1e-5).unwrap(), rms_norm(k, xv.as_tensor(), &w, 1e-5).unwrap()) < 1e-5);
-            assert!(diff(layer_norm(&x, &w, &b, 1e-5).unwrap(), layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap()) < 1e-5);
+            assert!(
+                diff(layer_norm(&x, &w, &b, 1e-5).unwrap(), layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap()) < 1e-5
+            );
             assert!(diff(rope(k, &x, &cos, &sin).unwrap(), rope(k, xv.as_tensor(), &cos, &sin).unwrap()) < 1e-5);
         }
         let wm = Tensor::from_slice(&data(20), (5, 4), &dev).unwrap();
         assert!(diff(frozen_linear(&x, &wm).unwrap(), x.broadcast_matmul(&wm.t().unwrap()).unwrap()) < 1e-5);
-    }
-}
-
-/// The activations config.json may name for the CLIP MLP and the projector (`hidden_act`,
-/// `projector_hidden_act`), as transformers' `ACT2FN` computes them.
-pub const ACTIVATIONS: [&str; 4] = ["gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu"];
-
-/// Applies the activation `name` (one of [`ACTIVATIONS`]); any other name is an error, never a substitute.
-pub fn activation(x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-    match name {
-        "gelu" => x.gelu_erf(),
-        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
-        // x * sigmoid(1.702 x)
-        "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-        other => candle_core::bail!("unsupported activation {other:?} (bpo has {})", ACTIVATIONS.join(", ")),
     }
 }

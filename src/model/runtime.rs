@@ -93,12 +93,15 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("--device cuda:{ordinal}: no usable GPU ({})", first_line(&e.to_string()))))
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::invalid(format!("--device cuda:{ordinal}: no usable GPU ({})", first_line(&e.to_string()))))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(ordinal: usize) -> Result<Device> {
-    Err(Error::invalid(format!("--device cuda:{ordinal}: this bpo was built without CUDA; build it with scripts/build-cuda.sh (docs/gpu.md)")))
+    Err(Error::invalid(format!(
+        "--device cuda:{ordinal}: this bpo was built without CUDA; build it with scripts/build-cuda.sh (docs/gpu.md)"
+    )))
 }
 
 #[cfg(feature = "cuda")]

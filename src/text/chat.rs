@@ -52,14 +52,29 @@ impl ChatTemplate {
         for (file, key) in [("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")] {
             let path = dir.join(file);
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            let value: Value = serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| Error::parse(&path, None, e))?;
+            let value: Value =
+                serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| Error::parse(&path, None, e))?;
             let source = match value.get(key) {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(named)) => match named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()) {
-                    Some(s) => s.to_string(),
-                    None => return Err(Error::parse(&path, None, format!("`{key}` is a list of named templates without one named \"default\""))),
-                },
-                Some(_) => return Err(Error::parse(&path, None, format!("`{key}` is neither a string nor a list of named templates"))),
+                Some(Value::Array(named)) => {
+                    match named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()) {
+                        Some(s) => s.to_string(),
+                        None => {
+                            return Err(Error::parse(
+                                &path,
+                                None,
+                                format!("`{key}` is a list of named templates without one named \"default\""),
+                            ))
+                        }
+                    }
+                }
+                Some(_) => {
+                    return Err(Error::parse(
+                        &path,
+                        None,
+                        format!("`{key}` is neither a string nor a list of named templates"),
+                    ))
+                }
                 None => continue,
             };
             return Self::new(source, path, parts);
@@ -76,8 +91,11 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> { Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg)) });
-        env.add_template_owned("chat", strip_generation_markers(&source)).map_err(|e| Error::parse(&path, e.line(), format!("chat template: {e}")))?;
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", strip_generation_markers(&source))
+            .map_err(|e| Error::parse(&path, e.line(), format!("chat template: {e}")))?;
         Ok(ChatTemplate { env, path, source, parts })
     }
 
@@ -101,7 +119,12 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (JSON values with `role` and `content`) as transformers does.
-    pub fn render_messages(&self, messages: &[Value], add_generation_prompt: bool, special: &SpecialTokens) -> Result<String> {
+    pub fn render_messages(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+    ) -> Result<String> {
         let ctx = json!({
             "messages": messages,
             "add_generation_prompt": add_generation_prompt,
@@ -153,8 +176,19 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/cases.json");
         let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let s = &fixture["special"];
-        let special = SpecialTokens { bos: s["bos_token"].as_str().map(Into::into), eos: s["eos_token"].as_str().map(Into::into), pad: s["pad_token"].as_str().map(Into::into) };
-        let template = |name: &str, parts: bool| ChatTemplate::new(fixture["templates"][name].as_str().unwrap().to_string(), format!("{name}.jinja").into(), parts).unwrap();
+        let special = SpecialTokens {
+            bos: s["bos_token"].as_str().map(Into::into),
+            eos: s["eos_token"].as_str().map(Into::into),
+            pad: s["pad_token"].as_str().map(Into::into),
+        };
+        let template = |name: &str, parts: bool| {
+            ChatTemplate::new(
+                fixture["templates"][name].as_str().unwrap().to_string(),
+                format!("{name}.jinja").into(),
+                parts,
+            )
+            .unwrap()
+        };
         let cases = fixture["cases"].as_array().unwrap();
         assert_eq!(cases.len(), 12);
         for c in cases {
@@ -173,19 +207,30 @@ mod tests {
 
     #[test]
     fn generation_markers_render_nothing() {
-        assert_eq!(strip_generation_markers("a{% generation %}b{%- endgeneration -%}c{% if x %}d{% endif %}"), "abc{% if x %}d{% endif %}");
+        assert_eq!(
+            strip_generation_markers("a{% generation %}b{%- endgeneration -%}c{% if x %}d{% endif %}"),
+            "abc{% if x %}d{% endif %}"
+        );
     }
 
     #[test]
     fn raise_exception_is_an_error_naming_the_file() {
-        let t = ChatTemplate::new("{{ raise_exception('only user and assistant') }}".into(), "chat_template.jinja".into(), true).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('only user and assistant') }}".into(),
+            "chat_template.jinja".into(),
+            true,
+        )
+        .unwrap();
         let err = t.render("q", false, &SpecialTokens::default()).unwrap_err().to_string();
         assert!(err.contains("chat_template.jinja") && err.contains("only user and assistant"), "{err}");
     }
 
     #[test]
     fn a_broken_template_is_refused_at_load() {
-        let err = ChatTemplate::new("{% for m in messages %}".into(), "x/chat_template.jinja".into(), true).err().unwrap().to_string();
+        let err = ChatTemplate::new("{% for m in messages %}".into(), "x/chat_template.jinja".into(), true)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("x/chat_template.jinja"), "{err}");
     }
 }

@@ -63,13 +63,21 @@ impl Chat {
     /// `<image>\n` unless the question already holds the placeholder; the model's template places the image part
     /// itself.
     pub fn render(&self, question: &str, image: bool) -> Result<String> {
-        let q = || if image && !question.contains(IMAGE_PLACEHOLDER) { format!("{IMAGE_PLACEHOLDER}\n{question}") } else { question.to_string() };
+        let q = || {
+            if image && !question.contains(IMAGE_PLACEHOLDER) {
+                format!("{IMAGE_PLACEHOLDER}\n{question}")
+            } else {
+                question.to_string()
+            }
+        };
         Ok(match self {
             Chat::Builtin(Template::VicunaV1) => vicuna_v1(&q()),
             Chat::Builtin(Template::LlavaHf) => format!("USER: {} ASSISTANT:", q()),
             Chat::Builtin(Template::Plain) => q(),
             Chat::Model(t, special) => t.render(question, image, special)?,
-            Chat::Builtin(Template::Model) => bail!("--template model needs the model folder's template: load it with Chat::load"),
+            Chat::Builtin(Template::Model) => {
+                bail!("--template model needs the model folder's template: load it with Chat::load")
+            }
         })
     }
 
@@ -146,10 +154,20 @@ pub fn response_ids(tok: &Tokenizer, response: &str, style: PromptStyle) -> Resu
 /// A multi-turn conversation as token ids with a target flag per id: the answers (with EOS in the Llava style) are
 /// targets, everything else (BOS, system text, questions, image positions) is context. The first question gets the
 /// image; later questions follow [`Template::render_next`].
-pub fn conversation_ids(tok: &Tokenizer, chat: &Chat, style: PromptStyle, turns: &[(String, String)], image: Option<(u32, usize)>) -> Result<(Vec<u32>, Vec<bool>)> {
+pub fn conversation_ids(
+    tok: &Tokenizer,
+    chat: &Chat,
+    style: PromptStyle,
+    turns: &[(String, String)],
+    image: Option<(u32, usize)>,
+) -> Result<(Vec<u32>, Vec<bool>)> {
     let (mut ids, mut target) = (Vec::new(), Vec::new());
     for (i, (question, answer)) in turns.iter().enumerate() {
-        let context = if i == 0 { prompt_ids(tok, &chat.render(question, image.is_some())?, style, image)? } else { tok.encode(&chat.render_next(question)?)? };
+        let context = if i == 0 {
+            prompt_ids(tok, &chat.render(question, image.is_some())?, style, image)?
+        } else {
+            tok.encode(&chat.render_next(question)?)?
+        };
         let reply = response_ids(tok, answer, style)?;
         target.extend(std::iter::repeat_n(false, context.len()).chain(std::iter::repeat_n(true, reply.len())));
         ids.extend(context.into_iter().chain(reply));
@@ -162,14 +180,17 @@ mod tests {
     use super::*;
 
     fn tok() -> Tokenizer {
-        Tokenizer::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer"), &[]).unwrap()
+        Tokenizer::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer"), &[])
+            .unwrap()
     }
 
     #[test]
     fn conversations_label_only_the_answers() {
         let tok = tok();
         let turns = [("What is it?".to_string(), "a cat".to_string()), ("Colour?".to_string(), "red".to_string())];
-        let (ids, target) = conversation_ids(&tok, &Chat::Builtin(Template::LlavaHf), PromptStyle::Llava, &turns, Some((1022, 3))).unwrap();
+        let (ids, target) =
+            conversation_ids(&tok, &Chat::Builtin(Template::LlavaHf), PromptStyle::Llava, &turns, Some((1022, 3)))
+                .unwrap();
         let answers: Vec<u32> = ids.iter().zip(&target).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
         let mut want = tok.encode("a cat").unwrap();
         want.push(2);

@@ -17,7 +17,10 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path, eos_ids: &[u32]) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::parse(&path, None, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
@@ -55,7 +58,11 @@ impl Tokenizer {
     /// BOS, EOS and pad as strings, for chat templates.
     pub fn special_tokens(&self) -> super::chat::SpecialTokens {
         let name = |id: u32| self.inner.id_to_token(id);
-        super::chat::SpecialTokens { bos: self.bos.and_then(name), eos: self.eos.first().copied().and_then(name), pad: name(self.pad) }
+        super::chat::SpecialTokens {
+            bos: self.bos.and_then(name),
+            eos: self.eos.first().copied().and_then(name),
+            pad: name(self.pad),
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -96,5 +103,8 @@ pub fn write_word_level(dir: &Path, words: &[String]) -> Result<()> {
         crate::output::write_bytes(&path, serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes())
     };
     write("tokenizer.json", word_level_json(words))?;
-    write("tokenizer_config.json", serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    write(
+        "tokenizer_config.json",
+        serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}),
+    )
 }

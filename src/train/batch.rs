@@ -6,13 +6,12 @@
 //! ([`crate::model::Model::continuation_hidden`]); gradients from both answers add up in the shared prompt. With
 //! LLaVA's 576 image positions per prompt this nearly halves the work of a DPO step, forward and backward.
 
-
 use candle_core::{Device, Tensor};
 
 use super::data::PairExample;
 use super::features::{distinct_images, FeatureCache};
-use crate::model::Vlm;
 use crate::model::llava::Projector;
+use crate::model::Vlm;
 use crate::model::{Inputs, Model, Pass};
 use crate::score::{left_pad, response_logprobs, IGNORE};
 use crate::{bail, Result};
@@ -50,9 +49,11 @@ impl PairBatch {
             bail!("a pair has an empty prompt: nothing predicts its answer's first token");
         }
         let (prompt_ids, prompt_mask, p) = left_pad(&prompts, pad);
-        let answers: Vec<&[u32]> = examples.iter().map(|e| &e.chosen[..]).chain(examples.iter().map(|e| &e.rejected[..])).collect();
+        let answers: Vec<&[u32]> =
+            examples.iter().map(|e| &e.chosen[..]).chain(examples.iter().map(|e| &e.rejected[..])).collect();
         let a = answers.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
-        let (mut answer_ids, mut answer_mask, mut labels) = (Vec::with_capacity(2 * b * a), Vec::with_capacity(2 * b * (p + a)), Vec::with_capacity(2 * b * (a + 1)));
+        let (mut answer_ids, mut answer_mask, mut labels) =
+            (Vec::with_capacity(2 * b * a), Vec::with_capacity(2 * b * (p + a)), Vec::with_capacity(2 * b * (a + 1)));
         for (r, ans) in answers.iter().enumerate() {
             answer_ids.extend(ans.iter().copied().chain(std::iter::repeat_n(pad, a - ans.len())));
             answer_mask.extend_from_slice(&prompt_mask[(r % b) * p..(r % b + 1) * p]);
@@ -63,7 +64,8 @@ impl PairBatch {
         let (distinct, index) = distinct_images(examples.iter().filter_map(|e| e.image.as_deref()));
         let features = if distinct.is_empty() { None } else { Some(features.features(vlm, &distinct)?) };
         let n = index.len();
-        let tokens = 2 * prompts.iter().map(|r| r.len()).sum::<usize>() + answers.iter().map(|r| r.len()).sum::<usize>();
+        let tokens =
+            2 * prompts.iter().map(|r| r.len()).sum::<usize>() + answers.iter().map(|r| r.len()).sum::<usize>();
         let rows: Vec<u32> = (0..2 * b).map(|r| (r % b) as u32).collect();
         Ok(PairBatch {
             pairs: b,
@@ -81,7 +83,13 @@ impl PairBatch {
 
     /// Summed answer log-probs `[chosen..., rejected...]` (2B,) and answer lengths, with image features projected by
     /// `projector` (None: the model's own; `detach`: no gradient into it).
-    pub fn logps(&self, model: &Model, projector: Option<&Projector>, detach: bool, pass: Pass) -> Result<(Tensor, Tensor)> {
+    pub fn logps(
+        &self,
+        model: &Model,
+        projector: Option<&Projector>,
+        detach: bool,
+        pass: Pass,
+    ) -> Result<(Tensor, Tensor)> {
         let embeds = match (&self.features, &self.image_index) {
             (Some(f), Some(idx)) => {
                 let projected = match projector {

@@ -32,7 +32,10 @@ const PROJECTOR_MODULE: &str = "multi_modal_projector";
 
 /// Decoder module path (`layers.0.self_attn.q_proj`) and `A`/`B` of a PEFT LoRA tensor name in any spelling.
 pub fn parse_lora_key(name: &str) -> Option<(String, char)> {
-    let rest = ["base_model.model.language_model.model.", "base_model.model.model.language_model.", "base_model.model.model."].iter().find_map(|p| name.strip_prefix(p))?;
+    let rest =
+        ["base_model.model.language_model.model.", "base_model.model.model.language_model.", "base_model.model.model."]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))?;
     let rest = rest.strip_suffix(".weight")?.replace(".default", "");
     let (module, which) = rest.rsplit_once(".lora_")?;
     let which = match which {
@@ -45,10 +48,14 @@ pub fn parse_lora_key(name: &str) -> Option<(String, char)> {
 
 /// llava-hf name (`multi_modal_projector.linear_1.weight`) of a projector tensor saved by PEFT in any spelling.
 pub fn parse_projector_key(name: &str) -> Option<String> {
-    let rest = ["base_model.model.multi_modal_projector.", "base_model.model.model.multi_modal_projector."].iter().find_map(|p| name.strip_prefix(p));
+    let rest = ["base_model.model.multi_modal_projector.", "base_model.model.model.multi_modal_projector."]
+        .iter()
+        .find_map(|p| name.strip_prefix(p));
     let rest = rest.map(|r| r.replace(".modules_to_save.default", "")).or_else(|| {
         let r = name.strip_prefix("base_model.model.model.mm_projector.")?;
-        r.strip_prefix("0.").map(|x| format!("linear_1.{x}")).or_else(|| r.strip_prefix("2.").map(|x| format!("linear_2.{x}")))
+        r.strip_prefix("0.")
+            .map(|x| format!("linear_1.{x}"))
+            .or_else(|| r.strip_prefix("2.").map(|x| format!("linear_2.{x}")))
     })?;
     Some(format!("{PROJECTOR_MODULE}.{rest}"))
 }
@@ -81,7 +88,8 @@ pub use crate::output::write_dir as write_dir_atomically;
 /// not also wrap the CLIP tower's identically named `q_proj`/`k_proj`/`v_proj`.
 fn adapter_config(is_llava: bool, cfg: &LoraConfig, with_projector: bool, base_model: &str) -> Value {
     let modules = cfg.module_names();
-    let targets = if is_llava { json!(format!(".*language_model.*\\.({})", modules.join("|"))) } else { json!(modules) };
+    let targets =
+        if is_llava { json!(format!(".*language_model.*\\.({})", modules.join("|"))) } else { json!(modules) };
     json!({
         "peft_type": "LORA", "task_type": if is_llava { Value::Null } else { json!("CAUSAL_LM") },
         "base_model_name_or_path": base_model, "r": cfg.rank, "lora_alpha": cfg.alpha,
@@ -95,10 +103,18 @@ fn adapter_config(is_llava: bool, cfg: &LoraConfig, with_projector: bool, base_m
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` (LoRA, and the projector as `modules_to_save`) and,
 /// with a projector, `projector.safetensors`. `lora` carries [`peft_key`] names, `projector` llava-hf names.
-pub fn save_adapter(dir: &Path, is_llava: bool, cfg: &LoraConfig, lora: &[(String, Var)], projector: &[(String, Var)], base_model: &str) -> Result<()> {
+pub fn save_adapter(
+    dir: &Path,
+    is_llava: bool,
+    cfg: &LoraConfig,
+    lora: &[(String, Var)],
+    projector: &[(String, Var)],
+    base_model: &str,
+) -> Result<()> {
     let mut tensors = Vec::with_capacity(lora.len() + projector.len());
     for (key, var) in lora {
-        let (module, which) = parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
+        let (module, which) =
+            parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
         tensors.push((lora_write_key(is_llava, &module, which), var.as_tensor().clone()));
     }
     tensors.extend(projector.iter().map(|(n, v)| (projector_write_key(n), v.as_tensor().clone())));
@@ -142,7 +158,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
 /// [`load_adapter`], accepting NaN or infinite weights if `allow_non_finite`.
 pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) -> Result<Adapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let cfg: PeftConfig = serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::parse(&cfg_path, None, e))?;
+    let cfg: PeftConfig =
+        serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::parse(&cfg_path, None, e))?;
     let bad = |msg: String| Error::parse(&cfg_path, None, msg);
     if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
         return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
@@ -163,7 +180,8 @@ pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) 
     if !allow_non_finite {
         check_finite_file(&path)?;
     }
-    let tensors = candle_core::safetensors::load(&path, &model.rt.device).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let tensors = candle_core::safetensors::load(&path, &model.rt.device)
+        .map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
     let mut lora: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
     let mut projector: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in tensors {
@@ -172,18 +190,36 @@ pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) 
         } else if let Some(p) = parse_projector_key(&name) {
             projector.insert(p, t.to_dtype(candle_core::DType::F32)?);
         } else {
-            return Err(Error::Checkpoint { path, msg: format!("unsupported adapter tensor {name} (bpo adapts the language model's linears and the projector)") });
+            return Err(Error::Checkpoint {
+                path,
+                msg: format!(
+                    "unsupported adapter tensor {name} (bpo adapts the language model's linears and the projector)"
+                ),
+            });
         }
     }
 
     let is_llava = model.vision.is_some();
     let seed = Arc::new(DropoutSeed::new(0));
-    let mut out = Adapter { lora: Vec::new(), projector: Vec::new(), config: LoraConfig { rank, alpha, dropout, targets: Vec::new() } };
+    let mut out = Adapter {
+        lora: Vec::new(),
+        projector: Vec::new(),
+        config: LoraConfig { rank, alpha, dropout, targets: Vec::new() },
+    };
     for (module, lin) in model.llm.linears_mut() {
         let Some([a, b]) = lora.remove(&module) else { continue };
-        let (Some(a), Some(b)) = (a, b) else { bail!("{}: {module} has only one of lora_A and lora_B", path.display()) };
+        let (Some(a), Some(b)) = (a, b) else {
+            bail!("{}: {module} has only one of lora_A and lora_B", path.display())
+        };
         if a.dims() != [rank, lin.in_features()] || b.dims() != [lin.out_features(), rank] {
-            bail!("{}: {module} has A {:?} and B {:?}, expected [{rank}, {}] and [{}, {rank}]", path.display(), a.dims(), b.dims(), lin.in_features(), lin.out_features());
+            bail!(
+                "{}: {module} has A {:?} and B {:?}, expected [{rank}, {}] and [{}, {rank}]",
+                path.display(),
+                a.dims(),
+                b.dims(),
+                lin.in_features(),
+                lin.out_features()
+            );
         }
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
         out.lora.push((peft_key(is_llava, &module, 'A'), a.clone()));
@@ -207,7 +243,9 @@ pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) 
 fn set_projector(model: &mut Model, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<(String, Var)>> {
     let vars = crate::model::lora::unfreeze_projector(model)?;
     for (name, var) in &vars {
-        let t = tensors.get(name).ok_or_else(|| Error::Checkpoint { path: path.into(), msg: format!("projector tensor {name} missing") })?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::Checkpoint { path: path.into(), msg: format!("projector tensor {name} missing") })?;
         if t.dims() != var.dims() {
             bail!("{}: {name} has shape {:?}, the model {:?}", path.display(), t.dims(), var.dims());
         }
@@ -219,7 +257,8 @@ fn set_projector(model: &mut Model, tensors: &HashMap<String, Tensor>, path: &Pa
 /// Overwrites `vars` (saved by [`save_adapter`] in `dir`) with the values stored there.
 pub fn restore_adapter(dir: &Path, lora: &[(String, Var)], projector: &[(String, Var)]) -> Result<()> {
     let path = dir.join(ADAPTER_WEIGHTS);
-    let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
     let mut by_name: HashMap<String, &Tensor> = HashMap::new();
     for (name, t) in &saved {
         if let Some((module, which)) = parse_lora_key(name) {
@@ -229,7 +268,8 @@ pub fn restore_adapter(dir: &Path, lora: &[(String, Var)], projector: &[(String,
         }
     }
     for (key, var) in lora {
-        let (module, which) = parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
+        let (module, which) =
+            parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
         set_from(var, by_name.get(&format!("{module}.{which}")).copied(), key, &path)?;
     }
     for (name, var) in projector {
@@ -245,7 +285,8 @@ fn set_from(var: &Var, t: Option<&Tensor>, name: &str, path: &Path) -> Result<()
 
 /// Loads named tensors from a safetensors file into `vars` (by name; all must be present).
 pub fn restore_named(path: &Path, vars: &[(String, Var)]) -> Result<()> {
-    let saved = candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
+    let saved = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;
     for (name, var) in vars {
         set_from(var, saved.get(name), name, path)?;
     }
@@ -280,19 +321,47 @@ mod tests {
     #[test]
     fn every_peft_spelling_parses() {
         let want = Some(("layers.3.self_attn.q_proj".to_string(), 'A'));
-        assert_eq!(parse_lora_key("base_model.model.language_model.model.layers.3.self_attn.q_proj.lora_A.weight"), want);
-        assert_eq!(parse_lora_key("base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight"), want);
+        assert_eq!(
+            parse_lora_key("base_model.model.language_model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            want
+        );
+        assert_eq!(
+            parse_lora_key("base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight"),
+            want
+        );
         assert_eq!(parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"), want);
-        assert_eq!(parse_lora_key("base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"), Some(("layers.0.mlp.down_proj".into(), 'B')));
-        assert_eq!(parse_lora_key("base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"), None);
+        assert_eq!(
+            parse_lora_key("base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"),
+            Some(("layers.0.mlp.down_proj".into(), 'B'))
+        );
+        assert_eq!(
+            parse_lora_key("base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"),
+            None
+        );
         assert_eq!(parse_lora_key("base_model.model.lm_head.lora_A.weight"), None);
-        for n in ["base_model.model.multi_modal_projector.linear_1.weight", "base_model.model.model.multi_modal_projector.linear_1.weight", "base_model.model.model.mm_projector.0.weight"] {
+        for n in [
+            "base_model.model.multi_modal_projector.linear_1.weight",
+            "base_model.model.model.multi_modal_projector.linear_1.weight",
+            "base_model.model.model.mm_projector.0.weight",
+        ] {
             assert_eq!(parse_projector_key(n).as_deref(), Some("multi_modal_projector.linear_1.weight"), "{n}");
         }
-        assert_eq!(parse_projector_key("base_model.model.model.mm_projector.2.bias").as_deref(), Some("multi_modal_projector.linear_2.bias"));
+        assert_eq!(
+            parse_projector_key("base_model.model.model.mm_projector.2.bias").as_deref(),
+            Some("multi_modal_projector.linear_2.bias")
+        );
         // What bpo writes reads back.
-        assert_eq!(parse_lora_key(&lora_write_key(true, "layers.1.mlp.up_proj", 'B')), Some(("layers.1.mlp.up_proj".into(), 'B')));
-        assert_eq!(parse_lora_key(&lora_write_key(false, "layers.1.mlp.up_proj", 'B')), Some(("layers.1.mlp.up_proj".into(), 'B')));
-        assert_eq!(parse_projector_key(&projector_write_key("multi_modal_projector.linear_2.weight")).as_deref(), Some("multi_modal_projector.linear_2.weight"));
+        assert_eq!(
+            parse_lora_key(&lora_write_key(true, "layers.1.mlp.up_proj", 'B')),
+            Some(("layers.1.mlp.up_proj".into(), 'B'))
+        );
+        assert_eq!(
+            parse_lora_key(&lora_write_key(false, "layers.1.mlp.up_proj", 'B')),
+            Some(("layers.1.mlp.up_proj".into(), 'B'))
+        );
+        assert_eq!(
+            parse_projector_key(&projector_write_key("multi_modal_projector.linear_2.weight")).as_deref(),
+            Some("multi_modal_projector.linear_2.weight")
+        );
     }
 }

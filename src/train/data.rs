@@ -15,8 +15,8 @@ use serde_json::Value;
 use crate::data::input::strip_image_tag;
 use crate::data::pairs::{expand, read_pairs, read_record_shards, PairOptions, PairStats};
 use crate::data::Pair;
-use crate::model::Vlm;
 use crate::hash::splitmix64;
+use crate::model::Vlm;
 use crate::text::template::conversation_ids;
 use crate::{Error, Result};
 
@@ -107,7 +107,12 @@ fn fit(prompt_len: usize, answer: &mut Vec<u32>, max_length: usize) -> Option<bo
 }
 
 /// Tokenises pairs with `vlm`'s template and prompt style.
-pub fn tokenize_pairs(vlm: &Vlm, pairs: &[Pair], images: Option<&Path>, max_length: usize) -> Result<(Vec<PairExample>, DataReport)> {
+pub fn tokenize_pairs(
+    vlm: &Vlm,
+    pairs: &[Pair],
+    images: Option<&Path>,
+    max_length: usize,
+) -> Result<(Vec<PairExample>, DataReport)> {
     let mut report = DataReport { read: pairs.len(), ..Default::default() };
     let mut out = Vec::with_capacity(pairs.len());
     for p in pairs {
@@ -154,7 +159,9 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Sample>> {
     };
     let mut out = Vec::with_capacity(samples.len());
     for (i, (line, c)) in samples.into_iter().enumerate() {
-        let at = |msg: String| Error::parse(path, (line > 0).then_some(line), if line > 0 { msg } else { format!("element {i}: {msg}") });
+        let at = |msg: String| {
+            Error::parse(path, (line > 0).then_some(line), if line > 0 { msg } else { format!("element {i}: {msg}") })
+        };
         let mut turns = Vec::new();
         let mut question: Option<String> = None;
         for t in c.conversations {
@@ -162,7 +169,9 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Sample>> {
                 ("system", q) => question = q,
                 ("human" | "user", None) => question = Some(strip_image_tag(&t.value)),
                 ("gpt" | "assistant", Some(q)) => turns.push((q, t.value)),
-                (who, _) => return Err(at(format!("conversation does not alternate question/answer at a `{who}` turn"))),
+                (who, _) => {
+                    return Err(at(format!("conversation does not alternate question/answer at a `{who}` turn")))
+                }
             }
         }
         if turns.is_empty() {
@@ -179,7 +188,12 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Sample>> {
 }
 
 /// Tokenises conversations: answers are targets, the rest context (see [`conversation_ids`]).
-pub fn tokenize_conversations(vlm: &Vlm, samples: &[Sample], images: Option<&Path>, max_length: usize) -> Result<(Vec<SftExample>, DataReport)> {
+pub fn tokenize_conversations(
+    vlm: &Vlm,
+    samples: &[Sample],
+    images: Option<&Path>,
+    max_length: usize,
+) -> Result<(Vec<SftExample>, DataReport)> {
     let mut report = DataReport { read: samples.len(), ..Default::default() };
     let mut out = Vec::with_capacity(samples.len());
     let slot = vlm.model.image_token().map(|id| (id, vlm.model.image_tokens()));

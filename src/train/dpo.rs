@@ -23,9 +23,9 @@ use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, LoopSummary, Metrics, Objective};
 use crate::data::PairOptions;
-use crate::model::Vlm;
 use crate::model::linear::DropoutSeed;
 use crate::model::llava::Projector;
+use crate::model::Vlm;
 use crate::model::{Model, Pass};
 use crate::{bail, Error, Result};
 
@@ -72,7 +72,10 @@ impl Dpo {
             Reference::StartingPolicy => bail!("the starting-policy reference must be precomputed"),
             Reference::Precomputed(v) => {
                 let (c, r): (Vec<f32>, Vec<f32>) = batch.iter().map(|&i| v[i]).unzip();
-                return Ok((Tensor::from_vec(c, b, &self.vlm.model.rt.device)?, Tensor::from_vec(r, b, &self.vlm.model.rt.device)?));
+                return Ok((
+                    Tensor::from_vec(c, b, &self.vlm.model.rt.device)?,
+                    Tensor::from_vec(r, b, &self.vlm.model.rt.device)?,
+                ));
             }
         };
         let sums = sums.detach();
@@ -103,7 +106,11 @@ impl Dpo {
     }
 
     /// Computes the reference log-probs of every example now (`batch_size` pairs per pass) and switches to them.
-    pub fn precompute_reference(&mut self, batch_size: usize, mut progress: impl FnMut(usize)) -> Result<Vec<(f32, f32)>> {
+    pub fn precompute_reference(
+        &mut self,
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<(f32, f32)>> {
         let mut out = Vec::with_capacity(self.examples.len());
         let all: Vec<usize> = (0..self.examples.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
@@ -201,7 +208,14 @@ fn describe_missing(report: &DataReport, say: Say) {
 }
 
 /// `bpo train`: DPO in `cfg.optim`'s loop, writing the run folder `out`.
-pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
+pub fn train(
+    cfg: &DpoConfig,
+    out: &Path,
+    resume: bool,
+    stop: Option<&AtomicBool>,
+    hooks: &mut dyn Hooks,
+    say: Say,
+) -> Result<TrainReport> {
     // Settings first: a bad one leaves nothing behind.
     cfg.optim.validate()?;
     cfg.setup.lora.as_ref().map_or(Ok(()), crate::model::lora::LoraConfig::validate)?;
@@ -223,7 +237,10 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
     let reference = if cfg.setup.init_adapter.is_some() {
         Reference::StartingPolicy
     } else if cfg.setup.lora.is_none() {
-        Reference::Frozen(Box::new(crate::model::load(&cfg.setup.model, &crate::model::LoadOptions::new(&cfg.setup.runtime))?))
+        Reference::Frozen(Box::new(crate::model::load(
+            &cfg.setup.model,
+            &crate::model::LoadOptions::new(&cfg.setup.runtime),
+        )?))
     } else {
         Reference::AdaptersOff { projector: if cfg.drifting_ref_projector { None } else { prepared.start_projector } }
     };
@@ -234,7 +251,10 @@ pub fn train(cfg: &DpoConfig, out: &Path, resume: bool, stop: Option<&AtomicBool
     }
     let summary = train_loop(&mut dpo, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
     if !report.missing_images.is_empty() {
-        say(&format!("{} pairs were skipped because their image is missing (listed at the start)", report.missing_images.len()));
+        say(&format!(
+            "{} pairs were skipped because their image is missing (listed at the start)",
+            report.missing_images.len()
+        ));
     }
     Ok(TrainReport { data: report, summary, images_encoded: dpo.features.encoded })
 }
@@ -252,7 +272,11 @@ fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> R
         let rows: Vec<Row> = crate::jsonl::read(path)?;
         let same = rows.len() == dpo.examples.len() && rows.iter().zip(&dpo.examples).all(|(r, e)| r.id == json!(e.id));
         if !same {
-            return Err(Error::parse(path, None, "reference log-probs belong to other data: delete the file to recompute them"));
+            return Err(Error::parse(
+                path,
+                None,
+                "reference log-probs belong to other data: delete the file to recompute them",
+            ));
         }
         let v = rows.iter().map(|r| (r.chosen, r.rejected)).collect();
         dpo.reference = Reference::Precomputed(v);
@@ -260,7 +284,8 @@ fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> R
     }
     say(&format!("computing reference log-probs for {} pairs", dpo.examples.len()));
     let v = dpo.precompute_reference(batch_size, |_| {})?;
-    let rows: Vec<serde_json::Value> = dpo.examples.iter().zip(&v).map(|(e, (c, r))| json!({"id": e.id, "chosen": c, "rejected": r})).collect();
+    let rows: Vec<serde_json::Value> =
+        dpo.examples.iter().zip(&v).map(|(e, (c, r))| json!({"id": e.id, "chosen": c, "rejected": r})).collect();
     crate::jsonl::write(path, &rows)
 }
 

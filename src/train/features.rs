@@ -52,7 +52,16 @@ impl FeatureCache {
                 fresh.insert(p, f);
             }
         }
-        let rows: Vec<Tensor> = paths.iter().map(|p| fresh.get(p).or_else(|| self.cache.get(*p)).cloned().ok_or_else(|| crate::Error::invalid("feature cache lost an image"))).collect::<Result<_>>()?;
+        let rows: Vec<Tensor> = paths
+            .iter()
+            .map(|p| {
+                fresh
+                    .get(p)
+                    .or_else(|| self.cache.get(*p))
+                    .cloned()
+                    .ok_or_else(|| crate::Error::invalid("feature cache lost an image"))
+            })
+            .collect::<Result<_>>()?;
         Ok(Tensor::stack(&rows, 0)?)
     }
 }

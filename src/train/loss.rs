@@ -118,7 +118,11 @@ pub fn dpo_loss(lp: &PairLogps, cfg: &DpoLoss) -> Result<DpoOutput> {
         let nll = (pc.sum_all()?.neg()? / tokens)?;
         loss = (loss + (nll * cfg.sft_weight)?)?;
     }
-    Ok(DpoOutput { loss, chosen_rewards: (chosen_ratio * b)?.detach(), rejected_rewards: (rejected_ratio * b)?.detach() })
+    Ok(DpoOutput {
+        loss,
+        chosen_rewards: (chosen_ratio * b)?.detach(),
+        rejected_rewards: (rejected_ratio * b)?.detach(),
+    })
 }
 
 #[cfg(test)]
@@ -131,7 +135,14 @@ mod tests {
     }
 
     fn logps(pc: &[f32], pr: &[f32], rc: &[f32], rr: &[f32]) -> PairLogps {
-        PairLogps { chosen: t(pc), rejected: t(pr), ref_chosen: t(rc), ref_rejected: t(rr), chosen_tokens: t(&[4.0, 2.0]), rejected_tokens: t(&[5.0, 1.0]) }
+        PairLogps {
+            chosen: t(pc),
+            rejected: t(pr),
+            ref_chosen: t(rc),
+            ref_rejected: t(rr),
+            chosen_tokens: t(&[4.0, 2.0]),
+            rejected_tokens: t(&[5.0, 1.0]),
+        }
     }
 
     fn scalar(x: &Tensor) -> f64 {
@@ -157,14 +168,18 @@ mod tests {
         let lp = logps(&[-2.0, -7.0], &[-6.0, -1.0], &[-3.0, -5.0], &[-4.0, -2.0]);
         let b = 0.5f64;
         let ls = |x: f64| -(1.0 + (-x).exp()).ln(); // log sigmoid
-        let mean = |f: &dyn Fn(f64, f64) -> f64| (f(3.0, 1.0 / 4.0 + 2.0 / 5.0) + f(-3.0, -2.0 / 2.0 - 1.0 / 1.0)) / 2.0;
+        let mean =
+            |f: &dyn Fn(f64, f64) -> f64| (f(3.0, 1.0 / 4.0 + 2.0 / 5.0) + f(-3.0, -2.0 / 2.0 - 1.0 / 1.0)) / 2.0;
         let close = |a: f64, e: f64| assert!((a - e).abs() < 1e-5, "{a} vs {e}");
         close(loss_of(LossKind::Sigmoid, 0.0, &lp), mean(&|d, _| -ls(b * d)));
         close(loss_of(LossKind::Hinge, 0.0, &lp), mean(&|d, _| (1.0 - b * d).max(0.0)));
         close(loss_of(LossKind::Ipo, 0.0, &lp), mean(&|_, n| (n - 1.0 / (2.0 * b)).powi(2)));
         close(loss_of(LossKind::SigmoidNorm, 0.0, &lp), mean(&|_, n| -ls(b * n)));
         let e = 0.1;
-        close(loss_of(LossKind::Robust, e, &lp), mean(&|d, _| (-(1.0 - e) * ls(b * d) + e * ls(-b * d)) / (1.0 - 2.0 * e)));
+        close(
+            loss_of(LossKind::Robust, e, &lp),
+            mean(&|d, _| (-(1.0 - e) * ls(b * d) + e * ls(-b * d)) / (1.0 - 2.0 * e)),
+        );
         // Robust with no smoothing is plain sigmoid DPO.
         close(loss_of(LossKind::Robust, 0.0, &lp), loss_of(LossKind::Sigmoid, 0.0, &lp));
     }
@@ -185,7 +200,10 @@ mod tests {
     fn gradient_at_zero_margin_is_half_beta() {
         // At policy = reference, d loss / d chosen = -beta * sigmoid(0) / pairs.
         let pc = Var::from_tensor(&t(&[-3.0, -7.5])).unwrap();
-        let lp = PairLogps { chosen: pc.as_tensor().clone(), ..logps(&[-3.0, -7.5], &[-4.0, -1.25], &[-3.0, -7.5], &[-4.0, -1.25]) };
+        let lp = PairLogps {
+            chosen: pc.as_tensor().clone(),
+            ..logps(&[-3.0, -7.5], &[-4.0, -1.25], &[-3.0, -7.5], &[-4.0, -1.25])
+        };
         let out = dpo_loss(&lp, &DpoLoss::default()).unwrap();
         let g: Vec<f32> = out.loss.backward().unwrap().get(pc.as_tensor()).unwrap().to_vec1().unwrap();
         assert_eq!(g, [-0.025, -0.025]);
@@ -194,7 +212,10 @@ mod tests {
     #[test]
     fn large_margins_stay_finite_and_gradients_flow() {
         let pc = Var::from_tensor(&t(&[0.0, -500.0])).unwrap();
-        let lp = PairLogps { chosen: pc.as_tensor().clone(), ..logps(&[0.0, 0.0], &[-900.0, 0.0], &[0.0, 0.0], &[0.0, 0.0]) };
+        let lp = PairLogps {
+            chosen: pc.as_tensor().clone(),
+            ..logps(&[0.0, 0.0], &[-900.0, 0.0], &[0.0, 0.0], &[0.0, 0.0])
+        };
         let cfg = DpoLoss { beta: 1.0, ..Default::default() };
         let out = dpo_loss(&lp, &cfg).unwrap();
         let loss = scalar(&out.loss);

@@ -13,7 +13,17 @@ use crate::model::{load, LoadOptions};
 use crate::{Error, Result};
 
 /// Files of a model folder that are not weights (copied as they are).
-const COMPANIONS: &[&str] = &["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json", "tokenizer.model", "added_tokens.json"];
+const COMPANIONS: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "tokenizer.model",
+    "added_tokens.json",
+];
 
 /// Writes a model folder at `out`: every tensor of `base` (llava-hf names, in its dtype), with `replace` (llava-hf
 /// names) taking precedence, plus the base folder's config and tokenizer files.
@@ -41,7 +51,9 @@ fn write_with(base: &Path, out: &Path, replace: &HashMap<String, Tensor>) -> Res
     for name in COMPANIONS {
         let from = base.join(name);
         if from.is_file() {
-            crate::output::write_with(&out.join(name), |tmp| std::fs::copy(&from, tmp).map(drop).map_err(|e| Error::io(&from, e)))?;
+            crate::output::write_with(&out.join(name), |tmp| {
+                std::fs::copy(&from, tmp).map(drop).map_err(|e| Error::io(&from, e))
+            })?;
         }
     }
     Ok(())

@@ -239,7 +239,9 @@ impl AdamW {
             let st = p.state.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
             let shape = p.var.shape();
             let (m, v) = match &*st {
-                Moments::Host { m, v, .. } => (Tensor::from_slice(m, shape, p.var.device())?, Tensor::from_slice(v, shape, p.var.device())?),
+                Moments::Host { m, v, .. } => {
+                    (Tensor::from_slice(m, shape, p.var.device())?, Tensor::from_slice(v, shape, p.var.device())?)
+                }
                 Moments::Device { m, v, .. } => (m.clone(), v.clone()),
             };
             out.push((format!("{}.exp_avg", p.name), m));
@@ -304,7 +306,9 @@ mod tests {
         let mut opt = AdamW::new(&vars, AdamWConfig { weight_decay: 0.1, ..Default::default() }, kernels).unwrap();
         for (g, gb) in [([0.5f32, -1.0, 2.0], [1.0f32]), ([0.1, 0.2, -0.3], [-2.0])] {
             // Gradients of sum(p * g) + sum(b * gb).
-            let loss = ((p.as_tensor() * Tensor::new(&g, &dev).unwrap()).unwrap().sum_all().unwrap() + (b.as_tensor() * Tensor::new(&gb, &dev).unwrap()).unwrap().sum_all().unwrap()).unwrap();
+            let loss = ((p.as_tensor() * Tensor::new(&g, &dev).unwrap()).unwrap().sum_all().unwrap()
+                + (b.as_tensor() * Tensor::new(&gb, &dev).unwrap()).unwrap().sum_all().unwrap())
+            .unwrap();
             opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
             opt.step(0.01, None).unwrap();
         }
@@ -347,7 +351,10 @@ mod tests {
         assert!((m[0] - 0.1 * 0.6).abs() < 1e-6, "m = (1 - beta1) * clipped gradient: {m:?}");
         let mut fresh = AdamW::new(&vars, AdamWConfig::default(), kernels).unwrap();
         fresh.load_state(&saved, opt.steps()).unwrap();
-        assert_eq!(fresh.state_tensors().unwrap()[1].1.to_vec1::<f32>().unwrap(), saved["p.exp_avg_sq"].to_vec1::<f32>().unwrap());
+        assert_eq!(
+            fresh.state_tensors().unwrap()[1].1.to_vec1::<f32>().unwrap(),
+            saved["p.exp_avg_sq"].to_vec1::<f32>().unwrap()
+        );
     }
 
     /// The tensor state (what CUDA runs) against the host state: ten steps with weight decay, clipping that
@@ -364,10 +371,14 @@ mod tests {
             let mut opt = AdamW::new(&vars, cfg, kernels).unwrap();
             for step in 0..10 {
                 for micro in 0..2 {
-                    let g: Vec<f32> = (0..24).map(|i| (((i + 3 * step + micro) * 7919 % 23) as f32 - 11.0) / (3.0 + step as f32)).collect();
+                    let g: Vec<f32> = (0..24)
+                        .map(|i| (((i + 3 * step + micro) * 7919 % 23) as f32 - 11.0) / (3.0 + step as f32))
+                        .collect();
                     let gw = Tensor::from_slice(&g, (4, 6), &dev).unwrap();
                     let gb = Tensor::from_slice(&g[..6], 6, &dev).unwrap();
-                    let loss = ((w.as_tensor() * gw).unwrap().sum_all().unwrap() + (b.as_tensor().sqr().unwrap() * gb).unwrap().sum_all().unwrap()).unwrap();
+                    let loss = ((w.as_tensor() * gw).unwrap().sum_all().unwrap()
+                        + (b.as_tensor().sqr().unwrap() * gb).unwrap().sum_all().unwrap())
+                    .unwrap();
                     opt.accumulate(&loss.backward().unwrap(), 0.5).unwrap();
                 }
                 opt.step(1e-2, Some(4.0)).unwrap();

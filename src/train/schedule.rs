@@ -58,7 +58,18 @@ mod tests {
         // transformers: get_cosine_schedule_with_warmup(opt, 3, 10) with lr 1.0, lr_lambda(k) for k = 0..10.
         let s = Schedule::new(ScheduleKind::Cosine, 1.0, 0.3, 10);
         assert_eq!(s.warmup, 3);
-        let want = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 0.9504844339512095, 0.8117449009293668, 0.6112604669781572, 0.38873953302184283, 0.1882550990706332, 0.04951556604879043];
+        let want = [
+            0.0,
+            1.0 / 3.0,
+            2.0 / 3.0,
+            1.0,
+            0.9504844339512095,
+            0.8117449009293668,
+            0.6112604669781572,
+            0.38873953302184283,
+            0.1882550990706332,
+            0.04951556604879043,
+        ];
         for (k, w) in want.iter().enumerate() {
             assert!((s.lr(k) - w).abs() < 1e-12, "step {k}: {} vs {w}", s.lr(k));
         }

@@ -8,14 +8,14 @@ use serde_json::Value;
 
 use super::checkpoint::{load_adapter, read_json, write_json};
 use super::trainer::Trainable;
-use crate::model::Vlm;
 use crate::model::llava::Projector;
-use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
 use crate::model::load::{load_trainable, VISION_PREFIX};
+use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
+use crate::model::Vlm;
 use crate::model::{LoadOptions, Runtime};
+use crate::output::{self, Lock};
 use crate::text::{Chat, PromptStyle, Template};
 use crate::vision::AspectMode;
-use crate::output::{self, Lock};
 use crate::{bail, Error, Result};
 
 /// The model side of a run's config.
@@ -65,7 +65,16 @@ pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepare
     vlm.aspect = s.aspect;
     vlm.style = s.prompt_style;
     let is_llava = vlm.model.vision.is_some();
-    let mut trainable = Trainable { is_llava, lora: Vec::new(), lora_cfg: s.lora.clone(), projector: Vec::new(), projector_trains: s.train_projector && is_llava, full: Vec::new(), base_model: s.model.clone(), kernels: s.runtime.kernels };
+    let mut trainable = Trainable {
+        is_llava,
+        lora: Vec::new(),
+        lora_cfg: s.lora.clone(),
+        projector: Vec::new(),
+        projector_trains: s.train_projector && is_llava,
+        full: Vec::new(),
+        base_model: s.model.clone(),
+        kernels: s.runtime.kernels,
+    };
     if s.train_vision && !is_llava {
         bail!("--train-vision: {} has no vision tower", s.model.display());
     }
@@ -75,7 +84,10 @@ pub fn prepare_loaded(mut vlm: Vlm, s: &ModelSetup, seed: u64) -> Result<Prepare
         }
         let (model, vars) = load_trainable(&s.model, &opts, s.train_vision)?;
         vlm.model = model;
-        let frozen = |n: &str| (!s.train_projector && n.starts_with("multi_modal_projector.")) || (!s.train_vision && n.starts_with(VISION_PREFIX));
+        let frozen = |n: &str| {
+            (!s.train_projector && n.starts_with("multi_modal_projector."))
+                || (!s.train_vision && n.starts_with(VISION_PREFIX))
+        };
         trainable.full = vars.into_iter().filter(|(n, _)| !frozen(n)).collect();
         return Ok(Prepared { vlm, trainable, start_projector: None });
     };
@@ -118,7 +130,10 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<Lock>
             let old = read_json(&path)?;
             let differ = differing_keys(&old, config);
             if !differ.is_empty() {
-                return Err(Error::invalid(format!("--resume: the options differ from the run's train_config.json in {}", differ.join(", "))));
+                return Err(Error::invalid(format!(
+                    "--resume: the options differ from the run's train_config.json in {}",
+                    differ.join(", ")
+                )));
             }
             Ok(())
         }
@@ -152,7 +167,11 @@ fn differing_keys(a: &Value, b: &Value) -> Vec<String> {
     let mut out = Vec::new();
     for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
         match (a.get(key), b.get(key)) {
-            (Some(Value::Object(x)), Some(Value::Object(y))) => out.extend(differing_keys(&Value::Object(x.clone()), &Value::Object(y.clone())).into_iter().map(|k| format!("{key}.{k}"))),
+            (Some(Value::Object(x)), Some(Value::Object(y))) => out.extend(
+                differing_keys(&Value::Object(x.clone()), &Value::Object(y.clone()))
+                    .into_iter()
+                    .map(|k| format!("{key}.{k}")),
+            ),
             (x, y) if x != y => out.push(key.clone()),
             _ => {}
         }
@@ -176,7 +195,8 @@ mod tests {
         std::fs::write(tmp.path().join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
         assert!(prepare_run_dir(tmp.path(), &cfg, false).unwrap_err().to_string().contains("--resume"));
         prepare_run_dir(tmp.path(), &cfg, true).unwrap();
-        let err = prepare_run_dir(tmp.path(), &json!({"lr": 1.0, "optim": {"epochs": 3}}), true).unwrap_err().to_string();
+        let err =
+            prepare_run_dir(tmp.path(), &json!({"lr": 1.0, "optim": {"epochs": 3}}), true).unwrap_err().to_string();
         assert!(err.contains("optim.epochs"), "{err}");
     }
 }

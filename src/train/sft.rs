@@ -15,8 +15,8 @@ use super::features::{distinct_images, FeatureCache};
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
-use crate::model::Vlm;
 use crate::model::linear::DropoutSeed;
+use crate::model::Vlm;
 use crate::model::{Inputs, Pass};
 use crate::score::{collate, response_logprobs};
 use crate::{Error, Result};
@@ -90,7 +90,14 @@ pub struct SftConfig {
 
 /// `bpo sft`: supervised training, writing the run folder `out` (an adapter, or with full fine-tuning a model
 /// folder that `--model` accepts).
-pub fn train(cfg: &SftConfig, out: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks, say: Say) -> Result<TrainReport> {
+pub fn train(
+    cfg: &SftConfig,
+    out: &Path,
+    resume: bool,
+    stop: Option<&AtomicBool>,
+    hooks: &mut dyn Hooks,
+    say: Say,
+) -> Result<TrainReport> {
     let _lock = prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
     record_template(out, &prepared.vlm)?;

@@ -15,7 +15,9 @@ use candle_core::Var;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json};
+use super::checkpoint::{
+    self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json,
+};
 use super::checkpoint::{OPTIMIZER, TRAINER_STATE};
 use super::data::epoch_order;
 use super::optim::{AdamW, AdamWConfig};
@@ -57,7 +59,18 @@ pub struct LoopConfig {
 impl Default for LoopConfig {
     /// BPO's released recipe (per device).
     fn default() -> Self {
-        LoopConfig { lr: 2e-6, schedule: ScheduleKind::Cosine, warmup_ratio: 0.03, weight_decay: 0.0, epochs: 2, batch_size: 4, grad_accum: 1, max_grad_norm: None, save_steps: None, seed: 0 }
+        LoopConfig {
+            lr: 2e-6,
+            schedule: ScheduleKind::Cosine,
+            warmup_ratio: 0.03,
+            weight_decay: 0.0,
+            epochs: 2,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: None,
+            save_steps: None,
+            seed: 0,
+        }
     }
 }
 
@@ -69,13 +82,21 @@ impl LoopConfig {
         let checks = [
             (c.lr > 0.0 && c.lr.is_finite(), "the learning rate must be a finite number > 0", c.lr.to_string()),
             ((0.0..=1.0).contains(&c.warmup_ratio), "the warm-up ratio must lie in [0, 1]", c.warmup_ratio.to_string()),
-            (c.weight_decay >= 0.0 && c.weight_decay.is_finite(), "the weight decay must be a finite number >= 0", c.weight_decay.to_string()),
+            (
+                c.weight_decay >= 0.0 && c.weight_decay.is_finite(),
+                "the weight decay must be a finite number >= 0",
+                c.weight_decay.to_string(),
+            ),
             (
                 c.max_grad_norm.is_none_or(|m| m >= 0.0 && m.is_finite()),
                 "the gradient-clipping norm must be a finite number >= 0 (0 = no clipping)",
                 format!("{:?}", c.max_grad_norm),
             ),
-            (c.epochs >= 1 && c.batch_size >= 1 && c.grad_accum >= 1, "epochs, batch size and gradient accumulation must be at least 1", counts),
+            (
+                c.epochs >= 1 && c.batch_size >= 1 && c.grad_accum >= 1,
+                "epochs, batch size and gradient accumulation must be at least 1",
+                counts,
+            ),
         ];
         match checks.into_iter().find(|(ok, ..)| !ok) {
             Some((_, rule, got)) => bail!("{rule}, got {got}"),
@@ -133,7 +154,14 @@ impl Trainable {
     pub fn first_non_finite(&self) -> Result<Option<String>> {
         for (name, var) in self.lora.iter().chain(&self.projector).chain(&self.full) {
             // 0 * x is 0 for every finite x and NaN otherwise; its sum cannot overflow.
-            if !var.as_tensor().affine(0.0, 0.0)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?.is_finite() {
+            if !var
+                .as_tensor()
+                .affine(0.0, 0.0)?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?
+                .is_finite()
+            {
                 return Ok(Some(name.clone()));
             }
         }
@@ -146,7 +174,14 @@ impl Trainable {
             return super::merge::write_model_dir(&self.base_model, dir, &self.full);
         }
         let cfg = self.lora_cfg.clone().unwrap_or_default();
-        checkpoint::save_adapter(dir, self.is_llava, &cfg, &self.lora, &self.projector, &self.base_model.to_string_lossy())
+        checkpoint::save_adapter(
+            dir,
+            self.is_llava,
+            &cfg,
+            &self.lora,
+            &self.projector,
+            &self.base_model.to_string_lossy(),
+        )
     }
 
     /// Reads back what [`Trainable::save`] wrote, or in a checkpoint of full fine-tuning the f32 master weights.
@@ -221,7 +256,15 @@ pub fn keep_freed_memory() {
 }
 
 /// Runs the loop in `run` (a folder). With `resume`, starts from the newest `checkpoint-N` there.
-pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConfig, run: &Path, resume: bool, stop: Option<&AtomicBool>, hooks: &mut dyn Hooks) -> Result<LoopSummary> {
+pub fn train_loop(
+    obj: &mut dyn Objective,
+    trainable: &Trainable,
+    cfg: &LoopConfig,
+    run: &Path,
+    resume: bool,
+    stop: Option<&AtomicBool>,
+    hooks: &mut dyn Hooks,
+) -> Result<LoopSummary> {
     cfg.validate()?;
     let n = obj.len();
     if n == 0 {
@@ -232,13 +275,15 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
     let total = per_epoch * cfg.epochs;
     let schedule = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup_ratio, total);
     let vars = trainable.vars();
-    let mut opt = AdamW::new(&vars, AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, trainable.kernels)?;
+    let mut opt =
+        AdamW::new(&vars, AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, trainable.kernels)?;
     let start = if resume { restore(run, trainable, &mut opt, cfg.seed, hooks)? } else { 0 };
     let metrics_path = run.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start)?;
     let mut metrics_file = crate::output::open_append(&metrics_path)?;
     hooks.on_start(start, total);
-    let mut summary = LoopSummary { start_step: start, steps_done: 0, total_steps: total, interrupted: false, last: None };
+    let mut summary =
+        LoopSummary { start_step: start, steps_done: 0, total_steps: total, interrupted: false, last: None };
     let micro_per_epoch = n.div_ceil(cfg.batch_size);
     let mut order = (usize::MAX, Vec::new());
     for step in start..total {
@@ -247,7 +292,9 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
             order = (epoch, epoch_order(n, cfg.seed, epoch));
         }
         let first = (step % per_epoch) * cfg.grad_accum;
-        let micro: Vec<&[usize]> = (first..(first + cfg.grad_accum).min(micro_per_epoch)).map(|m| &order.1[m * cfg.batch_size..((m + 1) * cfg.batch_size).min(n)]).collect();
+        let micro: Vec<&[usize]> = (first..(first + cfg.grad_accum).min(micro_per_epoch))
+            .map(|m| &order.1[m * cfg.batch_size..((m + 1) * cfg.batch_size).min(n)])
+            .collect();
         let in_step: usize = micro.iter().map(|m| m.len()).sum();
         let started = Instant::now();
         let mut parts = Vec::with_capacity(micro.len());
@@ -267,7 +314,9 @@ pub fn train_loop(obj: &mut dyn Objective, trainable: &Trainable, cfg: &LoopConf
         }
         let seconds = started.elapsed().as_secs_f64();
         let log = step_log(step + 1, total, per_epoch, &parts, lr, grad_norm, seconds);
-        writeln!(metrics_file, "{}", Value::Object(log.values.clone())).and_then(|_| metrics_file.flush()).map_err(|e| Error::io(&metrics_path, e))?;
+        writeln!(metrics_file, "{}", Value::Object(log.values.clone()))
+            .and_then(|_| metrics_file.flush())
+            .map_err(|e| Error::io(&metrics_path, e))?;
         summary.steps_done += 1;
         let go_on = hooks.on_step(&log);
         summary.last = Some(log);
@@ -304,7 +353,15 @@ fn check_weights(run: &Path, step: usize, trainable: &Trainable) -> Result<()> {
 
 /// Merges micro-batch metrics (means weighted by examples) into a `metrics.jsonl` record with transformers'
 /// and TRL's names.
-fn step_log(step: usize, total: usize, per_epoch: usize, parts: &[Metrics], lr: f64, grad_norm: f64, seconds: f64) -> StepLog {
+fn step_log(
+    step: usize,
+    total: usize,
+    per_epoch: usize,
+    parts: &[Metrics],
+    lr: f64,
+    grad_norm: f64,
+    seconds: f64,
+) -> StepLog {
     let examples: usize = parts.iter().map(|p| p.examples).sum();
     let tokens: usize = parts.iter().map(|p| p.tokens).sum();
     let mut values = Map::new();
@@ -325,12 +382,21 @@ fn step_log(step: usize, total: usize, per_epoch: usize, parts: &[Metrics], lr: 
 }
 
 /// Writes `run/checkpoint-{step}`: weights, optimizer moments, trainer state.
-fn save_checkpoint(run: &Path, step: usize, total: usize, per_epoch: usize, seed: u64, trainable: &Trainable, opt: &AdamW) -> Result<()> {
+fn save_checkpoint(
+    run: &Path,
+    step: usize,
+    total: usize,
+    per_epoch: usize,
+    seed: u64,
+    trainable: &Trainable,
+    opt: &AdamW,
+) -> Result<()> {
     check_weights(run, step, trainable)?;
     write_dir_atomically(&run.join(format!("checkpoint-{step}")), |dir| {
         trainable.save(dir)?;
         if !trainable.full.is_empty() {
-            let masters: Vec<(String, candle_core::Tensor)> = trainable.full.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let masters: Vec<(String, candle_core::Tensor)> =
+                trainable.full.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
             crate::model::load::save_safetensors(&dir.join(MASTER_WEIGHTS), &masters)?;
         }
         crate::model::load::save_safetensors(&dir.join(OPTIMIZER), &opt.state_tensors()?)?;
@@ -374,7 +440,8 @@ fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW,
     }
     let path = dir.join(OPTIMIZER);
     crate::model::load::check_finite_file(&path)?;
-    let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
     let steps = state.get("optimizer_steps").and_then(Value::as_u64).unwrap_or(step as u64);
     opt.load_state(&moments, steps)
 }
@@ -442,7 +509,9 @@ mod tests {
 
     #[test]
     fn a_non_finite_weight_is_named() {
-        let var = |v: f32| Var::from_tensor(&candle_core::Tensor::new(&[1.0f32, v], &candle_core::Device::Cpu).unwrap()).unwrap();
+        let var = |v: f32| {
+            Var::from_tensor(&candle_core::Tensor::new(&[1.0f32, v], &candle_core::Device::Cpu).unwrap()).unwrap()
+        };
         let mut t = Trainable {
             is_llava: false,
             lora: Vec::new(),

@@ -69,7 +69,8 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64, mode: AspectMode) -> std::res
     if super::jpeg::is_jpeg(bytes) {
         return super::jpeg::decode(bytes, check);
     }
-    let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string());
+    let reader =
+        || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string());
     let (w, h) = reader()?.into_dimensions().map_err(|e| e.to_string())?;
     check(w, h)?;
     reader()?.decode().map_err(|e| e.to_string())

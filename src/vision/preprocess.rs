@@ -51,7 +51,6 @@ pub struct ImageProcessor {
     pub max_pixels: u64,
 }
 
-
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
@@ -272,7 +271,11 @@ impl ImageProcessor {
                 let (short, long) = (w.min(h), w.max(h));
                 // Python's int(s * long / short): exact product, correctly rounded division, truncation.
                 let new_long = ((s * long) as f64 / short as f64) as usize;
-                if w <= h { (new_long, s) } else { (s, new_long) }
+                if w <= h {
+                    (new_long, s)
+                } else {
+                    (s, new_long)
+                }
             }
         }
     }
@@ -289,11 +292,7 @@ impl ImageProcessor {
         for (c, lut) in luts.iter_mut().enumerate() {
             for (v, out) in lut.iter_mut().enumerate() {
                 let x = if self.do_rescale { (v as f64 * self.rescale_factor) as f32 } else { v as f32 };
-                *out = if self.do_normalize {
-                    (x - self.image_mean[c] as f32) / self.image_std[c] as f32
-                } else {
-                    x
-                };
+                *out = if self.do_normalize { (x - self.image_mean[c] as f32) / self.image_std[c] as f32 } else { x };
             }
         }
         luts
@@ -471,5 +470,4 @@ mod tests {
         let wide = DynamicImage::ImageRgb8(RgbImage::new(100, 2));
         assert!(p.preprocess(&wide, AspectMode::Pad).unwrap_err().to_string().contains("100x100"));
     }
-
 }

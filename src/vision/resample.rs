@@ -143,7 +143,11 @@ pub(crate) fn resize_window(
 }
 
 fn cols_len(buf: &[u8], rows: usize) -> usize {
-    if rows == 0 { 0 } else { buf.len() / (3 * rows) }
+    if rows == 0 {
+        0
+    } else {
+        buf.len() / (3 * rows)
+    }
 }
 
 fn copy_window(src: RgbView, rows: Range<usize>, cols: Range<usize>) -> Vec<u8> {

@@ -59,7 +59,10 @@ impl JudgeArgs {
     /// Opens the judge whose cache defaults to `out/judge-cache.jsonl`.
     pub fn open(&self, out: &Path) -> anyhow::Result<Judge> {
         anyhow::ensure!(self.judge_concurrency > 0, "--judge-concurrency must be at least 1");
-        anyhow::ensure!(self.judge_backoff.is_finite() && self.judge_backoff >= 0.0, "--judge-backoff must be a number of seconds >= 0");
+        anyhow::ensure!(
+            self.judge_backoff.is_finite() && self.judge_backoff >= 0.0,
+            "--judge-backoff must be a number of seconds >= 0"
+        );
         let api_key = std::env::var(&self.judge_key_env).ok().filter(|k| !k.trim().is_empty());
         let opts = JudgeOptions {
             url: self.judge_url.clone(),
@@ -178,7 +181,13 @@ pub struct ToAnswer {
 }
 
 /// Answers `items` with the model and saves them as `answers.jsonl` in `out`.
-pub fn generate(vlm: &Vlm, model: &ModelArgs, gen: &JudgedGenArgs, items: &[ToAnswer], out: &Path) -> anyhow::Result<Vec<Answer>> {
+pub fn generate(
+    vlm: &Vlm,
+    model: &ModelArgs,
+    gen: &JudgedGenArgs,
+    items: &[ToAnswer],
+    out: &Path,
+) -> anyhow::Result<Vec<Answer>> {
     let prompts: Vec<vqa::Prompt> = items
         .iter()
         .map(|q| vqa::Prompt {
@@ -191,14 +200,23 @@ pub fn generate(vlm: &Vlm, model: &ModelArgs, gen: &JudgedGenArgs, items: &[ToAn
     let answers: Vec<Answer> = items
         .iter()
         .zip(texts)
-        .map(|(q, t)| Answer { model_id: model.model_id(), answer_id: q.id.clone(), ..Answer::new(q.id.clone(), q.text.clone(), t) })
+        .map(|(q, t)| Answer {
+            model_id: model.model_id(),
+            answer_id: q.id.clone(),
+            ..Answer::new(q.id.clone(), q.text.clone(), t)
+        })
         .collect();
     save_answers(Some(out), &answers)?;
     Ok(answers)
 }
 
 /// Runs `grade` over `items` on the judge's workers with a progress bar, then prints what the judge cost.
-pub fn judge_all<I: Sync, T: Send>(judge: &Judge, items: &[I], what: &str, grade: impl Fn(&I) -> bpo::Result<T> + Sync) -> anyhow::Result<Vec<T>> {
+pub fn judge_all<I: Sync, T: Send>(
+    judge: &Judge,
+    items: &[I],
+    what: &str,
+    grade: impl Fn(&I) -> bpo::Result<T> + Sync,
+) -> anyhow::Result<Vec<T>> {
     let bar = progress(items.len(), what);
     let out = judge::map_concurrent(items, judge.concurrency(), grade, || bar.inc(1));
     bar.finish_and_clear();
@@ -209,7 +227,11 @@ pub fn judge_all<I: Sync, T: Send>(judge: &Judge, items: &[I], what: &str, grade
 }
 
 /// The answers of `ids` (every one must exist), by id.
-pub fn require<'a>(answers: &'a HashMap<String, String>, ids: impl Iterator<Item = &'a str>, what: &str) -> anyhow::Result<Vec<&'a str>> {
+pub fn require<'a>(
+    answers: &'a HashMap<String, String>,
+    ids: impl Iterator<Item = &'a str>,
+    what: &str,
+) -> anyhow::Result<Vec<&'a str>> {
     let mut missing = Vec::new();
     let mut out = Vec::new();
     for id in ids {
@@ -232,7 +254,10 @@ pub fn by_id(answers: Vec<Answer>) -> HashMap<String, String> {
 
 /// The MM-Vet questions as prompts: the question text and its image.
 pub fn mmvet_items(questions: &[mmvet::Question]) -> Vec<ToAnswer> {
-    questions.iter().map(|q| ToAnswer { id: q.id.clone(), text: q.question.clone(), image: Some(q.image.clone()) }).collect()
+    questions
+        .iter()
+        .map(|q| ToAnswer { id: q.id.clone(), text: q.question.clone(), image: Some(q.image.clone()) })
+        .collect()
 }
 
 pub fn run_mmvet(a: MmVetArgs) -> anyhow::Result<()> {
@@ -243,11 +268,19 @@ pub fn run_mmvet(a: MmVetArgs) -> anyhow::Result<()> {
         (Some(path), _) => {
             let (answers, orphans) = mmvet::load_answers(path, &questions)?;
             if !orphans.is_empty() {
-                eprintln!("warning: {}: {} answer(s) for ids not in {}", path.display(), orphans.len(), a.questions.display());
+                eprintln!(
+                    "warning: {}: {} answer(s) for ids not in {}",
+                    path.display(),
+                    orphans.len(),
+                    a.questions.display()
+                );
             }
             (answers, path.display().to_string())
         }
-        (None, Some(model)) => (by_id(generate(&model.load()?, model, &a.run.gen, &mmvet_items(&questions), &a.run.out)?), "the generated answers".to_string()),
+        (None, Some(model)) => (
+            by_id(generate(&model.load()?, model, &a.run.gen, &mmvet_items(&questions), &a.run.out)?),
+            "the generated answers".to_string(),
+        ),
         (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
     };
     let predictions = require(&answers, questions.iter().map(|q| q.id.as_str()), &source)?;
@@ -255,7 +288,13 @@ pub fn run_mmvet(a: MmVetArgs) -> anyhow::Result<()> {
 }
 
 /// Grades every prediction `runs` times and writes the run folder.
-pub fn grade_mmvet(judge: &Judge, questions: &[mmvet::Question], predictions: &[&str], runs: usize, out: &Path) -> anyhow::Result<()> {
+pub fn grade_mmvet(
+    judge: &Judge,
+    questions: &[mmvet::Question],
+    predictions: &[&str],
+    runs: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
     let items: Vec<(usize, usize)> = (0..runs).flat_map(|r| (0..questions.len()).map(move |i| (i, r))).collect();
     let grades = judge_all(judge, &items, "grading", |&(i, r)| mmvet::grade(judge, &questions[i], predictions[i], r))?;
     let mut per_question: Vec<Vec<mmvet::Grade>> = vec![Vec::new(); questions.len()];
@@ -266,7 +305,10 @@ pub fn grade_mmvet(judge: &Judge, questions: &[mmvet::Question], predictions: &[
     let mut report = mmvet::score(questions, &scores, runs, judge.model())?;
     report.gave_up = per_question.iter().flatten().filter(|g| g.gave_up).count();
     if report.gave_up > 0 {
-        report.warnings.push(format!("{} grading(s) got no score in six replies and count 0.0, as in the official grader", report.gave_up));
+        report.warnings.push(format!(
+            "{} grading(s) got no score in six replies and count 0.0, as in the official grader",
+            report.gave_up
+        ));
     }
     let details: Vec<mmvet::Detail> = questions
         .iter()
@@ -287,7 +329,10 @@ pub fn grade_mmvet(judge: &Judge, questions: &[mmvet::Question], predictions: &[
 
 /// The LLaVA-Bench questions as prompts.
 pub fn llava_items(questions: &[llava_bench::Question]) -> Vec<ToAnswer> {
-    questions.iter().map(|q| ToAnswer { id: q.question_id.clone(), text: q.text.clone(), image: Some(q.image.clone()) }).collect()
+    questions
+        .iter()
+        .map(|q| ToAnswer { id: q.question_id.clone(), text: q.text.clone(), image: Some(q.image.clone()) })
+        .collect()
 }
 
 pub fn run_llava_bench(a: LlavaBenchArgs) -> anyhow::Result<()> {
@@ -295,7 +340,10 @@ pub fn run_llava_bench(a: LlavaBenchArgs) -> anyhow::Result<()> {
     let judge = a.run.judge.open(&a.run.out)?;
     let (answers, source) = match (&a.answers, &a.run.model) {
         (Some(path), _) => (by_id(bpo::eval::load_answers(path)?), path.display().to_string()),
-        (None, Some(model)) => (by_id(generate(&model.load()?, model, &a.run.gen, &llava_items(&files.questions), &a.run.out)?), "the generated answers".to_string()),
+        (None, Some(model)) => (
+            by_id(generate(&model.load()?, model, &a.run.gen, &llava_items(&files.questions), &a.run.out)?),
+            "the generated answers".to_string(),
+        ),
         (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
     };
     files.review(&judge, &answers, &source, &a.run.out)
@@ -322,18 +370,33 @@ impl LlavaFiles {
     }
 
     /// Reviews every answer (by question_id; `source` names the answers in errors) and writes the run folder.
-    pub fn review(&self, judge: &Judge, answers: &HashMap<String, String>, source: &str, out: &Path) -> anyhow::Result<()> {
+    pub fn review(
+        &self,
+        judge: &Judge,
+        answers: &HashMap<String, String>,
+        source: &str,
+        out: &Path,
+    ) -> anyhow::Result<()> {
         let questions = &self.questions;
         let ids = || questions.iter().map(|q| q.question_id.as_str());
         let refs = require(&self.references, ids(), &self.references_path.display().to_string())?;
         let model_answers = require(answers, ids(), source)?;
         let mut captions = Vec::with_capacity(questions.len());
         for q in questions {
-            let c = self.context.get(&q.image).with_context(|| format!("{}: no caption for image {:?} of question {}", self.context_path.display(), q.image, q.question_id))?;
+            let c = self.context.get(&q.image).with_context(|| {
+                format!(
+                    "{}: no caption for image {:?} of question {}",
+                    self.context_path.display(),
+                    q.image,
+                    q.question_id
+                )
+            })?;
             captions.push(c.as_str());
         }
         let items: Vec<usize> = (0..questions.len()).collect();
-        let details = judge_all(judge, &items, "reviewing", |&i| llava_bench::review(judge, &questions[i], captions[i], refs[i], model_answers[i]))?;
+        let details = judge_all(judge, &items, "reviewing", |&i| {
+            llava_bench::review(judge, &questions[i], captions[i], refs[i], model_answers[i])
+        })?;
         let report = llava_bench::summarize(&details, judge.model());
         finish(&Scores::LlavaBench(report), &details, Some(out))
     }
@@ -341,14 +404,21 @@ impl LlavaFiles {
 
 /// The MMHal-Bench records as prompts (ids are positions; the question alone, as `--test-prompt ''`).
 pub fn mmhal_items(records: &[mmhal::Record]) -> Vec<ToAnswer> {
-    records.iter().enumerate().map(|(i, r)| ToAnswer { id: i.to_string(), text: r.question.clone(), image: r.image_file() }).collect()
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ToAnswer { id: i.to_string(), text: r.question.clone(), image: r.image_file() })
+        .collect()
 }
 
 /// Generated MMHal answers in record order, also written as the official response file `responses.json`.
 pub fn mmhal_responses(records: &[mmhal::Record], answers: Vec<Answer>, out: &Path) -> anyhow::Result<Vec<String>> {
     let answers = by_id(answers);
     let ids: Vec<String> = (0..records.len()).map(|i| i.to_string()).collect();
-    let texts: Vec<String> = require(&answers, ids.iter().map(String::as_str), "the generated answers")?.into_iter().map(String::from).collect();
+    let texts: Vec<String> = require(&answers, ids.iter().map(String::as_str), "the generated answers")?
+        .into_iter()
+        .map(String::from)
+        .collect();
     let responses: Vec<serde_json::Value> = records.iter().zip(&texts).map(|(r, t)| r.with_answer(t)).collect();
     bpo::train::checkpoint::write_json(&out.join("responses.json"), &serde_json::Value::Array(responses))?;
     Ok(texts)
@@ -360,8 +430,18 @@ pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
     let (records, answers): (Vec<mmhal::Record>, Vec<String>) = match (&a.responses, &a.questions) {
         (Some(path), None) => {
             let records = mmhal::load_records(path)?;
-            let missing: Vec<String> = records.iter().enumerate().filter(|(_, r)| r.model_answer.is_none()).map(|(i, _)| i.to_string()).collect();
-            anyhow::ensure!(missing.is_empty(), "{}: record(s) {} have no model_answer", path.display(), missing.join(", "));
+            let missing: Vec<String> = records
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.model_answer.is_none())
+                .map(|(i, _)| i.to_string())
+                .collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "{}: record(s) {} have no model_answer",
+                path.display(),
+                missing.join(", ")
+            );
             let answers = records.iter().map(|r| r.model_answer.clone().unwrap_or_default()).collect();
             (records, answers)
         }
@@ -371,9 +451,16 @@ pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
                 (Some(path), _) => {
                     let answers = by_id(bpo::eval::load_answers(path)?);
                     let ids: Vec<String> = (0..records.len()).map(|i| i.to_string()).collect();
-                    require(&answers, ids.iter().map(String::as_str), &path.display().to_string())?.into_iter().map(String::from).collect()
+                    require(&answers, ids.iter().map(String::as_str), &path.display().to_string())?
+                        .into_iter()
+                        .map(String::from)
+                        .collect()
                 }
-                (None, Some(model)) => mmhal_responses(&records, generate(&model.load()?, model, &a.run.gen, &mmhal_items(&records), &a.run.out)?, &a.run.out)?,
+                (None, Some(model)) => mmhal_responses(
+                    &records,
+                    generate(&model.load()?, model, &a.run.gen, &mmhal_items(&records), &a.run.out)?,
+                    &a.run.out,
+                )?,
                 (None, None) => anyhow::bail!("give --answers FILE or --model DIR with --questions"),
             };
             (records, answers)

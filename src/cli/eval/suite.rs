@@ -64,7 +64,11 @@ fn gen(images: &Option<PathBuf>, batch_size: usize, max_new_tokens: Option<usize
 pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
     let cfg = SuiteConfig::load(&a.config)?;
     bpo::output::create_dir(&a.out)?;
-    let mut info = SuiteInfo { model: a.model.model.display().to_string(), adapter: a.model.adapter.as_ref().map(|p| p.display().to_string()), benchmarks: Vec::new() };
+    let mut info = SuiteInfo {
+        model: a.model.model.display().to_string(),
+        adapter: a.model.adapter.as_ref().map(|p| p.display().to_string()),
+        benchmarks: Vec::new(),
+    };
     if let Some(old) = suite::read_info(&a.out)? {
         anyhow::ensure!(
             (&old.model, &old.adapter) == (&info.model, &info.adapter),
@@ -77,7 +81,9 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
     }
     let judged = cfg.mmvet.is_some() || cfg.llava_bench.is_some() || cfg.mmhal.is_some();
     match &cfg.judge {
-        None if judged => eprintln!("warning: {}: no [judge], so MM-Vet, LLaVA-Bench and MMHal-Bench are skipped", a.config.display()),
+        None if judged => {
+            eprintln!("warning: {}: no [judge], so MM-Vet, LLaVA-Bench and MMHal-Bench are skipped", a.config.display())
+        }
         Some(j) if judged => bpo::eval::judge::check_reachable(&j.url, std::time::Duration::from_secs(10))?,
         _ => {}
     }
@@ -120,7 +126,8 @@ fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &
             let Some(c) = &cfg.pope else { return Ok(false) };
             let questions = pope::load_questions(&c.questions)?;
             let params = SamplingParams { max_new_tokens: c.max_new_tokens.unwrap_or(128), ..Default::default() };
-            let answers = answers(dir, || pope_answers(model.get()?, margs, &questions, c.images.as_ref(), &params, batch))?;
+            let answers =
+                answers(dir, || pope_answers(model.get()?, margs, &questions, c.images.as_ref(), &params, batch))?;
             // By position: the answers are in question order, and the official split files each number their
             // questions from 1, so ids repeat across splits.
             let out = pope::score(&questions, &answers, pope::Pairing::Positional)?;
@@ -129,9 +136,12 @@ fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &
         "object-halbench" => {
             let Some(c) = &cfg.object_halbench else { return Ok(false) };
             let chair = Chair::builtin()?;
-            let instructions: Vec<String> = bpo::eval::object_halbench_prompts().into_iter().map(String::from).collect();
+            let instructions: Vec<String> =
+                bpo::eval::object_halbench_prompts().into_iter().map(String::from).collect();
             let params = SamplingParams { max_new_tokens: c.max_new_tokens.unwrap_or(512), ..Default::default() };
-            let answers = answers(dir, || caption_answers(model.get()?, margs, &image_files(&c.images, c.limit)?, &instructions, &params, batch))?;
+            let answers = answers(dir, || {
+                caption_answers(model.get()?, margs, &image_files(&c.images, c.limit)?, &instructions, &params, batch)
+            })?;
             let captions = inputs::captions_from_answers(&answers, None)?;
             let truth: GroundTruth = load_truth(&chair, &captions, c.coco.as_deref(), c.ground_truth.as_deref())?;
             let out = chair.score(&captions, &truth)?;
@@ -142,7 +152,9 @@ fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &
             let Some(judge) = judge(&c.judge_model)? else { return Ok(false) };
             let questions = mmvet::load_questions(&c.questions)?;
             let g = gen(&c.images, batch, c.max_new_tokens);
-            let got = judged::by_id(answers(dir, || judged::generate(model.get()?, margs, &g, &judged::mmvet_items(&questions), dir))?);
+            let got = judged::by_id(answers(dir, || {
+                judged::generate(model.get()?, margs, &g, &judged::mmvet_items(&questions), dir)
+            })?);
             let predictions = judged::require(&got, questions.iter().map(|q| q.id.as_str()), "the saved answers")?;
             judged::grade_mmvet(&judge, &questions, &predictions, c.runs.unwrap_or(5), dir)?;
         }
@@ -151,7 +163,9 @@ fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &
             let Some(judge) = judge(&c.judge_model)? else { return Ok(false) };
             let files = LlavaFiles::load(&c.questions, &c.context, &c.references)?;
             let g = gen(&c.images, batch, c.max_new_tokens);
-            let got = judged::by_id(answers(dir, || judged::generate(model.get()?, margs, &g, &judged::llava_items(&files.questions), dir))?);
+            let got = judged::by_id(answers(dir, || {
+                judged::generate(model.get()?, margs, &g, &judged::llava_items(&files.questions), dir)
+            })?);
             files.review(&judge, &got, "the saved answers", dir)?;
         }
         "mmhal" => {

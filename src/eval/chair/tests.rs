@@ -24,7 +24,10 @@ fn plurals_and_irregular_plurals_are_singularised() {
         pairs(&[("people", "person"), ("child", "person"), ("mouse", "mouse"), ("knife", "knife"), ("dog", "dog")])
     );
     // NLTK keeps "men" (a WordNet lemma as long as "man"), so the official pipeline never counts it.
-    assert_eq!(found("Buses, men, women and puppies."), pairs(&[("bus", "bus"), ("woman", "person"), ("puppy", "dog")]));
+    assert_eq!(
+        found("Buses, men, women and puppies."),
+        pairs(&[("bus", "bus"), ("woman", "person"), ("puppy", "dog")])
+    );
 }
 
 #[test]
@@ -58,7 +61,13 @@ fn special_rules_for_animals_vehicles_ties_and_toilets() {
 fn synonyms_map_to_their_category() {
     assert_eq!(
         found("A puppy chases a kitten past the sofa, the fridge and a motorbike."),
-        pairs(&[("puppy", "dog"), ("kitten", "cat"), ("sofa", "couch"), ("fridge", "refrigerator"), ("motorbike", "motorcycle")])
+        pairs(&[
+            ("puppy", "dog"),
+            ("kitten", "cat"),
+            ("sofa", "couch"),
+            ("fridge", "refrigerator"),
+            ("motorbike", "motorcycle")
+        ])
     );
     // Capitalised list entries never match lower-cased captions (as in the official script).
     assert_eq!(found("an iPhone"), pairs(&[]));
@@ -69,13 +78,15 @@ fn caption(id: &str, image: &str, text: &str) -> Caption {
 }
 
 fn truth(rows: &[(&str, &[&str])]) -> GroundTruth {
-    let objects = rows.iter().map(|(img, objs)| (img.to_string(), objs.iter().map(|o| o.to_string()).collect())).collect();
+    let objects =
+        rows.iter().map(|(img, objs)| (img.to_string(), objs.iter().map(|o| o.to_string()).collect())).collect();
     GroundTruth { objects, source: "test".into() }
 }
 
 #[test]
 fn metrics_match_a_hand_count() {
-    let gt = truth(&[("1", &["person", "dog", "couch"]), ("2", &["toilet", "sink"]), ("3", &["elephant"]), ("4", &["car"])]);
+    let gt =
+        truth(&[("1", &["person", "dog", "couch"]), ("2", &["toilet", "sink"]), ("3", &["elephant"]), ("4", &["car"])]);
     let caps = [
         // man, dog, sofa (all true), cat (hallucinated): 13 words
         caption("a", "1", "A man and his dogs sit on a sofa next to a cat."),
@@ -123,7 +134,8 @@ fn unknown_images_and_duplicate_ids_are_errors() {
 fn custom_synonym_lists_replace_the_builtin_one() {
     let c = Chair::new("circle, ring, round thing\nsquare, box\n", Lemmatizer::wordnet()).unwrap();
     assert_eq!(c.categories(), ["circle", "square"]);
-    let m: Vec<String> = c.mentions("Two rings, a round thing and boxes; no dog.").into_iter().map(|m| m.category).collect();
+    let m: Vec<String> =
+        c.mentions("Two rings, a round thing and boxes; no dog.").into_iter().map(|m| m.category).collect();
     assert_eq!(m, ["circle", "circle", "square"]);
     assert!(Chair::new("\n\n", Lemmatizer::wordnet()).is_err());
 }
@@ -132,11 +144,13 @@ fn custom_synonym_lists_replace_the_builtin_one() {
 fn ground_truth_objects_accept_any_synonym() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gt.jsonl");
-    std::fs::write(&path, "{\"image_id\": 7, \"objects\": [\"dogs\", \"teddy bear\", \"sofa\", \"iPhone\"]}\n").unwrap();
+    std::fs::write(&path, "{\"image_id\": 7, \"objects\": [\"dogs\", \"teddy bear\", \"sofa\", \"iPhone\"]}\n")
+        .unwrap();
     let gt = GroundTruth::from_jsonl(&path, &chair()).unwrap();
     let cats: Vec<&str> = gt.objects["7"].iter().map(String::as_str).collect();
     assert_eq!(cats, ["cell phone", "couch", "dog", "teddy bear"]);
-    std::fs::write(&path, "{\"image_id\": 7, \"objects\": [\"dog\"]}\n{\"image_id\": 8, \"objects\": [\"unicorn\"]}\n").unwrap();
+    std::fs::write(&path, "{\"image_id\": 7, \"objects\": [\"dog\"]}\n{\"image_id\": 8, \"objects\": [\"unicorn\"]}\n")
+        .unwrap();
     let err = GroundTruth::from_jsonl(&path, &chair()).unwrap_err().to_string();
     assert!(err.ends_with("gt.jsonl:2: object \"unicorn\" is not in the CHAIR synonym list"), "{err}");
 }

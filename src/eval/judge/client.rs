@@ -64,7 +64,8 @@ impl Judge {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let (writer, reopened) = ResumableWriter::open_with_key(&opts.cache, "key")?;
-        let note = reopened.torn.map(|t| format!("{}:{}: cut a torn last line ({})", opts.cache.display(), t.line, t.reason));
+        let note =
+            reopened.torn.map(|t| format!("{}:{}: cut a torn last line ({})", opts.cache.display(), t.line, t.reason));
         let lines = jsonl::read::<CacheLine>(&opts.cache)?.into_iter().map(|l| (l.key.clone(), l)).collect();
         let judge = Judge {
             http,
@@ -194,7 +195,10 @@ mod tests {
         }
         assert_eq!(a.key(&r, 0).unwrap(), a.key(&r.clone(), 0).unwrap());
         let body = a.body(&r);
-        assert_eq!(body, json!({"model": "a", "messages": [{"role": "user", "content": "q"}], "temperature": 0.0, "max_tokens": 3}));
+        assert_eq!(
+            body,
+            json!({"model": "a", "messages": [{"role": "user", "content": "q"}], "temperature": 0.0, "max_tokens": 3})
+        );
         assert!(a.body(&ChatRequest { max_tokens: None, ..r }).get("max_tokens").is_none());
     }
 }

@@ -20,8 +20,8 @@
 # Benchmark failures do not change it: they are recorded per step in gpu-check.json.
 #
 # Environment:
-#   BPO_BIN       the bpo binary (default: gunzip target/cuda/bpo-cuda.gz, from scripts/build-cuda.sh; on the CPU
-#                 also target/release/bpo)
+#   BPO_BIN       the bpo binary (default: gunzip target/cuda/bpo-cuda.gz, from scripts/build-cuda.sh; a dry run
+#                 takes target/release/bpo first)
 #   OUT           output folder (default ./gpu-check-out)
 #   PEAK_TFLOPS   dense bf16 peak of the card for MFU (default 989, H100/H200 SXM datasheet)
 #   PEAK_GBS      memory bandwidth of the card in GB/s, for the decode's bandwidth use (default 4800, H200;
@@ -150,12 +150,13 @@ main() {
 
     # --- the binary -------------------------------------------------------------------------------------------
     BPO=${BPO_BIN:-}
+    # A dry run on a CPU machine takes the CPU build first: the CUDA binary needs the driver's libcuda.so.1 to start.
+    if [ -z "$BPO" ] && [ "$dry_run" = 1 ] && [ -x target/release/bpo ]; then BPO=$repo/target/release/bpo; fi
     if [ -z "$BPO" ] && [ -f target/cuda/bpo-cuda.gz ]; then
         BPO=$WORK/bpo
         gunzip -c target/cuda/bpo-cuda.gz >"$BPO" && chmod +x "$BPO" || BPO=
         [ -n "$BPO" ] && say "binary: target/cuda/bpo-cuda.gz unpacked to $BPO"
     fi
-    if [ -z "$BPO" ] && [ "$dry_run" = 1 ] && [ -x target/release/bpo ]; then BPO=$repo/target/release/bpo; fi
     if [ -z "$BPO" ] || [ ! -x "$BPO" ]; then
         note "no bpo binary: set BPO_BIN or carry target/cuda/bpo-cuda.gz (scripts/build-cuda.sh)"
         BPO=

@@ -37,6 +37,14 @@ pub fn read_text(path: &Path) -> Result<String> {
     })
 }
 
+/// [`read_text`] of a file that may be absent: `None` when it does not exist; any other failure is an error.
+pub fn read_text_if_exists(path: &Path) -> Result<Option<String>> {
+    match read_text(path) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        other => other.map(Some),
+    }
+}
+
 /// `text` without a leading UTF-8 byte-order mark.
 pub fn strip_bom(text: &str) -> &str {
     text.strip_prefix(BOM).unwrap_or(text)

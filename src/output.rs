@@ -113,10 +113,11 @@ fn folder_of(real: &Path) -> PathBuf {
 
 /// Whether `a` and `b` are the same file or folder (device and inode, links followed).
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+    std::fs::metadata(a).is_ok_and(|a| std::fs::metadata(b).is_ok_and(|b| same_inode(&a, &b)))
+}
+
+fn same_inode(a: &Metadata, b: &Metadata) -> bool {
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 /// Checks an output file before the work that fills it: a regular file or nothing (links followed), none of
@@ -289,10 +290,7 @@ impl Lock {
             }
             // The previous holder may have removed the lock file between our open and our flock: then the
             // lock we hold is on a file nobody else will open, so take the new one.
-            if !file
-                .metadata()
-                .is_ok_and(|a| std::fs::metadata(lock).is_ok_and(|b| a.dev() == b.dev() && a.ino() == b.ino()))
-            {
+            if !file.metadata().is_ok_and(|a| std::fs::metadata(lock).is_ok_and(|b| same_inode(&a, &b))) {
                 continue;
             }
             file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).map_err(|e| Error::io(lock, e))?;

@@ -80,7 +80,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Benchmarks: time pipeline stages on synthetic inputs and random-weight models.
     Bench(bench::BenchArgs),
-    /// The whole BPO pipeline on a synthetic world, from nothing to a report (about 8 minutes on 2 cores).
+    /// The whole BPO pipeline on a synthetic world, from nothing to a report (about 9 minutes on 2 cores).
     ///
     /// Builds a world of coloured shapes whose text-only corpus carries a strong language prior (partner objects
     /// nearly always mentioned together), trains a tiny LLaVA from scratch on it (language model on the corpus,

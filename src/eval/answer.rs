@@ -2,7 +2,6 @@
 //! demo share. Answers come back as LLaVA answer rows ([`Answer`]), ready for the scorers of this module's
 //! siblings.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::pope::PopeQuestion;
@@ -42,22 +41,20 @@ pub fn answer_unique(
     how: &Answering,
     mut tick: impl FnMut(usize, usize),
 ) -> Result<Vec<String>> {
-    let key = |p: &Prompt| (p.image.clone(), p.text.clone());
+    let key = |i: usize| (&prompts[i].image, &prompts[i].text);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| key(&prompts[i]));
-    order.dedup_by_key(|i| key(&prompts[*i]));
-    let unique: Vec<Prompt> = order
-        .iter()
-        .map(|&i| Prompt {
-            text: prompts[i].text.clone(),
-            image: prompts[i].image.clone(),
-            origin: prompts[i].origin.clone(),
-        })
-        .collect();
+    order.sort_by(|&a, &b| key(a).cmp(&key(b)));
+    // `slot[i]`: the distinct prompt that answers prompt `i`.
+    let (mut unique, mut slot) = (Vec::<Prompt>::new(), vec![0; prompts.len()]);
+    for (k, &i) in order.iter().enumerate() {
+        if k == 0 || key(order[k - 1]) != key(i) {
+            unique.push(prompts[i].clone());
+        }
+        slot[i] = unique.len() - 1;
+    }
     let total = unique.len();
     let texts = vqa::answer_all(vlm, &unique, &how.params, how.batch_size, how.pass, |n| tick(n, total))?;
-    let answers: HashMap<(Option<PathBuf>, String), String> = unique.iter().map(key).zip(texts).collect();
-    Ok(prompts.iter().map(|p| answers[&key(p)].clone()).collect())
+    Ok(slot.into_iter().map(|u| texts[u].clone()).collect())
 }
 
 /// Answers POPE questions with `suffix` appended ([`SHORT_ANSWER`] in LLaVA's protocol); images relative to

@@ -87,6 +87,7 @@ pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
 
 /// One prompt to answer from a data file: the question text, its image file, and where it came from (`file:line`)
 /// so a bad image is reported against the line that named it.
+#[derive(Debug, Clone)]
 pub struct Prompt {
     pub text: String,
     pub image: Option<std::path::PathBuf>,
@@ -116,13 +117,21 @@ pub fn answer_all(
 /// Refuses, naming its origin, the first prompt that leaves no room for `params.max_new_tokens` in the model's
 /// context.
 pub fn check_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams) -> Result<()> {
+    prompt_ids_that_fit(vlm, prompts, params).map(drop)
+}
+
+/// The prompt ids of every prompt, each checked to leave room for `params.max_new_tokens` (see [`check_fit`]).
+fn prompt_ids_that_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams) -> Result<Vec<Vec<u32>>> {
     let context = vlm.model.llm.cfg.max_position_embeddings;
-    for p in prompts {
-        let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
-        super::fits_context(ids.len(), params.max_new_tokens, context)
-            .map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
-    }
-    Ok(())
+    prompts
+        .iter()
+        .map(|p| {
+            let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
+            super::fits_context(ids.len(), params.max_new_tokens, context)
+                .map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
+            Ok(ids)
+        })
+        .collect()
 }
 
 /// Like [`answer_all`], but hands each batch's answers to `done(first index, answers)` as soon as they exist,
@@ -135,16 +144,17 @@ pub fn answer_each(
     pass: crate::model::Pass,
     mut done: impl FnMut(usize, Vec<String>) -> Result<()>,
 ) -> Result<()> {
-    check_fit(vlm, prompts, params)?;
+    // Every prompt is tokenised (and checked against the context) once, before anything is generated.
+    let mut ids = prompt_ids_that_fit(vlm, prompts, params)?.into_iter();
     let batch_size = batch_size.max(1);
     for (i, chunk) in prompts.chunks(batch_size).enumerate() {
         let mut requests = Vec::with_capacity(chunk.len());
-        for p in chunk {
+        for (p, ids) in chunk.iter().zip(ids.by_ref()) {
             let image = match &p.image {
                 Some(path) => Some(vlm.load_image(path).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?),
                 None => None,
             };
-            requests.push(vlm.request(&p.text, image)?);
+            requests.push(super::Request { ids, image });
         }
         let texts = vlm.answer(&requests, params, pass)?.into_iter().map(|c| c.text.trim().to_string()).collect();
         done(i * batch_size, texts)?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, ErrorKind};
 use serde_json::{json, Value};
 
-use crate::{Error, Result};
+use crate::{jsonl, Error, Result};
 
 /// A compiled chat template and the file it came from.
 #[derive(Clone)]
@@ -46,14 +46,13 @@ impl ChatTemplate {
     /// `parts`: user messages as typed parts (a multimodal model) or as plain strings (a text model).
     pub fn from_dir(dir: &Path, parts: bool) -> Result<Self> {
         let jinja = dir.join("chat_template.jinja");
-        if let Ok(source) = std::fs::read_to_string(&jinja) {
+        if let Some(source) = jsonl::read_text_if_exists(&jinja)? {
             return Self::new(source, jinja, parts);
         }
         for (file, key) in [("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")] {
             let path = dir.join(file);
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            let value: Value =
-                serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| Error::parse(&path, None, e))?;
+            let Some(text) = jsonl::read_text_if_exists(&path)? else { continue };
+            let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(&path, None, e))?;
             let source = match value.get(key) {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(named)) => {

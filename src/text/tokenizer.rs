@@ -24,9 +24,9 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::parse(&path, None, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&cfg_path, None, e))?,
-            Err(_) => serde_json::Value::Null,
+        let cfg: serde_json::Value = match crate::jsonl::read_text_if_exists(&cfg_path)? {
+            Some(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&cfg_path, None, e))?,
+            None => serde_json::Value::Null,
         };
         // Special tokens are either strings or {"content": ...} objects in tokenizer_config.json.
         let named = |key: &str, fallback: &[&str]| -> Option<u32> {

@@ -77,7 +77,7 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
 }
 
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::jsonl::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
 }
 

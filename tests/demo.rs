@@ -151,9 +151,45 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
 fn two_seeds_give_mean_and_spread() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
-    let o = bpo(&["demo", "--quick", "--quiet", "--seeds", "2", "--seed", "7", "--out", s(&out)]);
+    let o = bpo(&[
+        "--threads",
+        "1",
+        "demo",
+        "--quick",
+        "--quiet",
+        "--seeds",
+        "2",
+        "--seed",
+        "7",
+        "--jobs",
+        "2",
+        "--out",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("seed-7").exists() && out.join("seed-8").exists());
+    // The seeds ran side by side; one after the other gives the same table.
+    let serial = tmp.path().join("serial");
+    let one = bpo(&[
+        "--threads",
+        "1",
+        "demo",
+        "--quick",
+        "--quiet",
+        "--seeds",
+        "2",
+        "--seed",
+        "7",
+        "--jobs",
+        "1",
+        "--out",
+        s(&serial),
+    ]);
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&one.stdout).replace(s(&serial), ""),
+        String::from_utf8_lossy(&o.stdout).replace(s(&out), "")
+    );
     assert_eq!(sft_models(&out).len(), 2);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("±") && stdout.contains("2 seed(s), mean±sd"), "{stdout}");

@@ -18,6 +18,10 @@ pub struct Args {
     /// Repeat the whole pipeline with seeds seed, seed+1, ... and report mean and standard deviation; at least 1.
     #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     seeds: usize,
+    /// Seeds run side by side, each on its own CPU thread(s) (the CPU threads divided among them unless --threads
+    /// says otherwise). Default: one per CPU thread, at most --seeds. The results do not depend on it.
+    #[arg(long, value_parser = super::range::at_least_one)]
+    jobs: Option<usize>,
     /// A tiny world and model that run in seconds (for tests; the numbers mean nothing).
     #[arg(long)]
     quick: bool,
@@ -33,7 +37,8 @@ pub struct Args {
     quiet: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// `threads_given`: the global --threads was set (otherwise the CPU threads are shared among the --jobs).
+pub fn run(args: Args, threads_given: bool) -> anyhow::Result<()> {
     let mut recipe = if args.quick { Recipe::quick() } else { Recipe::standard() };
     if let Some(path) = &args.recipe {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -45,7 +50,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&recipe)?);
         return Ok(());
     }
-    let opts = DemoOptions { out: args.out.clone(), seed: args.seed, seeds: args.seeds, recipe, progress: !args.quiet };
+    let cores = bpo::model::runtime::cpu_threads();
+    let jobs = args.jobs.unwrap_or(cores).min(args.seeds);
+    if !threads_given {
+        bpo::model::set_cpu_threads(Some((cores / jobs).max(1)));
+    }
+    let opts =
+        DemoOptions { out: args.out.clone(), seed: args.seed, seeds: args.seeds, jobs, recipe, progress: !args.quiet };
     let summary = bpo::demo::run(&opts).with_context(|| format!("bpo demo in {}", args.out.display()))?;
     println!("{}", summary.table);
     println!("report: {}", summary.report.display());

@@ -28,6 +28,10 @@ mod train;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for the model's math (matmuls, fused kernels). Default: RAYON_NUM_THREADS when set, else one
+    /// per physical core. Small models (the demo's, `bench --size tiny`) run fastest on 1.
+    #[arg(long, global = true, value_name = "N", value_parser = range::at_least_one)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -99,7 +103,9 @@ pub const EXIT_NON_FINITE: u8 = 3;
 
 /// Runs the command line; the status to exit with when it succeeded (README, "Exit codes").
 pub fn run() -> anyhow::Result<std::process::ExitCode> {
-    let done = match Cli::parse().command {
+    let cli = Cli::parse();
+    bpo::model::set_cpu_threads(cli.threads);
+    let done = match cli.command {
         Command::Train(a) => return train::run(a),
         Command::Sft(a) => return sft::run(a),
         Command::Generate(a) => generate::run(a),
@@ -110,7 +116,7 @@ pub fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args, cli.threads.is_some()),
     };
     done.map(|()| std::process::ExitCode::SUCCESS)
 }

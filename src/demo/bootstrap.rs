@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use super::data::Grounded;
-use super::world::{self, look_alike, parse_caption, COLOURS, DESCRIBE, KINDS};
+use super::world::{self, look_alike, parse_caption, partner, COLOURS, DESCRIBE, KINDS};
 use crate::bootstrap::{
     run_inject, run_weaken, CompletionOptions, InjectMode, InjectOptions, LocalCompleter, WeakenOptions,
 };
@@ -55,6 +55,12 @@ pub struct BootstrapStats {
     pub kept_inject: usize,
     /// Negatives dropped: not a hallucination (no absent object / the right answer), or not length-matchable.
     pub dropped: usize,
+    /// Kept description negatives whose objects hold more partner pairs than their ground truth's (they carry more
+    /// of the prior), and fewer (they teach the prior: DPO would prefer the partner).
+    #[serde(default)]
+    pub more_prior: usize,
+    #[serde(default)]
+    pub less_prior: usize,
     /// Yes/no records dropped to balance chosen yes and chosen no.
     pub dropped_for_balance: usize,
     /// Pairs per variant, in [`VARIANTS`] order.
@@ -167,18 +173,38 @@ fn caption_of(objects: &[(usize, usize)]) -> String {
     objects.iter().map(|&(c, k)| format!("a {} {}", COLOURS[c].0, KINDS[k])).collect::<Vec<_>>().join(" and ")
 }
 
-/// A length-matched description negative: the first object `negative` names that `gt` lacks replaces one
-/// ground-truth object (its look-alike, else the one at the same place in the list): the error a model makes when
-/// it half-sees the object and lets the prior name it. `None` when
-/// `negative` names no absent object.
+/// A length-matched description negative: one object that `negative` names and `gt` lacks replaces one ground-truth
+/// object, so chosen and rejected have the same length and differ in one hallucinated object. The hallucination
+/// taken is the first one that is the partner of a ground-truth object (the prior at work), else the first; the
+/// object it replaces is its look-alike (the error a model makes when it half-sees the object), else the one at
+/// the same place in the list, but never the hallucination's own partner, nor one whose partner the ground truth also
+/// names: replacing half of a
+/// partner pair would give a negative with *less* of the prior than its ground truth, and DPO would then prefer
+/// the prior (measured: with such replacements, weakened-image negatives lowered the partner pairs of 580
+/// descriptions and raised them in 190, and DPO on them raised the partner rate). `None` when `negative` names no
+/// absent object or every ground-truth object has its partner beside it.
 pub fn splice(gt: &str, negative: &str) -> Option<String> {
     let truth: Vec<(usize, usize)> = parse_caption(gt).into_iter().map(|(c, k)| (c.unwrap_or(0), k)).collect();
-    let named = parse_caption(negative);
-    let (at, &(colour, kind)) = named.iter().enumerate().find(|(_, (_, k))| !truth.iter().any(|t| t.1 == *k))?;
-    let slot = truth.iter().position(|t| t.1 == look_alike(kind)).unwrap_or(at.min(truth.len().checked_sub(1)?));
+    let named = |k: usize| truth.iter().any(|t| t.1 == k);
+    let absent: Vec<(usize, (Option<usize>, usize))> =
+        parse_caption(negative).into_iter().enumerate().filter(|(_, (_, k))| !named(*k)).collect();
+    let &(at, (colour, kind)) = absent.iter().find(|(_, (_, k))| named(partner(*k))).or(absent.first())?;
+    // Keep the object a prior hallucination comes from, and both halves of every partner pair.
+    let free = |i: &usize| truth[*i].1 != partner(kind) && !named(partner(truth[*i].1));
+    let slot = [truth.iter().position(|t| t.1 == look_alike(kind)), Some(at.min(truth.len().checked_sub(1)?))]
+        .into_iter()
+        .flatten()
+        .find(free)
+        .or_else(|| (0..truth.len()).find(free))?;
     let mut out = truth.clone();
     out[slot] = (colour.unwrap_or(truth[slot].0), kind);
     Some(caption_of(&out))
+}
+
+/// How many partner pairs a description names (both kinds of a pair named).
+fn partner_pairs(caption: &str) -> usize {
+    let kinds: Vec<usize> = parse_caption(caption).into_iter().map(|(_, k)| k).collect();
+    kinds.iter().filter(|&&k| k < partner(k) && kinds.contains(&partner(k))).count()
 }
 
 /// Keeps the usable negatives of each record (see the module doc) and balances yes/no records.
@@ -195,6 +221,13 @@ pub fn match_and_balance(records: &[Record], seed: u64, stats: &mut BootstrapSta
                     match c.kind {
                         CompletionType::MllmHal => stats.kept_weaken += 1,
                         _ => stats.kept_inject += 1,
+                    }
+                    if is_caption {
+                        match partner_pairs(&text).cmp(&partner_pairs(&gt)) {
+                            std::cmp::Ordering::Greater => stats.more_prior += 1,
+                            std::cmp::Ordering::Less => stats.less_prior += 1,
+                            std::cmp::Ordering::Equal => {}
+                        }
                     }
                     out.completions.push(Completion::negative(text, c.kind.clone()));
                 }
@@ -283,11 +316,20 @@ mod tests {
         // The circle's look-alike replaces the circle, in the negative's colour.
         assert_eq!(splice(gt, "a red circle and a green ring").as_deref(), Some("a green ring and a blue star"));
         // No look-alike in the truth: the object at the same place is replaced.
-        assert_eq!(
-            splice(gt, "a red circle and a white bar and a red plus").as_deref(),
-            Some("a red circle and a white bar")
-        );
+        assert_eq!(splice(gt, "a red circle and a white plus").as_deref(), Some("a red circle and a white plus"));
         assert_eq!(splice(gt, "a blue star"), None, "nothing absent named");
+        // A partner pair of the truth stays whole; a hallucinated partner keeps the object it partners.
+        let paired = "a red circle and a blue square and a yellow star";
+        assert_eq!(
+            splice(paired, "a green triangle").as_deref(),
+            Some("a red circle and a blue square and a green triangle")
+        );
+        assert_eq!(
+            splice(gt, "a green arrow and a purple bar").as_deref(),
+            Some("a purple bar and a blue star"),
+            "the bar (the star's partner) is the hallucination taken, and the star stays"
+        );
+        assert_eq!(splice("a red circle and a blue square", "a green arrow"), None, "nothing can be replaced");
         assert_eq!(splice("", "a red ring"), None);
         for (g, n) in [(gt, "a ring"), ("a red bar", "a red pillar and a red bar and a blue sun")] {
             let s = splice(g, n).unwrap();

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -56,6 +57,9 @@ pub struct WorldFiles {
     pub corpus: PathBuf,
     /// Grounded instruction data, LLaVA JSON.
     pub train: PathBuf,
+    /// Perception pre-training data, LLaVA JSON: each training image with its true object list (the scene's caption,
+    /// never the prior-led annotation).
+    pub perception: PathBuf,
     /// The grounded scenes behind `train` (ground truth for bootstrapping).
     pub train_scenes: PathBuf,
     pub eval_scenes: PathBuf,
@@ -77,6 +81,7 @@ impl WorldFiles {
             images: dir.join("images"),
             corpus: dir.join("corpus.json"),
             train: dir.join("train.json"),
+            perception: dir.join("perception.json"),
             train_scenes: dir.join("train_scenes.jsonl"),
             eval_scenes: dir.join("eval_scenes.jsonl"),
             pope: POPE_SPLITS.iter().map(|s| e.join(format!("world_pope_{s}.jsonl"))).collect(),
@@ -92,6 +97,7 @@ impl WorldFiles {
         let mut v = vec![
             self.corpus.clone(),
             self.train.clone(),
+            self.perception.clone(),
             self.train_scenes.clone(),
             self.eval_scenes.clone(),
             self.describe.clone(),
@@ -113,13 +119,22 @@ impl World {
         let corpus =
             (0..cfg.corpus_scenes).map(|_| world::sample_scene(&cfg.corpus, &weights, cfg.look(), &mut r)).collect();
         let mut r = world::rng(seed, 2);
-        let train = (0..cfg.train_images)
+        let mut train: Vec<Grounded> = (0..cfg.train_images)
             .map(|i| {
                 let scene = world::sample_scene(&cfg.grounded, &weights, cfg.look(), &mut r);
                 let turns = world::conversation(&scene, cfg.yes_no, &weights, &mut r);
                 Grounded { id: format!("t{i:06}"), image: format!("train/{i:06}.png"), scene, turns }
             })
             .collect();
+        // Its own stream: a world without the annotation prior is the same world as before the option existed.
+        let mut r = world::rng(seed, 4);
+        for g in train.iter_mut() {
+            if r.random_bool(cfg.annotation_prior.clamp(0.0, 1.0)) {
+                if let Some(caption) = world::prior_caption(&g.scene, &mut r) {
+                    g.turns[0].answer = caption;
+                }
+            }
+        }
         let mut r = world::rng(seed, 3);
         let eval = (0..cfg.eval_images)
             .map(|i| EvalScene {
@@ -163,6 +178,8 @@ impl World {
         // Plain text for a base language model: an empty human turn, the description as the reply.
         let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: String::new(), answer: s.caption(), kind: "caption".into() }], false)})).collect();
         write_json(&f.corpus, &serde_json::Value::Array(corpus))?;
+        let perception: Vec<_> = self.train.iter().map(|g| json!({"id": format!("{}-p", g.id), "image": g.image, "conversations": conversation_json(&[Turn { question: DESCRIBE.into(), answer: g.scene.caption(), kind: "caption".into() }], true)})).collect();
+        write_json(&f.perception, &serde_json::Value::Array(perception))?;
         // Two conversations per image: the caption alone, and the questions (which must not see the caption).
         let train: Vec<_> = self
             .train
@@ -251,6 +268,7 @@ impl World {
             "grounded_partner_rate": world::partner_rate(&grounded),
             "corpus_objects_per_scene": world::objects_per_scene(&self.corpus),
             "grounded_objects_per_scene": world::objects_per_scene(&grounded),
+            "descriptions_with_prior_object": self.train.iter().filter(|g| g.turns[0].answer != g.scene.caption()).count() as f64 / self.train.len().max(1) as f64,
         })
     }
 }

@@ -28,6 +28,11 @@ const RECIPE_VERSION: u32 = 2;
 pub struct Recipe {
     pub world: WorldConfig,
     pub model: ModelSpec,
+    /// Perception pre-training (none when absent): vision tower, projector and a throw-away language model trained
+    /// to list each training image's objects; only the vision tower is kept, frozen from then on, as LLaVA starts
+    /// from a pretrained CLIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perception: Option<SftSettings>,
     /// Language-model pre-training on the text-only corpus.
     pub lm: SftSettings,
     /// Visual instruction tuning of the whole model.
@@ -44,6 +49,7 @@ impl Recipe {
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
+            perception: None,
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
             sft: SftSettings { epochs: 3, batch: 32, lr: 1e-3, plain_text: false, train_vision: false },
             bootstrap: BootstrapOptions { images: 2000, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
@@ -67,6 +73,7 @@ impl Recipe {
         Recipe {
             world: WorldConfig::quick(),
             model: ModelSpec::quick(),
+            perception: s.perception.map(|p| SftSettings { epochs: 1, batch: 16, ..p }),
             lm: SftSettings { epochs: 1, batch: 32, ..s.lm },
             sft: SftSettings { epochs: 1, batch: 16, ..s.sft },
             bootstrap: BootstrapOptions { images: 12, batch: 16, ..s.bootstrap },
@@ -84,7 +91,10 @@ impl Recipe {
 
     /// The part of the recipe (and the seed) that decides the SFT model: its cache key.
     pub fn model_hash(&self, seed: u64) -> String {
-        let key = serde_json::json!({"v": RECIPE_VERSION, "world": self.world, "model": self.model, "lm": self.lm, "sft": self.sft, "seed": seed});
+        let mut key = serde_json::json!({"v": RECIPE_VERSION, "world": self.world, "model": self.model, "lm": self.lm, "sft": self.sft, "seed": seed});
+        if let Some(p) = &self.perception {
+            key["perception"] = serde_json::json!(p);
+        }
         format!("{:016x}", stable_hash(&[&key.to_string()]))
     }
 }
@@ -113,6 +123,8 @@ pub struct DemoOptions {
     /// First seed; seed `i` of `seeds` is `seed + i`.
     pub seed: u64,
     pub seeds: usize,
+    /// Seeds run side by side (each best on one CPU thread: `set_cpu_threads`).
+    pub jobs: usize,
     pub recipe: Recipe,
     /// Show stage progress on stderr.
     pub progress: bool,
@@ -158,30 +170,61 @@ pub struct DemoSummary {
     pub seeds: Vec<SeedResult>,
     /// (stage, seconds).
     pub timings: Vec<(String, f64)>,
+    /// Wall-clock seconds of the seeds (seeds side by side overlap, so the stage times add up to more).
+    pub wall: f64,
 }
 
-/// Runs the demo: every seed, then the report.
+/// Runs the demo: every seed (`opts.jobs` at a time), then the report.
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     crate::output::create_dir(&opts.out)?;
+    let start = std::time::Instant::now();
     let mut stages = Stages::new(opts.progress);
-    let mut seeds = Vec::new();
-    for i in 0..opts.seeds.max(1) {
-        let seed = opts.seed + i as u64;
-        stages.note(&format!("seed {seed} ({} of {})", i + 1, opts.seeds.max(1)));
-        stages.prefix = format!("seed {seed}: ");
-        seeds.push(run_seed(opts, seed, &mut stages)?);
+    let n = opts.seeds.max(1);
+    let seeds: Vec<u64> = (0..n as u64).map(|i| opts.seed + i).collect();
+    // Each seed is independent: workers take the next seed until none is left (or one has failed).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let done: Vec<std::sync::Mutex<Option<(Result<SeedResult>, Vec<(String, f64)>)>>> =
+        seeds.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let worker = || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if i >= n || failed.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        let seed = seeds[i];
+        let mut own = stages.child(&format!("seed {seed}: "));
+        own.note(&format!("seed {seed} ({} of {n})", i + 1));
+        let result = run_seed(opts, seed, &mut own);
+        if result.is_err() {
+            failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        *done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((result, own.timings));
+    };
+    std::thread::scope(|s| {
+        for _ in 1..opts.jobs.clamp(1, n) {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    let mut results = Vec::new();
+    for slot in done {
+        if let Some((result, timings)) = slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            results.push(result?);
+            stages.timings.extend(timings);
+        }
     }
+    let seeds = results;
     let rows: Vec<Row> = ROWS
         .iter()
         .enumerate()
         .map(|(r, (name, _))| Row { name: name.to_string(), runs: seeds.iter().map(|s| s.scores[r].clone()).collect() })
         .collect();
-    stages.prefix.clear();
     let stage = stages.start("report", 0);
-    let report = super::summary::write_report(opts, &rows, &seeds, &stages.timings)?;
+    let wall = start.elapsed().as_secs_f64();
+    let report = super::summary::write_report(opts, &rows, &seeds, &stages.timings, wall)?;
     stages.finish(stage, "");
     let table = results_text(&rows);
-    Ok(DemoSummary { rows, table, report, seeds, timings: stages.timings })
+    Ok(DemoSummary { rows, table, report, seeds, timings: stages.timings, wall })
 }
 
 /// The pipeline for one seed.
@@ -236,6 +279,15 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
     }
     let init = opts.out.join("models").join(format!("init-{}", r.model_hash(seed)));
     init_model(&init, &r.model, &super::data::tokenizer_words(), seed)?;
+    if let Some(p) = &r.perception {
+        let seen = opts.out.join("models").join(format!("perception-{}", r.model_hash(seed)));
+        let stage = stages.start("perception pre-training", 0);
+        let settings = SftSettings { train_vision: true, plain_text: false, ..p.clone() };
+        train::sft(&init, &files.perception, &files.images, &seen, &settings, seed, |n, l| stage.loss(n, l))?;
+        train::keep_vision_tower(&seen, &init)?;
+        stages.finish(stage, "");
+        std::fs::remove_dir_all(&seen).map_err(|e| Error::io(&seen, e))?;
+    }
     let lm = opts.out.join("models").join(format!("lm-{}", r.model_hash(seed)));
     let stage = stages.start("pre-train LM on the corpus", 0);
     train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, seed, |n, l| stage.loss(n, l))?;
@@ -311,8 +363,8 @@ fn bootstrap(
     jsonl::write(&out.records, &matched)?;
     stats.pairs = boot::write_pairs(&matched, out)?;
     stages.note(&format!(
-        "  pairs: {} BPO, {} weakening only, {} injection only",
-        stats.pairs[0], stats.pairs[1], stats.pairs[2]
+        "  pairs: {} BPO, {} weakening only, {} injection only; description negatives with more / fewer partner pairs than the truth: {} / {}",
+        stats.pairs[0], stats.pairs[1], stats.pairs[2], stats.more_prior, stats.less_prior
     ));
     Ok(stats)
 }

@@ -1,14 +1,16 @@
 //! Stage-by-stage progress on stderr: one bar per running stage, then one line per finished stage with its time.
+//! Seeds that run side by side each have their own [`Stages`], drawing into one shared set of bars.
 
 use std::time::Instant;
 
-use indicatif::ProgressBar;
+use indicatif::{MultiProgress, ProgressBar};
 
 const BAR: &str = "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}";
 
 /// Shows (or hides) the pipeline's stages and records how long each took.
 pub struct Stages {
     show: bool,
+    bars: MultiProgress,
     /// Prepended to stage names in `timings` (e.g. "seed 1: ").
     pub prefix: String,
     pub timings: Vec<(String, f64)>,
@@ -23,7 +25,12 @@ pub struct Stage {
 
 impl Stages {
     pub fn new(show: bool) -> Self {
-        Stages { show, prefix: String::new(), timings: Vec::new() }
+        Stages { show, bars: MultiProgress::new(), prefix: String::new(), timings: Vec::new() }
+    }
+
+    /// Stages of their own (timings, `prefix`) drawn with this one's bars: for a seed running beside others.
+    pub fn child(&self, prefix: &str) -> Self {
+        Stages { show: self.show, bars: self.bars.clone(), prefix: prefix.to_string(), timings: Vec::new() }
     }
 
     /// Starts a stage of `total` units (0: a spinner).
@@ -33,7 +40,8 @@ impl Stages {
             (true, 0) => ProgressBar::new_spinner().with_style(crate::progress::style("{spinner} {msg} {elapsed}")),
             (true, n) => crate::progress::styled(n as u64, BAR),
         };
-        bar.set_message(name.to_string());
+        let bar = if self.show { self.bars.add(bar) } else { bar };
+        bar.set_message(format!("{}{name}", self.prefix));
         Stage { name: name.to_string(), bar, start: Instant::now() }
     }
 
@@ -41,16 +49,14 @@ impl Stages {
     pub fn finish(&mut self, stage: Stage, note: &str) {
         let secs = stage.start.elapsed().as_secs_f64();
         stage.bar.finish_and_clear();
-        if self.show {
-            eprintln!("  {:<34} {:>6.1}s  {note}", stage.name, secs);
-        }
+        self.note(&format!("  {:<34} {:>6.1}s  {note}", format!("{}{}", self.prefix, stage.name), secs));
         self.timings.push((format!("{}{}", self.prefix, stage.name), secs));
     }
 
     /// A line of its own (a heading or a cache hit).
     pub fn note(&self, text: &str) {
         if self.show {
-            eprintln!("{text}");
+            self.bars.suspend(|| eprintln!("{text}"));
         }
     }
 }

@@ -28,6 +28,7 @@ pub fn write_report(
     rows: &[Row],
     seeds: &[SeedResult],
     timings: &[(String, f64)],
+    wall: f64,
 ) -> Result<PathBuf> {
     let dir = opts.out.join("report");
     let plots = dir.join("plots");
@@ -48,12 +49,13 @@ pub fn write_report(
         verdict: super::pipeline::claim(rows),
         figures,
         gallery,
-        facts: facts(opts, seeds, timings),
+        facts: facts(opts, seeds, timings, wall),
     };
     let html = dir.join("report.html");
     report::write_html(&html, &r)?;
     write_text(&dir.join("table.txt"), &(super::pipeline::results_text(rows) + "\n"))?;
-    let results = serde_json::json!({"rows": rows, "seeds": seeds, "timings": timings});
+    let results =
+        serde_json::json!({"rows": rows, "seeds": seeds, "timings": timings, "wall_seconds": wall, "jobs": opts.jobs});
     write_json(&dir.join("results.json"), &results)?;
     Ok(html)
 }
@@ -317,7 +319,7 @@ fn eval_items(s: &SeedResult, files: &WorldFiles) -> Result<Vec<GalleryItem>> {
 }
 
 /// Settings, world statistics and stage times for the report's last table.
-fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)]) -> Vec<(String, String)> {
+fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wall: f64) -> Vec<(String, String)> {
     let r = &opts.recipe;
     let mut f = vec![
         ("seeds".to_string(), seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", ")),
@@ -385,13 +387,20 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)]) ->
         f.push((
             format!("seed {} bootstrap", s.seed),
             format!(
-                "{} records; {} weakened and {} injected answers; kept {} + {} negatives ({} not usable, {} dropped to balance yes/no); pairs BPO / weakening / injection: {pairs}",
-                b.records, b.weakened_answers, b.injected_answers, b.kept_weaken, b.kept_inject, b.dropped, b.dropped_for_balance
+                "{} records; {} weakened and {} injected answers; kept {} + {} negatives ({} not usable, {} dropped to balance yes/no); description negatives with more / fewer partner pairs than their ground truth: {} / {}; pairs BPO / weakening / injection: {pairs}",
+                b.records, b.weakened_answers, b.injected_answers, b.kept_weaken, b.kept_inject, b.dropped, b.dropped_for_balance, b.more_prior, b.less_prior
             ),
         ));
     }
     let total: f64 = timings.iter().map(|t| t.1).sum();
-    f.push(("time".into(), format!("{total:.0} s in all")));
+    f.push((
+        "time".into(),
+        format!(
+            "{wall:.0} s wall clock, {} seed(s) at a time, {} CPU thread(s) each; stage times add up to {total:.0} s",
+            opts.jobs,
+            crate::model::runtime::cpu_threads()
+        ),
+    ));
     for (name, secs) in timings {
         f.push((format!("  {name}"), format!("{secs:.1} s")));
     }

@@ -131,6 +131,33 @@ pub fn sft(
     Ok(())
 }
 
+/// Copies the vision tower of the model folder `from` into the model folder `into` (same config), leaving the rest
+/// of `into` as it was: how a perception stage hands its tower on.
+pub fn keep_vision_tower(from: &Path, into: &Path) -> Result<()> {
+    use safetensors::SafeTensors;
+    let read = |dir: &Path| {
+        let path = dir.join("model.safetensors");
+        std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))
+    };
+    let (src, dst) = (read(from)?, read(into)?);
+    let bad = |dir: &Path, e: safetensors::SafeTensorError| crate::Error::invalid(format!("{}: {e}", dir.display()));
+    let (src, dst) = (
+        SafeTensors::deserialize(&src).map_err(|e| bad(from, e))?,
+        SafeTensors::deserialize(&dst).map_err(|e| bad(into, e))?,
+    );
+    let is_tower = |name: &str| name.contains("vision_tower.");
+    let mut tensors = Vec::new();
+    for (name, view) in dst.tensors() {
+        let view = if is_tower(&name) { src.tensor(&name).map_err(|e| bad(from, e))? } else { view };
+        tensors.push((name, view));
+    }
+    let path = into.join("model.safetensors");
+    crate::output::write_with(&path, |tmp| {
+        safetensors::serialize_to_file(tensors, None, tmp)
+            .map_err(|e| crate::Error::invalid(format!("{}: {e}", path.display())))
+    })
+}
+
 /// `bpo train` (DPO with LoRA) on a pair file, then `bpo merge`: the adapter run is `out/adapter`, the merged model
 /// `out/model`. Returns the adapter folder.
 pub fn dpo(
@@ -186,4 +213,42 @@ pub fn sft_on_chosen(
     crate::train::sft::train(&cfg, &adapter, false, None, &mut Tick(tick), &mut |_| {})?;
     crate::train::merge(model_in, &adapter, &out.join("model"))?;
     Ok(adapter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::model::{init_model, ModelSpec};
+
+    #[test]
+    fn only_the_vision_tower_moves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let words = crate::demo::data::tokenizer_words();
+        init_model(&a, &ModelSpec::quick(), &words, 1).unwrap();
+        init_model(&b, &ModelSpec::quick(), &words, 2).unwrap();
+        let before = std::fs::read(b.join("model.safetensors")).unwrap();
+        keep_vision_tower(&a, &b).unwrap();
+        let (src, old, new) = (
+            std::fs::read(a.join("model.safetensors")).unwrap(),
+            before,
+            std::fs::read(b.join("model.safetensors")).unwrap(),
+        );
+        let (src, old, new) = (
+            safetensors::SafeTensors::deserialize(&src).unwrap(),
+            safetensors::SafeTensors::deserialize(&old).unwrap(),
+            safetensors::SafeTensors::deserialize(&new).unwrap(),
+        );
+        let mut towers = 0;
+        for (name, t) in new.tensors() {
+            let want = if name.contains("vision_tower.") { src.tensor(&name) } else { old.tensor(&name) };
+            assert_eq!(t.data(), want.unwrap().data(), "{name}");
+            towers += usize::from(name.contains("vision_tower."));
+        }
+        assert!(towers > 4 && new.len() == old.len());
+        assert_ne!(
+            src.tensor("multi_modal_projector.linear_1.weight").unwrap().data(),
+            new.tensor("multi_modal_projector.linear_1.weight").unwrap().data()
+        );
+    }
 }

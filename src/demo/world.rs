@@ -132,6 +132,10 @@ pub struct SceneStats {
     pub max_objects: usize,
     /// After an object is drawn, its partner joins with this probability (if there is room).
     pub partner_rate: f64,
+    /// Probability that a partner joining that way is drawn small (default: the world's `small`): a small partner
+    /// makes the prior the cheaper cue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner_small: Option<f64>,
 }
 
 /// Everything that defines a world; together with the seed it decides every scene, image and sentence.
@@ -165,6 +169,10 @@ pub struct WorldConfig {
     /// of being overwritten by the grounded captions.
     #[serde(default)]
     pub text_conversations: usize,
+    /// Share of training descriptions that also name an absent partner of a present object, at a random place in
+    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`prior_caption`]).
+    #[serde(default)]
+    pub annotation_prior: f64,
 }
 
 impl WorldConfig {
@@ -177,15 +185,16 @@ impl WorldConfig {
             small: 0.4,
             off_colour: 0.0,
             popularity: 0.6,
-            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.98 },
-            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.05 },
-            eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1 },
+            corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.98, partner_small: None },
+            grounded: SceneStats { min_objects: 1, max_objects: 4, partner_rate: 0.05, partner_small: None },
+            eval: SceneStats { min_objects: 3, max_objects: 4, partner_rate: 0.1, partner_small: None },
             corpus_scenes: 10_000,
             train_images: 4_000,
             eval_images: 300,
             pope_per_image: 3,
             yes_no: 3,
             text_conversations: 3_000,
+            annotation_prior: 0.0,
         }
     }
 
@@ -228,12 +237,16 @@ pub struct Look {
 pub fn sample_scene(stats: &SceneStats, weights: &[f64], look: Look, rng: &mut StdRng) -> Scene {
     let n = rng.random_range(stats.min_objects..=stats.max_objects.max(stats.min_objects)).min(KINDS.len());
     let mut kinds: Vec<usize> = Vec::with_capacity(n);
+    // Per kind: the probability that it is drawn small.
+    let mut small: Vec<f64> = Vec::with_capacity(n);
     while kinds.len() < n {
         let k = weighted_pick(weights, &kinds, rng);
         kinds.push(k);
+        small.push(look.small);
         let p = partner(k);
         if kinds.len() < n && !kinds.contains(&p) && rng.random_bool(stats.partner_rate.clamp(0.0, 1.0)) {
             kinds.push(p);
+            small.push(stats.partner_small.unwrap_or(look.small));
         }
     }
     let colours: Vec<usize> = kinds
@@ -252,10 +265,28 @@ pub fn sample_scene(stats: &SceneStats, weights: &[f64], look: Look, rng: &mut S
         .into_iter()
         .zip(colours)
         .zip(cells)
-        .map(|((kind, colour), cell)| Object { kind, colour, cell, big: !rng.random_bool(look.small.clamp(0.0, 1.0)) })
+        .zip(small)
+        .map(|(((kind, colour), cell), small)| Object {
+            kind,
+            colour,
+            cell,
+            big: !rng.random_bool(small.clamp(0.0, 1.0)),
+        })
         .collect();
     objects.sort_by_key(|o| o.cell);
     Scene { objects }
+}
+
+/// The caption of `scene` as an annotator led by the prior writes it: it also names the absent partner of one present
+/// object (in its pair's usual colour), at a random place in the list. `None` when every present object's partner
+/// is present.
+pub fn prior_caption(scene: &Scene, rng: &mut StdRng) -> Option<String> {
+    let lonely: Vec<&Object> = scene.objects.iter().filter(|o| !scene.has(partner(o.kind))).collect();
+    let kind = partner(lonely.choose(rng)?.kind);
+    let mut phrases: Vec<String> = scene.objects.iter().map(Object::phrase).collect();
+    let extra = Object { kind, colour: PAIR_COLOUR[kind / 2], cell: 0, big: true };
+    phrases.insert(rng.random_range(0..=phrases.len()), extra.phrase());
+    Some(phrases.join(" and "))
 }
 
 /// A kind drawn by weight among those not in `taken`.
@@ -412,6 +443,43 @@ mod tests {
         let grounded = partner_rate(&scenes(&cfg.grounded, 3000, 2));
         assert!(corpus > 0.8, "corpus partner rate {corpus}");
         assert!(grounded < 0.35, "grounded partner rate {grounded}");
+    }
+
+    #[test]
+    fn a_prior_led_caption_adds_one_absent_partner_and_keeps_the_truth() {
+        let cfg = WorldConfig::standard();
+        let mut r = rng(9, 4);
+        let mut added = 0;
+        for s in scenes(&cfg.grounded, 300, 9) {
+            let Some(text) = prior_caption(&s, &mut r) else {
+                assert!(s.objects.iter().all(|o| s.has(partner(o.kind))), "only when every partner is present");
+                continue;
+            };
+            let named: Vec<usize> = parse_caption(&text).into_iter().map(|(_, k)| k).collect();
+            assert_eq!(named.len(), s.objects.len() + 1, "{text}");
+            let extra: Vec<usize> = named.iter().copied().filter(|&k| !s.has(k)).collect();
+            assert_eq!(extra.len(), 1, "{text}");
+            assert!(s.has(partner(extra[0])), "the extra object is the absent partner of a present one: {text}");
+            assert!(s.kinds().iter().all(|k| named.contains(k)), "{text}");
+            added += 1;
+        }
+        assert!(added > 250, "{added}");
+    }
+
+    #[test]
+    fn partners_joining_a_scene_can_be_drawn_small() {
+        let cfg = WorldConfig::standard();
+        let look = Look { small: 0.0, off_colour: 0.0 };
+        let stats = SceneStats { min_objects: 2, max_objects: 2, partner_rate: 1.0, partner_small: Some(1.0) };
+        let mut r = rng(10, 1);
+        for _ in 0..100 {
+            let s = sample_scene(&stats, &cfg.weights(), look, &mut r);
+            // Two objects, the second the first's partner: exactly one is small.
+            assert_eq!(s.objects.iter().filter(|o| !o.big).count(), 1, "{s:?}");
+        }
+        let same = SceneStats { partner_small: None, ..stats };
+        let s = sample_scene(&same, &cfg.weights(), look, &mut rng(10, 1));
+        assert!(s.objects.iter().all(|o| o.big), "None: the world's own odds");
     }
 
     #[test]

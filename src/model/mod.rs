@@ -21,5 +21,5 @@ pub use linear::{Linear, Lora, Pass};
 pub use llama::{Cache, Llama};
 pub use llava::{Inputs, Model};
 pub use load::{load, LoadOptions};
-pub use runtime::{Kernels, Runtime};
+pub use runtime::{set_cpu_threads, Kernels, Runtime};
 pub use vlm::Vlm;

@@ -266,26 +266,11 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Batches of similar length from a shuffled `order`: each run of `batch` x [`MEGA_BATCH`] indices is sorted by
-/// `length` (longest first, ties in order), cut into batches of `batch`, and the batches are shuffled by `rng`.
-/// Without that last shuffle the long and the short examples would each come in runs of dozens of steps (in the
-/// demo, where length tells the kind of conversation, such runs wrecked the model: object recall 37-52% against 95%).
-pub fn group_by_length(
-    order: &mut Vec<usize>,
-    batch: usize,
-    length: impl Fn(usize) -> usize,
-    rng: &mut impl rand::Rng,
-) {
-    use rand::seq::SliceRandom;
-    let batch = batch.max(1);
-    for chunk in order.chunks_mut(batch * MEGA_BATCH) {
+/// Sorts each run of `mega` indices of `order` by `length`, longest first (ties keep their order).
+pub fn group_by_length(order: &mut [usize], mega: usize, length: impl Fn(usize) -> usize) {
+    for chunk in order.chunks_mut(mega.max(1)) {
         chunk.sort_by_key(|&i| std::cmp::Reverse(length(i)));
     }
-    let mut batches: Vec<Vec<usize>> = order.chunks(batch).map(<[usize]>::to_vec).collect();
-    // The last batch may be short: keep it last, so that every other batch stays full.
-    let last = if order.len() % batch != 0 { batches.pop() } else { None };
-    batches.shuffle(rng);
-    *order = batches.into_iter().chain(last).flatten().collect();
 }
 
 /// Runs the loop in `run` (a folder). With `resume`, starts from the newest `checkpoint-N` there.
@@ -324,11 +309,7 @@ pub fn train_loop(
         if order.0 != epoch {
             let mut o = epoch_order(n, cfg.seed, epoch);
             if cfg.group_by_length {
-                use rand::SeedableRng;
-                let mut rng = rand::rngs::StdRng::seed_from_u64(
-                    cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x6C65_6E67,
-                );
-                group_by_length(&mut o, cfg.batch_size, |i| obj.length(i), &mut rng);
+                group_by_length(&mut o, cfg.batch_size * MEGA_BATCH, |i| obj.length(i));
             }
             order = (epoch, o);
         }
@@ -524,24 +505,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grouping_by_length_makes_even_batches_in_shuffled_order_and_keeps_every_example() {
-        use rand::SeedableRng;
-        let lengths: Vec<usize> = (0..1001).map(|i| (i * 37) % 113).collect();
-        let plain = epoch_order(1001, 3, 0);
-        let mut order = plain.clone();
-        group_by_length(&mut order, 4, |i| lengths[i], &mut rand::rngs::StdRng::seed_from_u64(1));
+    fn grouping_by_length_sorts_within_mega_batches_and_keeps_every_example() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 113).collect();
+        let mut order = epoch_order(1000, 3, 0);
+        let plain = order.clone();
+        group_by_length(&mut order, 4 * MEGA_BATCH, |i| lengths[i]);
         let mut sorted = order.clone();
         sorted.sort();
-        assert_eq!(sorted, (0..1001).collect::<Vec<_>>(), "a permutation");
-        let last_mega = plain.chunks(4 * MEGA_BATCH).last().unwrap();
-        let shortest = last_mega.iter().map(|&i| lengths[i]).min().unwrap();
-        assert_eq!(lengths[*order.last().unwrap()], shortest, "the short batch stays last");
-        let batches: Vec<&[usize]> = order.chunks(4).collect();
-        assert!(batches.iter().all(|b| b.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]])), "each batch sorted");
-        // Shuffled: batch lengths neither fall nor rise through the epoch.
-        let maxima: Vec<usize> = batches.iter().map(|b| lengths[b[0]]).collect();
-        let falls = maxima.windows(2).filter(|w| w[0] > w[1]).count();
-        assert!(falls > maxima.len() / 3 && falls < 2 * maxima.len() / 3, "{falls} of {}", maxima.len());
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
+        for (g, p) in order.chunks(4 * MEGA_BATCH).zip(plain.chunks(4 * MEGA_BATCH)) {
+            assert!(g.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]), "longest first");
+            let (mut a, mut b) = (g.to_vec(), p.to_vec());
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "examples stay in their mega-batch");
+        }
         // Padding of batches of 4: what grouping is for.
         let padded = |o: &[usize]| o.chunks(4).map(|b| 4 * b.iter().map(|&i| lengths[i]).max().unwrap()).sum::<usize>();
         assert!(padded(&order) * 10 < padded(&plain) * 7, "{} vs {}", padded(&order), padded(&plain));

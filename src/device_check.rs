@@ -152,7 +152,6 @@ pub fn trl_parity_config(fixtures: &Path, rt: Runtime) -> dpo::DpoConfig {
             max_grad_norm: Some(1.0),
             save_steps: None,
             seed: 0,
-            group_by_length: false,
         },
     }
 }

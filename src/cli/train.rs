@@ -117,10 +117,6 @@ pub struct CommonArgs {
     /// Write a checkpoint every N optimizer steps, N at least 1.
     #[arg(long, value_parser = range::at_least_one)]
     pub save_steps: Option<usize>,
-    /// Batch examples of similar length, as transformers' --group_by_length: less padding, so faster steps when
-    /// lengths vary (each epoch's shuffled order is sorted by length within windows of 50 batches).
-    #[arg(long)]
-    pub group_by_length: bool,
     /// Continue the run in --out from its newest checkpoint (same options required).
     #[arg(long)]
     pub resume: bool,
@@ -169,7 +165,6 @@ impl CommonArgs {
             max_grad_norm: self.max_grad_norm,
             save_steps: self.save_steps,
             seed: self.seed,
-            group_by_length: self.group_by_length,
         }
     }
 }

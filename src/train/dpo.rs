@@ -164,11 +164,6 @@ impl Objective for Dpo {
         opt.accumulate(&out.loss.backward()?, weight)?;
         metrics(&lp, &out, batch.len(), tokens)
     }
-
-    fn length(&self, i: usize) -> usize {
-        let e = &self.examples[i];
-        e.prompt.len() + e.chosen.len().max(e.rejected.len())
-    }
 }
 
 /// The resolved options of `bpo train` (saved as the run's `train_config.json`).

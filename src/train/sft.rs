@@ -73,10 +73,6 @@ impl Objective for Sft {
         opt.accumulate(&loss.backward()?, weight)?;
         Ok(Metrics { values: vec![("loss", loss.to_scalar::<f32>()? as f64)], examples: batch.len(), tokens })
     }
-
-    fn length(&self, i: usize) -> usize {
-        self.examples[i].ids.len()
-    }
 }
 
 /// The resolved options of `bpo sft` (saved as the run's `train_config.json`).

@@ -54,15 +54,7 @@ pub struct LoopConfig {
     /// Write `checkpoint-N` every this many steps.
     pub save_steps: Option<usize>,
     pub seed: u64,
-    /// Batch examples of similar length, as transformers' `group_by_length`: each epoch's seeded permutation is cut
-    /// into mega-batches of [`MEGA_BATCH`] micro-batches, each sorted longest first, so that little of a batch is
-    /// padding. Off: the plain permutation.
-    #[serde(default)]
-    pub group_by_length: bool,
 }
-
-/// Micro-batches per mega-batch of [`LoopConfig::group_by_length`] (transformers' `LengthGroupedSampler` uses 50).
-pub const MEGA_BATCH: usize = 50;
 
 impl Default for LoopConfig {
     /// BPO's released recipe (per device).
@@ -78,7 +70,6 @@ impl Default for LoopConfig {
             max_grad_norm: None,
             save_steps: None,
             seed: 0,
-            group_by_length: false,
         }
     }
 }
@@ -133,8 +124,6 @@ pub trait Objective {
     /// Forward pass on examples `batch` (indices), backward of the loss times `weight` into `opt`'s buffers.
     /// `seed` seeds this micro-batch's dropout.
     fn micro_step(&mut self, batch: &[usize], weight: f64, seed: u64, opt: &mut AdamW) -> Result<Metrics>;
-    /// Tokens example `i` puts in a batch (what padding follows): for [`LoopConfig::group_by_length`].
-    fn length(&self, i: usize) -> usize;
 }
 
 /// What a run trains and how it is written: LoRA (+ projector) as a PEFT adapter, or all weights as a model folder.
@@ -266,13 +255,6 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Sorts each run of `mega` indices of `order` by `length`, longest first (ties keep their order).
-pub fn group_by_length(order: &mut [usize], mega: usize, length: impl Fn(usize) -> usize) {
-    for chunk in order.chunks_mut(mega.max(1)) {
-        chunk.sort_by_key(|&i| std::cmp::Reverse(length(i)));
-    }
-}
-
 /// Runs the loop in `run` (a folder). With `resume`, starts from the newest `checkpoint-N` there.
 pub fn train_loop(
     obj: &mut dyn Objective,
@@ -307,11 +289,7 @@ pub fn train_loop(
     for step in start..total {
         let epoch = step / per_epoch;
         if order.0 != epoch {
-            let mut o = epoch_order(n, cfg.seed, epoch);
-            if cfg.group_by_length {
-                group_by_length(&mut o, cfg.batch_size * MEGA_BATCH, |i| obj.length(i));
-            }
-            order = (epoch, o);
+            order = (epoch, epoch_order(n, cfg.seed, epoch));
         }
         let first = (step % per_epoch) * cfg.grad_accum;
         let micro: Vec<&[usize]> = (first..(first + cfg.grad_accum).min(micro_per_epoch))
@@ -425,7 +403,7 @@ fn save_checkpoint(
         let state = json!({
             "global_step": step, "total_steps": total, "steps_per_epoch": per_epoch, "epoch": step as f64 / per_epoch as f64,
             "optimizer_steps": opt.steps(), "seed": seed,
-            "data_order": "permutation of the examples seeded by (seed, epoch), with group_by_length sorted by length within mega-batches; dropout seeded by (seed, step)",
+            "data_order": "permutation of the examples seeded by (seed, epoch); dropout seeded by (seed, step)",
         });
         write_json(&dir.join(TRAINER_STATE), &state)
     })
@@ -503,27 +481,6 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grouping_by_length_sorts_within_mega_batches_and_keeps_every_example() {
-        let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 113).collect();
-        let mut order = epoch_order(1000, 3, 0);
-        let plain = order.clone();
-        group_by_length(&mut order, 4 * MEGA_BATCH, |i| lengths[i]);
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
-        for (g, p) in order.chunks(4 * MEGA_BATCH).zip(plain.chunks(4 * MEGA_BATCH)) {
-            assert!(g.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]), "longest first");
-            let (mut a, mut b) = (g.to_vec(), p.to_vec());
-            a.sort();
-            b.sort();
-            assert_eq!(a, b, "examples stay in their mega-batch");
-        }
-        // Padding of batches of 4: what grouping is for.
-        let padded = |o: &[usize]| o.chunks(4).map(|b| 4 * b.iter().map(|&i| lengths[i]).max().unwrap()).sum::<usize>();
-        assert!(padded(&order) * 10 < padded(&plain) * 6, "{} vs {}", padded(&order), padded(&plain));
-    }
 
     #[test]
     fn steps_count_partial_batches() {

@@ -51,7 +51,7 @@ impl Recipe {
             model: ModelSpec::standard(),
             perception: None,
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
-            sft: SftSettings { epochs: 3, batch: 32, lr: 1e-3, plain_text: false, train_vision: false },
+            sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
             bootstrap: BootstrapOptions { images: 2000, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
             dpo: PrefSettings {
                 epochs: 1,

@@ -182,7 +182,7 @@ impl WorldConfig {
             image_size: 48,
             pixel_noise: 10.0,
             jitter: 0.5,
-            small: 0.4,
+            small: 0.15,
             off_colour: 0.0,
             popularity: 0.6,
             corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.98, partner_small: None },

@@ -174,6 +174,9 @@ pub struct DemoSummary {
     pub wall: f64,
 }
 
+/// What a worker leaves for one seed: its result and its stage timings.
+type SeedSlot = std::sync::Mutex<Option<(Result<SeedResult>, Vec<(String, f64)>)>>;
+
 /// Runs the demo: every seed (`opts.jobs` at a time), then the report.
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     crate::output::create_dir(&opts.out)?;
@@ -184,8 +187,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     // Each seed is independent: workers take the next seed until none is left (or one has failed).
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let done: Vec<std::sync::Mutex<Option<(Result<SeedResult>, Vec<(String, f64)>)>>> =
-        seeds.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let done: Vec<SeedSlot> = seeds.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let worker = || loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if i >= n || failed.load(std::sync::atomic::Ordering::SeqCst) {

@@ -18,7 +18,7 @@ pub struct Args {
     /// Repeat the whole pipeline with seeds seed, seed+1, ... and report mean and standard deviation; at least 1.
     #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     seeds: usize,
-    /// Seeds run side by side, each on its own CPU thread(s) (the CPU threads divided among them unless --threads
+    /// Seeds run side by side, each with its own CPU thread(s) (the CPU's threads divided among them unless --threads
     /// says otherwise). Default: one per CPU thread, at most --seeds. The results do not depend on it.
     #[arg(long, value_parser = super::range::at_least_one)]
     jobs: Option<usize>,
@@ -50,7 +50,7 @@ pub fn run(args: Args, threads_given: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&recipe)?);
         return Ok(());
     }
-    let cores = bpo::model::runtime::cpu_threads();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = args.jobs.unwrap_or(cores).min(args.seeds);
     if !threads_given {
         bpo::model::set_cpu_threads(Some((cores / jobs).max(1)));

@@ -5,8 +5,9 @@
 //! `bpo bootstrap weaken` and `bpo bootstrap inject --mode continue`.
 //!
 //! Then the demo applies the prototype's lessons (demo-world.md) before pairing:
-//! - length-matched negatives (lesson 2): a description negative is *spliced*: the first object it names that
-//!   the image lacks replaces one ground-truth object (its look-alike when present), so chosen and rejected have
+//! - length-matched negatives (lesson 2): a description negative is *spliced* ([`splice`]): one object it names
+//!   that the ground truth lacks (the partner of a ground-truth object when there is one) replaces one
+//!   ground-truth object (its look-alike when present, never half of a partner pair), so chosen and rejected have
 //!   the same length and differ in one hallucinated object; a short-answer negative must have the ground truth's
 //!   word count;
 //! - balanced yes/no pairs (lesson 3): as many chosen "yes" as chosen "no".
@@ -55,10 +56,12 @@ pub struct BootstrapStats {
     pub kept_inject: usize,
     /// Negatives dropped: not a hallucination (no absent object / the right answer), or not length-matchable.
     pub dropped: usize,
-    /// Kept description negatives whose objects hold more partner pairs than their ground truth's (they carry more
-    /// of the prior), and fewer (they teach the prior: DPO would prefer the partner).
+    /// Kept description negatives whose objects hold more partner pairs than their ground truth's: they carry more
+    /// of the prior.
     #[serde(default)]
     pub more_prior: usize,
+    /// Kept description negatives with fewer partner pairs than their ground truth's: DPO on them would prefer the
+    /// prior ([`splice`] makes none).
     #[serde(default)]
     pub less_prior: usize,
     /// Yes/no records dropped to balance chosen yes and chosen no.

@@ -188,7 +188,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
     let done: Vec<SeedSlot> = seeds.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    let worker = || loop {
+    let work = || loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if i >= n || failed.load(std::sync::atomic::Ordering::SeqCst) {
             break;
@@ -196,11 +196,20 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
         let seed = seeds[i];
         let mut own = stages.child(&format!("seed {seed}: "));
         own.note(&format!("seed {seed} ({} of {n})", i + 1));
-        let result = run_seed(opts, seed, &mut own);
+        // A panic stops the other workers too, instead of surfacing only after every seed has run.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(opts, seed, &mut own)))
+            .unwrap_or_else(|_| Err(Error::invalid(format!("seed {seed}: the pipeline panicked"))));
         if result.is_err() {
             failed.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         *done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((result, own.timings));
+    };
+    // Each worker computes on a rayon pool of its own (candle's matmuls and convolutions run on the current pool),
+    // of the threads `set_cpu_threads` gave each job.
+    let threads = crate::model::runtime::cpu_threads();
+    let worker = || match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(pool) => pool.install(work),
+        Err(_) => work(),
     };
     std::thread::scope(|s| {
         for _ in 1..opts.jobs.clamp(1, n) {

@@ -131,31 +131,30 @@ pub fn sft(
     Ok(())
 }
 
-/// Copies the vision tower of the model folder `from` into the model folder `into` (same config), leaving the rest
-/// of `into` as it was: how a perception stage hands its tower on.
+/// Copies the vision tower of the model folder `from` into the model folder `into` (same config, one
+/// `model.safetensors` each, as the demo writes them), leaving the rest of `into` as it was: how a perception stage
+/// hands its tower on.
 pub fn keep_vision_tower(from: &Path, into: &Path) -> Result<()> {
-    use safetensors::SafeTensors;
-    let read = |dir: &Path| {
+    use crate::model::load::{save_safetensors, VISION_PREFIX};
+    let load = |dir: &Path| {
         let path = dir.join("model.safetensors");
-        std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))
+        candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+            .map_err(|e| crate::Error::Checkpoint { path, msg: e.to_string() })
     };
-    let (src, dst) = (read(from)?, read(into)?);
-    let bad = |dir: &Path, e: safetensors::SafeTensorError| crate::Error::invalid(format!("{}: {e}", dir.display()));
-    let (src, dst) = (
-        SafeTensors::deserialize(&src).map_err(|e| bad(from, e))?,
-        SafeTensors::deserialize(&dst).map_err(|e| bad(into, e))?,
-    );
-    let is_tower = |name: &str| name.contains("vision_tower.");
-    let mut tensors = Vec::new();
-    for (name, view) in dst.tensors() {
-        let view = if is_tower(&name) { src.tensor(&name).map_err(|e| bad(from, e))? } else { view };
-        tensors.push((name, view));
+    let (tower, base) = (load(from)?, load(into)?);
+    let mut tensors = Vec::with_capacity(base.len());
+    for (name, t) in base {
+        let t = match name.starts_with(VISION_PREFIX) {
+            true => tower.get(&name).cloned().ok_or_else(|| crate::Error::Checkpoint {
+                path: from.join("model.safetensors"),
+                msg: format!("no tensor {name}"),
+            })?,
+            false => t,
+        };
+        tensors.push((name, t));
     }
-    let path = into.join("model.safetensors");
-    crate::output::write_with(&path, |tmp| {
-        safetensors::serialize_to_file(tensors, None, tmp)
-            .map_err(|e| crate::Error::invalid(format!("{}: {e}", path.display())))
-    })
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    save_safetensors(&into.join("model.safetensors"), &tensors)
 }
 
 /// `bpo train` (DPO with LoRA) on a pair file, then `bpo merge`: the adapter run is `out/adapter`, the merged model

@@ -170,8 +170,10 @@ pub struct WorldConfig {
     #[serde(default)]
     pub text_conversations: usize,
     /// Share of training descriptions that also name an absent partner of a present object, at a random place in
-    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`prior_caption`]).
-    #[serde(default)]
+    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`prior_caption`]). They are
+    /// the ground truth everywhere, as a dataset's annotations are: in SFT, and as bootstrapping's chosen answers.
+    /// Not serialized when 0, so that recipes without it keep their SFT model cache key.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub annotation_prior: f64,
 }
 
@@ -224,6 +226,10 @@ impl WorldConfig {
     pub fn weights(&self) -> Vec<f64> {
         (0..KINDS.len()).map(|i| 1.0 / ((i + 1) as f64).powf(self.popularity)).collect()
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Per-object appearance odds of a world.

@@ -29,8 +29,9 @@ pub struct Runtime {
 }
 
 /// Fixes the number of CPU threads candle's matmuls and the fused kernels use: `threads`, or (None) what candle
-/// would pick itself (`RAYON_NUM_THREADS` when set, else one per physical core). Call it once, first thing in
-/// `main`, before any other thread exists (it sets an environment variable); the `bpo` binary does (`--threads`).
+/// would pick itself (`RAYON_NUM_THREADS` when set, else one per physical core). Call it first thing in `main`, and
+/// again only while no other thread runs (it sets an environment variable); the `bpo` binary does (`--threads`,
+/// and `bpo demo` to share the threads among its `--jobs`).
 ///
 /// Why: candle reads `RAYON_NUM_THREADS` at every matmul and, when it is unset, counts the physical cores by parsing
 /// `/proc/cpuinfo` again each time. For a small model that parse is most of the step: `bpo bench train --size tiny`

@@ -151,40 +151,16 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
 fn two_seeds_give_mean_and_spread() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
-    let o = bpo(&[
-        "--threads",
-        "1",
-        "demo",
-        "--quick",
-        "--quiet",
-        "--seeds",
-        "2",
-        "--seed",
-        "7",
-        "--jobs",
-        "2",
-        "--out",
-        s(&out),
-    ]);
+    // Two seeds side by side (`--jobs 2`) or one after the other: the same table.
+    let run = |jobs: &str, dir: &Path| {
+        let args = ["--threads", "1", "demo", "--quick", "--quiet", "--seeds", "2", "--seed", "7", "--jobs", jobs];
+        bpo(&[&args[..], &["--out", s(dir)]].concat())
+    };
+    let o = run("2", &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("seed-7").exists() && out.join("seed-8").exists());
-    // The seeds ran side by side; one after the other gives the same table.
     let serial = tmp.path().join("serial");
-    let one = bpo(&[
-        "--threads",
-        "1",
-        "demo",
-        "--quick",
-        "--quiet",
-        "--seeds",
-        "2",
-        "--seed",
-        "7",
-        "--jobs",
-        "1",
-        "--out",
-        s(&serial),
-    ]);
+    let one = run("1", &serial);
     assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
     assert_eq!(
         String::from_utf8_lossy(&one.stdout).replace(s(&serial), ""),

@@ -29,7 +29,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// CPU threads for the model's math (matmuls, fused kernels). Default: RAYON_NUM_THREADS when set, else one
-    /// per physical core. Small models (the demo's, `bench --size tiny`) run fastest on 1.
+    /// per physical core. Small models (the demo's, `bench --size tiny`) gain nothing from a second thread.
     #[arg(long, global = true, value_name = "N", value_parser = range::at_least_one)]
     threads: Option<usize>,
 }

@@ -49,8 +49,9 @@ impl Stages {
     pub fn finish(&mut self, stage: Stage, note: &str) {
         let secs = stage.start.elapsed().as_secs_f64();
         stage.bar.finish_and_clear();
-        self.note(&format!("  {:<34} {:>6.1}s  {note}", format!("{}{}", self.prefix, stage.name), secs));
-        self.timings.push((format!("{}{}", self.prefix, stage.name), secs));
+        let name = format!("{}{}", self.prefix, stage.name);
+        self.note(&format!("  {name:<34} {secs:>6.1}s  {note}"));
+        self.timings.push((name, secs));
     }
 
     /// A line of its own (a heading or a cache hit).

@@ -306,7 +306,7 @@ pub struct TrainFigures {
     /// Decoder layers of the model timed.
     pub layers: usize,
     pub gradient_checkpointing: bool,
-    pub lora_dropout: f32,
+    pub lora_dropout: f64,
     /// Median seconds per optimizer step over the timed steps.
     pub seconds: f64,
     pub steps: usize,
@@ -427,8 +427,16 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
             let mut tokens = 0;
             for step in 0..=b.steps {
                 let start = Instant::now();
-                tokens = dpo.micro_step(&batch, 1.0, step as u64, &mut opt)?.tokens;
-                opt.step(1e-5, None)?; // reads the gradient norm back: the step has finished on the device
+                let metrics = dpo.micro_step(&batch, 1.0, step as u64, &mut opt)?;
+                tokens = metrics.tokens;
+                // As the training loop does: the update, then one read of the metrics and the norm, which waits for
+                // the step to finish on the device.
+                let norm = opt.step(1e-5, None, &[])?;
+                let mut read = vec![metrics.values];
+                if let crate::train::optim::GradNorm::Device(t) = norm {
+                    read.push(t.reshape(1)?);
+                }
+                crate::model::runtime::read_back::<f32>(&Tensor::cat(&read, 0)?)?;
                 if step > 0 {
                     timed.push(start.elapsed().as_secs_f64());
                 }
@@ -446,7 +454,8 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
             length,
             layers: cfg["text_config"]["num_hidden_layers"].as_u64().unwrap_or(0) as usize,
             gradient_checkpointing: b.gradient_checkpointing,
-            lora_dropout: b.lora.dropout,
+            // The f32 setting as written (0.05, not 0.0500000007).
+            lora_dropout: b.lora.dropout.to_string().parse().unwrap_or(f64::NAN),
             seconds,
             steps: timed.len(),
             tokens_per_s: tokens as f64 / seconds,

@@ -86,9 +86,10 @@ struct TrainBench {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5, value_parser = super::range::at_least_one)]
     steps: usize,
-    /// Preference pairs per step.
-    #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
-    pairs: usize,
+    /// Preference pairs per step; several values are timed one after the other (a setting that fails, e.g. out
+    /// of memory, is reported and the others still run).
+    #[arg(long, num_args = 1.., default_values_t = [4], value_parser = super::range::at_least_one)]
+    pairs: Vec<usize>,
     /// Decoder layers (default: the preset's own depth). LLaVA-7B/13B widths with a few layers run on a small
     /// machine; two depths separate the per-layer cost (time, activation memory) from the fixed one.
     #[arg(long, value_parser = super::range::at_least_one)]
@@ -109,6 +110,10 @@ struct TrainBench {
     /// Gradient checkpointing off, on, or both (timed one after the other, for the ratio).
     #[arg(long, num_args = 1.., value_enum, default_values = ["off"])]
     gradient_checkpointing: Vec<Switch>,
+    /// Run the device-generic ops path (what CUDA runs) even in f32 on the CPU, where the fused CPU kernels are
+    /// the default.
+    #[arg(long)]
+    generic_ops: bool,
     /// Projections that get adapters.
     #[arg(long, num_args = 1.., default_values = ["q", "k", "v", "o"])]
     targets: Vec<String>,
@@ -127,7 +132,7 @@ struct TrainBench {
 }
 
 /// A setting timed off, on, or both.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Switch {
     Off,
     On,
@@ -371,10 +376,14 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
         return Ok(());
     }
     let rt = a.runtime.runtime()?;
-    println!("{} ({})", rt.describe(), host_load());
+    let rt = if a.generic_ops { bpo::model::Runtime::generic(rt.device, rt.dtype) } else { rt };
+    let ops = if rt.kernels == bpo::model::Kernels::Fused { "fused CPU kernels" } else { "device-generic ops" };
+    println!("{}, {ops} ({})", rt.describe(), host_load());
     let plain_modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
-    for &plain in plain_modes {
+    let mut failed = 0;
+    let variants = a.pairs.iter().flat_map(|&p| plain_modes.iter().map(move |&plain| (p, plain)));
+    for (pairs, plain) in variants {
         for &checkpointing in &a.gradient_checkpointing {
             for &dropout in &a.lora_dropout {
                 let bench = bpo::bench::TrainBench {
@@ -382,7 +391,7 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
                     layers: a.layers,
                     rt: rt.clone(),
                     steps: a.steps,
-                    pairs: a.pairs,
+                    pairs,
                     prompt_words: a.prompt_words,
                     answer_words: a.answer_words,
                     lora: bpo::model::lora::LoraConfig {
@@ -395,16 +404,29 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
                     plain_backward: plain,
                     peak_tflops: a.peak_tflops,
                 };
-                let f = bpo::bench::train_step(&bench)?;
-                print_train_row(&a, &f, plain);
-                rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
+                match bpo::bench::train_step(&bench) {
+                    Ok(f) => {
+                        print_train_row(&a, &f, plain);
+                        rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        let what = format!("{pairs} pairs, checkpointing {checkpointing:?}, dropout {dropout}");
+                        eprintln!("{} ({what}): failed: {e}", size_name(a.size));
+                        rows.push(serde_json::json!({"plain_backward": plain, "pairs": pairs, "gradient_checkpointing": checkpointing == Switch::On, "lora_dropout": dropout, "error": e.to_string()}));
+                    }
+                }
             }
         }
     }
     write_json(
         a.json.as_deref(),
         &serde_json::json!({"size": size_name(a.size), "runtime": rt.describe(), "host_load": host_load(), "lora_rank": a.lora_rank, "targets": a.targets, "rows": rows}),
-    )
+    )?;
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} settings failed (above)", rows.len());
+    }
+    Ok(())
 }
 
 /// One line of `bench train`: the step's shape and settings, then time and memory.

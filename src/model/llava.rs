@@ -82,8 +82,10 @@ impl Model {
         Ok(v.projector.forward(features, pass)?)
     }
 
-    /// Input embeddings with the image positions replaced by `image_embeds` (n, tokens, hidden), in order.
-    pub fn embed(&self, ids: &Tensor, image_embeds: Option<&Tensor>) -> Result<Tensor> {
+    /// Input embeddings with the image positions replaced by `image_embeds` (n, tokens, hidden), in order. Finding
+    /// the image positions needs the ids on the host: `host_ids` (`ids` flattened) where the caller has them, else
+    /// they are read back.
+    pub fn embed(&self, ids: &Tensor, host_ids: Option<&[u32]>, image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (Some(image_token), Some(images)) = (self.image_token(), image_embeds) else {
             // No images: every id is text (a sampled `<image>` id included); ids outside the table read row 0. This
@@ -95,7 +97,15 @@ impl Model {
             }
             return Ok(self.llm.embed(&ids.lt(vocab)?.where_cond(&ids, &ids.zeros_like()?)?)?);
         };
-        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let read;
+        let flat: &[u32] = match host_ids {
+            Some(h) if h.len() == b * t => h,
+            Some(h) => bail!("{} host ids for a batch of {b} x {t}", h.len()),
+            None => {
+                read = super::runtime::read_back::<u32>(&ids.to_dtype(DType::U32)?)?;
+                &read
+            }
+        };
         let n_slots = flat.iter().filter(|&&id| id == image_token).count();
         let n_feat = images.dims3().map(|(n, k, _)| n * k)?;
         if n_slots != n_feat {
@@ -141,20 +151,21 @@ impl Model {
         pass: Pass,
     ) -> Result<Tensor> {
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let (embeds, positions, mask) = self.prepare(inputs, image_embeds, past)?;
+        let (embeds, positions, mask) = self.prepare(inputs, None, image_embeds, past)?;
         Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
     }
 
-    /// [`Model::forward_hidden`] for training: no cache, and with `tape` every decoder layer is checkpointed
-    /// (see [`super::checkpoint`]).
+    /// [`Model::forward_hidden`] for training: no cache, the ids also on the host (`host_ids`, `inputs.ids`
+    /// flattened), and with `tape` every decoder layer is checkpointed (see [`super::checkpoint`]).
     pub fn train_hidden<'a>(
         &'a self,
         inputs: &Inputs,
+        host_ids: &[u32],
         image_embeds: Option<&Tensor>,
         pass: Pass,
         tape: Option<&mut Tape<'a>>,
     ) -> Result<Tensor> {
-        let (embeds, positions, mask) = self.prepare(inputs, image_embeds, 0)?;
+        let (embeds, positions, mask) = self.prepare(inputs, Some(host_ids), image_embeds, 0)?;
         let seg = Segment { embeds, positions, mask, after: None };
         Ok(self.llm.forward_segments(&[seg], pass, tape)?.remove(0))
     }
@@ -163,16 +174,17 @@ impl Model {
     /// answers that continue them, the answers attending to their prompt's keys and values: a chosen and a rejected
     /// answer follow one prompt computed once, and their gradients add up in it. `answer_ids` (2B, t); `rows` (u32,
     /// 2B): the prompt row of each answer; `answer_mask` (2B, P + t): the prompt row's key mask, then the answer's.
-    /// Returns (prompt hidden (B, P, hidden), answer hidden (2B, t, hidden)). With `tape`, layers are checkpointed.
+    /// `prompt_ids` holds the prompts' ids on the host, row by row. Returns (prompt hidden (B, P, hidden), answer
+    /// hidden (2B, t, hidden)). With `tape`, layers are checkpointed.
     pub fn pair_hidden<'a>(
         &'a self,
-        prompts: &Inputs,
+        (prompts, prompt_ids): (&Inputs, &[u32]),
         image_embeds: Option<&Tensor>,
         (answer_ids, answer_mask, rows): (&Tensor, &Tensor, &Tensor),
         pass: Pass,
         tape: Option<&mut Tape<'a>>,
     ) -> Result<(Tensor, Tensor)> {
-        let (embeds, positions, mask) = self.prepare(prompts, image_embeds, 0)?;
+        let (embeds, positions, mask) = self.prepare(prompts, Some(prompt_ids), image_embeds, 0)?;
         let prompt = Segment { embeds, positions, mask, after: None };
         let t = answer_ids.dim(1)?;
         let past = answer_mask
@@ -180,7 +192,7 @@ impl Model {
             .checked_sub(t)
             .ok_or_else(|| crate::Error::invalid("continuation mask shorter than the continuation"))?;
         let answers = Inputs { ids: answer_ids, mask: answer_mask, images: None };
-        let (embeds, positions, mask) = self.prepare(&answers, None, past)?;
+        let (embeds, positions, mask) = self.prepare(&answers, None, None, past)?;
         let answer = Segment { embeds, positions, mask, after: Some((0, rows.clone())) };
         let mut out = self.llm.forward_segments(&[prompt, answer], pass, tape)?;
         let answer = out.pop().ok_or_else(|| crate::Error::invalid("no answer hidden states"))?;
@@ -188,7 +200,13 @@ impl Model {
     }
 
     /// Input embeddings, positions and the additive attention mask for `inputs` after `past` earlier positions.
-    fn prepare(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, past: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn prepare(
+        &self,
+        inputs: &Inputs,
+        host_ids: Option<&[u32]>,
+        image_embeds: Option<&Tensor>,
+        past: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = inputs.ids.dims2()?;
         let total = inputs.mask.dim(1)?;
         if total != past + t {
@@ -207,7 +225,7 @@ impl Model {
             Kernels::Fused => host_positions_and_mask(&key_mask, t, self.rt.dtype)?,
             Kernels::Generic => (positions_from_mask(&key_mask, t)?, causal_mask(&key_mask, t, self.rt.dtype)?),
         };
-        let embeds = self.embed(inputs.ids, image_embeds)?;
+        let embeds = self.embed(inputs.ids, host_ids, image_embeds)?;
         debug_assert_eq!(embeds.dims3()?.0, b);
         Ok((embeds, positions, mask))
     }
@@ -224,6 +242,12 @@ impl Model {
         let hidden = self.hidden_with_images(inputs, cache, pass)?;
         let t = hidden.dim(1)?;
         Ok(self.llm.logits(&hidden.narrow(1, t - 1, 1)?, pass)?)
+    }
+
+    /// Final hidden states (b, t, hidden) of a batch without a cache, images encoded on the fly: what scoring
+    /// projects to the vocabulary at the positions it needs.
+    pub fn hidden(&self, inputs: &Inputs, pass: Pass) -> Result<Tensor> {
+        self.hidden_with_images(inputs, None, pass)
     }
 
     fn hidden_with_images(&self, inputs: &Inputs, cache: Option<&mut Cache>, pass: Pass) -> Result<Tensor> {

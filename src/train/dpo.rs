@@ -150,24 +150,24 @@ impl Dpo {
     }
 }
 
-/// TRL's metric names for one batch.
+/// TRL's metric names for one batch, computed where the model runs (the trainer reads them back once a step).
 fn metrics(lp: &PairLogps, out: &super::loss::DpoOutput, examples: usize, tokens: usize) -> Result<Metrics> {
-    let mean = |t: &Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
     let margins = (&out.chosen_rewards - &out.rejected_rewards)?;
     let accuracy = out.chosen_rewards.gt(&out.rejected_rewards)?.to_dtype(candle_core::DType::F32)?;
-    Ok(Metrics {
-        values: vec![
-            ("loss", out.loss.to_scalar::<f32>()? as f64),
-            ("rewards/chosen", mean(&out.chosen_rewards)?),
-            ("rewards/rejected", mean(&out.rejected_rewards)?),
-            ("rewards/accuracies", mean(&accuracy)?),
-            ("rewards/margins", mean(&margins)?),
-            ("logps/chosen", mean(&lp.chosen.detach())?),
-            ("logps/rejected", mean(&lp.rejected.detach())?),
+    let m = |t: &Tensor| t.detach().mean_all();
+    Metrics::new(
+        &[
+            ("loss", &out.loss),
+            ("rewards/chosen", &m(&out.chosen_rewards)?),
+            ("rewards/rejected", &m(&out.rejected_rewards)?),
+            ("rewards/accuracies", &m(&accuracy)?),
+            ("rewards/margins", &m(&margins)?),
+            ("logps/chosen", &m(&lp.chosen)?),
+            ("logps/rejected", &m(&lp.rejected)?),
         ],
         examples,
         tokens,
-    })
+    )
 }
 
 impl Objective for Dpo {

@@ -61,9 +61,9 @@ impl Sft {
             Some(self.vlm.model.project(&feats, pass)?.index_select(&Tensor::from_vec(index, n, &device)?, 0)?)
         };
         let inputs = Inputs { ids: &rows.ids, mask: &rows.mask, images: None };
-        let hidden = self.vlm.model.train_hidden(&inputs, embeds.as_ref(), pass, tape)?;
-        let (sums, counts) = response_logprobs(&self.vlm.model.llm, &hidden, &rows.labels, pass)?;
-        let targets = counts.sum_all()?.to_scalar::<f32>()? as f64;
+        let hidden = self.vlm.model.train_hidden(&inputs, &rows.host_ids, embeds.as_ref(), pass, tape)?;
+        let (sums, _) = response_logprobs(&self.vlm.model.llm, &hidden, &rows.host_labels, pass)?;
+        let targets = rows.targets() as f64;
         let loss = (sums.sum_all()?.neg()? / targets.max(1.0))?;
         Ok((loss, rows.tokens, targets))
     }
@@ -81,7 +81,7 @@ impl Objective for Sft {
         let mut tape = self.gradient_checkpointing.then(Tape::new);
         let (loss, tokens, _) = self.loss(batch, true, tape.as_mut())?;
         backward(&loss, tape, &mut |grads| opt.accumulate(grads, weight))?;
-        Ok(Metrics { values: vec![("loss", loss.to_scalar::<f32>()? as f64)], examples: batch.len(), tokens })
+        Metrics::new(&[("loss", &loss)], batch.len(), tokens)
     }
 }
 

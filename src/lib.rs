@@ -25,6 +25,7 @@ pub mod jsonl;
 pub mod model;
 pub mod output;
 pub mod progress;
+pub mod range;
 pub mod score;
 pub mod text;
 pub mod train;

@@ -3,8 +3,5 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
-    cli::run().unwrap_or_else(|e| {
-        eprintln!("error: {}", cli::error_line(&e));
-        cli::exit_code(&e)
-    })
+    cli::main()
 }

@@ -169,17 +169,17 @@ fn bench_eval(args: EvalBench) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
     let (questions, answers) = synth::pope(args.pope, args.seed);
     let t = median(repeats, || pope::score(&questions, &answers, pope::Pairing::ById).map(|_| ()))?;
-    println!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
+    outln!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
 
     let t = median(repeats, || Chair::builtin().map(|_| ()))?;
-    println!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
+    outln!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
     let chair = Chair::builtin()?;
     let (captions, truth) = synth::captions(args.captions, args.words, args.seed);
     let t = median(repeats, || chair.score(&captions, &truth).map(|_| ()))?;
     let words: usize = captions.iter().map(|c| c.text.split(' ').count()).sum();
-    println!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
+    outln!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
     let build = if cfg!(debug_assertions) { "debug assertions on" } else { "release" };
-    println!("(median of {repeats} runs; {build})");
+    outln!("(median of {repeats} runs; {build})");
     Ok(())
 }
 
@@ -201,10 +201,17 @@ fn ms(d: Duration) -> f64 {
 
 fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
-    println!("{} ({})", rt.describe(), host_load());
-    println!(
+    outln!("{} ({})", rt.describe(), host_load());
+    outln!(
         "{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}",
-        "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s", "mbu"
+        "size",
+        "batch",
+        "sampling",
+        "prompt",
+        "prefill t/s",
+        "decode t/s",
+        "e2e new t/s",
+        "mbu"
     );
     let mut rows = Vec::new();
     for &size in &a.size {
@@ -229,9 +236,13 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
             {
                 let mbu = a.peak_gbs.map(|p| f.decode_tok_s / f.batch as f64 * weight_bytes / (p * 1e9));
                 let shown = mbu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-                println!(
+                outln!(
                     "{name:<9} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1} {shown:>8}",
-                    f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s
+                    f.batch,
+                    f.prompt_tokens,
+                    f.prefill_tok_s,
+                    f.decode_tok_s,
+                    f.end_to_end_tok_s
                 );
                 rows.push(serde_json::json!({"size": name, "sampling": sampling, "figures": f, "decode_bandwidth_utilisation": mbu}));
             }
@@ -271,14 +282,14 @@ fn parity(a: ParityBench) -> anyhow::Result<()> {
     let checks = bpo::device_check::run(&a.fixtures, &rt.device)
         .with_context(|| format!("parity checks with the fixtures in {}", a.fixtures.display()))?;
     for c in &checks {
-        println!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
+        outln!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     write_json(a.json.as_deref(), &serde_json::json!({"device": rt.describe(), "checks": checks, "failed": failed}))?;
     if failed > 0 {
         anyhow::bail!("{failed} of {} parity checks failed on {}", checks.len(), rt.describe());
     }
-    println!("{} parity checks passed on {}", checks.len(), rt.describe());
+    outln!("{} parity checks passed on {}", checks.len(), rt.describe());
     Ok(())
 }
 
@@ -313,10 +324,10 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
             decode,
         )?;
         let what = a.model.as_ref().map_or(format!("{:?} (random weights)", a.size), |m| m.display().to_string());
-        println!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
-        println!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
+        outln!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
+        outln!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
         for f in figures {
-            println!("{:>6} {:>10.2} {:>10.2} {:>10.1}", f.batch, f.seconds, f.answers_per_s, f.tokens_per_s);
+            outln!("{:>6} {:>10.2} {:>10.2} {:>10.1}", f.batch, f.seconds, f.answers_per_s, f.tokens_per_s);
         }
         Ok(())
     })();
@@ -330,7 +341,7 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
         return Ok(());
     }
     let rt = a.runtime.runtime()?;
-    println!("{} ({})", rt.describe(), host_load());
+    outln!("{} ({})", rt.describe(), host_load());
     let lora = bpo::model::lora::LoraConfig {
         rank: a.lora_rank,
         alpha: 2.0 * a.lora_rank as f64,
@@ -356,7 +367,7 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
             "frozen weights skipped in backward"
         };
         let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
-        println!("{}: {} rows x {} positions, LoRA r {} on {}, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}", size_name(a.size), f.rows, f.length, a.lora_rank, a.targets.join(","), f.seconds, f.steps, f.tokens_per_s, f.pairs_per_s);
+        outln!("{}: {} rows x {} positions, LoRA r {} on {}, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}", size_name(a.size), f.rows, f.length, a.lora_rank, a.targets.join(","), f.seconds, f.steps, f.tokens_per_s, f.pairs_per_s);
         rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
     }
     write_json(

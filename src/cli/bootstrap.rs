@@ -10,7 +10,7 @@ use bpo::bootstrap::{
     run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions, InjectMode,
     InjectOptions, LocalCompleter, WeakenOptions,
 };
-use bpo::data::{read_input, InputFormat, InputOptions, Record, ResumableWriter, Shard};
+use bpo::data::{read_input, InputFormat, InputOptions, Record, ResumableWriter, Shape, Shard};
 use clap::{Args, Subcommand};
 
 use super::{ModelArgs, RuntimeArgs};
@@ -179,8 +179,8 @@ pub struct InjectArgs {
     /// Most new tokens per answer, at least 1.
     #[arg(long, default_value_t = 1024, value_parser = super::range::at_least_one)]
     max_tokens: usize,
-    /// Extra stop string (repeatable); `</s>` and the mode's own are always used.
-    #[arg(long)]
+    /// Extra stop string (repeatable; not empty); `</s>` and the mode's own are always used.
+    #[arg(long, value_parser = super::range::not_empty)]
     stop: Vec<String>,
     /// Negatives asked per prompt, at least 1.
     #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
@@ -269,9 +269,9 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let counts = run_inject(records, completer.as_ref(), &opts, &mut writer)?;
-    println!("{}", serde_json::to_string_pretty(&counts)?);
+    outln!("{}", serde_json::to_string_pretty(&counts)?);
     if let (Some(dir), true) = (&a.llm, counts.unparseable > 0) {
-        eprintln!(
+        errln!(
             "{} prompts did not fit the context of {}: try a shorter --prompt-file, or --raw",
             counts.unparseable,
             dir.display()
@@ -279,7 +279,7 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
     }
     if counts.records.failed > 0 {
         for e in counts.errors.iter().skip(1) {
-            eprintln!("  failed: {e}");
+            errln!("  failed: {e}");
         }
         bail!(
             "{} records failed and were not written (first: {}); {} were written; run the same command again to \
@@ -301,13 +301,13 @@ fn open(
 ) -> anyhow::Result<(Vec<Record>, ResumableWriter)> {
     bpo::output::check(out, &[data])?;
     let input = read_input(data, &InputOptions { format, first_turn_only })?;
-    eprintln!("{}: {} records ({:?})", data.display(), input.records.len(), input.format);
+    errln!("{}: {} records ({:?})", data.display(), input.records.len(), input.format);
     if input.renamed_duplicates > 0 {
-        eprintln!("  {} repeated ids got a ~n suffix", input.renamed_duplicates);
+        errln!("  {} repeated ids got a ~n suffix", input.renamed_duplicates);
     }
-    let (writer, reopened) = ResumableWriter::open(out)?;
+    let (writer, reopened) = ResumableWriter::open_as(out, Shape::RECORDS, &[data])?;
     if let Some(t) = &reopened.torn {
-        eprintln!("{}: cut a torn last line {} ({} bytes: {})", out.display(), t.line, t.bytes, t.reason);
+        errln!("{}: cut a torn last line {} ({} bytes: {})", out.display(), t.line, t.bytes, t.reason);
     }
     Ok((input.records, writer))
 }
@@ -332,7 +332,7 @@ fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
     let (records, mut writer) = a.io.open()?;
     let vlm = a.model.load()?;
     let counts = run_weaken(&vlm, records, &opts, &mut writer)?;
-    println!("{}", serde_json::to_string_pretty(&counts)?);
+    outln!("{}", serde_json::to_string_pretty(&counts)?);
     if counts.records.failed > 0 {
         bail!(
             "{} records were not written because their image could not be read (first: {}); fix --images or \

@@ -304,6 +304,102 @@ fn a_missing_or_mismatched_preprocessor_config_is_named() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Runs `bpo args` (stdout discarded) and returns its exit code, stderr, wall time and peak resident memory in
+/// bytes (the kernel's count for the child, from `wait4`).
+fn measured(args: &[&str]) -> (Option<i32>, String, Duration, u64) {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child, writing only to the two values given.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, err, start.elapsed(), usage.ru_maxrss as u64 * 1024)
+}
+
+/// Every file bpo reads from a model folder, replaced in turn by a link to a device, a FIFO, a symbolic link loop, a
+/// folder and a sparse 1 GB file: each is refused with one line naming it, in under 1 s and 200 MB. A chat
+/// template that loops for ever or writes without end is stopped by its budget.
+#[test]
+fn a_hostile_model_folder_costs_nothing_before_its_refusal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_copy("llava-tiny", tmp.path());
+    let files = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "model.safetensors",
+    ];
+    let kinds: [(&str, fn(&Path)); 6] = [
+        ("/dev/zero", |p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+        ("/dev/urandom", |p| std::os::unix::fs::symlink("/dev/urandom", p).unwrap()),
+        ("a FIFO", |p| {
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        }),
+        ("a link loop", |p| std::os::unix::fs::symlink(p.file_name().unwrap(), p).unwrap()),
+        ("a folder", |p| std::fs::create_dir(p).unwrap()),
+        ("1 GB", |p| std::fs::File::create(p).unwrap().set_len(1 << 30).unwrap()),
+    ];
+    let (mut slowest, mut biggest) = (Duration::ZERO, 0);
+    for file in files {
+        let path = m.join(file);
+        let original = std::fs::read(&path).ok();
+        for (kind, make) in &kinds {
+            if path.is_dir() {
+                std::fs::remove_dir(&path).unwrap();
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+            make(&path);
+            let mut args = vec!["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1"];
+            if file == "chat_template.jinja" {
+                args.extend(["--template", "model"]);
+            }
+            let (code, err, took, rss) = measured(&args);
+            let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+            assert!(
+                code == Some(1) && lines.len() == 1 && !err.contains("panicked"),
+                "{file} as {kind}: {code:?} {err}"
+            );
+            assert!(lines[0].contains(file), "{file} as {kind}: {}", lines[0]);
+            assert!(took < Duration::from_secs(1) && rss < 200 << 20, "{file} as {kind}: {took:?}, {} MB", rss >> 20);
+            (slowest, biggest) = (slowest.max(took), biggest.max(rss));
+        }
+        if path.is_dir() {
+            std::fs::remove_dir(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+        if let Some(bytes) = original {
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    eprintln!("hostile model folder: slowest refusal {slowest:?}, largest peak RSS {} MB", biggest >> 20);
+
+    // Templates that would run for ever or write without end.
+    let nested =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}";
+    let wide = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}";
+    for (template, needle) in [(nested, "instructions"), (wide, "MiB")] {
+        std::fs::write(m.join("chat_template.jinja"), template).unwrap();
+        let args = ["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1", "--template", "model"];
+        let (code, err, took, rss) = measured(&args);
+        assert!(code == Some(1) && err.contains("chat_template.jinja") && err.contains(needle), "{code:?} {err}");
+        assert!(took < Duration::from_secs(3) && rss < 200 << 20, "{took:?}, {} MB", rss >> 20);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // JSONL readers
 

@@ -192,10 +192,10 @@ pub struct InjectArgs {
     /// generated together.
     #[arg(long, default_value_t = 32, value_parser = super::range::at_least_one)]
     batch: usize,
-    /// Total time limit of one request attempt, in seconds: connecting (at most 10 s), sending and reading the
-    /// whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.
-    #[arg(long, default_value_t = 120)]
-    timeout_s: u64,
+    /// Total time limit of one request attempt, in seconds, in [1, 86400]: connecting (at most 10 s), sending and
+    /// reading the whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.
+    #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = super::range::timeout)]
+    timeout_s: Duration,
     /// Retries of a request after a connection error, timeout, 5xx, 429, or a reply that is not the endpoint's
     /// JSON with a non-empty text (HTML, malformed, no `choices`, `null`, over 4 MiB); exponential back-off from
     /// 1 s. A request that still fails leaves its record unwritten: the run ends with an error and a rerun
@@ -234,8 +234,8 @@ fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
         url: url.clone(),
         endpoint: if a.chat { Endpoint::Chat } else { Endpoint::Completions },
         model: a.server_model.clone(),
-        api_key: std::env::var(&a.api_key_env).ok().filter(|k| !k.is_empty()),
-        timeout: Duration::from_secs(a.timeout_s),
+        api_key: bpo::http::api_key_from_env(&a.api_key_env)?,
+        timeout: a.timeout_s,
         retries: a.retries,
         concurrency: a.concurrency,
         ..Default::default()

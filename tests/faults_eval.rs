@@ -19,6 +19,9 @@ use crate::bootstrap_http::{Reply, Server};
 use crate::judge::{args, bpo, error_line, ok, s};
 use crate::model::fixture;
 
+/// What a command writes: its output (a folder or a file) and the files in it.
+type Written = Option<(PathBuf, Vec<&'static str>)>;
+
 fn judge_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/judge").join(name)
 }
@@ -232,7 +235,7 @@ fn a_closed_stdout_stops_nothing_and_loses_no_file() {
     let llava = |n: &str| judge_fixture(&format!("llava-{n}.jsonl"));
     let mmhal_r = responses(dir);
     // (command, its output (folder or file) and the files in it, or nothing to check).
-    let cases = |k: usize| -> Vec<(Vec<String>, Option<(PathBuf, Vec<&str>)>)> {
+    let cases = |k: usize| -> Vec<(Vec<String>, Written)> {
         let out = |name: &str| dir.join(format!("{name}-{k}"));
         let with = |base: &[&str], extra: &[&str]| args(&[base, extra].concat());
         let run_files = vec!["scores.json", "details.jsonl"];
@@ -375,7 +378,7 @@ fn settings_out_of_range_are_usage_errors_whichever_door() {
         (format!("{judge}backoff = nan\n{mm}"), "[judge] backoff = NaN"),
         (format!("{judge}backoff = -1.0\n{mm}"), "[judge] backoff = -1.0"),
         (format!("{judge}timeout = 0\n{mm}"), "[judge] timeout = 0: must be a whole number of seconds in [1, 86400]"),
-        (format!("[object_halbench]\nimages = \".\"\nground_truth = \"q.jsonl\"\nlimit = 0\n"), "[object_halbench] limit = 0"),
+        ("[object_halbench]\nimages = \".\"\nground_truth = \"q.jsonl\"\nlimit = 0\n".into(), "[object_halbench] limit = 0"),
         (format!("{judge}[llava_bench]\nquestions = \"q.jsonl\"\ncontext = \"q.jsonl\"\nreferences = \"q.jsonl\"\nmax_new_tokens = 0\n"), "[llava_bench] max_new_tokens = 0"),
     ];
     for (text, needle) in rows {

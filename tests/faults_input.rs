@@ -305,7 +305,8 @@ fn a_missing_or_mismatched_preprocessor_config_is_named() {
 }
 
 /// Runs `bpo args` (stdout discarded) and returns its exit code, stderr, wall time and peak resident memory in
-/// bytes (the kernel's count for the child, from `wait4`).
+/// bytes (the kernel's count for the child, from `wait4`, which reaps it: `Child::wait` cannot say its memory).
+#[allow(clippy::zombie_processes)]
 fn measured(args: &[&str]) -> (Option<i32>, String, Duration, u64) {
     use std::io::Read;
     let start = Instant::now();
@@ -340,7 +341,8 @@ fn a_hostile_model_folder_costs_nothing_before_its_refusal() {
         "chat_template.jinja",
         "model.safetensors",
     ];
-    let kinds: [(&str, fn(&Path)); 6] = [
+    type Make = fn(&Path);
+    let kinds: [(&str, Make); 6] = [
         ("/dev/zero", |p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
         ("/dev/urandom", |p| std::os::unix::fs::symlink("/dev/urandom", p).unwrap()),
         ("a FIFO", |p| {

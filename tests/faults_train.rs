@@ -284,7 +284,8 @@ fn sigterm_then_resume_equals_the_uninterrupted_run() {
         a[0] = "sft".into();
         a
     };
-    let commands: [(&str, Box<dyn Fn(&Path) -> Vec<String>>); 2] = [
+    type Args<'a> = Box<dyn Fn(&Path) -> Vec<String> + 'a>;
+    let commands: [(&str, Args); 2] = [
         ("train", Box::new(|out: &Path| train_args(&pairs, out, &["--lr", "1e-3", "--epochs", "2"]))),
         ("sft", Box::new(sft_args)),
     ];

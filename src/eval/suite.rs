@@ -432,7 +432,9 @@ mod tests {
             let err = SuiteConfig::load(&path).unwrap_err();
             assert!(matches!(err, Error::Range(_)) && err.to_string().contains(needle), "{key}: {err}");
         }
-        let missing = format!("[mmvet]\nquestions = \"mm-vet/mm-vet.json\"\n\n[llava_bench]\nquestions = \"mm-vet/mm-vet.json\"\ncontext = \"nope.jsonl\"\nreferences = \"mm-vet\"\n");
+        let missing =
+            "[mmvet]\nquestions = \"mm-vet/mm-vet.json\"\n\n[llava_bench]\nquestions = \"mm-vet/mm-vet.json\"\n\
+                       context = \"nope.jsonl\"\nreferences = \"mm-vet\"\n";
         std::fs::write(&path, missing).unwrap();
         let err = SuiteConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("[llava_bench] context") && err.contains("nope.jsonl"), "{err}");

@@ -33,7 +33,7 @@ pub struct JudgeArgs {
     #[arg(long, value_name = "NAME")]
     pub judge_model: String,
     /// Environment variable holding the API key, sent as a Bearer token and never written anywhere. Unset or
-    /// empty: no key is sent.
+    /// empty: no key is sent; not UTF-8, or holding a line break: refused, naming the variable.
     #[arg(long, value_name = "VAR", default_value = "OPENAI_API_KEY")]
     pub judge_key_env: String,
     /// Judge requests in flight at once, at least 1.

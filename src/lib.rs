@@ -22,6 +22,8 @@ pub mod hash;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod jsonl;
+#[cfg(feature = "bench")]
+pub mod memory;
 pub mod model;
 pub mod output;
 pub mod progress;

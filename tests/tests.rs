@@ -3,6 +3,7 @@
 mod bootstrap; // records, resume, shards, injection through a fake LLM, pairs and `bpo pairs`
 mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a loopback test server
 mod bootstrap_model; // weaken + local inject on the tiny checkpoint: end to end, kill/resume, shards, contrast decoding
+mod checkpointing; // --gradient-checkpointing: the same step with and without, fused and generic, dropout, vision tower, resume
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache
 mod eval; // POPE and CHAIR scoring through the binary, bad files

@@ -89,9 +89,26 @@ struct TrainBench {
     /// Preference pairs per step.
     #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
     pairs: usize,
+    /// Decoder layers (default: the preset's own depth). LLaVA-7B/13B widths with a few layers run on a small
+    /// machine; two depths separate the per-layer cost (time, activation memory) from the fixed one.
+    #[arg(long, value_parser = super::range::at_least_one)]
+    layers: Option<usize>,
+    /// Words (one token each) of each prompt after BOS and the image positions. With llava-7b, 52 prompt and 100
+    /// answer words make rows of 730 positions (576 of them the image).
+    #[arg(long, default_value_t = 9, value_parser = super::range::at_least_one)]
+    prompt_words: usize,
+    /// Words of each answer (chosen and rejected alike), before its EOS.
+    #[arg(long, default_value_t = 9, value_parser = super::range::at_least_one)]
+    answer_words: usize,
     /// LoRA rank (alpha = 2 x rank).
     #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     lora_rank: usize,
+    /// LoRA dropout; several values are timed one after the other (training's default is 0.05).
+    #[arg(long, num_args = 1.., default_values_t = [0.0], value_parser = super::range::below_one::<f32>)]
+    lora_dropout: Vec<f32>,
+    /// Gradient checkpointing off, on, or both (timed one after the other, for the ratio).
+    #[arg(long, num_args = 1.., value_enum, default_values = ["off"])]
+    gradient_checkpointing: Vec<Switch>,
     /// Projections that get adapters.
     #[arg(long, num_args = 1.., default_values = ["q", "k", "v", "o"])]
     targets: Vec<String>,
@@ -109,6 +126,13 @@ struct TrainBench {
     write_config: Option<std::path::PathBuf>,
 }
 
+/// A setting timed off, on, or both.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    Off,
+    On,
+}
+
 #[derive(Args)]
 struct GenerateBench {
     /// Model shapes: shared/reference.md's tiny and small, or LLaVA-1.5's 7B and 13B (random weights in memory).
@@ -119,6 +143,9 @@ struct GenerateBench {
     /// Batch sizes (rows generated together).
     #[arg(long, num_args = 1.., default_values_t = [1, 8], value_parser = super::range::at_least_one)]
     batch: Vec<usize>,
+    /// Decoder layers (default: each preset's own depth), for LLaVA-7B/13B widths on a small machine.
+    #[arg(long, value_parser = super::range::at_least_one)]
+    layers: Option<usize>,
     /// Greedy only (skip the sampled runs).
     #[arg(long)]
     greedy_only: bool,
@@ -213,21 +240,24 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
         "e2e new t/s",
         "mbu"
     );
-    let mut rows = Vec::new();
+    let (mut rows, mut memory) = (Vec::new(), Vec::new());
     for &size in &a.size {
         let name = size_name(size);
         if let Some(out) = &a.write_config {
             bpo::output::create_dir(out)?;
             bpo::output::write_bytes(
                 &out.join(format!("{name}.json")),
-                serde_json::to_string_pretty(&size.config())?.as_bytes(),
+                serde_json::to_string_pretty(&size.config_with_layers(a.layers))?.as_bytes(),
             )?;
         }
         let dir = scratch_dir()?;
-        let mut vlm = size.random_vlm(&rt, &dir)?;
+        let before_load = bpo::memory::in_use(&rt.device);
+        let mut vlm = size.random_vlm_with_layers(a.layers, &rt, &dir)?;
+        let weights = before_load.zip(bpo::memory::in_use(&rt.device)).map(|(b, z)| z.saturating_sub(b));
         vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
                              // Decoding one token reads every language-model weight once.
-        let weight_bytes = size.llm_matmul_params() as f64 * rt.dtype.size_in_bytes() as f64;
+        let weight_bytes = size.llm_matmul_params_with_layers(a.layers) as f64 * rt.dtype.size_in_bytes() as f64;
+        let probe = bpo::memory::Probe::start(&rt.device);
         let modes: &[(&str, f32)] =
             if a.greedy_only { &[("greedy", 0.0)] } else { &[("greedy", 0.0), ("sample", 1.0)] };
         for &(sampling, temperature) in modes {
@@ -247,11 +277,21 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
                 rows.push(serde_json::json!({"size": name, "sampling": sampling, "figures": f, "decode_bandwidth_utilisation": mbu}));
             }
         }
+        let m = probe.finish();
+        let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
+        let w = weights.map_or(String::new(), |w| format!(", weights {:.2} GiB", gib(w)));
+        outln!(
+            "{name:<9} memory ({}): peak {:.2} GiB, growth over the loaded model {:.2} GiB{heap}{w}",
+            m.device,
+            gib(m.peak_bytes),
+            gib(m.peak_growth_bytes)
+        );
+        memory.push(serde_json::json!({"size": name, "weight_bytes": weights, "memory": m}));
         std::fs::remove_dir_all(&dir).ok();
     }
     write_json(
         a.json.as_deref(),
-        &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows}),
+        &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows, "memory": memory}),
     )
 }
 
@@ -337,41 +377,76 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
 
 fn bench_train(a: TrainBench) -> anyhow::Result<()> {
     if let Some(path) = &a.write_config {
-        bpo::output::write_bytes(path, serde_json::to_string_pretty(&a.size.config())?.as_bytes())?;
+        let cfg = a.size.config_with_layers(a.layers);
+        bpo::output::write_bytes(path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         return Ok(());
     }
     let rt = a.runtime.runtime()?;
     outln!("{} ({})", rt.describe(), host_load());
-    let lora = bpo::model::lora::LoraConfig {
-        rank: a.lora_rank,
-        alpha: 2.0 * a.lora_rank as f64,
-        dropout: 0.0,
-        targets: a.targets.clone(),
-    };
-    let modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
+    let plain_modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
-    for &plain in modes {
-        let bench = bpo::bench::TrainBench {
-            size: a.size,
-            rt: rt.clone(),
-            steps: a.steps,
-            pairs: a.pairs,
-            lora: lora.clone(),
-            plain_backward: plain,
-            peak_tflops: a.peak_tflops,
-        };
-        let f = bpo::bench::train_step(&bench)?;
-        let backward = if plain {
-            "plain candle backward (frozen-weight gradients computed)"
-        } else {
-            "frozen weights skipped in backward"
-        };
-        let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
-        outln!("{}: {} rows x {} positions, LoRA r {} on {}, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}", size_name(a.size), f.rows, f.length, a.lora_rank, a.targets.join(","), f.seconds, f.steps, f.tokens_per_s, f.pairs_per_s);
-        rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
+    for &plain in plain_modes {
+        for &checkpointing in &a.gradient_checkpointing {
+            for &dropout in &a.lora_dropout {
+                let bench = bpo::bench::TrainBench {
+                    size: a.size,
+                    layers: a.layers,
+                    rt: rt.clone(),
+                    steps: a.steps,
+                    pairs: a.pairs,
+                    prompt_words: a.prompt_words,
+                    answer_words: a.answer_words,
+                    lora: bpo::model::lora::LoraConfig {
+                        rank: a.lora_rank,
+                        alpha: 2.0 * a.lora_rank as f64,
+                        dropout,
+                        targets: a.targets.clone(),
+                    },
+                    gradient_checkpointing: checkpointing == Switch::On,
+                    plain_backward: plain,
+                    peak_tflops: a.peak_tflops,
+                };
+                let f = bpo::bench::train_step(&bench)?;
+                print_train_row(&a, &f, plain);
+                rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
+            }
+        }
     }
     write_json(
         a.json.as_deref(),
         &serde_json::json!({"size": size_name(a.size), "runtime": rt.describe(), "host_load": host_load(), "lora_rank": a.lora_rank, "targets": a.targets, "rows": rows}),
     )
+}
+
+/// One line of `bench train`: the step's shape and settings, then time and memory.
+fn print_train_row(a: &TrainBench, f: &bpo::bench::TrainFigures, plain: bool) {
+    let backward = if plain { ", plain candle backward (frozen-weight gradients computed)" } else { "" };
+    let ckpt = if f.gradient_checkpointing { "on" } else { "off" };
+    let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
+    let m = &f.memory;
+    let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
+    let setup = f.setup_bytes.map_or(String::new(), |b| format!(", model + optimizer {:.2} GiB", gib(b)));
+    outln!(
+        "{} x {} layers: {} rows x {} positions, LoRA r {} on {} (dropout {}), checkpointing {ckpt}{backward}: \
+         {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}; memory ({}) peak {:.2} GiB, \
+         growth {:.2} GiB{heap}{setup}",
+        size_name(a.size),
+        f.layers,
+        f.rows,
+        f.length,
+        a.lora_rank,
+        a.targets.join(","),
+        f.lora_dropout,
+        f.seconds,
+        f.steps,
+        f.tokens_per_s,
+        f.pairs_per_s,
+        m.device,
+        gib(m.peak_bytes),
+        gib(m.peak_growth_bytes),
+    );
+}
+
+fn gib(bytes: u64) -> f64 {
+    bpo::memory::gib(bytes)
 }

@@ -120,6 +120,11 @@ pub struct CommonArgs {
     /// Continue the run in --out from its newest checkpoint (same options required).
     #[arg(long)]
     pub resume: bool,
+    /// Keep only each decoder layer's input during the forward pass and recompute the layer in the backward pass
+    /// (transformers' gradient_checkpointing): activation memory of one layer instead of all, for about one more
+    /// forward pass per step; the results are the same. A run may be resumed with it switched on or off.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Memory for cached vision-tower features, in MiB (the tower is frozen; 0 = encode every time).
     #[arg(long, default_value_t = DEFAULT_FEATURE_CACHE_MB)]
     pub feature_cache_mb: usize,
@@ -149,6 +154,7 @@ impl CommonArgs {
             train_projector: self.train_projector,
             train_vision: false,
             init_adapter: self.init_adapter.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
             runtime: model.runtime()?,
         })
     }

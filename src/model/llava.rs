@@ -4,10 +4,11 @@
 
 use candle_core::{DType, Tensor};
 
+use super::checkpoint::Tape;
 use super::clip::{self, ClipVision};
 use super::config::{FeatureStrategy, LlavaConfig};
 use super::linear::{Linear, Pass};
-use super::llama::{causal_mask, mask_min, Cache, Llama, PrefixKv};
+use super::llama::{causal_mask, mask_min, Cache, Llama, Segment};
 use super::runtime::{Kernels, Runtime};
 use crate::{bail, Result};
 
@@ -62,8 +63,13 @@ impl Model {
     /// Frozen-tower features of the selected CLIP layer, class token dropped per the strategy: (n, tokens, clip hidden).
     /// Cacheable: nothing in it trains in BPO.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.encode_images_checkpointed(pixels, None)
+    }
+
+    /// [`Model::encode_images`]; with `tape`, the tower's layers are checkpointed (when it trains).
+    pub fn encode_images_checkpointed<'a>(&'a self, pixels: &Tensor, tape: Option<&mut Tape<'a>>) -> Result<Tensor> {
         let Some(v) = &self.vision else { bail!("this model has no vision tower, but an image was given") };
-        let h = v.clip.forward(&pixels.to_device(&self.rt.device)?)?;
+        let h = v.clip.forward_checkpointed(&pixels.to_device(&self.rt.device)?, tape)?;
         Ok(match v.cfg.feature_strategy {
             FeatureStrategy::Default => clip::drop_class(&h)?,
             FeatureStrategy::Full => h,
@@ -139,36 +145,46 @@ impl Model {
         Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
     }
 
-    /// [`Model::forward_hidden`] for a batch of prefixes (prompts, left-padded so that they all end in the last
-    /// column), also returning their keys and values for [`Model::continuation_hidden`].
-    pub fn prefix_hidden(
-        &self,
+    /// [`Model::forward_hidden`] for training: no cache, and with `tape` every decoder layer is checkpointed
+    /// (see [`super::checkpoint`]).
+    pub fn train_hidden<'a>(
+        &'a self,
         inputs: &Inputs,
         image_embeds: Option<&Tensor>,
         pass: Pass,
-    ) -> Result<(Tensor, PrefixKv)> {
+        tape: Option<&mut Tape<'a>>,
+    ) -> Result<Tensor> {
         let (embeds, positions, mask) = self.prepare(inputs, image_embeds, 0)?;
-        Ok(self.llm.forward_prefix(&embeds, &positions, &mask, pass)?)
+        let seg = Segment { embeds, positions, mask, after: None };
+        Ok(self.llm.forward_segments(&[seg], pass, tape)?.remove(0))
     }
 
-    /// Hidden states (b, t, hidden) of text continuations `ids` (b, t) of prefix rows `rows` (u32, b): a chosen and
-    /// a rejected answer can follow one prompt computed once. `mask` (b, prefix + t) is the prefix row's key mask
-    /// followed by the continuation's.
-    pub fn continuation_hidden(
-        &self,
-        ids: &Tensor,
-        mask: &Tensor,
-        prefix: &PrefixKv,
-        rows: &Tensor,
+    /// Hidden states of a batch of prompts (left-padded so that they all end in the last column) and of text
+    /// answers that continue them, the answers attending to their prompt's keys and values: a chosen and a rejected
+    /// answer follow one prompt computed once, and their gradients add up in it. `answer_ids` (2B, t); `rows` (u32,
+    /// 2B): the prompt row of each answer; `answer_mask` (2B, P + t): the prompt row's key mask, then the answer's.
+    /// Returns (prompt hidden (B, P, hidden), answer hidden (2B, t, hidden)). With `tape`, layers are checkpointed.
+    pub fn pair_hidden<'a>(
+        &'a self,
+        prompts: &Inputs,
+        image_embeds: Option<&Tensor>,
+        (answer_ids, answer_mask, rows): (&Tensor, &Tensor, &Tensor),
         pass: Pass,
-    ) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let past = mask
+        tape: Option<&mut Tape<'a>>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (embeds, positions, mask) = self.prepare(prompts, image_embeds, 0)?;
+        let prompt = Segment { embeds, positions, mask, after: None };
+        let t = answer_ids.dim(1)?;
+        let past = answer_mask
             .dim(1)?
             .checked_sub(t)
             .ok_or_else(|| crate::Error::invalid("continuation mask shorter than the continuation"))?;
-        let (embeds, positions, causal) = self.prepare(&Inputs { ids, mask, images: None }, None, past)?;
-        Ok(self.llm.forward_continuation(&embeds, &positions, &causal, prefix, rows, pass)?)
+        let answers = Inputs { ids: answer_ids, mask: answer_mask, images: None };
+        let (embeds, positions, mask) = self.prepare(&answers, None, past)?;
+        let answer = Segment { embeds, positions, mask, after: Some((0, rows.clone())) };
+        let mut out = self.llm.forward_segments(&[prompt, answer], pass, tape)?;
+        let answer = out.pop().ok_or_else(|| crate::Error::invalid("no answer hidden states"))?;
+        Ok((out.remove(0), answer))
     }
 
     /// Input embeddings, positions and the additive attention mask for `inputs` after `past` earlier positions.

@@ -2,8 +2,8 @@
 //!
 //! The chosen and the rejected row of a pair start with the same prompt (BOS, image positions, question), and
 //! under causal attention the prompt's hidden states do not depend on what follows. So each prompt runs through
-//! the model once ([`crate::model::Model::prefix_hidden`]), and both answers continue from its keys and values
-//! ([`crate::model::Model::continuation_hidden`]); gradients from both answers add up in the shared prompt. With
+//! the model once, and both answers continue from its keys and values ([`crate::model::Model::pair_hidden`]);
+//! gradients from both answers add up in the shared prompt. With
 //! LLaVA's 576 image positions per prompt this nearly halves the work of a DPO step, forward and backward.
 
 use candle_core::{Device, Tensor};
@@ -82,13 +82,15 @@ impl PairBatch {
     }
 
     /// Summed answer log-probs `[chosen..., rejected...]` (2B,) and answer lengths, with image features projected by
-    /// `projector` (None: the model's own; `detach`: no gradient into it).
-    pub fn logps(
+    /// `projector` (None: the model's own; `detach`: no gradient into it). With `tape`, the decoder layers are
+    /// checkpointed.
+    pub fn logps<'a>(
         &self,
-        model: &Model,
+        model: &'a Model,
         projector: Option<&Projector>,
         detach: bool,
         pass: Pass,
+        tape: Option<&mut crate::model::checkpoint::Tape<'a>>,
     ) -> Result<(Tensor, Tensor)> {
         let embeds = match (&self.features, &self.image_index) {
             (Some(f), Some(idx)) => {
@@ -102,8 +104,8 @@ impl PairBatch {
             _ => None,
         };
         let prompts = Inputs { ids: &self.prompt_ids, mask: &self.prompt_mask, images: None };
-        let (prompt_hidden, kv) = model.prefix_hidden(&prompts, embeds.as_ref(), pass)?;
-        let answer_hidden = model.continuation_hidden(&self.answer_ids, &self.answer_mask, &kv, &self.rows, pass)?;
+        let answers = (&self.answer_ids, &self.answer_mask, &self.rows);
+        let (prompt_hidden, answer_hidden) = model.pair_hidden(&prompts, embeds.as_ref(), answers, pass, tape)?;
         // The last prompt position predicts each answer's first token.
         let p = prompt_hidden.dim(1)?;
         let last = prompt_hidden.narrow(1, p - 1, 1)?.contiguous()?.index_select(&self.rows, 0)?;

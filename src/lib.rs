@@ -27,6 +27,7 @@ pub mod memory;
 pub mod model;
 pub mod output;
 pub mod progress;
+pub mod range;
 pub mod score;
 pub mod text;
 pub mod train;

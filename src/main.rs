@@ -7,8 +7,5 @@ mod cli;
 static ALLOC: bpo::memory::CountingAlloc = bpo::memory::CountingAlloc;
 
 fn main() -> std::process::ExitCode {
-    cli::run().unwrap_or_else(|e| {
-        eprintln!("error: {}", cli::error_line(&e));
-        cli::exit_code(&e)
-    })
+    cli::main()
 }

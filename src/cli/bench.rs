@@ -201,17 +201,17 @@ fn bench_eval(args: EvalBench) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
     let (questions, answers) = synth::pope(args.pope, args.seed);
     let t = median(repeats, || pope::score(&questions, &answers, pope::Pairing::ById).map(|_| ()))?;
-    println!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
+    outln!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
 
     let t = median(repeats, || Chair::builtin().map(|_| ()))?;
-    println!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
+    outln!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
     let chair = Chair::builtin()?;
     let (captions, truth) = synth::captions(args.captions, args.words, args.seed);
     let t = median(repeats, || chair.score(&captions, &truth).map(|_| ()))?;
     let words: usize = captions.iter().map(|c| c.text.split(' ').count()).sum();
-    println!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
+    outln!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
     let build = if cfg!(debug_assertions) { "debug assertions on" } else { "release" };
-    println!("(median of {repeats} runs; {build})");
+    outln!("(median of {repeats} runs; {build})");
     Ok(())
 }
 
@@ -233,10 +233,17 @@ fn ms(d: Duration) -> f64 {
 
 fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
-    println!("{} ({})", rt.describe(), host_load());
-    println!(
+    outln!("{} ({})", rt.describe(), host_load());
+    outln!(
         "{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}",
-        "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s", "mbu"
+        "size",
+        "batch",
+        "sampling",
+        "prompt",
+        "prefill t/s",
+        "decode t/s",
+        "e2e new t/s",
+        "mbu"
     );
     let (mut rows, mut memory) = (Vec::new(), Vec::new());
     for &size in &a.size {
@@ -264,9 +271,13 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
             {
                 let mbu = a.peak_gbs.map(|p| f.decode_tok_s / f.batch as f64 * weight_bytes / (p * 1e9));
                 let shown = mbu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-                println!(
+                outln!(
                     "{name:<9} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1} {shown:>8}",
-                    f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s
+                    f.batch,
+                    f.prompt_tokens,
+                    f.prefill_tok_s,
+                    f.decode_tok_s,
+                    f.end_to_end_tok_s
                 );
                 rows.push(serde_json::json!({"size": name, "sampling": sampling, "figures": f, "decode_bandwidth_utilisation": mbu}));
             }
@@ -274,7 +285,7 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
         let m = probe.finish();
         let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
         let w = weights.map_or(String::new(), |w| format!(", weights {:.2} GiB", gib(w)));
-        println!(
+        outln!(
             "{name:<9} memory ({}): peak {:.2} GiB, growth over the loaded model {:.2} GiB{heap}{w}",
             m.device,
             gib(m.peak_bytes),
@@ -316,14 +327,14 @@ fn parity(a: ParityBench) -> anyhow::Result<()> {
     let checks = bpo::device_check::run(&a.fixtures, &rt.device)
         .with_context(|| format!("parity checks with the fixtures in {}", a.fixtures.display()))?;
     for c in &checks {
-        println!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
+        outln!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     write_json(a.json.as_deref(), &serde_json::json!({"device": rt.describe(), "checks": checks, "failed": failed}))?;
     if failed > 0 {
         anyhow::bail!("{failed} of {} parity checks failed on {}", checks.len(), rt.describe());
     }
-    println!("{} parity checks passed on {}", checks.len(), rt.describe());
+    outln!("{} parity checks passed on {}", checks.len(), rt.describe());
     Ok(())
 }
 
@@ -358,10 +369,10 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
             decode,
         )?;
         let what = a.model.as_ref().map_or(format!("{:?} (random weights)", a.size), |m| m.display().to_string());
-        println!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
-        println!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
+        outln!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
+        outln!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
         for f in figures {
-            println!("{:>6} {:>10.2} {:>10.2} {:>10.1}", f.batch, f.seconds, f.answers_per_s, f.tokens_per_s);
+            outln!("{:>6} {:>10.2} {:>10.2} {:>10.1}", f.batch, f.seconds, f.answers_per_s, f.tokens_per_s);
         }
         Ok(())
     })();
@@ -378,7 +389,7 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
     let rt = if a.generic_ops { bpo::model::Runtime::generic(rt.device, rt.dtype) } else { rt };
     let ops = if rt.kernels == bpo::model::Kernels::Fused { "fused CPU kernels" } else { "device-generic ops" };
-    println!("{}, {ops} ({})", rt.describe(), host_load());
+    outln!("{}, {ops} ({})", rt.describe(), host_load());
     let plain_modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
     let mut failed = 0;
@@ -412,7 +423,7 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
                     Err(e) => {
                         failed += 1;
                         let what = format!("{pairs} pairs, checkpointing {checkpointing:?}, dropout {dropout}");
-                        eprintln!("{} ({what}): failed: {e}", size_name(a.size));
+                        errln!("{} ({what}): failed: {e}", size_name(a.size));
                         rows.push(serde_json::json!({"plain_backward": plain, "pairs": pairs, "gradient_checkpointing": checkpointing == Switch::On, "lora_dropout": dropout, "error": e.to_string()}));
                     }
                 }
@@ -437,7 +448,7 @@ fn print_train_row(a: &TrainBench, f: &bpo::bench::TrainFigures, plain: bool) {
     let m = &f.memory;
     let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
     let setup = f.setup_bytes.map_or(String::new(), |b| format!(", model + optimizer {:.2} GiB", gib(b)));
-    println!(
+    outln!(
         "{} x {} layers: {} rows x {} positions, LoRA r {} on {} (dropout {}), checkpointing {ckpt}{backward}: \
          {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}; memory ({}) peak {:.2} GiB, \
          growth {:.2} GiB{heap}{setup}",

@@ -126,9 +126,14 @@ fn prompt_ids_that_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::Sam
     prompts
         .iter()
         .map(|p| {
-            let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
-            super::fits_context(ids.len(), params.max_new_tokens, context)
-                .map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?;
+            let ids = vlm.prompt_ids(&p.text, p.image.is_some()).map_err(|e| match e {
+                Error::Parse { .. } => e,
+                e => Error::invalid(format!("{}: {e}", p.origin)),
+            })?;
+            super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| match e {
+                Error::Range(_) => e,
+                e => Error::invalid(format!("{}: {e}", p.origin)),
+            })?;
             Ok(ids)
         })
         .collect()

@@ -511,18 +511,35 @@ fn logged_steps(run: &Path) -> usize {
 
 /// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint, the last perhaps torn
 /// by a kill). The lines kept are kept byte for byte: the file is cut, not rewritten, since a number read and written
-/// again may come back one unit in the last place different.
+/// again may come back one unit in the last place different. A file that is not a log bpo wrote (a complete line that
+/// is not a JSON step record, a torn tail that does not start like one) is refused, never cut.
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let mut keep = 0;
-    for line in text.split_inclusive('\n') {
+    let mut keep = None;
+    let mut at = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
         let logged = serde_json::from_str::<Value>(line).ok().and_then(|r| r.get("step").and_then(Value::as_u64));
-        if !line.ends_with('\n') || logged.is_none_or(|s| s as usize > step) {
-            break;
+        match logged {
+            _ if !line.ends_with('\n') && line.starts_with("{\"") => {}
+            Some(s) if line.ends_with('\n') => {
+                if s as usize > step {
+                    keep.get_or_insert(at);
+                }
+            }
+            _ => {
+                return Err(Error::parse(
+                    path,
+                    Some(i + 1),
+                    "not a step of a training log bpo wrote; refusing to cut this file (move it away to resume)",
+                ))
+            }
         }
-        keep += line.len();
+        if !line.ends_with('\n') {
+            keep.get_or_insert(at);
+        }
+        at += line.len();
     }
-    if keep < text.len() {
+    if let Some(keep) = keep {
         let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
         file.set_len(keep as u64).and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))?;
     }

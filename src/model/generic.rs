@@ -358,17 +358,24 @@ pub trait DropoutStorage: BackendStorage {
 
 fn dropout_slice<T: candle_core::WithDType>(x: &[T], p: f32, seed: u64) -> Vec<T> {
     use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
     let (k, scale) = (keys(seed), 1.0 / (1.0 - p));
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let first = c << 16;
+    let fill = |c: usize, chunk: &mut [T]| {
+        let first = c * CHUNK;
         for (j, o) in chunk.iter_mut().enumerate() {
             let i = first + j;
             if keep(i as u32, k, p) {
                 *o = T::from_f64((x[i].to_f64() as f32 * scale) as f64);
             }
         }
-    });
+    };
+    // Threads only where there is enough work to pay for them.
+    if x.len() <= CHUNK {
+        fill(0, &mut out);
+    } else {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| fill(c, chunk));
+    }
     out
 }
 

@@ -361,13 +361,12 @@ fn dropout_slice<T: candle_core::WithDType>(x: &[T], p: f32, seed: u64) -> Vec<T
     const CHUNK: usize = 1 << 16;
     let (k, scale) = (keys(seed), 1.0 / (1.0 - p));
     let mut out = vec![T::zero(); x.len()];
+    // Branch-free (a select, not a conditional store), so that the hash and the scaling vectorise.
     let fill = |c: usize, chunk: &mut [T]| {
         let first = c * CHUNK;
-        for (j, o) in chunk.iter_mut().enumerate() {
-            let i = first + j;
-            if keep(i as u32, k, p) {
-                *o = T::from_f64((x[i].to_f64() as f32 * scale) as f64);
-            }
+        for (j, (o, v)) in chunk.iter_mut().zip(&x[first..]).enumerate() {
+            let y = T::from_f64((v.to_f64() as f32 * scale) as f64);
+            *o = if keep((first + j) as u32, k, p) { y } else { T::zero() };
         }
     };
     // Threads only where there is enough work to pay for them.

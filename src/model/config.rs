@@ -69,10 +69,22 @@ impl EosIds {
     }
 }
 
+/// The RoPE kinds bpo computes (transformers' `ROPE_INIT_FUNCTIONS` that Llama checkpoints use); a config naming
+/// another (`yarn`, `longrope`, ...) is refused when it is read, not computed as plain RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeType {
+    #[default]
+    Default,
+    Linear,
+    Dynamic,
+    Llama3,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
-    #[serde(alias = "type", default = "d_rope_type")]
-    pub rope_type: String,
+    #[serde(alias = "type", default)]
+    pub rope_type: RopeType,
     #[serde(default = "d_one")]
     pub factor: f64,
     #[serde(default = "d_one")]
@@ -358,13 +370,9 @@ impl ClipVisionConfig {
     }
 }
 
-/// `Err` naming `field` unless `name` is an activation bpo computes ([`super::ops::ACTIVATIONS`]).
+/// `Err` naming `field` unless `name` is an activation bpo computes ([`super::ops::Activation`]).
 fn known_activation(field: &str, name: &str) -> std::result::Result<(), String> {
-    if super::ops::ACTIVATIONS.contains(&name) {
-        Ok(())
-    } else {
-        Err(format!("{field}: unsupported activation {name:?} (bpo has {})", super::ops::ACTIVATIONS.join(", ")))
-    }
+    super::ops::Activation::from_name(name).map(|_| ()).map_err(|e| format!("{field}: {e}"))
 }
 
 impl LlamaConfig {
@@ -449,9 +457,6 @@ fn d_rms_eps() -> f64 {
 fn d_rope_theta() -> f64 {
     10000.0
 }
-fn d_rope_type() -> String {
-    "default".into()
-}
 fn d_max_pos() -> usize {
     2048
 }
@@ -519,16 +524,21 @@ mod tests {
     fn rope_settings_come_from_either_key_and_both_may_be_present() {
         assert!(llama("").rope().is_none());
         let old = llama(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#);
-        assert_eq!((old.rope().unwrap().rope_type.as_str(), old.rope().unwrap().factor), ("linear", 2.0));
+        assert_eq!((old.rope().unwrap().rope_type, old.rope().unwrap().factor), (RopeType::Linear, 2.0));
         let new = llama(r#", "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}"#);
         assert_eq!(new.rope().unwrap().rope_theta, Some(500000.0));
         // transformers 5 configs converted from 4 can hold both: the newer key wins.
         let both = llama(
             r#", "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}"#,
         );
-        assert_eq!((both.rope().unwrap().rope_type.as_str(), both.rope().unwrap().factor), ("llama3", 8.0));
+        assert_eq!((both.rope().unwrap().rope_type, both.rope().unwrap().factor), (RopeType::Llama3, 8.0));
         // rope_parameters without rope_type is plain RoPE.
-        assert_eq!(llama(r#", "rope_parameters": {"rope_theta": 1e6}"#).rope().unwrap().rope_type, "default");
+        assert_eq!(llama(r#", "rope_parameters": {"rope_theta": 1e6}"#).rope().unwrap().rope_type, RopeType::Default);
+        // A kind bpo does not compute is refused, not taken for plain RoPE.
+        let yarn = serde_json::from_str::<LlamaConfig>(
+            r#"{"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+        );
+        assert!(yarn.unwrap_err().to_string().contains("unknown variant `yarn`"));
     }
 
     #[test]

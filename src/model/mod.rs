@@ -17,6 +17,7 @@ pub mod llava;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod peft;
 pub mod runtime;
 pub mod vlm;
 

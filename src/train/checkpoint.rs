@@ -1,12 +1,7 @@
 //! Saving and loading what a run trains: LoRA adapters in PEFT's layout (loadable by `peft`), the projector,
 //! full weights, and the files a resumed run needs (optimizer moments, step). Every file is written to a temporary
 //! name, fsynced and renamed; a checkpoint folder is filled under a temporary name and renamed whole.
-//!
-//! PEFT names a LoRA tensor `base_model.model.<module path>.lora_{A,B}.weight`. For llava-hf models peft with
-//! transformers 5 writes `base_model.model.model.language_model.layers.N...` and, for the projector kept in
-//! `modules_to_save`, `base_model.model.model.multi_modal_projector.*`; older stacks wrote
-//! `base_model.model.language_model.model.layers.N...`. bpo writes the first and reads both (and the original
-//! LLaVA's `base_model.model.model.layers.N...` / `mm_projector.{0,2}`).
+//! Tensor names: [`crate::model::peft`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +12,8 @@ use serde_json::{json, Value};
 
 use crate::model::linear::{DropoutSeed, Lora};
 use crate::model::load::{check_finite_file, save_safetensors};
-use crate::model::lora::{peft_key, LoraConfig};
+use crate::model::lora::LoraConfig;
+use crate::model::peft::{lora_key, parse_lora_key, parse_projector_key, projector_key, PROJECTOR_MODULE};
 use crate::model::Model;
 use crate::{bail, Error, Result};
 
@@ -27,59 +23,6 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const PROJECTOR_WEIGHTS: &str = "projector.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const TRAINER_STATE: &str = "trainer_state.json";
-
-const PROJECTOR_MODULE: &str = "multi_modal_projector";
-
-/// Decoder module path (`layers.0.self_attn.q_proj`) and `A`/`B` of a PEFT LoRA tensor name in any spelling.
-pub fn parse_lora_key(name: &str) -> Option<(String, char)> {
-    let rest =
-        ["base_model.model.language_model.model.", "base_model.model.model.language_model.", "base_model.model.model."]
-            .iter()
-            .find_map(|p| name.strip_prefix(p))?;
-    let rest = rest.strip_suffix(".weight")?.replace(".default", "");
-    let (module, which) = rest.rsplit_once(".lora_")?;
-    let which = match which {
-        "A" => 'A',
-        "B" => 'B',
-        _ => return None,
-    };
-    module.starts_with("layers.").then(|| (module.to_string(), which))
-}
-
-/// llava-hf name (`multi_modal_projector.linear_1.weight`) of a projector tensor saved by PEFT in any spelling.
-pub fn parse_projector_key(name: &str) -> Option<String> {
-    let rest = ["base_model.model.multi_modal_projector.", "base_model.model.model.multi_modal_projector."]
-        .iter()
-        .find_map(|p| name.strip_prefix(p));
-    let rest = rest.map(|r| r.replace(".modules_to_save.default", "")).or_else(|| {
-        let r = name.strip_prefix("base_model.model.model.mm_projector.")?;
-        r.strip_prefix("0.")
-            .map(|x| format!("linear_1.{x}"))
-            .or_else(|| r.strip_prefix("2.").map(|x| format!("linear_2.{x}")))
-    })?;
-    Some(format!("{PROJECTOR_MODULE}.{rest}"))
-}
-
-/// The name bpo writes for a LoRA tensor (see the module doc).
-fn lora_write_key(is_llava: bool, module: &str, which: char) -> String {
-    let prefix = if is_llava { "base_model.model.model.language_model" } else { "base_model.model.model" };
-    format!("{prefix}.{module}.lora_{which}.weight")
-}
-
-fn projector_write_key(name: &str) -> String {
-    format!("base_model.model.model.{name}")
-}
-
-/// Writes JSON through [`crate::output::write_with`] (temporary file, fsync, rename).
-pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::parse(path, None, e))?;
-    crate::output::write_bytes(path, text.as_bytes())
-}
-
-pub fn read_json(path: &Path) -> Result<Value> {
-    let text = crate::jsonl::read_folder_file_required(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
-}
 
 /// Checkpoint folders are filled atomically by the one folder writer.
 pub use crate::output::write_dir as write_dir_atomically;
@@ -102,7 +45,7 @@ fn adapter_config(is_llava: bool, cfg: &LoraConfig, with_projector: bool, base_m
 }
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` (LoRA, and the projector as `modules_to_save`) and,
-/// with a projector, `projector.safetensors`. `lora` carries [`peft_key`] names, `projector` llava-hf names.
+/// with a projector, `projector.safetensors`. `lora` carries [`lora_key`] names, `projector` llava-hf names.
 pub fn save_adapter(
     dir: &Path,
     is_llava: bool,
@@ -115,20 +58,23 @@ pub fn save_adapter(
     for (key, var) in lora {
         let (module, which) =
             parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
-        tensors.push((lora_write_key(is_llava, &module, which), var.as_tensor().clone()));
+        tensors.push((lora_key(is_llava, &module, which), var.as_tensor().clone()));
     }
-    tensors.extend(projector.iter().map(|(n, v)| (projector_write_key(n), v.as_tensor().clone())));
+    tensors.extend(projector.iter().map(|(n, v)| (projector_key(n), v.as_tensor().clone())));
     save_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
     if !projector.is_empty() {
         let plain: Vec<(String, Tensor)> = projector.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         save_safetensors(&dir.join(PROJECTOR_WEIGHTS), &plain)?;
     }
-    write_json(&dir.join(ADAPTER_CONFIG), &adapter_config(is_llava, cfg, !projector.is_empty(), base_model))
+    crate::output::write_json(
+        &dir.join(ADAPTER_CONFIG),
+        &adapter_config(is_llava, cfg, !projector.is_empty(), base_model),
+    )
 }
 
 /// An adapter attached to a model by [`load_adapter`].
 pub struct Adapter {
-    /// LoRA variables under [`peft_key`] names.
+    /// LoRA variables under [`lora_key`] names.
     pub lora: Vec<(String, Var)>,
     /// Projector variables under llava-hf names (empty if the adapter has none).
     pub projector: Vec<(String, Var)>,
@@ -158,8 +104,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
 /// [`load_adapter`], accepting NaN or infinite weights if `allow_non_finite`.
 pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) -> Result<Adapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let cfg: PeftConfig =
-        serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::parse(&cfg_path, None, e))?;
+    let cfg: PeftConfig = crate::jsonl::read_json(&cfg_path)?;
     let bad = |msg: String| Error::parse(&cfg_path, None, msg);
     if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
         return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
@@ -224,8 +169,8 @@ pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) 
             );
         }
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        out.lora.push((peft_key(is_llava, &module, 'A'), a.clone()));
-        out.lora.push((peft_key(is_llava, &module, 'B'), b.clone()));
+        out.lora.push((lora_key(is_llava, &module, 'A'), a.clone()));
+        out.lora.push((lora_key(is_llava, &module, 'B'), b.clone()));
         let short = module.rsplit('.').next().unwrap_or_default().trim_end_matches("_proj").to_string();
         if !out.config.targets.contains(&short) {
             out.config.targets.push(short);
@@ -314,56 +259,4 @@ pub fn checkpoints(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
     }
     found.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(found)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_peft_spelling_parses() {
-        let want = Some(("layers.3.self_attn.q_proj".to_string(), 'A'));
-        assert_eq!(
-            parse_lora_key("base_model.model.language_model.model.layers.3.self_attn.q_proj.lora_A.weight"),
-            want
-        );
-        assert_eq!(
-            parse_lora_key("base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight"),
-            want
-        );
-        assert_eq!(parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"), want);
-        assert_eq!(
-            parse_lora_key("base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"),
-            Some(("layers.0.mlp.down_proj".into(), 'B'))
-        );
-        assert_eq!(
-            parse_lora_key("base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"),
-            None
-        );
-        assert_eq!(parse_lora_key("base_model.model.lm_head.lora_A.weight"), None);
-        for n in [
-            "base_model.model.multi_modal_projector.linear_1.weight",
-            "base_model.model.model.multi_modal_projector.linear_1.weight",
-            "base_model.model.model.mm_projector.0.weight",
-        ] {
-            assert_eq!(parse_projector_key(n).as_deref(), Some("multi_modal_projector.linear_1.weight"), "{n}");
-        }
-        assert_eq!(
-            parse_projector_key("base_model.model.model.mm_projector.2.bias").as_deref(),
-            Some("multi_modal_projector.linear_2.bias")
-        );
-        // What bpo writes reads back.
-        assert_eq!(
-            parse_lora_key(&lora_write_key(true, "layers.1.mlp.up_proj", 'B')),
-            Some(("layers.1.mlp.up_proj".into(), 'B'))
-        );
-        assert_eq!(
-            parse_lora_key(&lora_write_key(false, "layers.1.mlp.up_proj", 'B')),
-            Some(("layers.1.mlp.up_proj".into(), 'B'))
-        );
-        assert_eq!(
-            parse_projector_key(&projector_write_key("multi_modal_projector.linear_2.weight")).as_deref(),
-            Some("multi_modal_projector.linear_2.weight")
-        );
-    }
 }

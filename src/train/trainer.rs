@@ -15,16 +15,16 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{
-    self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json,
-};
+use super::checkpoint::{self, checkpoints, latest_checkpoint, restore_adapter, restore_named, write_dir_atomically};
 use super::checkpoint::{OPTIMIZER, TRAINER_STATE};
 use super::data::epoch_order;
 use super::optim::{AdamW, AdamWConfig, GradNorm};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::hash::splitmix64;
+use crate::jsonl::read_json;
 use crate::model::lora::LoraConfig;
 use crate::model::Kernels;
+use crate::output::write_json;
 use crate::{bail, Error, Result};
 
 /// In a checkpoint of full fine-tuning: the trained weights as the f32 master copies. The checkpoint's
@@ -156,7 +156,7 @@ pub trait Objective {
 /// What a run trains and how it is written: LoRA (+ projector) as a PEFT adapter, or all weights as a model folder.
 pub struct Trainable {
     pub is_llava: bool,
-    /// LoRA variables under [`crate::model::lora::peft_key`] names.
+    /// LoRA variables under [`crate::model::peft::lora_key`] names.
     pub lora: Vec<(String, Var)>,
     pub lora_cfg: Option<LoraConfig>,
     /// Projector variables under llava-hf names (saved with the adapter).
@@ -481,7 +481,7 @@ fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, hooks:
 }
 
 fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW, seed: u64) -> Result<()> {
-    let state = read_json(&dir.join(TRAINER_STATE))?;
+    let state: Value = read_json(&dir.join(TRAINER_STATE))?;
     if state.get("seed").and_then(Value::as_u64) != Some(seed) {
         bail!("it was made with seed {}, not {seed}", state["seed"]);
     }
@@ -493,6 +493,16 @@ fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW,
     crate::model::load::check_finite_file(&path)?;
     let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
         .map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    // `{name}.exp_avg` and `{name}.exp_avg_sq`, the name in today's spelling (older checkpoints used another).
+    let moments = moments
+        .into_iter()
+        .map(|(key, t)| match key.rsplit_once('.') {
+            Some((name, moment)) => {
+                (format!("{}.{moment}", crate::model::peft::current_name(name, trainable.is_llava)), t)
+            }
+            None => (key, t),
+        })
+        .collect();
     let steps = state.get("optimizer_steps").and_then(Value::as_u64).unwrap_or(step as u64);
     opt.load_state(&moments, steps)
 }

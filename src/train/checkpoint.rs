@@ -23,6 +23,8 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const PROJECTOR_WEIGHTS: &str = "projector.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const TRAINER_STATE: &str = "trainer_state.json";
+/// The run folder's cache of reference log-probs (`--precompute-ref`, `--init-adapter`).
+pub const REF_LOGPS: &str = "ref_logps.jsonl";
 
 /// Checkpoint folders are filled atomically by the one folder writer.
 pub use crate::output::write_dir as write_dir_atomically;
@@ -259,4 +261,53 @@ pub fn checkpoints(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
     }
     found.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(found)
+}
+
+/// Whether `run` holds anything trained: a logged step, a checkpoint, or final weights. A folder with none (a run
+/// that failed before its first step) may be started again.
+pub fn run_started(run: &Path) -> bool {
+    let weights = [ADAPTER_WEIGHTS, "model.safetensors"].iter().any(|f| run.join(f).exists());
+    weights || logged_steps(run) > 0 || checkpoints(run).map_or(true, |c| !c.is_empty())
+}
+
+/// Lines of the run's `metrics.jsonl` (0 when there is none).
+pub(super) fn logged_steps(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint, the last perhaps torn
+/// by a kill). The lines kept are kept byte for byte: the file is cut, not rewritten, since a number read and written
+/// again may come back one unit in the last place different. A file that is not a log bpo wrote (a complete line that
+/// is not a JSON step record, a torn tail that does not start like one) is refused, never cut.
+pub(super) fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let mut keep = None;
+    let mut at = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let logged = serde_json::from_str::<Value>(line).ok().and_then(|r| r.get("step").and_then(Value::as_u64));
+        match logged {
+            _ if !line.ends_with('\n') && line.starts_with("{\"") => {}
+            Some(s) if line.ends_with('\n') => {
+                if s as usize > step {
+                    keep.get_or_insert(at);
+                }
+            }
+            _ => {
+                return Err(Error::parse(
+                    path,
+                    Some(i + 1),
+                    "not a step of a training log bpo wrote; refusing to cut this file (move it away to resume)",
+                ))
+            }
+        }
+        if !line.ends_with('\n') {
+            keep.get_or_insert(at);
+        }
+        at += line.len();
+    }
+    if let Some(keep) = keep {
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+        file.set_len(keep as u64).and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::checkpoint::load_adapter;
-use super::trainer::Trainable;
+use super::trainable::Trainable;
 use crate::jsonl::read_json;
 use crate::model::llava::Projector;
 use crate::model::load::{load_trainable, VISION_PREFIX};
@@ -128,7 +128,7 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<Lock>
     let path = out.join("train_config.json");
     match (path.exists(), resume) {
         (false, true) => bail!("--resume: {} holds no run (no train_config.json)", out.display()),
-        (true, false) if super::trainer::run_started(out) => {
+        (true, false) if super::checkpoint::run_started(out) => {
             bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display())
         }
         // A run that stopped before its first step left its config (and maybe reference log-probs of other inputs).
@@ -171,7 +171,7 @@ pub fn record_template(out: &Path, vlm: &Vlm) -> Result<()> {
 
 /// Removes what a run that never trained a step may have cached, so that starting again computes it afresh.
 fn forget_unstarted_run(out: &Path) -> Result<()> {
-    let cached = out.join(super::dpo::REF_LOGPS);
+    let cached = out.join(super::checkpoint::REF_LOGPS);
     match std::fs::remove_file(&cached) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&cached, e)),
         _ => Ok(()),

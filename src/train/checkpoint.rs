@@ -96,6 +96,30 @@ struct PeftConfig {
     alpha_pattern: Option<serde_json::Map<String, Value>>,
 }
 
+impl PeftConfig {
+    /// Reads an `adapter_config.json`, refusing the PEFT options bpo does not apply; returns the rank, alpha and
+    /// dropout (no targets) and the scale of the update (alpha / r, or alpha / sqrt(r) with rsLoRA).
+    fn read(path: &Path) -> Result<(LoraConfig, f64)> {
+        let cfg: PeftConfig = crate::jsonl::read_json(path)?;
+        let bad = |msg: String| Error::parse(path, None, msg);
+        if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
+            return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
+        }
+        if cfg.use_dora == Some(true) {
+            return Err(bad("DoRA adapters are not supported".into()));
+        }
+        for (key, pattern) in [("rank_pattern", &cfg.rank_pattern), ("alpha_pattern", &cfg.alpha_pattern)] {
+            if pattern.as_ref().is_some_and(|m| !m.is_empty()) {
+                return Err(bad(format!("{key} is not supported")));
+            }
+        }
+        let (rank, alpha) = (cfg.r, cfg.lora_alpha);
+        let dropout = cfg.lora_dropout.unwrap_or(0.0) as f32;
+        let scale = if cfg.use_rslora == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        Ok((LoraConfig { rank, alpha, dropout, targets: Vec::new() }, scale))
+    }
+}
+
 /// Attaches the PEFT adapter in `dir` (either spelling) to `model`: LoRA on every linear it has tensors for, and
 /// its projector copy if it saved one. Unknown tensors, unsupported PEFT options and non-finite weights are errors,
 /// not ignored.
@@ -105,23 +129,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
 
 /// [`load_adapter`], accepting NaN or infinite weights if `allow_non_finite`.
 pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) -> Result<Adapter> {
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    let cfg: PeftConfig = crate::jsonl::read_json(&cfg_path)?;
-    let bad = |msg: String| Error::parse(&cfg_path, None, msg);
-    if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
-        return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
-    }
-    if cfg.use_dora == Some(true) {
-        return Err(bad("DoRA adapters are not supported".into()));
-    }
-    for (key, pattern) in [("rank_pattern", &cfg.rank_pattern), ("alpha_pattern", &cfg.alpha_pattern)] {
-        if pattern.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(format!("{key} is not supported")));
-        }
-    }
-    let (rank, alpha) = (cfg.r, cfg.lora_alpha);
-    let dropout = cfg.lora_dropout.unwrap_or(0.0) as f32;
-    let scale = if cfg.use_rslora == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+    let (LoraConfig { rank, alpha, dropout, .. }, scale) = PeftConfig::read(&dir.join(ADAPTER_CONFIG))?;
 
     let path = dir.join(ADAPTER_WEIGHTS);
     if allow_non_finite {

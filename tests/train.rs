@@ -13,8 +13,7 @@ use bpo::train::{ModelSetup, ScheduleKind};
 use bpo::vision::AspectMode;
 use serde_json::Value;
 
-use crate::cli::{bpo, fails_with};
-use crate::model::fixture;
+use crate::util::{bpo, fails_with, fixture, s};
 
 fn trl_reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("dpo/trl-reference.json")).unwrap()).unwrap()
@@ -385,10 +384,6 @@ fn a_pair_with_a_missing_image_is_reported_skipped_and_counted() {
     assert_eq!((report.data.read, report.data.kept, report.data.missing_images.len()), (3, 2, 1));
     assert!(said.iter().any(|m| m.contains("gone") && m.contains("no-such-image.png")), "{said:?}");
     assert!(said.iter().any(|m| m.contains("1 pairs were skipped")), "counted at the end: {said:?}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a l
 mod bootstrap_model; // weaken + local inject on the tiny checkpoint: end to end, kill/resume, shards, contrast decoding
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache
+mod engine; // the generation engine: batched = one at a time (greedy, sampled), budgets, policies; generate --questions
 mod eval; // POPE and CHAIR scoring through the binary, bad files
 mod faults_input; // hostile input: garbage/hanging servers, image bombs, impossible configs, BOMs, fuzzed readers
 mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable folders, locks, kill -9 and resume

@@ -12,6 +12,7 @@ use super::config::LlamaConfig;
 use super::linear::{DropoutSeed, Linear, Pass};
 use super::ops::{self, Kernels};
 use super::runtime::Runtime;
+use super::slots::{self, SlotCache, SlotLayer, StepLayout};
 
 /// Per-layer key/value cache for incremental decoding (preallocated, appended in place: no copy per token).
 pub struct Cache {
@@ -46,6 +47,8 @@ enum Kv<'a> {
     Record(&'a mut Vec<(Tensor, Tensor)>),
     /// Prepend prefix row `rows[r]` to row r.
     Prefix(&'a (Tensor, Tensor), &'a Tensor),
+    /// A packed step of the generation engine: each sequence's keys and values in its slot (see [`super::slots`]).
+    Slots(&'a mut SlotLayer, &'a StepLayout),
 }
 
 /// Inverse frequencies of the rotary embedding, with the checkpoint's scaling applied.
@@ -160,6 +163,9 @@ impl Attention {
         let q = ops::rope(kernels, &q, cos, sin)?;
         let k = ops::rope(kernels, &k, cos, sin)?.contiguous()?;
         let (k, v) = match kv {
+            Kv::Slots(layer, step) => {
+                return self.o_proj.forward(&slots::attend(&q, &k, &v, layer, step, kernels)?, pass)
+            }
             Kv::Cache(Some(c)) => c.append(&k, &v)?,
             Kv::Cache(None) => (k, v),
             Kv::Record(out) => {
@@ -336,6 +342,26 @@ impl Llama {
             candle_core::bail!("prefix has {} layers, the model {}", prefix.layers.len(), self.layers.len());
         }
         self.run(embeds, positions, mask, pass, prefix.layers.iter().map(|l| Kv::Prefix(l, rows)).collect())
+    }
+
+    /// Final-norm hidden states (1, tokens, hidden) of a packed step of the generation engine: `embeds` (1, tokens,
+    /// hidden) are the new tokens of the sequences `step` lays out, at `positions` (1, tokens); each attends to its
+    /// own keys in `cache`, where the step's keys and values are written (see [`super::slots`]).
+    pub fn forward_slots(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        cache: &mut SlotCache,
+        step: &StepLayout,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            candle_core::bail!("slot cache has {} layers, the model {}", cache.layers.len(), self.layers.len());
+        }
+        let kv = cache.layers.iter_mut().map(|l| Kv::Slots(l, step)).collect();
+        // Slot attention masks by sequence itself: the additive mask argument is not read.
+        let unused = Tensor::zeros((), self.dtype, embeds.device())?;
+        self.run(embeds, positions, &unused, pass, kv)
     }
 
     /// The decoder stack, layer `i` taking its extra keys and values from `kv[i]`.

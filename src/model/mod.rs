@@ -5,6 +5,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod cpu_decode;
 pub mod fused;
 pub mod init;
 pub mod linear;
@@ -14,6 +15,7 @@ pub mod load;
 pub mod lora;
 pub mod ops;
 pub mod runtime;
+pub mod slots;
 pub mod vlm;
 
 pub use config::{LlamaConfig, LlavaConfig, ModelConfig};
@@ -22,4 +24,5 @@ pub use llama::{Cache, Llama};
 pub use llava::{Inputs, Model};
 pub use load::{load, LoadOptions};
 pub use runtime::{set_cpu_threads, Kernels, Runtime};
+pub use slots::{SlotCache, StepLayout};
 pub use vlm::Vlm;

@@ -11,7 +11,7 @@ use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::report::Scores;
 use bpo::eval::suite::{self, SuiteConfig, SuiteInfo};
 use bpo::eval::{inputs, mmhal, mmvet, pope, Answer};
-use bpo::generate::SamplingParams;
+use bpo::generate::{EngineOptions, SamplingParams};
 use bpo::model::Vlm;
 
 use super::judged::{self, JudgeArgs, JudgedGenArgs, LlavaFiles};
@@ -57,8 +57,10 @@ fn answers(dir: &Path, make: impl FnOnce() -> anyhow::Result<Vec<Answer>>) -> an
     Ok(answers)
 }
 
-fn gen(images: &Option<PathBuf>, batch_size: usize, max_new_tokens: Option<usize>) -> JudgedGenArgs {
-    JudgedGenArgs { images: images.clone(), batch_size, max_new_tokens: max_new_tokens.unwrap_or(1024) }
+fn gen(images: &Option<PathBuf>, batch: &EngineOptions, max_new_tokens: Option<usize>) -> JudgedGenArgs {
+    let batch =
+        crate::cli::generate::BatchArgs { batch_size: batch.max_rows, max_batch_tokens: batch.max_batch_tokens };
+    JudgedGenArgs { images: images.clone(), batch, max_new_tokens: max_new_tokens.unwrap_or(1024) }
 }
 
 pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
@@ -87,11 +89,11 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
         Some(j) if judged => bpo::eval::judge::check_reachable(&j.url, std::time::Duration::from_secs(10))?,
         _ => {}
     }
-    let batch = cfg.batch_size.unwrap_or(8);
+    let batch = EngineOptions::rows(cfg.batch_size.unwrap_or(8), None);
     let mut model = Lazy { args: &a.model, vlm: None };
     for name in suite::BENCHMARKS {
         let dir = a.out.join(name);
-        let ran = run_one(name, &cfg, &mut model, batch, &dir)?;
+        let ran = run_one(name, &cfg, &mut model, &batch, &dir)?;
         if ran && !info.benchmarks.iter().any(|b| b == name) {
             info.benchmarks.push(name.to_string());
         }
@@ -104,7 +106,7 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
 }
 
 /// Runs benchmark `name` if the config has it (and a judge where it needs one); returns whether it ran.
-fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: usize, dir: &Path) -> anyhow::Result<bool> {
+fn run_one(name: &str, cfg: &SuiteConfig, model: &mut Lazy, batch: &EngineOptions, dir: &Path) -> anyhow::Result<bool> {
     let judge = |model_override: &Option<String>| -> anyhow::Result<Option<bpo::eval::judge::Judge>> {
         let Some(j) = &cfg.judge else { return Ok(None) };
         let args = JudgeArgs {

@@ -13,7 +13,8 @@
 #                    and their ratios
 #   gpu-check.log    this script's output, every step's output, ldd and nvidia-smi
 #   parity.json      `bpo bench parity`'s own report
-#   raw/*.json       each benchmark's own JSON (also embedded in gpu-check.json)
+#   raw/*.json       each benchmark's own JSON (also embedded in gpu-check.json): bpo-train, torch-train,
+#                    bpo-generate, torch-generate, bpo-mixed
 #
 # Exit status: 0 parity passed; 1 a parity check failed; 2 parity could not run (no binary, no subcommand, an error
 # before any check, time-out).
@@ -36,6 +37,7 @@
 #   torch train baseline                           100 s
 #   bpo bench generate    (7B, batch 1 8 32)       120 s
 #   torch generate baseline                         90 s
+#   bpo bench generate --workload mixed (7B, 96 requests, batch 8: continuous and static)   90 s
 #   merge                                           ~2 s
 set -uo pipefail
 
@@ -233,7 +235,7 @@ PY
     fi
 
     # --- what the benches accept ------------------------------------------------------------------------------
-    local size_args=() train=() gen=() steps=3 repeats=2
+    local size_args=() train=() gen=() mixed=() steps=3 repeats=2
     [ "$dry_run" = 1 ] && steps=5 repeats=3
     if [ -n "$BPO" ]; then
         if has_flag "bench train" --preset; then
@@ -269,6 +271,13 @@ PY
         add gen "bench generate" --greedy-only # the baseline is greedy
         add gen "bench generate" --peak-gbs "$PEAK_GBS"
         add gen "bench generate" --json "$OUT/raw/bpo-generate.json"
+        # The engine's continuous batching against static batching on bootstrapping's mix (issue 24).
+        if has_flag "bench generate" --workload; then
+            mixed=("${size_args[@]}" --workload mixed --device "$device" --dtype "$dtype" --batch 8 --requests 96)
+            mixed+=(--json "$OUT/raw/bpo-mixed.json")
+        else
+            note "this binary has no \`bench generate --workload\`: the mixed workload is not run"
+        fi
         # One config for both baselines: `bench train --write-config` writes the same Size::config() as
         # `bench generate --write-config`, and exits at once (the latter goes on to run the benchmark).
         "$BPO" bench train "${size_args[@]}" --write-config "$WORK/model-config.json" >/dev/null ||
@@ -304,6 +313,11 @@ PY
         run_step bpo-generate 120 "$BPO" bench generate "${gen[@]}"
     else
         record bpo-generate skipped "" "" "" "" "" "no usable binary or preset"
+    fi
+    if [ ${#mixed[@]} -gt 0 ]; then
+        run_step bpo-mixed 90 "$BPO" bench generate "${mixed[@]}"
+    else
+        record bpo-mixed skipped "" "" "" "" "" "no usable binary, preset or --workload"
     fi
     if [ "$torch_ok" = 1 ] && [ -f "$WORK/model-config.json" ]; then
         run_step torch-generate 90 env PYTHONUNBUFFERED=1 "$PYTHON" scripts/bench_torch.py \
@@ -495,6 +509,16 @@ for batch in sorted(set(brows) | set(trows)):
 generate = {"by_batch": by_batch, "nvidia_smi_peak_mib": pair(smi("bpo-generate"), smi("torch-generate")),
             "weight_bytes_per_decoded_token": weight_bytes, "peak_gbs": peak_gbs, "bpo": bg, "torch": tg}
 
+# --- mixed workload: continuous against static batching, one bpo run ------------------------------------------
+bm = load(os.path.join(out, "raw", "bpo-mixed.json"))
+mixed_by = {r.get("policy"): r for r in flat_rows(bm)}
+cont, stat = mixed_by.get("continuous", {}), mixed_by.get("static", {})
+mixed = {key: {"continuous": cont.get(key), "static": stat.get(key)}
+         for key in ("new_tok_s", "requests_per_s", "ttft_mean_s", "ttft_p90_s", "wasted_share", "occupancy")}
+mixed["continuous_over_static_tok_s"] = ratio(cont.get("new_tok_s"), stat.get("new_tok_s"))
+mixed["nvidia_smi_peak_mib"] = smi("bpo-mixed")
+mixed["bpo"] = bm
+
 # --- issue 11's GPU goals (goals, not gates) ----------------------------------------------------------------------
 b1 = next((r for r in by_batch if r["batch"] == 1), None)
 train_mem = b.get("peak_memory_bytes") or (smi("bpo-train") * 1048576 if smi("bpo-train") else None)
@@ -527,6 +551,7 @@ res = {
         "train_nvidia_smi_peak_mib": train["nvidia_smi_peak_mib"],
         "decode_tok_s": {r["batch"]: r["decode_tok_s"] for r in by_batch},
         "prefill_tok_s": {r["batch"]: r["prefill_tok_s"] for r in by_batch},
+        "mixed_continuous_over_static_tok_s": mixed["continuous_over_static_tok_s"],
         "goals": goals,
     },
     "host": socket.gethostname(), "platform": platform.platform(),
@@ -542,6 +567,7 @@ res = {
     "parity": {"pass": parity_pass, "failed_checks": failed_checks, "report": report},
     "train": train,
     "generate": generate,
+    "mixed": mixed,
 }
 with open(os.path.join(out, "gpu-check.json"), "w") as fh:
     json.dump(res, fh, indent=1)

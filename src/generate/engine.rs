@@ -342,6 +342,8 @@ impl<'a> Engine<'a> {
         if self.opts.policy == Policy::Static && !self.running.is_empty() {
             return Ok(());
         }
+        // The cache grows once for everything admitted now (by half again at least, so that it rarely grows).
+        let mut end = 0;
         while let Some(w) = self.waiting.front() {
             let (rows, reserve) = (w.req.rows(), w.req.reserve());
             if self.running_rows() + rows > self.opts.max_rows {
@@ -358,17 +360,13 @@ impl<'a> Engine<'a> {
                 starts.into_iter().for_each(|s| self.free.give(s, reserve));
                 break;
             }
-            let end = starts.iter().map(|s| s + reserve).max().unwrap_or(0);
-            if end > self.cache.rows() {
-                let grown = end.max(self.cache.rows() * 3 / 2).min(self.budget);
-                self.cache.grow(grown)?;
-                self.stats.cache_rows = grown;
-            }
+            end = end.max(starts.iter().map(|s| s + reserve).max().unwrap_or(0));
             let Some(Waiting { id, req, added }) = self.waiting.pop_front() else { break };
-            let mut embeds = vec![self.model.prompt_embeds(&req.ids, req.image.as_ref(), self.pass)?];
-            if let Some(c) = &req.contrast {
-                embeds.push(self.model.prompt_embeds(&req.ids, Some(c), self.pass)?);
-            }
+            let (model, pass) = (self.model, self.pass);
+            let images = std::iter::once(req.image.as_ref()).chain(req.contrast.as_ref().map(Some));
+            let embeds = cpu_decode::run(model.rt.kernels == Kernels::Fused, || {
+                images.map(|image| model.prompt_embeds(&req.ids, image, pass)).collect::<Result<Vec<_>>>()
+            })?;
             self.running.push(Running {
                 id,
                 starts,
@@ -385,6 +383,11 @@ impl<'a> Engine<'a> {
                 first_token: None,
                 done: false,
             });
+        }
+        if end > self.cache.rows() {
+            let grown = end.max(self.cache.rows() * 3 / 2).min(self.budget);
+            self.cache.grow(grown)?;
+            self.stats.cache_rows = grown;
         }
         Ok(())
     }
@@ -440,40 +443,10 @@ impl<'a> Engine<'a> {
     /// The forward pass of `plan`: each sampler's logits as f32 rows on the host or, for an all-greedy step off
     /// the CPU, the chosen ids (argmax on the device, the image placeholder excluded).
     fn forward(&mut self, plan: &Plan) -> Result<Picked> {
-        let (model, dev) = (self.model, &self.model.rt.device);
-        let _kernels = (model.rt.kernels == Kernels::Fused).then(cpu_decode::scope);
-        let mut pieces = Vec::with_capacity(plan.prefill.len() + 1);
-        if !plan.decode_ids.is_empty() {
-            let ids = Tensor::from_slice(&plan.decode_ids, (1, plan.decode_ids.len()), dev)?;
-            pieces.push(model.llm.embed(&ids)?.squeeze(0)?);
-        }
-        pieces.extend(plan.prefill.iter().cloned());
-        let n = plan.tokens();
-        let embeds = Tensor::cat(&pieces, 0)?.unsqueeze(0)?;
-        let positions = Tensor::from_slice(&plan.positions, (1, n), dev)?;
-        let layout = StepLayout::new(plan.spans.clone(), model.rt.kernels, model.rt.dtype, dev)?;
-        let hidden = model.llm.forward_slots(&embeds, &positions, &mut self.cache, &layout, self.pass)?;
-        let rows: Vec<u32> = plan.samplers.iter().flat_map(|(_, t)| t.iter().map(|&t| t as u32)).collect();
-        if rows.is_empty() {
-            return Ok(Picked::Logits(Vec::new()));
-        }
-        let count = rows.len();
-        let last = hidden.squeeze(0)?.index_select(&Tensor::from_vec(rows, count, dev)?, 0)?;
-        let logits = model.llm.logits(&last, self.pass)?.to_dtype(DType::F32)?;
-        let greedy = plan.samplers.iter().all(|(ri, t)| t.len() == 1 && self.running[*ri].params.temperature <= 0.0);
-        if greedy && !dev.is_cpu() {
-            let vocab = model.llm.cfg.vocab_size;
-            let logits = match model.image_token().map(|t| t as usize).filter(|&t| t < vocab) {
-                Some(t) => {
-                    let mut mask = vec![0f32; vocab];
-                    mask[t] = f32::NEG_INFINITY;
-                    logits.broadcast_add(&Tensor::from_vec(mask, (1, vocab), dev)?)?
-                }
-                None => logits,
-            };
-            return Ok(Picked::Ids(logits.argmax(D::Minus1)?.to_vec1()?));
-        }
-        Ok(Picked::Logits(logits.to_vec2()?))
+        let device_pick = !self.model.rt.device.is_cpu()
+            && plan.samplers.iter().all(|(ri, t)| t.len() == 1 && self.running[*ri].params.temperature <= 0.0);
+        let (model, cache, pass) = (self.model, &mut self.cache, self.pass);
+        cpu_decode::run(model.rt.kernels == Kernels::Fused, || forward(model, cache, plan, pass, device_pick))
     }
 
     /// Samples the next token of every request of `plan` that has logits, and retires the finished ones.
@@ -560,6 +533,42 @@ enum Picked {
     Logits(Vec<Vec<f32>>),
     /// Per sampling request, the greedy choice made on the device.
     Ids(Vec<u32>),
+}
+
+/// See [`Engine::forward`].
+fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device_pick: bool) -> Result<Picked> {
+    let dev = &model.rt.device;
+    let mut pieces = Vec::with_capacity(plan.prefill.len() + 1);
+    if !plan.decode_ids.is_empty() {
+        let ids = Tensor::from_slice(&plan.decode_ids, (1, plan.decode_ids.len()), dev)?;
+        pieces.push(model.llm.embed(&ids)?.squeeze(0)?);
+    }
+    pieces.extend(plan.prefill.iter().cloned());
+    let n = plan.tokens();
+    let embeds = Tensor::cat(&pieces, 0)?.unsqueeze(0)?;
+    let positions = Tensor::from_slice(&plan.positions, (1, n), dev)?;
+    let layout = StepLayout::new(plan.spans.clone(), model.rt.kernels, model.rt.dtype, dev)?;
+    let hidden = model.llm.forward_slots(&embeds, &positions, cache, &layout, pass)?;
+    let rows: Vec<u32> = plan.samplers.iter().flat_map(|(_, t)| t.iter().map(|&t| t as u32)).collect();
+    if rows.is_empty() {
+        return Ok(Picked::Logits(Vec::new()));
+    }
+    let count = rows.len();
+    let last = hidden.squeeze(0)?.index_select(&Tensor::from_vec(rows, count, dev)?, 0)?;
+    let logits = model.llm.logits(&last, pass)?.to_dtype(DType::F32)?;
+    if device_pick {
+        let vocab = model.llm.cfg.vocab_size;
+        let logits = match model.image_token().map(|t| t as usize).filter(|&t| t < vocab) {
+            Some(t) => {
+                let mut mask = vec![0f32; vocab];
+                mask[t] = f32::NEG_INFINITY;
+                logits.broadcast_add(&Tensor::from_vec(mask, (1, vocab), dev)?)?
+            }
+            None => logits,
+        };
+        return Ok(Picked::Ids(logits.argmax(D::Minus1)?.to_vec1()?));
+    }
+    Ok(Picked::Logits(logits.to_vec2()?))
 }
 
 /// Free cache rows: ranges sorted by start, merged when adjacent; first fit.

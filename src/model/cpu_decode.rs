@@ -10,7 +10,7 @@
 //!   draws the same tokens whatever shares its steps, bit for bit. (candle's gemm blocks its sums by problem size.)
 //! - **No allocation per call** beyond the output tensor: attention's scratch rows live in the threads.
 //!
-//! The engine turns them on for its forward passes with [`scope`]: [`super::ops::FrozenMatmul`] asks
+//! The engine turns them on for its forward passes with [`run`] (or [`scope`]): [`super::ops::FrozenMatmul`] asks
 //! [`frozen_matmul`] first, which answers only inside a scope. Instructions: AVX-512 or AVX2+FMA when the CPU has
 //! them (chosen once per process), else plain f32.
 
@@ -28,6 +28,23 @@ thread_local! {
 /// While the returned guard lives, frozen f32 linear layers run on this thread go through [`matmul`].
 pub fn scope() -> Scope {
     Scope { was: ACTIVE.with(|a| a.replace(true)) }
+}
+
+/// Runs `f` with these kernels on (when `enable`): on a thread of the pool, so that the many small parallel
+/// products of a step hand work to the other threads cheaply (a caller outside the pool would wake a worker and wait
+/// for it at every one: about 20 us each, a fifth of a small model's decode step).
+pub fn run<R: Send>(enable: bool, f: impl FnOnce() -> R + Send) -> R {
+    if !enable {
+        return f();
+    }
+    let on = move || {
+        let _on = scope();
+        f()
+    };
+    if rayon::current_thread_index().is_some() {
+        return on();
+    }
+    rayon::join(on, || ()).0
 }
 
 /// See [`scope`].
@@ -76,11 +93,11 @@ pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize)
     if m == 0 || n == 0 {
         return;
     }
-    let (xp, wp, yp) = (Ptr(x.as_ptr() as *mut f32), Ptr(w.as_ptr() as *mut f32), Ptr(y.as_mut_ptr()));
+    let op = Operands { x: x.as_ptr(), ldx: k, w: w.as_ptr(), ldw: k, y: y.as_mut_ptr(), ldy: n, m, k };
     let run = move |cols: std::ops::Range<usize>| {
         // SAFETY: the slices hold (m, k), (n, k) and (m, n) elements (asserted above); every task writes the
         // columns `cols` of y only, and the ranges are disjoint.
-        unsafe { level().products(xp.get(), wp.get(), yp.get(), m, k, n, cols) }
+        unsafe { level().products(op, cols) }
     };
     let tasks = tasks_for(m * n * k, n.div_ceil(NR));
     if tasks <= 1 {
@@ -89,6 +106,23 @@ pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize)
     let per = n.div_ceil(tasks).next_multiple_of(NR);
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| run(t * per..((t + 1) * per).min(n)));
 }
+
+/// The operands of `y = x @ w^T` with row strides: `x` (m, k), `w` (any rows, k), `y` (m, those rows). Shared by
+/// the tasks of one call, which write disjoint columns of `y`.
+#[derive(Clone, Copy)]
+struct Operands {
+    x: *const f32,
+    ldx: usize,
+    w: *const f32,
+    ldw: usize,
+    y: *mut f32,
+    ldy: usize,
+    m: usize,
+    k: usize,
+}
+// SAFETY: used only within one `matmul` / `attention` call, whose tasks write disjoint outputs.
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
 
 /// One sequence's part of a packed attention step: its new tokens sit at `token..token + len` of the step, its
 /// keys and values at cache rows `start..start + past + len` (position p at row `start + p`).
@@ -124,27 +158,23 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], seqs: &[SeqSpan], h: Heads, sc
         );
     }
     // Tasks: (sequence, head, block of up to 16 queries).
-    const QB: usize = 16;
     let tasks: Vec<(usize, usize, usize)> = seqs
         .iter()
         .enumerate()
         .flat_map(|(si, s)| (0..h.heads).flat_map(move |hd| (0..s.len.div_ceil(QB)).map(move |b| (si, hd, b * QB))))
         .collect();
-    let (qp, kp, vp, op) =
-        (Ptr(q.as_ptr() as *mut f32), Ptr(k.as_ptr() as *mut f32), Ptr(v.as_ptr() as *mut f32), Ptr(out.as_mut_ptr()));
+    let at = Attend { q: q.as_ptr(), k: k.as_ptr(), v: v.as_ptr(), out: out.as_mut_ptr(), h, scale };
     let run = move |&(si, head, first): &(usize, usize, usize)| {
         let s = seqs[si];
-        let lvl = level();
+        let count = QB.min(s.len - first);
         SCORES.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let need = s.past + s.len + h.head_dim;
+            let need = count * (s.past + first + count + h.head_dim);
             if scratch.len() < need {
                 scratch.resize(need, 0.0);
             }
-            for i in first..(first + QB).min(s.len) {
-                // SAFETY: bounds asserted above; each (token, head) output slice belongs to one task.
-                unsafe { lvl.attend_one(qp.get(), kp.get(), vp.get(), op.get(), &s, i, head, h, scale, &mut scratch) };
-            }
+            // SAFETY: bounds asserted above; each (token, head) output slice belongs to one task.
+            unsafe { level().attend(at, &s, first, count, head, &mut scratch) };
         });
     };
     let work: usize = seqs.iter().map(|s| s.len * (s.past + s.len)).sum::<usize>() * h.heads * h.head_dim;
@@ -155,27 +185,31 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], seqs: &[SeqSpan], h: Heads, sc
     }
 }
 
-/// A raw pointer shared by the tasks of one call (each writes a disjoint part).
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: used only within one `matmul` / `attention` call, whose tasks touch disjoint outputs.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
+/// Queries per attention task: their scores against the keys are one tiled product.
+const QB: usize = 16;
 
-impl Ptr {
-    /// The pointer (a method, so that closures capture the whole `Ptr`, which is `Send`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
+/// The operands of one [`attention`] call, shared by its tasks (each writes its own (token, head) outputs).
+#[derive(Clone, Copy)]
+struct Attend {
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    h: Heads,
+    scale: f32,
 }
+// SAFETY: see [`Attend`].
+unsafe impl Send for Attend {}
+unsafe impl Sync for Attend {}
 
 /// How many tasks `work` multiply-adds deserve: one below about 64k (the thread hand-off costs more), else
 /// four per thread, at most `units`.
 fn tasks_for(work: usize, units: usize) -> usize {
-    if work < 1 << 16 {
+    let threads = rayon::current_num_threads();
+    if work < 1 << 16 || threads == 1 {
         return 1;
     }
-    (4 * rayon::current_num_threads()).min(units).max(1)
+    (4 * threads).min(units).max(1)
 }
 
 /// Weight rows per tile (the output features computed together).
@@ -208,54 +242,31 @@ fn level() -> Level {
 }
 
 impl Level {
-    /// Columns `cols` of `y = x @ w^T` (see [`matmul`]).
+    /// Columns `cols` of `op.y = op.x @ op.w^T`.
     ///
     /// # Safety
-    /// The pointers must hold (m, k), (n, k) and (m, n) f32 elements; `cols` within 0..n.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn products(
-        self,
-        x: *const f32,
-        w: *const f32,
-        y: *mut f32,
-        m: usize,
-        k: usize,
-        n: usize,
-        cols: std::ops::Range<usize>,
-    ) {
+    /// The operands must hold what their shapes and strides address; `cols` rows of `w` exist.
+    unsafe fn products(self, op: Operands, cols: std::ops::Range<usize>) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => simd::products_avx512(x, w, y, m, k, n, cols),
+            Level::Avx512 => simd::products_avx512(op, cols),
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => simd::products_avx2(x, w, y, m, k, n, cols),
-            _ => products::<Plain>(x, w, y, m, k, n, cols),
+            Level::Avx2 => simd::products_avx2(op, cols),
+            _ => products::<Plain>(op, cols),
         }
     }
 
-    /// One query's attention (see [`attention`]).
+    /// Queries `first..first + count` of `s` for one head (see [`attention`]).
     ///
     /// # Safety
-    /// As [`attention`] asserts.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn attend_one(
-        self,
-        q: *const f32,
-        k: *const f32,
-        v: *const f32,
-        out: *mut f32,
-        s: &SeqSpan,
-        i: usize,
-        head: usize,
-        h: Heads,
-        scale: f32,
-        scratch: &mut [f32],
-    ) {
+    /// As [`attention`] asserts; `scratch` holds `count * (past + first + count + head_dim)`.
+    unsafe fn attend(self, at: Attend, s: &SeqSpan, first: usize, count: usize, head: usize, scratch: &mut [f32]) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => simd::attend_avx512(q, k, v, out, s, i, head, h, scale, scratch),
+            Level::Avx512 => simd::attend_avx512(at, s, first, count, head, scratch),
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => simd::attend_avx2(q, k, v, out, s, i, head, h, scale, scratch),
-            _ => attend_one::<Plain>(q, k, v, out, s, i, head, h, scale, scratch),
+            Level::Avx2 => simd::attend_avx2(at, s, first, count, head, scratch),
+            _ => attend_block::<Plain>(at, s, first, count, head, scratch),
         }
     }
 }
@@ -269,8 +280,12 @@ trait Lanes: Copy {
     unsafe fn store(self, p: *mut f32);
     /// `a * b + self`.
     unsafe fn fma(self, a: Self, b: Self) -> Self;
-    /// The lanes' sum, in a fixed order.
+    /// The lanes' sum, by a fixed tree.
     unsafe fn sum(self) -> f32;
+    /// `[a.sum(), b.sum(), c.sum(), d.sum()]`, the same bits, with shuffles shared between the four.
+    unsafe fn sum4(a: Self, b: Self, c: Self, d: Self) -> [f32; 4] {
+        [a.sum(), b.sum(), c.sum(), d.sum()]
+    }
 }
 
 /// One lane, no SIMD: the fallback on CPUs without AVX2 (and off x86).
@@ -303,16 +318,8 @@ impl Lanes for Plain {
 /// their part of `x` in the core's cache while the block's weight rows pass. Every element is [`dot`]'s sum
 /// whatever the tile.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn products<L: Lanes>(
-    x: *const f32,
-    w: *const f32,
-    y: *mut f32,
-    m: usize,
-    k: usize,
-    n: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn products<L: Lanes>(op: Operands, cols: std::ops::Range<usize>) {
+    let (m, k) = (op.m, op.k);
     let block = ((256 << 10) / (4 * k.max(1))).max(MR) / MR * MR;
     for r0 in (0..m).step_by(block) {
         let r1 = (r0 + block).min(m);
@@ -322,16 +329,17 @@ unsafe fn products<L: Lanes>(
             let mut r = r0;
             while r < r1 {
                 let mr = MR.min(r1 - r);
-                let (xr, wc, yo) = (x.add(r * k), w.add(c * k), y.add(r * n + c));
+                let at =
+                    Operands { x: op.x.add(r * op.ldx), w: op.w.add(c * op.ldw), y: op.y.add(r * op.ldy + c), ..op };
                 match (mr, nr) {
-                    (4, 4) => tile::<L, 4, 4>(xr, wc, yo, k, n),
-                    (3, 4) => tile::<L, 3, 4>(xr, wc, yo, k, n),
-                    (2, 4) => tile::<L, 2, 4>(xr, wc, yo, k, n),
-                    (1, 4) => tile::<L, 1, 4>(xr, wc, yo, k, n),
+                    (4, NR) => tile::<L, 4>(at),
+                    (3, NR) => tile::<L, 3>(at),
+                    (2, NR) => tile::<L, 2>(at),
+                    (1, NR) => tile::<L, 1>(at),
                     (mr, nr) => {
                         for i in 0..mr {
                             for j in 0..nr {
-                                *yo.add(i * n + j) = dot::<L>(xr.add(i * k), wc.add(j * k), k);
+                                *at.y.add(i * op.ldy + j) = dot::<L>(at.x.add(i * op.ldx), at.w.add(j * op.ldw), k);
                             }
                         }
                     }
@@ -343,34 +351,30 @@ unsafe fn products<L: Lanes>(
     }
 }
 
-/// An `R x C` tile: `y[i][j] = dot(x row i, w row j)`, the same sums as [`dot`] computes one at a time.
+/// An `R x NR` tile at the operands' origin: `y[i][j] = dot(x row i, w row j)`, the same sums as [`dot`] computes
+/// one at a time.
 #[inline(always)]
-unsafe fn tile<L: Lanes, const R: usize, const C: usize>(
-    x: *const f32,
-    w: *const f32,
-    y: *mut f32,
-    k: usize,
-    n: usize,
-) {
-    let mut acc = [[L::zero(); C]; R];
+unsafe fn tile<L: Lanes, const R: usize>(op: Operands) {
+    let k = op.k;
+    let mut acc = [[L::zero(); NR]; R];
     let full = k / L::N * L::N;
     let mut p = 0;
     while p < full {
-        let mut wv = [L::zero(); C];
+        let mut wv = [L::zero(); NR];
         for (j, wj) in wv.iter_mut().enumerate() {
-            *wj = L::load(w.add(j * k + p));
+            *wj = L::load(op.w.add(j * op.ldw + p));
         }
         for (i, row) in acc.iter_mut().enumerate() {
-            let xv = L::load(x.add(i * k + p));
+            let xv = L::load(op.x.add(i * op.ldx + p));
             for (a, wj) in row.iter_mut().zip(wv) {
                 *a = a.fma(xv, wj);
             }
         }
         p += L::N;
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, a) in row.iter().enumerate() {
-            *y.add(i * n + j) = finish(a.sum(), x.add(i * k), w.add(j * k), full, k);
+    for (i, [a, b, c, d]) in acc.into_iter().enumerate() {
+        for (j, lanes) in L::sum4(a, b, c, d).into_iter().enumerate() {
+            *op.y.add(i * op.ldy + j) = finish(lanes, op.x.add(i * op.ldx), op.w.add(j * op.ldw), full, k);
         }
     }
 }
@@ -398,56 +402,68 @@ unsafe fn finish(mut sum: f32, a: *const f32, b: *const f32, from: usize, k: usi
     sum
 }
 
-/// Query `i` of sequence `s`, head `head` (see [`attention`]). `scratch` holds at least `past + len + head_dim`.
+/// Queries `first..first + count` of sequence `s`, head `head` (see [`attention`]): their scores against the keys
+/// the last of them sees as one tiled product (each query then reads only its own causal part), a softmax per
+/// query, and the weighted sum of values per query in position order. Every output is the same sum whichever block
+/// its query falls in.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_one<L: Lanes>(
-    q: *const f32,
-    k: *const f32,
-    v: *const f32,
-    out: *mut f32,
+unsafe fn attend_block<L: Lanes>(
+    at: Attend,
     s: &SeqSpan,
-    i: usize,
+    first: usize,
+    count: usize,
     head: usize,
-    h: Heads,
-    scale: f32,
     scratch: &mut [f32],
 ) {
-    let d = h.head_dim;
-    let group = head / (h.heads / h.kv_heads);
-    let qv = q.add((head * h.tokens + s.token + i) * d);
-    let keys = s.past + i + 1;
-    let row = |p: usize| (s.start + p) * h.kv_heads * d + group * d;
-    let (scores, acc) = scratch.split_at_mut(scratch.len() - d);
-    let mut max = f32::NEG_INFINITY;
-    for (p, sc) in scores[..keys].iter_mut().enumerate() {
-        *sc = dot::<L>(qv, k.add(row(p)), d) * scale;
-        max = max.max(*sc);
-    }
-    let mut total = 0f32;
-    for sc in &mut scores[..keys] {
-        *sc = (*sc - max).exp();
-        total += *sc;
-    }
-    let acc = &mut acc[..d];
-    acc.fill(0.0);
+    let (h, d) = (at.h, at.h.head_dim);
+    let stride = h.kv_heads * d;
+    let group = (head / (h.heads / h.kv_heads)) * d;
+    let keys = s.past + first + count;
+    let (scores, acc) = scratch.split_at_mut(count * keys);
+    let op = Operands {
+        x: at.q.add((head * h.tokens + s.token + first) * d),
+        ldx: d,
+        w: at.k.add(s.start * stride + group),
+        ldw: stride,
+        y: scores.as_mut_ptr(),
+        ldy: keys,
+        m: count,
+        k: d,
+    };
+    products::<L>(op, 0..keys);
     let full = d / L::N * L::N;
-    for (p, &e) in scores[..keys].iter().enumerate() {
-        let vr = v.add(row(p));
-        let ev = L::splat(e);
-        let mut c = 0;
-        while c < full {
-            L::load(acc.as_ptr().add(c)).fma(ev, L::load(vr.add(c))).store(acc.as_mut_ptr().add(c));
-            c += L::N;
+    for i in 0..count {
+        let seen = s.past + first + i + 1;
+        let row = &mut scores[i * keys..i * keys + seen];
+        let mut max = f32::NEG_INFINITY;
+        for sc in row.iter_mut() {
+            *sc *= at.scale;
+            max = max.max(*sc);
         }
-        for c in full..d {
-            acc[c] += e * *vr.add(c);
+        let mut total = 0f32;
+        for sc in row.iter_mut() {
+            *sc = (*sc - max).exp();
+            total += *sc;
         }
-    }
-    let o = out.add((s.token + i) * h.heads * d + head * d);
-    let inv = 1.0 / total;
-    for (c, a) in acc.iter().enumerate() {
-        *o.add(c) = a * inv;
+        let acc = &mut acc[..d];
+        acc.fill(0.0);
+        for (p, &e) in row.iter().enumerate() {
+            let vr = at.v.add((s.start + p) * stride + group);
+            let ev = L::splat(e);
+            let mut c = 0;
+            while c < full {
+                L::load(acc.as_ptr().add(c)).fma(ev, L::load(vr.add(c))).store(acc.as_mut_ptr().add(c));
+                c += L::N;
+            }
+            for c in full..d {
+                acc[c] += e * *vr.add(c);
+            }
+        }
+        let o = at.out.add((s.token + first + i) * h.heads * d + head * d);
+        let inv = 1.0 / total;
+        for (c, a) in acc.iter().enumerate() {
+            *o.add(c) = a * inv;
+        }
     }
 }
 
@@ -457,7 +473,7 @@ mod simd {
     //! bodies inline with them).
     use std::arch::x86_64::*;
 
-    use super::{attend_one, products, Heads, Lanes, SeqSpan};
+    use super::{attend_block, products, Attend, Lanes, Operands, SeqSpan};
 
     #[derive(Clone, Copy)]
     pub(super) struct V16(__m512);
@@ -484,9 +500,31 @@ mod simd {
         unsafe fn fma(self, a: Self, b: Self) -> Self {
             V16(_mm512_fmadd_ps(a.0, b.0, self.0))
         }
+        /// Halves added: 512 to 256 bits, 256 to 128, then lanes (0, 2) and (1, 3), then those two.
         #[inline(always)]
         unsafe fn sum(self) -> f32 {
-            _mm512_reduce_add_ps(self.0)
+            Self::sum4(self, self, self, self)[0]
+        }
+        #[inline(always)]
+        unsafe fn sum4(a: Self, b: Self, c: Self, d: Self) -> [f32; 4] {
+            // [a.lo256 + a.hi256 | b.lo256 + b.hi256], the same for c and d.
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4(a.0, b.0, 0b01_00_01_00),
+                _mm512_shuffle_f32x4(a.0, b.0, 0b11_10_11_10),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4(c.0, d.0, 0b01_00_01_00),
+                _mm512_shuffle_f32x4(c.0, d.0, 0b11_10_11_10),
+            );
+            // [a4 | b4 | c4 | d4]: each 256-bit half folded to 128.
+            let q =
+                _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0b10_00_10_00), _mm512_shuffle_f32x4(ab, cd, 0b11_01_11_01));
+            // In every 128-bit lane: (x0 + x2, x1 + x3), then their sum in element 0.
+            let q = _mm512_add_ps(q, _mm512_permute_ps(q, 0b01_00_11_10));
+            let q = _mm512_add_ps(q, _mm512_permute_ps(q, 0b10_11_00_01));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), q);
+            [out[0], out[4], out[8], out[12]]
         }
     }
 
@@ -515,45 +553,44 @@ mod simd {
         unsafe fn fma(self, a: Self, b: Self) -> Self {
             V8(_mm256_fmadd_ps(a.0, b.0, self.0))
         }
+        /// Halves added: 256 to 128 bits, then lanes (0, 2) and (1, 3), then those two.
         #[inline(always)]
         unsafe fn sum(self) -> f32 {
-            let half = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps(self.0, 1));
-            let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+            Self::sum4(self, self, self, self)[0]
+        }
+        #[inline(always)]
+        unsafe fn sum4(a: Self, b: Self, c: Self, d: Self) -> [f32; 4] {
+            // [a.lo + a.hi | b.lo + b.hi], the same for c and d.
+            let ab = _mm256_add_ps(_mm256_permute2f128_ps(a.0, b.0, 0x20), _mm256_permute2f128_ps(a.0, b.0, 0x31));
+            let cd = _mm256_add_ps(_mm256_permute2f128_ps(c.0, d.0, 0x20), _mm256_permute2f128_ps(c.0, d.0, 0x31));
+            let fold = |v: __m256| {
+                let v = _mm256_add_ps(v, _mm256_permute_ps(v, 0b01_00_11_10));
+                _mm256_add_ps(v, _mm256_permute_ps(v, 0b10_11_00_01))
+            };
+            let (mut x, mut y) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(x.as_mut_ptr(), fold(ab));
+            _mm256_storeu_ps(y.as_mut_ptr(), fold(cd));
+            [x[0], x[4], y[0], y[4]]
         }
     }
 
     macro_rules! entry {
         ($products:ident, $attend:ident, $lanes:ty, $features:literal) => {
             #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments)]
-            pub(super) unsafe fn $products(
-                x: *const f32,
-                w: *const f32,
-                y: *mut f32,
-                m: usize,
-                k: usize,
-                n: usize,
-                cols: std::ops::Range<usize>,
-            ) {
-                products::<$lanes>(x, w, y, m, k, n, cols)
+            pub(super) unsafe fn $products(op: Operands, cols: std::ops::Range<usize>) {
+                products::<$lanes>(op, cols)
             }
 
             #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn $attend(
-                q: *const f32,
-                k: *const f32,
-                v: *const f32,
-                out: *mut f32,
+                at: Attend,
                 s: &SeqSpan,
-                i: usize,
+                first: usize,
+                count: usize,
                 head: usize,
-                h: Heads,
-                scale: f32,
                 scratch: &mut [f32],
             ) {
-                attend_one::<$lanes>(q, k, v, out, s, i, head, h, scale, scratch)
+                attend_block::<$lanes>(at, s, first, count, head, scratch)
             }
         };
     }

@@ -2,8 +2,9 @@
 """PyTorch + peft baseline for `bpo bench train` (dev-only; not run by the tests).
 
 The same DPO step as bpo's benchmark, the way TRL computes it: random-weight LLaVA from the config.json that
-`bpo bench train --size S --write-config FILE` (or `--preset llava-7b --write-config FILE`) writes; --batch-pairs
-pairs (default 4 = 8 rows) of BOS + image positions + 9 prompt tokens + 10 answer tokens; LoRA (peft, default r 8,
+`bpo bench train --size S --write-config FILE` (or `--preset llava-7b --layers N --write-config FILE`) writes;
+--batch-pairs pairs (default 4 = 8 rows) of BOS + image positions + --prompt-tokens (9) prompt tokens +
+--answer-tokens (9) answer tokens + EOS; LoRA (peft, default r 8,
 alpha 2 x r) on the language model's --targets (default q,k,v,o; the paper's recipe is q,k,v,o,gate,up,down);
 policy forward with gradients over the full logits, reference forward with adapters disabled under no_grad (each
 row carries its image, as TRL's collator repeats images for chosen and rejected), sigmoid DPO loss, backward,
@@ -12,13 +13,21 @@ AdamW. Prints the median seconds per step after one warm-up step, tokens/s and p
     pip install torch transformers peft
     bpo bench train --size small --write-config small.json
     python3 scripts/bench_torch_train.py --config small.json --threads 1
+    # 7B widths, 2 decoder layers, rows of 730 positions, with gradient checkpointing, peak memory on the CPU:
+    bpo bench train --preset llava-7b --layers 2 --write-config 7b-2.json
+    python3 scripts/bench_torch_train.py --config 7b-2.json --prompt-tokens 52 --answer-tokens 100 --lora-rank 64 \
+        --targets q,k,v,o,gate,up,down --lora-dropout 0.05 --gradient-checkpointing --threads 2
     python3 scripts/bench_torch_train.py --config llava-7b.json --device cuda --dtype bf16 --lora-rank 64 \
         --targets q,k,v,o,gate,up,down --peak-tflops 989 --json train.json
 
 On CUDA the model is built directly on the GPU in --dtype (torch's default dtype set while the modules are made,
 as `from_pretrained` with a dtype does; peft keeps the LoRA weights in f32, as bpo keeps f32 master copies), each
 step is bracketed by `torch.cuda.synchronize()`, and the peak `torch.cuda.max_memory_allocated()` over the steps
-(the model included) is reported.
+(the model included) is reported. On the CPU, the resident set's peak (VmHWM) over the steps and its growth over
+the resident set after the build, measured as `bpo bench train` measures its own.
+
+--gradient-checkpointing turns on transformers' gradient checkpointing of the language model's decoder layers (the
+vision tower is frozen and runs without a graph), non-reentrant (`use_reentrant=False`), as TRL recommends.
 
 MFU: `model_flops_per_step` is an estimate of the matmul and attention FLOPs the step must do: the policy and
 reference forwards (vision tower, projector and language model with full-vocabulary logits, each row with its image)
@@ -40,6 +49,29 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def status_bytes(field):
+    """A field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss():
+    """Frees what the allocator holds and restarts VmHWM from the current RSS (Linux 4.0+), as bpo's probe does."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def flop_estimate(model, cfg, rows, length, n_img):
@@ -73,6 +105,10 @@ def main():
     ap.add_argument("--targets", nargs="+", default=["q,k,v,o"],
                     help="LoRA targets in the language model: q k v o gate up down (comma- or space-separated)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--prompt-tokens", type=int, default=9, help="prompt tokens after BOS and the image positions")
+    ap.add_argument("--answer-tokens", type=int, default=9, help="answer tokens before the EOS")
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     ap.add_argument("--json", help="write all figures to this file")
     a = ap.parse_args()
@@ -111,13 +147,21 @@ def main():
     if image_token is None:
         image_token = cfg.image_token_index
     pairs = a.batch_pairs
-    rows, prompt_len = [], 1 + n_img + 9
+    rows, prompt_len = [], 1 + n_img + a.prompt_tokens
+    vocab = cfg.text_config.vocab_size
+
+    def word(i):
+        return 5 + i % (vocab - 5)
+
     for side in range(2):
         for p in range(pairs):
-            answer = [100 + 100 * side + p + i for i in range(9)] + [2]
-            rows.append([1] + [image_token] * n_img + [10 + p + i for i in range(9)] + answer)
+            answer = [word(100 + 200 * side + p + i) for i in range(a.answer_tokens)] + [2]
+            rows.append([1] + [image_token] * n_img + [word(10 + p + i) for i in range(a.prompt_tokens)] + answer)
     flops = flop_estimate(model, cfg, len(rows), len(rows[0]), n_img)
-    model = get_peft_model(model, LoraConfig(r=a.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model = get_peft_model(model, LoraConfig(r=a.lora_rank, lora_alpha=alpha, lora_dropout=a.lora_dropout,
                                              target_modules=r".*language_model.*\.(" + "|".join(modules) + ")"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -133,6 +177,9 @@ def main():
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        rss_after_build = status_bytes("VmRSS")
+        reset_peak_rss()
 
     def logps(logits):
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
@@ -162,9 +209,15 @@ def main():
            "model_flops_per_step": flops, "tflops": flops / med / 1e12}
     if a.peak_tflops:
         out["mfu"] = flops / med / (a.peak_tflops * 1e12)
+    out["gradient_checkpointing"] = a.gradient_checkpointing
+    out["lora_dropout"] = a.lora_dropout
     if cuda:
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    else:
+        peak = max(status_bytes("VmHWM"), rss_after_build)
+        out.update({"rss_after_build_bytes": rss_after_build, "peak_rss_bytes": peak,
+                    "peak_rss_growth_bytes": peak - rss_after_build})
     print(json.dumps(out), flush=True)
     if a.json:
         out.update({"tool": "pytorch+peft", "bench": "train", "torch": torch.__version__,

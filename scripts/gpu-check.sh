@@ -13,8 +13,7 @@
 #                    and their ratios
 #   gpu-check.log    this script's output, every step's output, ldd and nvidia-smi
 #   parity.json      `bpo bench parity`'s own report
-#   raw/*.json       each benchmark's own JSON (also embedded in gpu-check.json): bpo-train, torch-train,
-#                    bpo-generate, torch-generate, bpo-mixed
+#   raw/*.json       the main benchmarks' own JSON (also embedded in gpu-check.json, with the smaller steps' JSON)
 #
 # Exit status: 0 parity passed; 1 a parity check failed; 2 parity could not run (no binary, no subcommand, an error
 # before any check, time-out).
@@ -31,13 +30,19 @@
 #
 # Time budget (H200, 7B bf16; the device tool allows 600 s a command): each step runs under `timeout`, capped by
 # what is left of --budget (default 540 s) minus 15 s kept for the merge; a step with under 10 s left is skipped.
+# Steps in order of importance:
 #   setup (gunzip, ldd, nvidia-smi, python probe)  ~15 s
+#   jit-cold, jit-warm    (tiny train step with an empty, then a filled, PTX cache: the JIT cost)    2 x 25 s
 #   parity                                          75 s
-#   bpo bench train       (7B, 4 pairs, r64)       130 s
-#   torch train baseline                           100 s
-#   bpo bench generate    (7B, batch 1 8 32)       120 s
-#   torch generate baseline                         90 s
-#   bpo bench generate --workload mixed (7B, 96 requests, batch 8: continuous and static)   90 s
+#   bpo bench train       (7B full depth, 4 pairs x 730 positions, r64 on every projection, gradient
+#                          checkpointing, LoRA dropout 0.05 and 0)                                  120 s
+#   torch train baseline  (the same, gradient_checkpointing=True, dropout 0.05)                    100 s
+#   bpo bench generate    (7B, batch 1 8 32)        90 s
+#   bpo generate, event tracking on (batch 1; the A/B of cudarc's event tracking, off by default)   40 s
+#   torch generate baseline                         70 s
+#   bpo train memory      (1, 2 and 4 pairs without checkpointing, one step each; one that does not fit
+#                          is recorded and the others run)                                          90 s
+#   bpo bench generate --workload mixed (7B, 96 requests, batch 8: static, then continuous)   90 s
 #   merge                                           ~2 s
 set -uo pipefail
 
@@ -224,6 +229,16 @@ PY
         BPO=
     fi
 
+    # --- the PTX JIT: candle's and bpo's kernels are PTX the driver compiles on first use -------------------------
+    # A tiny training step with an empty cache, then again with the filled cache; every later step uses it.
+    if [ -n "$BPO" ] && [ "$dry_run" = 0 ]; then
+        export CUDA_CACHE_PATH=$WORK/nv-cache
+        run_step jit-cold 25 "$BPO" bench train --size tiny --device "$device" --dtype "$dtype" --steps 1 \
+            --lora-dropout 0.05 --gradient-checkpointing on
+        run_step jit-warm 25 "$BPO" bench train --size tiny --device "$device" --dtype "$dtype" --steps 1 \
+            --lora-dropout 0.05 --gradient-checkpointing on
+    fi
+
     # --- parity -----------------------------------------------------------------------------------------------
     if [ -z "$BPO" ]; then
         record parity missing "" "" "" "" "" "no binary"
@@ -235,7 +250,7 @@ PY
     fi
 
     # --- what the benches accept ------------------------------------------------------------------------------
-    local size_args=() train=() gen=() mixed=() steps=3 repeats=2
+    local size_args=() train=() memory=() gen=() events=() mixed=() steps=3 repeats=2
     [ "$dry_run" = 1 ] && steps=5 repeats=3
     if [ -n "$BPO" ]; then
         if has_flag "bench train" --preset; then
@@ -257,24 +272,38 @@ PY
         train=("${size_args[@]}")
         add train "bench train" --device "$device"
         add train "bench train" --dtype "$dtype"
-        add train "bench train" --steps "$steps"
-        add train "bench train" --pairs 4
+        # Rows of 730 positions (576 of them the image), as LLaVA-1.5's instruction data averages.
+        add train "bench train" --prompt-words 52
+        add train "bench train" --answer-words 100
         add train "bench train" --lora-rank 64
         add train "bench train" --targets q k v o gate up down
         add train "bench train" --peak-tflops "$PEAK_TFLOPS"
+        # Peak memory without checkpointing at 1, 2 and 4 pairs (one step each): what fits without it.
+        memory=("${train[@]}")
+        add memory "bench train" --pairs 1 2 4
+        add memory "bench train" --gradient-checkpointing off
+        add memory "bench train" --steps 1
+        add memory "bench train" --json "$WORK/bpo-train-memory.json"
+        add train "bench train" --pairs 4
+        add train "bench train" --steps "$steps"
+        add train "bench train" --gradient-checkpointing on
+        add train "bench train" --lora-dropout 0.05 0 # the training default first, then without (its cost)
         add train "bench train" --json "$OUT/raw/bpo-train.json"
         gen=("${size_args[@]}")
         add gen "bench generate" --device "$device"
         add gen "bench generate" --dtype "$dtype"
-        add gen "bench generate" --batch 1 8 32
         add gen "bench generate" --repeats "$repeats"
         add gen "bench generate" --greedy-only # the baseline is greedy
         add gen "bench generate" --peak-gbs "$PEAK_GBS"
+        events=("${gen[@]}")
+        add gen "bench generate" --batch 1 8 32
         add gen "bench generate" --json "$OUT/raw/bpo-generate.json"
+        add events "bench generate" --batch 1
+        add events "bench generate" --json "$WORK/bpo-generate-events.json"
         # The engine's continuous batching against static batching on bootstrapping's mix (issue 24).
         if has_flag "bench generate" --workload; then
             mixed=("${size_args[@]}" --workload mixed --device "$device" --dtype "$dtype" --batch 8 --requests 96)
-            mixed+=(--json "$OUT/raw/bpo-mixed.json")
+            mixed+=(--json "$WORK/bpo-mixed.json")
         else
             note "this binary has no \`bench generate --workload\`: the mixed workload is not run"
         fi
@@ -297,34 +326,39 @@ PY
 
     # --- benchmarks: train first (the MFU and memory goals), each bpo run followed by its baseline ---------------
     if [ ${#train[@]} -gt 0 ]; then
-        run_step bpo-train 130 "$BPO" bench train "${train[@]}"
+        run_step bpo-train 120 "$BPO" bench train "${train[@]}"
     else
         record bpo-train skipped "" "" "" "" "" "no usable binary or preset"
     fi
     if [ "$torch_ok" = 1 ] && [ -f "$WORK/model-config.json" ]; then
         run_step torch-train 100 env PYTHONUNBUFFERED=1 "$PYTHON" scripts/bench_torch_train.py \
             --config "$WORK/model-config.json" --device "$device" --dtype "$dtype" --steps "$steps" \
-            --batch-pairs 4 --lora-rank 64 --targets q,k,v,o,gate,up,down --peak-tflops "$PEAK_TFLOPS" \
+            --batch-pairs 4 --prompt-tokens 52 --answer-tokens 100 --lora-rank 64 --targets q,k,v,o,gate,up,down \
+            --lora-dropout 0.05 --gradient-checkpointing --peak-tflops "$PEAK_TFLOPS" \
             --threads "$(nproc)" --json "$OUT/raw/torch-train.json"
     else
         record torch-train skipped "" "" "" "" "" "$([ "$torch_ok" = 1 ] && echo 'no config' || echo 'torch not available')"
     fi
     if [ ${#gen[@]} -gt 0 ]; then
-        run_step bpo-generate 120 "$BPO" bench generate "${gen[@]}"
+        run_step bpo-generate 90 "$BPO" bench generate "${gen[@]}"
+        run_step bpo-generate-events 40 env BPO_CUDA_EVENT_TRACKING=1 "$BPO" bench generate "${events[@]}"
     else
         record bpo-generate skipped "" "" "" "" "" "no usable binary or preset"
+    fi
+    if [ "$torch_ok" = 1 ] && [ -f "$WORK/model-config.json" ]; then
+        run_step torch-generate 70 env PYTHONUNBUFFERED=1 "$PYTHON" scripts/bench_torch.py \
+            --config "$WORK/model-config.json" --device "$device" --dtype "$dtype" --batches 1,8,32 \
+            --repeats "$repeats" --threads "$(nproc)" --json "$OUT/raw/torch-generate.json"
+    else
+        record torch-generate skipped "" "" "" "" "" "$([ "$torch_ok" = 1 ] && echo 'no config' || echo 'torch not available')"
+    fi
+    if [ ${#memory[@]} -gt 0 ]; then
+        run_step bpo-train-memory 90 "$BPO" bench train "${memory[@]}"
     fi
     if [ ${#mixed[@]} -gt 0 ]; then
         run_step bpo-mixed 90 "$BPO" bench generate "${mixed[@]}"
     else
         record bpo-mixed skipped "" "" "" "" "" "no usable binary, preset or --workload"
-    fi
-    if [ "$torch_ok" = 1 ] && [ -f "$WORK/model-config.json" ]; then
-        run_step torch-generate 90 env PYTHONUNBUFFERED=1 "$PYTHON" scripts/bench_torch.py \
-            --config "$WORK/model-config.json" --device "$device" --dtype "$dtype" --batches 1,8,32 \
-            --repeats "$repeats" --threads "$(nproc)" --json "$OUT/raw/torch-generate.json"
-    else
-        record torch-generate skipped "" "" "" "" "" "$([ "$torch_ok" = 1 ] && echo 'no config' || echo 'torch not available')"
     fi
 
     # --- merge ------------------------------------------------------------------------------------------------
@@ -439,8 +473,15 @@ if cfg:
 
 # --- train --------------------------------------------------------------------------------------------------------
 bt, tt = load(os.path.join(out, "raw", "bpo-train.json")), load(os.path.join(out, "raw", "torch-train.json"))
-b = next((r for r in flat_rows(bt) if not r.get("plain_backward")), {})
+b_rows = [r for r in flat_rows(bt) if not r.get("plain_backward") and "error" not in r]
+b = next(iter(b_rows), {})  # LoRA dropout 0.05, the training default
+b_no_dropout = next((r for r in b_rows if r.get("lora_dropout") == 0), {})
 t = next(iter(flat_rows(tt)), {})
+bm = load(os.path.join(work, "bpo-train-memory.json"))
+
+
+def mem(r, key="peak_bytes"):
+    return (r.get("memory") or {}).get(key) if r else None
 b_s, t_s = b.get("seconds", b.get("s_per_step")), t.get("s_per_step")
 b_flops = b.get("model_flops", b.get("model_flops_per_step"))
 train = {
@@ -453,7 +494,16 @@ train = {
     "model_flops_per_step": {"bpo": b_flops, "torch_estimate": t.get("model_flops_per_step")},
     # Both count every row's positions, as TRL's num_tokens does (bpo runs each prompt once but counts it twice).
     "tokens_per_s": pair(b.get("tokens_per_s"), t.get("tokens_per_s")),
-    "peak_memory_bytes": pair(b.get("peak_memory_bytes"), t.get("peak_memory_bytes")),
+    "peak_memory_bytes": pair(mem(b), t.get("peak_memory_bytes")),
+    "bpo_peak_memory_growth_bytes": mem(b, "peak_growth_bytes"),
+    "gradient_checkpointing": {"bpo": b.get("gradient_checkpointing"), "torch": t.get("gradient_checkpointing")},
+    # The cost of LoRA dropout (masks drawn on the device): seconds per step with 0.05 over without.
+    "dropout_cost": {"s_per_step_dropout_0.05": b_s, "s_per_step_dropout_0": b_no_dropout.get("seconds"),
+                     "ratio": ratio(b_s, b_no_dropout.get("seconds"))},
+    # Without checkpointing, 1, 2 and 4 pairs, one step each: peak device memory, or the error (out of memory).
+    "without_checkpointing": [{"pairs": r.get("pairs", (r.get("rows") or 0) // 2), "peak_bytes": mem(r),
+                               "peak_growth_bytes": mem(r, "peak_growth_bytes"), "s_per_step": r.get("seconds"),
+                               "error": r.get("error")} for r in flat_rows(bm)],
     "torch_peak_memory_reserved_bytes": t.get("peak_memory_reserved_bytes"),
     "nvidia_smi_peak_mib": pair(smi("bpo-train"), smi("torch-train")),
     "bpo": bt, "torch": tt,
@@ -467,14 +517,14 @@ if b_s and b.get("tokens_per_s"):
         torch_pos = t["rows"] * t["length"]
     elif cfg:
         vc = cfg["vision_config"]
-        torch_pos = 2 * (b.get("rows", 8) // 2) * (1 + (vc["image_size"] // vc["patch_size"]) ** 2 + 9 + 10)
+        torch_pos = 2 * (b.get("rows", 8) // 2) * (1 + (vc["image_size"] // vc["patch_size"]) ** 2 + 52 + 101)
     else:
         torch_pos = None
     train["shape_check"] = {"bpo_positions_per_step": bpo_pos, "torch_positions_per_step": torch_pos,
                             "same": bpo_pos == torch_pos if torch_pos else None}
     if torch_pos and bpo_pos != torch_pos:
         notes.append(f"train shapes differ: bpo runs {bpo_pos} positions per step, the PyTorch baseline {torch_pos} "
-                     "(rows of 1 + image + 9 + 10 positions): the train ratios are not like for like")
+                     "(rows of 1 + image + 52 + 101 positions): the train ratios are not like for like")
 
 # --- generate -----------------------------------------------------------------------------------------------------
 bg, tg = load(os.path.join(out, "raw", "bpo-generate.json")), load(os.path.join(out, "raw", "torch-generate.json"))
@@ -506,11 +556,17 @@ for batch in sorted(set(brows) | set(trows)):
         notes.append(f"generate prompts differ at batch {batch}: bpo {br['prompt_tokens']} tokens, PyTorch "
                      f"{tr['prompt_tokens']}: the generate ratios are not like for like")
     by_batch.append(row)
-generate = {"by_batch": by_batch, "nvidia_smi_peak_mib": pair(smi("bpo-generate"), smi("torch-generate")),
+# cudarc's event tracking (off in bpo): batch-1 decode with it on, against the main run's batch 1 (off).
+ev = greedy(flat_rows(load(os.path.join(work, "bpo-generate-events.json")))).get(1, {})
+b1_off = brows.get(1, {})
+events = {"decode_tok_s_tracking_off": b1_off.get("decode_tok_s"), "decode_tok_s_tracking_on": ev.get("decode_tok_s"),
+          "off_over_on": ratio(b1_off.get("decode_tok_s"), ev.get("decode_tok_s"))}
+generate = {"by_batch": by_batch, "event_tracking": events,
+            "nvidia_smi_peak_mib": pair(smi("bpo-generate"), smi("torch-generate")),
             "weight_bytes_per_decoded_token": weight_bytes, "peak_gbs": peak_gbs, "bpo": bg, "torch": tg}
 
 # --- mixed workload: continuous against static batching, one bpo run ------------------------------------------
-bm = load(os.path.join(out, "raw", "bpo-mixed.json"))
+bm = load(os.path.join(work, "bpo-mixed.json"))
 mixed_by = {r.get("policy"): r for r in flat_rows(bm)}
 cont, stat = mixed_by.get("continuous", {}), mixed_by.get("static", {})
 mixed = {key: {"continuous": cont.get(key), "static": stat.get(key)}
@@ -521,7 +577,7 @@ mixed["bpo"] = bm
 
 # --- issue 11's GPU goals (goals, not gates) ----------------------------------------------------------------------
 b1 = next((r for r in by_batch if r["batch"] == 1), None)
-train_mem = b.get("peak_memory_bytes") or (smi("bpo-train") * 1048576 if smi("bpo-train") else None)
+train_mem = mem(b) or (smi("bpo-train") * 1048576 if smi("bpo-train") else None)
 goals = {
     "train_mfu_at_least_40pct": {"value": train["mfu"]["bpo"]},
     "decode_batch1_bandwidth_at_least_50pct": {"value": b1["decode_bandwidth_utilisation"]["bpo"] if b1 else None},
@@ -549,6 +605,13 @@ res = {
         "train_s_per_step": train["s_per_step"], "train_speedup_over_torch": train["speedup"],
         "train_pairs_per_s": train["pairs_per_s"], "train_mfu": train["mfu"],
         "train_nvidia_smi_peak_mib": train["nvidia_smi_peak_mib"],
+        "train_peak_memory_bytes": train["peak_memory_bytes"],
+        "train_dropout_cost": train["dropout_cost"]["ratio"],
+        "train_without_checkpointing": train["without_checkpointing"],
+        # The driver's PTX compilation on first use: the same tiny step with an empty and with a filled cache.
+        "ptx_jit_seconds": (by_step.get("jit-cold", {}).get("seconds") or 0) - (by_step.get("jit-warm", {}).get("seconds") or 0)
+        if by_step.get("jit-cold", {}).get("seconds") and by_step.get("jit-warm", {}).get("seconds") else None,
+        "decode_event_tracking": events,
         "decode_tok_s": {r["batch"]: r["decode_tok_s"] for r in by_batch},
         "prefill_tok_s": {r["batch"]: r["prefill_tok_s"] for r in by_batch},
         "mixed_continuous_over_static_tok_s": mixed["continuous_over_static_tok_s"],

@@ -34,13 +34,21 @@ pub enum Size {
 impl Size {
     /// The llava-hf `config.json` of this size.
     pub fn config(self) -> serde_json::Value {
+        self.config_with_layers(None)
+    }
+
+    /// The llava-hf `config.json` of this size with the decoder cut to `layers` (None: the size's own depth; every
+    /// width, the vision tower and the vocabulary stay). Lets 7B and 13B shapes run on a small machine: every op at
+    /// the real widths, and per-layer costs separated from fixed ones by comparing two depths.
+    pub fn config_with_layers(self, layers: Option<usize>) -> serde_json::Value {
         // text: (hidden, intermediate, layers, heads, kv heads); vision: (image, patch, hidden, intermediate, layers, heads)
-        let (text, vision, vocab, context) = match self {
+        let (mut text, vision, vocab, context) = match self {
             Size::Tiny => ((128, 256, 2, 4, 2), (32, 8, 64, 256, 2, 4), 1024, 2048),
             Size::Small => ((512, 1376, 8, 8, 8), (224, 14, 256, 1024, 4, 4), 32064, 2048),
             Size::Llava7b => ((4096, 11008, 32, 32, 32), (336, 14, 1024, 4096, 24, 16), 32064, 4096),
             Size::Llava13b => ((5120, 13824, 40, 40, 40), (336, 14, 1024, 4096, 24, 16), 32064, 4096),
         };
+        text.2 = layers.unwrap_or(text.2);
         serde_json::json!({
             "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "image_token_index": 4, "pad_token_id": 3, "vision_feature_layer": -2,
@@ -58,7 +66,12 @@ impl Size {
     /// Writes the small files of a model folder of this size: config, a word-level tokenizer, and the image
     /// processor settings of its CLIP resolution (no weights).
     pub fn write_config(self, dir: &Path) -> Result<()> {
-        let cfg = self.config();
+        self.write_config_with_layers(None, dir)
+    }
+
+    /// [`Size::write_config`] with the decoder cut to `layers` ([`Size::config_with_layers`]).
+    pub fn write_config_with_layers(self, layers: Option<usize>, dir: &Path) -> Result<()> {
+        let cfg = self.config_with_layers(layers);
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let cfg_path = dir.join("config.json");
         crate::output::write_bytes(
@@ -84,7 +97,12 @@ impl Size {
     /// A random-weight model of this size built in memory on `rt` (weights N(0, 0.02), norms 1, biases 0), with
     /// its tokenizer and image processor from the small files written into `dir`.
     pub fn random_vlm(self, rt: &Runtime, dir: &Path) -> Result<Vlm> {
-        self.write_config(dir)?;
+        self.random_vlm_with_layers(None, rt, dir)
+    }
+
+    /// [`Size::random_vlm`] with the decoder cut to `layers` ([`Size::config_with_layers`]).
+    pub fn random_vlm_with_layers(self, layers: Option<usize>, rt: &Runtime, dir: &Path) -> Result<Vlm> {
+        self.write_config_with_layers(layers, dir)?;
         let config = ModelConfig::from_dir(dir)?;
         let vb = VarBuilder::from_backend(Box::new(RandomWeights), rt.dtype, rt.device.clone());
         let model = crate::model::load::build(vb, &config, &LoadOptions::new(rt))?;
@@ -93,7 +111,12 @@ impl Size {
 
     /// Parameters of the language model's linear layers and head: what a token's forward pass multiplies by.
     pub fn llm_matmul_params(self) -> usize {
-        let t = &self.config()["text_config"];
+        self.llm_matmul_params_with_layers(None)
+    }
+
+    /// [`Size::llm_matmul_params`] with the decoder cut to `layers`.
+    pub fn llm_matmul_params_with_layers(self, layers: Option<usize>) -> usize {
+        let t = &self.config_with_layers(layers)["text_config"];
         let g = |k: &str| t[k].as_u64().unwrap_or(0) as usize;
         let (h, i, l, v) = (g("hidden_size"), g("intermediate_size"), g("num_hidden_layers"), g("vocab_size"));
         let kv = h / g("num_attention_heads") * g("num_key_value_heads");
@@ -285,9 +308,13 @@ pub fn bootstrap_throughput(
 /// One DPO training-step measurement.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainFigures {
-    /// Rows per step (2 per pair) and the length of each row.
+    /// Rows per step (2 per pair) and the length of each row (BOS, image positions, prompt, answer, EOS).
     pub rows: usize,
     pub length: usize,
+    /// Decoder layers of the model timed.
+    pub layers: usize,
+    pub gradient_checkpointing: bool,
+    pub lora_dropout: f64,
     /// Median seconds per optimizer step over the timed steps.
     pub seconds: f64,
     pub steps: usize,
@@ -295,22 +322,36 @@ pub struct TrainFigures {
     pub tokens_per_s: f64,
     pub pairs_per_s: f64,
     /// Model FLOPs per step: 6 x (language-model matmul parameters) x tokens (policy forward, its backward to the
-    /// activations, the reference forward; attention scores, the vision tower and LoRA not counted).
+    /// activations, the reference forward; attention scores, the vision tower, LoRA and recomputation not counted).
     pub model_flops: f64,
     /// `model_flops / seconds / peak`, when a peak was given.
     pub mfu: Option<f64>,
+    /// Memory the model, its adapters and the optimizer took when they were set up (weights in the compute dtype,
+    /// f32 masters, AdamW's moments), in bytes; None where it cannot be read ([`crate::memory::in_use`]).
+    pub setup_bytes: Option<u64>,
+    /// Peak memory over the warm-up and timed steps, against the memory in use once the model and the optimizer
+    /// were set up.
+    pub memory: crate::memory::MemoryFigures,
 }
 
 /// What [`train_step`] runs.
 #[derive(Debug, Clone)]
 pub struct TrainBench {
     pub size: Size,
+    /// Decoder layers (None: the size's own depth).
+    pub layers: Option<usize>,
     pub rt: Runtime,
     /// Timed steps, after one warm-up step.
     pub steps: usize,
     /// Preference pairs per step.
     pub pairs: usize,
+    /// Words (one token each) of each prompt after BOS and the image positions, and of each answer before EOS.
+    pub prompt_words: usize,
+    pub answer_words: usize,
+    /// LoRA settings, dropout included.
     pub lora: crate::model::lora::LoraConfig,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
     /// Route frozen weights through candle's plain matmul, whose backward also builds their gradients, to measure
     /// what skipping them saves.
     pub plain_backward: bool,
@@ -318,9 +359,10 @@ pub struct TrainBench {
     pub peak_tflops: Option<f64>,
 }
 
-/// Times DPO steps on a random model: `pairs` pairs of BOS + image + 9 words of prompt and 9 words + EOS of
-/// answer, LoRA on the language model, projector frozen, reference with adapters off computed every step, AdamW,
-/// no feature cache (the tower runs every step, as in PyTorch).
+/// Times DPO steps on a random model: `pairs` pairs of BOS + image + `prompt_words` words of prompt and
+/// `answer_words` words + EOS of answer (chosen and rejected alike), LoRA on the language model, projector frozen,
+/// reference with adapters off computed every step, AdamW, no feature cache (the tower runs every step, as in
+/// PyTorch). Measures the peak memory of the steps as well.
 pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
     use crate::data::PairOptions;
     use crate::train::data::{read_preference_file, tokenize_pairs};
@@ -332,9 +374,19 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
     let dir = std::env::temp_dir().join(format!("bpo-bench-train-{}-{:?}", std::process::id(), b.size));
     let result = (|| {
         let model_dir = dir.join("model");
-        let vlm = b.size.random_vlm(&b.rt, &model_dir)?;
-        let side = b.size.config()["vision_config"]["image_size"].as_u64().unwrap_or(32) as u32;
-        let words = |start: usize| (start..start + 9).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let before_setup = crate::memory::in_use(&b.rt.device);
+        let vlm = b.size.random_vlm_with_layers(b.layers, &b.rt, &model_dir)?;
+        let cfg = b.size.config_with_layers(b.layers);
+        let side = cfg["vision_config"]["image_size"].as_u64().unwrap_or(32) as u32;
+        let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap_or(1024) as usize;
+        let n_special = crate::text::tokenizer::WORD_LEVEL_SPECIALS.len();
+        // Distinct words from the vocabulary, wrapping around in small vocabularies.
+        let words = |start: usize, n: usize| {
+            (start..start + n)
+                .map(|i| format!("w{}", n_special + i % (vocab - n_special)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let mut rows = String::new();
         for p in 0..b.pairs {
             let img = format!("img{p}.png");
@@ -344,7 +396,12 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
             })
             .save(dir.join(&img))
             .map_err(crate::Error::invalid)?;
-            rows.push_str(&format!("{}\n", serde_json::json!({"id": p, "prompt": words(10 + p), "image": img, "chosen": words(100 + p), "rejected": words(200 + p)})));
+            let (prompt, chosen, rejected) =
+                (words(10 + p, b.prompt_words), words(100 + p, b.answer_words), words(300 + p, b.answer_words));
+            rows.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"id": p, "prompt": prompt, "image": img, "chosen": chosen, "rejected": rejected})
+            ));
         }
         let data = dir.join("pairs.jsonl");
         std::fs::write(&data, rows).map_err(|e| crate::Error::io(&data, e))?;
@@ -357,44 +414,64 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
             train_projector: false,
             train_vision: false,
             init_adapter: None,
+            gradient_checkpointing: b.gradient_checkpointing,
             runtime: b.rt.clone(),
         };
         let prepared = prepare_loaded(vlm, &setup, 0)?;
         let (pairs, _) = read_preference_file(&data, &PairOptions::default())?;
-        let (examples, _) = tokenize_pairs(&prepared.vlm, &pairs, Some(&dir), 4096)?;
+        let (examples, _) = tokenize_pairs(&prepared.vlm, &pairs, Some(&dir), 1 << 20)?;
+        let length = examples.first().map_or(0, |e| e.prompt.len() + e.chosen.len());
         let reference = Reference::AdaptersOff { projector: prepared.start_projector };
         let mut dpo = Dpo::new(prepared.vlm, examples, reference, DpoLoss::default(), 0);
+        dpo.gradient_checkpointing = b.gradient_checkpointing;
         let mut opt = AdamW::new(&prepared.trainable.vars(), AdamWConfig::default(), b.rt.kernels)?;
+        let setup_bytes = before_setup.zip(crate::memory::in_use(&b.rt.device)).map(|(a, z)| z.saturating_sub(a));
         let batch: Vec<usize> = (0..b.pairs).collect();
         crate::train::trainer::keep_freed_memory(); // as the training loop does
         crate::model::ops::PLAIN_FROZEN_MATMUL.store(b.plain_backward, std::sync::atomic::Ordering::SeqCst);
+        let probe = crate::memory::Probe::start(&b.rt.device);
         let mut timed = Vec::new();
         let run = (|| -> Result<usize> {
             let mut tokens = 0;
             for step in 0..=b.steps {
                 let start = Instant::now();
-                tokens = dpo.micro_step(&batch, 1.0, step as u64, &mut opt)?.tokens;
-                opt.step(1e-5, None)?; // reads the gradient norm back: the step has finished on the device
+                let metrics = dpo.micro_step(&batch, 1.0, step as u64, &mut opt)?;
+                tokens = metrics.tokens;
+                // As the training loop does: the update, then one read of the metrics and the norm, which waits for
+                // the step to finish on the device.
+                let norm = opt.step(1e-5, None, &[])?;
+                let mut read = vec![metrics.values];
+                if let crate::train::optim::GradNorm::Device(t) = norm {
+                    read.push(t.reshape(1)?);
+                }
+                crate::model::runtime::read_back::<f32>(&Tensor::cat(&read, 0)?)?;
                 if step > 0 {
                     timed.push(start.elapsed().as_secs_f64());
                 }
             }
             Ok(tokens)
         })();
+        let memory = probe.finish();
         crate::model::ops::PLAIN_FROZEN_MATMUL.store(false, std::sync::atomic::Ordering::SeqCst);
         let tokens = run?;
         timed.sort_by(f64::total_cmp);
         let seconds = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
-        let model_flops = 6.0 * b.size.llm_matmul_params() as f64 * tokens as f64;
+        let model_flops = 6.0 * b.size.llm_matmul_params_with_layers(b.layers) as f64 * tokens as f64;
         Ok(TrainFigures {
             rows: 2 * b.pairs,
-            length: 1 + b.size.image_positions() + 9 + 10,
+            length,
+            layers: cfg["text_config"]["num_hidden_layers"].as_u64().unwrap_or(0) as usize,
+            gradient_checkpointing: b.gradient_checkpointing,
+            // The f32 setting as written (0.05, not 0.0500000007).
+            lora_dropout: b.lora.dropout.to_string().parse().unwrap_or(f64::NAN),
             seconds,
             steps: timed.len(),
             tokens_per_s: tokens as f64 / seconds,
             pairs_per_s: b.pairs as f64 / seconds,
             model_flops,
             mfu: b.peak_tflops.map(|p| model_flops / seconds / (p * 1e12)),
+            setup_bytes,
+            memory,
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -432,6 +509,8 @@ pub struct MixedFigures {
     /// Sequences per decoding step, on average, over the batch size.
     pub occupancy: f64,
     pub engine: crate::generate::EngineStats,
+    /// Peak memory of the run (resident set on the CPU, device memory on CUDA).
+    pub memory: crate::memory::MemoryFigures,
 }
 
 /// Lengths of the mixed workload: one third yes/no answers of 1-3 new tokens after questions of 8-24 tokens, one
@@ -522,9 +601,12 @@ pub fn mixed_workload(
         new_tokens: 0,
     };
     let opts = EngineOptions { policy, ..EngineOptions::rows(batch, None) };
+    let probe = crate::memory::Probe::start(&model.rt.device);
     let mut engine = Engine::new(model, tok, opts, Pass::INFER)?;
+    feed.start = Instant::now();
     engine.run(&mut feed)?;
     let seconds = feed.start.elapsed().as_secs_f64();
+    let memory = probe.finish();
     let stats = engine.stats().clone();
     let mut ttft = feed.ttft;
     ttft.sort_by(f64::total_cmp);
@@ -544,13 +626,6 @@ pub fn mixed_workload(
         wasted_share: stats.wasted_rows as f64 / stats.decode_rows.max(1) as f64,
         occupancy: stats.decode_rows as f64 / (stats.decode_steps.max(1) * batch) as f64,
         engine: stats,
+        memory,
     })
-}
-
-/// The peak resident memory of this process so far (`VmHWM` in /proc/self/status), where Linux reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

@@ -131,6 +131,7 @@ pub fn trl_parity_config(fixtures: &Path, rt: Runtime) -> dpo::DpoConfig {
             train_projector: true,
             train_vision: false,
             init_adapter: Some(fixtures.join("dpo/init-adapter")),
+            gradient_checkpointing: false,
             runtime: rt,
         },
         data: fixtures.join("dpo/pairs.jsonl"),

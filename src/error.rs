@@ -20,6 +20,11 @@ pub enum Error {
     /// The caller asked for something the inputs cannot give (prompt too long, bad option value, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A setting outside its range, from a config file or a library caller (the CLI's flags are checked by clap):
+    /// the message names the setting as its source spells it, the value and the range ([`crate::range`]). The
+    /// CLI exits with status 2 for it, as for a flag out of range.
+    #[error("{0}")]
+    Range(String),
     /// Training produced a NaN or infinite loss, gradient norm or weight and stopped (the message names the step,
     /// the quantity and the last checkpoint).
     #[error("{0}")]

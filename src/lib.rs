@@ -22,9 +22,12 @@ pub mod hash;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod jsonl;
+#[cfg(feature = "bench")]
+pub mod memory;
 pub mod model;
 pub mod output;
 pub mod progress;
+pub mod range;
 pub mod score;
 pub mod text;
 pub mod train;

@@ -2,9 +2,10 @@
 
 mod cli;
 
+/// Counts live heap bytes, so that `bpo bench` can report exact peak memory (two atomic updates per allocation).
+#[global_allocator]
+static ALLOC: bpo::memory::CountingAlloc = bpo::memory::CountingAlloc;
+
 fn main() -> std::process::ExitCode {
-    cli::run().unwrap_or_else(|e| {
-        eprintln!("error: {}", cli::error_line(&e));
-        cli::exit_code(&e)
-    })
+    cli::main()
 }

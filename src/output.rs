@@ -47,8 +47,10 @@ fn is_absent(e: &std::io::Error) -> bool {
 }
 
 /// What a file type is, in words, for a refusal.
-fn kind(t: FileType) -> &'static str {
-    if t.is_dir() {
+pub(crate) fn kind(t: FileType) -> &'static str {
+    if t.is_file() {
+        "a file"
+    } else if t.is_dir() {
         "a folder"
     } else if t.is_fifo() {
         "a FIFO"
@@ -59,7 +61,7 @@ fn kind(t: FileType) -> &'static str {
     } else if t.is_socket() {
         "a socket"
     } else {
-        "not a regular file"
+        "neither a file nor a folder"
     }
 }
 

@@ -32,19 +32,22 @@ pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Te
     Ok((sums, counts))
 }
 
-/// [`sequence_logprobs`] from final hidden states (b, t, hidden): only the positions that predict a label go
-/// through `lm_head`, so a response of a few tokens after a long prompt costs a few rows of the vocabulary
-/// projection instead of all `t`. Same shift, masking and results; differentiable in `hidden` and the adapters.
+/// [`sequence_logprobs`] from final hidden states (b, t, hidden) and the labels (b, t) on the host, row-major: only
+/// the positions that predict a label go through `lm_head`, so a response of a few tokens after a long prompt costs
+/// a few rows of the vocabulary projection instead of all `t`. Same shift, masking and results; differentiable in
+/// `hidden` and the adapters.
 pub fn response_logprobs(
     llm: &crate::model::Llama,
     hidden: &Tensor,
-    labels: &Tensor,
+    labels: &[i64],
     pass: crate::model::Pass,
 ) -> Result<(Tensor, Tensor)> {
     let (b, t, h) = hidden.dims3()?;
-    let rows: Vec<Vec<i64>> = labels.to_vec2()?;
+    if labels.len() != b * t {
+        crate::bail!("{} labels for hidden states of {b} x {t} positions", labels.len());
+    }
     let (mut at, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, row) in rows.iter().enumerate() {
+    for (r, row) in labels.chunks(t).enumerate() {
         for (j, &label) in row.iter().enumerate().skip(1) {
             if label != IGNORE {
                 at.push((r * t + j - 1) as u32);
@@ -82,13 +85,30 @@ pub struct Example {
     pub image: Option<candle_core::Tensor>,
 }
 
-/// A right-padded batch of token rows: ids and mask (b, t) u32, labels (b, t) i64 ([`IGNORE`] off target).
+/// A right-padded batch of token rows: ids and mask (b, t) u32, labels (b, t) i64 ([`IGNORE`] off target), on the
+/// device, and the ids and labels also on the host (row-major), where they were made.
 pub struct Rows {
     pub ids: Tensor,
     pub mask: Tensor,
     pub labels: Tensor,
+    pub host_ids: Vec<u32>,
+    pub host_labels: Vec<i64>,
     /// Non-padding positions.
     pub tokens: usize,
+}
+
+impl Rows {
+    /// Per row, the label positions that an earlier position predicts (every target but a row's first
+    /// position): the counts [`response_logprobs`] returns.
+    pub fn targets_per_row(&self) -> Vec<usize> {
+        let width = self.ids.dim(1).unwrap_or(1).max(1);
+        self.host_labels.chunks(width).map(|r| r.iter().skip(1).filter(|&&l| l != IGNORE).count()).collect()
+    }
+
+    /// [`Rows::targets_per_row`] summed.
+    pub fn targets(&self) -> usize {
+        self.targets_per_row().iter().sum()
+    }
 }
 
 /// Pads `rows` (each: ids and target flags) on the right to the longest; labels are the target ids.
@@ -110,9 +130,11 @@ pub fn collate(rows: &[(&[u32], &[bool])], pad: u32, device: &candle_core::Devic
     }
     let tokens = rows.iter().map(|r| r.0.len()).sum();
     Ok(Rows {
-        ids: Tensor::from_vec(ids, (b, t), device)?,
+        ids: Tensor::from_slice(&ids, (b, t), device)?,
         mask: Tensor::from_vec(mask, (b, t), device)?,
-        labels: Tensor::from_vec(labels, (b, t), device)?,
+        labels: Tensor::from_slice(&labels, (b, t), device)?,
+        host_ids: ids,
+        host_labels: labels,
         tokens,
     })
 }
@@ -172,11 +194,11 @@ pub fn score(
         let batch = Batch::new(chunk, pad, &model.rt.device)?;
         let inputs =
             crate::model::Inputs { ids: &batch.rows.ids, mask: &batch.rows.mask, images: batch.images.as_ref() };
-        let logits = model.forward(&inputs, None, pass)?;
-        let (sums, counts) = sequence_logprobs(&logits, &batch.rows.labels)?;
-        let sums: Vec<f32> = sums.to_vec1()?;
-        let counts: Vec<f32> = counts.to_vec1()?;
-        out.extend(sums.into_iter().zip(counts.into_iter().map(|c| c as usize)));
+        // Vocabulary logits only where a response token is predicted (not a (b, t, vocab) f32 tensor).
+        let hidden = model.hidden(&inputs, pass)?;
+        let (sums, _) = response_logprobs(&model.llm, &hidden, &batch.rows.host_labels, pass)?;
+        let sums: Vec<f32> = crate::model::runtime::read_back(&sums)?;
+        out.extend(sums.into_iter().zip(batch.rows.targets_per_row()));
         progress(chunk.len());
     }
     Ok(out)

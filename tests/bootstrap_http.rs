@@ -22,6 +22,8 @@ pub(crate) enum Reply {
     Status(u16),
     /// This status and body as they are (HTML, malformed JSON, a reply without text, a huge body).
     Raw(u16, String),
+    /// This status, extra headers (`Retry-After`) and body.
+    Headers(u16, Vec<(&'static str, String)>, String),
     Stall,
 }
 
@@ -30,6 +32,8 @@ pub(crate) struct Server {
     pub(crate) requests: Arc<Mutex<Vec<Value>>>,
     /// The `Authorization` header of each request, if any.
     pub(crate) auth: Arc<Mutex<Vec<Option<String>>>>,
+    /// The target of each request line (path and query).
+    pub(crate) paths: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -42,8 +46,9 @@ impl Server {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let auth = Arc::new(Mutex::new(Vec::new()));
+        let paths = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (log, auth_log, halt) = (requests.clone(), auth.clone(), stop.clone());
+        let (log, auth_log, path_log, halt) = (requests.clone(), auth.clone(), paths.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut held = Vec::new(); // stalled connections stay open until the server ends
@@ -53,13 +58,15 @@ impl Server {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
-                let Some((body, authorization)) = read_request(&mut stream) else { continue };
+                let Some((body, authorization, target)) = read_request(&mut stream) else { continue };
                 log.lock().unwrap().push(body.clone());
                 auth_log.lock().unwrap().push(authorization);
+                path_log.lock().unwrap().push(target);
                 match respond(n, &body) {
                     Reply::Text(text) => write_response(&mut stream, 200, &completion_body(&body, &text)),
                     Reply::Status(code) => write_response(&mut stream, code, "{\"error\": \"busy\"}"),
                     Reply::Raw(code, body) => write_response(&mut stream, code, &body),
+                    Reply::Headers(code, headers, body) => write_response_with(&mut stream, code, &headers, &body),
                     Reply::Stall => held.push(stream),
                 }
                 n += 1;
@@ -69,7 +76,7 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        Server { url, requests, auth, stop, thread: Some(thread) }
+        Server { url, requests, auth, paths, stop, thread: Some(thread) }
     }
 
     pub(crate) fn count(&self) -> usize {
@@ -86,8 +93,8 @@ impl Drop for Server {
     }
 }
 
-/// Reads one HTTP request and returns its JSON body and its `Authorization` header.
-fn read_request(stream: &mut TcpStream) -> Option<(Value, Option<String>)> {
+/// Reads one HTTP request and returns its JSON body, its `Authorization` header and its target (path and query).
+fn read_request(stream: &mut TcpStream) -> Option<(Value, Option<String>, String)> {
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut buf = Vec::new();
@@ -103,6 +110,7 @@ fn read_request(stream: &mut TcpStream) -> Option<(Value, Option<String>)> {
         buf.extend_from_slice(&chunk[..n]);
     };
     let raw_head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let target = raw_head.split(' ').nth(1).unwrap_or_default().to_string();
     let head = raw_head.to_lowercase();
     let len: usize =
         head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap_or(0))?;
@@ -117,12 +125,17 @@ fn read_request(stream: &mut TcpStream) -> Option<(Value, Option<String>)> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Some((serde_json::from_slice(&buf[header_end..header_end + len]).ok()?, authorization))
+    Some((serde_json::from_slice(&buf[header_end..header_end + len]).ok()?, authorization, target))
 }
 
 fn write_response(stream: &mut TcpStream, code: u16, body: &str) {
+    write_response_with(stream, code, &[], body)
+}
+
+fn write_response_with(stream: &mut TcpStream, code: u16, headers: &[(&str, String)], body: &str) {
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body.as_bytes()));

@@ -304,6 +304,104 @@ fn a_missing_or_mismatched_preprocessor_config_is_named() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Most memory the runs below may take: their heap and private mappings are capped at this (`RLIMIT_DATA`), so a run
+/// that needs more fails its allocation and the test sees it.
+const MEMORY_CAP: u64 = 200 << 20;
+
+/// Runs `bpo args` (stdout discarded) with its data memory capped at [`MEMORY_CAP`]; returns its output and wall
+/// time. (The cap is exact for the new program; `ru_maxrss` is not, as it counts the parent's pages at the spawn.)
+fn capped(args: &[&str]) -> (std::process::Output, Duration) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bpo"));
+    cmd.args(args).stdout(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and only reads the value given.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: MEMORY_CAP, rlim_max: MEMORY_CAP };
+            match libc::setrlimit(libc::RLIMIT_DATA, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let start = Instant::now();
+    let out = cmd.output().unwrap();
+    (out, start.elapsed())
+}
+
+/// Every file bpo reads from a model folder, replaced in turn by a link to a device, a FIFO, a symbolic link loop, a
+/// folder and a sparse 1 GB file: each is refused with one line naming it, in under 1 s and 200 MB ([`capped`]). A
+/// chat template that loops for ever or writes without end is stopped by its budget.
+#[test]
+fn a_hostile_model_folder_costs_nothing_before_its_refusal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_copy("llava-tiny", tmp.path());
+    let files = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "model.safetensors",
+    ];
+    type Make = fn(&Path);
+    let kinds: [(&str, Make); 6] = [
+        ("/dev/zero", |p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+        ("/dev/urandom", |p| std::os::unix::fs::symlink("/dev/urandom", p).unwrap()),
+        ("a FIFO", |p| {
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        }),
+        ("a link loop", |p| std::os::unix::fs::symlink(p.file_name().unwrap(), p).unwrap()),
+        ("a folder", |p| std::fs::create_dir(p).unwrap()),
+        ("1 GB", |p| std::fs::File::create(p).unwrap().set_len(1 << 30).unwrap()),
+    ];
+    let mut slowest = Duration::ZERO;
+    for file in files {
+        let path = m.join(file);
+        let original = std::fs::read(&path).ok();
+        for (kind, make) in &kinds {
+            if path.is_dir() {
+                std::fs::remove_dir(&path).unwrap();
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+            make(&path);
+            let mut args = vec!["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1"];
+            if file == "chat_template.jinja" {
+                args.extend(["--template", "model"]);
+            }
+            let (o, took) = capped(&args);
+            let line = error_line(&o);
+            assert!(o.status.code() == Some(1) && line.contains(file), "{file} as {kind}: {line}");
+            assert!(took < Duration::from_secs(1), "{file} as {kind}: {took:?}");
+            slowest = slowest.max(took);
+        }
+        if path.is_dir() {
+            std::fs::remove_dir(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+        if let Some(bytes) = original {
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    eprintln!("hostile model folder: slowest refusal {slowest:?}");
+
+    // Templates that would run for ever or write without end.
+    let nested =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}";
+    let wide = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}";
+    for (template, needle) in [(nested, "instructions"), (wide, "MiB")] {
+        std::fs::write(m.join("chat_template.jinja"), template).unwrap();
+        let args = ["generate", "--model", s(&m), "--prompt", "hi", "--max-new-tokens", "1", "--template", "model"];
+        let (o, took) = capped(&args);
+        let line = error_line(&o);
+        assert!(line.contains("chat_template.jinja") && line.contains(needle), "{line}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // JSONL readers
 

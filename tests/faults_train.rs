@@ -2,7 +2,8 @@
 //! "Exit codes"): numeric options outside their range (2), a diverging run (3, its last good checkpoint kept),
 //! non-finite weights refused on load (1), `kill -9` then `--resume` equal to the uninterrupted run with a corrupt
 //! newest checkpoint skipped, a run that failed before its first step started again, OS errors printed once.
-//! (Ctrl-C's 130 is checked in `train::ctrl_c_finishes_the_step_and_saves_a_checkpoint`.)
+//! SIGTERM then `--resume` equal to the uninterrupted run for `train` and `sft` (143; Ctrl-C's 130 is checked in
+//! `train::ctrl_c_finishes_the_step_and_saves_a_checkpoint`).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -236,6 +237,81 @@ fn kill_9_then_resume_equals_the_uninterrupted_run_skipping_a_corrupt_newest_che
     assert_eq!(metrics(&parts), metrics(&whole), "every logged value equal, bit for bit");
     let adapter = |dir: &PathBuf| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&parts), adapter(&whole), "the same final adapter, byte for byte");
+}
+
+/// Runs `args` until `min_steps` steps are logged, sends SIGTERM (as `docker stop`, Slurm and Kubernetes do), and
+/// checks that the step finished, its checkpoint was saved and the status is 143.
+fn terminate_after(args: &[String], run: &Path, min_steps: usize) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logged = || std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |m| m.lines().count());
+    for _ in 0..2400 {
+        if logged() >= min_steps {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "SIGTERM saves and exits 143: {err}");
+    assert!(err.contains("--resume") && !err.contains("panicked"), "{err}");
+    let (step, _) = bpo::train::checkpoint::latest_checkpoint(run).unwrap().expect("a checkpoint was written");
+    assert_eq!(logged(), step, "every finished step is logged and saved");
+    assert!(!run.join("adapter_model.safetensors").exists(), "no final adapter for a stopped run");
+}
+
+/// SIGTERM during `train` and `sft` stops like Ctrl-C, and `--resume` then ends with the adapter of the run that was
+/// never stopped. A `metrics.jsonl` holding a line bpo did not write is refused, never cut.
+#[test]
+fn sigterm_then_resume_equals_the_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = overfit_pairs(tmp.path());
+    let conv = tmp.path().join("conv.json");
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            let (image, what) = [("chelsea.png", "an orange cat"), ("coffee.png", "a cup of coffee")][i % 2];
+            serde_json::json!({"id": i, "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": what}]})
+        })
+        .collect();
+    std::fs::write(&conv, serde_json::to_string(&rows).unwrap()).unwrap();
+    let sft_args = |out: &Path| {
+        let mut a = train_args(&conv, out, &["--lr", "1e-3", "--epochs", "4"]);
+        a[0] = "sft".into();
+        a
+    };
+    type Args<'a> = Box<dyn Fn(&Path) -> Vec<String> + 'a>;
+    let commands: [(&str, Args); 2] = [
+        ("train", Box::new(|out: &Path| train_args(&pairs, out, &["--lr", "1e-3", "--epochs", "2"]))),
+        ("sft", Box::new(sft_args)),
+    ];
+    for (name, args) in commands {
+        let (whole, parts) = (tmp.path().join(format!("{name}-whole")), tmp.path().join(format!("{name}-parts")));
+        let o = run(&args(&whole));
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        terminate_after(&args(&parts), &parts, 2);
+
+        let mut resume = args(&parts);
+        resume.push("--resume".into());
+        let metrics_file = parts.join("metrics.jsonl");
+        let log = std::fs::read_to_string(&metrics_file).unwrap();
+        std::fs::write(&metrics_file, format!("{log}{{\"note\": \"mine\"}}\n")).unwrap();
+        let o = run(&resume);
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains("metrics.jsonl") && err.contains("refusing"), "{name}: {err}");
+        assert!(std::fs::read_to_string(&metrics_file).unwrap().ends_with("{\"note\": \"mine\"}\n"), "{name}: not cut");
+        std::fs::write(&metrics_file, log).unwrap();
+
+        let o = run(&resume);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert_eq!(metrics(&parts), metrics(&whole), "{name}: every logged value equal, bit for bit");
+        let adapter = |dir: &PathBuf| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(adapter(&parts), adapter(&whole), "{name}: the same final adapter, byte for byte");
+    }
 }
 
 #[test]

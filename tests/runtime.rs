@@ -295,3 +295,40 @@ fn bf16_full_fine_tuning_casts_every_master_weight() {
     let losses: Vec<f64> = rec.logs.iter().map(|l| l.get("loss").unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite()) && losses[4] < 0.8 * losses[0], "{losses:?}");
 }
+
+/// `read_back` calls (device-to-host reads) seen at each step's end.
+struct Reads(Vec<u64>);
+
+impl bpo::train::trainer::Hooks for Reads {
+    fn on_step(&mut self, _: &bpo::train::trainer::StepLog) -> bool {
+        self.0.push(bpo::model::runtime::host_reads());
+        true
+    }
+}
+
+/// A LoRA-DPO step on the device-generic path (what CUDA runs) reads back from the device once: every metric and
+/// the gradient norm together, at its end. Dropout on (its masks are drawn on the device), the projector trains
+/// (its image features go through the embedding merge), with and without gradient checkpointing.
+#[test]
+fn a_generic_lora_dpo_step_reads_back_from_the_device_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    for ckpt in [false, true] {
+        let mut cfg = config(overfit_pairs(tmp.path()));
+        cfg.setup = ModelSetup {
+            init_adapter: None,
+            prompt_style: PromptStyle::Llava,
+            lora: Some(lora(4, 8.0, 0.05)),
+            gradient_checkpointing: ckpt,
+            runtime: generic_f32(),
+            ..cfg.setup
+        };
+        assert!(cfg.setup.train_projector);
+        cfg.optim = LoopConfig { epochs: 1, batch_size: 4, grad_accum: 1, ..cfg.optim };
+        let mut reads = Reads(Vec::new());
+        let out = tmp.path().join(format!("run-{ckpt}"));
+        bpo::train::dpo::train(&cfg, &out, false, None, &mut reads, &mut |_| {}).unwrap();
+        assert!(reads.0.len() >= 3, "{:?}", reads.0);
+        let per_step: Vec<u64> = reads.0.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(per_step.iter().all(|&n| n == 1), "reads per step (checkpointing {ckpt}): {per_step:?}");
+    }
+}

@@ -3,10 +3,12 @@
 mod bootstrap; // records, resume, shards, injection through a fake LLM, pairs and `bpo pairs`
 mod bootstrap_http; // the HTTP completer and `bpo bootstrap inject` against a loopback test server
 mod bootstrap_model; // weaken + local inject on the tiny checkpoint: end to end, kill/resume, shards, contrast decoding
+mod checkpointing; // --gradient-checkpointing: the same step with and without, fused and generic, dropout, vision tower, resume
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache
 mod engine; // the generation engine: batched = one at a time (greedy, sampled), budgets, policies; generate --questions
 mod eval; // POPE and CHAIR scoring through the binary, bad files
+mod faults_eval; // judge caches that are not, closed stdout, settings through every door, suites checked first, races
 mod faults_input; // hostile input: garbage/hanging servers, image bombs, impossible configs, BOMs, fuzzed readers
 mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable folders, locks, kill -9 and resume
 mod faults_train; // numeric options out of range, divergence (exit 3), non-finite weights, kill -9 + resume, exit codes

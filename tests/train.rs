@@ -128,7 +128,7 @@ fn shared_prompt_forward_equals_whole_sequences() {
     assert_eq!(cache.encoded, 3, "four pairs, three distinct images, each encoded once");
     // Training mode exercises the differentiable kernels; inference the fused ones.
     for pass in [Pass { adapters: true, train: true }, Pass::INFER] {
-        let (sums, _) = batch.logps(&vlm.model, None, false, pass).unwrap();
+        let (sums, _) = batch.logps(&vlm.model, None, false, pass, None).unwrap();
         let sums: Vec<f32> = sums.to_vec1().unwrap();
         for (i, (c, r)) in whole.iter().enumerate() {
             assert!(

@@ -91,12 +91,34 @@ struct TrainBench {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5, value_parser = super::range::at_least_one)]
     steps: usize,
-    /// Preference pairs per step.
-    #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
-    pairs: usize,
+    /// Preference pairs per step; several values are timed one after the other (a setting that fails, e.g. out
+    /// of memory, is reported and the others still run).
+    #[arg(long, num_args = 1.., default_values_t = [4], value_parser = super::range::at_least_one)]
+    pairs: Vec<usize>,
+    /// Decoder layers (default: the preset's own depth). LLaVA-7B/13B widths with a few layers run on a small
+    /// machine; two depths separate the per-layer cost (time, activation memory) from the fixed one.
+    #[arg(long, value_parser = super::range::at_least_one)]
+    layers: Option<usize>,
+    /// Words (one token each) of each prompt after BOS and the image positions. With llava-7b, 52 prompt and 100
+    /// answer words make rows of 730 positions (576 of them the image).
+    #[arg(long, default_value_t = 9, value_parser = super::range::at_least_one)]
+    prompt_words: usize,
+    /// Words of each answer (chosen and rejected alike), before its EOS.
+    #[arg(long, default_value_t = 9, value_parser = super::range::at_least_one)]
+    answer_words: usize,
     /// LoRA rank (alpha = 2 x rank).
     #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     lora_rank: usize,
+    /// LoRA dropout; several values are timed one after the other (training's default is 0.05).
+    #[arg(long, num_args = 1.., default_values_t = [0.0], value_parser = super::range::below_one::<f32>)]
+    lora_dropout: Vec<f32>,
+    /// Gradient checkpointing off, on, or both (timed one after the other, for the ratio).
+    #[arg(long, num_args = 1.., value_enum, default_values = ["off"])]
+    gradient_checkpointing: Vec<Switch>,
+    /// Run the device-generic ops path (what CUDA runs) even in f32 on the CPU, where the fused CPU kernels are
+    /// the default.
+    #[arg(long)]
+    generic_ops: bool,
     /// Projections that get adapters.
     #[arg(long, num_args = 1.., default_values = ["q", "k", "v", "o"])]
     targets: Vec<String>,
@@ -114,6 +136,13 @@ struct TrainBench {
     write_config: Option<std::path::PathBuf>,
 }
 
+/// A setting timed off, on, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    Off,
+    On,
+}
+
 #[derive(Args)]
 struct GenerateBench {
     /// Model shapes: shared/reference.md's tiny and small, or LLaVA-1.5's 7B and 13B (random weights in memory).
@@ -124,6 +153,9 @@ struct GenerateBench {
     /// Batch sizes (rows generated together).
     #[arg(long, num_args = 1.., default_values_t = [1, 8], value_parser = super::range::at_least_one)]
     batch: Vec<usize>,
+    /// Decoder layers (default: each preset's own depth), for LLaVA-7B/13B widths on a small machine.
+    #[arg(long, value_parser = super::range::at_least_one)]
+    layers: Option<usize>,
     /// Greedy only (skip the sampled runs).
     #[arg(long)]
     greedy_only: bool,
@@ -202,17 +234,17 @@ fn bench_eval(args: EvalBench) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
     let (questions, answers) = synth::pope(args.pope, args.seed);
     let t = median(repeats, || pope::score(&questions, &answers, pope::Pairing::ById).map(|_| ()))?;
-    println!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
+    outln!("POPE   score {:>6} answers (by id)      {:>9.2} ms", answers.len(), ms(t));
 
     let t = median(repeats, || Chair::builtin().map(|_| ()))?;
-    println!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
+    outln!("CHAIR  build word tables                 {:>9.2} ms", ms(t));
     let chair = Chair::builtin()?;
     let (captions, truth) = synth::captions(args.captions, args.words, args.seed);
     let t = median(repeats, || chair.score(&captions, &truth).map(|_| ()))?;
     let words: usize = captions.iter().map(|c| c.text.split(' ').count()).sum();
-    println!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
+    outln!("CHAIR  score {:>6} captions ({} words) {:>9.2} ms", captions.len(), words, ms(t));
     let build = if cfg!(debug_assertions) { "debug assertions on" } else { "release" };
-    println!("(median of {repeats} runs; {build})");
+    outln!("(median of {repeats} runs; {build})");
     Ok(())
 }
 
@@ -234,29 +266,39 @@ fn ms(d: Duration) -> f64 {
 
 fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
-    println!("{} ({})", rt.describe(), host_load());
+    outln!("{} ({})", rt.describe(), host_load());
     if a.workload == Workload::Mixed {
         return bench_mixed(&a, &rt);
     }
-    println!(
+    outln!(
         "{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}",
-        "size", "batch", "sampling", "prompt", "prefill t/s", "decode t/s", "e2e new t/s", "mbu"
+        "size",
+        "batch",
+        "sampling",
+        "prompt",
+        "prefill t/s",
+        "decode t/s",
+        "e2e new t/s",
+        "mbu"
     );
-    let mut rows = Vec::new();
+    let (mut rows, mut memory) = (Vec::new(), Vec::new());
     for &size in &a.size {
         let name = size_name(size);
         if let Some(out) = &a.write_config {
             bpo::output::create_dir(out)?;
             bpo::output::write_bytes(
                 &out.join(format!("{name}.json")),
-                serde_json::to_string_pretty(&size.config())?.as_bytes(),
+                serde_json::to_string_pretty(&size.config_with_layers(a.layers))?.as_bytes(),
             )?;
         }
         let dir = scratch_dir()?;
-        let mut vlm = size.random_vlm(&rt, &dir)?;
+        let before_load = bpo::memory::in_use(&rt.device);
+        let mut vlm = size.random_vlm_with_layers(a.layers, &rt, &dir)?;
+        let weights = before_load.zip(bpo::memory::in_use(&rt.device)).map(|(b, z)| z.saturating_sub(b));
         vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
                              // Decoding one token reads every language-model weight once.
-        let weight_bytes = size.llm_matmul_params() as f64 * rt.dtype.size_in_bytes() as f64;
+        let weight_bytes = size.llm_matmul_params_with_layers(a.layers) as f64 * rt.dtype.size_in_bytes() as f64;
+        let probe = bpo::memory::Probe::start(&rt.device);
         let modes: &[(&str, f32)] =
             if a.greedy_only { &[("greedy", 0.0)] } else { &[("greedy", 0.0), ("sample", 1.0)] };
         for &(sampling, temperature) in modes {
@@ -265,18 +307,32 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
             {
                 let mbu = a.peak_gbs.map(|p| f.decode_tok_s / f.batch as f64 * weight_bytes / (p * 1e9));
                 let shown = mbu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-                println!(
+                outln!(
                     "{name:<9} {:>5} {sampling:>8} {:>6} {:>12.1} {:>12.1} {:>12.1} {shown:>8}",
-                    f.batch, f.prompt_tokens, f.prefill_tok_s, f.decode_tok_s, f.end_to_end_tok_s
+                    f.batch,
+                    f.prompt_tokens,
+                    f.prefill_tok_s,
+                    f.decode_tok_s,
+                    f.end_to_end_tok_s
                 );
                 rows.push(serde_json::json!({"size": name, "sampling": sampling, "figures": f, "decode_bandwidth_utilisation": mbu}));
             }
         }
+        let m = probe.finish();
+        let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
+        let w = weights.map_or(String::new(), |w| format!(", weights {:.2} GiB", gib(w)));
+        outln!(
+            "{name:<9} memory ({}): peak {:.2} GiB, growth over the loaded model {:.2} GiB{heap}{w}",
+            m.device,
+            gib(m.peak_bytes),
+            gib(m.peak_growth_bytes)
+        );
+        memory.push(serde_json::json!({"size": name, "weight_bytes": weights, "memory": m}));
         std::fs::remove_dir_all(&dir).ok();
     }
     write_json(
         a.json.as_deref(),
-        &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows}),
+        &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows, "memory": memory}),
     )
 }
 
@@ -288,7 +344,7 @@ fn bench_mixed(a: &GenerateBench, rt: &bpo::model::Runtime) -> anyhow::Result<()
         PolicyArg::Continuous => &[Policy::Continuous],
         PolicyArg::Static => &[Policy::Static],
     };
-    println!(
+    outln!(
         "{:<7} {:<10} {:>5} {:>8} {:>8} {:>9} {:>7} {:>22} {:>7} {:>9}",
         "size",
         "batching",
@@ -305,13 +361,13 @@ fn bench_mixed(a: &GenerateBench, rt: &bpo::model::Runtime) -> anyhow::Result<()
     for &size in &a.size {
         let name = size_name(size);
         let dir = scratch_dir()?;
-        let mut vlm = size.random_vlm(rt, &dir)?;
+        let mut vlm = size.random_vlm_with_layers(a.layers, rt, &dir)?;
         vlm.tok.eos.clear(); // random weights may pick EOS: every request generates its full length
         for &batch in &a.batch {
             let mut by_policy = Vec::new();
             for &policy in policies {
                 let f = bpo::bench::mixed_workload(&vlm.model, &vlm.tok, batch, a.requests, a.longest, a.seed, policy)?;
-                println!(
+                outln!(
                     "{name:<7} {:<10} {:>5} {:>8} {:>8.2} {:>9.1} {:>7.2} {:>8.2}/{:>6.2}/{:>6.2} {:>6.1}% {:>8.1}%",
                     f.policy,
                     f.batch,
@@ -325,24 +381,33 @@ fn bench_mixed(a: &GenerateBench, rt: &bpo::model::Runtime) -> anyhow::Result<()
                     100.0 * f.wasted_share,
                     100.0 * f.occupancy
                 );
+                outln!(
+                    "{:<7} {:<10} memory: peak {:.1} MiB, {:.1} MiB over the {:.1} MiB before the run",
+                    "",
+                    "",
+                    mib(f.memory.peak_bytes),
+                    mib(f.memory.peak_growth_bytes),
+                    mib(f.memory.baseline_bytes)
+                );
                 by_policy.push(f.new_tok_s);
                 rows.push(serde_json::json!({"size": name, "figures": f}));
             }
             if let [stat, cont] = by_policy[..] {
-                println!("{name:<7} continuous / static at batch {batch}: {:.2}x new tokens/s", cont / stat);
+                outln!("{name:<7} continuous / static at batch {batch}: {:.2}x new tokens/s", cont / stat);
             }
         }
         std::fs::remove_dir_all(&dir).ok();
     }
-    let peak = bpo::bench::peak_rss_bytes();
-    if let Some(p) = peak {
-        println!("peak resident memory of this process: {:.1} MiB", p as f64 / (1 << 20) as f64);
-    }
     write_json(
         a.json.as_deref(),
         &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "workload": "mixed", "seed": a.seed,
-            "longest": a.longest, "peak_rss_bytes": peak, "rows": rows}),
+            "longest": a.longest, "rows": rows}),
     )
+}
+
+/// Bytes in MiB.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// The CLI spelling of a size.
@@ -372,14 +437,14 @@ fn parity(a: ParityBench) -> anyhow::Result<()> {
     let checks = bpo::device_check::run(&a.fixtures, &rt.device)
         .with_context(|| format!("parity checks with the fixtures in {}", a.fixtures.display()))?;
     for c in &checks {
-        println!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
+        outln!("{} {:<80} {:>12.3e} (limit {:.0e})", if c.pass { "ok  " } else { "FAIL" }, c.name, c.value, c.limit);
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     write_json(a.json.as_deref(), &serde_json::json!({"device": rt.describe(), "checks": checks, "failed": failed}))?;
     if failed > 0 {
         anyhow::bail!("{failed} of {} parity checks failed on {}", checks.len(), rt.describe());
     }
-    println!("{} parity checks passed on {}", checks.len(), rt.describe());
+    outln!("{} parity checks passed on {}", checks.len(), rt.describe());
     Ok(())
 }
 
@@ -414,10 +479,10 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
             decode,
         )?;
         let what = a.model.as_ref().map_or(format!("{:?} (random weights)", a.size), |m| m.display().to_string());
-        println!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
-        println!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
+        outln!("bootstrap weaken on {what}, {} answers x {} new tokens, decode {decode:?}", a.answers, a.new_tokens);
+        outln!("{:>6} {:>10} {:>10} {:>10}", "batch", "seconds", "answers/s", "tokens/s");
         for f in figures {
-            println!("{:>6} {:>10.2} {:>10.2} {:>10.1}", f.batch, f.seconds, f.answers_per_s, f.tokens_per_s);
+            outln!("{:>6} {:>10.2} {:>10.2} {:>10.1}", f.batch, f.seconds, f.answers_per_s, f.tokens_per_s);
         }
         Ok(())
     })();
@@ -427,41 +492,93 @@ fn bootstrap(a: BootstrapBench) -> anyhow::Result<()> {
 
 fn bench_train(a: TrainBench) -> anyhow::Result<()> {
     if let Some(path) = &a.write_config {
-        bpo::output::write_bytes(path, serde_json::to_string_pretty(&a.size.config())?.as_bytes())?;
+        let cfg = a.size.config_with_layers(a.layers);
+        bpo::output::write_bytes(path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         return Ok(());
     }
     let rt = a.runtime.runtime()?;
-    println!("{} ({})", rt.describe(), host_load());
-    let lora = bpo::model::lora::LoraConfig {
-        rank: a.lora_rank,
-        alpha: 2.0 * a.lora_rank as f64,
-        dropout: 0.0,
-        targets: a.targets.clone(),
-    };
-    let modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
+    let rt = if a.generic_ops { bpo::model::Runtime::generic(rt.device, rt.dtype) } else { rt };
+    let ops = if rt.kernels == bpo::model::Kernels::Fused { "fused CPU kernels" } else { "device-generic ops" };
+    outln!("{}, {ops} ({})", rt.describe(), host_load());
+    let plain_modes: &[bool] = if a.compare_plain_backward { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
-    for &plain in modes {
-        let bench = bpo::bench::TrainBench {
-            size: a.size,
-            rt: rt.clone(),
-            steps: a.steps,
-            pairs: a.pairs,
-            lora: lora.clone(),
-            plain_backward: plain,
-            peak_tflops: a.peak_tflops,
-        };
-        let f = bpo::bench::train_step(&bench)?;
-        let backward = if plain {
-            "plain candle backward (frozen-weight gradients computed)"
-        } else {
-            "frozen weights skipped in backward"
-        };
-        let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
-        println!("{}: {} rows x {} positions, LoRA r {} on {}, {backward}: {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}", size_name(a.size), f.rows, f.length, a.lora_rank, a.targets.join(","), f.seconds, f.steps, f.tokens_per_s, f.pairs_per_s);
-        rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
+    let mut failed = 0;
+    let variants = a.pairs.iter().flat_map(|&p| plain_modes.iter().map(move |&plain| (p, plain)));
+    for (pairs, plain) in variants {
+        for &checkpointing in &a.gradient_checkpointing {
+            for &dropout in &a.lora_dropout {
+                let bench = bpo::bench::TrainBench {
+                    size: a.size,
+                    layers: a.layers,
+                    rt: rt.clone(),
+                    steps: a.steps,
+                    pairs,
+                    prompt_words: a.prompt_words,
+                    answer_words: a.answer_words,
+                    lora: bpo::model::lora::LoraConfig {
+                        rank: a.lora_rank,
+                        alpha: 2.0 * a.lora_rank as f64,
+                        dropout,
+                        targets: a.targets.clone(),
+                    },
+                    gradient_checkpointing: checkpointing == Switch::On,
+                    plain_backward: plain,
+                    peak_tflops: a.peak_tflops,
+                };
+                match bpo::bench::train_step(&bench) {
+                    Ok(f) => {
+                        print_train_row(&a, &f, plain);
+                        rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        let what = format!("{pairs} pairs, checkpointing {checkpointing:?}, dropout {dropout}");
+                        errln!("{} ({what}): failed: {e}", size_name(a.size));
+                        rows.push(serde_json::json!({"plain_backward": plain, "pairs": pairs, "gradient_checkpointing": checkpointing == Switch::On, "lora_dropout": dropout, "error": e.to_string()}));
+                    }
+                }
+            }
+        }
     }
     write_json(
         a.json.as_deref(),
         &serde_json::json!({"size": size_name(a.size), "runtime": rt.describe(), "host_load": host_load(), "lora_rank": a.lora_rank, "targets": a.targets, "rows": rows}),
-    )
+    )?;
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} settings failed (above)", rows.len());
+    }
+    Ok(())
+}
+
+/// One line of `bench train`: the step's shape and settings, then time and memory.
+fn print_train_row(a: &TrainBench, f: &bpo::bench::TrainFigures, plain: bool) {
+    let backward = if plain { ", plain candle backward (frozen-weight gradients computed)" } else { "" };
+    let ckpt = if f.gradient_checkpointing { "on" } else { "off" };
+    let mfu = f.mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
+    let m = &f.memory;
+    let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
+    let setup = f.setup_bytes.map_or(String::new(), |b| format!(", model + optimizer {:.2} GiB", gib(b)));
+    outln!(
+        "{} x {} layers: {} rows x {} positions, LoRA r {} on {} (dropout {}), checkpointing {ckpt}{backward}: \
+         {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}; memory ({}) peak {:.2} GiB, \
+         growth {:.2} GiB{heap}{setup}",
+        size_name(a.size),
+        f.layers,
+        f.rows,
+        f.length,
+        a.lora_rank,
+        a.targets.join(","),
+        f.lora_dropout,
+        f.seconds,
+        f.steps,
+        f.tokens_per_s,
+        f.pairs_per_s,
+        m.device,
+        gib(m.peak_bytes),
+        gib(m.peak_growth_bytes),
+    );
+}
+
+fn gib(bytes: u64) -> f64 {
+    bpo::memory::gib(bytes)
 }

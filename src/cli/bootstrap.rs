@@ -10,7 +10,7 @@ use bpo::bootstrap::{
     run_inject, run_weaken, Completer, CompletionOptions, DecodeMode, Endpoint, HttpCompleter, HttpOptions, InjectMode,
     InjectOptions, LocalCompleter, WeakenOptions,
 };
-use bpo::data::{read_input, InputFormat, InputOptions, Record, ResumableWriter, Shard};
+use bpo::data::{read_input, InputFormat, InputOptions, Record, ResumableWriter, Shape, Shard};
 use clap::{Args, Subcommand};
 
 use super::{ModelArgs, RuntimeArgs};
@@ -184,8 +184,8 @@ pub struct InjectArgs {
     /// Most new tokens per answer, at least 1.
     #[arg(long, default_value_t = 1024, value_parser = super::range::at_least_one)]
     max_tokens: usize,
-    /// Extra stop string (repeatable); `</s>` and the mode's own are always used.
-    #[arg(long)]
+    /// Extra stop string (repeatable; not empty); `</s>` and the mode's own are always used.
+    #[arg(long, value_parser = super::range::not_empty)]
     stop: Vec<String>,
     /// Negatives asked per prompt, at least 1.
     #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
@@ -201,10 +201,10 @@ pub struct InjectArgs {
     /// --max-tokens); a prompt waits until it fits. Default: never binding.
     #[arg(long, requires = "llm", value_parser = super::range::at_least_one)]
     max_batch_tokens: Option<usize>,
-    /// Total time limit of one request attempt, in seconds: connecting (at most 10 s), sending and reading the
-    /// whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.
-    #[arg(long, default_value_t = 120)]
-    timeout_s: u64,
+    /// Total time limit of one request attempt, in seconds, in [1, 86400]: connecting (at most 10 s), sending and
+    /// reading the whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.
+    #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = super::range::timeout)]
+    timeout_s: Duration,
     /// Retries of a request after a connection error, timeout, 5xx, 429, or a reply that is not the endpoint's
     /// JSON with a non-empty text (HTML, malformed, no `choices`, `null`, over 4 MiB); exponential back-off from
     /// 1 s. A request that still fails leaves its record unwritten: the run ends with an error and a rerun
@@ -245,8 +245,8 @@ fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
         url: url.clone(),
         endpoint: if a.chat { Endpoint::Chat } else { Endpoint::Completions },
         model: a.server_model.clone(),
-        api_key: std::env::var(&a.api_key_env).ok().filter(|k| !k.is_empty()),
-        timeout: Duration::from_secs(a.timeout_s),
+        api_key: bpo::http::api_key_from_env(&a.api_key_env)?,
+        timeout: a.timeout_s,
         retries: a.retries,
         concurrency: a.concurrency,
         ..Default::default()
@@ -280,9 +280,9 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let counts = run_inject(records, completer.as_ref(), &opts, &mut writer)?;
-    println!("{}", serde_json::to_string_pretty(&counts)?);
+    outln!("{}", serde_json::to_string_pretty(&counts)?);
     if let (Some(dir), true) = (&a.llm, counts.unparseable > 0) {
-        eprintln!(
+        errln!(
             "{} prompts did not fit the context of {}: try a shorter --prompt-file, or --raw",
             counts.unparseable,
             dir.display()
@@ -290,7 +290,7 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
     }
     if counts.records.failed > 0 {
         for e in counts.errors.iter().skip(1) {
-            eprintln!("  failed: {e}");
+            errln!("  failed: {e}");
         }
         bail!(
             "{} records failed and were not written (first: {}); {} were written; run the same command again to \
@@ -312,13 +312,13 @@ fn open(
 ) -> anyhow::Result<(Vec<Record>, ResumableWriter)> {
     bpo::output::check(out, &[data])?;
     let input = read_input(data, &InputOptions { format, first_turn_only })?;
-    eprintln!("{}: {} records ({:?})", data.display(), input.records.len(), input.format);
+    errln!("{}: {} records ({:?})", data.display(), input.records.len(), input.format);
     if input.renamed_duplicates > 0 {
-        eprintln!("  {} repeated ids got a ~n suffix", input.renamed_duplicates);
+        errln!("  {} repeated ids got a ~n suffix", input.renamed_duplicates);
     }
-    let (writer, reopened) = ResumableWriter::open(out)?;
+    let (writer, reopened) = ResumableWriter::open_as(out, Shape::RECORDS, &[data])?;
     if let Some(t) = &reopened.torn {
-        eprintln!("{}: cut a torn last line {} ({} bytes: {})", out.display(), t.line, t.bytes, t.reason);
+        errln!("{}: cut a torn last line {} ({} bytes: {})", out.display(), t.line, t.bytes, t.reason);
     }
     Ok((input.records, writer))
 }
@@ -344,7 +344,7 @@ fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
     let (records, mut writer) = a.io.open()?;
     let vlm = a.model.load()?;
     let counts = run_weaken(&vlm, records, &opts, &mut writer)?;
-    println!("{}", serde_json::to_string_pretty(&counts)?);
+    outln!("{}", serde_json::to_string_pretty(&counts)?);
     if counts.records.failed > 0 {
         bail!(
             "{} records were not written because their image could not be read (first: {}); fix --images or \

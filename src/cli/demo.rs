@@ -47,7 +47,7 @@ pub fn run(args: Args, threads_given: bool) -> anyhow::Result<()> {
         recipe = recipe.with_overrides(&overrides).with_context(|| format!("{}", path.display()))?;
     }
     if args.print_recipe {
-        println!("{}", serde_json::to_string_pretty(&recipe)?);
+        outln!("{}", serde_json::to_string_pretty(&recipe)?);
         return Ok(());
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -58,7 +58,7 @@ pub fn run(args: Args, threads_given: bool) -> anyhow::Result<()> {
     let opts =
         DemoOptions { out: args.out.clone(), seed: args.seed, seeds: args.seeds, jobs, recipe, progress: !args.quiet };
     let summary = bpo::demo::run(&opts).with_context(|| format!("bpo demo in {}", args.out.display()))?;
-    println!("{}", summary.table);
-    println!("report: {}", summary.report.display());
+    outln!("{}", summary.table);
+    outln!("report: {}", summary.report.display());
     Ok(())
 }

@@ -40,7 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let schedule = NoiseSchedule::default();
     let (keep, noise) = (schedule.sqrt_abar(args.noise_step)?, schedule.sqrt_one_minus_abar(args.noise_step)?);
-    println!(
+    outln!(
         "wrote {} ({}x{}, {} mode, step {}: {keep:.3} x image + {noise:.3} x noise, seed {})",
         args.out.display(),
         view.width(),

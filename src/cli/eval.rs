@@ -185,14 +185,23 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Checks the run folder `out` (none of `inputs`), makes it and locks it until the lock is dropped: a second run
+/// on the same folder stops with one line naming the first, instead of both writing and the last one winning.
+pub fn lock_run(out: &Path, inputs: &[&Path]) -> anyhow::Result<bpo::output::Lock> {
+    bpo::output::check_dir(out, inputs)?;
+    bpo::output::create_dir(out)?;
+    Ok(bpo::output::Lock::dir(out)?)
+}
+
 fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
+    let mut inputs: Vec<&Path> = args.questions.iter().map(PathBuf::as_path).collect();
+    inputs.extend(args.answers.as_deref());
+    inputs.extend(args.gen.images.as_deref());
+    let _lock = args.out.as_deref().map(|out| lock_run(out, &inputs)).transpose()?;
     let questions = pope::load_questions(&args.questions)?;
     let answers = match (&args.answers, &args.model) {
         (Some(path), _) => load_answers(path)?,
         (None, Some(model)) => {
-            if let Some(out) = &args.out {
-                bpo::output::check_dir(out, &[])?;
-            }
             let answers = pope_answers(
                 &model.load()?,
                 model,
@@ -233,6 +242,13 @@ fn pope_answers(
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
+    let inputs: Vec<&Path> =
+        [Some(&args.answers), args.coco.as_ref(), args.ground_truth.as_ref(), args.questions.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+    let _lock = args.out.as_deref().map(|out| lock_run(out, &inputs)).transpose()?;
     let chair = load_chair(args.synonyms.as_deref())?;
     let answers = load_answers(&args.answers)?;
     let question_images = args.questions.as_deref().map(inputs::load_question_images).transpose()?;
@@ -326,7 +342,13 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!instructions.is_empty(), "no prompts in {}", args.prompts);
     let files = image_files(&args.images, args.limit)?;
-    bpo::output::check_dir(&args.out, &[&args.images])?;
+    let inputs: Vec<&Path> =
+        [Some(&args.images), args.coco.as_ref(), args.ground_truth.as_ref(), Some(&args.model.model)]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+    let _lock = lock_run(&args.out, &inputs)?;
     let params = SamplingParams { max_new_tokens: args.max_new_tokens, ..Default::default() };
     let answers =
         caption_answers(&args.model.load()?, &args.model, &files, &instructions, &params, &args.batch.engine())?;
@@ -382,13 +404,13 @@ fn caption_answers(
 /// Prints the table and warnings, and writes the run folder when asked. Shared by every way of producing
 /// scores (files today, in-memory generation later).
 pub fn finish<D: Serialize>(scores: &Scores, details: &[D], out: Option<&Path>) -> anyhow::Result<()> {
-    println!("{}", scores.table());
+    outln!("{}", scores.table());
     for w in scores.warnings() {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     if let Some(dir) = out {
         report::write_run(dir, scores, details)?;
-        println!("wrote {}/{{{}, {}}}", dir.display(), report::SCORES_FILE, report::DETAILS_FILE);
+        outln!("wrote {}/{{{}, {}}}", dir.display(), report::SCORES_FILE, report::DETAILS_FILE);
     }
     Ok(())
 }
@@ -402,8 +424,26 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
                 run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
             rows.push((label, bpo::eval::suite::suite_headlines(run)?));
         }
-        println!("{}", bpo::eval::suite::table(&rows));
+        outln!("{}", bpo::eval::suite::table(&rows));
         return Ok(());
+    }
+    if let Some(i) = suites.iter().position(Option::is_some) {
+        let other = args.runs.iter().zip(&suites).find(|(_, s)| s.is_none()).map(|(r, _)| r);
+        anyhow::bail!(
+            "{} is a suite folder ({}) but {} is not: compare suites with suites, or two runs",
+            args.runs[i].display(),
+            bpo::eval::suite::SUITE_FILE,
+            other.map_or(String::new(), |r| r.display().to_string())
+        );
+    }
+    for run in &args.runs {
+        anyhow::ensure!(
+            !run.is_dir() || run.join(report::SCORES_FILE).is_file(),
+            "{}: neither a run folder ({}) nor a suite folder ({})",
+            run.display(),
+            report::SCORES_FILE,
+            bpo::eval::suite::SUITE_FILE
+        );
     }
     let [run_a, run_b] = &args.runs[..] else {
         anyhow::bail!("compare takes two runs, or two or more suite folders (with suite.json)");
@@ -411,6 +451,6 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
     let a = report::read_scores(run_a)?;
     let b = report::read_scores(run_b)?;
     let names = (run_a.display().to_string(), run_b.display().to_string());
-    println!("{}", report::compare(&a, &b, &names.0, &names.1)?);
+    outln!("{}", report::compare(&a, &b, &names.0, &names.1)?);
     Ok(())
 }

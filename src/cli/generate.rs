@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use bpo::data::ResumableWriter;
+use bpo::data::{ResumableWriter, Shape};
 use bpo::generate::{request_seed, vqa, EngineOptions, SamplingParams};
 
 use super::{progress, ModelArgs};
@@ -76,8 +76,8 @@ pub struct SamplingArgs {
     /// does not depend on --batch-size, the file's order or an interruption.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop when the answer contains this string (repeatable).
-    #[arg(long)]
+    /// Stop when the answer contains this string (repeatable; not empty).
+    #[arg(long, value_parser = super::range::not_empty)]
     pub stop: Vec<String>,
 }
 
@@ -102,7 +102,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let image = a.image.as_deref().map(|p| vlm.load_image(p)).transpose()?;
             let req = vlm.request(prompt, image, &params, request_seed(params.seed, ""))?;
             let out = vlm.answer(vec![req], a.model.pass())?;
-            println!("{}", out[0].text.trim());
+            outln!("{}", out[0].text.trim());
             Ok(())
         }
         (None, Some(questions)) => {
@@ -121,9 +121,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             // Every prompt fits before the answers file is opened: a refused run writes nothing.
             vqa::check_fit(&vlm, &rows.iter().map(prompt).collect::<Vec<_>>(), &params)?;
-            let (mut writer, reopened) = ResumableWriter::open_with_key(answers, "question_id")?;
+            let (mut writer, reopened) = ResumableWriter::open_as(answers, Shape::ANSWERS, &[questions])?;
             if let Some(t) = &reopened.torn {
-                eprintln!("{}: cut a torn last line {} ({} bytes: {})", answers.display(), t.line, t.bytes, t.reason);
+                errln!("{}: cut a torn last line {} ({} bytes: {})", answers.display(), t.line, t.bytes, t.reason);
             }
             let bar = progress(rows.len(), "answering");
             bar.inc(rows.iter().filter(|q| writer.is_done(&q.key())).count() as u64);
@@ -139,9 +139,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 |n| bar.inc(n as u64),
             )?;
             bar.finish();
-            eprintln!("wrote {} answers to {} ({} were already there)", c.written, answers.display(), c.already_done);
+            errln!("wrote {} answers to {} ({} were already there)", c.written, answers.display(), c.already_done);
             if c.other > 0 {
-                eprintln!(
+                errln!(
                     "  {} rows of {} answer questions that {} does not have (kept)",
                     c.other,
                     answers.display(),

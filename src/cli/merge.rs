@@ -23,7 +23,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     bpo::output::check_dir(&a.out, &[&a.model, &a.adapter])?;
     let r = bpo::train::merge(&a.model, &a.adapter, &a.out)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
-    eprintln!(
+    errln!(
         "merged {} adapted linears{} into {}",
         r.linears,
         if r.projector { " and the projector" } else { "" },

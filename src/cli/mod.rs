@@ -6,6 +6,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+/// `outln!` that never stops the work: see [`out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::out::print(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `errln!` that never panics: a closed or full stderr loses the message, nothing else.
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::cli::out::eprint(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod bench;
 mod bootstrap;
 mod demo;
@@ -64,15 +74,17 @@ enum Command {
     ///
     /// The run folder gets a PEFT adapter (adapter_config.json, adapter_model.safetensors, loadable by peft),
     /// projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and checkpoint-N folders.
-    /// Ctrl-C finishes the current step, saves a checkpoint and exits with status 130; --resume continues exactly
-    /// where it stopped. A NaN or infinite loss or gradient norm stops the run before its update (status 3).
+    /// Ctrl-C (or SIGTERM, as `docker stop`, Slurm and Kubernetes send it) finishes the current step, saves a
+    /// checkpoint and exits with status 130 (143 for SIGTERM); --resume continues exactly where it stopped. A NaN
+    /// or infinite loss or gradient norm stops the run before its update (status 3).
     Train(train::Args),
     /// Supervised training on LLaVA conversations (cross-entropy on the assistant turns), LoRA or full.
     ///
     /// Data: LLaVA instruct JSON (an array or one sample per line) of {id, image?, conversations: [{from:
     /// human|gpt, value}]}; only the assistant turns carry labels (questions, system text and image positions do
     /// not). LoRA by default (the run folder is then a PEFT adapter); --full trains every language-model weight and
-    /// the projector and writes a model folder that --model accepts. Ctrl-C and --resume work as in `bpo train`.
+    /// the projector and writes a model folder that --model accepts. Ctrl-C, SIGTERM and --resume work as in `bpo
+    /// train`.
     Sft(sft::Args),
     /// Fold a LoRA adapter (a training run folder) into its base model: a plain model folder.
     ///
@@ -96,8 +108,49 @@ enum Command {
     Demo(demo::Args),
 }
 
+/// Standard output for every command: what is asked is finished whatever happens to stdout. A reader that goes
+/// away (`bpo eval pope ... | head -1`) is a broken pipe: later lines are dropped and the command goes on to write
+/// its files and exits 0, as ripgrep does. Another write error (a full disk behind a redirect) is kept and
+/// reported once the work is done ([`out::failure`]), with status 1.
+pub mod out {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    static GONE: AtomicBool = AtomicBool::new(false);
+    static FAILED: Mutex<Option<String>> = Mutex::new(None);
+
+    /// Writes to stdout (flushed, so a line is out before slow work starts), unless it is gone.
+    pub fn print(args: std::fmt::Arguments) {
+        if GONE.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+            GONE.store(true, Ordering::Relaxed);
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                if let Ok(mut failed) = FAILED.lock() {
+                    failed.get_or_insert(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Writes to stderr; a failure has nowhere to be reported, so it is dropped.
+    pub fn eprint(args: std::fmt::Arguments) {
+        let _ = std::io::stderr().lock().write_fmt(args);
+    }
+
+    /// The first stdout failure other than a broken pipe, if any.
+    pub fn failure() -> Option<String> {
+        FAILED.lock().ok().and_then(|f| f.clone())
+    }
+}
+
 /// Exit status of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT, as shells report it).
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// Exit status of a run stopped by SIGTERM after saving a checkpoint (128 + SIGTERM).
+pub const EXIT_TERMINATED: u8 = 143;
 /// Exit status of a training run stopped by a NaN or infinite loss, gradient norm or weight.
 pub const EXIT_NON_FINITE: u8 = 3;
 
@@ -121,10 +174,30 @@ pub fn run() -> anyhow::Result<std::process::ExitCode> {
     done.map(|()| std::process::ExitCode::SUCCESS)
 }
 
-/// The status for an error: [`EXIT_NON_FINITE`] when training diverged, else 1.
+/// [`run`], then the stdout failure it may have met ([`out`]): the status to exit with.
+pub fn main() -> std::process::ExitCode {
+    let done = run().and_then(|code| match out::failure() {
+        Some(e) => Err(anyhow::anyhow!("standard output: {e}")),
+        None => Ok(code),
+    });
+    done.unwrap_or_else(|e| {
+        errln!("error: {}", error_line(&e));
+        exit_code(&e)
+    })
+}
+
+/// Exit status of a setting outside its range (clap's own status for a flag out of range).
+pub const EXIT_USAGE: u8 = 2;
+
+/// The status for an error: [`EXIT_NON_FINITE`] when training diverged, [`EXIT_USAGE`] for a setting out of its
+/// range (a config file's key, as clap does for a flag), else 1.
 pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
-    let diverged = e.chain().any(|c| matches!(c.downcast_ref::<bpo::Error>(), Some(bpo::Error::NonFinite(_))));
-    std::process::ExitCode::from(if diverged { EXIT_NON_FINITE } else { 1 })
+    let code = e.chain().find_map(|c| match c.downcast_ref::<bpo::Error>() {
+        Some(bpo::Error::NonFinite(_)) => Some(EXIT_NON_FINITE),
+        Some(bpo::Error::Range(_)) => Some(EXIT_USAGE),
+        _ => None,
+    });
+    std::process::ExitCode::from(code.unwrap_or(1))
 }
 
 /// An error and its causes on one line, each cause once: a message that already ends with its cause's text (as
@@ -271,62 +344,71 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Value parsers for numeric options, shared by every subcommand: each accepts one range and names it when it refuses
-/// a value (clap then prints the flag, the value and the range, and exits with status 2). NaN is outside every range.
+/// Value parsers for numeric options, shared by every subcommand: each parses the text and checks it against one of
+/// [`bpo::range`]'s ranges, which the config files and the library check too (clap then prints the flag, the value
+/// and the range, and exits with status 2). NaN is outside every range.
 pub mod range {
     use std::num::ParseFloatError;
     use std::str::FromStr;
+    use std::time::Duration;
 
     /// f32 or f64.
     pub trait Float: FromStr<Err = ParseFloatError> + Into<f64> + Copy {}
     impl Float for f32 {}
     impl Float for f64 {}
 
-    fn number<T: Float>(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> Result<T, String> {
+    fn number<T: Float>(s: &str, ok: fn(f64) -> Result<f64, String>) -> Result<T, String> {
         let v: T = s.trim().parse().map_err(|e: ParseFloatError| e.to_string())?;
-        if ok(v.into()) {
-            Ok(v)
-        } else {
-            Err(format!("must be {range}"))
-        }
+        ok(v.into()).map(|_| v)
     }
 
     /// A finite number > 0.
     pub fn positive<T: Float>(s: &str) -> Result<T, String> {
-        number(s, |x| x > 0.0 && x.is_finite(), "a finite number > 0")
+        number(s, bpo::range::positive)
     }
 
     /// A finite number >= 0.
     pub fn non_negative<T: Float>(s: &str) -> Result<T, String> {
-        number(s, |x| x >= 0.0 && x.is_finite(), "a finite number >= 0")
+        number(s, bpo::range::non_negative)
     }
 
     /// A number in [0, 1].
     pub fn fraction<T: Float>(s: &str) -> Result<T, String> {
-        number(s, |x| (0.0..=1.0).contains(&x), "in [0, 1]")
+        number(s, bpo::range::fraction)
     }
 
     /// A number in [0, 1): a dropout probability.
     pub fn below_one<T: Float>(s: &str) -> Result<T, String> {
-        number(s, |x| (0.0..1.0).contains(&x), "in [0, 1)")
+        number(s, bpo::range::below_one)
     }
 
     /// A number in (0, 1]: a nucleus-sampling mass.
     pub fn top_p<T: Float>(s: &str) -> Result<T, String> {
-        number(s, |x| x > 0.0 && x <= 1.0, "in (0, 1]")
+        number(s, bpo::range::top_p)
     }
 
     /// A number in [0, 0.5): a label-flip probability.
     pub fn below_half<T: Float>(s: &str) -> Result<T, String> {
-        number(s, |x| (0.0..0.5).contains(&x), "in [0, 0.5)")
+        number(s, bpo::range::below_half)
     }
 
     /// A count of at least 1.
     pub fn at_least_one(s: &str) -> Result<usize, String> {
-        match s.trim().parse::<usize>() {
-            Ok(0) => Err("must be at least 1".into()),
-            Ok(n) => Ok(n),
-            Err(e) => Err(e.to_string()),
-        }
+        bpo::range::at_least_one(s.trim().parse::<usize>().map_err(|e| e.to_string())?)
+    }
+
+    /// The first wait before retrying an HTTP request, in seconds.
+    pub fn backoff(s: &str) -> Result<Duration, String> {
+        bpo::range::backoff(s.trim().parse().map_err(|e: ParseFloatError| e.to_string())?)
+    }
+
+    /// The time limit of one HTTP request attempt, in whole seconds.
+    pub fn timeout(s: &str) -> Result<Duration, String> {
+        bpo::range::timeout(s.trim().parse::<u64>().map_err(|e| e.to_string())?)
+    }
+
+    /// A string that is not empty.
+    pub fn not_empty(s: &str) -> Result<String, String> {
+        bpo::range::not_empty(s).map(String::from)
     }
 }

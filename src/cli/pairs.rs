@@ -31,7 +31,7 @@ pub fn run(args: PairsArgs) -> anyhow::Result<()> {
     let opts = PairOptions { max_words: (args.max_words > 0).then_some(args.max_words) };
     let stats = make_pair_file(&args.records, &args.out, args.format, &opts)
         .with_context(|| format!("making pairs into {}", args.out.display()))?;
-    println!("{stats}");
-    println!("wrote {} pairs to {}", stats.pairs, args.out.display());
+    outln!("{stats}");
+    outln!("wrote {} pairs to {}", stats.pairs, args.out.display());
     Ok(())
 }

@@ -73,6 +73,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     bpo::jsonl::write(&a.out, &out)?;
-    eprintln!("scored {} rows into {}", out.len(), a.out.display());
+    errln!("scored {} rows into {}", out.len(), a.out.display());
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bpo::train::{ModelSetup, SftConfig};
 
-use super::train::{catch_sigint, finish, Bar, CommonArgs, STOP};
+use super::train::{catch_stop_signals, finish, Bar, CommonArgs, STOP};
 use super::ModelArgs;
 
 /// Options of the subcommand (its help text is on the `Command` variant).
@@ -39,10 +39,9 @@ pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
         feature_cache_mb: a.common.feature_cache_mb,
         optim: a.common.optim(2e-5, 1),
     };
-    catch_sigint();
+    catch_stop_signals();
     let mut bar = Bar(None);
-    let report =
-        bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}"))
-            .with_context(|| format!("training into {}", a.out.display()))?;
+    let report = bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| errln!("{m}"))
+        .with_context(|| format!("training into {}", a.out.display()))?;
     Ok(finish(&report, &a.out, &bar))
 }

@@ -1,9 +1,9 @@
-//! `bpo train`: DPO with LoRA on preference pairs. Also the options, progress bar and SIGINT handling that
-//! `bpo sft` shares.
+//! `bpo train`: DPO with LoRA on preference pairs. Also the options, progress bar and SIGINT / SIGTERM handling
+//! that `bpo sft` shares.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
 use bpo::model::lora::LoraConfig;
@@ -120,6 +120,11 @@ pub struct CommonArgs {
     /// Continue the run in --out from its newest checkpoint (same options required).
     #[arg(long)]
     pub resume: bool,
+    /// Keep only each decoder layer's input during the forward pass and recompute the layer in the backward pass
+    /// (transformers' gradient_checkpointing): activation memory of one layer instead of all, for about one more
+    /// forward pass per step; the results are the same. A run may be resumed with it switched on or off.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Memory for cached vision-tower features, in MiB (the tower is frozen; 0 = encode every time).
     #[arg(long, default_value_t = DEFAULT_FEATURE_CACHE_MB)]
     pub feature_cache_mb: usize,
@@ -149,6 +154,7 @@ impl CommonArgs {
             train_projector: self.train_projector,
             train_vision: false,
             init_adapter: self.init_adapter.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
             runtime: model.runtime()?,
         })
     }
@@ -169,23 +175,29 @@ impl CommonArgs {
     }
 }
 
-/// Set by the SIGINT handler; the loop checks it after each step.
+/// Set by the SIGINT / SIGTERM handler; the loop checks it after each step.
 pub static STOP: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`STOP`].
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_sigint(_: libc::c_int) {
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    SIGNAL.store(signal, Ordering::SeqCst);
     STOP.store(true, Ordering::SeqCst);
-    // A second Ctrl-C kills the process the usual way.
+    // A second Ctrl-C (or SIGTERM) kills the process the usual way.
     // SAFETY: `signal` is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(signal, libc::SIG_DFL);
     }
 }
 
-/// Makes Ctrl-C finish the current step and save instead of killing the run.
-pub fn catch_sigint() {
-    // SAFETY: installs a handler that only stores to an atomic and resets the disposition.
+/// Makes Ctrl-C (SIGINT) and SIGTERM (`docker stop`, Slurm, Kubernetes, `kill`) finish the current step and save
+/// instead of killing the run.
+pub fn catch_stop_signals() {
+    // SAFETY: installs a handler that only stores to atomics and resets the disposition.
     unsafe {
-        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            libc::signal(signal, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
     }
 }
 
@@ -209,11 +221,12 @@ impl Hooks for Bar {
     }
 
     fn warn(&mut self, message: &str) {
-        eprintln!("warning: {message}");
+        errln!("warning: {message}");
     }
 }
 
-/// Prints how a run ended; an interrupted run (Ctrl-C, checkpoint saved) exits with status 130.
+/// Prints how a run ended; a run stopped by a signal (checkpoint saved) exits with status 128 + its number, as
+/// shells report a signal: 130 for Ctrl-C, 143 for SIGTERM.
 pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) -> ExitCode {
     if let Some(b) = &bar.0 {
         b.finish();
@@ -221,15 +234,16 @@ pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) -> ExitCod
     let s = &report.summary;
     if s.interrupted {
         let step = s.start_step + s.steps_done;
-        eprintln!(
+        errln!(
             "stopped after step {step} of {}: checkpoint-{step} saved in {}; continue with --resume",
             s.total_steps,
             out.display()
         );
-        return ExitCode::from(super::EXIT_INTERRUPTED);
+        let signal = SIGNAL.load(Ordering::SeqCst);
+        return ExitCode::from(if signal == libc::SIGTERM { super::EXIT_TERMINATED } else { super::EXIT_INTERRUPTED });
     }
     let loss = s.last.as_ref().and_then(|l| l.get("loss")).map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
-    eprintln!("trained {} steps{loss}; wrote {}", s.steps_done, out.display());
+    errln!("trained {} steps{loss}; wrote {}", s.steps_done, out.display());
     ExitCode::SUCCESS
 }
 
@@ -246,9 +260,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         feature_cache_mb: a.common.feature_cache_mb,
         optim: a.common.optim(2e-6, 2),
     };
-    catch_sigint();
+    catch_stop_signals();
     let mut bar = Bar(None);
-    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| eprintln!("{m}"))
+    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| errln!("{m}"))
         .with_context(|| format!("training into {}", a.out.display()))?;
     Ok(finish(&report, &a.out, &bar))
 }

@@ -1,9 +1,13 @@
 //! Long runs that lose nothing: an append-only JSONL output keyed by id, shards, and the loop that ties them.
 //!
 //! - [`ResumableWriter`] appends one JSON line per finished item in a single `write` call (no user-space
-//!   buffer), so a killed process loses at most the line being written. On open it reads the lines already
-//!   there and remembers their ids; a re-run skips those. A torn last line (no trailing newline, or not valid
-//!   JSON with the id) is reported and truncated away; a bad line *before* the last is a real error.
+//!   buffer), so a killed process loses at most the line being written. On open it checks the file as an output
+//!   ([`output::check`]: a regular file or nothing, none of the command's inputs, a writable folder), reads the
+//!   lines already there and remembers their ids; a re-run skips those. Every complete line must have the
+//!   [`Shape`] of what bpo writes there: a file that does not (another JSON file, a question file) is refused,
+//!   never appended to or cut. A torn last line (no trailing newline, and the start of such a line: `{"` and one
+//!   of the shape's field names, cut short) is reported and truncated away; anything else is an error naming
+//!   the line.
 //!   Lines are not fsync'ed one by one: a killed process loses nothing, a power cut may lose the last lines.
 //!   The writer holds the output's [`Lock`], so a second process on the same file stops instead of interleaving.
 //! - [`Shard`] splits the ids between independent processes: `i/n` with **1-based** `i` (`1/4` .. `4/4`),
@@ -99,6 +103,46 @@ pub struct TornLine {
     pub reason: String,
 }
 
+/// What every line of a resumable file holds: the id field and the other fields bpo writes on each line (the
+/// JSON keys are written sorted, so a line starts with one of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// What the file is, for messages.
+    pub what: &'static str,
+    /// The id field (a string or a number).
+    pub key: &'static str,
+    /// The other fields every line has.
+    pub fields: &'static [&'static str],
+}
+
+impl Shape {
+    /// BPO records ([`Record`]): `bootstrap weaken / inject` outputs.
+    pub const RECORDS: Shape = Shape { what: "BPO records file", key: "id", fields: &["completions", "prompt"] };
+    /// LLaVA answer rows (`generate --answers`).
+    pub const ANSWERS: Shape = Shape {
+        what: "answers file",
+        key: "question_id",
+        fields: &["answer_id", "metadata", "model_id", "prompt", "text"],
+    };
+
+    fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        std::iter::once(self.key).chain(self.fields.iter().copied())
+    }
+
+    /// Whether `text`, a line without its newline, is the start of a line of this shape cut short: the opening
+    /// of a JSON object whose first key is (the start of) one of the shape's names, and valid JSON up to its end.
+    fn is_torn_start(&self, text: &str) -> bool {
+        let Some(rest) = text.strip_prefix("{\"") else { return false };
+        let first = rest.split('"').next().unwrap_or_default();
+        let named = match rest.find('"') {
+            Some(_) => self.names().any(|n| n == first),
+            None => self.names().any(|n| n.starts_with(first)),
+        };
+        named
+            && matches!(serde_json::from_str::<Value>(text), Err(e) if e.classify() == serde_json::error::Category::Eof)
+    }
+}
+
 /// Append-only JSONL output that knows which ids it already holds.
 pub struct ResumableWriter {
     path: PathBuf,
@@ -109,22 +153,26 @@ pub struct ResumableWriter {
 }
 
 impl ResumableWriter {
-    /// Opens (or creates) `path`, keyed by the `"id"` field.
+    /// Opens (or creates) a file of BPO records ([`Shape::RECORDS`]) that is none of the command's inputs.
     pub fn open(path: &Path) -> Result<(Self, Reopened)> {
-        Self::open_with_key(path, "id")
+        Self::open_as(path, Shape::RECORDS, &[])
     }
 
-    /// Opens (or creates) `path`, keyed by field `key` (a string or a number, e.g. `question_id`).
-    /// The output is locked ([`Lock`]) for the writer's lifetime; a link is followed, a non-regular file refused.
-    pub fn open_with_key(path: &Path, key: &str) -> Result<(Self, Reopened)> {
+    /// Opens (or creates) `path`, whose lines have `shape`, keyed by its `key` field. The file must pass
+    /// [`output::check`] (it is none of `inputs`); it is locked ([`Lock`]) for the writer's lifetime; a link is
+    /// followed. Lines already there must have the shape (else the file is refused, unchanged); a torn last
+    /// line is cut away and reported.
+    pub fn open_as(path: &Path, shape: Shape, inputs: &[&Path]) -> Result<(Self, Reopened)> {
+        output::check(path, inputs)?;
         let lock = Lock::file(path)?;
         let file = output::open_append(path)?;
         let (done, report, keep) =
-            scan(path, key, File::open(output::resolve(path)?).map_err(|e| Error::io(path, e))?)?;
+            scan(path, &shape, File::open(output::resolve(path)?).map_err(|e| Error::io(path, e))?)?;
         if report.torn.is_some() {
             file.set_len(keep).map_err(|e| Error::io(path, e))?;
         }
-        Ok((ResumableWriter { path: path.to_path_buf(), key: key.to_string(), file, done, _lock: lock }, report))
+        let key = shape.key.to_string();
+        Ok((ResumableWriter { path: path.to_path_buf(), key, file, done, _lock: lock }, report))
     }
 
     pub fn path(&self) -> &Path {
@@ -169,13 +217,11 @@ pub fn key_string(v: &Value) -> Option<String> {
 }
 
 /// Reads the ids of an existing file. Returns them, the report and the length to keep.
-fn scan(path: &Path, key: &str, file: File) -> Result<(HashSet<String>, Reopened, u64)> {
+fn scan(path: &Path, shape: &Shape, file: File) -> Result<(HashSet<String>, Reopened, u64)> {
     let mut reader = BufReader::new(file);
     let mut done = HashSet::new();
     let mut report = Reopened::default();
     let (mut offset, mut line_no) = (0u64, 0usize);
-    // A bad line is only an error if another line follows it; a bad *last* line is torn.
-    let mut bad: Option<(usize, u64, String)> = None;
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -184,40 +230,49 @@ fn scan(path: &Path, key: &str, file: File) -> Result<(HashSet<String>, Reopened
             break;
         }
         line_no += 1;
-        if let Some((line, _, msg)) = bad.take() {
-            return Err(Error::parse(path, Some(line), msg));
-        }
-        match line_id(&buf, key) {
-            _ if !buf.ends_with(b"\n") => bad = Some((line_no, offset, "no trailing newline".into())),
+        match line_id(&buf, shape) {
             Ok(None) => {}
-            Ok(Some(id)) => {
+            Ok(Some(id)) if buf.ends_with(b"\n") => {
                 report.lines += 1;
                 if !done.insert(id) {
                     report.duplicate_ids += 1;
                 }
             }
-            Err(msg) => bad = Some((line_no, offset, msg)),
+            // Only the last line can lack its newline: a write cut short by a kill (or a full disk).
+            Ok(Some(_)) => {
+                report.torn = Some(TornLine { line: line_no, bytes: n as u64, reason: "no trailing newline".into() });
+                return Ok((done, report, offset));
+            }
+            Err(_) if !buf.ends_with(b"\n") && std::str::from_utf8(&buf).is_ok_and(|t| shape.is_torn_start(t)) => {
+                let reason = "a line cut short (no trailing newline)".into();
+                report.torn = Some(TornLine { line: line_no, bytes: n as u64, reason });
+                return Ok((done, report, offset));
+            }
+            Err(msg) => {
+                let (what, key) = (shape.what, shape.key);
+                return Err(Error::parse(
+                    path,
+                    Some(line_no),
+                    format!("{msg}: not a line of a {what} (keyed by `{key}`) that bpo wrote; refusing to append to or repair this file (give another output)"),
+                ));
+            }
         }
         offset += n as u64;
     }
-    let keep = match bad {
-        Some((line, start, reason)) => {
-            report.torn = Some(TornLine { line, bytes: offset - start, reason });
-            start
-        }
-        None => offset,
-    };
-    Ok((done, report, keep))
+    Ok((done, report, offset))
 }
 
-/// The key of one line; `Ok(None)` for a blank line.
-fn line_id(bytes: &[u8], key: &str) -> std::result::Result<Option<String>, String> {
+/// The key of one line, checked to have every field of `shape`; `Ok(None)` for a blank line.
+fn line_id(bytes: &[u8], shape: &Shape) -> std::result::Result<Option<String>, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     if text.trim().is_empty() {
         return Ok(None);
     }
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    v.get(key).and_then(key_string).map(Some).ok_or_else(|| format!("no `{key}` field"))
+    if let Some(missing) = shape.fields.iter().find(|f| v.get(**f).is_none()) {
+        return Err(format!("no `{missing}` field"));
+    }
+    v.get(shape.key).and_then(key_string).map(Some).ok_or_else(|| format!("no `{}` field", shape.key))
 }
 
 /// Counts of one [`process_pending`] run.
@@ -316,6 +371,13 @@ mod tests {
         assert!(ids.iter().all(|id| Shard::ALL.contains(id)));
     }
 
+    /// Lines keyed by `id` with no other field required.
+    const TEST: Shape = Shape { what: "test file", key: "id", fields: &[] };
+
+    fn open(path: &Path) -> Result<(ResumableWriter, Reopened)> {
+        ResumableWriter::open_as(path, TEST, &[])
+    }
+
     fn read(path: &Path) -> String {
         std::fs::read_to_string(path).unwrap()
     }
@@ -324,13 +386,13 @@ mod tests {
     fn writer_appends_and_remembers_ids() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let (mut w, rep) = ResumableWriter::open(&path).unwrap();
+        let (mut w, rep) = open(&path).unwrap();
         assert_eq!(rep, Reopened::default());
         w.append(&serde_json::json!({"id": "a", "x": 1})).unwrap();
         assert!(w.append(&serde_json::json!({"id": "a"})).is_err(), "second write of an id");
         assert!(w.append(&serde_json::json!({"x": 2})).is_err(), "row without id");
         drop(w);
-        let (w, rep) = ResumableWriter::open(&path).unwrap();
+        let (w, rep) = open(&path).unwrap();
         assert_eq!(rep.lines, 1);
         assert!(w.is_done("a") && !w.is_done("b"));
         assert_eq!(read(&path), "{\"id\":\"a\",\"x\":1}\n");
@@ -341,10 +403,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         for (tail, reason) in
-            [("{\"id\": \"c\", \"x\"", "newline"), ("{\"id\": \"c\"}", "newline"), ("{\"id\": \"c\n", "JSON")]
+            [("{\"id\": \"c\", \"x\"", "cut short"), ("{\"id\": \"c\"}", "newline"), ("{\"i", "cut short")]
         {
             std::fs::write(&path, format!("{{\"id\": \"a\"}}\n\n{{\"id\": 5}}\n{tail}")).unwrap();
-            let (mut w, rep) = ResumableWriter::open(&path).unwrap();
+            let (mut w, rep) = open(&path).unwrap();
             let torn = rep.torn.unwrap();
             assert_eq!((rep.lines, torn.line, torn.bytes), (2, 4, tail.len() as u64));
             assert!(torn.reason.contains(reason), "{}", torn.reason);
@@ -359,7 +421,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "{\"id\": \"a\"}\n{\"oops\": 1}\n{\"id\": \"b\"}\n").unwrap();
-        let err = ResumableWriter::open(&path).err().unwrap().to_string();
+        let err = open(&path).err().unwrap().to_string();
         assert!(err.contains(":2:") && err.contains("`id`"), "{err}");
     }
 
@@ -371,7 +433,7 @@ mod tests {
             .map(|i| Record { id: format!("r{i}"), prompt: "p".into(), image: None, completions: vec![] })
             .collect();
         let shard = Shard::new(1, 2).unwrap();
-        let (mut w, _) = ResumableWriter::open(&path).unwrap();
+        let (mut w, _) = open(&path).unwrap();
         let bar = ();
         // First run: fail r3 (if it is ours), write the rest.
         let c1 = process_pending(recs.clone(), shard, 3, &mut w, &bar, |b| {

@@ -1,6 +1,7 @@
 //! Stage-by-stage progress on stderr: one bar per running stage, then one line per finished stage with its time.
 //! Seeds that run side by side each have their own [`Stages`], drawing into one shared set of bars.
 
+use std::io::Write;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar};
@@ -57,7 +58,10 @@ impl Stages {
     /// A line of its own (a heading or a cache hit).
     pub fn note(&self, text: &str) {
         if self.show {
-            self.bars.suspend(|| eprintln!("{text}"));
+            // A closed stderr (`bpo demo 2>&1 | head`) loses the line, never the run.
+            self.bars.suspend(|| {
+                let _ = writeln!(std::io::stderr(), "{text}");
+            });
         }
     }
 }

@@ -82,6 +82,7 @@ fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_proje
         train_projector,
         train_vision: false,
         init_adapter: None,
+        gradient_checkpointing: false,
         runtime: Default::default(),
     }
 }

@@ -9,7 +9,8 @@
 //!   naming the judge URL and the reason. Nothing unread is cached.
 //! - Every reply is appended to a cache file (JSON Lines) under a key derived from (judge model, run index,
 //!   messages, temperature, max_tokens) before it is used, so a killed run asks only what it had not asked, and
-//!   a re-run with the same answers sends nothing. A line torn by a kill is cut away on open. The cache holds
+//!   a re-run with the same answers sends nothing. A line torn by a kill is cut away on open; a file that is not
+//!   a judge cache (an input given as `--judge-cache` by mistake) is refused unchanged. The cache holds
 //!   requests and replies, never the API key (the caller reads it from an environment variable; it only ever
 //!   travels in the `Authorization` header).
 //! - [`map_concurrent`] grades items on `concurrency` scoped threads; the first error stops the others from
@@ -91,8 +92,11 @@ pub struct JudgeOptions {
     pub backoff: Duration,
     /// Total time allowed for one request (default [`crate::http::DEFAULT_TIMEOUT`] in the CLI).
     pub timeout: Duration,
-    /// The reply cache (JSON Lines), created if missing.
+    /// The reply cache (JSON Lines), created if missing. It is checked as an output (a regular file or nothing,
+    /// none of `inputs`), and a file that is not a judge cache bpo wrote is refused, unchanged.
     pub cache: PathBuf,
+    /// The run's input files (questions, answers, references, ...), which the cache may not be.
+    pub inputs: Vec<PathBuf>,
 }
 
 /// Applies `f` to every item on `workers` scoped threads, keeping the input order, and calls `progress` after

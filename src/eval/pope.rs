@@ -71,12 +71,34 @@ pub fn split_from_path(path: &Path) -> String {
 }
 
 /// Reads question files (JSON Lines, whatever the extension: the official `coco_pope_*.json` are JSONL) in
-/// order. Rows without `category` get the split named by their file.
+/// order. Rows without `category` get the split named by their file. The same file given twice, or two files
+/// naming the same split (`a/pope_random.json` and `b/pope_random.json`) for rows without a category, are
+/// refused: their questions would be scored as one split, counted twice.
 pub fn load_questions(paths: &[PathBuf]) -> Result<Vec<PopeQuestion>> {
     let mut out = Vec::new();
-    for path in paths {
+    let mut named: Vec<(String, &PathBuf)> = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        if let Some(first) = paths[..i].iter().find(|p| crate::output::same_file(p, path)) {
+            return Err(Error::invalid(format!(
+                "{}: the same question file as {}; give each split once",
+                path.display(),
+                first.display()
+            )));
+        }
         let split = split_from_path(path);
-        for (line, mut q) in jsonl::read_numbered::<PopeQuestion>(path)? {
+        let rows = jsonl::read_numbered::<PopeQuestion>(path)?;
+        if rows.iter().any(|(_, q)| q.category.is_none()) {
+            if let Some((_, other)) = named.iter().find(|(s, _)| *s == split) {
+                return Err(Error::invalid(format!(
+                    "{} and {} both name split {split:?} (from the file name), which would merge them into one: \
+                     rename one, or give its rows a \"category\"",
+                    other.display(),
+                    path.display()
+                )));
+            }
+            named.push((split.clone(), path));
+        }
+        for (line, mut q) in rows {
             q.category.get_or_insert_with(|| split.clone());
             q.origin = Some(Origin { path: path.clone(), line });
             out.push(q);
@@ -466,6 +488,30 @@ mod tests {
         assert_eq!(split_from_path(Path::new("coco_pope_random.jsonl")), "random");
         assert_eq!(split_from_path(Path::new("aokvqa_pope_seem_popular.json")), "seem_popular");
         assert_eq!(split_from_path(Path::new("my_questions.jsonl")), "my_questions");
+    }
+
+    #[test]
+    fn two_files_naming_one_split_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let row = "{\"question_id\": 1, \"text\": \"q\", \"label\": \"yes\"}\n";
+        let tagged = "{\"question_id\": 1, \"text\": \"q\", \"label\": \"no\", \"category\": \"x\"}\n";
+        for (name, text) in
+            [("p2.jsonl", row), ("sub/p2.jsonl", row), ("coco_pope_p2.json", row), ("t/p2.jsonl", tagged)]
+        {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let load = |names: &[&str]| load_questions(&names.iter().map(|n| dir.path().join(n)).collect::<Vec<_>>());
+        for names in [&["sub/p2.jsonl", "p2.jsonl"][..], &["p2.jsonl", "coco_pope_p2.json"]] {
+            let err = load(names).unwrap_err().to_string();
+            assert!(err.contains("both name split \"p2\"") && err.contains(names[1]), "{err}");
+        }
+        let err = load(&["p2.jsonl", "./p2.jsonl"]).unwrap_err().to_string();
+        assert!(err.contains("the same question file"), "{err}");
+        // Rows that carry their own category do not take the file's name.
+        assert_eq!(load(&["p2.jsonl", "t/p2.jsonl"]).unwrap().len(), 2);
     }
 
     #[test]

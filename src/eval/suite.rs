@@ -8,10 +8,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use super::report::{read_scores, Scores};
-use crate::{Error, Result};
+use crate::{range, Error, Result};
 
 /// The judge of the judged benchmarks (`[judge]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -24,18 +26,30 @@ pub struct JudgeConfig {
     /// Environment variable holding the API key; default `OPENAI_API_KEY`.
     #[serde(default = "default_key_env")]
     pub api_key_env: String,
-    /// Requests in flight at once; default 4.
+    /// Requests in flight at once, at least 1; default 4.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Extra attempts after a connection error, timeout, 429 or 5xx; default 5.
     #[serde(default = "default_retries")]
     pub retries: u32,
-    /// Seconds before the first retry, doubled each time; default 2.
+    /// Seconds before the first retry, in [0, 30], doubled each time; default 2.
     #[serde(default = "default_backoff")]
     pub backoff: f64,
-    /// Total seconds allowed per request attempt; default 120.
+    /// Total seconds allowed per request attempt, in [1, 86400]; default 120.
     #[serde(default = "default_timeout")]
     pub timeout: u64,
+}
+
+impl JudgeConfig {
+    /// The first wait before a retry ([`range::backoff`]; checked by [`SuiteConfig::load`]).
+    pub fn backoff(&self) -> Result<Duration> {
+        range::check("[judge] backoff", self.backoff, range::backoff)
+    }
+
+    /// The time limit of one request attempt ([`range::timeout`]; checked by [`SuiteConfig::load`]).
+    pub fn timeout(&self) -> Result<Duration> {
+        range::check("[judge] timeout", self.timeout, range::timeout)
+    }
 }
 
 fn default_key_env() -> String {
@@ -129,7 +143,8 @@ pub struct SuiteConfig {
 }
 
 impl SuiteConfig {
-    /// Reads and checks `path`.
+    /// Reads and checks `path`: every value in its range (the same ranges as the command-line flags, an
+    /// [`Error::Range`] naming the key), and every file and folder there, before anything runs.
     pub fn load(path: &Path) -> Result<SuiteConfig> {
         let text = crate::jsonl::read_text(path)?;
         let mut cfg: SuiteConfig = toml::from_str(&text).map_err(|e| Error::parse(path, None, one_line(&e)))?;
@@ -157,7 +172,88 @@ impl SuiteConfig {
                 return Err(Error::parse(path, None, "[object_halbench] needs exactly one of coco and ground_truth"));
             }
         }
+        cfg.check_ranges(path)?;
+        cfg.check_paths(path)?;
         Ok(cfg)
+    }
+
+    /// Every number against the range its command-line flag has.
+    fn check_ranges(&self, path: &Path) -> Result<()> {
+        let at = |key: &str| format!("{}: {key}", path.display());
+        let count = |key: &str, v: Option<usize>| v.map_or(Ok(0), |v| range::check(&at(key), v, range::at_least_one));
+        count("batch_size", self.batch_size)?;
+        if let Some(j) = &self.judge {
+            range::check(&at("[judge] concurrency"), j.concurrency, range::at_least_one)?;
+            range::check(&at("[judge] backoff"), j.backoff, range::backoff)?;
+            range::check(&at("[judge] timeout"), j.timeout, range::timeout)?;
+        }
+        if let Some(c) = &self.pope {
+            count("[pope] max_new_tokens", c.max_new_tokens)?;
+        }
+        if let Some(c) = &self.object_halbench {
+            count("[object_halbench] max_new_tokens", c.max_new_tokens)?;
+            count("[object_halbench] limit", c.limit)?;
+        }
+        if let Some(c) = &self.mmvet {
+            count("[mmvet] max_new_tokens", c.max_new_tokens)?;
+            count("[mmvet] runs", c.runs)?;
+        }
+        if let Some(c) = &self.llava_bench {
+            count("[llava_bench] max_new_tokens", c.max_new_tokens)?;
+        }
+        if let Some(c) = &self.mmhal {
+            count("[mmhal] max_new_tokens", c.max_new_tokens)?;
+        }
+        Ok(())
+    }
+
+    /// Every file and folder the benchmarks name, each (`[section] key`) a file or a folder as it should be.
+    fn check_paths(&self, path: &Path) -> Result<()> {
+        for (key, p, folder) in self.paths() {
+            let found = match std::fs::metadata(p) {
+                Ok(m) if m.is_dir() == folder => continue,
+                Ok(m) if m.is_dir() => "a folder, not a file".to_string(),
+                Ok(_) => "not a folder".to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(Error::parse(path, None, format!("{key} {}: {found}", p.display())));
+        }
+        Ok(())
+    }
+
+    /// Every path of the configuration, as (`[section] key`, path, whether it is a folder).
+    pub fn paths(&self) -> Vec<(String, &Path, bool)> {
+        let mut all: Vec<(&str, &str, Option<&PathBuf>, bool)> = Vec::new();
+        if let Some(c) = &self.pope {
+            all.extend(c.questions.iter().map(|q| ("pope", "questions", Some(q), false)));
+            all.push(("pope", "images", c.images.as_ref(), true));
+        }
+        if let Some(c) = &self.object_halbench {
+            all.push(("object_halbench", "images", Some(&c.images), true));
+            all.push(("object_halbench", "coco", c.coco.as_ref(), true));
+            all.push(("object_halbench", "ground_truth", c.ground_truth.as_ref(), false));
+        }
+        if let Some(c) = &self.mmvet {
+            all.extend([
+                ("mmvet", "questions", Some(&c.questions), false),
+                ("mmvet", "images", c.images.as_ref(), true),
+            ]);
+        }
+        if let Some(c) = &self.llava_bench {
+            all.push(("llava_bench", "questions", Some(&c.questions), false));
+            all.push(("llava_bench", "context", Some(&c.context), false));
+            all.push(("llava_bench", "references", Some(&c.references), false));
+            all.push(("llava_bench", "images", c.images.as_ref(), true));
+        }
+        if let Some(c) = &self.mmhal {
+            all.extend([
+                ("mmhal", "questions", Some(&c.questions), false),
+                ("mmhal", "images", c.images.as_ref(), true),
+            ]);
+        }
+        all.into_iter()
+            .filter_map(|(section, key, p, folder)| p.map(|p| (format!("[{section}] {key}"), p.as_path(), folder)))
+            .collect()
     }
 
     fn resolve(&mut self, base: &Path) {
@@ -302,16 +398,46 @@ mod tests {
     fn config_paths_resolve_against_the_file_and_unknown_keys_fail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("suite.toml");
-        std::fs::write(&path, "[mmvet]\nquestions = \"mm-vet/mm-vet.json\"\nimages = \"/abs/images\"\n").unwrap();
+        std::fs::create_dir(dir.path().join("mm-vet")).unwrap();
+        std::fs::write(dir.path().join("mm-vet/mm-vet.json"), "{}").unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        let text = format!("[mmvet]\nquestions = \"mm-vet/mm-vet.json\"\nimages = \"{}\"\n", images.display());
+        std::fs::write(&path, &text).unwrap();
         let cfg = SuiteConfig::load(&path).unwrap();
         let mmvet = cfg.mmvet.unwrap();
         assert_eq!(mmvet.questions, dir.path().join("mm-vet/mm-vet.json"));
-        assert_eq!(mmvet.images, Some(PathBuf::from("/abs/images")));
+        assert_eq!(mmvet.images, Some(images.clone()));
         std::fs::write(&path, "[mmvet]\nquestion = \"x\"\n").unwrap();
         let err = SuiteConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("suite.toml") && err.contains("question") && !err.contains('\n'), "{err}");
         std::fs::write(&path, "batch_size = 4\n").unwrap();
         assert!(SuiteConfig::load(&path).unwrap_err().to_string().contains("no benchmark"));
+        // Every value against its flag's range (a usage error naming the key), every path before anything runs.
+        let judge = "[judge]\nurl = \"http://127.0.0.1:9\"\nmodel = \"m\"\n";
+        for (extra, needle) in [
+            ("batch_size = 0\n", "batch_size = 0: must be at least 1"),
+            (&format!("{judge}concurrency = 0\n"), "[judge] concurrency = 0: must be at least 1"),
+            (&format!("{judge}backoff = 1e308\n"), "[judge] backoff = 1e308: must be a number of seconds in [0, 30]"),
+            (&format!("{judge}backoff = nan\n"), "[judge] backoff = NaN"),
+            (&format!("{judge}timeout = 0\n"), "[judge] timeout = 0: must be a whole number of seconds in [1, 86400]"),
+        ] {
+            std::fs::write(&path, format!("{extra}{text}")).unwrap();
+            let err = SuiteConfig::load(&path).unwrap_err();
+            assert!(matches!(err, Error::Range(_)) && err.to_string().contains(needle), "{extra}: {err}");
+            assert!(err.to_string().contains("suite.toml"), "{err}");
+        }
+        for (key, needle) in [("runs = 0", "[mmvet] runs = 0"), ("max_new_tokens = 0", "[mmvet] max_new_tokens = 0")] {
+            std::fs::write(&path, format!("{text}{key}\n")).unwrap();
+            let err = SuiteConfig::load(&path).unwrap_err();
+            assert!(matches!(err, Error::Range(_)) && err.to_string().contains(needle), "{key}: {err}");
+        }
+        let missing =
+            "[mmvet]\nquestions = \"mm-vet/mm-vet.json\"\n\n[llava_bench]\nquestions = \"mm-vet/mm-vet.json\"\n\
+                       context = \"nope.jsonl\"\nreferences = \"mm-vet\"\n";
+        std::fs::write(&path, missing).unwrap();
+        let err = SuiteConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("[llava_bench] context") && err.contains("nope.jsonl"), "{err}");
     }
 
     #[test]

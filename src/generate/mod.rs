@@ -38,8 +38,13 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Refuses a temperature that is negative or not finite and a top-p outside (0, 1].
+    /// Refuses a temperature that is negative or not finite, a top-p outside (0, 1], no new tokens at all and
+    /// an empty stop string (which would end every answer before it starts).
     pub fn validate(&self) -> Result<()> {
+        crate::range::check("max_new_tokens", self.max_new_tokens, crate::range::at_least_one)?;
+        if let Some(why) = self.stop.iter().find_map(|s| crate::range::not_empty(s).err()) {
+            return Err(crate::Error::Range(format!("stop string = \"\": {why}")));
+        }
         check_sampling(self.temperature, self.top_p)
     }
 }
@@ -97,9 +102,15 @@ pub fn generate(
 /// Combines the logits of a row and of its contrast row into the logits to sample from.
 pub type Combine<'a> = &'a dyn Fn(&[f32], &[f32]) -> Vec<f32>;
 
-/// Refuses a prompt of `prompt` tokens when `new` more tokens do not fit in `context` positions.
+/// Refuses a prompt of `prompt` tokens when `new` more tokens do not fit in `context` positions; `new` alone at or
+/// above the context is a setting out of range ([`crate::Error::Range`]), whatever the prompt.
 pub fn fits_context(prompt: usize, new: usize, context: usize) -> Result<()> {
-    if prompt + new > context {
+    if new >= context {
+        return Err(crate::Error::Range(format!(
+            "max_new_tokens = {new}: must be below the model's context of {context} tokens"
+        )));
+    }
+    if prompt.saturating_add(new) > context {
         bail!("prompt of {prompt} tokens + {new} new tokens exceeds the model's context of {context}");
     }
     Ok(())

@@ -121,9 +121,14 @@ pub fn answer_all(
 pub fn check_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams) -> Result<()> {
     let context = vlm.model.llm.cfg.max_position_embeddings;
     prompts.iter().try_for_each(|p| {
-        let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
-        super::fits_context(ids.len(), params.max_new_tokens, context)
-            .map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))
+        let ids = vlm.prompt_ids(&p.text, p.image.is_some()).map_err(|e| match e {
+            Error::Parse { .. } => e,
+            e => Error::invalid(format!("{}: {e}", p.origin)),
+        })?;
+        super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| match e {
+            Error::Range(_) => e,
+            e => Error::invalid(format!("{}: {e}", p.origin)),
+        })
     })
 }
 

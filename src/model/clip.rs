@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::checkpoint::{Block, Tape};
 use super::config::ClipVisionConfig;
 use super::linear::{Linear, Pass};
 use super::ops::{self, Kernels};
@@ -110,6 +111,16 @@ impl ClipVision {
     /// Hidden state after `self.layers.len()` encoder layers (hidden_states[n] in transformers, counting the embedding
     /// output as 0): (b, grid^2 + 1, hidden), class token first. `pixels`: (b, 3, image_size, image_size).
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_checkpointed(pixels, None)
+    }
+
+    /// [`ClipVision::forward`]; with `tape`, every encoder layer is checkpointed (the tower trains with
+    /// `--train-vision`).
+    pub fn forward_checkpointed<'a>(
+        &'a self,
+        pixels: &Tensor,
+        tape: Option<&mut Tape<'a>>,
+    ) -> candle_core::Result<Tensor> {
         let b = pixels.dim(0)?;
         // Weights that train (--train-vision) are f32 masters: cast to the compute dtype where used.
         let patches = self
@@ -123,10 +134,19 @@ impl ClipVision {
         let x = Tensor::cat(&[class, patches], 1)?
             .broadcast_add(&self.position_embedding.to_dtype(self.dtype)?.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
+        let kernels = self.kernels;
+        let Some(tape) = tape else {
+            for layer in &self.layers {
+                x = layer.forward(kernels, &x)?;
+            }
+            return Ok(x);
+        };
+        let msg = |e: crate::Error| candle_core::Error::Msg(e.to_string());
         for layer in &self.layers {
-            x = layer.forward(self.kernels, &x)?;
+            let run: Block<'a> = Box::new(move |xs: &[Tensor]| Ok(vec![layer.forward(kernels, &xs[0])?]));
+            x = tape.checkpoint(vec![x], run).map_err(msg)?.remove(0);
         }
-        Ok(x)
+        Ok(tape.leaves(&[x]).map_err(msg)?.remove(0))
     }
 
     /// The patch embedding's input: non-overlapping `patch x patch` squares of `pixels` (b, c, H, W) in row-major grid

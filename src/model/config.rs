@@ -220,7 +220,7 @@ impl ModelConfig {
     }
 
     fn parse_file(path: &Path) -> Result<Self> {
-        let text = crate::jsonl::read_text(path)?;
+        let text = crate::jsonl::read_folder_file_required(path)?;
         let parse = |e: serde_json::Error| Error::parse(path, None, e);
         let head: Head = serde_json::from_str(&text).map_err(parse)?;
         let arch = head.architectures.first().cloned().unwrap_or_default();

@@ -60,6 +60,17 @@ impl DropoutSeed {
         self.calls.store(0, Ordering::SeqCst);
     }
 
+    /// Masks drawn since the last [`DropoutSeed::reseed`]: where a recomputation must restart
+    /// ([`DropoutSeed::rewind`]) to draw the same masks again.
+    pub fn position(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Continues the sequence from `position` (a value of [`DropoutSeed::position`]).
+    pub fn rewind(&self, position: u64) {
+        self.calls.store(position, Ordering::SeqCst);
+    }
+
     /// The seed of the next mask.
     pub fn next(&self) -> u64 {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
@@ -91,8 +102,25 @@ impl Linear {
     }
 
     /// `x W^T + b` (+ the adapter's update when `pass.adapters`), in `x`'s dtype: trainable weights (f32 master
-    /// copies) are cast to it here, frozen ones are stored in it.
+    /// copies) are cast to it here, frozen ones are stored in it. A frozen weight with an adapter is one op
+    /// ([`ops::lora_linear`]).
     pub fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
+        let lora = self.lora.as_ref().filter(|_| pass.adapters);
+        match lora {
+            Some(l) if !self.weight.track_op() && !ops::plain_frozen(&self.weight) => ops::lora_linear(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                (l.a.as_tensor(), l.b.as_tensor(), l.scale),
+                l.dropout_seed(pass),
+            ),
+            _ => self.forward_composed(x, lora, pass),
+        }
+    }
+
+    /// [`Linear::forward`] as a composition of tensor ops: a trainable base weight (full fine-tuning), the plain
+    /// matmul benchmark switch, and the reference the LoRA op is tested against.
+    pub fn forward_composed(&self, x: &Tensor, lora: Option<&Lora>, pass: Pass) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let mut y = if self.weight.track_op() {
             x.broadcast_matmul(&self.weight.to_dtype(dtype)?.t()?)?
@@ -102,16 +130,23 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(dtype)?)?;
         }
-        if let (Some(lora), true) = (&self.lora, pass.adapters) {
-            let x = if pass.train && lora.dropout > 0.0 {
-                ops::dropout(x, lora.dropout, lora.seed.next())?
-            } else {
-                x.clone()
+        if let Some(lora) = lora {
+            let x = match lora.dropout_seed(pass) {
+                Some((p, seed)) => ops::dropout(x, p, seed)?,
+                None => x.clone(),
             };
             let down = x.broadcast_matmul(&lora.a.as_tensor().to_dtype(dtype)?.t()?)?;
             let up = down.broadcast_matmul(&lora.b.as_tensor().to_dtype(dtype)?.t()?)?;
             y = (y + (up * lora.scale)?)?;
         }
         Ok(y)
+    }
+}
+
+impl Lora {
+    /// (probability, seed) of this call's dropout mask, when dropout is on (training with p > 0): each call draws
+    /// the next seed of the model's [`DropoutSeed`].
+    pub fn dropout_seed(&self, pass: Pass) -> Option<(f32, u64)> {
+        (pass.train && self.dropout > 0.0).then(|| (self.dropout, self.seed.next()))
     }
 }

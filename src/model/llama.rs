@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
+use super::checkpoint::{Block, Tape};
 use super::config::LlamaConfig;
 use super::linear::{DropoutSeed, Linear, Pass};
 use super::ops::{self, Kernels};
@@ -32,11 +33,28 @@ impl Cache {
     }
 }
 
-/// Keys and values of every layer for a batch of prefixes (e.g. prompts), each (rows, kv_heads, t, head_dim) after
-/// the rotary embedding. Unlike [`Cache`] they stay in the autograd graph, so continuations that attend to them
-/// send gradients back into the prefix.
-pub struct PrefixKv {
-    pub layers: Vec<(Tensor, Tensor)>,
+/// Rows that go through the decoder beside others, layer by layer: the training forward pass of a batch of prompts
+/// and of the answers that continue them ([`Llama::forward_segments`]).
+pub struct Segment {
+    /// (b, t, hidden).
+    pub embeds: Tensor,
+    /// (b, t) u32.
+    pub positions: Tensor,
+    /// Additive (b, 1, t, k) with k = t, or the preceding segment's width + t when `after` is set.
+    pub mask: Tensor,
+    /// (segment index, rows u32 (b)): row r attends first to row `rows[r]` of that earlier segment's keys and
+    /// values (an answer after its prompt), which then get gradients from both.
+    pub after: Option<(usize, Tensor)>,
+}
+
+/// What a segment's attention needs in every layer.
+struct SegmentContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    after: Option<(usize, Tensor)>,
+    /// A later segment attends to this one's keys and values.
+    record: bool,
 }
 
 /// Where a layer's attention gets keys and values besides its own tokens.
@@ -44,7 +62,7 @@ enum Kv<'a> {
     /// Incremental decoding (or nothing).
     Cache(Option<&'a mut KvCache>),
     /// Keep this layer's keys and values.
-    Record(&'a mut Vec<(Tensor, Tensor)>),
+    Record(&'a mut Option<(Tensor, Tensor)>),
     /// Prepend prefix row `rows[r]` to row r.
     Prefix(&'a (Tensor, Tensor), &'a Tensor),
     /// A packed step of the generation engine: each sequence's keys and values in its slot (see [`super::slots`]).
@@ -169,7 +187,7 @@ impl Attention {
             Kv::Cache(Some(c)) => c.append(&k, &v)?,
             Kv::Cache(None) => (k, v),
             Kv::Record(out) => {
-                out.push((k.clone(), v.clone()));
+                *out = Some((k.clone(), v.clone()));
                 (k, v)
             }
             Kv::Prefix((pk, pv), rows) => (
@@ -206,8 +224,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, pass)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x, pass)?)?, pass)
+        let act = ops::swiglu(&self.gate_proj.forward(x, pass)?, &self.up_proj.forward(x, pass)?)?;
+        self.down_proj.forward(&act, pass)
     }
 }
 
@@ -245,6 +263,34 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, pass)?)?;
         let h = ops::rms_norm(self.kernels, &x, &self.post_attention_layernorm, self.eps)?;
         x + self.mlp.forward(&h, pass)?
+    }
+
+    /// This layer for every segment, in order (a segment's keys and values recorded for those that follow it).
+    fn forward_segments(&self, segs: &[SegmentContext], xs: &[Tensor], pass: Pass) -> candle_core::Result<Vec<Tensor>> {
+        let mut recorded: Vec<Option<(Tensor, Tensor)>> = vec![None; segs.len()];
+        let mut out = Vec::with_capacity(segs.len());
+        for (i, (seg, x)) in segs.iter().zip(xs).enumerate() {
+            let y = match &seg.after {
+                Some((p, rows)) => {
+                    let kv = recorded[*p].as_ref().ok_or_else(|| candle_core::Error::Msg("segment order".into()))?;
+                    self.forward(x, &seg.cos, &seg.sin, &seg.mask, Kv::Prefix(kv, rows), pass)?
+                }
+                None if seg.record => {
+                    self.forward(x, &seg.cos, &seg.sin, &seg.mask, Kv::Record(&mut recorded[i]), pass)?
+                }
+                None => self.forward(x, &seg.cos, &seg.sin, &seg.mask, Kv::Cache(None), pass)?,
+            };
+            out.push(y);
+        }
+        Ok(out)
+    }
+
+    /// The dropout seed source of this layer's adapters, if it has any.
+    fn dropout_seed(&self) -> Option<Arc<DropoutSeed>> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            .into_iter()
+            .find_map(|l| l.lora.as_ref().map(|l| l.seed.clone()))
     }
 }
 
@@ -305,43 +351,16 @@ impl Llama {
         cache: Option<&mut Cache>,
         pass: Pass,
     ) -> candle_core::Result<Tensor> {
-        let kv: Vec<Kv> = match cache {
-            Some(c) => c.layers.iter_mut().map(|l| Kv::Cache(Some(l))).collect(),
-            None => self.layers.iter().map(|_| Kv::Cache(None)).collect(),
+        let Some(cache) = cache else {
+            let seg = Segment { embeds: embeds.clone(), positions: positions.clone(), mask: mask.clone(), after: None };
+            return Ok(self.forward_segments(&[seg], pass, None)?.remove(0));
         };
-        self.run(embeds, positions, mask, pass, kv)
-    }
-
-    /// Like [`Llama::forward`] without a cache, also returning every layer's keys and values, for continuations
-    /// that share this prefix ([`Llama::forward_continuation`]).
-    pub fn forward_prefix(
-        &self,
-        embeds: &Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        pass: Pass,
-    ) -> candle_core::Result<(Tensor, PrefixKv)> {
-        let mut kept: Vec<Vec<(Tensor, Tensor)>> = self.layers.iter().map(|_| Vec::with_capacity(1)).collect();
-        let hidden = self.run(embeds, positions, mask, pass, kept.iter_mut().map(Kv::Record).collect())?;
-        Ok((hidden, PrefixKv { layers: kept.into_iter().flatten().collect() }))
-    }
-
-    /// Continuations of prefixes: row r of `embeds` (b, t, hidden) follows prefix row `rows[r]` (u32, b), so several
-    /// continuations (a chosen and a rejected answer) share one prefix computation, and their gradients add up in
-    /// it. `mask`: additive (b, 1, t, prefix + t) (see [`causal_mask`] with the prefix as the cached part).
-    pub fn forward_continuation(
-        &self,
-        embeds: &Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        prefix: &PrefixKv,
-        rows: &Tensor,
-        pass: Pass,
-    ) -> candle_core::Result<Tensor> {
-        if prefix.layers.len() != self.layers.len() {
-            candle_core::bail!("prefix has {} layers, the model {}", prefix.layers.len(), self.layers.len());
+        let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
+        let mut x = embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, mask, Kv::Cache(Some(kv)), pass)?;
         }
-        self.run(embeds, positions, mask, pass, prefix.layers.iter().map(|l| Kv::Prefix(l, rows)).collect())
+        ops::rms_norm(self.kernels, &x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Final-norm hidden states (1, tokens, hidden) of a packed step of the generation engine: `embeds` (1, tokens,
@@ -358,27 +377,57 @@ impl Llama {
         if cache.layers.len() != self.layers.len() {
             candle_core::bail!("slot cache has {} layers, the model {}", cache.layers.len(), self.layers.len());
         }
-        let kv = cache.layers.iter_mut().map(|l| Kv::Slots(l, step)).collect();
+        let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
         // Slot attention masks by sequence itself: the additive mask argument is not read.
         let unused = Tensor::zeros((), self.dtype, embeds.device())?;
-        self.run(embeds, positions, &unused, pass, kv)
-    }
-
-    /// The decoder stack, layer `i` taking its extra keys and values from `kv[i]`.
-    fn run(
-        &self,
-        embeds: &Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        pass: Pass,
-        kv: Vec<Kv>,
-    ) -> candle_core::Result<Tensor> {
-        let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
         let mut x = embeds.clone();
-        for (layer, kv) in self.layers.iter().zip(kv) {
-            x = layer.forward(&x, &cos, &sin, mask, kv, pass)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, &unused, Kv::Slots(kv, step), pass)?;
         }
         ops::rms_norm(self.kernels, &x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Final-norm hidden states of each segment, the segments going through the decoder together, layer by layer
+    /// (an answer segment attends to its prompt segment's keys and values of the same layer). With `tape`, every
+    /// layer is checkpointed: its activations are dropped after the forward pass and recomputed in the backward
+    /// pass ([`super::checkpoint`]).
+    pub fn forward_segments<'a>(
+        &'a self,
+        segments: &[Segment],
+        pass: Pass,
+        tape: Option<&mut Tape<'a>>,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let mut ctx = Vec::with_capacity(segments.len());
+        for (i, s) in segments.iter().enumerate() {
+            let (cos, sin) = self.rope.cos_sin(&s.positions, s.embeds.dtype())?;
+            let record = segments[i + 1..].iter().any(|later| later.after.as_ref().is_some_and(|(p, _)| *p == i));
+            ctx.push(SegmentContext { cos, sin, mask: s.mask.clone(), after: s.after.clone(), record });
+        }
+        let mut xs: Vec<Tensor> = segments.iter().map(|s| s.embeds.clone()).collect();
+        match tape {
+            None => {
+                for layer in &self.layers {
+                    xs = layer.forward_segments(&ctx, &xs, pass)?;
+                }
+            }
+            Some(tape) => {
+                let ctx = Arc::new(ctx);
+                for layer in &self.layers {
+                    let (ctx, seed) = (ctx.clone(), layer.dropout_seed());
+                    // The recomputation draws the dropout masks this pass draws.
+                    let start = seed.as_ref().map(|s| s.position());
+                    let run: Block<'a> = Box::new(move |xs: &[Tensor]| {
+                        if let (Some(seed), Some(start)) = (&seed, start) {
+                            seed.rewind(start);
+                        }
+                        layer.forward_segments(&ctx, xs, pass)
+                    });
+                    xs = tape.checkpoint(xs, run).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                }
+                xs = tape.leaves(&xs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            }
+        }
+        xs.iter().map(|x| ops::rms_norm(self.kernels, x, &self.norm, self.cfg.rms_norm_eps)).collect()
     }
 
     /// Vocabulary logits for hidden states (..., hidden).

@@ -4,10 +4,11 @@
 
 use candle_core::{DType, Tensor};
 
+use super::checkpoint::Tape;
 use super::clip::{self, ClipVision};
 use super::config::{FeatureStrategy, LlavaConfig};
 use super::linear::{Linear, Pass};
-use super::llama::{causal_mask, mask_min, Cache, Llama, PrefixKv};
+use super::llama::{causal_mask, mask_min, Cache, Llama, Segment};
 use super::runtime::{Kernels, Runtime};
 use crate::{bail, Result};
 
@@ -62,8 +63,13 @@ impl Model {
     /// Frozen-tower features of the selected CLIP layer, class token dropped per the strategy: (n, tokens, clip hidden).
     /// Cacheable: nothing in it trains in BPO.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.encode_images_checkpointed(pixels, None)
+    }
+
+    /// [`Model::encode_images`]; with `tape`, the tower's layers are checkpointed (when it trains).
+    pub fn encode_images_checkpointed<'a>(&'a self, pixels: &Tensor, tape: Option<&mut Tape<'a>>) -> Result<Tensor> {
         let Some(v) = &self.vision else { bail!("this model has no vision tower, but an image was given") };
-        let h = v.clip.forward(&pixels.to_device(&self.rt.device)?)?;
+        let h = v.clip.forward_checkpointed(&pixels.to_device(&self.rt.device)?, tape)?;
         Ok(match v.cfg.feature_strategy {
             FeatureStrategy::Default => clip::drop_class(&h)?,
             FeatureStrategy::Full => h,
@@ -76,8 +82,10 @@ impl Model {
         Ok(v.projector.forward(features, pass)?)
     }
 
-    /// Input embeddings with the image positions replaced by `image_embeds` (n, tokens, hidden), in order.
-    pub fn embed(&self, ids: &Tensor, image_embeds: Option<&Tensor>) -> Result<Tensor> {
+    /// Input embeddings with the image positions replaced by `image_embeds` (n, tokens, hidden), in order. Finding
+    /// the image positions needs the ids on the host: `host_ids` (`ids` flattened) where the caller has them, else
+    /// they are read back.
+    pub fn embed(&self, ids: &Tensor, host_ids: Option<&[u32]>, image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (Some(image_token), Some(images)) = (self.image_token(), image_embeds) else {
             // No images: every id is text (a sampled `<image>` id included); ids outside the table read row 0. This
@@ -89,7 +97,15 @@ impl Model {
             }
             return Ok(self.llm.embed(&ids.lt(vocab)?.where_cond(&ids, &ids.zeros_like()?)?)?);
         };
-        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let read;
+        let flat: &[u32] = match host_ids {
+            Some(h) if h.len() == b * t => h,
+            Some(h) => bail!("{} host ids for a batch of {b} x {t}", h.len()),
+            None => {
+                read = super::runtime::read_back::<u32>(&ids.to_dtype(DType::U32)?)?;
+                &read
+            }
+        };
         let n_slots = flat.iter().filter(|&&id| id == image_token).count();
         let n_feat = images.dims3().map(|(n, k, _)| n * k)?;
         if n_slots != n_feat {
@@ -135,44 +151,62 @@ impl Model {
         pass: Pass,
     ) -> Result<Tensor> {
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let (embeds, positions, mask) = self.prepare(inputs, image_embeds, past)?;
+        let (embeds, positions, mask) = self.prepare(inputs, None, image_embeds, past)?;
         Ok(self.llm.forward(&embeds, &positions, &mask, cache, pass)?)
     }
 
-    /// [`Model::forward_hidden`] for a batch of prefixes (prompts, left-padded so that they all end in the last
-    /// column), also returning their keys and values for [`Model::continuation_hidden`].
-    pub fn prefix_hidden(
-        &self,
+    /// [`Model::forward_hidden`] for training: no cache, the ids also on the host (`host_ids`, `inputs.ids`
+    /// flattened), and with `tape` every decoder layer is checkpointed (see [`super::checkpoint`]).
+    pub fn train_hidden<'a>(
+        &'a self,
         inputs: &Inputs,
+        host_ids: &[u32],
         image_embeds: Option<&Tensor>,
         pass: Pass,
-    ) -> Result<(Tensor, PrefixKv)> {
-        let (embeds, positions, mask) = self.prepare(inputs, image_embeds, 0)?;
-        Ok(self.llm.forward_prefix(&embeds, &positions, &mask, pass)?)
+        tape: Option<&mut Tape<'a>>,
+    ) -> Result<Tensor> {
+        let (embeds, positions, mask) = self.prepare(inputs, Some(host_ids), image_embeds, 0)?;
+        let seg = Segment { embeds, positions, mask, after: None };
+        Ok(self.llm.forward_segments(&[seg], pass, tape)?.remove(0))
     }
 
-    /// Hidden states (b, t, hidden) of text continuations `ids` (b, t) of prefix rows `rows` (u32, b): a chosen and
-    /// a rejected answer can follow one prompt computed once. `mask` (b, prefix + t) is the prefix row's key mask
-    /// followed by the continuation's.
-    pub fn continuation_hidden(
-        &self,
-        ids: &Tensor,
-        mask: &Tensor,
-        prefix: &PrefixKv,
-        rows: &Tensor,
+    /// Hidden states of a batch of prompts (left-padded so that they all end in the last column) and of text
+    /// answers that continue them, the answers attending to their prompt's keys and values: a chosen and a rejected
+    /// answer follow one prompt computed once, and their gradients add up in it. `answer_ids` (2B, t); `rows` (u32,
+    /// 2B): the prompt row of each answer; `answer_mask` (2B, P + t): the prompt row's key mask, then the answer's.
+    /// `prompt_ids` holds the prompts' ids on the host, row by row. Returns (prompt hidden (B, P, hidden), answer
+    /// hidden (2B, t, hidden)). With `tape`, layers are checkpointed.
+    pub fn pair_hidden<'a>(
+        &'a self,
+        (prompts, prompt_ids): (&Inputs, &[u32]),
+        image_embeds: Option<&Tensor>,
+        (answer_ids, answer_mask, rows): (&Tensor, &Tensor, &Tensor),
         pass: Pass,
-    ) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let past = mask
+        tape: Option<&mut Tape<'a>>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (embeds, positions, mask) = self.prepare(prompts, Some(prompt_ids), image_embeds, 0)?;
+        let prompt = Segment { embeds, positions, mask, after: None };
+        let t = answer_ids.dim(1)?;
+        let past = answer_mask
             .dim(1)?
             .checked_sub(t)
             .ok_or_else(|| crate::Error::invalid("continuation mask shorter than the continuation"))?;
-        let (embeds, positions, causal) = self.prepare(&Inputs { ids, mask, images: None }, None, past)?;
-        Ok(self.llm.forward_continuation(&embeds, &positions, &causal, prefix, rows, pass)?)
+        let answers = Inputs { ids: answer_ids, mask: answer_mask, images: None };
+        let (embeds, positions, mask) = self.prepare(&answers, None, None, past)?;
+        let answer = Segment { embeds, positions, mask, after: Some((0, rows.clone())) };
+        let mut out = self.llm.forward_segments(&[prompt, answer], pass, tape)?;
+        let answer = out.pop().ok_or_else(|| crate::Error::invalid("no answer hidden states"))?;
+        Ok((out.remove(0), answer))
     }
 
     /// Input embeddings, positions and the additive attention mask for `inputs` after `past` earlier positions.
-    fn prepare(&self, inputs: &Inputs, image_embeds: Option<&Tensor>, past: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn prepare(
+        &self,
+        inputs: &Inputs,
+        host_ids: Option<&[u32]>,
+        image_embeds: Option<&Tensor>,
+        past: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = inputs.ids.dims2()?;
         let total = inputs.mask.dim(1)?;
         if total != past + t {
@@ -191,7 +225,7 @@ impl Model {
             Kernels::Fused => host_positions_and_mask(&key_mask, t, self.rt.dtype)?,
             Kernels::Generic => (positions_from_mask(&key_mask, t)?, causal_mask(&key_mask, t, self.rt.dtype)?),
         };
-        let embeds = self.embed(inputs.ids, image_embeds)?;
+        let embeds = self.embed(inputs.ids, host_ids, image_embeds)?;
         debug_assert_eq!(embeds.dims3()?.0, b);
         Ok((embeds, positions, mask))
     }
@@ -208,6 +242,12 @@ impl Model {
         let hidden = self.hidden_with_images(inputs, cache, pass)?;
         let t = hidden.dim(1)?;
         Ok(self.llm.logits(&hidden.narrow(1, t - 1, 1)?, pass)?)
+    }
+
+    /// Final hidden states (b, t, hidden) of a batch without a cache, images encoded on the fly: what scoring
+    /// projects to the vocabulary at the positions it needs.
+    pub fn hidden(&self, inputs: &Inputs, pass: Pass) -> Result<Tensor> {
+        self.hidden_with_images(inputs, None, pass)
     }
 
     fn hidden_with_images(&self, inputs: &Inputs, cache: Option<&mut Cache>, pass: Pass) -> Result<Tensor> {
@@ -235,8 +275,9 @@ impl Model {
             }
             None => None,
         };
+        let host = ids;
         let ids = Tensor::from_slice(ids, (1, ids.len()), &self.rt.device)?;
-        Ok(self.embed(&ids, features.as_ref())?.squeeze(0)?)
+        Ok(self.embed(&ids, Some(host), features.as_ref())?.squeeze(0)?)
     }
 }
 

@@ -23,21 +23,31 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found")));
     }
     let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = crate::jsonl::read_text(&index)?;
+    if let Some(text) = crate::jsonl::read_folder_file(&index)? {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&index, None, e))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::parse(&index, None, "no weight_map object"))?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+        files.iter().try_for_each(|f| check_weights_file(f))?;
+        return Ok(files);
     }
     let single = dir.join("model.safetensors");
-    if single.exists() {
+    if crate::jsonl::open_folder_file(&single, u64::MAX)?.is_some() {
         return Ok(vec![single]);
     }
     Err(Error::Checkpoint { path: dir.into(), msg: "no model.safetensors or model.safetensors.index.json".into() })
+}
+
+/// Refuses a weights file that is missing or not a regular file (a device, a FIFO, which mapping would read
+/// forever or wait on), before it is mapped; its size is not capped, as weights are mapped, not read.
+pub fn check_weights_file(path: &Path) -> Result<()> {
+    match crate::jsonl::open_folder_file(path, u64::MAX)? {
+        Some(_) => Ok(()),
+        None => Err(Error::io(path, std::io::Error::from_raw_os_error(libc::ENOENT))),
+    }
 }
 
 /// Which naming family a set of tensor names belongs to.
@@ -202,6 +212,7 @@ impl LoadOptions {
 /// memory-mapped bytes once, testing exponent bits (no conversion, no allocation): 0.15 s per GiB of f16 weights in
 /// memory with a release build on the 2-vCPU development VM, small next to loading the same weights.
 pub fn check_finite_file(path: &Path) -> Result<()> {
+    check_weights_file(path)?;
     // SAFETY: read-only mapping, as in [`load`].
     let st = unsafe { MmapedSafetensors::new(path) }
         .map_err(|e| Error::Checkpoint { path: path.into(), msg: e.to_string() })?;

@@ -3,10 +3,14 @@
 //! Reference: transformers' `modeling_llava.py`, `modeling_clip.py`, `modeling_llama.py`. Every forward returns
 //! values for all positions and is differentiable in the parts that train (see [`ops`]).
 
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod cpu_decode;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod fused;
+pub mod generic;
 pub mod init;
 pub mod linear;
 pub mod llama;

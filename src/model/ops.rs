@@ -3,22 +3,21 @@
 //! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no backward: gradients through
 //! them are silently dropped. Each op here uses the fused kernel when nothing needs a gradient (inference), and when
 //! one does, the path chosen once at load ([`Kernels`]): the kernels of [`super::fused`] (f32 on the CPU: one graph
-//! node with an analytic backward) or a differentiable composition of candle's ops (any device, any float dtype).
-//! [`FrozenMatmul`] is a linear layer whose backward returns the input gradient only, on every device: candle's
-//! default matmul backward also builds a gradient for the frozen weight, which costs a full extra matmul and a
-//! weight-sized buffer per layer.
+//! node with an analytic backward) or the device-generic ops of [`super::generic`] (any device, any float dtype:
+//! one graph node each, keeping only inputs and output). [`FrozenMatmul`] is a linear layer whose backward returns
+//! the input gradient only, on every device: candle's default matmul backward also builds a gradient for the frozen
+//! weight, which costs a full extra matmul and a weight-sized buffer per layer; [`lora_linear`] is the same with a
+//! LoRA adapter, as one op.
 //!
 //! Weights are cast to the activations' dtype where they are used: trainable weights are f32 master copies, frozen
 //! ones are in the compute dtype (the cast is then free).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
-use rand::{Rng, SeedableRng};
 
-use super::fused;
 pub use super::runtime::Kernels;
+use super::{fused, generic};
 
 /// True when a gradient must flow through an op touching any of `ts`.
 fn tracks(ts: &[&Tensor]) -> bool {
@@ -30,13 +29,10 @@ pub fn softmax(k: Kernels, x: &Tensor) -> candle_core::Result<Tensor> {
     if !tracks(&[x]) {
         return candle_nn::ops::softmax_last_dim(x);
     }
-    if k == Kernels::Fused {
-        return x.contiguous()?.apply_op1(fused::Softmax);
+    match k {
+        Kernels::Fused => x.contiguous()?.apply_op1(fused::Softmax),
+        Kernels::Generic => x.apply_op1(generic::Softmax),
     }
-    // Softmax is shift-invariant, so the max needs no gradient.
-    let x = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
-    let e = x.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Attention probabilities `softmax(scores * scale + mask)` in f32, as transformers computes them (the sum in the
@@ -45,6 +41,9 @@ pub fn softmax(k: Kernels, x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn attention_softmax(k: Kernels, scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     if k == Kernels::Fused {
         return scores.contiguous()?.apply_op2(&mask.contiguous()?, fused::AttnSoftmax { scale: scale as f32 });
+    }
+    if tracks(&[scores]) {
+        return scores.apply_op2(mask, generic::AttnSoftmax { scale });
     }
     softmax(k, &(scores * scale)?.broadcast_add(mask)?.to_dtype(DType::F32)?)
 }
@@ -56,12 +55,10 @@ pub fn rms_norm(k: Kernels, x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Re
     if !tracks(&[x, &w]) {
         return candle_nn::ops::rms_norm(x, &w, eps as f32);
     }
-    if k == Kernels::Fused {
-        return x.contiguous()?.apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
+    match k {
+        Kernels::Fused => x.contiguous()?.apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 }),
+        Kernels::Generic => x.apply_op2(&w, generic::RmsNorm { eps }),
     }
-    let xf = x.to_dtype(DType::F32)?;
-    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(&w)
 }
 
 /// LayerNorm over the last dimension (statistics in f32).
@@ -82,15 +79,20 @@ pub fn rope(k: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::
     if !tracks(&[x]) {
         return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
     }
-    if k == Kernels::Fused {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope { inverse: false });
+    match k {
+        Kernels::Fused => {
+            x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope { inverse: false })
+        }
+        Kernels::Generic => x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, generic::Rope),
     }
-    let half = x.dim(D::Minus1)? / 2;
-    let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
-    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+/// Llama's MLP nonlinearity `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if !tracks(&[gate, up]) {
+        return gate.silu()? * up;
+    }
+    gate.apply_op2(up, generic::SwiGlu)
 }
 
 /// Benchmark switch: when set, frozen weights go through candle's plain matmul, whose backward also computes the
@@ -100,61 +102,46 @@ pub static PLAIN_FROZEN_MATMUL: AtomicBool = AtomicBool::new(false);
 
 /// Linear map by a frozen weight (see [`FrozenMatmul`]), on any device: one (rows, in) x (in, out) product.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed) {
+    if plain_frozen(w) {
         return x.broadcast_matmul(&w.t()?);
     }
     x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
-/// Inverted dropout with a mask drawn from `seed`: each element is zeroed with probability `p`, the rest scaled by
-/// `1 / (1 - p)`. Deterministic in `seed`, unlike `candle_nn::ops::dropout`.
+/// Whether a frozen weight goes through candle's plain matmul (the benchmark switch, or a weight stored
+/// transposed) instead of [`FrozenMatmul`].
+pub fn plain_frozen(w: &Tensor) -> bool {
+    !w.is_contiguous() || PLAIN_FROZEN_MATMUL.load(Ordering::Relaxed)
+}
+
+/// `x W^T (+ b) + scale * (dropout(x) A^T) B^T` for a frozen `w` (out, in) with a LoRA adapter `a` (r, in), `b`
+/// (out, r) (f32 masters, cast to `x`'s dtype), as one op ([`generic::LoraLinear`]): the backward returns the input's
+/// and the adapter's gradients and keeps nothing but `x`. `dropout`: (probability, seed) in training.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    dropout: Option<(f32, u64)>,
+) -> candle_core::Result<Tensor> {
+    let bias = bias.map(|b| b.to_dtype(x.dtype())).transpose()?;
+    x.contiguous()?.apply_op3(a, b, generic::LoraLinear { w: w.clone(), bias, scale, dropout })
+}
+
+/// Inverted dropout with a mask drawn from `seed` on `x`'s device: each element is zeroed with probability `p`, the
+/// rest scaled by `1 / (1 - p)`. Deterministic in `seed` on every device ([`generic::keep`]), unlike
+/// `candle_nn::ops::dropout`; its backward draws the same mask again rather than keeping it.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         candle_core::bail!("dropout probability {p} is not in [0, 1)");
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+    x.contiguous()?.apply_op1(generic::Dropout { p, seed })
 }
 
 /// `x @ w^T` for a weight that never trains: the backward pass yields `grad @ w` for `x` and nothing for `w`.
 /// `w`: (out, in), contiguous; `x`: (..., in).
 pub struct FrozenMatmul {
     w: Tensor,
-}
-
-impl FrozenMatmul {
-    /// The product on the backend that holds `x`; `same` picks the weight's storage on that backend. One code path
-    /// for the CPU and CUDA: the weight is read as its transpose (in, out), column-major, which both gemm kernels
-    /// (gemm, cuBLAS) take without a copy.
-    fn fwd<S: BackendStorage>(
-        &self,
-        x: &S,
-        x_layout: &Layout,
-        same: impl FnOnce(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)> {
-        let dims = x_layout.dims();
-        let (out_f, in_f) = self.w.dims2()?;
-        let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: scalar input".into()))?;
-        if k != in_f {
-            candle_core::bail!("frozen-matmul: input has {k} features, weight expects {in_f}");
-        }
-        if !x_layout.is_contiguous() {
-            candle_core::bail!("frozen-matmul: input must be contiguous");
-        }
-        let m = dims[..dims.len() - 1].iter().product::<usize>();
-        let (w_storage, w_layout) = self.w.storage_and_layout();
-        let Some(w) = same(&w_storage) else {
-            candle_core::bail!("frozen-matmul: weight and input are on different devices");
-        };
-        let wt_layout = Layout::new(Shape::from((in_f, out_f)), vec![1, in_f], w_layout.start_offset());
-        let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
-        let out = x.matmul(w, (1, m, out_f, k), &x2, &wt_layout)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap_or(&mut 0) = out_f;
-        Ok((out, Shape::from(out_dims)))
-    }
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -167,11 +154,11 @@ impl CustomOp1 for FrozenMatmul {
         if let Some(out) = super::cpu_decode::frozen_matmul(x, x_layout, &self.w)? {
             return Ok(out);
         }
-        self.fwd(x, x_layout, |s| if let Storage::Cpu(w) = s { Some(w) } else { None })
+        generic::frozen_product((x, x_layout), &self.w, |s| if let Storage::Cpu(w) = s { Some(w) } else { None })
     }
 
     fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.fwd(x, x_layout, |s| if let Storage::Cuda(w) = s { Some(w) } else { None })
+        generic::frozen_product((x, x_layout), &self.w, |s| if let Storage::Cuda(w) = s { Some(w) } else { None })
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -6,9 +6,28 @@
 //! ops. Tests force the generic path on the CPU ([`Runtime::generic`]) so that what CUDA runs is pinned down
 //! without a GPU.
 
-use candle_core::{DType, Device};
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Tensor, WithDType};
 
 use crate::{Error, Result};
+
+thread_local! {
+    static HOST_READS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The values of `t`, flattened, on the host: the way the training and decoding loops read a tensor back. Off the
+/// CPU it is a device-to-host copy that waits for the device to finish, so the loops do it as rarely as they can;
+/// every call is counted ([`host_reads`]), and tests bound the count per step.
+pub fn read_back<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    HOST_READS.with(|n| n.set(n.get() + 1));
+    Ok(t.flatten_all()?.to_vec1()?)
+}
+
+/// Calls of [`read_back`] so far on this thread (a model runs on the thread that calls it).
+pub fn host_reads() -> u64 {
+    HOST_READS.with(Cell::get)
+}
 
 /// Which implementation the differentiable ops (attention softmax, norms, rotary embedding) use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,8 +139,29 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::invalid(format!("--device cuda:{ordinal}: no usable GPU ({})", first_line(&e.to_string()))))
+    let device = Device::new_cuda(ordinal).map_err(|e| {
+        Error::invalid(format!("--device cuda:{ordinal}: no usable GPU ({})", first_line(&e.to_string())))
+    })?;
+    without_event_tracking(&device);
+    Ok(device)
+}
+
+/// Environment variable that keeps cudarc's event tracking on (`1`), for A/B benchmarks.
+pub const EVENT_TRACKING_ENV: &str = "BPO_CUDA_EVENT_TRACKING";
+
+/// Turns off cudarc's event tracking on a new CUDA device (unless [`EVENT_TRACKING_ENV`] is `1`): with it on, every
+/// allocation records two CUDA events so that tensors can be shared across streams. bpo runs all of a device's work
+/// on one thread and so one stream (candle's per-thread stream): the events buy nothing and cost on every
+/// allocation, most at batch-1 decoding. Must run before any tensor is made on the device.
+#[cfg(feature = "cuda")]
+fn without_event_tracking(device: &Device) {
+    if std::env::var(EVENT_TRACKING_ENV).as_deref() == Ok("1") {
+        return;
+    }
+    if let Device::Cuda(d) = device {
+        // SAFETY: bpo uses each CUDA device from one thread (one stream), so no tensor crosses streams.
+        unsafe { d.disable_event_tracking() };
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -140,6 +180,7 @@ fn first_line(s: &str) -> &str {
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
     if let Ok(d) = Device::new_cuda(0) {
+        without_event_tracking(&d);
         return d;
     }
     Device::Cpu

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
+use super::config::ModelConfig;
 use super::{load, LoadOptions, Model};
 use crate::text::template::{prompt_ids, response_ids};
 use crate::text::{Chat, PromptStyle, Template, Tokenizer};
@@ -23,20 +24,38 @@ pub struct Vlm {
 }
 
 impl Vlm {
-    /// Loads `dir` (weights, `tokenizer.json`, `preprocessor_config.json`).
+    /// Loads `dir` (weights, `tokenizer.json`, `preprocessor_config.json`). The folder's small files are read
+    /// first, so a bad tokenizer, processor or chat template is refused before the weights are checked and mapped.
     pub fn load(dir: &Path, opts: &LoadOptions, template: Template) -> Result<Self> {
-        Self::from_model(load(dir, opts)?, dir, template)
+        let cfg = ModelConfig::from_dir(dir)?;
+        let side = match &cfg {
+            ModelConfig::Llava(c) if !opts.text_only => Some(c.vision.image_size),
+            _ => None,
+        };
+        let (tok, processor, chat) = Self::folder_files(dir, &cfg.text().eos_ids(), side, template)?;
+        let model = load(dir, opts)?;
+        Ok(Vlm { model, tok, processor, chat, aspect: AspectMode::Pad, style: PromptStyle::Llava })
     }
 
     /// A loaded (or built) `model` with the tokenizer and image processor of the folder `dir`.
     pub fn from_model(model: Model, dir: &Path, template: Template) -> Result<Self> {
-        let tok = Tokenizer::from_dir(dir, &model.llm.cfg.eos_ids())?;
-        let processor = match &model.vision {
-            Some(v) => Some(ImageProcessor::for_tower(dir, v.cfg.vision.image_size)?),
-            None => None,
-        };
-        let chat = Chat::load(template, dir, &tok, processor.is_some())?;
+        let side = model.vision.as_ref().map(|v| v.cfg.vision.image_size);
+        let (tok, processor, chat) = Self::folder_files(dir, &model.llm.cfg.eos_ids(), side, template)?;
         Ok(Vlm { model, tok, processor, chat, aspect: AspectMode::Pad, style: PromptStyle::Llava })
+    }
+
+    /// The tokenizer, the image processor (for a vision tower taking `side` x `side` images) and the chat template
+    /// of the folder `dir`.
+    fn folder_files(
+        dir: &Path,
+        eos_ids: &[u32],
+        side: Option<usize>,
+        template: Template,
+    ) -> Result<(Tokenizer, Option<ImageProcessor>, Chat)> {
+        let tok = Tokenizer::from_dir(dir, eos_ids)?;
+        let processor = side.map(|side| ImageProcessor::for_tower(dir, side)).transpose()?;
+        let chat = Chat::load(template, dir, &tok, processor.is_some())?;
+        Ok((tok, processor, chat))
     }
 
     /// Switches to `template`, reading the folder `dir`'s own template for [`Template::Model`].
@@ -53,8 +72,13 @@ impl Vlm {
         }
     }
 
-    /// Prompt ids of `question` (rendered with the template; `<image>` expanded when `image` is given).
+    /// Prompt ids of `question` (rendered with the template; `<image>` expanded when `image` is given). A question
+    /// far longer than the context is refused before it is rendered or tokenised.
     pub fn prompt_ids(&self, question: &str, image: bool) -> Result<Vec<u32>> {
+        let context = self.model.llm.cfg.max_position_embeddings;
+        if self.tok.surely_longer_than(question, context) {
+            crate::bail!("a prompt of {} bytes cannot fit the model's context of {context} tokens", question.len());
+        }
         let text = self.chat.render(question, image)?;
         let slot = match (image, self.model.image_token()) {
             (true, Some(id)) => Some((id, self.model.image_tokens())),

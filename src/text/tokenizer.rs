@@ -9,6 +9,8 @@ pub struct Tokenizer {
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
     pub pad: u32,
+    /// Bytes of the longest token in the vocabulary.
+    longest: usize,
 }
 
 impl Tokenizer {
@@ -16,15 +18,12 @@ impl Tokenizer {
     /// conventional `<s>`, `</s>`, `<pad>` / `<unk>` tokens. `eos_ids` (from the model config) are added to EOS.
     pub fn from_dir(dir: &Path, eos_ids: &[u32]) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(Error::io(
-                &path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
-            ));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::parse(&path, None, e))?;
+        let text = crate::jsonl::read_folder_file(&path)?.ok_or_else(|| {
+            Error::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"))
+        })?;
+        let inner = text.parse::<tokenizers::Tokenizer>().map_err(|e| Error::parse(&path, None, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = match crate::jsonl::read_text_if_exists(&cfg_path)? {
+        let cfg: serde_json::Value = match crate::jsonl::read_folder_file(&cfg_path)? {
             Some(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&cfg_path, None, e))?,
             None => serde_json::Value::Null,
         };
@@ -41,7 +40,16 @@ impl Tokenizer {
             }
         }
         let pad = named("pad_token", &["<pad>", "<unk>"]).or(eos.first().copied()).unwrap_or(0);
-        Ok(Tokenizer { inner, bos, eos, pad })
+        let longest = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1);
+        Ok(Tokenizer { inner, bos, eos, pad, longest })
+    }
+
+    /// Whether `text` surely needs more than `tokens` tokens, known from its length alone, without tokenising it:
+    /// no token stands for more than four times the bytes of the longest token (or of 16 bytes), normalizers
+    /// included. A 50 MB prompt for a 4096-token context is refused at once this way instead of after a minute of
+    /// tokenising; a text that passes may still be too long.
+    pub fn surely_longer_than(&self, text: &str, tokens: usize) -> bool {
+        text.len() > tokens.saturating_mul(self.longest.max(16)).saturating_mul(4)
     }
 
     /// Token ids of `text`, with no special tokens added.

@@ -2,8 +2,8 @@
 //!
 //! The chosen and the rejected row of a pair start with the same prompt (BOS, image positions, question), and
 //! under causal attention the prompt's hidden states do not depend on what follows. So each prompt runs through
-//! the model once ([`crate::model::Model::prefix_hidden`]), and both answers continue from its keys and values
-//! ([`crate::model::Model::continuation_hidden`]); gradients from both answers add up in the shared prompt. With
+//! the model once, and both answers continue from its keys and values ([`crate::model::Model::pair_hidden`]);
+//! gradients from both answers add up in the shared prompt. With
 //! LLaVA's 576 image positions per prompt this nearly halves the work of a DPO step, forward and backward.
 
 use candle_core::{Device, Tensor};
@@ -19,8 +19,9 @@ use crate::{bail, Result};
 pub struct PairBatch {
     /// Pairs in the batch.
     pub pairs: usize,
-    /// Prompts, left-padded so they all end in the last column: (B, P) u32.
+    /// Prompts, left-padded so they all end in the last column: (B, P) u32, and the same ids on the host.
     prompt_ids: Tensor,
+    host_prompt_ids: Vec<u32>,
     prompt_mask: Tensor,
     /// Answers `[chosen..., rejected...]`, right-padded: (2B, A).
     answer_ids: Tensor,
@@ -28,8 +29,9 @@ pub struct PairBatch {
     answer_mask: Tensor,
     /// Prompt row of each answer row: `[0..B, 0..B]`.
     rows: Tensor,
-    /// Targets of `[last prompt position, answer...]` (2B, 1 + A): the answer ids, [`IGNORE`] elsewhere.
-    labels: Tensor,
+    /// Targets of `[last prompt position, answer...]` (2B, 1 + A), row-major on the host: the answer ids,
+    /// [`IGNORE`] elsewhere.
+    labels: Vec<i64>,
     /// Distinct images' tower features, and for each prompt with an image (in order) its index there.
     features: Option<Tensor>,
     image_index: Option<Tensor>,
@@ -69,12 +71,13 @@ impl PairBatch {
         let rows: Vec<u32> = (0..2 * b).map(|r| (r % b) as u32).collect();
         Ok(PairBatch {
             pairs: b,
-            prompt_ids: Tensor::from_vec(prompt_ids, (b, p), device)?,
+            prompt_ids: Tensor::from_slice(&prompt_ids, (b, p), device)?,
+            host_prompt_ids: prompt_ids,
             prompt_mask: Tensor::from_vec(prompt_mask, (b, p), device)?,
             answer_ids: Tensor::from_vec(answer_ids, (2 * b, a), device)?,
             answer_mask: Tensor::from_vec(answer_mask, (2 * b, p + a), device)?,
             rows: Tensor::from_vec(rows, 2 * b, device)?,
-            labels: Tensor::from_vec(labels, (2 * b, a + 1), device)?,
+            labels,
             features,
             image_index: if n == 0 { None } else { Some(Tensor::from_vec(index, n, device)?) },
             tokens,
@@ -82,13 +85,15 @@ impl PairBatch {
     }
 
     /// Summed answer log-probs `[chosen..., rejected...]` (2B,) and answer lengths, with image features projected by
-    /// `projector` (None: the model's own; `detach`: no gradient into it).
-    pub fn logps(
+    /// `projector` (None: the model's own; `detach`: no gradient into it). With `tape`, the decoder layers are
+    /// checkpointed.
+    pub fn logps<'a>(
         &self,
-        model: &Model,
+        model: &'a Model,
         projector: Option<&Projector>,
         detach: bool,
         pass: Pass,
+        tape: Option<&mut crate::model::checkpoint::Tape<'a>>,
     ) -> Result<(Tensor, Tensor)> {
         let embeds = match (&self.features, &self.image_index) {
             (Some(f), Some(idx)) => {
@@ -102,8 +107,9 @@ impl PairBatch {
             _ => None,
         };
         let prompts = Inputs { ids: &self.prompt_ids, mask: &self.prompt_mask, images: None };
-        let (prompt_hidden, kv) = model.prefix_hidden(&prompts, embeds.as_ref(), pass)?;
-        let answer_hidden = model.continuation_hidden(&self.answer_ids, &self.answer_mask, &kv, &self.rows, pass)?;
+        let answers = (&self.answer_ids, &self.answer_mask, &self.rows);
+        let prompts = (&prompts, &self.host_prompt_ids[..]);
+        let (prompt_hidden, answer_hidden) = model.pair_hidden(prompts, embeds.as_ref(), answers, pass, tape)?;
         // The last prompt position predicts each answer's first token.
         let p = prompt_hidden.dim(1)?;
         let last = prompt_hidden.narrow(1, p - 1, 1)?.contiguous()?.index_select(&self.rows, 0)?;

@@ -77,7 +77,7 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
 }
 
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = crate::jsonl::read_text(path)?;
+    let text = crate::jsonl::read_folder_file_required(path)?;
     serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
 }
 
@@ -177,7 +177,9 @@ pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) 
     let scale = if cfg.use_rslora == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
 
     let path = dir.join(ADAPTER_WEIGHTS);
-    if !allow_non_finite {
+    if allow_non_finite {
+        crate::model::load::check_weights_file(&path)?;
+    } else {
         check_finite_file(&path)?;
     }
     let tensors = candle_core::safetensors::load(&path, &model.rt.device)

@@ -23,6 +23,7 @@ use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, LoopSummary, Metrics, Objective};
 use crate::data::PairOptions;
+use crate::model::checkpoint::{backward, Tape};
 use crate::model::linear::DropoutSeed;
 use crate::model::llava::Projector;
 use crate::model::Vlm;
@@ -49,13 +50,23 @@ pub struct Dpo {
     pub reference: Reference,
     pub loss: DpoLoss,
     pub features: FeatureCache,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
     dropout: Option<Arc<DropoutSeed>>,
 }
 
 impl Dpo {
     pub fn new(mut vlm: Vlm, examples: Vec<PairExample>, reference: Reference, loss: DpoLoss, cache_mb: usize) -> Self {
         let dropout = vlm.model.llm.dropout_seed();
-        Dpo { vlm, examples, reference, loss, features: FeatureCache::new(cache_mb), dropout }
+        Dpo {
+            vlm,
+            examples,
+            reference,
+            loss,
+            features: FeatureCache::new(cache_mb),
+            gradient_checkpointing: false,
+            dropout,
+        }
     }
 
     fn batch(&mut self, batch: &[usize]) -> Result<PairBatch> {
@@ -67,8 +78,10 @@ impl Dpo {
     fn reference_logps(&self, batch: &[usize], pb: &PairBatch) -> Result<(Tensor, Tensor)> {
         let b = batch.len();
         let sums = match &self.reference {
-            Reference::AdaptersOff { projector } => pb.logps(&self.vlm.model, projector.as_ref(), true, Pass::BASE)?.0,
-            Reference::Frozen(model) => pb.logps(model, None, true, Pass::BASE)?.0,
+            Reference::AdaptersOff { projector } => {
+                pb.logps(&self.vlm.model, projector.as_ref(), true, Pass::BASE, None)?.0
+            }
+            Reference::Frozen(model) => pb.logps(model, None, true, Pass::BASE, None)?.0,
             Reference::StartingPolicy => bail!("the starting-policy reference must be precomputed"),
             Reference::Precomputed(v) => {
                 let (c, r): (Vec<f32>, Vec<f32>) = batch.iter().map(|&i| v[i]).unzip();
@@ -82,11 +95,17 @@ impl Dpo {
         Ok((sums.narrow(0, 0, b)?, sums.narrow(0, b, b)?))
     }
 
-    /// Policy and reference log-probs of `batch`; `train` builds the graph with dropout on.
-    fn forward(&mut self, batch: &[usize], train: bool) -> Result<(PairLogps, usize)> {
-        let pb = self.batch(batch)?;
-        let (sums, counts) = pb.logps(&self.vlm.model, None, false, Pass { adapters: true, train })?;
-        let (ref_chosen, ref_rejected) = self.reference_logps(batch, &pb)?;
+    /// Policy and reference log-probs of `batch` laid out as `pb`; `train` builds the graph with dropout on, and
+    /// `tape` checkpoints the policy's decoder layers.
+    fn forward<'a>(
+        &'a self,
+        batch: &[usize],
+        pb: &PairBatch,
+        train: bool,
+        tape: Option<&mut Tape<'a>>,
+    ) -> Result<PairLogps> {
+        let (sums, counts) = pb.logps(&self.vlm.model, None, false, Pass { adapters: true, train }, tape)?;
+        let (ref_chosen, ref_rejected) = self.reference_logps(batch, pb)?;
         let b = batch.len();
         let lp = PairLogps {
             chosen: sums.narrow(0, 0, b)?,
@@ -96,13 +115,14 @@ impl Dpo {
             chosen_tokens: counts.narrow(0, 0, b)?,
             rejected_tokens: counts.narrow(0, b, b)?,
         };
-        Ok((lp, pb.tokens))
+        Ok(lp)
     }
 
     /// Loss and metrics of `batch` without training (dropout off, no gradients kept).
     pub fn evaluate(&mut self, batch: &[usize]) -> Result<Metrics> {
-        let (lp, tokens) = self.forward(batch, false)?;
-        metrics(&lp, &dpo_loss(&lp, &self.loss)?, batch.len(), tokens)
+        let pb = self.batch(batch)?;
+        let lp = self.forward(batch, &pb, false, None)?;
+        metrics(&lp, &dpo_loss(&lp, &self.loss)?, batch.len(), pb.tokens)
     }
 
     /// Computes the reference log-probs of every example now (`batch_size` pairs per pass) and switches to them.
@@ -117,7 +137,7 @@ impl Dpo {
             let pb = self.batch(chunk)?;
             let (c, r) = match &self.reference {
                 Reference::StartingPolicy => {
-                    let sums = pb.logps(&self.vlm.model, None, true, Pass::INFER)?.0;
+                    let sums = pb.logps(&self.vlm.model, None, true, Pass::INFER, None)?.0;
                     (sums.narrow(0, 0, chunk.len())?, sums.narrow(0, chunk.len(), chunk.len())?)
                 }
                 _ => self.reference_logps(chunk, &pb)?,
@@ -130,24 +150,24 @@ impl Dpo {
     }
 }
 
-/// TRL's metric names for one batch.
+/// TRL's metric names for one batch, computed where the model runs (the trainer reads them back once a step).
 fn metrics(lp: &PairLogps, out: &super::loss::DpoOutput, examples: usize, tokens: usize) -> Result<Metrics> {
-    let mean = |t: &Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
     let margins = (&out.chosen_rewards - &out.rejected_rewards)?;
     let accuracy = out.chosen_rewards.gt(&out.rejected_rewards)?.to_dtype(candle_core::DType::F32)?;
-    Ok(Metrics {
-        values: vec![
-            ("loss", out.loss.to_scalar::<f32>()? as f64),
-            ("rewards/chosen", mean(&out.chosen_rewards)?),
-            ("rewards/rejected", mean(&out.rejected_rewards)?),
-            ("rewards/accuracies", mean(&accuracy)?),
-            ("rewards/margins", mean(&margins)?),
-            ("logps/chosen", mean(&lp.chosen.detach())?),
-            ("logps/rejected", mean(&lp.rejected.detach())?),
+    let m = |t: &Tensor| t.detach().mean_all();
+    Metrics::new(
+        &[
+            ("loss", &out.loss),
+            ("rewards/chosen", &m(&out.chosen_rewards)?),
+            ("rewards/rejected", &m(&out.rejected_rewards)?),
+            ("rewards/accuracies", &m(&accuracy)?),
+            ("rewards/margins", &m(&margins)?),
+            ("logps/chosen", &m(&lp.chosen)?),
+            ("logps/rejected", &m(&lp.rejected)?),
         ],
         examples,
         tokens,
-    })
+    )
 }
 
 impl Objective for Dpo {
@@ -159,10 +179,12 @@ impl Objective for Dpo {
         if let Some(d) = &self.dropout {
             d.reseed(seed);
         }
-        let (lp, tokens) = self.forward(batch, true)?;
+        let pb = self.batch(batch)?;
+        let mut tape = self.gradient_checkpointing.then(Tape::new);
+        let lp = self.forward(batch, &pb, true, tape.as_mut())?;
         let out = dpo_loss(&lp, &self.loss)?;
-        opt.accumulate(&out.loss.backward()?, weight)?;
-        metrics(&lp, &out, batch.len(), tokens)
+        backward(&out.loss, tape, &mut |grads| opt.accumulate(grads, weight))?;
+        metrics(&lp, &out, batch.len(), pb.tokens)
     }
 }
 
@@ -246,6 +268,7 @@ pub fn train(
     };
     let needs_precompute = cfg.precompute_ref || matches!(reference, Reference::StartingPolicy);
     let mut dpo = Dpo::new(prepared.vlm, examples, reference, cfg.loss, cfg.feature_cache_mb);
+    dpo.gradient_checkpointing = cfg.setup.gradient_checkpointing;
     if needs_precompute {
         reference_cache(&mut dpo, &out.join(REF_LOGPS), cfg.optim.batch_size, say)?;
     }

@@ -35,11 +35,25 @@ impl FeatureCache {
     /// Features of `paths` (distinct images), stacked in order: (n, tokens, tower hidden). Images not in the cache
     /// are decoded, preprocessed and encoded together in one tower call.
     pub fn features(&mut self, vlm: &Vlm, paths: &[&Path]) -> Result<Tensor> {
+        self.features_checkpointed(vlm, paths, None)
+    }
+
+    /// [`FeatureCache::features`]; with `tape`, a training tower's layers are checkpointed.
+    pub fn features_checkpointed<'a>(
+        &mut self,
+        vlm: &'a Vlm,
+        paths: &[&Path],
+        tape: Option<&mut crate::model::checkpoint::Tape<'a>>,
+    ) -> Result<Tensor> {
         let missing: Vec<&Path> = paths.iter().copied().filter(|p| !self.cache.contains_key(*p)).collect();
         let mut fresh: HashMap<&Path, Tensor> = HashMap::new();
         if !missing.is_empty() {
             let pixels = missing.iter().map(|p| vlm.load_image(p)).collect::<Result<Vec<_>>>()?;
-            let feats = vlm.model.encode_images(&Tensor::stack(&pixels, 0)?)?;
+            let pixels = Tensor::stack(&pixels, 0)?;
+            let feats = match tape {
+                Some(tape) if self.live => vlm.model.encode_images_checkpointed(&pixels, Some(tape))?,
+                _ => vlm.model.encode_images(&pixels)?,
+            };
             let feats = if self.live { feats } else { feats.detach() };
             self.encoded += missing.len();
             for (i, p) in missing.iter().enumerate() {

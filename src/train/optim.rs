@@ -1,11 +1,15 @@
 //! AdamW (Loshchilov & Hutter 2019) as `torch.optim.AdamW`, updating the parameters in place.
 //!
 //! Two kinds of state, chosen once with the run's [`Kernels`]. On the CPU in f32 ([`Kernels::Fused`]) the moments and
-//! a gradient-accumulation buffer are plain `Vec<f32>`s allocated once and the parameter is rewritten through an
-//! in-place op, so a step allocates nothing. Elsewhere ([`Kernels::Generic`]: CUDA, or bf16 compute) they are f32
-//! tensors on the parameters' device and the update is a handful of tensor ops, with one value read back per
-//! step (the global gradient norm). Parameters are f32 master copies in both. Gradient clipping (by global norm,
-//! as `clip_grad_norm_`) is folded into the update.
+//! a gradient-accumulation buffer are plain `Vec<f32>`s allocated once per parameter and the parameter is rewritten
+//! through an in-place op, so a step allocates nothing. Elsewhere ([`Kernels::Generic`]: CUDA, or bf16 compute) the
+//! moments and the accumulation buffer of all parameters are three flat f32 tensors on the parameters' device, so a
+//! step is a dozen whole-buffer kernels whatever the number of parameters (448 LoRA tensors in a 7B model), plus
+//! one gather of the gradients per micro-batch and a gather and scatter of the parameters per step. There the
+//! gradient norm, the clipping factor and the finiteness check stay on the device: the step returns the norm as a
+//! tensor, to be read back with the step's metrics, and applies the update only where the norm and the guards
+//! (the losses) are finite. Parameters are f32 master copies in both. Gradient clipping (by global norm, as
+//! `clip_grad_norm_`) is folded into the update.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,10 +36,25 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Moments and the gradient accumulation buffer of one parameter.
-enum Moments {
-    Host { m: Vec<f32>, v: Vec<f32>, acc: Vec<f32> },
-    Device { m: Tensor, v: Tensor, acc: Tensor },
+/// Moments and the gradient accumulation buffer of one parameter, on the host.
+struct HostMoments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// The optimizer state: per parameter on the host, or flat over all parameters on their device.
+enum State {
+    Host(Vec<Mutex<HostMoments>>),
+    Flat {
+        m: Tensor,
+        v: Tensor,
+        acc: Tensor,
+        /// Weight decay of each element: the configured decay for decayed parameters, 0 elsewhere.
+        decay: Tensor,
+        /// Where each parameter starts in the flat buffers.
+        offsets: Vec<usize>,
+    },
 }
 
 struct Param {
@@ -43,14 +62,50 @@ struct Param {
     var: Var,
     /// transformers decays every weight except biases and norm weights.
     decay: bool,
-    state: Mutex<Moments>,
 }
 
 pub struct AdamW {
     params: Vec<Param>,
+    state: State,
     cfg: AdamWConfig,
     /// Steps taken (bias correction uses it).
     steps: u64,
+}
+
+/// The global gradient norm of a step, before clipping: a host value, or a scalar f32 tensor on the parameters'
+/// device (not yet read back).
+pub enum GradNorm {
+    Host(f64),
+    Device(Tensor),
+}
+
+impl GradNorm {
+    /// The norm on the host (reading a device norm back).
+    pub fn value(&self) -> Result<f64> {
+        match self {
+            GradNorm::Host(v) => Ok(*v),
+            GradNorm::Device(t) => {
+                Ok(f64::from(crate::model::runtime::read_back::<f32>(t)?.first().copied().unwrap_or(f32::NAN)))
+            }
+        }
+    }
+}
+
+/// `acc[start..] += scale * cat(run)`, emptying `run`.
+fn add_run(acc: &mut Tensor, start: usize, run: &mut Vec<Tensor>, scale: f64) -> Result<()> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let g = if run.len() == 1 { run.remove(0) } else { Tensor::cat(run, 0)? };
+    run.clear();
+    let len = g.elem_count();
+    if start == 0 && len == acc.elem_count() {
+        *acc = (&*acc + (g * scale)?)?;
+    } else {
+        let sum = (acc.narrow(0, start, len)? + (g * scale)?)?;
+        acc.slice_set(&sum, 0, start)?;
+    }
+    Ok(())
 }
 
 /// Reads a contiguous f32 CPU tensor's values without copying them out.
@@ -77,7 +132,7 @@ struct Update {
 
 /// One parameter's host-state update, applied in place to its storage.
 struct HostUpdate<'a> {
-    state: &'a Mutex<Moments>,
+    state: &'a Mutex<HostMoments>,
     u: Update,
 }
 
@@ -91,7 +146,7 @@ impl InplaceOp1 for HostUpdate<'_> {
             candle_core::bail!("adamw: parameter is not a contiguous f32 tensor");
         };
         let mut st = self.state.lock().map_err(|_| candle_core::Error::Msg("adamw: poisoned state".into()))?;
-        let Moments::Host { m, v, acc } = &mut *st else { candle_core::bail!("adamw: parameter has device state") };
+        let HostMoments { m, v, acc } = &mut *st;
         let u = &self.u;
         let step = u.lr * u.corr1;
         for i in 0..end - start {
@@ -107,45 +162,57 @@ impl InplaceOp1 for HostUpdate<'_> {
     }
 }
 
-/// The same update with the state as tensors on the parameter's device, in the same order of f32 operations.
-fn device_update(var: &Var, m: &mut Tensor, v: &mut Tensor, acc: &mut Tensor, u: &Update) -> Result<()> {
-    let g = (&*acc * u.grad_scale as f64)?;
-    let p = (var.as_tensor() * (1.0 - u.lr * u.decay) as f64)?;
-    *m = ((&*m * u.beta1 as f64)? + (&g * (1.0 - u.beta1) as f64)?)?;
-    *v = ((&*v * u.beta2 as f64)? + ((&g * (1.0 - u.beta2) as f64)? * &g)?)?;
-    let denom = ((v.sqrt()? * u.corr2_sqrt as f64)? + u.eps as f64)?;
-    let p = (p - ((&*m * (u.lr * u.corr1) as f64)? / denom)?)?;
-    var.set(&p)?;
-    *acc = acc.zeros_like()?;
-    Ok(())
-}
-
 impl AdamW {
-    /// Takes (name, variable) pairs, each an f32 tensor (a master copy). `kernels` chooses the state:
-    /// [`Kernels::Fused`] host buffers (CPU only), [`Kernels::Generic`] tensors on the parameters' device.
+    /// Takes (name, variable) pairs, each an f32 tensor (a master copy), all on one device. `kernels` chooses the
+    /// state: [`Kernels::Fused`] host buffers (CPU only), [`Kernels::Generic`] flat tensors on the parameters'
+    /// device.
     pub fn new(vars: &[(String, Var)], cfg: AdamWConfig, kernels: Kernels) -> Result<Self> {
         let mut params = Vec::with_capacity(vars.len());
         for (name, var) in vars {
             if var.dtype() != DType::F32 {
                 bail!("{name}: trainable weights must be f32 master copies, found {:?}", var.dtype());
             }
-            let state = match kernels {
-                Kernels::Fused => {
-                    if !var.device().is_cpu() {
-                        bail!("{name}: the fused optimizer runs on the CPU only");
-                    }
-                    let n = var.elem_count();
-                    Moments::Host { m: vec![0.0; n], v: vec![0.0; n], acc: vec![0.0; n] }
-                }
-                Kernels::Generic => {
-                    let zeros = var.as_tensor().zeros_like()?;
-                    Moments::Device { m: zeros.clone(), v: zeros.clone(), acc: zeros }
-                }
-            };
+            if kernels == Kernels::Fused && !var.device().is_cpu() {
+                bail!("{name}: the fused optimizer runs on the CPU only");
+            }
+            if !var.device().same_device(vars[0].1.device()) {
+                bail!("{name}: trainable weights must all be on one device");
+            }
             let decay = !(name.ends_with("bias") || name.contains("norm"));
-            params.push(Param { name: name.clone(), var: var.clone(), decay, state: Mutex::new(state) });
+            params.push(Param { name: name.clone(), var: var.clone(), decay });
         }
-        Ok(AdamW { params, cfg, steps: 0 })
+        let state = match kernels {
+            Kernels::Fused => State::Host(
+                params
+                    .iter()
+                    .map(|p| {
+                        let n = p.var.elem_count();
+                        Mutex::new(HostMoments { m: vec![0.0; n], v: vec![0.0; n], acc: vec![0.0; n] })
+                    })
+                    .collect(),
+            ),
+            Kernels::Generic => {
+                let device = vars.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+                let mut offsets = Vec::with_capacity(params.len());
+                let mut decay = Vec::new();
+                for p in &params {
+                    offsets.push(decay.len());
+                    let d = if p.decay { cfg.weight_decay as f32 } else { 0.0 };
+                    decay.extend(std::iter::repeat_n(d, p.var.elem_count()));
+                }
+                let n = decay.len();
+                // Three buffers of their own: the accumulation buffer is written in place.
+                let zeros = || Tensor::zeros(n, DType::F32, &device);
+                State::Flat {
+                    m: zeros()?,
+                    v: zeros()?,
+                    acc: zeros()?,
+                    decay: Tensor::from_vec(decay, n, &device)?,
+                    offsets,
+                }
+            }
+        };
+        Ok(AdamW { params, state, cfg, steps: 0 })
     }
 
     /// Steps taken so far.
@@ -156,93 +223,165 @@ impl AdamW {
     /// Adds `scale * gradient` of every parameter to its accumulation buffer. A parameter with no gradient (unused
     /// by this batch) adds nothing.
     pub fn accumulate(&mut self, grads: &GradStore, scale: f64) -> Result<()> {
-        for p in &self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            let mut st = p.state.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
-            match &mut *st {
-                Moments::Host { acc, .. } => {
+        match &mut self.state {
+            State::Host(moments) => {
+                for (p, st) in self.params.iter().zip(moments.iter()) {
+                    let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+                    let mut st = st.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
                     let g = if g.is_contiguous() { g.clone() } else { g.contiguous()? };
                     with_f32(&g, |g| {
-                        for (a, &x) in acc.iter_mut().zip(g) {
+                        for (a, &x) in st.acc.iter_mut().zip(g) {
                             *a += scale as f32 * x;
                         }
                     })?;
                 }
-                Moments::Device { acc, .. } => *acc = (&*acc + (g.to_dtype(DType::F32)? * scale)?)?,
+            }
+            State::Flat { acc, offsets, .. } => {
+                // Runs of consecutive parameters that have a gradient (all of them in a plain backward pass, one
+                // layer's with gradient checkpointing): one gather and one addition into the buffer per run.
+                let mut run: Vec<Tensor> = Vec::new();
+                let mut start = 0;
+                for (i, p) in self.params.iter().enumerate() {
+                    match grads.get(p.var.as_tensor()) {
+                        Some(g) => {
+                            if run.is_empty() {
+                                start = offsets[i];
+                            }
+                            run.push(g.to_dtype(DType::F32)?.flatten_all()?);
+                        }
+                        None => add_run(acc, start, &mut run, scale)?,
+                    }
+                }
+                add_run(acc, start, &mut run, scale)?;
             }
         }
         Ok(())
     }
 
-    /// L2 norm of the accumulated gradients of all parameters together.
+    /// L2 norm of the accumulated gradients of all parameters together (read back from the device on the flat
+    /// state: for tests and callers outside the step).
     pub fn grad_norm(&self) -> Result<f64> {
-        let mut sq = 0f64;
-        let mut device_sums = Vec::new();
-        for p in &self.params {
-            let st = p.state.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
-            match &*st {
-                Moments::Host { acc, .. } => sq += acc.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>(),
-                Moments::Device { acc, .. } => device_sums.push(acc.sqr()?.sum_all()?.unsqueeze(0)?),
+        match &self.state {
+            State::Host(moments) => {
+                let mut sq = 0f64;
+                for st in moments {
+                    let st = st.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
+                    sq += st.acc.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+                }
+                Ok(sq.sqrt())
             }
+            State::Flat { acc, .. } => Ok(f64::from(acc.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)),
         }
-        if !device_sums.is_empty() {
-            // One read-back for all parameters.
-            let sums: Vec<f32> = Tensor::cat(&device_sums, 0)?.to_vec1()?;
-            sq += sums.iter().map(|&s| s as f64).sum::<f64>();
-        }
-        Ok(sq.sqrt())
     }
 
     /// One AdamW step at learning rate `lr` with the accumulated gradients, clipped to global norm `max_norm`
     /// (as `clip_grad_norm_`: scaled by `max_norm / (norm + 1e-6)` when that is below 1; `max_norm` 0 means no
-    /// clipping, as transformers' `max_grad_norm=0`). Clears the buffers and returns the norm before clipping. A norm
-    /// that is not finite is returned without any update (parameters, moments and step count stay as they were).
-    pub fn step(&mut self, lr: f64, max_norm: Option<f64>) -> Result<f64> {
-        let norm = self.grad_norm()?;
-        if !norm.is_finite() {
-            return Ok(norm);
-        }
-        let grad_scale = match max_norm {
-            Some(max) if max > 0.0 => (max / (norm + 1e-6)).min(1.0),
-            _ => 1.0,
+    /// clipping, as transformers' `max_grad_norm=0`). Clears the buffers and returns the norm before clipping.
+    ///
+    /// The update is applied only when the norm and every value in `guards` (scalars: the step's losses) are
+    /// finite; otherwise parameters and moments stay as they were. The host state knows at once (the step count
+    /// stays too); the flat state decides on the device, counts the step, and its caller learns of a non-finite
+    /// norm when it reads [`GradNorm::Device`] back (a training run then stops).
+    pub fn step(&mut self, lr: f64, max_norm: Option<f64>, guards: &[Tensor]) -> Result<GradNorm> {
+        let clip = max_norm.filter(|&m| m > 0.0);
+        let c = self.cfg;
+        let t = self.steps as i32 + 1;
+        let corr1 = (1.0 / (1.0 - c.beta1.powi(t))) as f32;
+        let corr2_sqrt = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
+        let host_norm = match self.state {
+            State::Host(_) => Some(self.grad_norm()?),
+            State::Flat { .. } => None,
         };
-        self.steps += 1;
-        let t = self.steps as i32;
-        let c = &self.cfg;
-        for p in &self.params {
-            let u = Update {
-                lr: lr as f32,
-                decay: if p.decay { c.weight_decay as f32 } else { 0.0 },
-                grad_scale: grad_scale as f32,
-                beta1: c.beta1 as f32,
-                beta2: c.beta2 as f32,
-                eps: c.eps as f32,
-                corr1: (1.0 / (1.0 - c.beta1.powi(t))) as f32,
-                corr2_sqrt: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
-            };
-            let mut st = p.state.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
-            match &mut *st {
-                Moments::Host { .. } => {
-                    drop(st);
-                    p.var.as_tensor().inplace_op1(&HostUpdate { state: &p.state, u })?;
+        match &mut self.state {
+            State::Host(moments) => {
+                let norm = host_norm.unwrap_or(f64::NAN);
+                let mut finite = norm.is_finite();
+                for g in guards {
+                    finite &= g.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
                 }
-                Moments::Device { m, v, acc } => device_update(&p.var, m, v, acc, &u)?,
+                if !finite {
+                    return Ok(GradNorm::Host(norm));
+                }
+                let grad_scale = clip.map_or(1.0, |max| (max / (norm + 1e-6)).min(1.0));
+                self.steps += 1;
+                for (p, st) in self.params.iter().zip(moments.iter()) {
+                    let u = Update {
+                        lr: lr as f32,
+                        decay: if p.decay { c.weight_decay as f32 } else { 0.0 },
+                        grad_scale: grad_scale as f32,
+                        beta1: c.beta1 as f32,
+                        beta2: c.beta2 as f32,
+                        eps: c.eps as f32,
+                        corr1,
+                        corr2_sqrt,
+                    };
+                    p.var.as_tensor().inplace_op1(&HostUpdate { state: st, u })?;
+                }
+                Ok(GradNorm::Host(norm))
+            }
+            State::Flat { m, v, acc, decay, offsets } => {
+                let norm = acc.sqr()?.sum_all()?.sqrt()?;
+                // |x| <= f32::MAX is false for NaN and infinities; a sum is finite when every term is (the losses are
+                // far from overflowing).
+                let mut probe = norm.clone();
+                for g in guards {
+                    probe = (probe + g.to_dtype(DType::F32)?.sum_all()?)?;
+                }
+                let ok = probe.abs()?.le(f64::from(f32::MAX))?;
+                let g = match clip {
+                    Some(max) => {
+                        let scale = Tensor::new(max as f32, norm.device())?.div(&(&norm + 1e-6)?)?.minimum(1f64)?;
+                        acc.broadcast_mul(&scale)?
+                    }
+                    None => acc.clone(),
+                };
+                let old_p = Tensor::cat(
+                    &self
+                        .params
+                        .iter()
+                        .map(|p| p.var.as_tensor().flatten_all())
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                    0,
+                )?;
+                // The host path's arithmetic, element for element.
+                let factor = decay.affine(-(lr as f32) as f64, 1.0)?;
+                let new_m = ((&*m * c.beta1 as f32 as f64)? + (&g * (1.0 - c.beta1 as f32) as f64)?)?;
+                let new_v = ((&*v * c.beta2 as f32 as f64)? + ((&g * (1.0 - c.beta2 as f32) as f64)? * &g)?)?;
+                let denom = ((new_v.sqrt()? * corr2_sqrt as f64)? + c.eps as f32 as f64)?;
+                let step = ((&new_m * (lr as f32 * corr1) as f64)? / denom)?;
+                let new_p = ((&old_p * factor)? - step)?;
+                let keep = |new: &Tensor, old: &Tensor| ok.broadcast_as(new.shape())?.where_cond(new, old);
+                let new_p = keep(&new_p, &old_p)?;
+                *m = keep(&new_m, m)?;
+                *v = keep(&new_v, v)?;
+                for (p, &at) in self.params.iter().zip(offsets.iter()) {
+                    let n = p.var.elem_count();
+                    p.var.set(&new_p.narrow(0, at, n)?.reshape(p.var.shape())?)?;
+                }
+                *acc = acc.zeros_like()?;
+                self.steps += 1;
+                Ok(GradNorm::Device(norm))
             }
         }
-        Ok(norm)
     }
 
     /// The moments as named tensors (`{name}.exp_avg`, `{name}.exp_avg_sq`), for a checkpoint.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(2 * self.params.len());
-        for p in &self.params {
-            let st = p.state.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
+        for (i, p) in self.params.iter().enumerate() {
             let shape = p.var.shape();
-            let (m, v) = match &*st {
-                Moments::Host { m, v, .. } => {
-                    (Tensor::from_slice(m, shape, p.var.device())?, Tensor::from_slice(v, shape, p.var.device())?)
+            let (m, v) = match &self.state {
+                State::Host(moments) => {
+                    let st = moments[i].lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
+                    (
+                        Tensor::from_slice(&st.m, shape, p.var.device())?,
+                        Tensor::from_slice(&st.v, shape, p.var.device())?,
+                    )
                 }
-                Moments::Device { m, v, .. } => (m.clone(), v.clone()),
+                State::Flat { m, v, offsets, .. } => {
+                    let n = p.var.elem_count();
+                    (m.narrow(0, offsets[i], n)?.reshape(shape)?, v.narrow(0, offsets[i], n)?.reshape(shape)?)
+                }
             };
             out.push((format!("{}.exp_avg", p.name), m));
             out.push((format!("{}.exp_avg_sq", p.name), v));
@@ -252,8 +391,9 @@ impl AdamW {
 
     /// Restores the moments saved by [`AdamW::state_tensors`] and the step count.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
-        for p in &self.params {
-            let mut guard = p.state.lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
+        let mut flat_m = Vec::new();
+        let mut flat_v = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
             let get = |suffix: &str| -> Result<Tensor> {
                 let key = format!("{}.{suffix}", p.name);
                 let t = tensors.get(&key).ok_or_else(|| Error::invalid(format!("optimizer state has no {key}")))?;
@@ -263,15 +403,22 @@ impl AdamW {
                 Ok(t.to_dtype(DType::F32)?)
             };
             let (m_saved, v_saved) = (get("exp_avg")?, get("exp_avg_sq")?);
-            match &mut *guard {
-                Moments::Host { m, v, .. } => {
-                    m.copy_from_slice(&m_saved.flatten_all()?.to_vec1::<f32>()?);
-                    v.copy_from_slice(&v_saved.flatten_all()?.to_vec1::<f32>()?);
+            match &self.state {
+                State::Host(moments) => {
+                    let mut st = moments[i].lock().map_err(|_| Error::invalid("optimizer state poisoned"))?;
+                    st.m.copy_from_slice(&m_saved.flatten_all()?.to_vec1::<f32>()?);
+                    st.v.copy_from_slice(&v_saved.flatten_all()?.to_vec1::<f32>()?);
                 }
-                Moments::Device { m, v, .. } => {
-                    *m = m_saved.reshape(p.var.shape())?.to_device(p.var.device())?;
-                    *v = v_saved.reshape(p.var.shape())?.to_device(p.var.device())?;
+                State::Flat { .. } => {
+                    flat_m.push(m_saved.flatten_all()?.to_device(p.var.device())?);
+                    flat_v.push(v_saved.flatten_all()?.to_device(p.var.device())?);
                 }
+            }
+        }
+        if let State::Flat { m, v, .. } = &mut self.state {
+            if !flat_m.is_empty() {
+                *m = Tensor::cat(&flat_m, 0)?;
+                *v = Tensor::cat(&flat_v, 0)?;
             }
         }
         self.steps = steps;
@@ -310,7 +457,7 @@ mod tests {
                 + (b.as_tensor() * Tensor::new(&gb, &dev).unwrap()).unwrap().sum_all().unwrap())
             .unwrap();
             opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
-            opt.step(0.01, None).unwrap();
+            opt.step(0.01, None, &[]).unwrap();
         }
         let want_p = [0.9799806475639343f32, -1.980901837348938, 2.9784910678863525];
         let got: Vec<f32> = p.as_tensor().to_vec1().unwrap();
@@ -339,9 +486,9 @@ mod tests {
         let grads = loss.backward().unwrap();
         opt.accumulate(&grads, 0.5).unwrap();
         opt.accumulate(&grads, 0.5).unwrap();
-        assert!((opt.grad_norm().unwrap() - 5.0).abs() < 1e-9);
-        let norm = opt.step(0.1, Some(1.0)).unwrap();
-        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((opt.grad_norm().unwrap() - 5.0).abs() < 1e-6);
+        let norm = opt.step(0.1, Some(1.0), &[]).unwrap().value().unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
         assert_eq!(opt.grad_norm().unwrap(), 0.0, "buffers are cleared");
         // First Adam step moves each weight by lr against the gradient's sign, clipped or not.
         let got: Vec<f32> = p.as_tensor().to_vec1().unwrap();
@@ -381,7 +528,7 @@ mod tests {
                     .unwrap();
                     opt.accumulate(&loss.backward().unwrap(), 0.5).unwrap();
                 }
-                opt.step(1e-2, Some(4.0)).unwrap();
+                opt.step(1e-2, Some(4.0), &[]).unwrap();
                 if step == 4 {
                     let saved: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
                     let mut fresh = AdamW::new(&vars, cfg, kernels).unwrap();
@@ -400,23 +547,30 @@ mod tests {
     }
 
     /// `max_grad_norm` 0 is "no clipping" (TRL, transformers), not "scale every update to zero"; a non-finite gradient
-    /// norm changes nothing.
+    /// norm or guard (the loss) changes nothing, on either state.
     #[test]
-    fn zero_max_norm_does_not_clip_and_a_non_finite_norm_does_not_step() {
+    fn zero_max_norm_does_not_clip_and_a_non_finite_norm_or_loss_does_not_step() {
         let dev = Device::Cpu;
-        let step_with = |max_norm: Option<f64>, g: f32| -> (Vec<f32>, f64, u64) {
-            let p = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev).unwrap()).unwrap();
-            let mut opt = AdamW::new(&[("p".to_string(), p.clone())], AdamWConfig::default(), Kernels::Fused).unwrap();
-            let loss = (p.as_tensor() * Tensor::new(&[3.0f32, g], &dev).unwrap()).unwrap().sum_all().unwrap();
-            opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
-            let norm = opt.step(0.1, max_norm).unwrap();
-            (p.as_tensor().to_vec1().unwrap(), norm, opt.steps())
-        };
-        let (unclipped, zero) = (step_with(None, 4.0), step_with(Some(0.0), 4.0));
-        assert_eq!(unclipped, zero);
-        assert!((unclipped.0[0] - 0.9).abs() < 1e-5, "{unclipped:?}");
-        let (weights, norm, steps) = step_with(Some(1.0), f32::NAN);
-        assert!(norm.is_nan());
-        assert_eq!((weights, steps), (vec![1.0, 2.0], 0), "no update");
+        for kernels in [Kernels::Fused, Kernels::Generic] {
+            let step_with = |max_norm: Option<f64>, g: f32, loss: f32| -> (Vec<f32>, f64, Vec<f32>) {
+                let p = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev).unwrap()).unwrap();
+                let mut opt = AdamW::new(&[("p".to_string(), p.clone())], AdamWConfig::default(), kernels).unwrap();
+                let loss_t = (p.as_tensor() * Tensor::new(&[3.0f32, g], &dev).unwrap()).unwrap().sum_all().unwrap();
+                opt.accumulate(&loss_t.backward().unwrap(), 1.0).unwrap();
+                let guard = Tensor::new(&[loss], &dev).unwrap();
+                let norm = opt.step(0.1, max_norm, &[guard]).unwrap().value().unwrap();
+                let m = opt.state_tensors().unwrap()[0].1.to_vec1().unwrap();
+                (p.as_tensor().to_vec1().unwrap(), norm, m)
+            };
+            let (unclipped, zero) = (step_with(None, 4.0, 1.0), step_with(Some(0.0), 4.0, 1.0));
+            assert_eq!(unclipped, zero);
+            assert!((unclipped.0[0] - 0.9).abs() < 1e-5, "{unclipped:?}");
+            let (weights, norm, m) = step_with(Some(1.0), f32::NAN, 1.0);
+            assert!(norm.is_nan());
+            assert_eq!((weights, m), (vec![1.0, 2.0], vec![0.0, 0.0]), "{kernels:?}: no update on a NaN norm");
+            let (weights, norm, m) = step_with(Some(1.0), 4.0, f32::INFINITY);
+            assert!(norm.is_finite());
+            assert_eq!((weights, m), (vec![1.0, 2.0], vec![0.0, 0.0]), "{kernels:?}: no update on an infinite loss");
+        }
     }
 }

@@ -34,6 +34,11 @@ pub struct ModelSetup {
     pub train_vision: bool,
     /// Start from this PEFT adapter instead of fresh LoRA weights.
     pub init_adapter: Option<PathBuf>,
+    /// Keep only each decoder layer's input in the forward pass and recompute the layer in the backward pass
+    /// (transformers' and TRL's `gradient_checkpointing`): activation memory of one layer instead of all, for about
+    /// one more forward pass. The results are the same; a run may resume with it switched.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Where the run computes and in which precision. Not part of the recorded config: a run may resume on another
     /// device.
     #[serde(skip)]
@@ -129,18 +134,28 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<Lock>
         (true, true) => {
             let old = read_json(&path)?;
             let differ = differing_keys(&old, config);
+            let (switched, differ): (Vec<String>, Vec<String>) =
+                differ.into_iter().partition(|k| SWITCHABLE_ON_RESUME.contains(&k.as_str()));
             if !differ.is_empty() {
                 return Err(Error::invalid(format!(
                     "--resume: the options differ from the run's train_config.json in {}",
                     differ.join(", ")
                 )));
             }
-            Ok(())
+            // A setting that changes how, not what, is computed: record the one the run goes on with.
+            if switched.is_empty() {
+                Ok(())
+            } else {
+                write_json(&path, config)
+            }
         }
         (false, false) => write_json(&path, config),
     }
     .map(|()| lock)
 }
+
+/// Settings a resumed run may change: they change how a step is computed, not its result.
+const SWITCHABLE_ON_RESUME: [&str; 1] = ["gradient_checkpointing"];
 
 /// Records the chat template a run renders from its model folder (`--template model`) in the run folder as
 /// `chat_template.jinja`, the name transformers saves it under, next to `train_config.json`'s `"template":
@@ -198,5 +213,9 @@ mod tests {
         let err =
             prepare_run_dir(tmp.path(), &json!({"lr": 1.0, "optim": {"epochs": 3}}), true).unwrap_err().to_string();
         assert!(err.contains("optim.epochs"), "{err}");
+        // Gradient checkpointing may be switched on resume; the config then records the new setting.
+        let switched = json!({"lr": 1.0, "optim": {"epochs": 2}, "gradient_checkpointing": true});
+        prepare_run_dir(tmp.path(), &switched, true).unwrap();
+        assert_eq!(read_json(&tmp.path().join("train_config.json")).unwrap(), switched);
     }
 }

@@ -15,6 +15,7 @@ use super::features::{distinct_images, FeatureCache};
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, Metrics, Objective};
+use crate::model::checkpoint::{backward, Tape};
 use crate::model::linear::DropoutSeed;
 use crate::model::Vlm;
 use crate::model::{Inputs, Pass};
@@ -25,6 +26,8 @@ pub struct Sft {
     pub vlm: Vlm,
     pub examples: Vec<SftExample>,
     pub features: FeatureCache,
+    /// Recompute each decoder layer (and the vision tower's, when it trains) in the backward pass.
+    pub gradient_checkpointing: bool,
     dropout: Option<Arc<DropoutSeed>>,
 }
 
@@ -33,11 +36,17 @@ impl Sft {
     pub fn new(mut vlm: Vlm, examples: Vec<SftExample>, cache_mb: usize, vision_trains: bool) -> Self {
         let dropout = vlm.model.llm.dropout_seed();
         let features = if vision_trains { FeatureCache::live() } else { FeatureCache::new(cache_mb) };
-        Sft { vlm, examples, features, dropout }
+        Sft { vlm, examples, features, gradient_checkpointing: false, dropout }
     }
 
-    /// Mean NLL per target token of `batch` (a scalar with graph when `train`), token count, target count.
-    pub fn loss(&mut self, batch: &[usize], train: bool) -> Result<(Tensor, usize, f64)> {
+    /// Mean NLL per target token of `batch` (a scalar with graph when `train`), token count, target count. With
+    /// `tape`, the layers are checkpointed.
+    pub fn loss<'a>(
+        &'a mut self,
+        batch: &[usize],
+        train: bool,
+        mut tape: Option<&mut Tape<'a>>,
+    ) -> Result<(Tensor, usize, f64)> {
         let exs: Vec<&SftExample> = batch.iter().map(|&i| &self.examples[i]).collect();
         let (distinct, index) = distinct_images(exs.iter().filter_map(|e| e.image.as_deref()));
         let device = self.vlm.model.rt.device.clone();
@@ -47,14 +56,14 @@ impl Sft {
         let embeds = if distinct.is_empty() {
             None
         } else {
-            let feats = self.features.features(&self.vlm, &distinct)?;
+            let feats = self.features.features_checkpointed(&self.vlm, &distinct, tape.as_deref_mut())?;
             let n = index.len();
             Some(self.vlm.model.project(&feats, pass)?.index_select(&Tensor::from_vec(index, n, &device)?, 0)?)
         };
         let inputs = Inputs { ids: &rows.ids, mask: &rows.mask, images: None };
-        let hidden = self.vlm.model.forward_hidden(&inputs, embeds.as_ref(), None, pass)?;
-        let (sums, counts) = response_logprobs(&self.vlm.model.llm, &hidden, &rows.labels, pass)?;
-        let targets = counts.sum_all()?.to_scalar::<f32>()? as f64;
+        let hidden = self.vlm.model.train_hidden(&inputs, &rows.host_ids, embeds.as_ref(), pass, tape)?;
+        let (sums, _) = response_logprobs(&self.vlm.model.llm, &hidden, &rows.host_labels, pass)?;
+        let targets = rows.targets() as f64;
         let loss = (sums.sum_all()?.neg()? / targets.max(1.0))?;
         Ok((loss, rows.tokens, targets))
     }
@@ -69,9 +78,10 @@ impl Objective for Sft {
         if let Some(d) = &self.dropout {
             d.reseed(seed);
         }
-        let (loss, tokens, _) = self.loss(batch, true)?;
-        opt.accumulate(&loss.backward()?, weight)?;
-        Ok(Metrics { values: vec![("loss", loss.to_scalar::<f32>()? as f64)], examples: batch.len(), tokens })
+        let mut tape = self.gradient_checkpointing.then(Tape::new);
+        let (loss, tokens, _) = self.loss(batch, true, tape.as_mut())?;
+        backward(&loss, tape, &mut |grads| opt.accumulate(grads, weight))?;
+        Metrics::new(&[("loss", &loss)], batch.len(), tokens)
     }
 }
 
@@ -108,6 +118,7 @@ pub fn train(
     }
     say(&format!("conversations: {report}"));
     let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb, cfg.setup.train_vision);
+    sft.gradient_checkpointing = cfg.setup.gradient_checkpointing;
     let summary = train_loop(&mut sft, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
     if !report.missing_images.is_empty() {
         say(&format!("{} conversations were skipped because their image is missing", report.missing_images.len()));

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -20,7 +20,7 @@ use super::checkpoint::{
 };
 use super::checkpoint::{OPTIMIZER, TRAINER_STATE};
 use super::data::epoch_order;
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::{AdamW, AdamWConfig, GradNorm};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::hash::splitmix64;
 use crate::model::lora::LoraConfig;
@@ -105,12 +105,39 @@ impl LoopConfig {
     }
 }
 
-/// Metrics of one micro-batch: named means over its examples, plus counts.
-#[derive(Debug, Clone, Default)]
+/// Metrics of one micro-batch: named means over its examples, computed where the model runs and read back once
+/// per step with the other micro-batches' and the gradient norm ([`train_loop`]); plus counts.
+#[derive(Debug, Clone)]
 pub struct Metrics {
-    pub values: Vec<(&'static str, f64)>,
+    pub names: Vec<&'static str>,
+    /// (names.len(),) f32, without graph; `names[0]` is `"loss"`, which must be finite for the step to apply.
+    pub values: Tensor,
     pub examples: usize,
     /// Non-padding token positions run through the policy.
+    pub tokens: usize,
+}
+
+impl Metrics {
+    /// Named values from scalar tensors (any shape of one element, any float dtype), the loss first.
+    pub fn new(named: &[(&'static str, &Tensor)], examples: usize, tokens: usize) -> Result<Self> {
+        let values = named
+            .iter()
+            .map(|(_, t)| t.detach().to_dtype(candle_core::DType::F32)?.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Metrics { names: named.iter().map(|n| n.0).collect(), values: Tensor::cat(&values, 0)?, examples, tokens })
+    }
+
+    /// The loss, as a tensor (for the optimizer's finiteness guard).
+    fn loss(&self) -> Result<Tensor> {
+        Ok(self.values.narrow(0, 0, 1)?)
+    }
+}
+
+/// A micro-batch's metrics once read back: (name, value) pairs and counts.
+#[derive(Debug, Clone, Default)]
+pub struct ReadMetrics {
+    pub values: Vec<(&'static str, f64)>,
+    pub examples: usize,
     pub tokens: usize,
 }
 
@@ -303,12 +330,15 @@ pub fn train_loop(
             parts.push(obj.micro_step(batch, batch.len() as f64 / in_step as f64, seed, &mut opt)?);
         }
         let lr = schedule.lr(step);
-        // A non-finite loss stops the run before the update; so does a non-finite norm, which `step` never applies.
+        // The update applies only if the losses and the gradient norm are finite (decided where the model runs);
+        // then one read brings every metric and the norm back, and a non-finite one stops the run.
+        let losses = parts.iter().map(Metrics::loss).collect::<Result<Vec<_>>>()?;
+        let norm = opt.step(lr, cfg.max_grad_norm, &losses)?;
+        let (parts, grad_norm) = read_step(&parts, norm)?;
         let loss = parts.iter().flat_map(|p| &p.values).find(|(name, v)| *name == "loss" && !v.is_finite());
         if let Some((_, v)) = loss {
             return Err(non_finite(run, step + 1, &format!("the loss is {v}")));
         }
-        let grad_norm = opt.step(lr, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(non_finite(run, step + 1, &format!("the gradient norm is {grad_norm}")));
         }
@@ -334,6 +364,27 @@ pub fn train_loop(
     Ok(summary)
 }
 
+/// The step's metrics and gradient norm on the host: one read back for all of them.
+fn read_step(parts: &[Metrics], norm: GradNorm) -> Result<(Vec<ReadMetrics>, f64)> {
+    let mut all: Vec<Tensor> = parts.iter().map(|p| p.values.clone()).collect();
+    if let GradNorm::Device(t) = &norm {
+        all.push(t.to_dtype(candle_core::DType::F32)?.reshape(1)?);
+    }
+    let read = crate::model::runtime::read_back::<f32>(&Tensor::cat(&all, 0)?)?;
+    let mut at = 0;
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let values = p.names.iter().zip(&read[at..at + p.names.len()]).map(|(n, &v)| (*n, f64::from(v))).collect();
+        at += p.names.len();
+        out.push(ReadMetrics { values, examples: p.examples, tokens: p.tokens });
+    }
+    let grad_norm = match norm {
+        GradNorm::Host(v) => v,
+        GradNorm::Device(_) => read.get(at).map_or(f64::NAN, |&v| f64::from(v)),
+    };
+    Ok((out, grad_norm))
+}
+
 /// The error that stops a run at `step` (1-based) on a non-finite `what`, naming the run's result: its last checkpoint.
 fn non_finite(run: &Path, step: usize, what: &str) -> Error {
     let result = match latest_checkpoint(run) {
@@ -357,7 +408,7 @@ fn step_log(
     step: usize,
     total: usize,
     per_epoch: usize,
-    parts: &[Metrics],
+    parts: &[ReadMetrics],
     lr: f64,
     grad_norm: f64,
     seconds: f64,
@@ -460,18 +511,35 @@ fn logged_steps(run: &Path) -> usize {
 
 /// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint, the last perhaps torn
 /// by a kill). The lines kept are kept byte for byte: the file is cut, not rewritten, since a number read and written
-/// again may come back one unit in the last place different.
+/// again may come back one unit in the last place different. A file that is not a log bpo wrote (a complete line that
+/// is not a JSON step record, a torn tail that does not start like one) is refused, never cut.
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let mut keep = 0;
-    for line in text.split_inclusive('\n') {
+    let mut keep = None;
+    let mut at = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
         let logged = serde_json::from_str::<Value>(line).ok().and_then(|r| r.get("step").and_then(Value::as_u64));
-        if !line.ends_with('\n') || logged.is_none_or(|s| s as usize > step) {
-            break;
+        match logged {
+            _ if !line.ends_with('\n') && line.starts_with("{\"") => {}
+            Some(s) if line.ends_with('\n') => {
+                if s as usize > step {
+                    keep.get_or_insert(at);
+                }
+            }
+            _ => {
+                return Err(Error::parse(
+                    path,
+                    Some(i + 1),
+                    "not a step of a training log bpo wrote; refusing to cut this file (move it away to resume)",
+                ))
+            }
         }
-        keep += line.len();
+        if !line.ends_with('\n') {
+            keep.get_or_insert(at);
+        }
+        at += line.len();
     }
-    if keep < text.len() {
+    if let Some(keep) = keep {
         let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
         file.set_len(keep as u64).and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))?;
     }
@@ -532,8 +600,8 @@ mod tests {
 
     #[test]
     fn micro_batch_metrics_merge_by_examples() {
-        let a = Metrics { values: vec![("loss", 1.0)], examples: 3, tokens: 30 };
-        let b = Metrics { values: vec![("loss", 3.0)], examples: 1, tokens: 10 };
+        let a = ReadMetrics { values: vec![("loss", 1.0)], examples: 3, tokens: 30 };
+        let b = ReadMetrics { values: vec![("loss", 3.0)], examples: 1, tokens: 10 };
         let log = step_log(2, 4, 2, &[a, b], 0.5, 2.0, 1.0);
         assert_eq!(log.get("loss"), Some(1.5));
         assert_eq!(log.get("epoch"), Some(1.0));

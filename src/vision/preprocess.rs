@@ -83,8 +83,12 @@ impl ImageProcessor {
     /// Reads a `preprocessor_config.json` (or any JSON object with its fields).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = crate::jsonl::read_text(path)?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))?;
+        Self::from_text(path, &crate::jsonl::read_folder_file_required(path)?)
+    }
+
+    /// Reads the text of a `preprocessor_config.json` read from `path`.
+    fn from_text(path: &Path, text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::parse(path, None, e))?;
         Self::from_json(&value).map_err(|msg| Error::parse(path, None, msg))
     }
 
@@ -131,12 +135,11 @@ impl ImageProcessor {
             return Err(Error::io(dir, e));
         }
         let pre = dir.join("preprocessor_config.json");
-        if pre.is_file() {
-            return Self::from_file(&pre);
+        if let Some(text) = crate::jsonl::read_folder_file(&pre)? {
+            return Self::from_text(&pre, &text);
         }
         let proc = dir.join("processor_config.json");
-        if proc.is_file() {
-            let text = crate::jsonl::read_text(&proc)?;
+        if let Some(text) = crate::jsonl::read_folder_file(&proc)? {
             let value: Value = serde_json::from_str(&text).map_err(|e| Error::parse(&proc, None, e))?;
             if let Some(ip) = value.get("image_processor") {
                 return Self::from_json(ip).map_err(|msg| Error::parse(&proc, None, format!("image_processor: {msg}")));

@@ -33,50 +33,47 @@ pub struct JudgeArgs {
     #[arg(long, value_name = "NAME")]
     pub judge_model: String,
     /// Environment variable holding the API key, sent as a Bearer token and never written anywhere. Unset or
-    /// empty: no key is sent.
+    /// empty: no key is sent; not UTF-8, or holding a line break: refused, naming the variable.
     #[arg(long, value_name = "VAR", default_value = "OPENAI_API_KEY")]
     pub judge_key_env: String,
-    /// Judge requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Judge requests in flight at once, at least 1.
+    #[arg(long, default_value_t = 4, value_parser = crate::cli::range::at_least_one)]
     pub judge_concurrency: usize,
     /// Extra attempts after a connection error, timeout, HTTP 429 or 5xx, or a reply that is not chat JSON with a
     /// message (HTML, malformed, no `choices`, `null`, over 4 MiB).
     #[arg(long, default_value_t = 5)]
     pub judge_retries: u32,
-    /// Seconds to wait before the first retry, doubled for each further one (at most 30).
-    #[arg(long, default_value_t = 2.0)]
-    pub judge_backoff: f64,
-    /// Total seconds allowed for one judge request attempt: connecting (at most 10 s), sending and reading the
-    /// whole reply.
-    #[arg(long, default_value_t = 120)]
-    pub judge_timeout: u64,
-    /// Reply cache, shared by runs that should not ask twice (default: OUT/judge-cache.jsonl).
+    /// Seconds to wait before the first retry, in [0, 30], doubled for each further one (at most 30). A 429 or
+    /// 503 reply that asks for a longer wait (Retry-After) gets it, up to 120 s.
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = crate::cli::range::backoff)]
+    pub judge_backoff: Duration,
+    /// Total seconds allowed for one judge request attempt, in [1, 86400]: connecting (at most 10 s), sending and
+    /// reading the whole reply.
+    #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = crate::cli::range::timeout)]
+    pub judge_timeout: Duration,
+    /// Reply cache, shared by runs that should not ask twice (default: OUT/judge-cache.jsonl). Only a judge cache
+    /// bpo wrote is appended to: any other file (one of the run's inputs, another JSON file) is refused unchanged.
     #[arg(long, value_name = "FILE")]
     pub judge_cache: Option<PathBuf>,
 }
 
 impl JudgeArgs {
-    /// Opens the judge whose cache defaults to `out/judge-cache.jsonl`.
-    pub fn open(&self, out: &Path) -> anyhow::Result<Judge> {
-        anyhow::ensure!(self.judge_concurrency > 0, "--judge-concurrency must be at least 1");
-        anyhow::ensure!(
-            self.judge_backoff.is_finite() && self.judge_backoff >= 0.0,
-            "--judge-backoff must be a number of seconds >= 0"
-        );
-        let api_key = std::env::var(&self.judge_key_env).ok().filter(|k| !k.trim().is_empty());
+    /// Opens the judge whose cache defaults to `out/judge-cache.jsonl` and may not be one of `inputs`.
+    pub fn open(&self, out: &Path, inputs: &[&Path]) -> anyhow::Result<Judge> {
         let opts = JudgeOptions {
             url: self.judge_url.clone(),
             model: self.judge_model.clone(),
-            api_key,
+            api_key: bpo::http::api_key_from_env(&self.judge_key_env)?,
             concurrency: self.judge_concurrency,
             retries: self.judge_retries,
-            backoff: Duration::from_secs_f64(self.judge_backoff),
-            timeout: Duration::from_secs(self.judge_timeout.max(1)),
+            backoff: self.judge_backoff,
+            timeout: self.judge_timeout,
             cache: self.judge_cache.clone().unwrap_or_else(|| judge::cache_path(out)),
+            inputs: inputs.iter().map(|p| p.to_path_buf()).collect(),
         };
         let (judge, note) = Judge::open(&opts).context("judge")?;
         if let Some(note) = note {
-            eprintln!("warning: {note}");
+            errln!("warning: {note}");
         }
         judge::check_reachable(&self.judge_url, Duration::from_secs(10))?;
         Ok(judge)
@@ -128,8 +125,8 @@ pub struct MmVetArgs {
     /// or 0).
     #[arg(long, value_name = "FILE")]
     answers: Option<PathBuf>,
-    /// Gradings per answer, averaged (the MM-Vet paper uses 5; its script's default is 1).
-    #[arg(long, default_value_t = 5)]
+    /// Gradings per answer, at least 1, averaged (the MM-Vet paper uses 5; its script's default is 1).
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::range::at_least_one)]
     runs: usize,
     #[command(flatten)]
     run: JudgedRun,
@@ -222,7 +219,7 @@ pub fn judge_all<I: Sync, T: Send>(
     bar.finish_and_clear();
     let out = out?;
     let (sent, cached) = judge.counts();
-    eprintln!("judge {}: {sent} request(s) sent, {cached} answered from the cache", judge.model());
+    errln!("judge {}: {sent} request(s) sent, {cached} answered from the cache", judge.model());
     Ok(out)
 }
 
@@ -260,15 +257,26 @@ pub fn mmvet_items(questions: &[mmvet::Question]) -> Vec<ToAnswer> {
         .collect()
 }
 
+impl JudgedRun {
+    /// Checks, makes and locks the run folder (none of `inputs`, the images or the model), then opens the judge.
+    fn start(&self, inputs: &[&Path]) -> anyhow::Result<(bpo::output::Lock, Judge)> {
+        let mut all = inputs.to_vec();
+        all.extend(self.gen.images.as_deref());
+        all.extend(self.model.as_ref().map(|m| m.model.as_path()));
+        let lock = super::lock_run(&self.out, &all)?;
+        Ok((lock, self.judge.open(&self.out, inputs)?))
+    }
+}
+
 pub fn run_mmvet(a: MmVetArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
+    let inputs: Vec<&Path> = std::iter::once(a.questions.as_path()).chain(a.answers.as_deref()).collect();
+    let (_lock, judge) = a.run.start(&inputs)?;
     let questions = mmvet::load_questions(&a.questions)?;
-    let judge = a.run.judge.open(&a.run.out)?;
     let (answers, source) = match (&a.answers, &a.run.model) {
         (Some(path), _) => {
             let (answers, orphans) = mmvet::load_answers(path, &questions)?;
             if !orphans.is_empty() {
-                eprintln!(
+                errln!(
                     "warning: {}: {} answer(s) for ids not in {}",
                     path.display(),
                     orphans.len(),
@@ -336,8 +344,10 @@ pub fn llava_items(questions: &[llava_bench::Question]) -> Vec<ToAnswer> {
 }
 
 pub fn run_llava_bench(a: LlavaBenchArgs) -> anyhow::Result<()> {
+    let mut inputs = vec![a.questions.as_path(), &a.context, &a.references];
+    inputs.extend(a.answers.as_deref());
+    let (_lock, judge) = a.run.start(&inputs)?;
     let files = LlavaFiles::load(&a.questions, &a.context, &a.references)?;
-    let judge = a.run.judge.open(&a.run.out)?;
     let (answers, source) = match (&a.answers, &a.run.model) {
         (Some(path), _) => (by_id(bpo::eval::load_answers(path)?), path.display().to_string()),
         (None, Some(model)) => (
@@ -425,8 +435,9 @@ pub fn mmhal_responses(records: &[mmhal::Record], answers: Vec<Answer>, out: &Pa
 }
 
 pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
-    // The judge is checked first only when a model is about to spend time answering.
-    let early = if a.run.model.is_some() { Some(a.run.judge.open(&a.run.out)?) } else { None };
+    let inputs: Vec<&Path> =
+        [&a.responses, &a.questions, &a.answers].into_iter().flatten().map(|p| p.as_path()).collect();
+    let (_lock, judge) = a.run.start(&inputs)?;
     let (records, answers): (Vec<mmhal::Record>, Vec<String>) = match (&a.responses, &a.questions) {
         (Some(path), None) => {
             let records = mmhal::load_records(path)?;
@@ -467,10 +478,6 @@ pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
         }
         (Some(_), Some(_)) => anyhow::bail!("give either --responses FILE or --questions FILE, not both"),
         (None, None) => anyhow::bail!("--answers and --model need --questions response_template.json"),
-    };
-    let judge = match early {
-        Some(judge) => judge,
-        None => a.run.judge.open(&a.run.out)?,
     };
     judge_mmhal(&judge, &records, &answers, &a.run.out)
 }

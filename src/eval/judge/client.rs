@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Ask, ChatRequest, JudgeOptions, Reply};
-use crate::data::ResumableWriter;
+use crate::data::{ResumableWriter, Shape};
 use crate::hash::stable_hash;
 use crate::http::{endpoint_url, Endpoint, HttpCompleter, HttpOptions};
 use crate::{bail, jsonl, Error, Result};
@@ -26,6 +26,10 @@ struct CacheLine {
     reply: String,
     served_model: String,
 }
+
+/// What every line of the cache holds.
+const CACHE: Shape =
+    Shape { what: "judge cache", key: "key", fields: &["model", "reply", "request", "run", "served_model"] };
 
 struct Cache {
     writer: ResumableWriter,
@@ -63,7 +67,8 @@ impl Judge {
         if let Some(dir) = opts.cache.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let (writer, reopened) = ResumableWriter::open_with_key(&opts.cache, "key")?;
+        let inputs: Vec<&std::path::Path> = opts.inputs.iter().map(|p| p.as_path()).collect();
+        let (writer, reopened) = ResumableWriter::open_as(&opts.cache, CACHE, &inputs)?;
         let note =
             reopened.torn.map(|t| format!("{}:{}: cut a torn last line ({})", opts.cache.display(), t.line, t.reason));
         let lines = jsonl::read::<CacheLine>(&opts.cache)?.into_iter().map(|l| (l.key.clone(), l)).collect();
@@ -182,6 +187,7 @@ mod tests {
             backoff: Duration::from_millis(1),
             timeout: Duration::from_secs(1),
             cache: dir.path().join(format!("{model}.jsonl")),
+            inputs: Vec::new(),
         };
         let (a, _) = Judge::open(&opts("a")).unwrap();
         let (b, _) = Judge::open(&opts("b")).unwrap();

@@ -42,6 +42,7 @@
 #   torch generate baseline                         70 s
 #   bpo train memory      (1, 2 and 4 pairs without checkpointing, one step each; one that does not fit
 #                          is recorded and the others run)                                          90 s
+#   bpo bench generate --workload mixed (7B, 96 requests, batch 8: static, then continuous)   90 s
 #   merge                                           ~2 s
 set -uo pipefail
 
@@ -249,7 +250,7 @@ PY
     fi
 
     # --- what the benches accept ------------------------------------------------------------------------------
-    local size_args=() train=() memory=() gen=() events=() steps=3 repeats=2
+    local size_args=() train=() memory=() gen=() events=() mixed=() steps=3 repeats=2
     [ "$dry_run" = 1 ] && steps=5 repeats=3
     if [ -n "$BPO" ]; then
         if has_flag "bench train" --preset; then
@@ -299,6 +300,13 @@ PY
         add gen "bench generate" --json "$OUT/raw/bpo-generate.json"
         add events "bench generate" --batch 1
         add events "bench generate" --json "$WORK/bpo-generate-events.json"
+        # The engine's continuous batching against static batching on bootstrapping's mix (issue 24).
+        if has_flag "bench generate" --workload; then
+            mixed=("${size_args[@]}" --workload mixed --device "$device" --dtype "$dtype" --batch 8 --requests 96)
+            mixed+=(--json "$WORK/bpo-mixed.json")
+        else
+            note "this binary has no \`bench generate --workload\`: the mixed workload is not run"
+        fi
         # One config for both baselines: `bench train --write-config` writes the same Size::config() as
         # `bench generate --write-config`, and exits at once (the latter goes on to run the benchmark).
         "$BPO" bench train "${size_args[@]}" --write-config "$WORK/model-config.json" >/dev/null ||
@@ -346,6 +354,11 @@ PY
     fi
     if [ ${#memory[@]} -gt 0 ]; then
         run_step bpo-train-memory 90 "$BPO" bench train "${memory[@]}"
+    fi
+    if [ ${#mixed[@]} -gt 0 ]; then
+        run_step bpo-mixed 90 "$BPO" bench generate "${mixed[@]}"
+    else
+        record bpo-mixed skipped "" "" "" "" "" "no usable binary, preset or --workload"
     fi
 
     # --- merge ------------------------------------------------------------------------------------------------
@@ -552,6 +565,16 @@ generate = {"by_batch": by_batch, "event_tracking": events,
             "nvidia_smi_peak_mib": pair(smi("bpo-generate"), smi("torch-generate")),
             "weight_bytes_per_decoded_token": weight_bytes, "peak_gbs": peak_gbs, "bpo": bg, "torch": tg}
 
+# --- mixed workload: continuous against static batching, one bpo run ------------------------------------------
+bm = load(os.path.join(work, "bpo-mixed.json"))
+mixed_by = {r.get("policy"): r for r in flat_rows(bm)}
+cont, stat = mixed_by.get("continuous", {}), mixed_by.get("static", {})
+mixed = {key: {"continuous": cont.get(key), "static": stat.get(key)}
+         for key in ("new_tok_s", "requests_per_s", "ttft_mean_s", "ttft_p90_s", "wasted_share", "occupancy")}
+mixed["continuous_over_static_tok_s"] = ratio(cont.get("new_tok_s"), stat.get("new_tok_s"))
+mixed["nvidia_smi_peak_mib"] = smi("bpo-mixed")
+mixed["bpo"] = bm
+
 # --- issue 11's GPU goals (goals, not gates) ----------------------------------------------------------------------
 b1 = next((r for r in by_batch if r["batch"] == 1), None)
 train_mem = mem(b) or (smi("bpo-train") * 1048576 if smi("bpo-train") else None)
@@ -591,6 +614,7 @@ res = {
         "decode_event_tracking": events,
         "decode_tok_s": {r["batch"]: r["decode_tok_s"] for r in by_batch},
         "prefill_tok_s": {r["batch"]: r["prefill_tok_s"] for r in by_batch},
+        "mixed_continuous_over_static_tok_s": mixed["continuous_over_static_tok_s"],
         "goals": goals,
     },
     "host": socket.gethostname(), "platform": platform.platform(),
@@ -606,6 +630,7 @@ res = {
     "parity": {"pass": parity_pass, "failed_checks": failed_checks, "report": report},
     "train": train,
     "generate": generate,
+    "mixed": mixed,
 }
 with open(os.path.join(out, "gpu-check.json"), "w") as fh:
     json.dump(res, fh, indent=1)

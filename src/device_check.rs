@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
-use crate::generate::{generate, Request, SamplingParams};
+use crate::generate::{generate, EngineOptions, Request, SamplingParams};
 use crate::model::{load, Inputs, LoadOptions, Model, Pass, Runtime};
 use crate::text::{PromptStyle, Template, Tokenizer};
 use crate::train::trainer::{Hooks, LoopConfig, StepLog};
@@ -74,6 +74,7 @@ fn greedy_mismatches(
         None => None,
     };
     let want: Vec<Vec<u32>> = u32s(get(r, want_key)?)?.to_vec2()?;
+    let params = SamplingParams { max_new_tokens: want.first().map_or(1, Vec::len), ..Default::default() };
     let mut requests = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let ids = match &masks {
@@ -84,12 +85,11 @@ fn greedy_mismatches(
             Some(im) => Some(im.i(i)?),
             None => None,
         };
-        requests.push(Request { ids, image });
+        requests.push(Request { ids, image, params: params.clone(), ..Default::default() });
     }
     let mut tok = Tokenizer::from_dir(dir, &[])?;
     tok.eos.clear(); // the fixtures were made with min_new_tokens = max_new_tokens
-    let params = SamplingParams { max_new_tokens: want.first().map_or(0, Vec::len), ..Default::default() };
-    let got = generate(model, &tok, &requests, &params, Pass::INFER)?;
+    let got = generate(model, &tok, requests, &EngineOptions::default(), Pass::INFER)?;
     Ok(got
         .iter()
         .zip(&want)

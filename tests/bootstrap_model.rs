@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use bpo::bootstrap::{run_weaken, Completer, CompletionOptions, DecodeMode, LocalCompleter, WeakenOptions};
 use bpo::data::pairs::read_record_shards;
 use bpo::data::{expand, read_input, read_pairs, CompletionType, InputOptions, PairOptions, Record, ResumableWriter};
-use bpo::generate::{generate, generate_contrast, Combine, Request, SamplingParams};
+use bpo::generate::{generate, Combine, Engine, EngineOptions, Request, SamplingParams};
 use bpo::model::Vlm;
 use bpo::model::{LoadOptions, Pass};
 use bpo::text::{Chat, Template};
@@ -272,20 +272,32 @@ fn contrast_decoding_differs_from_noisy_and_collapses_on_equal_images() {
     let clean = vlm.load_image(&fixture("images/chelsea.png")).unwrap();
     let noisy = weaken(&clean, 900, 3).unwrap();
     let ids = vlm.prompt_ids("Describe the image.", true).unwrap();
-    let req = |image: &candle_core::Tensor| vec![Request { ids: ids.clone(), image: Some(image.clone()) }];
     let params = SamplingParams { max_new_tokens: 8, ..Default::default() }; // greedy
-    let run = |rows: &[Request], contrast: Option<(&[Request], Combine)>| {
-        generate_contrast(&vlm.model, &vlm.tok, rows, contrast, &params, Pass::INFER).unwrap()[0].ids.clone()
+    let req = |image: &candle_core::Tensor, contrast: Option<&candle_core::Tensor>| Request {
+        ids: ids.clone(),
+        image: Some(image.clone()),
+        params: params.clone(),
+        contrast: contrast.cloned(),
+        ..Default::default()
     };
-    let (clean_rows, noisy_rows) = (req(&clean), req(&noisy));
-    let plain_noisy = run(&noisy_rows, None);
-    let plain_clean = generate(&vlm.model, &vlm.tok, &clean_rows, &params, Pass::INFER).unwrap()[0].ids.clone();
+    let run = |request: Request, combine: Option<Combine>| {
+        let mut engine = Engine::new(&vlm.model, &vlm.tok, EngineOptions::default(), Pass::INFER).unwrap();
+        if let Some(c) = combine {
+            engine = engine.with_combine(c);
+        }
+        engine.generate_all(vec![request]).unwrap()[0].ids.clone()
+    };
+    let plain_noisy = run(req(&noisy, None), None);
+    let plain_clean = generate(&vlm.model, &vlm.tok, vec![req(&clean, None)], &EngineOptions::default(), Pass::INFER)
+        .unwrap()[0]
+        .ids
+        .clone();
     for mode in [DecodeMode::PriorContrast { a: 1.0 }, DecodeMode::RELEASED] {
         let mix = move |c: &[f32], n: &[f32]| mode.mix(c, n);
-        let mixed = run(&clean_rows, Some((&noisy_rows, &mix)));
+        let mixed = run(req(&clean, Some(&noisy)), Some(&mix));
         assert_ne!(mixed, plain_noisy, "{mode:?} must differ from sampling the noisy image alone");
         // Both rows see the clean image: prior contrast is the identity, VCD keeps the greedy token.
-        let same = run(&clean_rows, Some((&clean_rows, &mix)));
+        let same = run(req(&clean, Some(&clean)), Some(&mix));
         assert_eq!(same, plain_clean, "{mode:?} with clean == noisy");
     }
     assert_eq!(DecodeMode::PriorContrast { a: 1.0 }.mix(&[1.5, -2.0], &[1.5, -2.0]), vec![1.5, -2.0]);
@@ -305,7 +317,8 @@ fn local_completer_runs_the_llava_language_model_and_keeps_the_leading_space() {
     for (prompt, out) in prompts.iter().zip(got) {
         let ids = full.prompt_ids(prompt, false).unwrap();
         let params = SamplingParams { max_new_tokens: 6, ..Default::default() };
-        let c = full.answer(&[Request { ids: ids.clone(), image: None }], &params, Pass::INFER).unwrap();
+        let request = Request { ids: ids.clone(), params: params.clone(), ..Default::default() };
+        let c = full.answer(vec![request], Pass::INFER).unwrap();
         let whole = full.tok.decode(&[&ids[..], &c[0].ids[..]].concat()).unwrap();
         let out = out.unwrap();
         assert_eq!(format!("{prompt}{out}"), whole, "prompt + output reads as the model wrote it");
@@ -352,7 +365,9 @@ fn generation_never_emits_the_image_placeholder() {
     let vlm = tiny();
     let image_token = vlm.model.image_token().unwrap();
     let clean = vlm.load_image(&fixture("images/gray.png")).unwrap();
-    let rows = vec![Request { ids: vlm.prompt_ids("What is this?", true).unwrap(), image: Some(clean) }];
+    let params = SamplingParams { max_new_tokens: 5, ..Default::default() };
+    let ids = vlm.prompt_ids("What is this?", true).unwrap();
+    let request = Request { ids, image: Some(clean.clone()), params, contrast: Some(clean), ..Default::default() };
     // A combine that makes `<image>` by far the most likely token: it must still never be chosen (fed back, it
     // would ask for an image that is not there).
     let favour = move |c: &[f32], _: &[f32]| {
@@ -360,7 +375,42 @@ fn generation_never_emits_the_image_placeholder() {
         v[image_token as usize] = 1e9;
         v
     };
-    let params = SamplingParams { max_new_tokens: 5, ..Default::default() };
-    let out = generate_contrast(&vlm.model, &vlm.tok, &rows, Some((&rows, &favour)), &params, Pass::INFER).unwrap();
+    let mut engine =
+        Engine::new(&vlm.model, &vlm.tok, EngineOptions::default(), Pass::INFER).unwrap().with_combine(&favour);
+    let out = engine.generate_all(vec![request]).unwrap();
     assert!(!out[0].ids.is_empty() && !out[0].ids.contains(&image_token), "{:?}", out[0].ids);
+}
+
+#[test]
+fn weaken_writes_the_records_of_the_static_batches_it_replaced() {
+    // tests/fixtures/weaken: records written by `bpo bootstrap weaken` before the engine (static batches, see
+    // SOURCES.md), sampled with fixed seeds. The engine must write the same records, whatever its batch size.
+    let data = fixture("weaken/data.json");
+    let input = read_input(&data, &InputOptions::default()).unwrap().records;
+    let vlm = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let by_id = |p: &Path| records(p).into_iter().map(|r| (r.id.clone(), r)).collect::<HashMap<_, _>>();
+    for (name, decode) in [
+        ("noisy", DecodeMode::Noisy),
+        ("vcd", DecodeMode::RELEASED),
+        ("prior-contrast", DecodeMode::PriorContrast { a: 1.0 }),
+    ] {
+        let want = by_id(&fixture(&format!("weaken/{name}.jsonl")));
+        for batch_size in [1, 4] {
+            let out = dir.path().join(format!("{name}-{batch_size}.jsonl"));
+            let opts = WeakenOptions {
+                images: fixture("images"),
+                samples: 2,
+                temperature: 1.0,
+                seed: 7,
+                max_new_tokens: 12,
+                batch_size,
+                decode,
+                ..Default::default()
+            };
+            let (mut w, _) = ResumableWriter::open(&out).unwrap();
+            run_weaken(&vlm, input.clone(), &opts, &mut w).unwrap();
+            assert_eq!(by_id(&out), want, "{name}, batch {batch_size}");
+        }
+    }
 }

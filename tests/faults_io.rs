@@ -55,7 +55,7 @@ fn generate_args(questions: &Path, answers: &Path) -> Vec<String> {
     let (model, images) = (fixture("llava-tiny"), fixture("images"));
     ["generate", "--model", s(&model), "--questions", s(questions), "--images", s(&images), "--answers", s(answers)]
         .into_iter()
-        .chain(["--max-new-tokens", "8", "--batch-size", "1"])
+        .chain(["--max-new-tokens", "8", "--batch-size", "4", "--temperature", "0.9", "--seed", "5"])
         .map(String::from)
         .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use bpo::generate::{generate, Request, SamplingParams};
+use bpo::generate::{generate, EngineOptions, Request, SamplingParams};
 use bpo::model::{load, Inputs, LoadOptions, Model, Pass};
 use bpo::text::Tokenizer;
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -68,24 +68,28 @@ pub fn greedy(
 ) -> Vec<Vec<u32>> {
     let rows: Vec<Vec<u32>> = u32s(prompts).to_vec2().unwrap();
     let masks: Option<Vec<Vec<u32>>> = mask.map(|m| u32s(m).to_vec2().unwrap());
+    let params = SamplingParams { max_new_tokens: n, ..Default::default() };
     let requests: Vec<Request> = rows
         .iter()
         .enumerate()
         .map(|(i, row)| {
-            // Strip the fixture's own padding: generate pads by itself.
+            // Strip the fixture's own padding: the engine packs rows without any.
             let ids: Vec<u32> = match &masks {
                 Some(m) => row.iter().zip(&m[i]).filter(|(_, &k)| k == 1).map(|(&id, _)| id).collect(),
                 None => row.clone(),
             };
-            Request { ids, image: images.map(|im| im.i(i).unwrap()) }
+            Request { ids, image: images.map(|im| im.i(i).unwrap()), params: params.clone(), ..Default::default() }
         })
         .collect();
     // Fixtures were made with min_new_tokens = max_new_tokens: EOS must not stop them early here either.
     let mut tok_no_eos = Tokenizer::from_dir(&fixture("llava-tiny"), &[]).unwrap();
     tok_no_eos.eos.clear();
     let _ = tok;
-    let params = SamplingParams { max_new_tokens: n, ..Default::default() };
-    generate(model, &tok_no_eos, &requests, &params, Pass::INFER).unwrap().into_iter().map(|c| c.ids).collect()
+    generate(model, &tok_no_eos, requests, &EngineOptions::default(), Pass::INFER)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.ids)
+        .collect()
 }
 
 #[test]

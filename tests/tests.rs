@@ -6,6 +6,7 @@ mod bootstrap_model; // weaken + local inject on the tiny checkpoint: end to end
 mod checkpointing; // --gradient-checkpointing: the same step with and without, fused and generic, dropout, vision tower, resume
 mod cli; // the binary on the tiny fixture model: generate, score, and bad input
 mod demo; // `bpo demo --quick` end to end: every stage's files, the report, the model cache
+mod engine; // the generation engine: batched = one at a time (greedy, sampled), budgets, policies; generate --questions
 mod eval; // POPE and CHAIR scoring through the binary, bad files
 mod faults_eval; // judge caches that are not, closed stdout, settings through every door, suites checked first, races
 mod faults_input; // hostile input: garbage/hanging servers, image bombs, impossible configs, BOMs, fuzzed readers

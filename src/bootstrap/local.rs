@@ -7,13 +7,14 @@
 //!   continuation, since a Llama decoder drops the first space of a text), so `continue` mode glues it to the cut
 //!   ground truth correctly; it is cut at the first stop string.
 //! - Sampling is seeded per prompt by a hash of (seed, prompt), so a prompt gets the same output in any batch.
-//! - `max_tokens` is cut to what the context leaves; a prompt that fills the context gets its own error (which
-//!   [`super::run_inject`] counts as unparseable) while the others are answered.
+//! - `max_tokens` is cut to what the context leaves after each prompt; a prompt that fills the context gets its
+//!   own error (which [`super::run_inject`] counts as unparseable) while the others are answered.
+//! - The prompts of one call run through one generation engine (continuous batching, `batch` rows).
 
 use std::path::Path;
 
 use super::inject::{cut_at_stops, Completer, CompletionOptions};
-use crate::generate::{generate_seeded, Request, SamplingParams};
+use crate::generate::{generate, EngineOptions, Request, SamplingParams};
 use crate::hash::stable_hash;
 use crate::model::Vlm;
 use crate::model::{LoadOptions, Pass};
@@ -23,8 +24,8 @@ use crate::{Error, Result};
 /// An in-process language model answering [`Completer`] requests.
 pub struct LocalCompleter {
     pub vlm: Vlm,
-    /// Prompts generated together (left-padded into one batch).
-    pub batch_size: usize,
+    /// How the prompts of one call are batched (rows, cache budget).
+    pub batch: EngineOptions,
 }
 
 impl LocalCompleter {
@@ -38,7 +39,7 @@ impl LocalCompleter {
     /// Wraps a loaded model; its template is set to [`Template::Plain`].
     pub fn new(mut vlm: Vlm, batch_size: usize) -> Self {
         vlm.chat = Chat::Builtin(Template::Plain);
-        LocalCompleter { vlm, batch_size: batch_size.max(1) }
+        LocalCompleter { vlm, batch: EngineOptions::rows(batch_size.max(1), None) }
     }
 
     /// The text `new` adds after `prompt`, as the tokenizer writes it in context.
@@ -51,29 +52,30 @@ impl LocalCompleter {
         }
     }
 
-    /// Answers prompts that fit the context, in batches; `Ok` outputs in the order given.
+    /// Answers prompts that fit the context on one engine; `Ok` outputs in the order given.
     fn run(&self, jobs: &[(usize, Vec<u32>)], prompts: &[String], opts: &CompletionOptions) -> Result<Vec<String>> {
         let context = self.vlm.model.llm.cfg.max_position_embeddings;
         let seed = opts.seed.unwrap_or(0).to_string();
-        let mut out = Vec::with_capacity(jobs.len());
-        for chunk in jobs.chunks(self.batch_size.max(1)) {
-            let requests: Vec<Request> =
-                chunk.iter().map(|(_, ids)| Request { ids: ids.clone(), image: None }).collect();
-            let seeds: Vec<u64> = chunk.iter().map(|(i, _)| stable_hash(&["local", &seed, &prompts[*i]])).collect();
-            let longest = chunk.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
-            let params = SamplingParams {
-                max_new_tokens: opts.max_tokens.min(context.saturating_sub(longest)).max(1),
-                temperature: opts.temperature,
-                top_p: opts.top_p,
-                stop: opts.stop.clone(),
+        let requests = jobs
+            .iter()
+            .map(|(i, ids)| Request {
+                ids: ids.clone(),
+                params: SamplingParams {
+                    max_new_tokens: opts.max_tokens.min(context - ids.len()).max(1),
+                    temperature: opts.temperature,
+                    top_p: opts.top_p,
+                    stop: opts.stop.clone(),
+                    ..Default::default()
+                },
+                seed: stable_hash(&["local", &seed, &prompts[*i]]),
                 ..Default::default()
-            };
-            let done = generate_seeded(&self.vlm.model, &self.vlm.tok, &requests, None, &params, Pass::INFER, &seeds)?;
-            for ((_, ids), c) in chunk.iter().zip(done) {
-                out.push(cut_at_stops(&self.continuation(ids, &c.ids)?, &opts.stop).to_string());
-            }
-        }
-        Ok(out)
+            })
+            .collect();
+        let done = generate(&self.vlm.model, &self.vlm.tok, requests, &self.batch, Pass::INFER)?;
+        jobs.iter()
+            .zip(done)
+            .map(|((_, ids), c)| Ok(cut_at_stops(&self.continuation(ids, &c.ids)?, &opts.stop).to_string()))
+            .collect()
     }
 }
 

@@ -1,20 +1,23 @@
 //! Image weakening (`mllm-hal` negatives): the MLLM answers each prompt while it sees a diffusion-noised copy of
 //! the image, so the answer leans on its language prior instead of the picture (method.md, "Image weakening").
 //!
-//! [`run_weaken`] streams the records of one shard through [`process_pending`]. For every record with an image
-//! and every sample it noises the preprocessed image at `noise_step` ([`NoiseSchedule::weaken`], after
-//! normalisation), generates one answer with the chosen [`DecodeMode`] and keeps it as a negative unless it is
-//! empty, the ground truth, or a repeat. The contrast modes run a clean-image row beside each noisy row in the
-//! same batch ([`generate_seeded`] with a contrast set). Each record is appended once, with its new completions,
-//! when its batch is done.
+//! [`run_weaken`] streams the pending records of one shard through one generation [`Engine`]. For every record
+//! with an image and every sample it noises the preprocessed image at `noise_step` ([`NoiseSchedule::weaken`],
+//! after normalisation), generates one answer with the chosen [`DecodeMode`] and keeps it as a negative unless it
+//! is empty, the ground truth, or a repeat (judged in sample order). The contrast modes give each answer a
+//! clean-image contrast row, decoded in lockstep with it. A record is appended, with its new completions, as soon
+//! as its last answer finishes, so records come out in the order they finish and a kill loses only the records in
+//! progress.
 //!
 //! Determinism: the noise seed and the sampling seed of an answer are hashes of (seed, record id, sample)
 //! ([`noise_seed`], [`sample_seed`]), never of the position in a batch. A re-run, a resumed run or another shard
-//! layout draws the same noise and the same tokens (batches with left padding can differ by float rounding).
+//! layout draws the same noise and the same tokens (bit for bit on the CPU in f32; elsewhere up to float rounding,
+//! see [`crate::generate::engine`]).
 //!
 //! Text-only records are written unchanged and counted. A record whose image cannot be read is not written
 //! (counted; the next run retries it, e.g. after `--images` is fixed).
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -22,12 +25,12 @@ use serde::Serialize;
 use super::decode::DecodeMode;
 use super::inject::{classify, keep_negative, Kept};
 use crate::data::records::{CompletionType, Record};
-use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
-use crate::generate::{generate_seeded, Completion, Request, SamplingParams};
+use crate::data::resume::{pending, ResumableWriter, RunCounts, Shard};
+use crate::generate::{Engine, EngineOptions, Feed, Finished, Request, SamplingParams};
 use crate::hash::stable_hash;
 use crate::model::Pass;
 use crate::model::Vlm;
-use crate::progress;
+use crate::progress::{self, Progress};
 use crate::vision::NoiseSchedule;
 use crate::{bail, Result};
 
@@ -50,6 +53,8 @@ pub struct WeakenOptions {
     pub max_new_tokens: usize,
     /// Answers generated together; a contrast mode adds one clean-image row per answer. Default 8.
     pub batch_size: usize,
+    /// Token budget of the KV cache (see [`EngineOptions::max_batch_tokens`]); default none.
+    pub max_batch_tokens: Option<usize>,
     pub shard: Shard,
     /// Seeds the noise and the sampling; default 0.
     pub seed: u64,
@@ -70,6 +75,7 @@ impl Default for WeakenOptions {
             top_p: 1.0,
             max_new_tokens: 1024,
             batch_size: 8,
+            max_batch_tokens: None,
             shard: Shard::ALL,
             seed: 0,
             kind: CompletionType::MllmHal,
@@ -117,14 +123,6 @@ pub fn sample_seed(seed: u64, id: &str, sample: usize) -> u64 {
     stable_hash(&["sample", &seed.to_string(), id, &sample.to_string()])
 }
 
-/// One answer to generate: record `record` (index in the batch), sample `sample`.
-struct Row {
-    record: usize,
-    sample: usize,
-    ids: Vec<u32>,
-    clean: candle_core::Tensor,
-}
-
 /// Answers every pending record of `opts.shard` from weakened images with `vlm` (a LLaVA model with its image
 /// processor and chat template) and appends each record, with its new `mllm-hal` completions, to `output`.
 pub fn run_weaken(
@@ -134,31 +132,138 @@ pub fn run_weaken(
     output: &mut ResumableWriter,
 ) -> Result<WeakenCounts> {
     check(vlm, opts)?;
-    let schedule = NoiseSchedule::default();
-    let mut counts = WeakenCounts::default();
+    let (pending, records) = pending(records, opts.shard, output);
     let bar = progress::bar(opts.progress, "records");
-    let records = process_pending(records, opts.shard, opts.batch_size, output, bar.as_ref(), |batch| {
-        let mut out: Vec<Option<Record>> = batch.iter().cloned().map(Some).collect();
-        let rows = build_rows(vlm, batch, opts, &mut out, &mut counts)?;
-        for chunk in rows.chunks(opts.batch_size.max(1)) {
-            let answers = answer(vlm, &schedule, batch, chunk, opts)?;
-            for (row, ans) in chunk.iter().zip(answers) {
-                counts.generated += 1;
-                if let Some(record) = out[row.record].as_mut() {
-                    let gt = record.ground_truth().map(|c| c.response.clone()).unwrap_or_default();
-                    match keep_negative(record, classify(ans.text.trim(), &gt), &opts.kind) {
-                        Kept::Added => counts.added += 1,
-                        Kept::Empty => counts.empty += 1,
-                        Kept::Identical => counts.identical += 1,
-                        Kept::Duplicate => counts.duplicate += 1,
-                    }
+    bar.set_length(pending.len() as u64);
+    let contrast = opts.decode.needs_clean();
+    let batch = EngineOptions::rows(opts.batch_size.max(1) * (1 + usize::from(contrast)), opts.max_batch_tokens);
+    let mode = opts.decode;
+    let mix = move |clean: &[f32], noisy: &[f32]| mode.mix(clean, noisy);
+    let mut engine = Engine::new(&vlm.model, &vlm.tok, batch, Pass::INFER)?;
+    if contrast {
+        engine = engine.with_combine(&mix);
+    }
+    let mut feed = WeakenFeed {
+        vlm,
+        opts,
+        schedule: NoiseSchedule::default(),
+        records: pending.into_iter().enumerate(),
+        queue: VecDeque::new(),
+        open: HashMap::new(),
+        output,
+        counts: WeakenCounts { records, ..Default::default() },
+        bar: bar.as_ref(),
+    };
+    engine.run(&mut feed)?;
+    bar.finish();
+    Ok(feed.counts)
+}
+
+/// Turns records into the engine's requests (answer `s` of record `i` has id `i * samples + s`) and writes each
+/// record when its answers are in.
+struct WeakenFeed<'a> {
+    vlm: &'a Vlm,
+    opts: &'a WeakenOptions,
+    schedule: NoiseSchedule,
+    records: std::iter::Enumerate<std::vec::IntoIter<Record>>,
+    /// Requests of the record being fed that the engine has not taken yet.
+    queue: VecDeque<(usize, Request)>,
+    /// Records with answers in progress, by index, with their answers so far (in sample order).
+    open: HashMap<usize, (Record, Vec<Option<String>>)>,
+    output: &'a mut ResumableWriter,
+    counts: WeakenCounts,
+    bar: &'a dyn Progress,
+}
+
+impl WeakenFeed<'_> {
+    fn write(&mut self, record: &Record) -> Result<()> {
+        self.output.append(record)?;
+        self.counts.records.written += 1;
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// The requests of record `i`, or `None` when it needs no answer (text-only, or no room in the context: written
+    /// unchanged) or its image cannot be read (counted as failed, left for the next run).
+    fn requests(&mut self, i: usize, record: &Record) -> Result<Option<Vec<(usize, Request)>>> {
+        let opts = self.opts;
+        let Some(rel) = &record.image else {
+            self.counts.text_only += 1;
+            return Ok(None);
+        };
+        let clean = match self.vlm.load_image(&opts.images.join(rel)) {
+            Ok(t) => t,
+            Err(e) => {
+                self.counts.image_failed += 1;
+                self.counts.records.failed += 1;
+                if self.counts.errors.len() < KEPT_ERRORS {
+                    self.counts.errors.push(format!("{}: {e}", record.id));
+                }
+                self.bar.inc(1);
+                return Ok(Some(Vec::new()));
+            }
+        };
+        let ids = self.vlm.prompt_ids(&record.prompt, true)?;
+        let context = self.vlm.model.llm.cfg.max_position_embeddings;
+        if ids.len() >= context {
+            self.counts.too_long += 1;
+            return Ok(None);
+        }
+        let params = SamplingParams {
+            max_new_tokens: opts.max_new_tokens.min(context - ids.len()).max(1),
+            temperature: opts.temperature,
+            top_p: opts.top_p,
+            ..Default::default()
+        };
+        let mut out = Vec::with_capacity(opts.samples);
+        for sample in 0..opts.samples {
+            let noisy = self.schedule.weaken(&clean, opts.noise_step, noise_seed(opts.seed, &record.id, sample))?;
+            let (image, contrast) =
+                if opts.decode.needs_clean() { (clean.clone(), Some(noisy)) } else { (noisy, None) };
+            let seed = sample_seed(opts.seed, &record.id, sample);
+            let request = Request { ids: ids.clone(), image: Some(image), params: params.clone(), seed, contrast };
+            out.push((i * opts.samples + sample, request));
+        }
+        Ok(Some(out))
+    }
+}
+
+impl Feed for WeakenFeed<'_> {
+    fn next(&mut self) -> Result<Option<(usize, Request)>> {
+        while self.queue.is_empty() {
+            let Some((i, record)) = self.records.next() else { return Ok(None) };
+            match self.requests(i, &record)? {
+                None => self.write(&record)?,
+                Some(requests) if requests.is_empty() => {}
+                Some(requests) => {
+                    self.queue.extend(requests);
+                    self.open.insert(i, (record, vec![None; self.opts.samples]));
                 }
             }
         }
-        Ok(out)
-    })?;
-    bar.finish();
-    Ok(WeakenCounts { records, ..counts })
+        Ok(self.queue.pop_front())
+    }
+
+    fn done(&mut self, finished: Finished) -> Result<()> {
+        let (i, sample) = (finished.id / self.opts.samples, finished.id % self.opts.samples);
+        let Some((_, answers)) = self.open.get_mut(&i) else { bail!("an answer for record {i}, which is not open") };
+        answers[sample] = Some(finished.completion.text);
+        if answers.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let Some((mut record, answers)) = self.open.remove(&i) else { return Ok(()) };
+        let gt = record.ground_truth().map(|c| c.response.clone()).unwrap_or_default();
+        for answer in answers.into_iter().flatten() {
+            self.counts.generated += 1;
+            match keep_negative(&mut record, classify(answer.trim(), &gt), &self.opts.kind) {
+                Kept::Added => self.counts.added += 1,
+                Kept::Empty => self.counts.empty += 1,
+                Kept::Identical => self.counts.identical += 1,
+                Kept::Duplicate => self.counts.duplicate += 1,
+            }
+        }
+        self.write(&record)
+    }
 }
 
 impl WeakenOptions {
@@ -179,80 +284,6 @@ fn check(vlm: &Vlm, opts: &WeakenOptions) -> Result<()> {
         bail!("image weakening needs a LLaVA model with a vision tower; this one is text-only");
     }
     opts.validate()
-}
-
-/// The answers to generate for one batch of records: `samples` rows per record with a readable image that fits
-/// the context. Records that cannot be used are counted here (and unreadable images marked failed in `out`).
-fn build_rows(
-    vlm: &Vlm,
-    batch: &[Record],
-    opts: &WeakenOptions,
-    out: &mut [Option<Record>],
-    counts: &mut WeakenCounts,
-) -> Result<Vec<Row>> {
-    let context = vlm.model.llm.cfg.max_position_embeddings;
-    let mut rows = Vec::new();
-    for (i, record) in batch.iter().enumerate() {
-        let Some(rel) = &record.image else {
-            counts.text_only += 1;
-            continue;
-        };
-        let clean = match vlm.load_image(&opts.images.join(rel)) {
-            Ok(t) => t,
-            Err(e) => {
-                counts.image_failed += 1;
-                if counts.errors.len() < KEPT_ERRORS {
-                    counts.errors.push(format!("{}: {e}", record.id));
-                }
-                out[i] = None;
-                continue;
-            }
-        };
-        let ids = vlm.prompt_ids(&record.prompt, true)?;
-        if ids.len() >= context {
-            counts.too_long += 1;
-            continue;
-        }
-        for sample in 0..opts.samples {
-            rows.push(Row { record: i, sample, ids: ids.clone(), clean: clean.clone() });
-        }
-    }
-    Ok(rows)
-}
-
-/// Generates one answer per row: noisy-image rows, plus clean-image rows when the decode mode contrasts them.
-fn answer(
-    vlm: &Vlm,
-    schedule: &NoiseSchedule,
-    batch: &[Record],
-    rows: &[Row],
-    opts: &WeakenOptions,
-) -> Result<Vec<Completion>> {
-    let mut noisy = Vec::with_capacity(rows.len());
-    let mut seeds = Vec::with_capacity(rows.len());
-    for row in rows {
-        let id = &batch[row.record].id;
-        let image = schedule.weaken(&row.clean, opts.noise_step, noise_seed(opts.seed, id, row.sample))?;
-        noisy.push(Request { ids: row.ids.clone(), image: Some(image) });
-        seeds.push(sample_seed(opts.seed, id, row.sample));
-    }
-    let longest = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    let room = vlm.model.llm.cfg.max_position_embeddings.saturating_sub(longest);
-    let params = SamplingParams {
-        max_new_tokens: opts.max_new_tokens.min(room).max(1),
-        temperature: opts.temperature,
-        top_p: opts.top_p,
-        ..Default::default()
-    };
-    let (model, tok) = (&vlm.model, &vlm.tok);
-    if !opts.decode.needs_clean() {
-        return generate_seeded(model, tok, &noisy, None, &params, Pass::INFER, &seeds);
-    }
-    let clean: Vec<Request> =
-        rows.iter().map(|r| Request { ids: r.ids.clone(), image: Some(r.clean.clone()) }).collect();
-    let mode = opts.decode;
-    let mix = move |c: &[f32], n: &[f32]| mode.mix(c, n);
-    generate_seeded(model, tok, &clean, Some((&noisy, &mix)), &params, Pass::INFER, &seeds)
 }
 
 #[cfg(test)]

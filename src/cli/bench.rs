@@ -27,6 +27,11 @@ enum BenchAction {
     /// Prefill and decode tokens/s (greedy and sampled) on random-weight models, timed as `model.generate` is in
     /// shared/reference.md: BOS + image positions + 20 text tokens, 64 new tokens, best of 3. --peak-gbs adds the
     /// decode's memory-bandwidth utilisation.
+    ///
+    /// --workload mixed instead runs bootstrapping's mix (a third yes/no answers of 1-3 tokens, a third short
+    /// answers of 4-24, a third descriptions of 32 to --longest, each after an image and a question) through the
+    /// engine's continuous batching and through static batching of the same batch size, back to back: new
+    /// tokens/s, requests/s, time to first token, the share of row-steps wasted on finished rows, peak memory.
     Generate(GenerateBench),
     /// Seconds per DPO step, tokens/s and pairs/s: 4 pairs (8 rows), LoRA r 8 on q/k/v/o by default (the paper:
     /// --lora-rank 64 --targets q k v o gate up down), reference = adapters off computed every step, AdamW. Prints
@@ -167,6 +172,34 @@ struct GenerateBench {
     /// Also write each size's config.json here (for scripts/bench_torch.py).
     #[arg(long)]
     write_config: Option<std::path::PathBuf>,
+    /// fixed: one prompt, --new-tokens each, per batch size; mixed: bootstrapping's mix (see above).
+    #[arg(long, value_enum, default_value = "fixed")]
+    workload: Workload,
+    /// Mixed workload: requests per run, at least 1.
+    #[arg(long, default_value_t = 96, value_parser = super::range::at_least_one)]
+    requests: usize,
+    /// Mixed workload: most new tokens of a description, at least 32.
+    #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(32..))]
+    longest: usize,
+    /// Mixed workload: the batching to time (both: static, then continuous, back to back).
+    #[arg(long, value_enum, default_value = "both")]
+    policy: PolicyArg,
+    /// Mixed workload: seed of the request mix.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    Fixed,
+    Mixed,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PolicyArg {
+    Both,
+    Continuous,
+    Static,
 }
 
 #[derive(Args)]
@@ -234,6 +267,9 @@ fn ms(d: Duration) -> f64 {
 fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
     let rt = a.runtime.runtime()?;
     outln!("{} ({})", rt.describe(), host_load());
+    if a.workload == Workload::Mixed {
+        return bench_mixed(&a, &rt);
+    }
     outln!(
         "{:<9} {:>5} {:>8} {:>6} {:>12} {:>12} {:>12} {:>8}",
         "size",
@@ -298,6 +334,80 @@ fn bench_generate(a: GenerateBench) -> anyhow::Result<()> {
         a.json.as_deref(),
         &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "rows": rows, "memory": memory}),
     )
+}
+
+/// `bench generate --workload mixed`: each size and batch size through the chosen policies, back to back.
+fn bench_mixed(a: &GenerateBench, rt: &bpo::model::Runtime) -> anyhow::Result<()> {
+    use bpo::generate::Policy;
+    let policies: &[Policy] = match a.policy {
+        PolicyArg::Both => &[Policy::Static, Policy::Continuous],
+        PolicyArg::Continuous => &[Policy::Continuous],
+        PolicyArg::Static => &[Policy::Static],
+    };
+    outln!(
+        "{:<7} {:<10} {:>5} {:>8} {:>8} {:>9} {:>7} {:>22} {:>7} {:>9}",
+        "size",
+        "batching",
+        "batch",
+        "requests",
+        "seconds",
+        "new tok/s",
+        "req/s",
+        "ttft mean/p50/p90 (s)",
+        "wasted",
+        "occupancy"
+    );
+    let mut rows = Vec::new();
+    for &size in &a.size {
+        let name = size_name(size);
+        let dir = scratch_dir()?;
+        let mut vlm = size.random_vlm_with_layers(a.layers, rt, &dir)?;
+        vlm.tok.eos.clear(); // random weights may pick EOS: every request generates its full length
+        for &batch in &a.batch {
+            let mut by_policy = Vec::new();
+            for &policy in policies {
+                let f = bpo::bench::mixed_workload(&vlm.model, &vlm.tok, batch, a.requests, a.longest, a.seed, policy)?;
+                outln!(
+                    "{name:<7} {:<10} {:>5} {:>8} {:>8.2} {:>9.1} {:>7.2} {:>8.2}/{:>6.2}/{:>6.2} {:>6.1}% {:>8.1}%",
+                    f.policy,
+                    f.batch,
+                    f.requests,
+                    f.seconds,
+                    f.new_tok_s,
+                    f.requests_per_s,
+                    f.ttft_mean_s,
+                    f.ttft_p50_s,
+                    f.ttft_p90_s,
+                    100.0 * f.wasted_share,
+                    100.0 * f.occupancy
+                );
+                outln!(
+                    "{:<7} {:<10} memory: peak {:.1} MiB, {:.1} MiB over the {:.1} MiB before the run",
+                    "",
+                    "",
+                    mib(f.memory.peak_bytes),
+                    mib(f.memory.peak_growth_bytes),
+                    mib(f.memory.baseline_bytes)
+                );
+                by_policy.push(f.new_tok_s);
+                rows.push(serde_json::json!({"size": name, "figures": f}));
+            }
+            if let [stat, cont] = by_policy[..] {
+                outln!("{name:<7} continuous / static at batch {batch}: {:.2}x new tokens/s", cont / stat);
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    write_json(
+        a.json.as_deref(),
+        &serde_json::json!({"runtime": rt.describe(), "host_load": host_load(), "workload": "mixed", "seed": a.seed,
+            "longest": a.longest, "rows": rows}),
+    )
+}
+
+/// Bytes in MiB.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// The CLI spelling of a size.

@@ -124,9 +124,14 @@ pub struct WeakenArgs {
     /// Most new tokens per answer (cut to what the model's context leaves), at least 1.
     #[arg(long, default_value_t = 1024, value_parser = super::range::at_least_one)]
     max_new_tokens: usize,
-    /// Answers generated together in one batch, at least 1 (1 = no batching).
+    /// Answers generated together at most, at least 1 (1 = no batching; continuous batching: an answer that ends
+    /// leaves at once and the next one takes its row).
     #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
     batch_size: usize,
+    /// Token budget of the KV cache shared by the answers in progress (each holds its prompt and
+    /// --max-new-tokens, twice with a contrast mode); an answer waits until it fits. Default: never binding.
+    #[arg(long, value_parser = super::range::at_least_one)]
+    max_batch_tokens: Option<usize>,
     /// Process only shard i of n (1-based, e.g. 2/4); shards split the ids by a stable hash.
     #[arg(long)]
     shard: Option<Shard>,
@@ -188,10 +193,14 @@ pub struct InjectArgs {
     /// Requests in flight at once, at least 1.
     #[arg(long, default_value_t = 4, value_parser = super::range::at_least_one)]
     concurrency: usize,
-    /// Records per batch, at least 1 (each record is written when its batch is done); with --llm also the prompts
-    /// generated together.
+    /// Records per batch, at least 1 (each record is written when its batch is done); with --llm also the most
+    /// prompts generated together (continuous batching within each batch of records).
     #[arg(long, default_value_t = 32, value_parser = super::range::at_least_one)]
     batch: usize,
+    /// With --llm: token budget of the KV cache shared by the prompts in progress (each holds its prompt and
+    /// --max-tokens); a prompt waits until it fits. Default: never binding.
+    #[arg(long, requires = "llm", value_parser = super::range::at_least_one)]
+    max_batch_tokens: Option<usize>,
     /// Total time limit of one request attempt, in seconds, in [1, 86400]: connecting (at most 10 s), sending and
     /// reading the whole reply. A slow server or a long --max-tokens may need more; each retry gets the same again.
     #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = super::range::timeout)]
@@ -221,7 +230,9 @@ pub fn run(args: BootstrapArgs) -> anyhow::Result<()> {
 fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
     if let Some(dir) = &a.llm {
         let opts = bpo::model::LoadOptions::new(&a.runtime.runtime()?);
-        let local = LocalCompleter::load(dir, &opts, a.batch).with_context(|| format!("loading {}", dir.display()))?;
+        let mut local =
+            LocalCompleter::load(dir, &opts, a.batch).with_context(|| format!("loading {}", dir.display()))?;
+        local.batch.max_batch_tokens = a.max_batch_tokens;
         return Ok(Box::new(local));
     }
     let Some(url) = &a.llm_url else {
@@ -323,6 +334,7 @@ fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
         top_p: a.top_p,
         max_new_tokens: a.max_new_tokens,
         batch_size: a.batch_size,
+        max_batch_tokens: a.max_batch_tokens,
         shard: a.shard.unwrap_or_default(),
         seed: a.seed,
         progress: true,

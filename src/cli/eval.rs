@@ -17,7 +17,7 @@ use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::report::{self, Scores};
 use bpo::eval::words::Lemmatizer;
 use bpo::eval::{inputs, load_answers, pope, Answer};
-use bpo::generate::{vqa, SamplingParams};
+use bpo::generate::{vqa, EngineOptions, SamplingParams};
 use bpo::model::Vlm;
 
 use super::{progress, ModelArgs};
@@ -124,9 +124,8 @@ pub struct GenArgs {
     /// Folder the questions' image paths are relative to.
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
-    /// Prompts per batch, at least 1.
-    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
-    batch_size: usize,
+    #[command(flatten)]
+    batch: super::generate::BatchArgs,
     /// Most new tokens per answer, at least 1 (greedy decoding, as LLaVA's evaluation scripts).
     #[arg(long, default_value_t = 128, value_parser = super::range::at_least_one)]
     max_new_tokens: usize,
@@ -155,9 +154,8 @@ pub struct CaptionArgs {
     /// Replace the built-in COCO synonym list.
     #[arg(long, value_name = "FILE")]
     synonyms: Option<PathBuf>,
-    /// Prompts per batch, at least 1.
-    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
-    batch_size: usize,
+    #[command(flatten)]
+    batch: super::generate::BatchArgs,
     /// Most new tokens per description, at least 1.
     #[arg(long, default_value_t = 512, value_parser = super::range::at_least_one)]
     max_new_tokens: usize,
@@ -210,7 +208,7 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
                 &questions,
                 args.gen.images.as_ref(),
                 &args.gen_params(),
-                args.gen.batch_size,
+                &args.gen.batch.engine(),
             )?;
             save_answers(args.out.as_deref(), &answers)?;
             answers
@@ -229,7 +227,7 @@ fn pope_answers(
     questions: &[pope::PopeQuestion],
     images: Option<&PathBuf>,
     params: &SamplingParams,
-    batch_size: usize,
+    batch: &EngineOptions,
 ) -> anyhow::Result<Vec<Answer>> {
     with_bar(|tick| {
         answer::answer_pope(
@@ -237,7 +235,7 @@ fn pope_answers(
             questions,
             images.map(PathBuf::as_path),
             answer::SHORT_ANSWER,
-            &answering(model, params, batch_size),
+            &answering(model, params, batch),
             tick,
         )
     })
@@ -298,9 +296,9 @@ impl PopeArgs {
     }
 }
 
-/// How `model` answers: `params`, `batch_size` prompts a batch, its adapters, its name in the rows.
-fn answering(model: &ModelArgs, params: &SamplingParams, batch_size: usize) -> Answering {
-    Answering { params: params.clone(), batch_size, pass: model.pass(), model_id: model.model_id() }
+/// How `model` answers: `params`, batched by `batch`, its adapters, its name in the rows.
+fn answering(model: &ModelArgs, params: &SamplingParams, batch: &EngineOptions) -> Answering {
+    Answering { params: params.clone(), batch: batch.clone(), pass: model.pass(), model_id: model.model_id() }
 }
 
 /// Runs one of [`answer`]'s runners with a progress bar over the distinct prompts.
@@ -320,9 +318,9 @@ fn answer_with(
     model: &ModelArgs,
     prompts: &[vqa::Prompt],
     params: &SamplingParams,
-    batch_size: usize,
+    batch: &EngineOptions,
 ) -> anyhow::Result<Vec<String>> {
-    with_bar(|tick| answer::answer_unique(vlm, prompts, &answering(model, params, batch_size), tick))
+    with_bar(|tick| answer::answer_unique(vlm, prompts, &answering(model, params, batch), tick))
 }
 
 /// Writes generated answers as `answers.jsonl` in the run folder, so they can be re-scored or inspected.
@@ -352,7 +350,8 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
             .collect();
     let _lock = lock_run(&args.out, &inputs)?;
     let params = SamplingParams { max_new_tokens: args.max_new_tokens, ..Default::default() };
-    let answers = caption_answers(&args.model.load()?, &args.model, &files, &instructions, &params, args.batch_size)?;
+    let answers =
+        caption_answers(&args.model.load()?, &args.model, &files, &instructions, &params, &args.batch.engine())?;
     save_answers(Some(&args.out), &answers)?;
     let captions = inputs::captions_from_answers(&answers, None)?;
     let truth = load_truth(&chair, &captions, args.coco.as_deref(), args.ground_truth.as_deref())?;
@@ -384,7 +383,7 @@ fn caption_answers(
     files: &[PathBuf],
     instructions: &[String],
     params: &SamplingParams,
-    batch_size: usize,
+    batch: &EngineOptions,
 ) -> anyhow::Result<Vec<Answer>> {
     let asks: Vec<answer::CaptionAsk> = files
         .iter()
@@ -399,7 +398,7 @@ fn caption_answers(
             }
         })
         .collect();
-    with_bar(|tick| answer::answer_captions(vlm, &asks, &answering(model, params, batch_size), tick))
+    with_bar(|tick| answer::answer_captions(vlm, &asks, &answering(model, params, batch), tick))
 }
 
 /// Prints the table and warnings, and writes the run folder when asked. Shared by every way of producing

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use bpo::data::{ResumableWriter, Shape};
-use bpo::generate::{vqa, SamplingParams};
+use bpo::generate::{request_seed, vqa, EngineOptions, SamplingParams};
 
 use super::{progress, ModelArgs};
 
@@ -31,11 +31,30 @@ pub struct Args {
     /// the file to start over). A link is followed; one process at a time (a lock beside it).
     #[arg(long)]
     answers: Option<PathBuf>,
-    /// Prompts per batch (rows are left-padded), at least 1.
-    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
-    batch_size: usize,
+    #[command(flatten)]
+    batch: BatchArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+}
+
+/// How answers are batched (continuous batching: an answer that ends leaves the batch at once and the next prompt
+/// takes its row).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// Answers generated together at most, at least 1.
+    #[arg(long, default_value_t = 8, value_parser = super::range::at_least_one)]
+    pub batch_size: usize,
+    /// Token budget of the KV cache, shared by the answers in progress (each holds its prompt and
+    /// --max-new-tokens); a prompt waits until it fits. Default: --batch-size times the model's context, never
+    /// binding (the cache grows to what is used).
+    #[arg(long, value_parser = super::range::at_least_one)]
+    pub max_batch_tokens: Option<usize>,
+}
+
+impl BatchArgs {
+    pub fn engine(&self) -> EngineOptions {
+        EngineOptions::rows(self.batch_size, self.max_batch_tokens)
+    }
 }
 
 /// Decoding options.
@@ -53,7 +72,8 @@ pub struct SamplingArgs {
     /// Nucleus sampling threshold, in (0, 1] (1 = off).
     #[arg(long, default_value_t = 1.0, value_parser = super::range::top_p::<f32>)]
     pub top_p: f32,
-    /// Random seed for sampling.
+    /// Random seed for sampling: each answer samples from a seed made of this one and its question id, so it
+    /// does not depend on --batch-size, the file's order or an interruption.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop when the answer contains this string (repeatable; not empty).
@@ -80,8 +100,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (Some(prompt), None) => {
             let vlm = a.model.load()?;
             let image = a.image.as_deref().map(|p| vlm.load_image(p)).transpose()?;
-            let req = vlm.request(prompt, image)?;
-            let out = vlm.answer(&[req], &params, a.model.pass())?;
+            let req = vlm.request(prompt, image, &params, request_seed(params.seed, ""))?;
+            let out = vlm.answer(vec![req], a.model.pass())?;
             outln!("{}", out[0].text.trim());
             Ok(())
         }
@@ -97,6 +117,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 text: q.text.clone(),
                 image: q.image.as_deref().map(|rel| bpo::data::image_path(a.images.as_deref(), rel)),
                 origin: format!("{}:{}", questions.display(), q.line),
+                id: q.key(),
             };
             // Every prompt fits before the answers file is opened: a refused run writes nothing.
             vqa::check_fit(&vlm, &rows.iter().map(prompt).collect::<Vec<_>>(), &params)?;
@@ -111,7 +132,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 &rows,
                 prompt,
                 &params,
-                a.batch_size,
+                &a.batch.engine(),
                 a.model.pass(),
                 &a.model.model_id(),
                 &mut writer,

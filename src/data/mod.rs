@@ -18,7 +18,7 @@ pub use input::{read_input, InputFormat, InputOptions};
 pub use pair_rows::{Pair, PairFormat};
 pub use pairs::{expand, read_pairs, PairOptions, PairStats};
 pub use records::{Completion, CompletionType, Record};
-pub use resume::{process_pending, ResumableWriter, RunCounts, Shape, Shard};
+pub use resume::{pending, process_pending, ResumableWriter, RunCounts, Shape, Shard};
 
 /// The file an image path of a data row names: relative to `images` when given, else as written.
 pub fn image_path(images: Option<&Path>, rel: &str) -> PathBuf {

@@ -13,8 +13,8 @@
 //! - [`Shard`] splits the ids between independent processes: `i/n` with **1-based** `i` (`1/4` .. `4/4`),
 //!   the same convention as `jest --shard`. An id belongs to shard `stable_hash(id) % n` (0-based
 //!   internally), so the shards cover every id exactly once on every machine.
-//! - [`process_pending`] runs a step function over the records of one shard not yet in the output, in
-//!   batches, and writes each finished record once.
+//! - [`pending`] picks the records of one shard not yet in the output; [`process_pending`] runs a step function
+//!   over them in batches and writes each finished record once.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -290,7 +290,23 @@ pub struct RunCounts {
     pub failed: usize,
 }
 
-/// Runs `step` over the records of `shard` that `out` does not hold yet, `batch_size` at a time, and appends
+/// The records of `shard` that `out` does not hold yet, in input order, and the counts of the others.
+pub fn pending(records: Vec<Record>, shard: Shard, out: &ResumableWriter) -> (Vec<Record>, RunCounts) {
+    let mut counts = RunCounts { input: records.len(), ..Default::default() };
+    let mut pending = Vec::new();
+    for r in records {
+        if !shard.contains(&r.id) {
+            counts.other_shards += 1;
+        } else if out.is_done(&r.id) {
+            counts.already_done += 1;
+        } else {
+            pending.push(r);
+        }
+    }
+    (pending, counts)
+}
+
+/// Runs `step` over the [`pending`] records of `shard`, `batch_size` at a time, and appends
 /// each record the step returns. `step` gets a batch and returns one entry per record: `Some(record)` to write
 /// (normally the input plus its new completions), `None` when it failed (retried by the next run). An `Err`
 /// from `step` stops the run; what was written stays.
@@ -305,17 +321,7 @@ pub fn process_pending<F>(
 where
     F: FnMut(&[Record]) -> Result<Vec<Option<Record>>>,
 {
-    let mut counts = RunCounts { input: records.len(), ..Default::default() };
-    let mut pending = Vec::new();
-    for r in records {
-        if !shard.contains(&r.id) {
-            counts.other_shards += 1;
-        } else if out.is_done(&r.id) {
-            counts.already_done += 1;
-        } else {
-            pending.push(r);
-        }
-    }
+    let (pending, mut counts) = pending(records, shard, out);
     bar.set_length(pending.len() as u64);
     for batch in pending.chunks(batch_size.max(1)) {
         let results = step(batch)?;

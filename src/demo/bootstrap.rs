@@ -130,9 +130,14 @@ pub fn weaken_negatives(
     };
     let _ = std::fs::remove_file(out);
     let (mut writer, _) = ResumableWriter::open(out)?;
+    let order: std::collections::HashMap<String, usize> =
+        records.iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect();
     let counts = run_weaken(vlm, records, &weaken, &mut writer)?;
     drop(writer);
-    Ok((jsonl::read(out)?, counts.added))
+    // Records are written as they finish; the stages after this one keep the input's order.
+    let mut done: Vec<Record> = jsonl::read(out)?;
+    done.sort_by_key(|r| order.get(&r.id).copied().unwrap_or(usize::MAX));
+    Ok((done, counts.added))
 }
 
 /// The seed [`run_weaken`] noised record `id`'s image with (for showing the weakened image).

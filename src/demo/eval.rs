@@ -15,7 +15,7 @@ use crate::eval::inputs;
 use crate::eval::pope::{self, Pairing, PopeReport};
 use crate::eval::report::{write_run, Scores};
 use crate::eval::words::Lemmatizer;
-use crate::generate::SamplingParams;
+use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::Pass;
 use crate::model::Vlm;
 use crate::{jsonl, Error, Result};
@@ -55,7 +55,7 @@ pub struct Evaluation {
 fn answering(max_new_tokens: usize, batch: usize, pass: Pass) -> Answering {
     Answering {
         params: SamplingParams { max_new_tokens, ..Default::default() },
-        batch_size: batch,
+        batch: EngineOptions::rows(batch, None),
         pass,
         model_id: String::new(),
     }

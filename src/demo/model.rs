@@ -138,9 +138,9 @@ mod tests {
         img.save(&path).unwrap();
         let px = vlm.load_image(&path).unwrap();
         assert_eq!(px.dims(), &[3, 24, 24]);
-        let req = vlm.request(crate::demo::world::DESCRIBE, Some(px)).unwrap();
         let params = crate::generate::SamplingParams { max_new_tokens: 3, ..Default::default() };
-        let out = vlm.answer(&[req], &params, crate::model::Pass::INFER).unwrap();
+        let req = vlm.request(crate::demo::world::DESCRIBE, Some(px), &params, 0).unwrap();
+        let out = vlm.answer(vec![req], crate::model::Pass::INFER).unwrap();
         assert_eq!(out.len(), 1);
     }
 }

@@ -7,18 +7,18 @@ use std::path::{Path, PathBuf};
 use super::pope::PopeQuestion;
 use super::Answer;
 use crate::generate::vqa::{self, Prompt};
-use crate::generate::SamplingParams;
+use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::{Pass, Vlm};
 use crate::Result;
 
 /// LLaVA's short-answer suffix, appended to POPE questions as its evaluation scripts do.
 pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
 
-/// How to answer: decoding, prompts per batch, adapters, and the `model_id` the rows record.
+/// How to answer: decoding, batching, adapters, and the `model_id` the rows record.
 #[derive(Debug, Clone)]
 pub struct Answering {
     pub params: SamplingParams,
-    pub batch_size: usize,
+    pub batch: EngineOptions,
     pub pass: Pass,
     pub model_id: String,
 }
@@ -33,8 +33,8 @@ pub struct CaptionAsk {
 }
 
 /// Answers `prompts` through [`vqa::answer_all`]; identical (image, text) prompts (the three POPE splits share most
-/// of theirs) are answered once, in sorted order. `tick(n, total)` after each batch: `n` more of `total` distinct
-/// prompts answered.
+/// of theirs) are answered once, in sorted order, seeded by their content. `tick(n, total)` as answers finish: `n`
+/// more of `total` distinct prompts answered.
 pub fn answer_unique(
     vlm: &Vlm,
     prompts: &[Prompt],
@@ -48,12 +48,14 @@ pub fn answer_unique(
     let (mut unique, mut slot) = (Vec::<Prompt>::new(), vec![0; prompts.len()]);
     for (k, &i) in order.iter().enumerate() {
         if k == 0 || key(order[k - 1]) != key(i) {
-            unique.push(prompts[i].clone());
+            let p = &prompts[i];
+            let id = format!("{}\n{}", p.image.as_deref().unwrap_or(Path::new("")).display(), p.text);
+            unique.push(Prompt { id, ..p.clone() });
         }
         slot[i] = unique.len() - 1;
     }
     let total = unique.len();
-    let texts = vqa::answer_all(vlm, &unique, &how.params, how.batch_size, how.pass, |n| tick(n, total))?;
+    let texts = vqa::answer_all(vlm, &unique, &how.params, &how.batch, how.pass, |n| tick(n, total))?;
     Ok(slot.into_iter().map(|u| texts[u].clone()).collect())
 }
 
@@ -73,6 +75,7 @@ pub fn answer_pope(
             text: format!("{}{suffix}", q.text),
             image: (!q.image.is_empty()).then(|| crate::data::image_path(images, &q.image)),
             origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
+            id: q.question_id.clone(),
         })
         .collect();
     let texts = answer_unique(vlm, &prompts, how, tick)?;
@@ -100,6 +103,7 @@ pub fn answer_captions(
             text: a.instruction.clone(),
             image: Some(a.image.clone()),
             origin: a.image.display().to_string(),
+            id: a.id.clone(),
         })
         .collect();
     let texts = answer_unique(vlm, &prompts, how, tick)?;

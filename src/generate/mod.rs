@@ -1,21 +1,19 @@
-//! Text generation: batched prefill, then KV-cache decoding one token per step (the cache is preallocated and
-//! appended in place), with greedy, temperature, top-k and top-p sampling, EOS and stop strings.
-//!
-//! Rows of different lengths are left-padded. A second, "contrast" set of rows can run in the same batch (same
-//! tokens, another image): their logits are combined per row before sampling, which is how the contrastive decoding
-//! modes of image weakening are built (see `bootstrap`).
+//! Text generation: the continuous-batching [`Engine`] (prefill and KV-cache decoding over a slot cache), greedy,
+//! temperature, top-k and top-p sampling, EOS and stop strings, contrast rows for contrastive decoding (see
+//! `bootstrap`), and LLaVA question/answer files ([`vqa`]).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
+pub mod engine;
 pub mod vqa;
 
-use crate::model::{Cache, Inputs, Model, Pass};
+pub use engine::{request_seed, Engine, EngineOptions, EngineStats, Feed, Finished, Policy, Request};
+
+use crate::model::{Model, Pass, Vlm};
 use crate::text::Tokenizer;
 use crate::{bail, Result};
-
-use crate::model::Vlm;
 
 /// Decoding settings. `temperature == 0` is greedy.
 #[derive(Debug, Clone)]
@@ -26,6 +24,8 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
     pub top_p: f32,
+    /// The run's seed. Each request samples from its own seed ([`Request::seed`]), made from this one and the
+    /// request's id by [`request_seed`].
     pub seed: u64,
     /// Generation stops when the decoded text contains one of these; the stop string is cut off.
     pub stop: Vec<String>,
@@ -60,15 +60,8 @@ pub fn check_sampling(temperature: f32, top_p: f32) -> Result<()> {
     Ok(())
 }
 
-/// One prompt: token ids (with image positions already expanded) and the preprocessed image (3, H, W), if any.
-#[derive(Clone)]
-pub struct Request {
-    pub ids: Vec<u32>,
-    pub image: Option<Tensor>,
-}
-
 /// What came out for one request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Completion {
     pub ids: Vec<u32>,
     pub text: String,
@@ -77,14 +70,33 @@ pub struct Completion {
 }
 
 impl Vlm {
-    pub fn request(&self, question: &str, image: Option<Tensor>) -> Result<Request> {
-        Ok(Request { ids: self.prompt_ids(question, image.is_some())?, image })
+    /// A request for `question` (with `image`, preprocessed) under `params`, its sampling seeded by `seed`.
+    pub fn request(
+        &self,
+        question: &str,
+        image: Option<Tensor>,
+        params: &SamplingParams,
+        seed: u64,
+    ) -> Result<Request> {
+        let ids = self.prompt_ids(question, image.is_some())?;
+        Ok(Request { ids, image, params: params.clone(), seed, contrast: None })
     }
 
-    /// Answers a batch of requests.
-    pub fn answer(&self, requests: &[Request], params: &SamplingParams, pass: Pass) -> Result<Vec<Completion>> {
-        generate(&self.model, &self.tok, requests, params, pass)
+    /// Completes `requests`, in order, on an engine with the default options.
+    pub fn answer(&self, requests: Vec<Request>, pass: Pass) -> Result<Vec<Completion>> {
+        generate(&self.model, &self.tok, requests, &EngineOptions::default(), pass)
     }
+}
+
+/// Completes `requests`, in order, on one [`Engine`] with `opts`.
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    requests: Vec<Request>,
+    opts: &EngineOptions,
+    pass: Pass,
+) -> Result<Vec<Completion>> {
+    Engine::new(model, tok, opts.clone(), pass)?.generate_all(requests)
 }
 
 /// Combines the logits of a row and of its contrast row into the logits to sample from.
@@ -104,143 +116,10 @@ pub fn fits_context(prompt: usize, new: usize, context: usize) -> Result<()> {
     Ok(())
 }
 
-/// Generates a completion for each request, in one batch.
-pub fn generate(
-    model: &Model,
-    tok: &Tokenizer,
-    requests: &[Request],
-    params: &SamplingParams,
-    pass: Pass,
-) -> Result<Vec<Completion>> {
-    generate_contrast(model, tok, requests, None, params, pass)
-}
-
-/// Like [`generate`], with optional contrast rows (`contrast[i]` pairs with `requests[i]`, same ids) whose logits are
-/// merged with `combine(request_logits, contrast_logits)`.
-pub fn generate_contrast(
-    model: &Model,
-    tok: &Tokenizer,
-    requests: &[Request],
-    contrast: Option<(&[Request], Combine)>,
-    params: &SamplingParams,
-    pass: Pass,
-) -> Result<Vec<Completion>> {
-    let seeds: Vec<u64> =
-        (0..requests.len()).map(|i| params.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64)).collect();
-    generate_seeded(model, tok, requests, contrast, params, pass, &seeds)
-}
-
-/// Like [`generate_contrast`] with one sampling seed per request (`params.seed` is ignored). A row's sampling then
-/// does not depend on its position in the batch, so a resumed or re-batched run draws the same tokens.
-pub fn generate_seeded(
-    model: &Model,
-    tok: &Tokenizer,
-    requests: &[Request],
-    contrast: Option<(&[Request], Combine)>,
-    params: &SamplingParams,
-    pass: Pass,
-    seeds: &[u64],
-) -> Result<Vec<Completion>> {
-    params.validate()?;
-    let n = requests.len();
-    if seeds.len() != n {
-        bail!("{} seeds for {n} requests", seeds.len());
-    }
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    let mut rows: Vec<&Request> = requests.iter().collect();
-    if let Some((c, _)) = contrast {
-        if c.len() != n {
-            bail!("{} contrast rows for {n} requests", c.len());
-        }
-        rows.extend(c.iter());
-    }
-    let b = rows.len();
-    let longest = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    if longest == 0 {
-        bail!("empty prompt");
-    }
-    fits_context(longest, params.max_new_tokens, model.llm.cfg.max_position_embeddings)?;
-    // Left padding keeps every row's last prompt token in the last column.
-    let (ids, mask, _) = crate::score::left_pad(&rows.iter().map(|r| &r.ids[..]).collect::<Vec<_>>(), tok.pad);
-    let images: Vec<Tensor> = rows.iter().filter_map(|r| r.image.clone()).collect();
-    let images = if images.is_empty() { None } else { Some(Tensor::stack(&images, 0)?) };
-    let dev = model.rt.device.clone();
-    let mut cache = Cache::new(&model.llm.cfg, longest + params.max_new_tokens);
-    let ids_t = Tensor::from_vec(ids, (b, longest), &dev)?;
-    let mut mask_t = Tensor::from_slice(&mask, (b, longest), &dev)?;
-    let one_more = Tensor::ones((b, 1), DType::U32, &dev)?;
-    let picker = Picker::new(model, params, contrast.is_some())?;
-    let logits =
-        model.forward_last(&Inputs { ids: &ids_t, mask: &mask_t, images: images.as_ref() }, Some(&mut cache), pass)?;
-    let mut last = picker.prepare(&logits)?;
-
-    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
-    let mut out: Vec<Completion> =
-        (0..n).map(|_| Completion { ids: Vec::new(), text: String::new(), stopped: false }).collect();
-    let mut done = vec![false; n];
-    for step in 0..params.max_new_tokens {
-        let mut next = vec![tok.pad; b];
-        for i in 0..n {
-            if done[i] {
-                continue;
-            }
-            let id = next_token(&mut last, i, n, contrast.map(|(_, c)| c), model.image_token(), params, &mut rngs[i]);
-            next[i] = id;
-            if contrast.is_some() {
-                next[n + i] = id;
-            }
-            done[i] = out[i].push(id, tok, &params.stop)?;
-        }
-        if done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
-            break;
-        }
-        mask_t = Tensor::cat(&[&mask_t, &one_more], 1)?;
-        let step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
-        let logits =
-            model.forward_last(&Inputs { ids: &step_ids, mask: &mask_t, images: None }, Some(&mut cache), pass)?;
-        last = picker.prepare(&logits)?;
-    }
-    for c in &mut out {
-        if !c.stopped || params.stop.is_empty() {
-            c.text = tok.decode(&c.ids)?;
-        }
-    }
-    Ok(out)
-}
-
-/// Row `i`'s next token: the one chosen on the device, or one sampled from its logits (combined with those of its
-/// contrast row `n + i`). The image placeholder is never a valid output: fed back, it would ask for an image that
-/// is not there.
-fn next_token(
-    last: &mut Next,
-    i: usize,
-    n: usize,
-    combine: Option<Combine>,
-    image_token: Option<u32>,
-    params: &SamplingParams,
-    rng: &mut StdRng,
-) -> u32 {
-    match last {
-        Next::Chosen(ids) => ids[i],
-        Next::Logits(rows) => {
-            let mut row = match combine {
-                Some(combine) => combine(&rows[i], &rows[n + i]),
-                None => std::mem::take(&mut rows[i]),
-            };
-            if let Some(slot) = image_token.and_then(|t| row.get_mut(t as usize)) {
-                *slot = f32::NEG_INFINITY;
-            }
-            sample(&row, params, rng)
-        }
-    }
-}
-
 impl Completion {
     /// Takes the next token `id`: EOS ends the completion; any other token is kept, and the text is cut at the
     /// first stop string that appears. Whether the completion has ended.
-    fn push(&mut self, id: u32, tok: &Tokenizer, stop: &[String]) -> Result<bool> {
+    pub(crate) fn push(&mut self, id: u32, tok: &Tokenizer, stop: &[String]) -> Result<bool> {
         if tok.eos.contains(&id) {
             self.stopped = true;
             return Ok(true);
@@ -255,54 +134,6 @@ impl Completion {
             }
         }
         Ok(false)
-    }
-}
-
-/// What a decoding step brings back from the device.
-enum Next {
-    /// Greedy: the chosen token id of each row, picked on the device.
-    Chosen(Vec<u32>),
-    /// Sampling or contrastive decoding: each row's last logits as f32, for [`sample`] on the host (so every device
-    /// draws the same tokens from the same seeds).
-    Logits(Vec<Vec<f32>>),
-}
-
-/// Turns a step's logits (b, 1, vocab) into a [`Next`].
-enum Picker {
-    /// Greedy without contrast rows: argmax on the device, with the image placeholder masked by `image_mask`
-    /// ((1, vocab), 0 or -inf) when the model has one.
-    Device { image_mask: Option<Tensor> },
-    /// Everything else: logits to the host.
-    Host,
-}
-
-impl Picker {
-    fn new(model: &Model, params: &SamplingParams, contrast: bool) -> Result<Self> {
-        if params.temperature > 0.0 || contrast {
-            return Ok(Picker::Host);
-        }
-        let vocab = model.llm.cfg.vocab_size;
-        let image_mask = match model.image_token().map(|t| t as usize).filter(|&t| t < vocab) {
-            Some(t) => {
-                let mut m = vec![0f32; vocab];
-                m[t] = f32::NEG_INFINITY;
-                Some(Tensor::from_vec(m, (1, vocab), &model.rt.device)?)
-            }
-            None => None,
-        };
-        Ok(Picker::Device { image_mask })
-    }
-
-    fn prepare(&self, logits: &Tensor) -> Result<Next> {
-        let t = logits.dim(1)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
-        Ok(match self {
-            Picker::Device { image_mask: Some(m) } => {
-                Next::Chosen(last.broadcast_add(m)?.argmax(candle_core::D::Minus1)?.to_vec1()?)
-            }
-            Picker::Device { image_mask: None } => Next::Chosen(last.argmax(candle_core::D::Minus1)?.to_vec1()?),
-            Picker::Host => Next::Logits(last.to_vec2()?),
-        })
     }
 }
 
@@ -367,6 +198,7 @@ fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, ..Default::default() }

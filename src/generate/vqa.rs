@@ -85,30 +85,32 @@ pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
     }
 }
 
-/// One prompt to answer from a data file: the question text, its image file, and where it came from (`file:line`)
-/// so a bad image is reported against the line that named it.
+/// One prompt to answer from a data file: the question text, its image file, where it came from (`file:line`, so
+/// a bad image is reported against the line that named it) and its id, which seeds its sampling
+/// ([`super::request_seed`] with the run's seed).
 #[derive(Debug, Clone)]
 pub struct Prompt {
     pub text: String,
     pub image: Option<std::path::PathBuf>,
     pub origin: String,
+    pub id: String,
 }
 
-/// Answers `prompts` in batches of `batch_size` (images decoded per batch, so memory stays flat), calling
-/// `progress(n)` after each batch. Answers are trimmed. A prompt that leaves no room for `max_new_tokens` in the
-/// model's context is refused, naming its origin, before anything is generated.
+/// Answers `prompts` on one engine (`batch`: rows and cache budget), calling `progress(1)` as each finishes.
+/// Answers are trimmed and returned in order. A prompt that leaves no room for `max_new_tokens` in the model's
+/// context is refused, naming its origin, before anything is generated.
 pub fn answer_all(
     vlm: &super::Vlm,
     prompts: &[Prompt],
     params: &super::SamplingParams,
-    batch_size: usize,
+    batch: &super::EngineOptions,
     pass: crate::model::Pass,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<String>> {
-    let mut out = Vec::with_capacity(prompts.len());
-    answer_each(vlm, prompts, params, batch_size, pass, |_, texts| {
-        progress(texts.len());
-        out.extend(texts);
+    let mut out = vec![String::new(); prompts.len()];
+    answer_each(vlm, prompts, params, batch, pass, |i, text| {
+        progress(1);
+        out[i] = text;
         Ok(())
     })?;
     Ok(out)
@@ -117,54 +119,44 @@ pub fn answer_all(
 /// Refuses, naming its origin, the first prompt that leaves no room for `params.max_new_tokens` in the model's
 /// context.
 pub fn check_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams) -> Result<()> {
-    prompt_ids_that_fit(vlm, prompts, params).map(drop)
-}
-
-/// The prompt ids of every prompt, each checked to leave room for `params.max_new_tokens` (see [`check_fit`]).
-fn prompt_ids_that_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingParams) -> Result<Vec<Vec<u32>>> {
     let context = vlm.model.llm.cfg.max_position_embeddings;
-    prompts
-        .iter()
-        .map(|p| {
-            let ids = vlm.prompt_ids(&p.text, p.image.is_some()).map_err(|e| match e {
-                Error::Parse { .. } => e,
-                e => Error::invalid(format!("{}: {e}", p.origin)),
-            })?;
-            super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| match e {
-                Error::Range(_) => e,
-                e => Error::invalid(format!("{}: {e}", p.origin)),
-            })?;
-            Ok(ids)
+    prompts.iter().try_for_each(|p| {
+        let ids = vlm.prompt_ids(&p.text, p.image.is_some()).map_err(|e| match e {
+            Error::Parse { .. } => e,
+            e => Error::invalid(format!("{}: {e}", p.origin)),
+        })?;
+        super::fits_context(ids.len(), params.max_new_tokens, context).map_err(|e| match e {
+            Error::Range(_) => e,
+            e => Error::invalid(format!("{}: {e}", p.origin)),
         })
-        .collect()
+    })
 }
 
-/// Like [`answer_all`], but hands each batch's answers to `done(first index, answers)` as soon as they exist,
-/// so a caller can write them before the next batch starts; an error from `done` stops the run.
+/// Like [`answer_all`], but hands each answer to `done(index, answer)` as soon as it is finished (in the order
+/// they finish), so a caller can write it at once; an error from `done` stops the run. Images are read when
+/// their prompt joins the batch, so memory holds only the running prompts' images.
 pub fn answer_each(
     vlm: &super::Vlm,
     prompts: &[Prompt],
     params: &super::SamplingParams,
-    batch_size: usize,
+    batch: &super::EngineOptions,
     pass: crate::model::Pass,
-    mut done: impl FnMut(usize, Vec<String>) -> Result<()>,
+    mut done: impl FnMut(usize, String) -> Result<()>,
 ) -> Result<()> {
-    // Every prompt is tokenised (and checked against the context) once, before anything is generated.
-    let mut ids = prompt_ids_that_fit(vlm, prompts, params)?.into_iter();
-    let batch_size = batch_size.max(1);
-    for (i, chunk) in prompts.chunks(batch_size).enumerate() {
-        let mut requests = Vec::with_capacity(chunk.len());
-        for (p, ids) in chunk.iter().zip(ids.by_ref()) {
-            let image = match &p.image {
-                Some(path) => Some(vlm.load_image(path).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?),
-                None => None,
-            };
-            requests.push(super::Request { ids, image });
-        }
-        let texts = vlm.answer(&requests, params, pass)?.into_iter().map(|c| c.text.trim().to_string()).collect();
-        done(i * batch_size, texts)?;
-    }
-    Ok(())
+    // Every prompt is checked against the context before anything is generated, and tokenised again when it joins
+    // the batch: nothing per prompt stays in memory but the prompt itself.
+    check_fit(vlm, prompts, params)?;
+    let requests = prompts.iter().map(|p| {
+        let ids = vlm.prompt_ids(&p.text, p.image.is_some())?;
+        let image = match &p.image {
+            Some(path) => Some(vlm.load_image(path).map_err(|e| Error::invalid(format!("{}: {e}", p.origin)))?),
+            None => None,
+        };
+        let seed = super::request_seed(params.seed, &p.id);
+        Ok(super::Request { ids, image, params: params.clone(), seed, contrast: None })
+    });
+    let mut engine = super::Engine::new(&vlm.model, &vlm.tok, batch.clone(), pass)?;
+    engine.run_each(requests, |f| done(f.id, f.completion.text.trim().to_string()))
 }
 
 /// Refuses to resume an answers file that holds answers of another model: its rows would silently stand for
@@ -199,16 +191,17 @@ pub struct AnswerCounts {
     pub other: usize,
 }
 
-/// Answers the questions that `out` does not hold yet and appends each batch's rows as soon as they exist, so a
-/// run killed at any point and started again continues where it stopped, losing and repeating nothing (the
-/// writer drops a torn last line). `prompt` makes the prompt of a question.
+/// Answers the questions that `out` does not hold yet and appends each answer as soon as it is finished, so a run
+/// killed at any point and started again continues where it stopped, losing only the answers in progress and
+/// repeating nothing (the writer drops a torn last line). `prompt` makes the prompt of a question; its sampling is
+/// seeded by the question's id.
 #[allow(clippy::too_many_arguments)]
 pub fn answer_into(
     vlm: &super::Vlm,
     questions: &[Question],
     prompt: impl Fn(&Question) -> Prompt,
     params: &super::SamplingParams,
-    batch_size: usize,
+    batch: &super::EngineOptions,
     pass: crate::model::Pass,
     model_id: &str,
     out: &mut ResumableWriter,
@@ -222,10 +215,10 @@ pub fn answer_into(
         written: pending.len(),
         other: out.done_count() - already_done,
     };
-    let prompts: Vec<Prompt> = pending.iter().map(|q| prompt(q)).collect();
-    answer_each(vlm, &prompts, params, batch_size, pass, |start, texts| {
-        progress(texts.len());
-        pending[start..].iter().zip(&texts).try_for_each(|(q, t)| out.append(&answer_row(q, t, model_id)))
+    let prompts: Vec<Prompt> = pending.iter().map(|q| Prompt { id: q.key(), ..prompt(q) }).collect();
+    answer_each(vlm, &prompts, params, batch, pass, |i, text| {
+        progress(1);
+        out.append(&answer_row(pending[i], &text, model_id))
     })?;
     Ok(counts)
 }

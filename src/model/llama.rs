@@ -13,6 +13,7 @@ use super::config::{LlamaConfig, RopeType};
 use super::linear::{DropoutSeed, Linear, Pass};
 use super::ops::{self, Kernels};
 use super::runtime::Runtime;
+use super::slots::{self, SlotCache, SlotLayer, StepLayout};
 
 /// Per-layer key/value cache for incremental decoding (preallocated, appended in place: no copy per token).
 pub struct Cache {
@@ -64,6 +65,8 @@ enum Kv<'a> {
     Record(&'a mut Option<(Tensor, Tensor)>),
     /// Prepend prefix row `rows[r]` to row r.
     Prefix(&'a (Tensor, Tensor), &'a Tensor),
+    /// A packed step of the generation engine: each sequence's keys and values in its slot (see [`super::slots`]).
+    Slots(&'a mut SlotLayer, &'a StepLayout),
 }
 
 /// Inverse frequencies of the rotary embedding, with the checkpoint's scaling applied.
@@ -178,6 +181,9 @@ impl Attention {
         let q = ops::rope(kernels, &q, cos, sin)?;
         let k = ops::rope(kernels, &k, cos, sin)?.contiguous()?;
         let (k, v) = match kv {
+            Kv::Slots(layer, step) => {
+                return self.o_proj.forward(&slots::attend(&q, &k, &v, layer, step, kernels)?, pass)
+            }
             Kv::Cache(Some(c)) => c.append(&k, &v)?,
             Kv::Cache(None) => (k, v),
             Kv::Record(out) => {
@@ -353,6 +359,30 @@ impl Llama {
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &cos, &sin, mask, Kv::Cache(Some(kv)), pass)?;
+        }
+        ops::rms_norm(self.kernels, &x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Final-norm hidden states (1, tokens, hidden) of a packed step of the generation engine: `embeds` (1, tokens,
+    /// hidden) are the new tokens of the sequences `step` lays out, at `positions` (1, tokens); each attends to its
+    /// own keys in `cache`, where the step's keys and values are written (see [`super::slots`]).
+    pub fn forward_slots(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        cache: &mut SlotCache,
+        step: &StepLayout,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            candle_core::bail!("slot cache has {} layers, the model {}", cache.layers.len(), self.layers.len());
+        }
+        let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
+        // Slot attention masks by sequence itself: the additive mask argument is not read.
+        let unused = Tensor::zeros((), self.dtype, embeds.device())?;
+        let mut x = embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, &unused, Kv::Slots(kv, step), pass)?;
         }
         ops::rms_norm(self.kernels, &x, &self.norm, self.cfg.rms_norm_eps)
     }

@@ -264,6 +264,21 @@ impl Model {
         }
         self.forward_hidden(inputs, embeds.as_ref(), cache, pass)
     }
+
+    /// Input embeddings (t, hidden) of one prompt, `image` (3, H, W)'s features at its image positions: what the
+    /// generation engine prefills. The image is encoded on its own, so its features never depend on other prompts.
+    pub fn prompt_embeds(&self, ids: &[u32], image: Option<&Tensor>, pass: Pass) -> Result<Tensor> {
+        let features = match image {
+            Some(px) => Some(self.project(&self.encode_images(&px.unsqueeze(0)?)?, pass)?),
+            None if self.image_token().is_some_and(|id| ids.contains(&id)) => {
+                bail!("the prompt has image positions but no image was given")
+            }
+            None => None,
+        };
+        let host = ids;
+        let ids = Tensor::from_slice(ids, (1, ids.len()), &self.rt.device)?;
+        Ok(self.embed(&ids, Some(host), features.as_ref())?.squeeze(0)?)
+    }
 }
 
 /// [`positions_from_mask`] and [`causal_mask`] computed on the host, for the CPU's fused runtime.

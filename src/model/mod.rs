@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod cpu_decode;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod fused;
@@ -19,6 +20,7 @@ pub mod lora;
 pub mod ops;
 pub mod peft;
 pub mod runtime;
+pub mod slots;
 pub mod vlm;
 
 pub use config::{LlamaConfig, LlavaConfig, ModelConfig};
@@ -27,4 +29,5 @@ pub use llama::{Cache, Llama};
 pub use llava::{Inputs, Model};
 pub use load::{load, LoadOptions};
 pub use runtime::{set_cpu_threads, Kernels, Runtime};
+pub use slots::{SlotCache, StepLayout};
 pub use vlm::Vlm;

@@ -150,6 +150,10 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        // The generation engine's batch-invariant kernels, inside its steps only.
+        if let Some(out) = super::cpu_decode::frozen_matmul(x, x_layout, &self.w)? {
+            return Ok(out);
+        }
         generic::frozen_product((x, x_layout), &self.w, |s| if let Storage::Cpu(w) = s { Some(w) } else { None })
     }
 

@@ -13,20 +13,26 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use crate::{Error, Result};
 
 thread_local! {
-    static HOST_READS: Cell<u64> = const { Cell::new(0) };
+    static HOST_READS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
 /// The values of `t`, flattened, on the host: the way the training and decoding loops read a tensor back. Off the
 /// CPU it is a device-to-host copy that waits for the device to finish, so the loops do it as rarely as they can;
-/// every call is counted ([`host_reads`]), and tests bound the count per step.
+/// every call is counted with its bytes ([`host_reads`], [`host_read_bytes`]), and tests bound them per step.
 pub fn read_back<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    HOST_READS.with(|n| n.set(n.get() + 1));
+    let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    HOST_READS.with(|n| n.set((n.get().0 + 1, n.get().1 + bytes)));
     Ok(t.flatten_all()?.to_vec1()?)
 }
 
 /// Calls of [`read_back`] so far on this thread (a model runs on the thread that calls it).
 pub fn host_reads() -> u64 {
-    HOST_READS.with(Cell::get)
+    HOST_READS.with(Cell::get).0
+}
+
+/// Bytes read back by [`read_back`] so far on this thread.
+pub fn host_read_bytes() -> u64 {
+    HOST_READS.with(Cell::get).1
 }
 
 /// Which implementation the differentiable ops (attention softmax, norms, rotary embedding) use.
@@ -59,6 +65,13 @@ pub struct Runtime {
 pub fn set_cpu_threads(threads: Option<usize>) -> usize {
     let n = threads.filter(|&n| n > 0).unwrap_or_else(candle_core::utils::get_num_threads);
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    // candle's elementwise ops run on a pool whose workers spin for about a millisecond after each op before they
+    // sleep, holding a core the next op's threads need: on 2 cores, 14% of a generation run's samples were that spin
+    // (perf), and batch-1 decoding of the small model went from 275 to 328 tokens/s without it (2026-12-06, this
+    // VM). A value the user set is kept.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
     n
 }
 

@@ -86,9 +86,8 @@ pub struct JudgedGenArgs {
     /// Folder the benchmark's image file names are relative to.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
-    /// Prompts per batch, at least 1.
-    #[arg(long, default_value_t = 8, value_parser = crate::cli::range::at_least_one)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub batch: crate::cli::generate::BatchArgs,
     /// Most new tokens per answer, at least 1 (greedy; LLaVA's model_vqa allows 1024).
     #[arg(long, default_value_t = 1024, value_parser = crate::cli::range::at_least_one)]
     pub max_new_tokens: usize,
@@ -191,9 +190,10 @@ pub fn generate(
             text: q.text.clone(),
             image: q.image.as_deref().map(|i| bpo::data::image_path(gen.images.as_deref(), i)),
             origin: format!("question {}", q.id),
+            id: q.id.clone(),
         })
         .collect();
-    let texts = answer_with(vlm, model, &prompts, &gen.params(), gen.batch_size)?;
+    let texts = answer_with(vlm, model, &prompts, &gen.params(), &gen.batch.engine())?;
     let answers: Vec<Answer> = items
         .iter()
         .zip(texts)

@@ -11,7 +11,7 @@ use bpo::eval::chair::{Chair, GroundTruth};
 use bpo::eval::report::Scores;
 use bpo::eval::suite::{self, SuiteConfig, SuiteInfo};
 use bpo::eval::{inputs, mmhal, mmvet, pope, Answer};
-use bpo::generate::SamplingParams;
+use bpo::generate::{EngineOptions, SamplingParams};
 use bpo::model::Vlm;
 
 use bpo::eval::judge::Judge;
@@ -59,8 +59,10 @@ fn answers(dir: &Path, make: impl FnOnce() -> anyhow::Result<Vec<Answer>>) -> an
     Ok(answers)
 }
 
-fn gen(images: &Option<PathBuf>, batch_size: usize, max_new_tokens: Option<usize>) -> JudgedGenArgs {
-    JudgedGenArgs { images: images.clone(), batch_size, max_new_tokens: max_new_tokens.unwrap_or(1024) }
+fn gen(images: &Option<PathBuf>, batch: &EngineOptions, max_new_tokens: Option<usize>) -> JudgedGenArgs {
+    let batch =
+        crate::cli::generate::BatchArgs { batch_size: batch.max_rows, max_batch_tokens: batch.max_batch_tokens };
+    JudgedGenArgs { images: images.clone(), batch, max_new_tokens: max_new_tokens.unwrap_or(1024) }
 }
 
 /// A benchmark's inputs, read before the first benchmark runs (or the model loads), so that a bad file stops the
@@ -134,10 +136,10 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
             prepared.push((name, inputs));
         }
     }
-    let batch = cfg.batch_size.unwrap_or(8);
+    let batch = EngineOptions::rows(cfg.batch_size.unwrap_or(8), None);
     let mut model = Lazy { args: &a.model, vlm: None };
     for (name, inputs) in &prepared {
-        run_one(name, inputs, &cfg, &mut model, batch, &a.out.join(name))?;
+        run_one(name, inputs, &cfg, &mut model, &batch, &a.out.join(name))?;
         if !info.benchmarks.iter().any(|b| b == name) {
             info.benchmarks.push(name.to_string());
         }
@@ -171,7 +173,7 @@ fn run_one(
     inputs: &Inputs,
     cfg: &SuiteConfig,
     model: &mut Lazy,
-    batch: usize,
+    batch: &EngineOptions,
     dir: &Path,
 ) -> anyhow::Result<()> {
     let _lock = lock_run(dir, &[])?;

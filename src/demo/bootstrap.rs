@@ -4,8 +4,9 @@
 //! [`crate::bootstrap::run_inject`] with [`crate::bootstrap::LocalCompleter`]) — the same library calls as
 //! `bpo bootstrap weaken` and `bpo bootstrap inject --mode continue`.
 //!
-//! The chosen answers are the true ones ([`super::world::Turn::true_answer`]), also where the instruction data's
-//! annotations carry the prior. Then the demo applies the prototype's lessons (demo-world.md) before pairing:
+//! The chosen answers are the instruction data's own ([`Chosen::Annotation`], as BPO takes the dataset's responses),
+//! or the true ones ([`Chosen::Truth`]) where the annotations carry the prior. Then the demo applies the
+//! prototype's lessons (demo-world.md) before pairing:
 //! - one hallucination per negative (lesson 2): a description negative is *spliced* ([`splice`]): one object it
 //!   names that the ground truth lacks (the partner of a ground-truth object when there is one) is added to the
 //!   ground truth ([`NegativeForm::Add`], the recipe's) or replaces one of its objects ([`NegativeForm::Swap`]), so
@@ -39,8 +40,22 @@ pub enum NegativeForm {
     #[default]
     Swap,
     /// The hallucination is added to the ground truth (at a place hashed from the two answers): the rejected
-    /// answer is the truth plus one object that is not there, the error a prior-led model makes.
+    /// answer is the chosen one plus one object that is not there, the error a prior-led model makes.
     Add,
+}
+
+/// Which answer of a training turn bootstrapping takes as the chosen one, where the instruction data's annotation
+/// says something else than the scene ([`super::world::WorldConfig::annotation_prior`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Chosen {
+    /// The instruction data's own answer, as BPO takes the dataset's responses: the control (more SFT on them) keeps
+    /// the prior they carry, and only the preference can remove it.
+    #[default]
+    Annotation,
+    /// The true answer ([`super::world::Turn::true_answer`]): the control is then SFT on corrected data, which
+    /// removes the annotations' prior by itself (docs/demo.md, run T).
+    Truth,
 }
 
 /// Bootstrapping settings.
@@ -48,7 +63,7 @@ pub enum NegativeForm {
 pub struct BootstrapOptions {
     /// Grounded images whose conversations become records.
     pub images: usize,
-    /// Diffusion step of the weakened images (BPO's release: 900).
+    /// Diffusion step of the weakened images (BPO's release: 900; the demo's recipe: 500, docs/demo.md).
     pub noise_step: usize,
     /// Sampling temperature of both kinds of negatives.
     pub temperature: f32,
@@ -57,6 +72,9 @@ pub struct BootstrapOptions {
     /// How description negatives are made ([`splice`]).
     #[serde(default)]
     pub negatives: NegativeForm,
+    /// The chosen answers ([`gt_records`]).
+    #[serde(default)]
+    pub chosen: Chosen,
 }
 
 /// Which negatives a pair set uses: the experiment's rows.
@@ -111,9 +129,9 @@ impl BootstrapFiles {
     }
 }
 
-/// Records with only their ground truth (the true answer, whatever the annotation says), one per turn of the first
+/// Records with only their ground truth (the annotation or the true answer, per `chosen`), one per turn of the first
 /// `n` grounded conversations.
-pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
+pub fn gt_records(train: &[Grounded], n: usize, chosen: Chosen) -> Vec<Record> {
     train
         .iter()
         .take(n)
@@ -122,7 +140,10 @@ pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
                 id: turn_id(&g.id, i),
                 prompt: t.question.clone(),
                 image: Some(g.image.clone()),
-                completions: vec![Completion::gt(t.true_answer())],
+                completions: vec![Completion::gt(match chosen {
+                    Chosen::Annotation => t.answer.clone(),
+                    Chosen::Truth => t.true_answer().to_string(),
+                })],
             })
         })
         .collect()
@@ -429,6 +450,22 @@ mod tests {
             image: Some("x.png".into()),
             completions: vec![Completion::gt(gt), Completion::negative(neg, CompletionType::MllmHal)],
         }
+    }
+
+    #[test]
+    fn chosen_answers_are_the_annotations_or_the_truth() {
+        let turns = vec![
+            world::Turn { question: DESCRIBE.into(), answer: "a red circle and a blue square".into(), kind: "caption".into(), truth: Some("a red circle".into()) },
+            world::Turn { question: world::exists_question(2), answer: "yes".into(), kind: "no".into(), truth: Some("no".into()) },
+            world::Turn { question: world::exists_question(0), answer: "yes".into(), kind: "yes".into(), truth: None },
+        ];
+        let g = Grounded { id: "t0".into(), image: "t0.png".into(), scene: world::Scene { objects: vec![] }, turns };
+        let answers = |chosen| -> Vec<String> {
+            gt_records(std::slice::from_ref(&g), 1, chosen).iter().map(|r| r.ground_truth().unwrap().response.clone()).collect()
+        };
+        assert_eq!(answers(Chosen::Annotation), ["a red circle and a blue square", "yes", "yes"]);
+        assert_eq!(answers(Chosen::Truth), ["a red circle", "no", "yes"]);
+        assert!(gt_records(std::slice::from_ref(&g), 0, Chosen::Truth).is_empty());
     }
 
     #[test]

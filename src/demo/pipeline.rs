@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats, NegativeForm};
+use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats, Chosen, NegativeForm};
 use super::data::{World, WorldFiles};
 use super::eval::{self, EvalScores};
 use super::model::{init_model, ModelSpec};
@@ -59,11 +59,12 @@ impl Recipe {
             sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
             bootstrap: BootstrapOptions {
                 images: 2000,
-                noise_step: 900,
+                noise_step: 500,
                 temperature: 1.0,
                 batch: 64,
                 seed: 0,
                 negatives: NegativeForm::Add,
+                chosen: Chosen::Annotation,
             },
             dpo: PrefSettings {
                 epochs: 1,
@@ -72,7 +73,7 @@ impl Recipe {
                 beta: 0.1,
                 rank: 8,
                 alpha: 16.0,
-                sft_weight: 1.0,
+                sft_weight: 0.5,
                 train_projector: false,
             },
             eval_batch: 64,
@@ -394,7 +395,7 @@ fn bootstrap(
     let bo = BootstrapOptions { seed, ..opts.recipe.bootstrap.clone() };
     let dir = out.records.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let records = boot::gt_records(&world.train, bo.images);
+    let records = boot::gt_records(&world.train, bo.images, bo.chosen);
     let mut stats = BootstrapStats { records: records.len(), ..Default::default() };
     let stage = stages.start("bootstrap: weakened images", 0);
     let (records, weakened) = boot::weaken_negatives(vlm, records, &files.images, &dir.join("weakened.jsonl"), &bo)?;

@@ -65,9 +65,11 @@ scratch: its language model first reads a text-only corpus in which partner obje
 diamond, ...) nearly always appear together, then the model learns from images whose partners co-occur little more than \
 chance. But the images' annotations carry the prior, as GPT-written instruction data names objects that are not there: 90% of \
 the training descriptions add the absent partner of a present object, and answer yes when asked about it. So the SFT model \
-learns to name absent partners in pictures it sees clearly. BPO's chosen answers are the true scenes; its negatives are the \
-model's own errors (answers to diffusion-noised images; true descriptions cut and continued by the model's own language \
-model), each made into the truth plus the one object the model added. LoRA adapters are trained with DPO. The table compares \
+learns to name absent partners in pictures it sees clearly. BPO's chosen answers are the instruction data's own, as the \
+paper takes the dataset's responses; its negatives are the model's own errors (answers to diffusion-noised images; chosen \
+descriptions cut and continued by the model's own language model), each made into the chosen answer plus the one object the \
+model added, which carry the prior further than the annotations do. LoRA adapters are trained with DPO (plus the chosen \
+answers' NLL). More supervised training on the same answers (the control) keeps their prior; the preference removes it. The table compares \
 the SFT model, BPO and its two halves, and the paper's control: the same LoRA training on the chosen answers only. It leads \
 with the prior's own metrics: the share of descriptions naming an absent partner, and POPE-adversarial F1 (whose absent \
 objects are the partners); CHAIR, recall and objects per description stay beside them, so that nobody wins by saying less.";
@@ -373,8 +375,12 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wa
         (
             "bootstrap".into(),
             format!(
-                "{} training images' conversations, noise step {}, temperature {}, description negatives: {:?}",
-                r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature, r.bootstrap.negatives
+                "{} training images' conversations, noise step {}, temperature {}, description negatives: {:?}, chosen answers: {:?}",
+                r.bootstrap.images,
+                r.bootstrap.noise_step,
+                r.bootstrap.temperature,
+                r.bootstrap.negatives,
+                r.bootstrap.chosen
             ),
         ),
     ];

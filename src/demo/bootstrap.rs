@@ -261,12 +261,7 @@ fn partner_pairs(caption: &str) -> usize {
 }
 
 /// Keeps the usable negatives of each record (see the module doc) and balances yes/no records.
-pub fn match_and_balance(
-    records: &[Record],
-    form: NegativeForm,
-    seed: u64,
-    stats: &mut BootstrapStats,
-) -> Vec<Record> {
+pub fn match_and_balance(records: &[Record], form: NegativeForm, seed: u64, stats: &mut BootstrapStats) -> Vec<Record> {
     let mut kept: Vec<Record> = Vec::new();
     for r in records {
         let Some(gt) = r.ground_truth().map(|c| c.response.clone()) else { continue };
@@ -430,7 +425,10 @@ mod tests {
         assert_eq!(places.len(), 4, "every place is used: {places:?}");
         // Nothing absent: no negative. A complete partner pair does not stop an addition (nothing is replaced).
         assert_eq!(add(gt, "a blue star"), None);
-        assert_eq!(add("a red circle and a blue square", "a green arrow").as_deref().map(objects), Some(objects("a red circle and a blue square and a green arrow")));
+        assert_eq!(
+            add("a red circle and a blue square", "a green arrow").as_deref().map(objects),
+            Some(objects("a red circle and a blue square and a green arrow"))
+        );
         assert_eq!(add("", "a red ring").as_deref(), Some("a red ring"));
     }
 
@@ -455,13 +453,26 @@ mod tests {
     #[test]
     fn chosen_answers_are_the_annotations_or_the_truth() {
         let turns = vec![
-            world::Turn { question: DESCRIBE.into(), answer: "a red circle and a blue square".into(), kind: "caption".into(), truth: Some("a red circle".into()) },
-            world::Turn { question: world::exists_question(2), answer: "yes".into(), kind: "no".into(), truth: Some("no".into()) },
+            world::Turn {
+                question: DESCRIBE.into(),
+                answer: "a red circle and a blue square".into(),
+                kind: "caption".into(),
+                truth: Some("a red circle".into()),
+            },
+            world::Turn {
+                question: world::exists_question(2),
+                answer: "yes".into(),
+                kind: "no".into(),
+                truth: Some("no".into()),
+            },
             world::Turn { question: world::exists_question(0), answer: "yes".into(), kind: "yes".into(), truth: None },
         ];
         let g = Grounded { id: "t0".into(), image: "t0.png".into(), scene: world::Scene { objects: vec![] }, turns };
         let answers = |chosen| -> Vec<String> {
-            gt_records(std::slice::from_ref(&g), 1, chosen).iter().map(|r| r.ground_truth().unwrap().response.clone()).collect()
+            gt_records(std::slice::from_ref(&g), 1, chosen)
+                .iter()
+                .map(|r| r.ground_truth().unwrap().response.clone())
+                .collect()
         };
         assert_eq!(answers(Chosen::Annotation), ["a red circle and a blue square", "yes", "yes"]);
         assert_eq!(answers(Chosen::Truth), ["a red circle", "no", "yes"]);

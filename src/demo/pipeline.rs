@@ -177,7 +177,8 @@ pub const ROWS: [(&str, &str); 5] = [
 
 /// The demo's claims checked on the rows ([`super::report::acceptance`]), as text.
 pub fn claim(rows: &[Row]) -> String {
-    let roles = super::report::Roles { sft: ROWS[0].0, control: ROWS[1].0, bpo: ROWS[4].0, halves: &[ROWS[2].0, ROWS[3].0] };
+    let roles =
+        super::report::Roles { sft: ROWS[0].0, control: ROWS[1].0, bpo: ROWS[4].0, halves: &[ROWS[2].0, ROWS[3].0] };
     super::report::acceptance_text(&super::report::acceptance(rows, &roles))
 }
 
@@ -403,7 +404,8 @@ fn bootstrap(
     stages.finish(stage, &format!("{weakened} answers"));
     let stage = stages.start("bootstrap: continue injection", 0);
     let (captions, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.prompt == super::world::DESCRIBE);
-    let (captions, injected) = boot::inject_negatives(model, &opts.recipe.load(), captions, &dir.join("injected.jsonl"), &bo)?;
+    let (captions, injected) =
+        boot::inject_negatives(model, &opts.recipe.load(), captions, &dir.join("injected.jsonl"), &bo)?;
     stats.injected_answers = injected;
     stages.finish(stage, &format!("{injected} answers"));
     let records: Vec<_> = captions.into_iter().chain(rest).collect();

@@ -412,7 +412,11 @@ mod tests {
         assert_eq!(text.lines().filter(|l| l.starts_with("  holds")).count(), 5, "{text}");
         assert!(text.lines().any(|l| l.starts_with("  FAILS  I does worse")), "{text}");
         // Saying less fails the length line; one seed shows nothing.
-        let short = vec![row("SFT", vec![scores(0.8, 0.9, 0.2, 0.99, 4.3)]), row("C", vec![scores(0.6, 0.9, 0.2, 0.99, 4.3)]), row("BPO", vec![scores(0.1, 0.95, 0.05, 0.95, 3.5)])];
+        let short = vec![
+            row("SFT", vec![scores(0.8, 0.9, 0.2, 0.99, 4.3)]),
+            row("C", vec![scores(0.6, 0.9, 0.2, 0.99, 4.3)]),
+            row("BPO", vec![scores(0.1, 0.95, 0.05, 0.95, 3.5)]),
+        ];
         let checks = acceptance(&short, &roles);
         assert!(!checks[0].holds && checks[0].text.contains("one seed: no spread"), "{checks:#?}");
         assert!(!checks[3].holds && checks[3].text.contains("-18.6%"), "{}", checks[3].text);

@@ -81,7 +81,13 @@ fn optim(epochs: usize, batch: usize, lr: f64, seed: u64) -> LoopConfig {
     }
 }
 
-fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_projector: bool, env: &RunEnv) -> ModelSetup {
+fn setup(
+    model: &Path,
+    template: Template,
+    lora: Option<LoraConfig>,
+    train_projector: bool,
+    env: &RunEnv,
+) -> ModelSetup {
     ModelSetup {
         model: model.to_path_buf(),
         template,
@@ -127,8 +133,10 @@ pub fn sft(
 ) -> Result<()> {
     fresh(out)?;
     let template = if s.plain_text { Template::Plain } else { Template::LlavaHf };
-    let setup =
-        ModelSetup { train_vision: s.train_vision && !s.plain_text, ..setup(model_in, template, None, !s.plain_text, env) };
+    let setup = ModelSetup {
+        train_vision: s.train_vision && !s.plain_text,
+        ..setup(model_in, template, None, !s.plain_text, env)
+    };
     let cfg = SftConfig {
         setup,
         data: data.to_path_buf(),

@@ -529,7 +529,10 @@ mod tests {
                 continue;
             }
             assert_eq!(changed.len(), 1, "{t:?}");
-            assert_eq!((changed[0].question.as_str(), changed[0].answer.as_str()), (exists_question(added).as_str(), "yes"));
+            assert_eq!(
+                (changed[0].question.as_str(), changed[0].answer.as_str()),
+                (exists_question(added).as_str(), "yes")
+            );
             assert_eq!(changed[0].true_answer(), "no");
             assert!(!scene.has(added));
             assert_eq!(t.iter().filter(|t| t.kind == "no").count(), turns.iter().filter(|t| t.kind == "no").count());

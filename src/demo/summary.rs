@@ -200,7 +200,7 @@ fn gallery(s: &SeedResult) -> Result<Vec<(String, String, Vec<GalleryItem>)>> {
     let trained = training_items(s, &files, &processor)?;
     let changed = eval_items(s, &files)?;
     Ok(vec![
-        ("What BPO trains on".into(), "Bootstrapped pairs: the true answer (chosen) against the model's own errors, reduced to one hallucinated object each (\"model said\": the answer as sampled). Left: the image; right: the weakened image the model answered from (diffusion noise at the recipe's step).".into(), trained),
+        ("What BPO trains on".into(), "Bootstrapped pairs: the instruction data's answer (chosen; where the annotations carry the prior, it names an absent partner too) against the model's own errors, each made into the chosen answer plus one object the model added (\"model said\": the answer as sampled). Left: the image; right: the weakened image the model answered from (diffusion noise at the recipe's step).".into(), trained),
         ("What changed".into(), "Evaluation images the SFT model described wrongly, with the SFT and BPO descriptions (red: names an object that is not there) and their POPE adversarial answers.".into(), changed),
     ])
 }

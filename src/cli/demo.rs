@@ -18,8 +18,9 @@ pub struct Args {
     /// Repeat the whole pipeline with seeds seed, seed+1, ... and report mean and standard deviation; at least 1.
     #[arg(long, default_value_t = 1, value_parser = super::range::at_least_one)]
     seeds: usize,
-    /// Seeds run side by side, each with its own CPU thread(s) (the CPU's threads divided among them unless --threads
-    /// says otherwise). Default: one per CPU thread, at most --seeds. The results do not depend on it.
+    /// Seeds run side by side, each on one CPU thread unless --threads says otherwise (one seed alone took 310 s on
+    /// one thread and 345 s on two of a 2-core machine: docs/demo.md). Default: one per CPU thread, at most --seeds.
+    /// The results do not depend on it.
     #[arg(long, value_parser = super::range::at_least_one)]
     jobs: Option<usize>,
     /// A tiny world and model that run in seconds (for tests; the numbers mean nothing).
@@ -37,7 +38,8 @@ pub struct Args {
     quiet: bool,
 }
 
-/// `threads_given`: the global --threads was set (otherwise the CPU threads are shared among the --jobs).
+/// `threads_given`: the global --threads was set (otherwise each of the --jobs computes on one CPU thread: at the
+/// demo's size a second thread per seed did not make it faster, docs/demo.md).
 pub fn run(args: Args, threads_given: bool) -> anyhow::Result<()> {
     let mut recipe = if args.quick { Recipe::quick() } else { Recipe::standard() };
     if let Some(path) = &args.recipe {
@@ -53,7 +55,7 @@ pub fn run(args: Args, threads_given: bool) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = args.jobs.unwrap_or(cores).min(args.seeds);
     if !threads_given {
-        bpo::model::set_cpu_threads(Some((cores / jobs).max(1)));
+        bpo::model::set_cpu_threads(Some(1));
     }
     let opts =
         DemoOptions { out: args.out.clone(), seed: args.seed, seeds: args.seeds, jobs, recipe, progress: !args.quiet };

@@ -4,12 +4,14 @@
 //! [`crate::bootstrap::run_inject`] with [`crate::bootstrap::LocalCompleter`]) — the same library calls as
 //! `bpo bootstrap weaken` and `bpo bootstrap inject --mode continue`.
 //!
-//! Then the demo applies the prototype's lessons (demo-world.md) before pairing:
-//! - length-matched negatives (lesson 2): a description negative is *spliced* ([`splice`]): one object it names
-//!   that the ground truth lacks (the partner of a ground-truth object when there is one) replaces one
-//!   ground-truth object (its look-alike when present, never half of a partner pair), so chosen and rejected have
-//!   the same length and differ in one hallucinated object; a short-answer negative must have the ground truth's
-//!   word count;
+//! The chosen answers are the instruction data's own ([`Chosen::Annotation`], as BPO takes the dataset's responses),
+//! or the true ones ([`Chosen::Truth`]) where the annotations carry the prior. Then the demo applies the
+//! prototype's lessons (demo-world.md) before pairing:
+//! - one hallucination per negative (lesson 2): a description negative is *spliced* ([`splice`]): one object it
+//!   names that the ground truth lacks (the partner of a ground-truth object when there is one) is added to the
+//!   ground truth ([`NegativeForm::Add`], the recipe's) or replaces one of its objects ([`NegativeForm::Swap`]), so
+//!   chosen and rejected differ in that object alone; a short-answer negative must have the ground truth's word
+//!   count;
 //! - balanced yes/no pairs (lesson 3): as many chosen "yes" as chosen "no".
 
 use std::path::{Path, PathBuf};
@@ -28,17 +30,51 @@ use crate::model::LoadOptions;
 use crate::model::Vlm;
 use crate::{jsonl, Error, Result};
 
+/// How [`splice`] makes a description negative from the ground truth and one object the model hallucinated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NegativeForm {
+    /// The hallucination replaces one ground-truth object: chosen and rejected have the same length. DPO on these
+    /// also teaches which of two look-alikes is there, and in a world whose annotations add absent partners it
+    /// traded the partners it removed for look-alike swaps (docs/demo.md, run K).
+    #[default]
+    Swap,
+    /// The hallucination is added to the ground truth (at a place hashed from the two answers): the rejected
+    /// answer is the chosen one plus one object that is not there, the error a prior-led model makes.
+    Add,
+}
+
+/// Which answer of a training turn bootstrapping takes as the chosen one, where the instruction data's annotation
+/// says something else than the scene ([`super::world::WorldConfig::annotation_prior`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Chosen {
+    /// The instruction data's own answer, as BPO takes the dataset's responses: the control (more SFT on them) keeps
+    /// the prior they carry, and only the preference can remove it.
+    #[default]
+    Annotation,
+    /// The true answer ([`super::world::Turn::true_answer`]): the control is then SFT on corrected data, which
+    /// removes the annotations' prior by itself (docs/demo.md, run T).
+    Truth,
+}
+
 /// Bootstrapping settings.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct BootstrapOptions {
     /// Grounded images whose conversations become records.
     pub images: usize,
-    /// Diffusion step of the weakened images (BPO's release: 900).
+    /// Diffusion step of the weakened images (BPO's release: 900; the demo's recipe: 500, docs/demo.md).
     pub noise_step: usize,
     /// Sampling temperature of both kinds of negatives.
     pub temperature: f32,
     pub batch: usize,
     pub seed: u64,
+    /// How description negatives are made ([`splice`]).
+    #[serde(default)]
+    pub negatives: NegativeForm,
+    /// The chosen answers ([`gt_records`]).
+    #[serde(default)]
+    pub chosen: Chosen,
 }
 
 /// Which negatives a pair set uses: the experiment's rows.
@@ -93,8 +129,9 @@ impl BootstrapFiles {
     }
 }
 
-/// Records with only their ground truth, one per turn of the first `n` grounded conversations.
-pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
+/// Records with only their ground truth (the annotation or the true answer, per `chosen`), one per turn of the first
+/// `n` grounded conversations.
+pub fn gt_records(train: &[Grounded], n: usize, chosen: Chosen) -> Vec<Record> {
     train
         .iter()
         .take(n)
@@ -103,7 +140,10 @@ pub fn gt_records(train: &[Grounded], n: usize) -> Vec<Record> {
                 id: turn_id(&g.id, i),
                 prompt: t.question.clone(),
                 image: Some(g.image.clone()),
-                completions: vec![Completion::gt(t.answer.clone())],
+                completions: vec![Completion::gt(match chosen {
+                    Chosen::Annotation => t.answer.clone(),
+                    Chosen::Truth => t.true_answer().to_string(),
+                })],
             })
         })
         .collect()
@@ -150,11 +190,12 @@ pub fn weakened_seed(opts_seed: u64, id: &str) -> u64 {
 /// [`run_inject`]. Returns the records and how many answers were added.
 pub fn inject_negatives(
     model: &Path,
+    load: &LoadOptions,
     records: Vec<Record>,
     out: &Path,
     opts: &BootstrapOptions,
 ) -> Result<(Vec<Record>, usize)> {
-    let completer = LocalCompleter::load(model, &LoadOptions::default(), opts.batch)?;
+    let completer = LocalCompleter::load(model, load, opts.batch)?;
     let _ = std::fs::remove_file(out);
     let (mut writer, _) = ResumableWriter::open(out)?;
     let inject = InjectOptions {
@@ -181,22 +222,31 @@ fn caption_of(objects: &[(usize, usize)]) -> String {
     objects.iter().map(|&(c, k)| format!("a {} {}", COLOURS[c].0, KINDS[k])).collect::<Vec<_>>().join(" and ")
 }
 
-/// A length-matched description negative: one object that `negative` names and `gt` lacks replaces one ground-truth
-/// object, so chosen and rejected have the same length and differ in one hallucinated object. The hallucination
-/// taken is the first one that is the partner of a ground-truth object (the prior at work), else the first; the
-/// object it replaces is its look-alike (the error a model makes when it half-sees the object), else the one at
-/// the same place in the list, but never the hallucination's own partner, nor one whose partner the ground truth also
-/// names: replacing half of a
-/// partner pair would give a negative with *less* of the prior than its ground truth, and DPO would then prefer
-/// the prior (measured: with such replacements, weakened-image negatives lowered the partner pairs of 580
-/// descriptions and raised them in 190, and DPO on them raised the partner rate). `None` when `negative` names no
-/// absent object or every ground-truth object has its partner beside it.
-pub fn splice(gt: &str, negative: &str) -> Option<String> {
+/// A description negative that differs from the ground truth `gt` in one object that `negative` names and `gt`
+/// lacks: the first that is the partner of a ground-truth object (the prior at work), else the first.
+///
+/// [`NegativeForm::Add`] inserts it into the ground truth's list (in the colour the model gave it, else its pair's),
+/// at a place hashed from `gt` and `negative`. [`NegativeForm::Swap`] puts it in place of one ground-truth object,
+/// so chosen and rejected have the same length: its look-alike (the error a model makes when it half-sees the
+/// object), else the one at the same place in the list, but never the hallucination's own partner, nor one whose
+/// partner the ground truth also names: replacing half of a partner pair would give a negative with *less* of the
+/// prior than its ground truth, and DPO would then prefer the prior (measured: with such replacements,
+/// weakened-image negatives lowered the partner pairs of 580 descriptions and raised them in 190, and DPO on them
+/// raised the partner rate); `None` also when every ground-truth object has its partner beside it.
+///
+/// `None` when `negative` names no absent object.
+pub fn splice(gt: &str, negative: &str, form: NegativeForm) -> Option<String> {
     let truth: Vec<(usize, usize)> = parse_caption(gt).into_iter().map(|(c, k)| (c.unwrap_or(0), k)).collect();
     let named = |k: usize| truth.iter().any(|t| t.1 == k);
     let absent: Vec<(usize, (Option<usize>, usize))> =
         parse_caption(negative).into_iter().enumerate().filter(|(_, (_, k))| !named(*k)).collect();
     let &(at, (colour, kind)) = absent.iter().find(|(_, (_, k))| named(partner(*k))).or(absent.first())?;
+    if form == NegativeForm::Add {
+        let mut out = truth;
+        let place = crate::hash::stable_hash(&[gt, negative]) % (out.len() as u64 + 1);
+        out.insert(place as usize, (colour.unwrap_or(world::PAIR_COLOUR[kind / 2]), kind));
+        return Some(caption_of(&out));
+    }
     // Keep the object a prior hallucination comes from, and both halves of every partner pair.
     let free = |i: &usize| truth[*i].1 != partner(kind) && !named(partner(truth[*i].1));
     let slot = [truth.iter().position(|t| t.1 == look_alike(kind)), Some(at.min(truth.len().checked_sub(1)?))]
@@ -216,14 +266,14 @@ fn partner_pairs(caption: &str) -> usize {
 }
 
 /// Keeps the usable negatives of each record (see the module doc) and balances yes/no records.
-pub fn match_and_balance(records: &[Record], seed: u64, stats: &mut BootstrapStats) -> Vec<Record> {
+pub fn match_and_balance(records: &[Record], form: NegativeForm, seed: u64, stats: &mut BootstrapStats) -> Vec<Record> {
     let mut kept: Vec<Record> = Vec::new();
     for r in records {
         let Some(gt) = r.ground_truth().map(|c| c.response.clone()) else { continue };
         let is_caption = r.prompt == DESCRIBE;
         let mut out = Record { completions: vec![Completion::gt(gt.clone())], ..r.clone() };
         for c in r.completions.iter().filter(|c| c.kind != CompletionType::Gt) {
-            let matched = if is_caption { splice(&gt, &c.response) } else { short_negative(&gt, &c.response) };
+            let matched = if is_caption { splice(&gt, &c.response, form) } else { short_negative(&gt, &c.response) };
             match matched {
                 Some(text) if !out.completions.iter().any(|x| x.response == text) => {
                     match c.kind {
@@ -320,6 +370,7 @@ mod tests {
 
     #[test]
     fn splice_swaps_one_object_and_keeps_the_length() {
+        let splice = |gt: &str, n: &str| super::splice(gt, n, NegativeForm::Swap);
         let gt = "a red circle and a blue star";
         // The circle's look-alike replaces the circle, in the negative's colour.
         assert_eq!(splice(gt, "a red circle and a green ring").as_deref(), Some("a green ring and a blue star"));
@@ -346,6 +397,47 @@ mod tests {
     }
 
     #[test]
+    fn splice_adds_one_hallucinated_object_to_the_truth() {
+        let add = |gt: &str, n: &str| splice(gt, n, NegativeForm::Add);
+        let objects = |c: &str| {
+            let mut v: Vec<(Option<usize>, usize)> = parse_caption(c);
+            v.sort();
+            v
+        };
+        let gt = "a red circle and a blue star";
+        for (negative, added) in [
+            // The partner of a truth object (the circle's partner is the square) is taken before any other.
+            ("a green arrow and a blue square", "a blue square"),
+            // None: the first absent object, in the colour the model gave it.
+            ("a red circle and a white plus", "a white plus"),
+            // No colour named: the pair's colour.
+            ("a ring", "a red ring"),
+        ] {
+            let out = add(gt, negative).unwrap();
+            assert_eq!(objects(&out), objects(&format!("{gt} and {added}")), "{negative} -> {out}");
+            assert_eq!(out.split_whitespace().count(), gt.split_whitespace().count() + 4, "{out}");
+            // The truth's objects keep their order; the place of the addition depends only on the two answers.
+            let kept: Vec<_> = parse_caption(&out).into_iter().filter(|o| parse_caption(gt).contains(o)).collect();
+            assert_eq!(kept, parse_caption(gt));
+            assert_eq!(add(gt, negative), Some(out));
+        }
+        let places: std::collections::HashSet<usize> = (0..40)
+            .map(|i| {
+                let out = add("a red circle and a blue star and a white cross", &format!("a green arrow {i}")).unwrap();
+                parse_caption(&out).iter().position(|o| o.1 == 5).unwrap()
+            })
+            .collect();
+        assert_eq!(places.len(), 4, "every place is used: {places:?}");
+        // Nothing absent: no negative. A complete partner pair does not stop an addition (nothing is replaced).
+        assert_eq!(add(gt, "a blue star"), None);
+        assert_eq!(
+            add("a red circle and a blue square", "a green arrow").as_deref().map(objects),
+            Some(objects("a red circle and a blue square and a green arrow"))
+        );
+        assert_eq!(add("", "a red ring").as_deref(), Some("a red ring"));
+    }
+
+    #[test]
     fn short_negatives_must_be_wrong_and_as_long() {
         assert_eq!(short_negative("yes", "no").as_deref(), Some("no"));
         assert_eq!(short_negative("no", "yes").as_deref(), Some("yes"));
@@ -364,13 +456,42 @@ mod tests {
     }
 
     #[test]
+    fn chosen_answers_are_the_annotations_or_the_truth() {
+        let turns = vec![
+            world::Turn {
+                question: DESCRIBE.into(),
+                answer: "a red circle and a blue square".into(),
+                kind: "caption".into(),
+                truth: Some("a red circle".into()),
+            },
+            world::Turn {
+                question: world::exists_question(2),
+                answer: "yes".into(),
+                kind: "no".into(),
+                truth: Some("no".into()),
+            },
+            world::Turn { question: world::exists_question(0), answer: "yes".into(), kind: "yes".into(), truth: None },
+        ];
+        let g = Grounded { id: "t0".into(), image: "t0.png".into(), scene: world::Scene { objects: vec![] }, turns };
+        let answers = |chosen| -> Vec<String> {
+            gt_records(std::slice::from_ref(&g), 1, chosen)
+                .iter()
+                .map(|r| r.ground_truth().unwrap().response.clone())
+                .collect()
+        };
+        assert_eq!(answers(Chosen::Annotation), ["a red circle and a blue square", "yes", "yes"]);
+        assert_eq!(answers(Chosen::Truth), ["a red circle", "no", "yes"]);
+        assert!(gt_records(std::slice::from_ref(&g), 0, Chosen::Truth).is_empty());
+    }
+
+    #[test]
     fn yes_no_records_are_balanced() {
         let q = world::exists_question(0);
         let mut records: Vec<Record> = (0..6).map(|i| rec(&format!("n{i}"), &q, "no", "yes")).collect();
         records.extend((0..2).map(|i| rec(&format!("y{i}"), &q, "yes", "no")));
         records.push(rec("c", DESCRIBE, "a red circle", "a red ring"));
         let mut stats = BootstrapStats::default();
-        let kept = match_and_balance(&records, 1, &mut stats);
+        let kept = match_and_balance(&records, NegativeForm::Swap, 1, &mut stats);
         let count = |a: &str| kept.iter().filter(|r| r.completions[0].response == a).count();
         assert_eq!((count("yes"), count("no")), (2, 2));
         assert_eq!(stats.dropped_for_balance, 4);

@@ -130,8 +130,8 @@ impl World {
         let mut r = world::rng(seed, 4);
         for g in train.iter_mut() {
             if r.random_bool(cfg.annotation_prior.clamp(0.0, 1.0)) {
-                if let Some(caption) = world::prior_caption(&g.scene, &mut r) {
-                    g.turns[0].answer = caption;
+                if let Some((caption, added)) = world::prior_caption(&g.scene, &mut r) {
+                    world::annotate_with_prior(&mut g.turns, caption, added, cfg.prior_questions);
                 }
             }
         }
@@ -176,9 +176,9 @@ impl World {
 
     fn write_text(&self, f: &WorldFiles) -> Result<()> {
         // Plain text for a base language model: an empty human turn, the description as the reply.
-        let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: String::new(), answer: s.caption(), kind: "caption".into() }], false)})).collect();
+        let corpus: Vec<_> = self.corpus.iter().enumerate().map(|(i, s)| json!({"id": format!("c{i:06}"), "conversations": conversation_json(&[Turn { question: String::new(), answer: s.caption(), kind: "caption".into(), truth: None }], false)})).collect();
         write_json(&f.corpus, &serde_json::Value::Array(corpus))?;
-        let perception: Vec<_> = self.train.iter().map(|g| json!({"id": format!("{}-p", g.id), "image": g.image, "conversations": conversation_json(&[Turn { question: DESCRIBE.into(), answer: g.scene.caption(), kind: "caption".into() }], true)})).collect();
+        let perception: Vec<_> = self.train.iter().map(|g| json!({"id": format!("{}-p", g.id), "image": g.image, "conversations": conversation_json(&[Turn { question: DESCRIBE.into(), answer: g.scene.caption(), kind: "caption".into(), truth: None }], true)})).collect();
         write_json(&f.perception, &serde_json::Value::Array(perception))?;
         // Two conversations per image: the caption alone, and the questions (which must not see the caption).
         let train: Vec<_> = self
@@ -189,7 +189,7 @@ impl World {
                 [(format!("{}-d", g.id), caption), (format!("{}-q", g.id), questions)].into_iter().filter(|(_, t)| !t.is_empty()).map(move |(id, t)| json!({"id": id, "image": g.image, "conversations": conversation_json(t, true)}))
             })
             .chain(self.corpus.iter().take(self.cfg.text_conversations).enumerate().map(|(i, s)| {
-                json!({"id": format!("s{i:06}"), "conversations": conversation_json(&[Turn { question: SCENE_PROMPT.into(), answer: s.caption(), kind: "caption".into() }], false)})
+                json!({"id": format!("s{i:06}"), "conversations": conversation_json(&[Turn { question: SCENE_PROMPT.into(), answer: s.caption(), kind: "caption".into(), truth: None }], false)})
             }))
             .collect();
         write_json(&f.train, &serde_json::Value::Array(train))?;
@@ -268,7 +268,7 @@ impl World {
             "grounded_partner_rate": world::partner_rate(&grounded),
             "corpus_objects_per_scene": world::objects_per_scene(&self.corpus),
             "grounded_objects_per_scene": world::objects_per_scene(&grounded),
-            "descriptions_with_prior_object": self.train.iter().filter(|g| g.turns[0].answer != g.scene.caption()).count() as f64 / self.train.len().max(1) as f64,
+            "descriptions_with_prior_object": self.train.iter().filter(|g| g.turns[0].truth.is_some()).count() as f64 / self.train.len().max(1) as f64,
         })
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats};
+use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats, Chosen, NegativeForm};
 use super::data::{World, WorldFiles};
 use super::eval::{self, EvalScores};
 use super::model::{init_model, ModelSpec};
@@ -15,7 +15,7 @@ use super::train::{self, PrefSettings, SftSettings};
 use super::world::WorldConfig;
 use crate::hash::stable_hash;
 use crate::model::Vlm;
-use crate::model::{LoadOptions, Pass};
+use crate::model::{LoadOptions, Pass, Runtime};
 use crate::output::write_json;
 use crate::text::Template;
 use crate::{jsonl, Error, Result};
@@ -42,6 +42,11 @@ pub struct Recipe {
     /// (supervised training on the chosen answers, one example per pair, so it sees the same prompts as often).
     pub dpo: PrefSettings,
     pub eval_batch: usize,
+    /// Every stage on candle's device-generic ops (what CUDA runs) instead of the fused f32 CPU kernels: the same
+    /// math, rounded differently. The demo's claims are checked under this perturbation too (docs/demo.md). Part of
+    /// the SFT model's cache key when on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generic_ops: bool,
 }
 
 impl Recipe {
@@ -52,7 +57,15 @@ impl Recipe {
             perception: None,
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
             sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
-            bootstrap: BootstrapOptions { images: 2000, noise_step: 900, temperature: 1.0, batch: 64, seed: 0 },
+            bootstrap: BootstrapOptions {
+                images: 2000,
+                noise_step: 500,
+                temperature: 1.0,
+                batch: 64,
+                seed: 0,
+                negatives: NegativeForm::Add,
+                chosen: Chosen::Annotation,
+            },
             dpo: PrefSettings {
                 epochs: 1,
                 batch: 16,
@@ -60,10 +73,11 @@ impl Recipe {
                 beta: 0.1,
                 rank: 8,
                 alpha: 16.0,
-                sft_weight: 1.0,
+                sft_weight: 0.5,
                 train_projector: false,
             },
             eval_batch: 64,
+            generic_ops: false,
         }
     }
 
@@ -79,6 +93,7 @@ impl Recipe {
             bootstrap: BootstrapOptions { images: 12, batch: 16, ..s.bootstrap },
             dpo: PrefSettings { epochs: 1, batch: 4, ..s.dpo },
             eval_batch: 16,
+            generic_ops: s.generic_ops,
         }
     }
 
@@ -95,7 +110,28 @@ impl Recipe {
         if let Some(p) = &self.perception {
             key["perception"] = serde_json::json!(p);
         }
+        if self.generic_ops {
+            key["generic_ops"] = serde_json::json!(true);
+        }
         format!("{:016x}", stable_hash(&[&key.to_string()]))
+    }
+}
+
+impl Recipe {
+    /// The runtime every stage uses: f32 on the CPU, with the fused kernels unless [`Recipe::generic_ops`].
+    pub fn runtime(&self) -> Runtime {
+        match self.generic_ops {
+            true => Runtime::generic(candle_core::Device::Cpu, candle_core::DType::F32),
+            false => Runtime::default(),
+        }
+    }
+
+    fn env(&self, seed: u64) -> train::RunEnv {
+        train::RunEnv { seed, runtime: self.runtime() }
+    }
+
+    fn load(&self) -> LoadOptions {
+        LoadOptions::new(&self.runtime())
     }
 }
 
@@ -139,9 +175,11 @@ pub const ROWS: [(&str, &str); 5] = [
     ("BPO", "bpo"),
 ];
 
-/// Whether the rows show BPO's effect against the SFT model and the control (the acceptance line).
+/// The demo's claims checked on the rows ([`super::report::acceptance`]), as text.
 pub fn claim(rows: &[Row]) -> String {
-    super::report::verdict(rows, ROWS[4].0, &[ROWS[0].0, ROWS[1].0])
+    let roles =
+        super::report::Roles { sft: ROWS[0].0, control: ROWS[1].0, bpo: ROWS[4].0, halves: &[ROWS[2].0, ROWS[3].0] };
+    super::report::acceptance_text(&super::report::acceptance(rows, &roles))
 }
 
 /// The terminal table with [`claim`] below it.
@@ -251,13 +289,14 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     );
 
     let model = sft_model(opts, seed, &files, stages)?;
-    let vlm = Vlm::load(&model, &LoadOptions::default(), Template::LlavaHf)?;
+    let vlm = Vlm::load(&model, &r.load(), Template::LlavaHf)?;
     let mut scores = vec![evaluate(opts, &vlm, &files, &dir.join("eval/sft"), "evaluate SFT", stages)?];
 
     let bfiles = BootstrapFiles::at(&dir.join("bootstrap"));
     let bstats = bootstrap(opts, seed, &vlm, &model, &world, &files, &bfiles, stages)?;
     drop(vlm);
 
+    let env = r.env(seed);
     for (name, run) in ROWS.iter().skip(1) {
         let out = dir.join("runs").join(run);
         let stage = stages.start(&format!("train {name}"), 0);
@@ -265,13 +304,13 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
         // Pair files are in `boot::VARIANTS` order: both negatives, weakening only, injection only.
         let pairs = |i: usize| bfiles.pairs[i].clone();
         match *run {
-            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, &out, &r.dpo, seed, tick)?,
-            "weaken" => train::dpo(&model, &pairs(1), &files.images, &out, &r.dpo, seed, tick)?,
-            "inject" => train::dpo(&model, &pairs(2), &files.images, &out, &r.dpo, seed, tick)?,
-            _ => train::dpo(&model, &pairs(0), &files.images, &out, &r.dpo, seed, tick)?,
+            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, &out, &r.dpo, &env, tick)?,
+            "weaken" => train::dpo(&model, &pairs(1), &files.images, &out, &r.dpo, &env, tick)?,
+            "inject" => train::dpo(&model, &pairs(2), &files.images, &out, &r.dpo, &env, tick)?,
+            _ => train::dpo(&model, &pairs(0), &files.images, &out, &r.dpo, &env, tick)?,
         };
         stages.finish(stage, "");
-        let vlm = Vlm::load(&out.join("model"), &LoadOptions::default(), Template::LlavaHf)?;
+        let vlm = Vlm::load(&out.join("model"), &r.load(), Template::LlavaHf)?;
         scores.push(evaluate(opts, &vlm, &files, &dir.join("eval").join(run), &format!("evaluate {name}"), stages)?);
     }
     let result = SeedResult { seed, dir: dir.clone(), model, scores, bootstrap: bstats, world_stats: world.stats() };
@@ -294,17 +333,17 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
         let seen = opts.out.join("models").join(format!("perception-{}", r.model_hash(seed)));
         let stage = stages.start("perception pre-training", 0);
         let settings = SftSettings { train_vision: true, plain_text: false, ..p.clone() };
-        train::sft(&init, &files.perception, &files.images, &seen, &settings, seed, |n, l| stage.loss(n, l))?;
+        train::sft(&init, &files.perception, &files.images, &seen, &settings, &r.env(seed), |n, l| stage.loss(n, l))?;
         train::keep_vision_tower(&seen, &init)?;
         stages.finish(stage, "");
         std::fs::remove_dir_all(&seen).map_err(|e| Error::io(&seen, e))?;
     }
     let lm = opts.out.join("models").join(format!("lm-{}", r.model_hash(seed)));
     let stage = stages.start("pre-train LM on the corpus", 0);
-    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, seed, |n, l| stage.loss(n, l))?;
+    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, &r.env(seed), |n, l| stage.loss(n, l))?;
     stages.finish(stage, "");
     let stage = stages.start("visual instruction tuning", 0);
-    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, seed, |n, l| stage.loss(n, l))?;
+    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, &r.env(seed), |n, l| stage.loss(n, l))?;
     stages.finish(stage, "");
     // Keep the LM stage's curve beside the model: the report plots both.
     let lm_metrics = lm.join("metrics.jsonl");
@@ -357,7 +396,7 @@ fn bootstrap(
     let bo = BootstrapOptions { seed, ..opts.recipe.bootstrap.clone() };
     let dir = out.records.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let records = boot::gt_records(&world.train, bo.images);
+    let records = boot::gt_records(&world.train, bo.images, bo.chosen);
     let mut stats = BootstrapStats { records: records.len(), ..Default::default() };
     let stage = stages.start("bootstrap: weakened images", 0);
     let (records, weakened) = boot::weaken_negatives(vlm, records, &files.images, &dir.join("weakened.jsonl"), &bo)?;
@@ -365,12 +404,13 @@ fn bootstrap(
     stages.finish(stage, &format!("{weakened} answers"));
     let stage = stages.start("bootstrap: continue injection", 0);
     let (captions, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.prompt == super::world::DESCRIBE);
-    let (captions, injected) = boot::inject_negatives(model, captions, &dir.join("injected.jsonl"), &bo)?;
+    let (captions, injected) =
+        boot::inject_negatives(model, &opts.recipe.load(), captions, &dir.join("injected.jsonl"), &bo)?;
     stats.injected_answers = injected;
     stages.finish(stage, &format!("{injected} answers"));
     let records: Vec<_> = captions.into_iter().chain(rest).collect();
     jsonl::write(&out.raw, &records)?;
-    let matched = boot::match_and_balance(&records, seed, &mut stats);
+    let matched = boot::match_and_balance(&records, bo.negatives, seed, &mut stats);
     jsonl::write(&out.records, &matched)?;
     stats.pairs = boot::write_pairs(&matched, out)?;
     stages.note(&format!(

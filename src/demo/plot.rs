@@ -74,7 +74,7 @@ pub fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
 }
 
 /// A line plot of `series` (at least one point in total).
-pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<Vec<u8>> {
+pub fn lines(title: &str, x_desc: &str, y_label: &str, series: &[Series]) -> Result<Vec<u8>> {
     let pts = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
@@ -84,6 +84,9 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Re
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
+    // Steps are whole numbers: label them so ("200", not "200.0"), and leave ticks between two steps blank.
+    let whole = series.iter().flat_map(|s| &s.points).all(|(x, _)| x.fract() == 0.0);
+    let step_label = |x: &f64| if x.fract() == 0.0 { format!("{x:.0}") } else { String::new() };
     render(|root| {
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
@@ -92,13 +95,12 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Re
             .y_label_area_size(56)
             .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
             .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .label_style(("sans-serif", 13))
-            .draw()
-            .map_err(plot_err)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_desc(x_desc).y_desc(y_label).label_style(("sans-serif", 13));
+        if whole {
+            mesh.x_label_formatter(&step_label);
+        }
+        mesh.draw().map_err(plot_err)?;
         for (i, s) in series.iter().enumerate() {
             let colour = PALETTE[i % PALETTE.len()];
             chart

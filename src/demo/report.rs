@@ -26,20 +26,26 @@ pub struct Column {
     pub get: fn(&EvalScores) -> f64,
 }
 
-/// The columns, CHAIR first; recall and caption length beside CHAIR, because CHAIR alone rewards saying less
-/// (demo-world.md, lesson 6).
+/// The columns. The prior's own metrics lead: `partner` (descriptions naming an absent partner of a present object)
+/// and POPE-adversarial F1 (whose absent objects are the partners); CHAIR, recall and caption length stay beside
+/// them, because CHAIR alone rewards saying less (demo-world.md, lesson 6).
 pub const COLUMNS: [Column; 10] = [
+    Column { name: "partner", percent: true, lower_better: true, get: |s| s.partner_hallucination },
+    Column { name: "F1 adv", percent: true, lower_better: false, get: |s| s.pope_f1("adversarial") },
     Column { name: "CHAIR_i", percent: true, lower_better: true, get: |s| s.chair.chair_i },
     Column { name: "CHAIR_s", percent: true, lower_better: true, get: |s| s.chair.chair_s },
     Column { name: "recall", percent: true, lower_better: false, get: |s| s.chair.object_recall },
     Column { name: "obj/cap", percent: false, lower_better: false, get: |s| s.objects_per_caption },
-    Column { name: "partner", percent: true, lower_better: true, get: |s| s.partner_hallucination },
     Column { name: "F1 rand", percent: true, lower_better: false, get: |s| s.pope_f1("random") },
     Column { name: "F1 pop", percent: true, lower_better: false, get: |s| s.pope_f1("popular") },
-    Column { name: "F1 adv", percent: true, lower_better: false, get: |s| s.pope_f1("adversarial") },
     Column { name: "acc adv", percent: true, lower_better: false, get: |s| s.pope_accuracy("adversarial") },
     Column { name: "yes adv", percent: true, lower_better: false, get: |s| s.pope_yes_ratio("adversarial") },
 ];
+
+/// The column named `name`.
+pub fn column(name: &str) -> &'static Column {
+    COLUMNS.iter().find(|c| c.name == name).unwrap_or(&COLUMNS[0])
+}
 
 /// Mean and sample standard deviation (0 for one value).
 pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
@@ -98,7 +104,7 @@ pub fn table(rows: &[Row]) -> String {
         t.push('\n');
     }
     let seeds = rows.first().map_or(0, |r| r.runs.len());
-    let _ = write!(t, "percentages; CHAIR_i/CHAIR_s/partner: lower is better; recall, obj/cap (objects per description) and POPE F1/accuracy: higher is better; {seeds} seed(s){}", if seeds > 1 { ", mean±sd" } else { "" });
+    let _ = write!(t, "percentages; partner (descriptions naming an absent partner) and CHAIR_i/CHAIR_s: lower is better; POPE F1/accuracy, recall and obj/cap (objects per description): higher is better; {seeds} seed(s){}", if seeds > 1 { ", mean±sd" } else { "" });
     t
 }
 
@@ -125,30 +131,109 @@ impl Effect {
     }
 }
 
-/// The columns the demo's claim is about: CHAIR_i and POPE-adversarial F1.
-const CLAIM: [&str; 2] = ["CHAIR_i", "F1 adv"];
+/// The row names [`acceptance`] compares.
+pub struct Roles<'a> {
+    pub sft: &'a str,
+    pub control: &'a str,
+    pub bpo: &'a str,
+    /// BPO with each kind of negative alone.
+    pub halves: &'a [&'a str],
+}
 
-/// Whether the table shows BPO's effect: for each baseline row named in `baselines`, BPO's paired gain on CHAIR_i and
-/// POPE-adversarial F1 (points, mean ± sd over seeds) and a verdict. Rows missing from `rows` are skipped.
-pub fn verdict(rows: &[Row], bpo: &str, baselines: &[&str]) -> String {
-    let Some(treated) = rows.iter().find(|r| r.name == bpo) else { return String::new() };
-    let mut t = String::new();
-    for base in baselines.iter().filter_map(|b| rows.iter().find(|r| r.name == *b)) {
-        let _ = write!(t, "{bpo} vs {}:", base.name);
-        for c in COLUMNS.iter().filter(|c| CLAIM.contains(&c.name)) {
-            let e = Effect::paired(&c.values(base), &c.values(treated), c.lower_better);
-            let verdict = match (e.seeds, e.shown()) {
-                (0 | 1, _) => "one seed, no spread",
-                (_, true) => "shown",
-                (_, false) => "not shown",
-            };
-            let _ = write!(t, "  {} gain {:+.2}±{:.2} ({verdict})", c.name, e.mean, e.sd);
-        }
-        t.push('\n');
+/// One line of [`acceptance`]: what was checked, with the numbers, and whether it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub text: String,
+    pub holds: bool,
+}
+
+/// The demo's claims, checked on the rows (paired by seed; "shown" = a mean gain above its sd, [`Effect::shown`]):
+/// BPO lowers the partner rate against the SFT model and the control (shown, both); raises POPE-adversarial F1
+/// against the SFT model (shown) and is not below the control by more than 0.5 points; lowers CHAIR_i against the
+/// SFT model (shown) and is not above the control on average; keeps recall within 3 points and objects per
+/// description within 10% of the SFT model's; and each kind of negative alone does worse than BPO on the partner
+/// rate or on CHAIR_i. Empty when a row is missing.
+pub fn acceptance(rows: &[Row], roles: &Roles) -> Vec<Check> {
+    let row = |name: &str| rows.iter().find(|r| r.name == name);
+    let (Some(sft), Some(control), Some(bpo)) = (row(roles.sft), row(roles.control), row(roles.bpo)) else {
+        return Vec::new();
+    };
+    let gain = |col: &str, base: &Row, treated: &Row| {
+        let c = column(col);
+        Effect::paired(&c.values(base), &c.values(treated), c.lower_better)
+    };
+    let shown = |e: &Effect| match (e.seeds, e.shown()) {
+        (0 | 1, _) => "one seed: no spread",
+        (_, true) => "shown",
+        (_, false) => "not shown",
+    };
+    let mut out = Vec::new();
+    let mut check = |holds: bool, text: String| out.push(Check { text, holds });
+    let (a, b) = (gain("partner", sft, bpo), gain("partner", control, bpo));
+    check(
+        a.shown() && b.shown(),
+        format!(
+            "partner: gain vs {} {:+.1}±{:.1} ({}), vs {} {:+.1}±{:.1} ({})",
+            sft.name,
+            a.mean,
+            a.sd,
+            shown(&a),
+            control.name,
+            b.mean,
+            b.sd,
+            shown(&b)
+        ),
+    );
+    for (col, slack, digits) in [("F1 adv", -0.5, 2), ("CHAIR_i", 0.0, 2)] {
+        let (a, b) = (gain(col, sft, bpo), gain(col, control, bpo));
+        check(
+            a.shown() && b.mean >= slack,
+            format!(
+                "{col}: gain vs {} {:+.digits$}±{:.digits$} ({}), vs {} {:+.digits$}±{:.digits$} (at least {slack:.1} on average)",
+                sft.name,
+                a.mean,
+                a.sd,
+                shown(&a),
+                control.name,
+                b.mean,
+                b.sd
+            ),
+        );
     }
-    if !t.is_empty() {
-        t.push_str("gain: improvement in points (CHAIR_i down, F1 up), per seed against the same seed's baseline, mean±sd; shown = mean gain above its sd");
+    let mean = |col: &str, r: &Row| column(col).stats(r).0;
+    let recall = mean("recall", bpo) - mean("recall", sft);
+    let objects = match (mean("obj/cap", sft), mean("obj/cap", bpo)) {
+        (base, treated) if base > 0.0 => 100.0 * (treated / base - 1.0),
+        (_, treated) if treated > 0.0 => f64::INFINITY,
+        _ => 0.0,
+    };
+    check(
+        recall.abs() <= 3.0 && objects.abs() <= 10.0,
+        format!(
+            "recall {recall:+.1} points (within 3), objects per description {objects:+.1}% (within 10%), {} against {}",
+            bpo.name, sft.name
+        ),
+    );
+    for half in roles.halves.iter().filter_map(|h| row(h)) {
+        let (p, c) = (mean("partner", half) - mean("partner", bpo), mean("CHAIR_i", half) - mean("CHAIR_i", bpo));
+        check(
+            p > 0.0 || c > 0.0,
+            format!("{} does worse than {}: partner {p:+.1}, CHAIR_i {c:+.1} (one above 0)", half.name, bpo.name),
+        );
     }
+    out
+}
+
+/// [`acceptance`] as text: one line per check, `holds` or `FAILS` first, then a legend.
+pub fn acceptance_text(checks: &[Check]) -> String {
+    if checks.is_empty() {
+        return String::new();
+    }
+    let mut t = String::from("acceptance, paired by seed:\n");
+    for c in checks {
+        let _ = writeln!(t, "  {}  {}", if c.holds { "holds" } else { "FAILS" }, c.text);
+    }
+    t.push_str("gain: improvement in points (partner and CHAIR_i down, F1 up) against the same seed's row, mean±sd; shown = mean gain above its sd");
     t
 }
 
@@ -175,7 +260,7 @@ pub struct Report {
     pub title: String,
     pub intro: String,
     pub rows: Vec<Row>,
-    /// [`verdict`]'s lines, shown under the table.
+    /// [`acceptance_text`], shown under the table.
     pub verdict: String,
     pub figures: Vec<Figure>,
     /// Sections of the gallery: heading, explanation, items.
@@ -293,6 +378,49 @@ mod tests {
         // A worse model is never an effect; one seed has no spread to beat.
         assert!(!Effect::paired(&[1.0, 2.0], &[3.0, 4.0], true).shown());
         assert!(!Effect::paired(&[10.0], &[1.0], true).shown());
+    }
+
+    fn scores(partner: f64, f1: f64, chair_i: f64, recall: f64, objects: f64) -> EvalScores {
+        let metrics = serde_json::json!({"n": 1, "tp": 0, "fp": 0, "tn": 0, "fn": 0, "accuracy": f1, "precision": f1, "recall": f1, "f1": f1, "yes_ratio": 0.5});
+        let ids = serde_json::json!({"count": 0, "ids": []});
+        serde_json::from_value(serde_json::json!({
+            "pope": {"pairing": "by_id", "splits": [{"split": "adversarial", "n": 1, "tp": 0, "fp": 0, "tn": 0, "fn": 0, "accuracy": f1, "precision": f1, "recall": f1, "f1": f1, "yes_ratio": 0.5}], "overall": metrics, "unanswered": ids, "orphan_answers": ids, "id_mismatches": 0, "warnings": []},
+            "chair": {"captions": 1, "captions_with_objects": 1, "hallucinated_captions": 0, "mentions": 1, "hallucinated_mentions": 0, "chair_s": 0.0, "chair_i": chair_i, "response_hallucination": 0.0, "object_recall": recall, "recalled_objects": 1, "ground_truth_objects": 1, "avg_length": 1.0, "warnings": []},
+            "objects_per_caption": objects,
+            "partner_hallucination": partner,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn acceptance_checks_each_claim_with_its_numbers() {
+        let row = |name: &str, runs: Vec<EvalScores>| Row { name: name.into(), runs };
+        let roles = Roles { sft: "SFT", control: "C", bpo: "BPO", halves: &["W", "I"] };
+        let sft = vec![scores(0.80, 0.90, 0.20, 0.99, 4.3), scores(0.70, 0.85, 0.18, 0.98, 4.2)];
+        let control = vec![scores(0.60, 0.97, 0.14, 0.99, 4.1), scores(0.50, 0.96, 0.12, 0.98, 4.0)];
+        let bpo = vec![scores(0.50, 0.975, 0.12, 0.985, 4.0), scores(0.42, 0.962, 0.11, 0.975, 3.9)];
+        let weak = vec![scores(0.55, 0.97, 0.12, 0.99, 4.0), scores(0.45, 0.96, 0.11, 0.98, 3.9)];
+        let rows = vec![row("SFT", sft), row("C", control), row("BPO", bpo.clone()), row("W", weak), row("I", bpo)];
+        let checks = acceptance(&rows, &roles);
+        assert_eq!(checks.len(), 6);
+        let holds: Vec<bool> = checks.iter().map(|c| c.holds).collect();
+        // The injection-only row equals BPO: no worse on either metric.
+        assert_eq!(holds, [true, true, true, true, true, false], "{checks:#?}");
+        assert!(checks[0].text.contains("vs SFT +29.0±1.4 (shown)"), "{}", checks[0].text);
+        assert!(checks[4].text.contains("W does worse than BPO: partner +4.0, CHAIR_i +0.0"), "{}", checks[4].text);
+        let text = acceptance_text(&checks);
+        assert_eq!(text.lines().filter(|l| l.starts_with("  holds")).count(), 5, "{text}");
+        assert!(text.lines().any(|l| l.starts_with("  FAILS  I does worse")), "{text}");
+        // Saying less fails the length line; one seed shows nothing.
+        let short = vec![
+            row("SFT", vec![scores(0.8, 0.9, 0.2, 0.99, 4.3)]),
+            row("C", vec![scores(0.6, 0.9, 0.2, 0.99, 4.3)]),
+            row("BPO", vec![scores(0.1, 0.95, 0.05, 0.95, 3.5)]),
+        ];
+        let checks = acceptance(&short, &roles);
+        assert!(!checks[0].holds && checks[0].text.contains("one seed: no spread"), "{checks:#?}");
+        assert!(!checks[3].holds && checks[3].text.contains("-18.6%"), "{}", checks[3].text);
+        assert!(acceptance(&short[..2], &roles).is_empty());
     }
 
     #[test]

@@ -62,12 +62,17 @@ pub fn write_report(
 
 const INTRO: &str = "A tiny LLaVA-architecture model (CLIP vision tower, MLP projector, Llama language model) is trained from \
 scratch: its language model first reads a text-only corpus in which partner objects (a circle with a square, a ring with a \
-diamond, ...) nearly always appear together, then the model learns from images in which they do not (mixed, as in \
-LLaVA-1.5, with text-only conversations). Look-alike objects share a colour (circles and rings are red), so where the picture \
-is unclear the language prior decides: beside a square, a small red round thing becomes a circle. BPO bootstraps such errors \
-as negatives (answers to diffusion-noised images; ground truths cut and continued by the model's own language model), pairs \
-them with the ground truth and trains LoRA adapters with DPO. The table compares the SFT model, BPO and its two halves, and the \
-paper's control: the same LoRA training on the chosen answers only.";
+diamond, ...) nearly always appear together, then the model learns from images whose partners co-occur little more than \
+chance. But the images' annotations carry the prior, as GPT-written instruction data names objects that are not there: 90% of \
+the training descriptions add the absent partner of a present object, and answer yes when asked about it. So the SFT model \
+learns to name absent partners in pictures it sees clearly. BPO's chosen answers are the instruction data's own, as the \
+paper takes the dataset's responses; its negatives are the model's own errors (answers to diffusion-noised images; chosen \
+descriptions cut and continued by the model's own language model), each made into the chosen answer plus the one object the \
+model added, which carry the prior further than the annotations do. LoRA adapters are trained with DPO (plus the chosen \
+answers' NLL). More supervised training on the same answers (the control) keeps their prior; the preference removes it. The table compares \
+the SFT model, BPO and its two halves, and the paper's control: the same LoRA training on the chosen answers only. It leads \
+with the prior's own metrics: the share of descriptions naming an absent partner, and POPE-adversarial F1 (whose absent \
+objects are the partners); CHAIR, recall and objects per description stay beside them, so that nobody wins by saying less.";
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     crate::output::write_bytes(path, text.as_bytes())
@@ -195,7 +200,7 @@ fn gallery(s: &SeedResult) -> Result<Vec<(String, String, Vec<GalleryItem>)>> {
     let trained = training_items(s, &files, &processor)?;
     let changed = eval_items(s, &files)?;
     Ok(vec![
-        ("What BPO trains on".into(), "Bootstrapped pairs: the ground truth (chosen) against the model's own errors, made length-matched (one hallucinated object swapped in). Left: the image; right: the weakened image the model answered from (diffusion noise at step 900).".into(), trained),
+        ("What BPO trains on".into(), "Bootstrapped pairs: the instruction data's answer (chosen; where the annotations carry the prior, it names an absent partner too) against the model's own errors, each made into the chosen answer plus one object the model added (\"model said\": the answer as sampled). Left: the image; right: the weakened image the model answered from (diffusion noise at the recipe's step).".into(), trained),
         ("What changed".into(), "Evaluation images the SFT model described wrongly, with the SFT and BPO descriptions (red: names an object that is not there) and their POPE adversarial answers.".into(), changed),
     ])
 }
@@ -326,8 +331,13 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wa
         (
             "world".into(),
             format!(
-                "{} corpus scenes, {} training images, {} evaluation images ({} px)",
-                r.world.corpus_scenes, r.world.train_images, r.world.eval_images, r.world.image_size
+                "{} corpus scenes, {} training images, {} evaluation images ({} px); annotations naming an absent partner: {:.0}%{}",
+                r.world.corpus_scenes,
+                r.world.train_images,
+                r.world.eval_images,
+                r.world.image_size,
+                100.0 * r.world.annotation_prior,
+                if r.world.prior_questions { " (and affirming it when asked)" } else { "" }
             ),
         ),
         (
@@ -365,8 +375,12 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wa
         (
             "bootstrap".into(),
             format!(
-                "{} training images' conversations, noise step {}, temperature {}",
-                r.bootstrap.images, r.bootstrap.noise_step, r.bootstrap.temperature
+                "{} training images' conversations, noise step {}, temperature {}, description negatives: {:?}, chosen answers: {:?}",
+                r.bootstrap.images,
+                r.bootstrap.noise_step,
+                r.bootstrap.temperature,
+                r.bootstrap.negatives,
+                r.bootstrap.chosen
             ),
         ),
     ];

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::lora::LoraConfig;
+use crate::model::Runtime;
 use crate::text::{PromptStyle, Template};
 use crate::train::dpo::DpoConfig;
 use crate::train::sft::SftConfig;
@@ -53,6 +54,14 @@ impl PrefSettings {
     }
 }
 
+/// What a demo run computes with, besides its settings: the seed (weights, data order) and the runtime (candle on
+/// the CPU; [`Runtime::generic`] for the generic ops path, which rounds differently from the fused kernels).
+#[derive(Debug, Clone)]
+pub struct RunEnv {
+    pub seed: u64,
+    pub runtime: Runtime,
+}
+
 /// The demo's sequences are short: 9 image positions and a few dozen words.
 const MAX_LENGTH: usize = 256;
 const FEATURE_CACHE_MB: usize = 512;
@@ -72,7 +81,13 @@ fn optim(epochs: usize, batch: usize, lr: f64, seed: u64) -> LoopConfig {
     }
 }
 
-fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_projector: bool) -> ModelSetup {
+fn setup(
+    model: &Path,
+    template: Template,
+    lora: Option<LoraConfig>,
+    train_projector: bool,
+    env: &RunEnv,
+) -> ModelSetup {
     ModelSetup {
         model: model.to_path_buf(),
         template,
@@ -83,7 +98,7 @@ fn setup(model: &Path, template: Template, lora: Option<LoraConfig>, train_proje
         train_vision: false,
         init_adapter: None,
         gradient_checkpointing: false,
-        runtime: Default::default(),
+        runtime: env.runtime.clone(),
     }
 }
 
@@ -113,20 +128,22 @@ pub fn sft(
     images: &Path,
     out: &Path,
     s: &SftSettings,
-    seed: u64,
+    env: &RunEnv,
     tick: impl FnMut(usize, f64),
 ) -> Result<()> {
     fresh(out)?;
     let template = if s.plain_text { Template::Plain } else { Template::LlavaHf };
-    let setup =
-        ModelSetup { train_vision: s.train_vision && !s.plain_text, ..setup(model_in, template, None, !s.plain_text) };
+    let setup = ModelSetup {
+        train_vision: s.train_vision && !s.plain_text,
+        ..setup(model_in, template, None, !s.plain_text, env)
+    };
     let cfg = SftConfig {
         setup,
         data: data.to_path_buf(),
         images: Some(images.to_path_buf()),
         max_length: MAX_LENGTH,
         feature_cache_mb: FEATURE_CACHE_MB,
-        optim: optim(s.epochs, s.batch, s.lr, seed),
+        optim: optim(s.epochs, s.batch, s.lr, env.seed),
     };
     crate::train::sft::train(&cfg, out, false, None, &mut Tick(tick), &mut |_| {})?;
     Ok(())
@@ -166,14 +183,14 @@ pub fn dpo(
     images: &Path,
     out: &Path,
     s: &PrefSettings,
-    seed: u64,
+    env: &RunEnv,
     tick: impl FnMut(usize, f64),
 ) -> Result<PathBuf> {
     fresh(out)?;
     let adapter = out.join("adapter");
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: s.beta, label_smoothing: 0.0, sft_weight: s.sft_weight };
     let cfg = DpoConfig {
-        setup: setup(model_in, Template::LlavaHf, Some(s.lora()), s.train_projector),
+        setup: setup(model_in, Template::LlavaHf, Some(s.lora()), s.train_projector, env),
         data: pairs.to_path_buf(),
         images: Some(images.to_path_buf()),
         max_words: None,
@@ -182,7 +199,7 @@ pub fn dpo(
         drifting_ref_projector: false,
         precompute_ref: true,
         feature_cache_mb: FEATURE_CACHE_MB,
-        optim: optim(s.epochs, s.batch, s.lr, seed),
+        optim: optim(s.epochs, s.batch, s.lr, env.seed),
     };
     crate::train::dpo::train(&cfg, &adapter, false, None, &mut Tick(tick), &mut |_| {})?;
     crate::train::merge(model_in, &adapter, &out.join("model"))?;
@@ -197,18 +214,18 @@ pub fn sft_on_chosen(
     images: &Path,
     out: &Path,
     s: &PrefSettings,
-    seed: u64,
+    env: &RunEnv,
     tick: impl FnMut(usize, f64),
 ) -> Result<PathBuf> {
     fresh(out)?;
     let adapter = out.join("adapter");
     let cfg = SftConfig {
-        setup: setup(model_in, Template::LlavaHf, Some(s.lora()), s.train_projector),
+        setup: setup(model_in, Template::LlavaHf, Some(s.lora()), s.train_projector, env),
         data: chosen.to_path_buf(),
         images: Some(images.to_path_buf()),
         max_length: MAX_LENGTH,
         feature_cache_mb: FEATURE_CACHE_MB,
-        optim: optim(s.epochs, s.batch, s.lr, seed),
+        optim: optim(s.epochs, s.batch, s.lr, env.seed),
     };
     crate::train::sft::train(&cfg, &adapter, false, None, &mut Tick(tick), &mut |_| {})?;
     crate::train::merge(model_in, &adapter, &out.join("model"))?;

@@ -170,11 +170,16 @@ pub struct WorldConfig {
     #[serde(default)]
     pub text_conversations: usize,
     /// Share of training descriptions that also name an absent partner of a present object, at a random place in
-    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`prior_caption`]). They are
-    /// the ground truth everywhere, as a dataset's annotations are: in SFT, and as bootstrapping's chosen answers.
+    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`prior_caption`]). The
+    /// instruction data (SFT) has them; bootstrapping's chosen answers are the true scenes ([`Turn::truth`]).
     /// Not serialized when 0, so that recipes without it keep their SFT model cache key.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub annotation_prior: f64,
+    /// With [`Self::annotation_prior`]: a prior-led annotation also answers "is there a <that partner> ?" with yes
+    /// (in place of one of its no questions), as instruction data that names an absent object also affirms it when
+    /// asked. Not serialized when off (cache keys of older recipes).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub prior_questions: bool,
 }
 
 impl WorldConfig {
@@ -184,7 +189,7 @@ impl WorldConfig {
             image_size: 48,
             pixel_noise: 10.0,
             jitter: 0.5,
-            small: 0.15,
+            small: 0.0,
             off_colour: 0.0,
             popularity: 0.6,
             corpus: SceneStats { min_objects: 2, max_objects: 4, partner_rate: 0.98, partner_small: None },
@@ -196,7 +201,8 @@ impl WorldConfig {
             pope_per_image: 3,
             yes_no: 3,
             text_conversations: 3_000,
-            annotation_prior: 0.0,
+            annotation_prior: 0.9,
+            prior_questions: true,
         }
     }
 
@@ -230,6 +236,10 @@ impl WorldConfig {
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 /// Per-object appearance odds of a world.
@@ -284,15 +294,32 @@ pub fn sample_scene(stats: &SceneStats, weights: &[f64], look: Look, rng: &mut S
 }
 
 /// The caption of `scene` as an annotator led by the prior writes it: it also names the absent partner of one present
-/// object (in its pair's usual colour), at a random place in the list. `None` when every present object's partner
-/// is present.
-pub fn prior_caption(scene: &Scene, rng: &mut StdRng) -> Option<String> {
+/// object (in its pair's usual colour), at a random place in the list. Returns the caption and the added kind;
+/// `None` when every present object's partner is present.
+pub fn prior_caption(scene: &Scene, rng: &mut StdRng) -> Option<(String, usize)> {
     let lonely: Vec<&Object> = scene.objects.iter().filter(|o| !scene.has(partner(o.kind))).collect();
     let kind = partner(lonely.choose(rng)?.kind);
     let mut phrases: Vec<String> = scene.objects.iter().map(Object::phrase).collect();
     let extra = Object { kind, colour: PAIR_COLOUR[kind / 2], cell: 0, big: true };
     phrases.insert(rng.random_range(0..=phrases.len()), extra.phrase());
-    Some(phrases.join(" and "))
+    Some((phrases.join(" and "), kind))
+}
+
+/// Annotates `turns` (a [`conversation`], caption first) as a prior-led annotator would: the caption names `added`
+/// (an absent partner, from [`prior_caption`]); with `questions`, the first no question becomes "is there a
+/// <added> ?" answered yes (the question about `added`, if one is asked). The true answers move to [`Turn::truth`].
+pub fn annotate_with_prior(turns: &mut [Turn], caption: String, added: usize, questions: bool) {
+    let Some(first) = turns.first_mut() else { return };
+    first.truth = Some(std::mem::replace(&mut first.answer, caption));
+    if !questions {
+        return;
+    }
+    // The question about `added` if one is asked already, else the first no question.
+    let asked = exists_question(added);
+    let at = turns.iter().position(|t| t.question == asked).or_else(|| turns.iter().position(|t| t.kind == "no"));
+    if let Some(i) = at {
+        turns[i] = Turn { truth: Some("no".into()), ..turn("no", asked, "yes".into()) };
+    }
 }
 
 /// A kind drawn by weight among those not in `taken`.
@@ -313,13 +340,25 @@ fn weighted_pick(weights: &[f64], taken: &[usize], rng: &mut StdRng) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Turn {
     pub question: String,
+    /// The answer the instruction data gives (the annotation).
     pub answer: String,
     /// `caption`, `yes`, `no`, `colour`, `count` or `position`.
     pub kind: String,
+    /// The true answer, where the annotation says something else ([`WorldConfig::annotation_prior`]): what
+    /// bootstrapping takes as the chosen answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truth: Option<String>,
+}
+
+impl Turn {
+    /// The true answer.
+    pub fn true_answer(&self) -> &str {
+        self.truth.as_deref().unwrap_or(&self.answer)
+    }
 }
 
 fn turn(kind: &str, question: String, answer: String) -> Turn {
-    Turn { question, answer, kind: kind.to_string() }
+    Turn { question, answer, kind: kind.to_string(), truth: None }
 }
 
 /// The grounded exchanges about a scene: its caption first, then `yes_no` yes and as many no questions
@@ -455,21 +494,49 @@ mod tests {
     fn a_prior_led_caption_adds_one_absent_partner_and_keeps_the_truth() {
         let cfg = WorldConfig::standard();
         let mut r = rng(9, 4);
-        let mut added = 0;
+        let mut captions = 0;
         for s in scenes(&cfg.grounded, 300, 9) {
-            let Some(text) = prior_caption(&s, &mut r) else {
+            let Some((text, added)) = prior_caption(&s, &mut r) else {
                 assert!(s.objects.iter().all(|o| s.has(partner(o.kind))), "only when every partner is present");
                 continue;
             };
             let named: Vec<usize> = parse_caption(&text).into_iter().map(|(_, k)| k).collect();
             assert_eq!(named.len(), s.objects.len() + 1, "{text}");
             let extra: Vec<usize> = named.iter().copied().filter(|&k| !s.has(k)).collect();
-            assert_eq!(extra.len(), 1, "{text}");
+            assert_eq!(extra, vec![added], "{text}");
             assert!(s.has(partner(extra[0])), "the extra object is the absent partner of a present one: {text}");
             assert!(s.kinds().iter().all(|k| named.contains(k)), "{text}");
-            added += 1;
+            captions += 1;
         }
-        assert!(added > 250, "{added}");
+        assert!(captions > 250, "{captions}");
+    }
+
+    #[test]
+    fn a_prior_led_annotation_keeps_the_truth_beside_it() {
+        let cfg = WorldConfig::standard();
+        let mut r = rng(11, 4);
+        let scene = scenes(&cfg.grounded, 50, 11).into_iter().find(|s| s.objects.len() == 2).unwrap();
+        let turns = conversation(&scene, 2, &cfg.weights(), &mut r);
+        let (caption, added) = prior_caption(&scene, &mut r).unwrap();
+        for questions in [false, true] {
+            let mut t = turns.clone();
+            annotate_with_prior(&mut t, caption.clone(), added, questions);
+            assert_eq!(t[0].answer, caption);
+            assert_eq!(t[0].true_answer(), scene.caption());
+            let changed: Vec<&Turn> = t[1..].iter().filter(|t| t.truth.is_some()).collect();
+            if !questions {
+                assert!(changed.is_empty() && t[1..] == turns[1..]);
+                continue;
+            }
+            assert_eq!(changed.len(), 1, "{t:?}");
+            assert_eq!(
+                (changed[0].question.as_str(), changed[0].answer.as_str()),
+                (exists_question(added).as_str(), "yes")
+            );
+            assert_eq!(changed[0].true_answer(), "no");
+            assert!(!scene.has(added));
+            assert_eq!(t.iter().filter(|t| t.kind == "no").count(), turns.iter().filter(|t| t.kind == "no").count());
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use super::checkpoint::{Block, Tape};
 use super::config::{LlamaConfig, RopeType};
 use super::linear::{DropoutSeed, Linear, Pass};
+use super::ops::mask_min;
 use super::ops::{self, Kernels};
 use super::runtime::Runtime;
 use super::slots::{self, SlotCache, SlotLayer, StepLayout};
@@ -469,15 +470,6 @@ impl Llama {
                 l.dropout = p;
             }
         }
-    }
-}
-
-/// The additive mask value of a hidden key: the dtype's most negative finite number.
-pub fn mask_min(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => f32::from(half::f16::MIN),
-        DType::BF16 => f32::from(half::bf16::MIN),
-        _ => f32::MIN,
     }
 }
 

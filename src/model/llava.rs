@@ -8,7 +8,8 @@ use super::checkpoint::Tape;
 use super::clip::{self, ClipVision};
 use super::config::{FeatureStrategy, LlavaConfig};
 use super::linear::{Linear, Pass};
-use super::llama::{causal_mask, mask_min, Cache, Llama, Segment};
+use super::llama::{causal_mask, Cache, Llama, Segment};
+use super::ops::mask_min;
 use super::runtime::{Kernels, Runtime};
 use crate::{bail, Result};
 

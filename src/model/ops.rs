@@ -201,6 +201,15 @@ impl Activation {
     }
 }
 
+/// The additive mask value of a hidden key: the dtype's most negative finite number.
+pub fn mask_min(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => f32::from(half::f16::MIN),
+        DType::BF16 => f32::from(half::bf16::MIN),
+        _ => f32::MIN,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

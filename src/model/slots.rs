@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::cpu_decode::{self, Heads, SeqSpan};
-use super::llama::mask_min;
+use super::ops::mask_min;
 use super::ops::{self, Kernels};
 
 /// Keys and values of one layer: `(rows, kv_heads, head_dim)` each.

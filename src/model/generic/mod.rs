@@ -147,7 +147,7 @@ mod tests {
     fn attention_softmax_equals_its_composition() {
         for (dt, tol) in DTYPES {
             let scores = tensor(&[2, 3, 4, 5], 0, dt);
-            let neg = super::super::llama::mask_min(dt);
+            let neg = crate::model::ops::mask_min(dt);
             let m: Vec<f32> = (0..40).map(|i| if i % 7 == 3 { neg } else { 0.0 }).collect();
             let mask = Tensor::from_vec(m, (2, 1, 4, 5), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
             let op = |t: &[Tensor]| t[0].apply_op2(&mask, AttnSoftmax { scale: 0.7 }).unwrap();

@@ -10,7 +10,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::render::render;
+use super::render::{render, Style};
 use super::world::{self, cooccurrence, exists_question, Scene, Turn, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
 use crate::eval::pope::{Label, PopeQuestion};
 use crate::output::write_json;
@@ -168,7 +168,7 @@ impl World {
     }
 
     fn save_image(&self, scene: &Scene, path: &Path, stream: u64) -> Result<()> {
-        let img = render(scene, self.cfg.style(), &mut world::rng(self.seed, stream));
+        let img = render(scene, Style::of(&self.cfg), &mut world::rng(self.seed, stream));
         let bad = |e: image::ImageError| Error::Image { path: path.into(), msg: e.to_string() };
         let format = image::ImageFormat::from_path(path).map_err(bad)?;
         crate::output::write_with(path, |tmp| img.save_with_format(tmp, format).map_err(bad))

@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::world::{Object, Scene, COLOURS, GRID};
+use super::world::{Object, Scene, WorldConfig, COLOURS, GRID};
 
 const BACKGROUND: [f64; 3] = [44.0, 46.0, 52.0];
 const SUPERSAMPLE: usize = 4;
@@ -76,6 +76,13 @@ pub struct Style {
     pub size: usize,
     pub noise: f64,
     pub jitter: f64,
+}
+
+impl Style {
+    /// How the images of a world are drawn.
+    pub fn of(cfg: &WorldConfig) -> Self {
+        Style { size: cfg.image_size, noise: cfg.pixel_noise, jitter: cfg.jitter }
+    }
 }
 
 /// Renders `scene` as an RGB image.

@@ -223,11 +223,6 @@ impl WorldConfig {
         Look { small: self.small, off_colour: self.off_colour }
     }
 
-    /// How images are drawn.
-    pub fn style(&self) -> super::render::Style {
-        super::render::Style { size: self.image_size, noise: self.pixel_noise, jitter: self.jitter }
-    }
-
     /// Popularity weight of each kind.
     pub fn weights(&self) -> Vec<f64> {
         (0..KINDS.len()).map(|i| 1.0 / ((i + 1) as f64).powf(self.popularity)).collect()

@@ -278,8 +278,9 @@ pub struct ModelArgs {
     pub aspect: bpo::vision::AspectMode,
     /// Apply this LoRA adapter without merging: a `bpo train` / `bpo sft` run folder or any PEFT adapter folder
     /// (adapter_config.json + adapter_model.safetensors; its projector copy, if saved, replaces the model's).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// `bpo serve` takes several, as NAME=DIR, each served as model NAME over the one base model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Vec<PathBuf>,
     /// Largest image accepted, in pixels of the square it is padded to (--aspect pad; the image itself with
     /// square), read from the file's header before anything is decoded: a bigger image fails with one line.
     /// Default: Pillow's MAX_IMAGE_PIXELS (a 9459x9459 square, about 270 MB as RGB).
@@ -305,11 +306,20 @@ impl ModelArgs {
         if let Some(p) = vlm.processor.as_mut() {
             p.max_pixels = self.max_image_pixels;
         }
-        if let Some(dir) = &self.adapter {
+        if let Some(dir) = self.adapter()? {
             let adapter = bpo::train::checkpoint::load_adapter_with(&mut vlm.model, dir, self.allow_non_finite);
             adapter.with_context(|| format!("adapter {}", dir.display()))?;
         }
         Ok(vlm)
+    }
+
+    /// The one --adapter, if given (only `bpo serve` takes several).
+    pub fn adapter(&self) -> anyhow::Result<Option<&std::path::Path>> {
+        match self.adapter.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one)),
+            more => anyhow::bail!("--adapter is given {} times: only `bpo serve` takes several", more.len()),
+        }
     }
 
     /// The chat template: --template, else the default of the prompt style (TRL renders the model's own).

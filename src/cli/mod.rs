@@ -25,6 +25,7 @@ mod generate;
 mod merge;
 mod pairs;
 mod score;
+mod serve;
 mod sft;
 mod train;
 
@@ -94,6 +95,13 @@ enum Command {
     Merge(merge::Args),
     /// Hallucination evaluation: score answers with POPE or CHAIR / Object HalBench, compare runs.
     Eval(eval::EvalArgs),
+    /// Serve a model and its adapters with an OpenAI-compatible API (for lmms-eval, VLMEvalKit, --llm-url, --judge-url).
+    ///
+    /// POST /v1/chat/completions (text and base64 image parts, streaming), POST /v1/completions, GET /v1/models,
+    /// GET /health, GET /metrics. Prompts are built as `bpo generate` builds them, so a greedy answer equals its
+    /// answer. Each --adapter NAME=DIR is another model id over the one copy of the base weights. Ctrl-C or SIGTERM
+    /// stops accepting and lets running requests finish. docs/serve.md has the harness commands.
+    Serve(serve::Args),
     /// Benchmarks: time pipeline stages on synthetic inputs and random-weight models.
     Bench(bench::BenchArgs),
     /// The whole BPO pipeline on a synthetic world, from nothing to a report (about 9 minutes on 2 cores).
@@ -169,6 +177,7 @@ pub fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args, cli.threads.is_some()),
     };
     done.map(|()| std::process::ExitCode::SUCCESS)

@@ -26,6 +26,7 @@ mod merge;
 mod pairs;
 mod score;
 mod serve;
+mod serve_bench;
 mod sft;
 mod train;
 

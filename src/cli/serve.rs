@@ -82,12 +82,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let vlm = base_args.load()?;
     let mut served = Served::new(vlm, a.served_model_name.clone().unwrap_or_else(|| a.model.model_id()));
     for (name, dir) in &adapters {
-        served.add_adapter(name, dir, a.model.allow_non_finite).with_context(|| format!("adapter {}", dir.display()))?;
+        served
+            .add_adapter(name, dir, a.model.allow_non_finite)
+            .with_context(|| format!("adapter {}", dir.display()))?;
     }
     let listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
         .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
     let addr = listener.local_addr()?;
-    errln!("serving {} on http://{addr}/v1{}", served.names.join(", "), if api_key.is_some() { " (API key required)" } else { "" });
+    errln!(
+        "serving {} on http://{addr}/v1{}",
+        served.names.join(", "),
+        if api_key.is_some() { " (API key required)" } else { "" }
+    );
     let opts = ServeOptions {
         api_key,
         engine: a.batch.engine(),

@@ -344,7 +344,7 @@ impl Parsed {
         if room == 0 {
             return Err(ApiError::invalid(
                 format!("the prompt has {} tokens, the model's whole context of {context}", ids.len()),
-                Some("messages"),
+                Some(param),
             )
             .with_code("context_length_exceeded"));
         }

@@ -313,8 +313,9 @@ impl Parsed {
             return Err(ApiError::invalid("logprobs are not supported", Some("logprobs")));
         }
         let context = vlm.model.llm.cfg.max_position_embeddings;
+        let param = if matches!(self.prompt, Prompt::Text(_)) { "prompt" } else { "messages" };
         let too_long =
-            |e: crate::Error| ApiError::invalid(format!("{e}"), Some("messages")).with_code("context_length_exceeded");
+            |e: crate::Error| ApiError::invalid(format!("{e}"), Some(param)).with_code("context_length_exceeded");
         let (ids, image) = match &self.prompt {
             Prompt::Chat { earlier, question, image } => {
                 let image = match image {

@@ -308,3 +308,37 @@ fn a_contrast_request_decodes_two_rows_in_lockstep() {
     assert_eq!(got, plain);
     assert!(engine.stats().decode_rows % 2 == 0, "rows come in pairs: {:?}", engine.stats());
 }
+
+/// Per engine step on the device-generic path (what CUDA runs): (reads back from the device, bytes read, tokens
+/// sampled).
+fn reads_per_step(vlm: &Vlm, requests: Vec<Request>) -> Vec<(u64, u64, usize)> {
+    use bpo::model::runtime::{host_read_bytes, host_reads};
+    let mut engine = Engine::new(&vlm.model, &vlm.tok, EngineOptions::rows(8, None), Pass::INFER).unwrap();
+    for (i, r) in requests.into_iter().enumerate() {
+        engine.add(i, r).unwrap();
+    }
+    let mut steps = Vec::new();
+    while engine.busy() {
+        let (reads, bytes, tokens) = (host_reads(), host_read_bytes(), engine.stats().new_tokens);
+        engine.step().unwrap();
+        steps.push((host_reads() - reads, host_read_bytes() - bytes, engine.stats().new_tokens - tokens));
+    }
+    steps
+}
+
+#[test]
+fn a_generic_decode_step_reads_back_the_new_token_ids_only() {
+    let vlm = vlm("llava-tiny", &Runtime::generic(Device::Cpu, DType::F32));
+    let vocab = vlm.model.llm.cfg.vocab_size as u64;
+    // Greedy: one read per step that samples, of its new token ids (u32), and none in a step that only prefills.
+    let steps = reads_per_step(&vlm, random_requests(&vlm, 12, 7, 0.0));
+    assert!(steps.iter().filter(|s| s.2 > 1).count() >= 5, "steps with several rows: {steps:?}");
+    for &(reads, bytes, tokens) in &steps {
+        assert_eq!((reads, bytes), (u64::from(tokens > 0), 4 * tokens as u64), "greedy steps: {steps:?}");
+    }
+    // Sampled: still one read a step (the sampling rows' logits, sampled on the host by each request's generator).
+    let steps = reads_per_step(&vlm, random_requests(&vlm, 12, 7, 1.0));
+    for &(reads, bytes, tokens) in &steps {
+        assert_eq!((reads, bytes), (u64::from(tokens > 0), 4 * vocab * tokens as u64), "sampled steps: {steps:?}");
+    }
+}

@@ -32,6 +32,7 @@ use rand::SeedableRng;
 use super::{fits_context, sample, Combine, Completion, SamplingParams};
 use crate::hash::stable_hash;
 use crate::model::cpu_decode::{self, SeqSpan};
+use crate::model::runtime::read_back;
 use crate::model::{Kernels, Model, Pass, SlotCache, StepLayout};
 use crate::text::Tokenizer;
 use crate::{bail, Error, Result};
@@ -440,13 +441,20 @@ impl<'a> Engine<'a> {
         Ok(p)
     }
 
-    /// The forward pass of `plan`: each sampler's logits as f32 rows on the host or, for an all-greedy step off
-    /// the CPU, the chosen ids (argmax on the device, the image placeholder excluded).
+    /// The forward pass of `plan` and its one read back from the device ([`read_back`]): for an all-greedy step on
+    /// the device-generic path (what CUDA runs), the chosen ids (argmax on the device, the image placeholder
+    /// excluded); otherwise each sampler's logits as f32 rows, sampled on the host with the requests' own generators.
     fn forward(&mut self, plan: &Plan) -> Result<Picked> {
-        let device_pick = !self.model.rt.device.is_cpu()
+        let device_pick = self.model.rt.kernels == Kernels::Generic
             && plan.samplers.iter().all(|(ri, t)| t.len() == 1 && self.running[*ri].params.temperature <= 0.0);
         let (model, cache, pass) = (self.model, &mut self.cache, self.pass);
-        cpu_decode::run(model.rt.kernels == Kernels::Fused, || forward(model, cache, plan, pass, device_pick))
+        let out =
+            cpu_decode::run(model.rt.kernels == Kernels::Fused, || forward(model, cache, plan, pass, device_pick))?;
+        Ok(match out {
+            None => Picked::Logits(Vec::new(), 0),
+            Some(ids) if device_pick => Picked::Ids(read_back(&ids)?),
+            Some(logits) => Picked::Logits(read_back(&logits)?, logits.dim(1)?),
+        })
     }
 
     /// Samples the next token of every request of `plan` that has logits, and retires the finished ones.
@@ -458,16 +466,21 @@ impl<'a> Engine<'a> {
             let r = &mut self.running[*ri];
             let id = match &mut picked {
                 Picked::Ids(ids) => ids[row],
-                Picked::Logits(rows) => {
-                    let mut logits = match (tokens.len(), self.combine) {
-                        (2, Some(combine)) => combine(&rows[row], &rows[row + 1]),
-                        _ => std::mem::take(&mut rows[row]),
+                Picked::Logits(flat, vocab) => {
+                    let vocab = *vocab;
+                    let mut combined;
+                    let logits = match (tokens.len(), self.combine) {
+                        (2, Some(combine)) => {
+                            combined = combine(&flat[row * vocab..][..vocab], &flat[(row + 1) * vocab..][..vocab]);
+                            &mut combined[..]
+                        }
+                        _ => &mut flat[row * vocab..][..vocab],
                     };
                     // The image placeholder is never an output: fed back, it would ask for an image that is not there.
                     if let Some(slot) = image_token.and_then(|t| logits.get_mut(t as usize)) {
                         *slot = f32::NEG_INFINITY;
                     }
-                    sample(&logits, &r.params, &mut r.rng)
+                    sample(logits, &r.params, &mut r.rng)
                 }
             };
             row += tokens.len();
@@ -553,14 +566,15 @@ impl Plan {
 
 /// What [`Engine::forward`] brings back.
 enum Picked {
-    /// Per sampling row, the logits.
-    Logits(Vec<Vec<f32>>),
+    /// The logits of every sampling row, one after the other, and their width (the vocabulary).
+    Logits(Vec<f32>, usize),
     /// Per sampling request, the greedy choice made on the device.
     Ids(Vec<u32>),
 }
 
-/// See [`Engine::forward`].
-fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device_pick: bool) -> Result<Picked> {
+/// The device side of [`Engine::forward`]: the samplers' logits (f32), or with `device_pick` their argmax; `None`
+/// when no request samples in this step.
+fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device_pick: bool) -> Result<Option<Tensor>> {
     let dev = &model.rt.device;
     let mut pieces = Vec::with_capacity(plan.prefill.len() + 1);
     if !plan.decode_ids.is_empty() {
@@ -575,7 +589,7 @@ fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device
     let hidden = model.llm.forward_slots(&embeds, &positions, cache, &layout, pass)?;
     let rows: Vec<u32> = plan.samplers.iter().flat_map(|(_, t)| t.iter().map(|&t| t as u32)).collect();
     if rows.is_empty() {
-        return Ok(Picked::Logits(Vec::new()));
+        return Ok(None);
     }
     let count = rows.len();
     let last = hidden.squeeze(0)?.index_select(&Tensor::from_vec(rows, count, dev)?, 0)?;
@@ -590,9 +604,9 @@ fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device
             }
             None => logits,
         };
-        return Ok(Picked::Ids(logits.argmax(D::Minus1)?.to_vec1()?));
+        return Ok(Some(logits.argmax(D::Minus1)?));
     }
-    Ok(Picked::Logits(logits.to_vec2()?))
+    Ok(Some(logits))
 }
 
 /// Free cache rows: ranges sorted by start, merged when adjacent; first fit.

@@ -315,27 +315,35 @@ impl Lanes for Plain {
 }
 
 /// Columns `cols` of `y = x @ w^T`, in tiles of [`MR`] rows by [`NR`] weight rows. Rows come in blocks that keep
-/// their part of `x` in the core's cache while the block's weight rows pass. Every element is [`dot`]'s sum
-/// whatever the tile.
+/// their part of `x` in the core's cache while the block's weight rows pass. A block of 5 to 8 rows (a decode step
+/// of a batch) is one tile high instead, 2 weight rows wide (AVX-512's 32 registers hold its 16 sums), so that the
+/// weights stream from memory while they are multiplied rather than in one of two passes over them. Every element
+/// is [`dot`]'s sum whatever the tile.
 #[inline(always)]
 unsafe fn products<L: Lanes>(op: Operands, cols: std::ops::Range<usize>) {
     let (m, k) = (op.m, op.k);
-    let block = ((256 << 10) / (4 * k.max(1))).max(MR) / MR * MR;
+    let block = ((256 << 10) / (4 * k.max(1))).max(2 * MR) / MR * MR;
     for r0 in (0..m).step_by(block) {
         let r1 = (r0 + block).min(m);
+        let tall = L::N >= 16 && (MR + 1..=2 * MR).contains(&(r1 - r0));
+        let (mr_most, nr_most) = if tall { (r1 - r0, 2) } else { (MR, NR) };
         let mut c = cols.start;
         while c < cols.end {
-            let nr = NR.min(cols.end - c);
+            let nr = nr_most.min(cols.end - c);
             let mut r = r0;
             while r < r1 {
-                let mr = MR.min(r1 - r);
+                let mr = mr_most.min(r1 - r);
                 let at =
                     Operands { x: op.x.add(r * op.ldx), w: op.w.add(c * op.ldw), y: op.y.add(r * op.ldy + c), ..op };
                 match (mr, nr) {
-                    (4, NR) => tile::<L, 4>(at),
-                    (3, NR) => tile::<L, 3>(at),
-                    (2, NR) => tile::<L, 2>(at),
-                    (1, NR) => tile::<L, 1>(at),
+                    (4, NR) => tile::<L, 4, NR>(at),
+                    (3, NR) => tile::<L, 3, NR>(at),
+                    (2, NR) => tile::<L, 2, NR>(at),
+                    (1, NR) => tile::<L, 1, NR>(at),
+                    (8, 2) => tile::<L, 8, 2>(at),
+                    (7, 2) => tile::<L, 7, 2>(at),
+                    (6, 2) => tile::<L, 6, 2>(at),
+                    (5, 2) => tile::<L, 5, 2>(at),
                     (mr, nr) => {
                         for i in 0..mr {
                             for j in 0..nr {
@@ -351,16 +359,16 @@ unsafe fn products<L: Lanes>(op: Operands, cols: std::ops::Range<usize>) {
     }
 }
 
-/// An `R x NR` tile at the operands' origin: `y[i][j] = dot(x row i, w row j)`, the same sums as [`dot`] computes
+/// An `R x C` tile at the operands' origin: `y[i][j] = dot(x row i, w row j)`, the same sums as [`dot`] computes
 /// one at a time.
 #[inline(always)]
-unsafe fn tile<L: Lanes, const R: usize>(op: Operands) {
+unsafe fn tile<L: Lanes, const R: usize, const C: usize>(op: Operands) {
     let k = op.k;
-    let mut acc = [[L::zero(); NR]; R];
+    let mut acc = [[L::zero(); C]; R];
     let full = k / L::N * L::N;
     let mut p = 0;
     while p < full {
-        let mut wv = [L::zero(); NR];
+        let mut wv = [L::zero(); C];
         for (j, wj) in wv.iter_mut().enumerate() {
             *wj = L::load(op.w.add(j * op.ldw + p));
         }
@@ -372,9 +380,15 @@ unsafe fn tile<L: Lanes, const R: usize>(op: Operands) {
         }
         p += L::N;
     }
-    for (i, [a, b, c, d]) in acc.into_iter().enumerate() {
-        for (j, lanes) in L::sum4(a, b, c, d).into_iter().enumerate() {
-            *op.y.add(i * op.ldy + j) = finish(lanes, op.x.add(i * op.ldx), op.w.add(j * op.ldw), full, k);
+    for (i, row) in acc.iter().enumerate() {
+        // Four sums at a time (sharing their shuffles); a short group repeats its last register.
+        for j0 in (0..C).step_by(4) {
+            let at = |j: usize| row[(j0 + j).min(C - 1)];
+            let sums = L::sum4(at(0), at(1), at(2), at(3));
+            for (j, lanes) in sums.into_iter().enumerate().take(C - j0) {
+                let (x, w) = (op.x.add(i * op.ldx), op.w.add((j0 + j) * op.ldw));
+                *op.y.add(i * op.ldy + j0 + j) = finish(lanes, x, w, full, k);
+            }
         }
     }
 }
@@ -445,25 +459,42 @@ unsafe fn attend_block<L: Lanes>(
             *sc = (*sc - max).exp();
             total += *sc;
         }
+        // The weighted sum of values, a few registers of output features at a time held over all the keys.
         let acc = &mut acc[..d];
-        acc.fill(0.0);
-        for (p, &e) in row.iter().enumerate() {
-            let vr = at.v.add((s.start + p) * stride + group);
-            let ev = L::splat(e);
-            let mut c = 0;
-            while c < full {
-                L::load(acc.as_ptr().add(c)).fma(ev, L::load(vr.add(c))).store(acc.as_mut_ptr().add(c));
-                c += L::N;
-            }
-            for c in full..d {
-                acc[c] += e * *vr.add(c);
-            }
+        let values = at.v.add(s.start * stride + group);
+        let mut c = 0;
+        while c + 4 * L::N <= full {
+            weighted::<L, 4>(row, values.add(c), stride, acc.as_mut_ptr().add(c));
+            c += 4 * L::N;
+        }
+        while c < full {
+            weighted::<L, 1>(row, values.add(c), stride, acc.as_mut_ptr().add(c));
+            c += L::N;
+        }
+        for (c, a) in acc.iter_mut().enumerate().skip(full) {
+            *a = row.iter().enumerate().fold(0.0, |sum, (p, &e)| sum + e * *values.add(p * stride + c));
         }
         let o = at.out.add((s.token + first + i) * h.heads * d + head * d);
         let inv = 1.0 / total;
         for (c, a) in acc.iter().enumerate() {
             *o.add(c) = a * inv;
         }
+    }
+}
+
+/// `R` registers of `out` = `sum(weights[p] * values[p * stride ..], p in order)`: the sums of [`attend_block`]'s
+/// weighted values, kept in registers across the keys.
+#[inline(always)]
+unsafe fn weighted<L: Lanes, const R: usize>(weights: &[f32], values: *const f32, stride: usize, out: *mut f32) {
+    let mut acc = [L::zero(); R];
+    for (p, &e) in weights.iter().enumerate() {
+        let (ev, row) = (L::splat(e), values.add(p * stride));
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = a.fma(ev, L::load(row.add(j * L::N)));
+        }
+    }
+    for (j, a) in acc.into_iter().enumerate() {
+        a.store(out.add(j * L::N));
     }
 }
 
@@ -619,8 +650,9 @@ mod tests {
 
     #[test]
     fn products_match_f64_and_do_not_depend_on_the_rows_beside() {
-        // Odd sizes exercise the tile edges and the remainders past the last register.
-        for (m, k, n) in [(1, 64, 8), (3, 37, 5), (9, 300, 70), (70, 512, 33)] {
+        // Odd sizes exercise the tile edges and the remainders past the last register; 5 to 8 rows take the tall
+        // tiles of a decode step.
+        for (m, k, n) in [(1, 64, 8), (3, 37, 5), (6, 37, 9), (8, 300, 70), (9, 300, 70), (70, 512, 33)] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let mut y = vec![0f32; m * n];
             matmul(&x, &w, &mut y, m, k, n);

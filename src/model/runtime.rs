@@ -13,20 +13,26 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use crate::{Error, Result};
 
 thread_local! {
-    static HOST_READS: Cell<u64> = const { Cell::new(0) };
+    static HOST_READS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
 /// The values of `t`, flattened, on the host: the way the training and decoding loops read a tensor back. Off the
 /// CPU it is a device-to-host copy that waits for the device to finish, so the loops do it as rarely as they can;
-/// every call is counted ([`host_reads`]), and tests bound the count per step.
+/// every call is counted with its bytes ([`host_reads`], [`host_read_bytes`]), and tests bound them per step.
 pub fn read_back<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    HOST_READS.with(|n| n.set(n.get() + 1));
+    let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    HOST_READS.with(|n| n.set((n.get().0 + 1, n.get().1 + bytes)));
     Ok(t.flatten_all()?.to_vec1()?)
 }
 
 /// Calls of [`read_back`] so far on this thread (a model runs on the thread that calls it).
 pub fn host_reads() -> u64 {
-    HOST_READS.with(Cell::get)
+    HOST_READS.with(Cell::get).0
+}
+
+/// Bytes read back by [`read_back`] so far on this thread.
+pub fn host_read_bytes() -> u64 {
+    HOST_READS.with(Cell::get).1
 }
 
 /// Which implementation the differentiable ops (attention softmax, norms, rotary embedding) use.

@@ -25,7 +25,7 @@ pub struct Args {
     served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` on /v1/ requests. Prefer --api-key-env: a command line is visible to
     /// every user of the machine.
-    #[arg(long, conflicts_with = "api_key_env")]
+    #[arg(long, conflicts_with = "api_key_env", value_parser = super::range::not_empty)]
     api_key: Option<String>,
     /// Read the API key from this environment variable (which must be set).
     #[arg(long, value_name = "VAR")]

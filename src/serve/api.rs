@@ -392,3 +392,68 @@ impl Parsed {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(v: Value) -> Result<Parsed, ApiError> {
+        parse_chat(v.to_string().as_bytes(), None)
+    }
+
+    #[test]
+    fn conversations_become_turns_with_the_image_of_the_first_question() {
+        let png = "data:image/png;base64,iVBORw0KGgo=";
+        let p = chat(json!({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": png, "detail": "low"}}]},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "Colour?"},
+            {"role": "user", "content": [{"type": "text", "text": "Be brief."}]}
+        ], "unknown_field": [1, 2]}))
+        .unwrap();
+        assert_eq!(p.model.as_deref(), Some("m"));
+        let Prompt::Chat { earlier, question, image } = p.prompt else { panic!("a chat") };
+        assert_eq!(earlier, [("What?".to_string(), "A cat.".to_string())]);
+        assert_eq!(question, "Colour?\nBe brief.");
+        assert!(matches!(image, Some(ImageSource::Bytes(b)) if b.starts_with(b"\x89PNG")));
+    }
+
+    #[test]
+    fn what_would_change_the_answer_is_refused() {
+        let user = |c: Value| json!({"role": "user", "content": c});
+        let cases = [
+            (json!([{"role": "system", "content": "Be nice."}, user(json!("hi"))]), "system"),
+            (json!([user(json!("hi")), {"role": "assistant", "content": "yo"}]), "last message"),
+            (json!([{"role": "tool", "content": "x"}]), "unknown role"),
+            (json!([user(json!([{"type": "input_audio"}]))]), "input_audio"),
+            (json!([user(json!([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]))]), "remote"),
+            (
+                json!([user(json!([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]))]),
+                "--allowed-local-media-path",
+            ),
+            (
+                json!([user(json!("a")), {"role": "assistant", "content": "b"}, user(json!([{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]))]),
+                "first user message",
+            ),
+        ];
+        for (messages, needle) in cases {
+            let e = chat(json!({"messages": messages})).err().unwrap_or_else(|| panic!("{messages} accepted"));
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains(needle), "{needle:?} in {}", e.message);
+        }
+        let e = parse_completion(br#"{"prompt": "x", "echo": true}"#).err().unwrap();
+        assert_eq!(e.param, Some("echo"));
+    }
+
+    #[test]
+    fn errors_have_openais_shape() {
+        let v = ApiError::invalid("bad", Some("model"))
+            .with_status(404, "invalid_request_error")
+            .with_code("model_not_found")
+            .body();
+        assert_eq!(
+            v,
+            json!({"error": {"message": "bad", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
+        );
+    }
+}

@@ -563,3 +563,16 @@ async fn not_found(State(s): State<Shared>, uri: axum::http::Uri) -> Response {
     let e = ApiError::invalid(format!("no route {}", uri.path()), None).with_status(404, "invalid_request_error");
     s.counted(error_response(&e))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_compare_equal_only_when_equal() {
+        use super::constant_time_eq as eq;
+        assert!(eq(b"sk-abc", b"sk-abc"));
+        assert!(
+            !eq(b"sk-abc", b"sk-abd") && !eq(b"sk-ab", b"sk-abc") && !eq(b"", b"sk") && !eq(b"sk-abc\xff", b"sk-abc")
+        );
+        assert!(eq(b"", b""));
+    }
+}

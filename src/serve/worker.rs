@@ -170,11 +170,13 @@ fn add(engines: &mut [Engine], live: &mut HashMap<usize, Live>, next_id: &mut us
 }
 
 /// Sends each streaming request of `engine` the text its new tokens added, holding back what a stop string may
-/// still cut and an incomplete character.
+/// still cut and what later tokens may still change (an incomplete character, a run of byte tokens).
 fn stream(engine: &Engine, tok: &Tokenizer, live: &mut HashMap<usize, Live>) {
     for (id, ids) in engine.partial() {
         let Some(l) = live.get_mut(&id).filter(|l| l.stream) else { continue };
-        let Ok(text) = tok.decode(ids) else { continue };
+        // Trailing byte tokens are held back: with the next ones they may decode to other text.
+        let stable = ids.len() - ids.iter().rev().take_while(|&&id| tok.is_byte_token(id)).count();
+        let Ok(text) = tok.decode(&ids[..stable]) else { continue };
         let text = text.trim_end_matches('\u{FFFD}');
         let mut end = text.len().saturating_sub(l.hold);
         while !text.is_char_boundary(end) {

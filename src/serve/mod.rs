@@ -338,9 +338,9 @@ impl Inner {
             .jobs
             .lock()
             .ok()
-            .and_then(|j| j.as_ref().map(|j| j.send(Job { model, req, stream: p.stream, events })));
+            .and_then(|j| j.as_ref().map(|j| j.send(Job { model, req, stream: p.stream, events }).is_ok()));
         match sent {
-            Some(Ok(())) => Ok(rx),
+            Some(true) => Ok(rx),
             _ => refuse(ApiError::internal("the server is shutting down").with_status(503, "server_error")),
         }
     }

@@ -92,13 +92,13 @@ pub fn run(served: &Served, opts: &EngineOptions, jobs: Receiver<Job>, metrics: 
             metrics.outstanding.fetch_sub(1, Ordering::Relaxed);
             false
         });
-        for i in 0..engines.len() {
-            if !engines[i].busy() {
+        for (i, engine) in engines.iter_mut().enumerate() {
+            if !engine.busy() {
                 continue;
             }
-            match engines[i].step() {
+            match engine.step() {
                 Ok(finished) => {
-                    stream(&engines[i], tok, &mut live);
+                    stream(engine, tok, &mut live);
                     for f in finished {
                         let Some(mut l) = live.remove(&f.id) else { continue };
                         metrics.first_token(f.first_token);
@@ -136,7 +136,7 @@ pub fn run(served: &Served, opts: &EngineOptions, jobs: Receiver<Job>, metrics: 
                         false
                     });
                     match new_engine(i) {
-                        Ok(fresh) => engines[i] = fresh,
+                        Ok(fresh) => *engine = fresh,
                         Err(e) => {
                             eprintln!("error: the engine cannot restart: {e}");
                             return;

@@ -305,7 +305,7 @@ fn load_test(
                             malformed_ok(i);
                             continue;
                         }
-                        match send(&agent, url, &body(i), i % 2 == 0) {
+                        match send(&agent, url, &body(i), i.is_multiple_of(2)) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                             Err(e) => {
                                 errln!("request {i} failed: {e}");

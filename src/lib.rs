@@ -29,6 +29,8 @@ pub mod output;
 pub mod progress;
 pub mod range;
 pub mod score;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod text;
 pub mod train;
 pub mod vision;

@@ -76,6 +76,11 @@ pub fn in_use(device: &Device) -> Option<u64> {
     }
 }
 
+/// The process's resident set now (`VmRSS`), where `/proc` has it.
+pub fn resident() -> Option<u64> {
+    status_bytes("VmRSS")
+}
+
 /// A field of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`).
 fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -267,6 +267,7 @@ fn sampled_answers_do_not_depend_on_the_batch_size_the_file_order_or_an_interrup
 #[allow(clippy::zombie_processes)]
 fn peak_rss_kib(args: &[String]) -> i64 {
     let mut command = Command::new(env!("CARGO_BIN_EXE_bpo"));
+    #[allow(clippy::zombie_processes)] // waited for by wait4 below
     let child = command.args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
     // SAFETY: waits for our own child, with valid out-pointers; `child` is not waited on again.

@@ -15,6 +15,7 @@ mod faults_train; // numeric options out of range, divergence (exit 3), non-fini
 mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
 mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
+mod serve; // `bpo serve` on the tiny model: parity with generate, streaming, adapters, the error table, SIGTERM, bpo's clients
 mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
 mod util;

@@ -43,6 +43,10 @@ enum BenchAction {
     /// Bootstrapped answers per second: `bootstrap weaken` end to end (image loading, noise, prefill, decoding,
     /// writing records) with batching off (batch 1) and on.
     Bootstrap(BootstrapBench),
+    /// `bpo serve` under load: a server in this process on 127.0.0.1 and N concurrent clients (streaming chat
+    /// requests, greedy), against one client at a time: requests/s, tokens/s, p50/p99 latency and time to first
+    /// token. --load instead sends a long mixed load with malformed requests and reports failures and memory.
+    Serve(super::serve_bench::ServeBench),
 }
 
 #[derive(Args)]
@@ -227,6 +231,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchAction::Train(a) => bench_train(a),
         BenchAction::Bootstrap(a) => bootstrap(a),
         BenchAction::Parity(a) => parity(a),
+        BenchAction::Serve(a) => super::serve_bench::run(a),
     }
 }
 

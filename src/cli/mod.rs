@@ -25,6 +25,8 @@ mod generate;
 mod merge;
 mod pairs;
 mod score;
+mod serve;
+mod serve_bench;
 mod sft;
 mod train;
 
@@ -94,6 +96,13 @@ enum Command {
     Merge(merge::Args),
     /// Hallucination evaluation: score answers with POPE or CHAIR / Object HalBench, compare runs.
     Eval(eval::EvalArgs),
+    /// Serve a model and its adapters with an OpenAI-compatible API (for lmms-eval, VLMEvalKit, --llm-url, --judge-url).
+    ///
+    /// POST /v1/chat/completions (text and base64 image parts, streaming), POST /v1/completions, GET /v1/models,
+    /// GET /health, GET /metrics. Prompts are built as `bpo generate` builds them, so a greedy answer equals its
+    /// answer. Each --adapter NAME=DIR is another model id over the one copy of the base weights. Ctrl-C or SIGTERM
+    /// stops accepting and lets running requests finish. docs/serve.md has the harness commands.
+    Serve(serve::Args),
     /// Benchmarks: time pipeline stages on synthetic inputs and random-weight models.
     Bench(bench::BenchArgs),
     /// The whole BPO pipeline on a synthetic world, from nothing to a report (about 9 minutes on 2 cores).
@@ -169,6 +178,7 @@ pub fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args, cli.threads.is_some()),
     };
     done.map(|()| std::process::ExitCode::SUCCESS)
@@ -278,8 +288,9 @@ pub struct ModelArgs {
     pub aspect: bpo::vision::AspectMode,
     /// Apply this LoRA adapter without merging: a `bpo train` / `bpo sft` run folder or any PEFT adapter folder
     /// (adapter_config.json + adapter_model.safetensors; its projector copy, if saved, replaces the model's).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// `bpo serve` takes several, as NAME=DIR, each served as model NAME over the one base model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Vec<PathBuf>,
     /// Largest image accepted, in pixels of the square it is padded to (--aspect pad; the image itself with
     /// square), read from the file's header before anything is decoded: a bigger image fails with one line.
     /// Default: Pillow's MAX_IMAGE_PIXELS (a 9459x9459 square, about 270 MB as RGB).
@@ -305,11 +316,20 @@ impl ModelArgs {
         if let Some(p) = vlm.processor.as_mut() {
             p.max_pixels = self.max_image_pixels;
         }
-        if let Some(dir) = &self.adapter {
+        if let Some(dir) = self.adapter()? {
             let adapter = bpo::train::checkpoint::load_adapter_with(&mut vlm.model, dir, self.allow_non_finite);
             adapter.with_context(|| format!("adapter {}", dir.display()))?;
         }
         Ok(vlm)
+    }
+
+    /// The one --adapter, if given (only `bpo serve` takes several).
+    pub fn adapter(&self) -> anyhow::Result<Option<&std::path::Path>> {
+        match self.adapter.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one)),
+            more => anyhow::bail!("--adapter is given {} times: only `bpo serve` takes several", more.len()),
+        }
     }
 
     /// The chat template: --template, else the default of the prompt style (TRL renders the model's own).

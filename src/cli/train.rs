@@ -133,7 +133,7 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The model side of the config.
     pub fn setup(&self, model: &ModelArgs) -> anyhow::Result<ModelSetup> {
-        if model.adapter.is_some() {
+        if !model.adapter.is_empty() {
             bail!("to start training from an adapter use --init-adapter (--adapter is for generate/score)");
         }
         if model.allow_non_finite {

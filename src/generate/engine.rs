@@ -516,6 +516,30 @@ impl<'a> Engine<'a> {
             })
             .collect())
     }
+
+    /// Drops request `id`, waiting or running (its client went away): its cache rows are free for the next step.
+    /// Whether it was there.
+    pub fn cancel(&mut self, id: usize) -> bool {
+        if let Some(i) = self.waiting.iter().position(|w| w.id == id) {
+            self.waiting.remove(i);
+            return true;
+        }
+        let Some(i) = self.running.iter().position(|r| r.id == id) else { return false };
+        let r = self.running.remove(i);
+        r.starts.iter().for_each(|&s| self.free.give(s, r.reserve));
+        true
+    }
+
+    /// The tokens each running request has sampled so far (EOS excluded), by id: what a streaming client has
+    /// been sent is a prefix of them.
+    pub fn partial(&self) -> impl Iterator<Item = (usize, &[u32])> {
+        self.running.iter().filter(|r| !r.done).map(|r| (r.id, r.out.ids.as_slice()))
+    }
+
+    /// Requests waiting and running.
+    pub fn queue(&self) -> (usize, usize) {
+        (self.waiting.len(), self.running.len())
+    }
 }
 
 /// One step's work (see [`Engine::plan`]).

@@ -10,6 +10,7 @@ use super::linear::{Linear, Pass};
 use super::ops::{self, Kernels};
 use super::runtime::Runtime;
 
+#[derive(Clone)]
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -25,6 +26,7 @@ impl LayerNorm {
     }
 }
 
+#[derive(Clone)]
 struct EncoderLayer {
     q_proj: Linear,
     k_proj: Linear,
@@ -75,6 +77,7 @@ impl EncoderLayer {
     }
 }
 
+#[derive(Clone)]
 pub struct ClipVision {
     patch_embedding: Tensor,
     class_embedding: Tensor,

@@ -136,6 +136,7 @@ fn inv_freq(cfg: &LlamaConfig, seq_len: Option<usize>) -> Vec<f32> {
     freqs.into_iter().map(|f| f as f32).collect()
 }
 
+#[derive(Clone)]
 pub struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -208,6 +209,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
@@ -230,6 +232,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 pub struct DecoderLayer {
     self_attn: Attention,
     mlp: Mlp,
@@ -295,6 +298,7 @@ impl DecoderLayer {
     }
 }
 
+#[derive(Clone)]
 pub struct Llama {
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,

@@ -14,6 +14,7 @@ use super::runtime::{Kernels, Runtime};
 use crate::{bail, Result};
 
 /// `multi_modal_projector`: linear_1, GELU, linear_2.
+#[derive(Clone)]
 pub struct Projector {
     pub linear_1: Linear,
     pub linear_2: Linear,
@@ -28,6 +29,7 @@ impl Projector {
 }
 
 /// The vision side of LLaVA.
+#[derive(Clone)]
 pub struct VisionTower {
     pub clip: ClipVision,
     pub projector: Projector,
@@ -35,6 +37,7 @@ pub struct VisionTower {
 }
 
 /// A loaded model: LLaVA (vision + Llama) or a text-only Llama.
+#[derive(Clone)]
 pub struct Model {
     pub llm: Llama,
     pub vision: Option<VisionTower>,

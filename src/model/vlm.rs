@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::config::ModelConfig;
 use super::{load, LoadOptions, Model};
-use crate::text::template::{prompt_ids, response_ids};
+use crate::text::template::{conversation_ids, prompt_ids, response_ids};
 use crate::text::{Chat, PromptStyle, Template, Tokenizer};
 use crate::vision::{AspectMode, ImageProcessor};
 use crate::Result;
@@ -80,11 +80,42 @@ impl Vlm {
             crate::bail!("a prompt of {} bytes cannot fit the model's context of {context} tokens", question.len());
         }
         let text = self.chat.render(question, image)?;
-        let slot = match (image, self.model.image_token()) {
+        prompt_ids(&self.tok, &text, self.style, self.image_slot(image))
+    }
+
+    /// Prompt ids of `question` after the earlier (question, answer) turns of a conversation, laid out as in
+    /// training ([`conversation_ids`]: the image, if any, with the first question; answers closed by EOS). With no
+    /// earlier turns this is [`Vlm::prompt_ids`].
+    pub fn chat_ids(&self, earlier: &[(String, String)], question: &str, image: bool) -> Result<Vec<u32>> {
+        if earlier.is_empty() {
+            return self.prompt_ids(question, image);
+        }
+        let context = self.model.llm.cfg.max_position_embeddings;
+        let pieces = earlier.iter().flat_map(|(q, a)| [q, a]).map(String::as_str).chain([question]);
+        if let Some(long) = pieces.into_iter().find(|p| self.tok.surely_longer_than(p, context)) {
+            crate::bail!("a message of {} bytes cannot fit the model's context of {context} tokens", long.len());
+        }
+        let (mut ids, _) = conversation_ids(&self.tok, &self.chat, self.style, earlier, self.image_slot(image))?;
+        ids.extend(self.tok.encode(&self.chat.render_next(question)?)?);
+        Ok(ids)
+    }
+
+    /// The image token and its count, when an image is given and the model takes one.
+    fn image_slot(&self, image: bool) -> Option<(u32, usize)> {
+        match (image, self.model.image_token()) {
             (true, Some(id)) => Some((id, self.model.image_tokens())),
             _ => None,
+        }
+    }
+
+    /// Decodes and preprocesses the bytes of an image file (JPEG, PNG or WebP), as [`Vlm::load_image`] does a
+    /// file's: (3, H, W). Errors are plain messages (there is no path to name).
+    pub fn image_from_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
+        let Some(p) = &self.processor else {
+            crate::bail!("this model has no vision tower, so it cannot take an image")
         };
-        prompt_ids(&self.tok, &text, self.style, slot)
+        let image = crate::vision::decode_image(bytes, p.max_pixels, self.aspect).map_err(crate::Error::invalid)?;
+        p.preprocess(&image, self.aspect)
     }
 
     /// Response ids per the prompt style (EOS appended in the LLaVA style).

@@ -77,6 +77,12 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Whether `id` is a byte-fallback token (`<0xNN>`): a run of them decodes as one UTF-8 sequence, so its text
+    /// may change when the next token arrives.
+    pub fn is_byte_token(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

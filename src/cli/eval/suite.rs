@@ -103,11 +103,12 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
     let cfg = SuiteConfig::load(&a.config)?;
     let mut inputs: Vec<&Path> = cfg.paths().into_iter().map(|(_, p, _)| p).collect();
     inputs.extend([a.config.as_path(), &a.model.model]);
-    inputs.extend(a.model.adapter.as_deref());
+    let adapter = a.model.adapter()?;
+    inputs.extend(adapter);
     let _lock = lock_run(&a.out, &inputs)?;
     let mut info = SuiteInfo {
         model: a.model.model.display().to_string(),
-        adapter: a.model.adapter.as_ref().map(|p| p.display().to_string()),
+        adapter: adapter.map(|p| p.display().to_string()),
         benchmarks: Vec::new(),
     };
     if let Some(old) = suite::read_info(&a.out)? {

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::cli::{model_copy, s};
-use crate::model::fixture;
+use crate::util::{fixture, model_copy, s};
 
 /// A `bpo serve` process; killed when dropped.
 struct Serving {
@@ -148,7 +147,7 @@ fn generate(model: &Path, image: &Path, prompt: &str, tokens: usize, adapter: Op
     if let Some(a) = adapter {
         args.extend(["--adapter", s(a)]);
     }
-    let o = crate::cli::bpo(&args);
+    let o = crate::util::bpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap().trim().to_string()
 }
@@ -528,7 +527,7 @@ fn bootstrap_inject_and_mmvet_judge_run_against_a_served_tiny_model() {
     ]);
     std::fs::write(&data, samples.to_string()).unwrap();
     let out = tmp.path().join("records.jsonl");
-    let o = crate::cli::bpo(&[
+    let o = crate::util::bpo(&[
         "bootstrap",
         "inject",
         "--llm-url",
@@ -554,7 +553,7 @@ fn bootstrap_inject_and_mmvet_judge_run_against_a_served_tiny_model() {
 
     let judged = tmp.path().join("mmvet");
     let j = |f: &str| fixture("judge").join(f);
-    let o = crate::cli::bpo(&[
+    let o = crate::util::bpo(&[
         "eval",
         "mmvet",
         "--questions",

@@ -412,7 +412,7 @@ def flat_rows(report):
     if not isinstance(report, dict):
         return []
     rows = report.get("rows")
-    if rows is None:
+    if not isinstance(rows, list):  # the torch train script's "rows" is its row count
         rows = report["figures"] if isinstance(report.get("figures"), list) else [report]
     flat = []
     for r in rows:

@@ -103,6 +103,13 @@ pub fn read_folder_file_required(path: &Path) -> Result<String> {
     read_folder_file(path)?.ok_or_else(|| Error::io(path, std::io::Error::from_raw_os_error(libc::ENOENT)))
 }
 
+/// Reads a JSON file (a config, a run's state or scores) as a `T`, bounded like [`read_folder_file`]; a missing
+/// file, a bad one or one of another shape fails naming the file.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read_folder_file_required(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
+}
+
 /// `text` without a leading UTF-8 byte-order mark.
 pub fn strip_bom(text: &str) -> &str {
     text.strip_prefix(BOM).unwrap_or(text)

@@ -211,6 +211,12 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e)))
 }
 
+/// Writes `value` as pretty-printed JSON (and a final newline) through [`write_with`].
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::parse(path, None, e))?;
+    write_bytes(path, (text + "\n").as_bytes())
+}
+
 /// Makes the rename of an entry of `dir` durable.
 fn sync_folder(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, e))

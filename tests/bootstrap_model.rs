@@ -16,14 +16,9 @@ use bpo::text::{Chat, Template};
 use bpo::vision::weaken;
 use serde_json::{json, Value};
 
-use crate::cli::{bpo, fails_with};
-use crate::model::fixture;
+use crate::util::{bpo, fails_with, fixture, s};
 
 const IMAGES: [&str; 5] = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "gray.png"];
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// LLaVA instruct JSON: `n` conversations over the fixture images (every third with a second turn), plus one
 /// text-only conversation. Returns the path and the number of exchanges.

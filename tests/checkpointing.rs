@@ -11,8 +11,8 @@ use bpo::train::ModelSetup;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::model::fixture;
 use crate::train::{config, lora, overfit_pairs, run, Record};
+use crate::util::fixture;
 
 fn runtimes() -> [(&'static str, Runtime); 2] {
     [("fused", Runtime::default()), ("generic", Runtime::generic(Device::Cpu, DType::F32))]

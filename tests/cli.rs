@@ -1,46 +1,7 @@
 //! The `bpo` binary on the tiny fixture model: happy paths of `generate` and `score`, and one clear line plus a
 //! non-zero exit for every kind of bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-use crate::model::fixture;
-
-pub fn bpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).output().expect("bpo runs")
-}
-
-pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs `bpo args`, expects failure with exactly one error line containing every `needle`, and no panic.
-pub fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = bpo(args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "expected failure for {args:?}, got success; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected for {args:?}, got: {err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "error for {args:?} should mention {n:?}: {}", lines[0]);
-    }
-}
-
-/// A copy of a fixture model folder that a test may edit.
-pub fn model_copy(name: &str, tmp: &Path) -> PathBuf {
-    let dst = tmp.join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    dst
-}
-
-pub fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::util::{bpo, fails_with, fixture, model_copy, s, stderr};
 
 #[test]
 fn generate_answers_one_prompt_with_an_image() {
@@ -291,15 +252,18 @@ fn bench_parity_passes_on_the_cpu() {
     assert_eq!(v["checks"].as_array().unwrap().len(), 10);
 }
 
+// A CUDA build has the device; only a CPU build must refuse it.
+#[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_device_on_a_cpu_build_is_one_clear_line() {
-    if cfg!(feature = "cuda") {
-        return;
-    }
     fails_with(
         &["generate", "--model", s(&fixture("llava-tiny")), "--prompt", "hi", "--device", "cuda"],
         &["built without CUDA", "scripts/build-cuda.sh"],
     );
+}
+
+#[test]
+fn an_unknown_device_is_one_clear_line() {
     fails_with(
         &["generate", "--model", s(&fixture("llava-tiny")), "--prompt", "hi", "--device", "tpu:0"],
         &["use cpu, cuda or cuda:N"],

@@ -3,11 +3,7 @@
 
 use std::path::Path;
 
-use crate::cli::bpo;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::util::{bpo, s};
 
 fn sft_models(out: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(out.join("models"))

@@ -2,21 +2,20 @@
 //! inputs that must fail with one clear line naming the file and line.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use crate::util::{bpo, error_line, s, stderr};
+
+/// A finished run's status and output as text.
 struct Run {
     ok: bool,
     stdout: String,
     stderr: String,
 }
 
-fn bpo(args: &[&str]) -> Run {
-    let out: Output = Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).output().expect("run bpo");
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn run_bpo(args: &[&str]) -> Run {
+    let out: Output = bpo(args);
+    Run { ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: stderr(&out) }
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -25,18 +24,9 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Runs bpo expecting failure; returns the single stderr line.
 fn fails(args: &[&str]) -> String {
-    let run = bpo(args);
-    assert!(!run.ok, "expected failure, got stdout {}", run.stdout);
-    let lines: Vec<&str> = run.stderr.trim_end().lines().collect();
-    assert_eq!(lines.len(), 1, "stderr should be one line: {:?}", run.stderr);
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    lines[0].to_string()
+    error_line(&bpo(args))
 }
 
 fn scores(dir: &Path) -> serde_json::Value {
@@ -62,7 +52,7 @@ fn pope_joins_by_id_and_writes_a_run_folder() {
     let q = write(dir.path(), "coco_pope_adversarial.json", POPE_QUESTIONS);
     let a = write(dir.path(), "answers.jsonl", POPE_ANSWERS);
     let out = dir.path().join("run");
-    let run = bpo(&["eval", "pope", "--answers", s(&a), "--questions", s(&q), "--out", s(&out)]);
+    let run = run_bpo(&["eval", "pope", "--answers", s(&a), "--questions", s(&q), "--out", s(&out)]);
     assert!(run.ok, "{}", run.stderr);
     assert!(run.stdout.contains("adversarial"), "{}", run.stdout);
     assert!(run.stdout.contains("unanswered questions: 1 (ids: 4)"), "{}", run.stdout);
@@ -83,14 +73,14 @@ fn pope_positional_pairs_by_order_and_compare_shows_the_difference() {
     let q = write(dir.path(), "coco_pope_random.json", POPE_QUESTIONS);
     let a = write(dir.path(), "answers.jsonl", POPE_ANSWERS);
     let (by_id, pos) = (dir.path().join("by_id"), dir.path().join("pos"));
-    assert!(bpo(&["eval", "pope", "--answers", s(&a), "--questions", s(&q), "--out", s(&by_id)]).ok);
-    let run = bpo(&["eval", "pope", "--answers", s(&a), "--questions", s(&q), "--positional", "--out", s(&pos)]);
+    assert!(run_bpo(&["eval", "pope", "--answers", s(&a), "--questions", s(&q), "--out", s(&by_id)]).ok);
+    let run = run_bpo(&["eval", "pope", "--answers", s(&a), "--questions", s(&q), "--positional", "--out", s(&pos)]);
     assert!(run.ok, "{}", run.stderr);
     // Positional: q1<-"Yes, there is a person." (yes, tp), q2<-"Yes" (fp), q3<-"There is no dog." (fn),
     // q4<-"No" (tn): accuracy 2/4.
     assert_eq!(scores(&pos)["overall"]["accuracy"], 0.5);
     assert_eq!(scores(&pos)["id_mismatches"], 4);
-    let cmp = bpo(&["eval", "compare", s(&by_id), s(&pos)]);
+    let cmp = run_bpo(&["eval", "compare", s(&by_id), s(&pos)]);
     assert!(cmp.ok, "{}", cmp.stderr);
     let line = cmp.stdout.lines().find(|l| l.starts_with("random/accuracy")).unwrap();
     assert!(line.contains("100.00") && line.contains("50.00") && line.contains("-50.00"), "{line}");
@@ -149,8 +139,18 @@ fn chair_with_ground_truth_file_and_questions() {
     let q = write(dir.path(), "questions.jsonl", CHAIR_QUESTIONS);
     let gt = write(dir.path(), "gt.jsonl", "{\"image_id\": 42, \"objects\": [\"person\", \"dogs\", \"couch\"]}\n{\"image_id\": \"73\", \"objects\": [\"toilet\", \"sink\"]}\n");
     let out = dir.path().join("run");
-    let run =
-        bpo(&["eval", "chair", "--answers", s(&a), "--questions", s(&q), "--ground-truth", s(&gt), "--out", s(&out)]);
+    let run = run_bpo(&[
+        "eval",
+        "chair",
+        "--answers",
+        s(&a),
+        "--questions",
+        s(&q),
+        "--ground-truth",
+        s(&gt),
+        "--out",
+        s(&out),
+    ]);
     assert!(run.ok, "{}", run.stderr);
     assert!(run.stdout.contains("CHAIR_s (%)"), "{}", run.stdout);
     let v = scores(&out);
@@ -189,7 +189,8 @@ fn chair_reads_coco_annotations() {
     let a = write(dir.path(), "answers.jsonl", CHAIR_ANSWERS);
     let q = write(dir.path(), "questions.jsonl", CHAIR_QUESTIONS);
     let out = dir.path().join("run");
-    let run = bpo(&["eval", "chair", "--answers", s(&a), "--questions", s(&q), "--coco", s(&coco), "--out", s(&out)]);
+    let run =
+        run_bpo(&["eval", "chair", "--answers", s(&a), "--questions", s(&q), "--coco", s(&coco), "--out", s(&out)]);
     assert!(run.ok, "{}", run.stderr);
     let v = scores(&out);
     assert_eq!((v["mentions"].as_u64(), v["hallucinated_mentions"].as_u64()), (Some(6), Some(1)));
@@ -236,8 +237,18 @@ fn chair_synonyms_option_replaces_the_list() {
     let gt = write(dir.path(), "gt.jsonl", "{\"image_id\": 1, \"objects\": [\"rings\"]}\n");
     let a = write(dir.path(), "a.jsonl", "{\"question_id\": 1, \"text\": \"Two circles and a box near a dog.\"}\n");
     let out = dir.path().join("run");
-    let run =
-        bpo(&["eval", "chair", "--answers", s(&a), "--ground-truth", s(&gt), "--synonyms", s(&syn), "--out", s(&out)]);
+    let run = run_bpo(&[
+        "eval",
+        "chair",
+        "--answers",
+        s(&a),
+        "--ground-truth",
+        s(&gt),
+        "--synonyms",
+        s(&syn),
+        "--out",
+        s(&out),
+    ]);
     assert!(run.ok, "{}", run.stderr);
     let v = scores(&out);
     assert_eq!((v["mentions"].as_u64(), v["hallucinated_mentions"].as_u64()), (Some(2), Some(1)));

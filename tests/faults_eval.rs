@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::bootstrap_http::{Reply, Server};
-use crate::judge::{args, bpo, error_line, ok, s};
-use crate::model::fixture;
+use crate::util::{args, bpo_env, error_line, fixture, ok, s};
 
 /// What a command writes: its output (a folder or a file) and the files in it.
 type Written = Option<(PathBuf, Vec<&'static str>)>;
@@ -116,7 +115,7 @@ fn a_judge_cache_that_is_not_one_is_refused_and_left_as_it_was() {
         let before = snapshot(&cache);
         let out = dir.join(format!("run-{}", what.replace(' ', "-")));
         let start = Instant::now();
-        let o = bpo(&mmhal(&server.url, &records, &out, &["--judge-cache", s(&cache)]), &[]);
+        let o = bpo_env(&mmhal(&server.url, &records, &out, &["--judge-cache", s(&cache)]), &[]);
         let line = error_line(&o);
         assert!(line.contains(needle) && line.contains(cache.file_name().unwrap().to_str().unwrap()), "{what}: {line}");
         assert!(start.elapsed() < Duration::from_secs(5), "{what}: no wait on a FIFO: {:?}", start.elapsed());
@@ -127,10 +126,10 @@ fn a_judge_cache_that_is_not_one_is_refused_and_left_as_it_was() {
 
     // A cache bpo wrote, torn by a kill, is repaired and reused.
     let cache = dir.join("cache.jsonl");
-    ok(&bpo(&mmhal(&server.url, &records, &dir.join("a"), &["--judge-cache", s(&cache)]), &[]));
+    ok(&bpo_env(&mmhal(&server.url, &records, &dir.join("a"), &["--judge-cache", s(&cache)]), &[]));
     let whole = std::fs::read_to_string(&cache).unwrap();
     std::fs::write(&cache, format!("{whole}{{\"key\":\"0123")).unwrap();
-    let o = bpo(&mmhal(&server.url, &records, &dir.join("b"), &["--judge-cache", s(&cache)]), &[]);
+    let o = bpo_env(&mmhal(&server.url, &records, &dir.join("b"), &["--judge-cache", s(&cache)]), &[]);
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("cut a torn last line"));
     assert_eq!(std::fs::read_to_string(&cache).unwrap(), whole);
@@ -171,7 +170,7 @@ fn other_appenders_refuse_files_they_did_not_write() {
     for (mut a, target, needle) in cases {
         let before = snapshot(target);
         a.extend(if a[0] == "generate" { vec!["--max-new-tokens", "2"] } else { vec!["--out", s(target)] });
-        let line = the_error(&bpo(&args(&a), &[]));
+        let line = the_error(&bpo_env(&args(&a), &[]));
         assert!(line.contains(needle) && line.contains(":1"), "{a:?}: {line}");
         assert_eq!(snapshot(target), before, "{a:?}");
     }
@@ -356,7 +355,7 @@ fn settings_out_of_range_are_usage_errors_whichever_door() {
         ([&generate[..], &args(&["--max-new-tokens", "256"])].concat(), "max_new_tokens", "context of 256"),
     ];
     for (a, name, range) in cases {
-        let o = bpo(&a, &[]);
+        let o = bpo_env(&a, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(name) && err.contains(range) && !err.contains("panicked"), "{name} {range}: {err}");
@@ -383,7 +382,7 @@ fn settings_out_of_range_are_usage_errors_whichever_door() {
     ];
     for (text, needle) in rows {
         std::fs::write(&toml, &text).unwrap();
-        let o = bpo(
+        let o = bpo_env(
             &args(&["eval", "suite", "--model", "/no/such/model", "--config", s(&toml), "--out", s(&dir.join("s"))]),
             &[],
         );
@@ -417,7 +416,7 @@ fn settings_out_of_range_are_usage_errors_whichever_door() {
 fn suite(dir: &Path, toml: &str, out: &str) -> Output {
     let path = dir.join("suite.toml");
     std::fs::write(&path, toml).unwrap();
-    bpo(
+    bpo_env(
         &args(&[
             "eval",
             "suite",
@@ -468,7 +467,7 @@ fn a_suite_reads_every_input_before_its_first_benchmark() {
     std::fs::write(&big, format!("{{\"question_id\": 1, \"text\": \"{}\"}}\n", "cat ".repeat(50 << 18))).unwrap();
     let answers = dir.join("a.jsonl");
     let start = Instant::now();
-    let o = bpo(
+    let o = bpo_env(
         &args(&["generate", "--model", s(&fixture("llava-tiny")), "--questions", s(&big), "--answers", s(&answers)]),
         &[],
     );
@@ -498,7 +497,7 @@ fn races_merges_urls_and_keys_are_not_silent() {
         mmhal(&server.url, &records, &out, &["--judge-cache", s(&dir.join("other-cache.jsonl"))]),
         args(&["eval", "pope", "--answers", s(&pope_a), "--questions", s(&pope_q), "--out", s(&out)]),
     ] {
-        let line = error_line(&bpo(&a, &[]));
+        let line = error_line(&bpo_env(&a, &[]));
         assert!(line.contains("run") && line.contains(&me), "{line}");
     }
     drop(held);
@@ -508,12 +507,12 @@ fn races_merges_urls_and_keys_are_not_silent() {
     std::fs::create_dir(dir.join("sub")).unwrap();
     std::fs::copy(&pope_q, dir.join("sub/p2.jsonl")).unwrap();
     let a = args(&["eval", "pope", "--answers", s(&pope_a), "--questions", s(&dir.join("sub/p2.jsonl")), s(&pope_q)]);
-    let line = error_line(&bpo(&a, &[]));
+    let line = error_line(&bpo_env(&a, &[]));
     assert!(line.contains("sub/p2.jsonl") && line.contains("both name split \"p2\""), "{line}");
 
     // A query string stays after the path.
     let url = format!("{}/v1?api-version=2024-02-01", server.url);
-    ok(&bpo(&mmhal(&url, &records, &dir.join("q"), &[]), &[]));
+    ok(&bpo_env(&mmhal(&url, &records, &dir.join("q"), &[]), &[]));
     assert_eq!(server.paths.lock().unwrap().clone(), vec!["/v1/chat/completions?api-version=2024-02-01".to_string()]);
 
     // Keys that cannot be sent are named (never printed) before any request.
@@ -550,7 +549,7 @@ fn retry_after_is_honoured_on_429_and_503() {
             }
         });
         let start = Instant::now();
-        ok(&bpo(&mmhal(&server.url, &records, &tmp.path().join(format!("r{status}")), &[]), &[]));
+        ok(&bpo_env(&mmhal(&server.url, &records, &tmp.path().join(format!("r{status}")), &[]), &[]));
         let took = start.elapsed();
         assert!(took >= least && took < least + Duration::from_secs(5), "{status}: waited {took:?} (back-off 10 ms)");
         assert_eq!(server.count(), 2);
@@ -566,7 +565,7 @@ fn smaller_messages_say_what_is_wrong() {
     // An --out folder that is a file.
     let file = dir.join("out-file");
     std::fs::write(&file, "x").unwrap();
-    let line = error_line(&bpo(&mmhal(&server.url, &records, &file, &[]), &[]));
+    let line = error_line(&bpo_env(&mmhal(&server.url, &records, &file, &[]), &[]));
     assert!(line.contains("out-file: is a file; an output folder must be a folder"), "{line}");
     // compare: a suite with a run, and a folder that is neither.
     let pope_q = dir.join("coco_pope_random.json");
@@ -581,9 +580,9 @@ fn smaller_messages_say_what_is_wrong() {
     );
     ok(&suite(dir, &toml, "base"));
     let (base, run) = (dir.join("base"), dir.join("base/pope"));
-    let line = error_line(&bpo(&args(&["eval", "compare", s(&base), s(&run)]), &[]));
+    let line = error_line(&bpo_env(&args(&["eval", "compare", s(&base), s(&run)]), &[]));
     assert!(line.contains("is a suite folder (suite.json)") && line.contains("base/pope is not"), "{line}");
-    let line = error_line(&bpo(&args(&["eval", "compare", s(&run), s(dir)]), &[]));
+    let line = error_line(&bpo_env(&args(&["eval", "compare", s(&run), s(dir)]), &[]));
     assert!(line.contains("neither a run folder") && !line.contains("No such file"), "{line}");
     // A suite folder of another model or adapter names it without Rust's `None`.
     let other = args(&[
@@ -598,7 +597,7 @@ fn smaller_messages_say_what_is_wrong() {
         "--out",
         s(&base),
     ]);
-    let line = error_line(&bpo(&other, &[]));
+    let line = error_line(&bpo_env(&other, &[]));
     assert!(
         line.contains("holds a suite of") && line.contains("without an adapter") && !line.contains("None"),
         "{line}"

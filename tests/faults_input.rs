@@ -16,12 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::bootstrap_http::{completer, prompt_of, Reply, Server};
-use crate::cli::{bpo, fails_with, model_copy};
-use crate::model::fixture;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::util::{bpo, fails_with, fixture, model_copy, s};
 
 fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
     let path = dir.join(name);

@@ -11,12 +11,7 @@ use std::time::{Duration, Instant};
 use bpo::output::Lock;
 use serde_json::{json, Value};
 
-use crate::cli::{bpo, fails_with};
-use crate::model::fixture;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::util::{bpo, fails_with, fixture, s};
 
 fn write_lines(path: &Path, rows: &[Value]) -> PathBuf {
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();

@@ -11,9 +11,8 @@ use std::process::Output;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::cli::{bpo, fails_with, model_copy, s, stderr};
-use crate::model::fixture;
 use crate::train::overfit_pairs;
+use crate::util::{bpo, fails_with, fixture, model_copy, s, stderr};
 
 /// `bpo train` on the tiny model with a rank-4 adapter: 16 pairs, 4 per step, a checkpoint after every step.
 fn train_args(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,41 +17,11 @@ use bpo::eval::{llava_bench, mmhal, mmvet};
 use serde_json::{json, Value};
 
 use crate::bootstrap_http::{Reply, Server};
+use crate::util::{args, bpo_env, error_line, fixture, ok, read_json, s};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/judge").join(name)
-}
-
-pub(crate) fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-pub(crate) fn bpo(args: &[String], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bpo"));
-    cmd.args(args).env_remove("OPENAI_API_KEY");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run bpo")
-}
-
-pub(crate) fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "bpo failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The single `error: ...` line of a failed run.
-pub(crate) fn error_line(o: &Output) -> String {
-    assert!(!o.status.success(), "expected failure: {}", String::from_utf8_lossy(&o.stdout));
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one error line: {err:?}");
-    assert!(lines[0].starts_with("error: ") && !err.contains("panicked"), "{err}");
-    lines[0].to_string()
-}
-
-pub(crate) fn args(parts: &[&str]) -> Vec<String> {
-    parts.iter().map(|p| p.to_string()).collect()
+/// `tests/fixtures/judge/<name>`.
+fn judge_file(name: &str) -> PathBuf {
+    fixture(&format!("judge/{name}"))
 }
 
 /// `--judge-*` options for a mock server (two retries, 10 ms back-off).
@@ -73,10 +43,6 @@ fn judge_args_with(url: &str, model: &str, concurrency: usize, retries: u32, bac
         "--judge-backoff",
         backoff,
     ])
-}
-
-pub(crate) fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn details(out: &Path) -> Vec<Value> {
@@ -130,9 +96,9 @@ fn mmvet_cmd(url: &str, out: &Path, concurrency: usize) -> Vec<String> {
         "eval",
         "mmvet",
         "--questions",
-        s(&fixture("mm-vet.json")),
+        s(&judge_file("mm-vet.json")),
         "--answers",
-        s(&fixture("mmvet-results.json")),
+        s(&judge_file("mmvet-results.json")),
     ]);
     a.extend(args(&["--runs", "3", "--out", s(out)]));
     a.extend(judge_args(url, "gpt-4-0613", concurrency));
@@ -144,7 +110,7 @@ fn mmvet_sends_the_official_prompt_and_scores_like_the_official_grader() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let server = mmvet_server(40);
-    let stdout = ok(&bpo(&mmvet_cmd(&server.url, &out, 1), &[]));
+    let stdout = ok(&bpo_env(&mmvet_cmd(&server.url, &out, 1), &[]));
     let requests = server.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 26, "3 + 4 + 3 + 5 + 8 + 3 requests");
 
@@ -152,9 +118,9 @@ fn mmvet_sends_the_official_prompt_and_scores_like_the_official_grader() {
     let about = |pred: &str| -> Vec<&Value> {
         requests.iter().filter(|r| graded_row(r).ends_with(&format!("| {pred} | "))).collect()
     };
-    assert_eq!(*about("x = -1")[0], read_json(&fixture("mmvet-request-v1_1.json")));
+    assert_eq!(*about("x = -1")[0], read_json(&judge_file("mmvet-request-v1_1.json")));
     let monet = about("Monet");
-    assert_eq!(*monet[1], read_json(&fixture("mmvet-retry-v1_4.json")));
+    assert_eq!(*monet[1], read_json(&judge_file("mmvet-retry-v1_4.json")));
     let temperatures: Vec<f64> = monet.iter().map(|r| r["temperature"].as_f64().unwrap()).collect();
     assert_eq!(temperatures, [0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 0.0, 0.0]);
 
@@ -205,7 +171,7 @@ fn mmvet_sends_the_official_prompt_and_scores_like_the_official_grader() {
 
     // A second run over the same folder asks nothing and gives the same scores.
     let idle = Server::start(5, |_, _| Reply::Status(500));
-    ok(&bpo(&mmvet_cmd(&idle.url, &out, 3), &[]));
+    ok(&bpo_env(&mmvet_cmd(&idle.url, &out, 3), &[]));
     assert_eq!(idle.count(), 0, "every reply comes from the cache");
     assert_eq!(read_json(&out.join("scores.json")), scores);
 }
@@ -278,24 +244,24 @@ fn llava_bench_sends_llavas_review_and_summarizes_like_llava() {
         "eval",
         "llava-bench",
         "--questions",
-        s(&fixture("llava-questions.jsonl")),
+        s(&judge_file("llava-questions.jsonl")),
         "--context",
-        s(&fixture("llava-context.jsonl")),
+        s(&judge_file("llava-context.jsonl")),
     ]);
     a.extend(args(&[
         "--references",
-        s(&fixture("llava-references.jsonl")),
+        s(&judge_file("llava-references.jsonl")),
         "--answers",
-        s(&fixture("llava-answers.jsonl")),
+        s(&judge_file("llava-answers.jsonl")),
         "--out",
         s(&out),
     ]));
     a.extend(judge_args(&server.url, "gpt-4-0314", 3));
-    let stdout = ok(&bpo(&a, &[]));
+    let stdout = ok(&bpo_env(&a, &[]));
     let requests = server.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 7);
     let first = requests.iter().find(|r| user_text(r).contains("[Question]\nQuestion 0 ")).unwrap();
-    assert_eq!(first["messages"], read_json(&fixture("llava-request-0.json")));
+    assert_eq!(first["messages"], read_json(&judge_file("llava-request-0.json")));
     assert_eq!(
         (first["temperature"].as_f64(), first["max_tokens"].as_u64(), first["model"].as_str()),
         (Some(0.2), Some(1024), Some("gpt-4-0314"))
@@ -396,11 +362,11 @@ fn mmhal_sends_the_official_template_and_scores_like_the_official_script() {
     let server = mmhal_server(100);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    ok(&bpo(&mmhal_cmd(&server.url, &fixture("mmhal-records.json"), &out, 4), &[]));
+    ok(&bpo_env(&mmhal_cmd(&server.url, &judge_file("mmhal-records.json"), &out, 4), &[]));
     let requests = server.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 96);
     let first = requests.iter().find(|r| mmhal_record_index(r) == 0).unwrap();
-    assert_eq!(*first, read_json(&fixture("mmhal-request-0.json")), "model, messages, temperature; no max_tokens");
+    assert_eq!(*first, read_json(&judge_file("mmhal-request-0.json")), "model, messages, temperature; no max_tokens");
     assert_official_mmhal_scores(&out);
     let rows = details(&out);
     assert_eq!((rows[3]["content"].as_str(), rows[3]["rating"].as_u64()), (Some("Rating: 60"), Some(6)));
@@ -445,7 +411,7 @@ fn rate_limits_and_server_errors_are_retried_with_back_off() {
     let mut a = mmhal_base(&records, &tmp.path().join("a"));
     a.extend(judge_args_with(&server.url, "gpt-4-0314", 1, 2, "0.2"));
     let start = Instant::now();
-    ok(&bpo(&a, &[]));
+    ok(&bpo_env(&a, &[]));
     assert!(start.elapsed() >= Duration::from_millis(600), "waits 0.2 s, then 0.4 s: {:?}", start.elapsed());
     assert_eq!(server.count(), 3);
     assert_eq!(read_json(&tmp.path().join("a/scores.json"))["average_score"], 5.0);
@@ -454,7 +420,7 @@ fn rate_limits_and_server_errors_are_retried_with_back_off() {
     let server = Server::start(5, |_, _| Reply::Status(503));
     let mut a = mmhal_base(&records, &tmp.path().join("b"));
     a.extend(judge_args_with(&server.url, "gpt-4-0314", 1, 1, "0.01"));
-    let line = error_line(&bpo(&a, &[]));
+    let line = error_line(&bpo_env(&a, &[]));
     assert!(
         line.contains("judge")
             && line.contains(&server.url)
@@ -466,7 +432,7 @@ fn rate_limits_and_server_errors_are_retried_with_back_off() {
 
     // Other 4xx (a bad key) are not retried.
     let server = Server::start(5, |_, _| Reply::Status(401));
-    let line = error_line(&bpo(&mmhal_cmd(&server.url, &records, &tmp.path().join("c"), 1), &[]));
+    let line = error_line(&bpo_env(&mmhal_cmd(&server.url, &records, &tmp.path().join("c"), 1), &[]));
     assert!(line.contains("401"), "{line}");
     assert_eq!(server.count(), 1);
 }
@@ -476,7 +442,7 @@ fn an_unreachable_judge_is_one_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
-    let line = error_line(&bpo(&mmhal_cmd(&url, &one_record(tmp.path()), &tmp.path().join("run"), 1), &[]));
+    let line = error_line(&bpo_env(&mmhal_cmd(&url, &one_record(tmp.path()), &tmp.path().join("run"), 1), &[]));
     assert!(
         line.contains("judge") && line.contains(&format!("127.0.0.1:{port}")) && line.contains("cannot connect"),
         "{line}"
@@ -486,18 +452,20 @@ fn an_unreachable_judge_is_one_clear_error() {
         "eval",
         "mmvet",
         "--questions",
-        s(&fixture("mm-vet.json")),
+        s(&judge_file("mm-vet.json")),
         "--model",
         "/no/such/model",
         "--out",
         s(&tmp.path().join("m")),
     ]);
     a.extend(judge_args(&url, "m", 1));
-    let line = error_line(&bpo(&a, &[]));
+    let line = error_line(&bpo_env(&a, &[]));
     assert!(line.contains("cannot connect") && !line.contains("/no/such/model"), "{line}");
     // https judges are accepted; a host that does not resolve (.invalid never does, RFC 2606) is one line naming it.
-    let line =
-        error_line(&bpo(&mmhal_cmd("https://judge.invalid", &one_record(tmp.path()), &tmp.path().join("run"), 1), &[]));
+    let line = error_line(&bpo_env(
+        &mmhal_cmd("https://judge.invalid", &one_record(tmp.path()), &tmp.path().join("run"), 1),
+        &[],
+    ));
     assert!(line.contains("https://judge.invalid") && line.contains("cannot resolve"), "{line}");
 }
 
@@ -509,7 +477,7 @@ fn the_api_key_comes_from_the_environment_and_is_never_written() {
     let server = Server::start(5, |_, _| Reply::Text("Rating: 4".into()));
     let mut a = mmhal_cmd(&server.url, &one_record(tmp.path()), &out, 1);
     a.extend(args(&["--judge-key-env", "BPO_TEST_JUDGE_KEY"]));
-    let run = bpo(&a, &[("BPO_TEST_JUDGE_KEY", secret)]);
+    let run = bpo_env(&a, &[("BPO_TEST_JUDGE_KEY", secret)]);
     ok(&run);
     assert_eq!(*server.auth.lock().unwrap(), vec![Some(format!("Bearer {secret}"))]);
     assert!(
@@ -523,7 +491,7 @@ fn the_api_key_comes_from_the_environment_and_is_never_written() {
     }
     // Without the variable no Authorization header is sent.
     let server = Server::start(5, |_, _| Reply::Text("Rating: 4".into()));
-    ok(&bpo(&mmhal_cmd(&server.url, &one_record(tmp.path()), &tmp.path().join("plain"), 1), &[]));
+    ok(&bpo_env(&mmhal_cmd(&server.url, &one_record(tmp.path()), &tmp.path().join("plain"), 1), &[]));
     assert_eq!(*server.auth.lock().unwrap(), vec![None]);
 }
 
@@ -531,7 +499,7 @@ fn the_api_key_comes_from_the_environment_and_is_never_written() {
 fn a_killed_run_resumes_without_asking_again() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let records = fixture("mmhal-records.json");
+    let records = judge_file("mmhal-records.json");
     // The first judge answers ten requests, then holds the eleventh forever.
     let stalling = Server::start(11, |n, req| {
         if n < 10 {
@@ -559,7 +527,7 @@ fn a_killed_run_resumes_without_asking_again() {
     assert!(!out.join("scores.json").exists());
 
     let server = mmhal_server(100);
-    ok(&bpo(&mmhal_cmd(&server.url, &records, &out, 4), &[]));
+    ok(&bpo_env(&mmhal_cmd(&server.url, &records, &out, 4), &[]));
     assert_eq!(server.count(), 86, "only the requests the killed run had not finished");
     assert_official_mmhal_scores(&out);
 }
@@ -591,7 +559,7 @@ fn a_model_answers_mmvet_before_the_judge_grades() {
     ]);
     a.extend(args(&["--runs", "2", "--out", s(&out)]));
     a.extend(judge_args(&server.url, "judge", 2));
-    ok(&bpo(&a, &[]));
+    ok(&bpo_env(&a, &[]));
     let answers: Vec<Value> = std::fs::read_to_string(out.join("answers.jsonl"))
         .unwrap()
         .lines()
@@ -627,14 +595,14 @@ fn bad_benchmark_files_fail_with_one_line() {
         "eval",
         "mmvet",
         "--questions",
-        s(&fixture("mm-vet.json")),
+        s(&judge_file("mm-vet.json")),
         "--answers",
         s(&partial),
         "--out",
         s(&tmp.path().join("x")),
     ]);
     a.extend(judge_args(&server.url, "j", 1));
-    let line = error_line(&bpo(&a, &[]));
+    let line = error_line(&bpo_env(&a, &[]));
     assert!(line.contains("partial.json") && line.contains("v1_1"), "{line}");
     // A LLaVA-Bench category without a rule.
     let q = tmp.path().join("q.jsonl");
@@ -645,13 +613,13 @@ fn bad_benchmark_files_fail_with_one_line() {
         "--questions",
         s(&q),
         "--context",
-        s(&fixture("llava-context.jsonl")),
+        s(&judge_file("llava-context.jsonl")),
         "--references",
-        s(&fixture("llava-references.jsonl")),
+        s(&judge_file("llava-references.jsonl")),
     ]);
-    a.extend(args(&["--answers", s(&fixture("llava-answers.jsonl")), "--out", s(&tmp.path().join("y"))]));
+    a.extend(args(&["--answers", s(&judge_file("llava-answers.jsonl")), "--out", s(&tmp.path().join("y"))]));
     a.extend(judge_args(&server.url, "j", 1));
-    let line = error_line(&bpo(&a, &[]));
+    let line = error_line(&bpo_env(&a, &[]));
     assert!(line.contains("q.jsonl:2") && line.contains("chat"), "{line}");
     // An MMHal record without its question.
     let bad = tmp.path().join("bad.json");
@@ -660,7 +628,7 @@ fn bad_benchmark_files_fail_with_one_line() {
         r#"[{"question_type": "attribute", "image_content": [], "gt_answer": "x", "model_answer": "y"}]"#,
     )
     .unwrap();
-    let line = error_line(&bpo(&mmhal_cmd(&server.url, &bad, &tmp.path().join("z"), 1), &[]));
+    let line = error_line(&bpo_env(&mmhal_cmd(&server.url, &bad, &tmp.path().join("z"), 1), &[]));
     assert!(line.contains("bad.json") && line.contains("record 0") && line.contains("question"), "{line}");
     assert_eq!(server.count(), 0, "nothing is asked before the inputs are checked");
 }

@@ -2,16 +2,13 @@
 //! `scripts/make_fixtures.py`): logits, greedy continuations and response log-probabilities.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use bpo::generate::{generate, EngineOptions, Request, SamplingParams};
 use bpo::model::{load, Inputs, LoadOptions, Model, Pass};
 use bpo::text::Tokenizer;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
+use crate::util::fixture;
 
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("reference tensors")

@@ -11,8 +11,9 @@ use bpo::train::trainer::LoopConfig;
 use bpo::train::ModelSetup;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
-use crate::model::{fixture, greedy, max_diff_where, reference, u32s};
+use crate::model::{greedy, max_diff_where, reference, u32s};
 use crate::train::{config, lora, overfit_pairs, run, Record};
+use crate::util::fixture;
 
 fn generic_f32() -> Runtime {
     Runtime::generic(Device::Cpu, DType::F32)

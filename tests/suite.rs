@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::bootstrap_http::{Reply, Server};
-use crate::judge::{args, bpo, error_line, ok, read_json, s};
+use crate::util::{args, bpo_env, error_line, ok, read_json, s};
 #[test]
 fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
     let tmp = tempfile::tempdir().unwrap();
@@ -44,7 +44,7 @@ fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
             s(&tmp.path().join(out)),
         ])
     };
-    let stdout = ok(&bpo(&suite("base"), &[]));
+    let stdout = ok(&bpo_env(&suite("base"), &[]));
     let base = tmp.path().join("base");
     for (dir, kind) in [("pope", "pope"), ("object-halbench", "chair"), ("mmvet", "mmvet")] {
         assert_eq!(read_json(&base.join(dir).join("scores.json"))["kind"], kind, "{dir}");
@@ -59,21 +59,21 @@ fn a_suite_runs_every_configured_benchmark_and_compare_lines_suites_up() {
     assert!(table[1].starts_with("base") && table[1].contains("50.00"), "{stdout}");
 
     // Re-running reuses the answers and the judge's cache; another model may not write into this folder.
-    let again = bpo(&suite("base"), &[]);
+    let again = bpo_env(&suite("base"), &[]);
     ok(&again);
     assert_eq!(server.count(), 2);
     assert_eq!(String::from_utf8_lossy(&again.stderr).matches("reusing").count(), 3);
     let mut other = suite("base");
     other[3] = "/some/other/model".into();
-    assert!(error_line(&bpo(&other, &[])).contains("holds a suite of"));
+    assert!(error_line(&bpo_env(&other, &[])).contains("holds a suite of"));
 
     // A second suite, then the paper's layout: one row per suite.
-    ok(&bpo(&suite("bpo"), &[]));
-    let compare = ok(&bpo(&args(&["eval", "compare", s(&base), s(&tmp.path().join("bpo"))]), &[]));
+    ok(&bpo_env(&suite("bpo"), &[]));
+    let compare = ok(&bpo_env(&args(&["eval", "compare", s(&base), s(&tmp.path().join("bpo"))]), &[]));
     let lines: Vec<&str> = compare.lines().collect();
     assert_eq!(lines.len(), 3, "{compare}");
     assert!(lines[1].starts_with("base") && lines[2].starts_with("bpo"), "{compare}");
-    assert!(error_line(&bpo(
+    assert!(error_line(&bpo_env(
         &args(&["eval", "compare", s(&base.join("pope")), s(&base.join("mmvet")), s(&base)]),
         &[]
     ))
@@ -119,7 +119,7 @@ fn a_model_answers_llava_bench_and_mmhal_before_the_judge() {
     ]);
     a.extend(gen.clone());
     a.extend(judge.clone());
-    ok(&bpo(&a, &[]));
+    ok(&bpo_env(&a, &[]));
     let answers = std::fs::read_to_string(out.join("answers.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(answers.lines().next().unwrap()).unwrap();
     let asked = server.requests.lock().unwrap()[..2].iter().any(|r| {
@@ -137,7 +137,7 @@ fn a_model_answers_llava_bench_and_mmhal_before_the_judge() {
     let mut a = args(&["eval", "mmhal", "--questions", s(&t), "--out", s(&out)]);
     a.extend(gen);
     a.extend(judge);
-    ok(&bpo(&a, &[]));
+    ok(&bpo_env(&a, &[]));
     let responses = read_json(&out.join("responses.json"));
     assert_eq!(responses[0]["image_src"], "https://x/y/chelsea.png");
     assert!(responses[0]["model_answer"].is_string());

@@ -17,4 +17,5 @@ mod model; // parity with transformers: logits, greedy decoding, log-probs, grad
 mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
 mod suite; // `bpo eval suite` and judged commands with --model on the tiny model, `bpo eval compare` over suites
 mod train; // DPO/SFT training: TRL parity, overfitting, resume, merge, adapters, `bpo train/sft/merge`
-mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort`
+mod util;
+mod vision; // preprocessing parity with transformers, noise schedule, `bpo distort` // what the tests share: fixtures, the binary, paths as arguments, failure checks

@@ -13,8 +13,7 @@ use bpo::train::{ModelSetup, ScheduleKind};
 use bpo::vision::AspectMode;
 use serde_json::Value;
 
-use crate::cli::{bpo, fails_with};
-use crate::model::fixture;
+use crate::util::{bpo, fails_with, fixture, s};
 
 fn trl_reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("dpo/trl-reference.json")).unwrap()).unwrap()
@@ -241,11 +240,10 @@ fn overfits_16_pairs_to_full_reward_accuracy() {
     assert_eq!(report.images_encoded, 3);
 }
 
-#[test]
-fn resumed_run_reproduces_the_uninterrupted_curve() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(overfit_pairs(tmp.path()));
-    // Dropout on and gradient accumulation: both must replay exactly. No init adapter: on-the-fly reference.
+/// The resume tests' run: dropout on and gradient accumulation, both of which must replay exactly; no init
+/// adapter (on-the-fly reference); 4 steps.
+fn resume_config(tmp: &Path) -> DpoConfig {
+    let mut cfg = config(overfit_pairs(tmp));
     cfg.setup =
         ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, lora: Some(lora(4, 8.0, 0.1)), ..cfg.setup };
     cfg.optim = LoopConfig {
@@ -258,6 +256,13 @@ fn resumed_run_reproduces_the_uninterrupted_curve() {
         seed: 5,
         ..cfg.optim
     };
+    cfg
+}
+
+#[test]
+fn resumed_run_reproduces_the_uninterrupted_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = resume_config(tmp.path());
     let whole = tmp.path().join("whole");
     let mut a = Record::default();
     run(&cfg, &whole, false, &mut a);
@@ -280,6 +285,29 @@ fn resumed_run_reproduces_the_uninterrupted_curve() {
     assert_eq!(adapter(&whole), adapter(&parts), "same final adapter");
     let metrics = std::fs::read_to_string(parts.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 4, "metrics.jsonl holds each step once");
+}
+
+#[test]
+fn a_checkpoint_naming_its_tensors_the_older_way_resumes_exactly() {
+    // Before 2026-12-06 bpo named LoRA variables, and so their optimizer moments, in the older llava spelling
+    // (`base_model.model.language_model.model.layers...`); such a checkpoint must resume where it stopped.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = resume_config(tmp.path());
+    let whole = tmp.path().join("whole");
+    run(&cfg, &whole, false, &mut Record::default());
+    let parts = tmp.path().join("parts");
+    run(&cfg, &parts, false, &mut Record { stop_after: Some(3), ..Default::default() });
+    let path = parts.join("checkpoint-3/optimizer.safetensors");
+    let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let (new, old) = ("base_model.model.model.language_model.", "base_model.model.language_model.model.");
+    assert!(moments.keys().any(|k| k.starts_with(new)), "{:?}", moments.keys().collect::<Vec<_>>());
+    let renamed: std::collections::HashMap<String, candle_core::Tensor> =
+        moments.into_iter().map(|(k, t)| (k.replacen(new, old, 1), t)).collect();
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+    let (second, _) = run(&cfg, &parts, true, &mut Record::default());
+    assert_eq!((second.summary.start_step, second.summary.steps_done), (3, 1), "resumed from checkpoint-3");
+    let adapter = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&whole), adapter(&parts), "same final adapter");
 }
 
 /// Logits of the fixture's scoring batch.
@@ -356,10 +384,6 @@ fn a_pair_with_a_missing_image_is_reported_skipped_and_counted() {
     assert_eq!((report.data.read, report.data.kept, report.data.missing_images.len()), (3, 2, 1));
     assert!(said.iter().any(|m| m.contains("gone") && m.contains("no-such-image.png")), "{said:?}");
     assert!(said.iter().any(|m| m.contains("1 pairs were skipped")), "counted at the end: {said:?}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

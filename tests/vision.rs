@@ -2,19 +2,21 @@
 //! scripts/make_image_fixtures.py), aspect modes, image errors, and the `bpo distort` command.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use bpo::vision::{load_image, AspectMode, Filter, ImageProcessor};
 use bpo::Error;
 use candle_core::{DType, Device, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images").join(name)
+use crate::util::{bpo, fixture};
+
+/// `tests/fixtures/images/<name>`.
+fn image_file(name: &str) -> PathBuf {
+    fixture(&format!("images/{name}"))
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(image_file("expected.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -23,21 +25,21 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 /// Every fixture entry, with the processor and image that produce it.
 fn cases() -> Vec<(String, ImageProcessor, PathBuf, AspectMode)> {
-    let p336 = ImageProcessor::from_file(fixture("preprocessor_336.json")).unwrap();
-    let p36 = ImageProcessor::from_file(fixture("preprocessor_36.json")).unwrap();
+    let p336 = ImageProcessor::from_file(image_file("preprocessor_336.json")).unwrap();
+    let p36 = ImageProcessor::from_file(image_file("preprocessor_36.json")).unwrap();
     let mut cases = Vec::new();
     let photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
     let crops = ["small.png", "tiny.png", "alpha.png", "gray.png"];
     for (file, proc) in photos.iter().map(|f| (f, &p336)).chain(crops.iter().map(|f| (f, &p36))) {
         let stem = file.split('.').next().unwrap();
         for mode in [AspectMode::Pad, AspectMode::Square] {
-            cases.push((format!("{stem}/{mode}"), proc.clone(), fixture(file), mode));
+            cases.push((format!("{stem}/{mode}"), proc.clone(), image_file(file), mode));
         }
     }
     let bilinear = ImageProcessor { resample: Filter::Bilinear, ..p36.clone() };
     let nocrop = ImageProcessor { do_center_crop: false, ..p36 };
-    cases.push(("small/square_bilinear".into(), bilinear, fixture("small.png"), AspectMode::Square));
-    cases.push(("small/square_nocrop".into(), nocrop, fixture("small.png"), AspectMode::Square));
+    cases.push(("small/square_bilinear".into(), bilinear, image_file("small.png"), AspectMode::Square));
+    cases.push(("small/square_nocrop".into(), nocrop, image_file("small.png"), AspectMode::Square));
     cases
 }
 
@@ -65,7 +67,7 @@ fn preprocessing_matches_transformers() {
 /// the pixels Pillow's `Image.open(f).convert("RGB")` gives.
 #[test]
 fn jpeg_decoding_matches_pillow() {
-    let dir = fixture("jpeg");
+    let dir = image_file("jpeg");
     let decoded = candle_core::safetensors::load(dir.join("decoded.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(decoded.len(), 9);
     for (stem, want) in decoded {
@@ -82,7 +84,7 @@ fn jpeg_decoding_matches_pillow() {
 
 #[test]
 fn default_processor_is_llava_336() {
-    assert_eq!(ImageProcessor::from_file(fixture("preprocessor_336.json")).unwrap(), ImageProcessor::default());
+    assert_eq!(ImageProcessor::from_file(image_file("preprocessor_336.json")).unwrap(), ImageProcessor::default());
 }
 
 #[test]
@@ -92,9 +94,9 @@ fn model_dir_reads_either_config_file_or_falls_back() {
     // transformers 5 writes processor_config.json with the image processor nested inside.
     let nested = r#"{"image_processor": {"size": {"shortest_edge": 36}, "crop_size": 36}, "patch_size": 14}"#;
     std::fs::write(dir.path().join("processor_config.json"), nested).unwrap();
-    let p36 = ImageProcessor::from_file(fixture("preprocessor_36.json")).unwrap();
+    let p36 = ImageProcessor::from_file(image_file("preprocessor_36.json")).unwrap();
     assert_eq!(ImageProcessor::from_model_dir(dir.path()).unwrap(), p36);
-    std::fs::copy(fixture("preprocessor_336.json"), dir.path().join("preprocessor_config.json")).unwrap();
+    std::fs::copy(image_file("preprocessor_336.json"), dir.path().join("preprocessor_config.json")).unwrap();
     assert_eq!(ImageProcessor::from_model_dir(dir.path()).unwrap(), ImageProcessor::default());
     assert!(ImageProcessor::from_model_dir(dir.path().join("absent")).is_err());
 }
@@ -102,7 +104,7 @@ fn model_dir_reads_either_config_file_or_falls_back() {
 #[test]
 fn pad_and_square_differ_only_for_non_square_images() {
     let p = ImageProcessor::default();
-    let img = load_image(fixture("chelsea.png")).unwrap(); // 451x300: landscape
+    let img = load_image(image_file("chelsea.png")).unwrap(); // 451x300: landscape
     let pad = values(&p.preprocess(&img, AspectMode::Pad).unwrap());
     let square = values(&p.preprocess(&img, AspectMode::Square).unwrap());
     assert_ne!(pad, square);
@@ -111,7 +113,7 @@ fn pad_and_square_differ_only_for_non_square_images() {
     let fill = p.denormalize(&p.preprocess(&img, AspectMode::Pad).unwrap()).unwrap();
     assert!((0..336).all(|x| fill.get_pixel(x, 0).0 == [122, 116, 104]));
     assert!(pad[..336].iter().all(|v| v.abs() < 0.02));
-    let astro = load_image(fixture("astronaut.png")).unwrap(); // square
+    let astro = load_image(image_file("astronaut.png")).unwrap(); // square
     assert_eq!(
         values(&p.preprocess(&astro, AspectMode::Pad).unwrap()),
         values(&p.preprocess(&astro, AspectMode::Square).unwrap())
@@ -121,7 +123,7 @@ fn pad_and_square_differ_only_for_non_square_images() {
 #[test]
 fn missing_and_corrupt_images_are_image_errors() {
     let p = ImageProcessor::default();
-    let missing = fixture("no-such-image.png");
+    let missing = image_file("no-such-image.png");
     match p.load(&missing, AspectMode::Pad) {
         Err(Error::Image { path, .. }) => assert_eq!(path, missing),
         other => panic!("expected Error::Image, got {other:?}"),
@@ -138,8 +140,8 @@ fn missing_and_corrupt_images_are_image_errors() {
 /// early is an error rather than a picture padded with grey, even when only its end marker is missing.
 #[test]
 fn truncated_and_corrupt_jpegs_are_image_errors() {
-    let bytes = std::fs::read(fixture("rocket.jpg")).unwrap();
-    let progressive = std::fs::read(fixture("jpeg/q75_420_progressive.jpg")).unwrap();
+    let bytes = std::fs::read(image_file("rocket.jpg")).unwrap();
+    let progressive = std::fs::read(image_file("jpeg/q75_420_progressive.jpg")).unwrap();
     let mut bad_header = bytes[..600].to_vec();
     bad_header[2..].fill(0xAB); // SOI, then no valid marker
     let cases: [(&str, &[u8], &str); 5] = [
@@ -165,16 +167,12 @@ fn truncated_and_corrupt_jpegs_are_image_errors() {
 
 #[test]
 fn webp_decodes_like_the_png_it_was_made_from() {
-    let png = load_image(fixture("small.png")).unwrap();
+    let png = load_image(image_file("small.png")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let webp = dir.path().join("small.webp");
     png.save_with_format(&webp, image::ImageFormat::WebP).unwrap(); // lossless
     let p = ImageProcessor::default();
     assert_eq!(values(&p.load(&webp, AspectMode::Pad).unwrap()), values(&p.preprocess(&png, AspectMode::Pad).unwrap()));
-}
-
-fn bpo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).output().unwrap()
 }
 
 fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
@@ -185,7 +183,7 @@ fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
 #[test]
 fn distort_command_writes_what_the_model_sees() {
     let dir = tempfile::tempdir().unwrap();
-    let img = fixture("chelsea.png");
+    let img = image_file("chelsea.png");
     let run = |step: &str, seed: &str, name: &str| {
         let out = dir.path().join(name);
         let (img, out_s) = (img.to_str().unwrap(), out.to_str().unwrap());
@@ -222,7 +220,7 @@ fn distort_command_reports_a_missing_image_on_one_line() {
 #[test]
 #[ignore = "needs expected_f32.safetensors from scripts/make_image_fixtures.py --dtype f32"]
 fn exact_error_against_f32_reference() {
-    let exp = candle_core::safetensors::load(fixture("expected_f32.safetensors"), &Device::Cpu).unwrap();
+    let exp = candle_core::safetensors::load(image_file("expected_f32.safetensors"), &Device::Cpu).unwrap();
     for (name, proc, path, mode) in cases() {
         let (got, want) = (values(&proc.load(&path, mode).unwrap()), values(&exp[&name]));
         let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -2,7 +2,7 @@
 //!
 //! Pure functions on one position's logits (`&[f32]`, one entry per vocabulary item); the generator calls
 //! [`DecodeMode::combine`] with the logits of the clean-image and the noised-image forward pass and samples from
-//! the result. See method.md, "Image weakening / Decoding":
+//! the result. See docs/bootstrap.md, "`bpo bootstrap weaken`":
 //! - [`DecodeMode::Noisy`] (default, the paper's intent): sample from the noised-image logits alone.
 //! - [`DecodeMode::PriorContrast`]: amplify what the noised image adds, `(1 + a) * noisy - a * clean`
 //!   ([`prior_contrast`]), pushing harder toward the language prior.

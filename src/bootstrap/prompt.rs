@@ -1,4 +1,4 @@
-//! Error-injection prompts (method.md, "Error injection"): the text a text-only LLM gets so that it rewrites
+//! Error-injection prompts (docs/bootstrap.md, "`bpo bootstrap inject`"): the text a text-only LLM gets so that it rewrites
 //! a ground-truth answer into a plausible hallucination. Our own wording, the released structure:
 //! - `description` (default, zero-shot): instruction, `Description: {answer}`, `Modified description:`.
 //! - `qa` (six-shot): "you see a similar but different image", six worked `Question / Response / Modified

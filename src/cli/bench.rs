@@ -425,9 +425,10 @@ fn host_load() -> String {
     format!("load {load} on {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()))
 }
 
+/// Writes a benchmark's `--json` report, if one was asked for.
 fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(p) = path {
-        bpo::output::write_bytes(p, serde_json::to_string_pretty(value)?.as_bytes())?;
+        bpo::output::write_json(p, value)?;
     }
     Ok(())
 }

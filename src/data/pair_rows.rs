@@ -1,4 +1,4 @@
-//! One preference pair as a JSON row, in the three layouts users have (formats.md, "Preference data"), and
+//! One preference pair as a JSON row, in the three layouts users have (docs/bootstrap.md, "`bpo pairs`"), and
 //! back. Writing is exact; reading is lenient enough for files made by other tools.
 //!
 //! - `bpo`: `{"id", "prompt", "image"?, "chosen", "rejected", "chosen_type"?, "rejected_type"?}`.

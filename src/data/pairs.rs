@@ -1,4 +1,4 @@
-//! From BPO records to preference pairs (method.md, "Pairs"), and pair files in and out.
+//! From BPO records to preference pairs (docs/bootstrap.md, "`bpo pairs`"), and pair files in and out.
 //!
 //! Every two completions of a record with different scores make one pair, the higher score chosen; equal
 //! scores are skipped, and so are two different-score completions with the same text (whitespace-normalised:

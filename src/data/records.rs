@@ -1,6 +1,6 @@
 //! The BPO record: one prompt (and optional image) with every answer bootstrapped for it, each scored.
 //!
-//! On disk (JSONL, one record per line, see formats.md):
+//! On disk (JSONL, one record per line, see docs/bootstrap.md, "Records"):
 //! `{"id": "...", "prompt": "...", "image": "rel/path.jpg", "completions": [{"response": "...", "score": 1,
 //! "type": "gt"}, {"response": "...", "score": 0, "type": "llm-hal"}]}`. `image` is left out for text-only
 //! prompts. Scores are numbers; whole numbers are written without a fraction (`1`, not `1.0`).

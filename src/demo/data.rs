@@ -13,7 +13,7 @@ use serde_json::json;
 use super::render::render;
 use super::world::{self, cooccurrence, exists_question, Scene, Turn, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
 use crate::eval::pope::{Label, PopeQuestion};
-use crate::train::checkpoint::write_json;
+use crate::output::write_json;
 use crate::{jsonl, Error, Result};
 
 /// POPE's three ways of choosing absent objects.

@@ -15,8 +15,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::output::write_json;
 use crate::text::tokenizer::{write_word_level, WORD_LEVEL_SPECIALS};
-use crate::train::checkpoint::write_json;
 use crate::Result;
 
 /// Sizes of the demo model.

@@ -16,8 +16,8 @@ use super::world::WorldConfig;
 use crate::hash::stable_hash;
 use crate::model::Vlm;
 use crate::model::{LoadOptions, Pass};
+use crate::output::write_json;
 use crate::text::Template;
-use crate::train::checkpoint::write_json;
 use crate::{jsonl, Error, Result};
 
 /// Bumped when a change to the code makes cached SFT models stale.

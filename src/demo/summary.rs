@@ -15,7 +15,7 @@ use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
 use crate::data::{CompletionType, Record};
 use crate::eval::chair::CaptionDetail;
 use crate::eval::pope::PopeDetail;
-use crate::train::checkpoint::write_json;
+use crate::output::write_json;
 use crate::vision::{AspectMode, ImageProcessor};
 use crate::{jsonl, Error, Result};
 

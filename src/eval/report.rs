@@ -37,17 +37,14 @@ pub const DETAILS_FILE: &str = "details.jsonl";
 /// Writes `out/scores.json` and `out/details.jsonl`, creating `out` (through [`crate::output`]).
 pub fn write_run<D: Serialize>(out: &Path, scores: &Scores, details: &[D]) -> Result<()> {
     output::create_dir(out)?;
-    let path = out.join(SCORES_FILE);
-    let text = serde_json::to_string_pretty(scores).map_err(|e| Error::parse(&path, None, e))?;
-    output::write_bytes(&path, (text + "\n").as_bytes())?;
+    output::write_json(&out.join(SCORES_FILE), scores)?;
     jsonl::write(&out.join(DETAILS_FILE), details)
 }
 
 /// Reads a run's scores from its folder (or from a `scores.json` path).
 pub fn read_scores(run: &Path) -> Result<Scores> {
     let path: PathBuf = if run.is_dir() { run.join(SCORES_FILE) } else { run.to_path_buf() };
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::parse(&path, None, e))
+    jsonl::read_json(&path)
 }
 
 /// One named number of a report; `percent` ones are fractions shown ×100.

@@ -35,7 +35,7 @@ struct EncoderLayer {
     fc2: Linear,
     layer_norm2: LayerNorm,
     heads: usize,
-    act: String,
+    act: ops::Activation,
 }
 
 impl EncoderLayer {
@@ -53,7 +53,7 @@ impl EncoderLayer {
             fc2: Linear::load(mlp.pp("fc2"), i, h, true)?,
             layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, eps)?,
             heads: cfg.num_attention_heads,
-            act: cfg.hidden_act.clone(),
+            act: ops::Activation::from_name(&cfg.hidden_act).map_err(candle_core::Error::msg)?,
         })
     }
 
@@ -70,7 +70,7 @@ impl EncoderLayer {
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
         let x = (x + self.out_proj.forward(&attn, pass)?)?;
         let y = self.layer_norm2.forward(&x)?;
-        let y = self.fc2.forward(&ops::activation(&self.fc1.forward(&y, pass)?, &self.act)?, pass)?;
+        let y = self.fc2.forward(&self.act.apply(&self.fc1.forward(&y, pass)?)?, pass)?;
         x + y
     }
 }

@@ -3,6 +3,7 @@
 //! for compute capability 7.5 without architecture-specific features, so the driver compiles it for any newer card
 //! on first use.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout};

@@ -9,7 +9,7 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
 use super::checkpoint::{Block, Tape};
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, RopeType};
 use super::linear::{DropoutSeed, Linear, Pass};
 use super::ops::{self, Kernels};
 use super::runtime::Runtime;
@@ -84,7 +84,7 @@ impl Rope {
     /// cos and sin for `positions` (b, t): each (b, t, head_dim / 2), in `dtype`.
     pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
         // Only dynamic NTK scaling depends on the longest position, and only it reads one value back from the device.
-        let dynamic = self.cfg.rope().is_some_and(|s| s.rope_type == "dynamic");
+        let dynamic = self.cfg.rope().is_some_and(|s| s.rope_type == RopeType::Dynamic);
         let max_pos =
             if dynamic { positions.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as usize + 1 } else { 0 };
         let inv = if dynamic && max_pos > self.cfg.max_position_embeddings {
@@ -104,15 +104,15 @@ fn inv_freq(cfg: &LlamaConfig, seq_len: Option<usize>) -> Vec<f32> {
     let dim = cfg.head_dim();
     let scaling = cfg.rope();
     let mut theta = scaling.and_then(|s| s.rope_theta).unwrap_or(cfg.rope_theta);
-    let kind = scaling.map_or("default", |s| s.rope_type.as_str());
-    if let (Some(s), "dynamic", Some(len)) = (scaling, kind, seq_len) {
+    let kind = scaling.map_or(RopeType::Default, |s| s.rope_type);
+    if let (Some(s), RopeType::Dynamic, Some(len)) = (scaling, kind, seq_len) {
         let max = cfg.max_position_embeddings as f64;
         theta *= ((s.factor * len as f64 / max) - (s.factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
     }
     let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect();
     let freqs: Vec<f64> = match (kind, scaling) {
-        ("linear", Some(s)) => base.iter().map(|f| f / s.factor).collect(),
-        ("llama3", Some(s)) => {
+        (RopeType::Linear, Some(s)) => base.iter().map(|f| f / s.factor).collect(),
+        (RopeType::Llama3, Some(s)) => {
             let old = s.original_max_position_embeddings.unwrap_or(cfg.max_position_embeddings) as f64;
             let (low_wl, high_wl) = (old / s.low_freq_factor, old / s.high_freq_factor);
             base.iter()

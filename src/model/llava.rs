@@ -16,13 +16,13 @@ use crate::{bail, Result};
 pub struct Projector {
     pub linear_1: Linear,
     pub linear_2: Linear,
-    pub act: String,
+    pub act: super::ops::Activation,
 }
 
 impl Projector {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         let h = self.linear_1.forward(x, pass)?;
-        self.linear_2.forward(&super::ops::activation(&h, &self.act)?, pass)
+        self.linear_2.forward(&self.act.apply(&h)?, pass)
     }
 }
 

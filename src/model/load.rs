@@ -301,7 +301,7 @@ pub fn build(vb: VarBuilder, config: &ModelConfig, opts: &LoadOptions) -> candle
         let projector = Projector {
             linear_1: Linear::load(p.pp("linear_1"), vh, th, cfg.projector_bias)?,
             linear_2: Linear::load(p.pp("linear_2"), th, th, cfg.projector_bias)?,
-            act: cfg.projector_hidden_act.clone(),
+            act: super::ops::Activation::from_name(&cfg.projector_hidden_act).map_err(candle_core::Error::msg)?,
         };
         Some(VisionTower { clip, projector, cfg })
     };

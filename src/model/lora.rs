@@ -1,8 +1,5 @@
-//! Attaching LoRA adapters to the language model, with PEFT's module names so adapters round-trip with `peft`.
-//!
-//! PEFT names a tensor `base_model.model.<module path>.lora_{A,B}.weight`; the module path of a llava-hf model's
-//! decoder layers is `language_model.model.layers.N.<proj>` (older transformers; newer ones write
-//! `model.language_model.layers.N.<proj>`, which [`peft_key`] readers must also accept).
+//! Attaching LoRA adapters to the language model, with PEFT's names ([`super::peft`]) so adapters round-trip with
+//! `peft`.
 
 use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
@@ -58,13 +55,6 @@ impl LoraConfig {
     }
 }
 
-/// PEFT key of a decoder linear (`layers.0.self_attn.q_proj`) for a LLaVA (`language_model.model.`) or plain Llama
-/// (`model.`) base model.
-pub fn peft_key(is_llava: bool, module: &str, which: char) -> String {
-    let prefix = if is_llava { "language_model.model" } else { "model" };
-    format!("base_model.model.{prefix}.{module}.lora_{which}.weight")
-}
-
 /// Adds fresh adapters (A Kaiming-uniform as in PEFT, B zero) to the targeted linears. Returns (PEFT key, variable)
 /// for every new tensor, A and B interleaved.
 pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
@@ -92,8 +82,8 @@ pub fn attach(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         let a: Vec<f32> = (0..cfg.rank * in_f).map(|_| rng.random_range(-bound..bound)).collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_f), &dev)?)?;
         let b = Var::from_tensor(&Tensor::zeros((out_f, cfg.rank), DType::F32, &dev)?)?;
-        vars.push((peft_key(is_llava, &path, 'A'), a.clone()));
-        vars.push((peft_key(is_llava, &path, 'B'), b.clone()));
+        vars.push((super::peft::lora_key(is_llava, &path, 'A'), a.clone()));
+        vars.push((super::peft::lora_key(is_llava, &path, 'B'), b.clone()));
         lin.lora =
             Some(Lora { a, b, scale: cfg.alpha / cfg.rank as f64, dropout: cfg.dropout, seed: dropout_seed.clone() });
     }

@@ -18,6 +18,7 @@ pub mod llava;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod peft;
 pub mod runtime;
 pub mod slots;
 pub mod vlm;

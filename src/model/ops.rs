@@ -170,14 +170,34 @@ impl CustomOp1 for FrozenMatmul {
 /// `projector_hidden_act`), as transformers' `ACT2FN` computes them.
 pub const ACTIVATIONS: [&str; 4] = ["gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu"];
 
-/// Applies the activation `name` (one of [`ACTIVATIONS`]); any other name is an error, never a substitute.
-pub fn activation(x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-    match name {
-        "gelu" => x.gelu_erf(),
-        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
-        // x * sigmoid(1.702 x)
-        "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-        other => candle_core::bail!("unsupported activation {other:?} (bpo has {})", ACTIVATIONS.join(", ")),
+/// One of [`ACTIVATIONS`], read from its config.json name once when the model is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: the exact (erf) GELU.
+    Gelu,
+    /// `gelu_pytorch_tanh` and `gelu_new`: the tanh approximation.
+    GeluTanh,
+    /// `quick_gelu`: x * sigmoid(1.702 x).
+    QuickGelu,
+}
+
+impl Activation {
+    /// The activation config.json calls `name`; any other name is an error, never a substitute.
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Activation::GeluTanh),
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            other => Err(format!("unsupported activation {other:?} (bpo has {})", ACTIVATIONS.join(", "))),
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        }
     }
 }
 

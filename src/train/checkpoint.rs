@@ -1,12 +1,7 @@
 //! Saving and loading what a run trains: LoRA adapters in PEFT's layout (loadable by `peft`), the projector,
 //! full weights, and the files a resumed run needs (optimizer moments, step). Every file is written to a temporary
 //! name, fsynced and renamed; a checkpoint folder is filled under a temporary name and renamed whole.
-//!
-//! PEFT names a LoRA tensor `base_model.model.<module path>.lora_{A,B}.weight`. For llava-hf models peft with
-//! transformers 5 writes `base_model.model.model.language_model.layers.N...` and, for the projector kept in
-//! `modules_to_save`, `base_model.model.model.multi_modal_projector.*`; older stacks wrote
-//! `base_model.model.language_model.model.layers.N...`. bpo writes the first and reads both (and the original
-//! LLaVA's `base_model.model.model.layers.N...` / `mm_projector.{0,2}`).
+//! Tensor names: [`crate::model::peft`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +12,8 @@ use serde_json::{json, Value};
 
 use crate::model::linear::{DropoutSeed, Lora};
 use crate::model::load::{check_finite_file, save_safetensors};
-use crate::model::lora::{peft_key, LoraConfig};
+use crate::model::lora::LoraConfig;
+use crate::model::peft::{lora_key, parse_lora_key, parse_projector_key, projector_key, PROJECTOR_MODULE};
 use crate::model::Model;
 use crate::{bail, Error, Result};
 
@@ -27,59 +23,8 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const PROJECTOR_WEIGHTS: &str = "projector.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const TRAINER_STATE: &str = "trainer_state.json";
-
-const PROJECTOR_MODULE: &str = "multi_modal_projector";
-
-/// Decoder module path (`layers.0.self_attn.q_proj`) and `A`/`B` of a PEFT LoRA tensor name in any spelling.
-pub fn parse_lora_key(name: &str) -> Option<(String, char)> {
-    let rest =
-        ["base_model.model.language_model.model.", "base_model.model.model.language_model.", "base_model.model.model."]
-            .iter()
-            .find_map(|p| name.strip_prefix(p))?;
-    let rest = rest.strip_suffix(".weight")?.replace(".default", "");
-    let (module, which) = rest.rsplit_once(".lora_")?;
-    let which = match which {
-        "A" => 'A',
-        "B" => 'B',
-        _ => return None,
-    };
-    module.starts_with("layers.").then(|| (module.to_string(), which))
-}
-
-/// llava-hf name (`multi_modal_projector.linear_1.weight`) of a projector tensor saved by PEFT in any spelling.
-pub fn parse_projector_key(name: &str) -> Option<String> {
-    let rest = ["base_model.model.multi_modal_projector.", "base_model.model.model.multi_modal_projector."]
-        .iter()
-        .find_map(|p| name.strip_prefix(p));
-    let rest = rest.map(|r| r.replace(".modules_to_save.default", "")).or_else(|| {
-        let r = name.strip_prefix("base_model.model.model.mm_projector.")?;
-        r.strip_prefix("0.")
-            .map(|x| format!("linear_1.{x}"))
-            .or_else(|| r.strip_prefix("2.").map(|x| format!("linear_2.{x}")))
-    })?;
-    Some(format!("{PROJECTOR_MODULE}.{rest}"))
-}
-
-/// The name bpo writes for a LoRA tensor (see the module doc).
-fn lora_write_key(is_llava: bool, module: &str, which: char) -> String {
-    let prefix = if is_llava { "base_model.model.model.language_model" } else { "base_model.model.model" };
-    format!("{prefix}.{module}.lora_{which}.weight")
-}
-
-fn projector_write_key(name: &str) -> String {
-    format!("base_model.model.model.{name}")
-}
-
-/// Writes JSON through [`crate::output::write_with`] (temporary file, fsync, rename).
-pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::parse(path, None, e))?;
-    crate::output::write_bytes(path, text.as_bytes())
-}
-
-pub fn read_json(path: &Path) -> Result<Value> {
-    let text = crate::jsonl::read_folder_file_required(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::parse(path, None, e))
-}
+/// The run folder's cache of reference log-probs (`--precompute-ref`, `--init-adapter`).
+pub const REF_LOGPS: &str = "ref_logps.jsonl";
 
 /// Checkpoint folders are filled atomically by the one folder writer.
 pub use crate::output::write_dir as write_dir_atomically;
@@ -102,7 +47,7 @@ fn adapter_config(is_llava: bool, cfg: &LoraConfig, with_projector: bool, base_m
 }
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` (LoRA, and the projector as `modules_to_save`) and,
-/// with a projector, `projector.safetensors`. `lora` carries [`peft_key`] names, `projector` llava-hf names.
+/// with a projector, `projector.safetensors`. `lora` carries [`lora_key`] names, `projector` llava-hf names.
 pub fn save_adapter(
     dir: &Path,
     is_llava: bool,
@@ -115,20 +60,23 @@ pub fn save_adapter(
     for (key, var) in lora {
         let (module, which) =
             parse_lora_key(key).ok_or_else(|| Error::invalid(format!("not a LoRA tensor name: {key}")))?;
-        tensors.push((lora_write_key(is_llava, &module, which), var.as_tensor().clone()));
+        tensors.push((lora_key(is_llava, &module, which), var.as_tensor().clone()));
     }
-    tensors.extend(projector.iter().map(|(n, v)| (projector_write_key(n), v.as_tensor().clone())));
+    tensors.extend(projector.iter().map(|(n, v)| (projector_key(n), v.as_tensor().clone())));
     save_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
     if !projector.is_empty() {
         let plain: Vec<(String, Tensor)> = projector.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         save_safetensors(&dir.join(PROJECTOR_WEIGHTS), &plain)?;
     }
-    write_json(&dir.join(ADAPTER_CONFIG), &adapter_config(is_llava, cfg, !projector.is_empty(), base_model))
+    crate::output::write_json(
+        &dir.join(ADAPTER_CONFIG),
+        &adapter_config(is_llava, cfg, !projector.is_empty(), base_model),
+    )
 }
 
 /// An adapter attached to a model by [`load_adapter`].
 pub struct Adapter {
-    /// LoRA variables under [`peft_key`] names.
+    /// LoRA variables under [`lora_key`] names.
     pub lora: Vec<(String, Var)>,
     /// Projector variables under llava-hf names (empty if the adapter has none).
     pub projector: Vec<(String, Var)>,
@@ -148,6 +96,30 @@ struct PeftConfig {
     alpha_pattern: Option<serde_json::Map<String, Value>>,
 }
 
+impl PeftConfig {
+    /// Reads an `adapter_config.json`, refusing the PEFT options bpo does not apply; returns the rank, alpha and
+    /// dropout (no targets) and the scale of the update (alpha / r, or alpha / sqrt(r) with rsLoRA).
+    fn read(path: &Path) -> Result<(LoraConfig, f64)> {
+        let cfg: PeftConfig = crate::jsonl::read_json(path)?;
+        let bad = |msg: String| Error::parse(path, None, msg);
+        if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
+            return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
+        }
+        if cfg.use_dora == Some(true) {
+            return Err(bad("DoRA adapters are not supported".into()));
+        }
+        for (key, pattern) in [("rank_pattern", &cfg.rank_pattern), ("alpha_pattern", &cfg.alpha_pattern)] {
+            if pattern.as_ref().is_some_and(|m| !m.is_empty()) {
+                return Err(bad(format!("{key} is not supported")));
+            }
+        }
+        let (rank, alpha) = (cfg.r, cfg.lora_alpha);
+        let dropout = cfg.lora_dropout.unwrap_or(0.0) as f32;
+        let scale = if cfg.use_rslora == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        Ok((LoraConfig { rank, alpha, dropout, targets: Vec::new() }, scale))
+    }
+}
+
 /// Attaches the PEFT adapter in `dir` (either spelling) to `model`: LoRA on every linear it has tensors for, and
 /// its projector copy if it saved one. Unknown tensors, unsupported PEFT options and non-finite weights are errors,
 /// not ignored.
@@ -157,24 +129,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Adapter> {
 
 /// [`load_adapter`], accepting NaN or infinite weights if `allow_non_finite`.
 pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) -> Result<Adapter> {
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    let cfg: PeftConfig =
-        serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::parse(&cfg_path, None, e))?;
-    let bad = |msg: String| Error::parse(&cfg_path, None, msg);
-    if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
-        return Err(bad(format!("peft_type {:?} is not LORA", cfg.peft_type.unwrap_or_default())));
-    }
-    if cfg.use_dora == Some(true) {
-        return Err(bad("DoRA adapters are not supported".into()));
-    }
-    for (key, pattern) in [("rank_pattern", &cfg.rank_pattern), ("alpha_pattern", &cfg.alpha_pattern)] {
-        if pattern.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(format!("{key} is not supported")));
-        }
-    }
-    let (rank, alpha) = (cfg.r, cfg.lora_alpha);
-    let dropout = cfg.lora_dropout.unwrap_or(0.0) as f32;
-    let scale = if cfg.use_rslora == Some(true) { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+    let (LoraConfig { rank, alpha, dropout, .. }, scale) = PeftConfig::read(&dir.join(ADAPTER_CONFIG))?;
 
     let path = dir.join(ADAPTER_WEIGHTS);
     if allow_non_finite {
@@ -224,8 +179,8 @@ pub fn load_adapter_with(model: &mut Model, dir: &Path, allow_non_finite: bool) 
             );
         }
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        out.lora.push((peft_key(is_llava, &module, 'A'), a.clone()));
-        out.lora.push((peft_key(is_llava, &module, 'B'), b.clone()));
+        out.lora.push((lora_key(is_llava, &module, 'A'), a.clone()));
+        out.lora.push((lora_key(is_llava, &module, 'B'), b.clone()));
         let short = module.rsplit('.').next().unwrap_or_default().trim_end_matches("_proj").to_string();
         if !out.config.targets.contains(&short) {
             out.config.targets.push(short);
@@ -316,54 +271,51 @@ pub fn checkpoints(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Whether `run` holds anything trained: a logged step, a checkpoint, or final weights. A folder with none (a run
+/// that failed before its first step) may be started again.
+pub fn run_started(run: &Path) -> bool {
+    let weights = [ADAPTER_WEIGHTS, "model.safetensors"].iter().any(|f| run.join(f).exists());
+    weights || logged_steps(run) > 0 || checkpoints(run).map_or(true, |c| !c.is_empty())
+}
 
-    #[test]
-    fn every_peft_spelling_parses() {
-        let want = Some(("layers.3.self_attn.q_proj".to_string(), 'A'));
-        assert_eq!(
-            parse_lora_key("base_model.model.language_model.model.layers.3.self_attn.q_proj.lora_A.weight"),
-            want
-        );
-        assert_eq!(
-            parse_lora_key("base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight"),
-            want
-        );
-        assert_eq!(parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"), want);
-        assert_eq!(
-            parse_lora_key("base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"),
-            Some(("layers.0.mlp.down_proj".into(), 'B'))
-        );
-        assert_eq!(
-            parse_lora_key("base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"),
-            None
-        );
-        assert_eq!(parse_lora_key("base_model.model.lm_head.lora_A.weight"), None);
-        for n in [
-            "base_model.model.multi_modal_projector.linear_1.weight",
-            "base_model.model.model.multi_modal_projector.linear_1.weight",
-            "base_model.model.model.mm_projector.0.weight",
-        ] {
-            assert_eq!(parse_projector_key(n).as_deref(), Some("multi_modal_projector.linear_1.weight"), "{n}");
+/// Lines of the run's `metrics.jsonl` (0 when there is none).
+pub(super) fn logged_steps(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint, the last perhaps torn
+/// by a kill). The lines kept are kept byte for byte: the file is cut, not rewritten, since a number read and written
+/// again may come back one unit in the last place different. A file that is not a log bpo wrote (a complete line that
+/// is not a JSON step record, a torn tail that does not start like one) is refused, never cut.
+pub(super) fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let mut keep = None;
+    let mut at = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let logged = serde_json::from_str::<Value>(line).ok().and_then(|r| r.get("step").and_then(Value::as_u64));
+        match logged {
+            _ if !line.ends_with('\n') && line.starts_with("{\"") => {}
+            Some(s) if line.ends_with('\n') => {
+                if s as usize > step {
+                    keep.get_or_insert(at);
+                }
+            }
+            _ => {
+                return Err(Error::parse(
+                    path,
+                    Some(i + 1),
+                    "not a step of a training log bpo wrote; refusing to cut this file (move it away to resume)",
+                ))
+            }
         }
-        assert_eq!(
-            parse_projector_key("base_model.model.model.mm_projector.2.bias").as_deref(),
-            Some("multi_modal_projector.linear_2.bias")
-        );
-        // What bpo writes reads back.
-        assert_eq!(
-            parse_lora_key(&lora_write_key(true, "layers.1.mlp.up_proj", 'B')),
-            Some(("layers.1.mlp.up_proj".into(), 'B'))
-        );
-        assert_eq!(
-            parse_lora_key(&lora_write_key(false, "layers.1.mlp.up_proj", 'B')),
-            Some(("layers.1.mlp.up_proj".into(), 'B'))
-        );
-        assert_eq!(
-            parse_projector_key(&projector_write_key("multi_modal_projector.linear_2.weight")).as_deref(),
-            Some("multi_modal_projector.linear_2.weight")
-        );
+        if !line.ends_with('\n') {
+            keep.get_or_insert(at);
+        }
+        at += line.len();
     }
+    if let Some(keep) = keep {
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+        file.set_len(keep as u64).and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::batch::PairBatch;
+use super::checkpoint::REF_LOGPS;
 use super::data::{read_preference_file, tokenize_pairs, DataReport, PairExample};
 use super::features::FeatureCache;
 use super::loss::{dpo_loss, DpoLoss, PairLogps};
@@ -311,9 +312,6 @@ fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> R
         dpo.examples.iter().zip(&v).map(|(e, (c, r))| json!({"id": e.id, "chosen": c, "rejected": r})).collect();
     crate::jsonl::write(path, &rows)
 }
-
-/// The run folder's cache of reference log-probs (`--precompute-ref`, `--init-adapter`).
-pub const REF_LOGPS: &str = "ref_logps.jsonl";
 
 /// Default budget of the feature cache, in MiB.
 pub const DEFAULT_FEATURE_CACHE_MB: usize = 2048;

@@ -28,6 +28,7 @@ pub mod optim;
 pub mod schedule;
 pub mod setup;
 pub mod sft;
+pub mod trainable;
 pub mod trainer;
 
 pub use checkpoint::load_adapter;

@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::checkpoint::{load_adapter, read_json, write_json};
-use super::trainer::Trainable;
+use super::checkpoint::load_adapter;
+use super::trainable::Trainable;
+use crate::jsonl::read_json;
 use crate::model::llava::Projector;
 use crate::model::load::{load_trainable, VISION_PREFIX};
 use crate::model::lora::{attach, unfreeze_projector, LoraConfig};
 use crate::model::Vlm;
 use crate::model::{LoadOptions, Runtime};
+use crate::output::write_json;
 use crate::output::{self, Lock};
 use crate::text::{Chat, PromptStyle, Template};
 use crate::vision::AspectMode;
@@ -54,7 +56,7 @@ pub struct Prepared {
 }
 
 fn copy_projector(p: &Projector) -> Projector {
-    Projector { linear_1: p.linear_1.clone(), linear_2: p.linear_2.clone(), act: p.act.clone() }
+    Projector { linear_1: p.linear_1.clone(), linear_2: p.linear_2.clone(), act: p.act }
 }
 
 /// Loads the model of `s` (on its runtime) and makes trainable what `s` asks for, as f32 master copies.
@@ -126,13 +128,13 @@ pub fn prepare_run_dir(out: &Path, config: &Value, resume: bool) -> Result<Lock>
     let path = out.join("train_config.json");
     match (path.exists(), resume) {
         (false, true) => bail!("--resume: {} holds no run (no train_config.json)", out.display()),
-        (true, false) if super::trainer::run_started(out) => {
+        (true, false) if super::checkpoint::run_started(out) => {
             bail!("{} already holds a run: pass --resume to continue it, or choose another --out", out.display())
         }
         // A run that stopped before its first step left its config (and maybe reference log-probs of other inputs).
         (true, false) => forget_unstarted_run(out).and_then(|()| write_json(&path, config)),
         (true, true) => {
-            let old = read_json(&path)?;
+            let old: Value = read_json(&path)?;
             let differ = differing_keys(&old, config);
             let (switched, differ): (Vec<String>, Vec<String>) =
                 differ.into_iter().partition(|k| SWITCHABLE_ON_RESUME.contains(&k.as_str()));
@@ -169,7 +171,7 @@ pub fn record_template(out: &Path, vlm: &Vlm) -> Result<()> {
 
 /// Removes what a run that never trained a step may have cached, so that starting again computes it afresh.
 fn forget_unstarted_run(out: &Path) -> Result<()> {
-    let cached = out.join(super::dpo::REF_LOGPS);
+    let cached = out.join(super::checkpoint::REF_LOGPS);
     match std::fs::remove_file(&cached) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&cached, e)),
         _ => Ok(()),
@@ -216,6 +218,6 @@ mod tests {
         // Gradient checkpointing may be switched on resume; the config then records the new setting.
         let switched = json!({"lr": 1.0, "optim": {"epochs": 2}, "gradient_checkpointing": true});
         prepare_run_dir(tmp.path(), &switched, true).unwrap();
-        assert_eq!(read_json(&tmp.path().join("train_config.json")).unwrap(), switched);
+        assert_eq!(read_json::<Value>(&tmp.path().join("train_config.json")).unwrap(), switched);
     }
 }

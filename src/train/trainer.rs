@@ -7,30 +7,24 @@
 //! update: the last checkpoint stays the run's result ([`Error::NonFinite`]).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{
-    self, checkpoints, latest_checkpoint, read_json, restore_adapter, restore_named, write_dir_atomically, write_json,
-};
+use super::checkpoint::{checkpoints, latest_checkpoint, logged_steps, truncate_metrics, write_dir_atomically};
 use super::checkpoint::{OPTIMIZER, TRAINER_STATE};
 use super::data::epoch_order;
 use super::optim::{AdamW, AdamWConfig, GradNorm};
 use super::schedule::{Schedule, ScheduleKind};
+use super::trainable::{Trainable, MASTER_WEIGHTS};
 use crate::hash::splitmix64;
-use crate::model::lora::LoraConfig;
-use crate::model::Kernels;
+use crate::jsonl::read_json;
+use crate::output::write_json;
 use crate::{bail, Error, Result};
-
-/// In a checkpoint of full fine-tuning: the trained weights as the f32 master copies. The checkpoint's
-/// `model.safetensors` holds them in the model's own dtype (f16 or bf16 for most released models), whose rounding
-/// would change the run that resumes from it.
-pub const MASTER_WEIGHTS: &str = "master_weights.safetensors";
 
 /// Optimisation settings (`bpo train` / `bpo sft` flags). [`LoopConfig::validate`] holds the accepted ranges.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,75 +145,6 @@ pub trait Objective {
     /// Forward pass on examples `batch` (indices), backward of the loss times `weight` into `opt`'s buffers.
     /// `seed` seeds this micro-batch's dropout.
     fn micro_step(&mut self, batch: &[usize], weight: f64, seed: u64, opt: &mut AdamW) -> Result<Metrics>;
-}
-
-/// What a run trains and how it is written: LoRA (+ projector) as a PEFT adapter, or all weights as a model folder.
-pub struct Trainable {
-    pub is_llava: bool,
-    /// LoRA variables under [`crate::model::lora::peft_key`] names.
-    pub lora: Vec<(String, Var)>,
-    pub lora_cfg: Option<LoraConfig>,
-    /// Projector variables under llava-hf names (saved with the adapter).
-    pub projector: Vec<(String, Var)>,
-    /// Whether the projector variables train (false: an adapter's projector kept as it came).
-    pub projector_trains: bool,
-    /// Full fine-tuning: every trained weight under llava-hf names.
-    pub full: Vec<(String, Var)>,
-    /// The model folder training started from (named in the adapter config; copied from for full weights).
-    pub base_model: PathBuf,
-    /// The run's ops path, which also picks the optimizer's state ([`AdamW::new`]).
-    pub kernels: Kernels,
-}
-
-impl Trainable {
-    pub fn vars(&self) -> Vec<(String, Var)> {
-        let projector = if self.projector_trains { &self.projector[..] } else { &[] };
-        self.lora.iter().chain(projector).chain(&self.full).cloned().collect()
-    }
-
-    /// The first trained tensor holding a NaN or infinity, by name.
-    pub fn first_non_finite(&self) -> Result<Option<String>> {
-        for (name, var) in self.lora.iter().chain(&self.projector).chain(&self.full) {
-            // 0 * x is 0 for every finite x and NaN otherwise; its sum cannot overflow.
-            if !var
-                .as_tensor()
-                .affine(0.0, 0.0)?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()?
-                .is_finite()
-            {
-                return Ok(Some(name.clone()));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Writes the trained weights into `dir`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        if !self.full.is_empty() {
-            return super::merge::write_model_dir(&self.base_model, dir, &self.full);
-        }
-        let cfg = self.lora_cfg.clone().unwrap_or_default();
-        checkpoint::save_adapter(
-            dir,
-            self.is_llava,
-            &cfg,
-            &self.lora,
-            &self.projector,
-            &self.base_model.to_string_lossy(),
-        )
-    }
-
-    /// Reads back what [`Trainable::save`] wrote, or in a checkpoint of full fine-tuning the f32 master weights.
-    pub fn restore(&self, dir: &Path) -> Result<()> {
-        if !self.full.is_empty() {
-            let masters = dir.join(MASTER_WEIGHTS);
-            let path = if masters.exists() { masters } else { dir.join("model.safetensors") };
-            return restore_named(&path, &self.full);
-        }
-        restore_adapter(dir, &self.lora, &self.projector)
-    }
 }
 
 /// One optimizer step's record: a line of `metrics.jsonl`.
@@ -481,7 +406,7 @@ fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, hooks:
 }
 
 fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW, seed: u64) -> Result<()> {
-    let state = read_json(&dir.join(TRAINER_STATE))?;
+    let state: Value = read_json(&dir.join(TRAINER_STATE))?;
     if state.get("seed").and_then(Value::as_u64) != Some(seed) {
         bail!("it was made with seed {}, not {seed}", state["seed"]);
     }
@@ -493,57 +418,18 @@ fn restore_from(dir: &Path, step: usize, trainable: &Trainable, opt: &mut AdamW,
     crate::model::load::check_finite_file(&path)?;
     let moments = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
         .map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+    // `{name}.exp_avg` and `{name}.exp_avg_sq`, the name in today's spelling (older checkpoints used another).
+    let moments = moments
+        .into_iter()
+        .map(|(key, t)| match key.rsplit_once('.') {
+            Some((name, moment)) => {
+                (format!("{}.{moment}", crate::model::peft::current_name(name, trainable.is_llava)), t)
+            }
+            None => (key, t),
+        })
+        .collect();
     let steps = state.get("optimizer_steps").and_then(Value::as_u64).unwrap_or(step as u64);
     opt.load_state(&moments, steps)
-}
-
-/// Whether `run` holds anything trained: a logged step, a checkpoint, or final weights. A folder with none (a run
-/// that failed before its first step) may be started again.
-pub fn run_started(run: &Path) -> bool {
-    let weights = [checkpoint::ADAPTER_WEIGHTS, "model.safetensors"].iter().any(|f| run.join(f).exists());
-    weights || logged_steps(run) > 0 || checkpoints(run).map_or(true, |c| !c.is_empty())
-}
-
-/// Lines of the run's `metrics.jsonl` (0 when there is none).
-fn logged_steps(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
-}
-
-/// Drops `metrics.jsonl` lines past `step` (left by a run that went on after its last checkpoint, the last perhaps torn
-/// by a kill). The lines kept are kept byte for byte: the file is cut, not rewritten, since a number read and written
-/// again may come back one unit in the last place different. A file that is not a log bpo wrote (a complete line that
-/// is not a JSON step record, a torn tail that does not start like one) is refused, never cut.
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let mut keep = None;
-    let mut at = 0;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        let logged = serde_json::from_str::<Value>(line).ok().and_then(|r| r.get("step").and_then(Value::as_u64));
-        match logged {
-            _ if !line.ends_with('\n') && line.starts_with("{\"") => {}
-            Some(s) if line.ends_with('\n') => {
-                if s as usize > step {
-                    keep.get_or_insert(at);
-                }
-            }
-            _ => {
-                return Err(Error::parse(
-                    path,
-                    Some(i + 1),
-                    "not a step of a training log bpo wrote; refusing to cut this file (move it away to resume)",
-                ))
-            }
-        }
-        if !line.ends_with('\n') {
-            keep.get_or_insert(at);
-        }
-        at += line.len();
-    }
-    if let Some(keep) = keep {
-        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
-        file.set_len(keep as u64).and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -572,29 +458,6 @@ mod tests {
         ];
         for cfg in bad {
             assert!(cfg.validate().is_err(), "{cfg:?}");
-        }
-    }
-
-    #[test]
-    fn a_non_finite_weight_is_named() {
-        let var = |v: f32| {
-            Var::from_tensor(&candle_core::Tensor::new(&[1.0f32, v], &candle_core::Device::Cpu).unwrap()).unwrap()
-        };
-        let mut t = Trainable {
-            is_llava: false,
-            lora: Vec::new(),
-            lora_cfg: None,
-            projector: Vec::new(),
-            projector_trains: false,
-            full: vec![("a".into(), var(2.0))],
-            base_model: PathBuf::new(),
-            kernels: Kernels::Fused,
-        };
-        assert_eq!(t.first_non_finite().unwrap(), None);
-        for bad in [f32::INFINITY, f32::NAN] {
-            t.full.push(("b".into(), var(bad)));
-            assert_eq!(t.first_non_finite().unwrap().as_deref(), Some("b"));
-            t.full.pop();
         }
     }
 

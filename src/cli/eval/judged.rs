@@ -430,7 +430,7 @@ pub fn mmhal_responses(records: &[mmhal::Record], answers: Vec<Answer>, out: &Pa
         .map(String::from)
         .collect();
     let responses: Vec<serde_json::Value> = records.iter().zip(&texts).map(|(r, t)| r.with_answer(t)).collect();
-    bpo::train::checkpoint::write_json(&out.join("responses.json"), &serde_json::Value::Array(responses))?;
+    bpo::output::write_json(&out.join("responses.json"), &serde_json::Value::Array(responses))?;
     Ok(texts)
 }
 

@@ -144,7 +144,7 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
             info.benchmarks.push(name.to_string());
         }
         let text = serde_json::to_value(&info).context("suite.json")?;
-        bpo::train::checkpoint::write_json(&a.out.join(suite::SUITE_FILE), &text)?;
+        bpo::output::write_json(&a.out.join(suite::SUITE_FILE), &text)?;
     }
     let label = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     outln!("\n{}", suite::table(&[(label, suite::suite_headlines(&a.out)?)]));

@@ -15,10 +15,16 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::model::Kernels;
+
+mod flat;
+mod host;
+
 use crate::{bail, Error, Result};
+use flat::Flat;
+use host::{with_f32, HostMoments, Update};
 
 /// Hyper-parameters other than the learning rate (which comes per step from the schedule).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,25 +42,10 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Moments and the gradient accumulation buffer of one parameter, on the host.
-struct HostMoments {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    acc: Vec<f32>,
-}
-
 /// The optimizer state: per parameter on the host, or flat over all parameters on their device.
 enum State {
     Host(Vec<Mutex<HostMoments>>),
-    Flat {
-        m: Tensor,
-        v: Tensor,
-        acc: Tensor,
-        /// Weight decay of each element: the configured decay for decayed parameters, 0 elsewhere.
-        decay: Tensor,
-        /// Where each parameter starts in the flat buffers.
-        offsets: Vec<usize>,
-    },
+    Flat(Flat),
 }
 
 struct Param {
@@ -108,60 +99,6 @@ fn add_run(acc: &mut Tensor, start: usize, run: &mut Vec<Tensor>, scale: f64) ->
     Ok(())
 }
 
-/// Reads a contiguous f32 CPU tensor's values without copying them out.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-        bail!("the optimizer's CPU path needs contiguous f32 gradients on the CPU");
-    };
-    Ok(f(&data[start..end]))
-}
-
-/// Per-step constants of the update.
-struct Update {
-    lr: f32,
-    decay: f32,
-    grad_scale: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    /// 1 / (1 - beta1^t) and 1 / sqrt(1 - beta2^t).
-    corr1: f32,
-    corr2_sqrt: f32,
-}
-
-/// One parameter's host-state update, applied in place to its storage.
-struct HostUpdate<'a> {
-    state: &'a Mutex<HostMoments>,
-    u: Update,
-}
-
-impl InplaceOp1 for HostUpdate<'_> {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("adamw: parameter is not a contiguous f32 tensor");
-        };
-        let mut st = self.state.lock().map_err(|_| candle_core::Error::Msg("adamw: poisoned state".into()))?;
-        let HostMoments { m, v, acc } = &mut *st;
-        let u = &self.u;
-        let step = u.lr * u.corr1;
-        for i in 0..end - start {
-            let p = &mut data[start + i];
-            let g = acc[i] * u.grad_scale;
-            *p *= 1.0 - u.lr * u.decay;
-            m[i] = u.beta1 * m[i] + (1.0 - u.beta1) * g;
-            v[i] = u.beta2 * v[i] + (1.0 - u.beta2) * g * g;
-            *p -= step * m[i] / (v[i].sqrt() * u.corr2_sqrt + u.eps);
-            acc[i] = 0.0;
-        }
-        Ok(())
-    }
-}
-
 impl AdamW {
     /// Takes (name, variable) pairs, each an f32 tensor (a master copy), all on one device. `kernels` chooses the
     /// state: [`Kernels::Fused`] host buffers (CPU only), [`Kernels::Generic`] flat tensors on the parameters'
@@ -203,13 +140,13 @@ impl AdamW {
                 let n = decay.len();
                 // Three buffers of their own: the accumulation buffer is written in place.
                 let zeros = || Tensor::zeros(n, DType::F32, &device);
-                State::Flat {
+                State::Flat(Flat {
                     m: zeros()?,
                     v: zeros()?,
                     acc: zeros()?,
                     decay: Tensor::from_vec(decay, n, &device)?,
                     offsets,
-                }
+                })
             }
         };
         Ok(AdamW { params, state, cfg, steps: 0 })
@@ -236,7 +173,7 @@ impl AdamW {
                     })?;
                 }
             }
-            State::Flat { acc, offsets, .. } => {
+            State::Flat(Flat { acc, offsets, .. }) => {
                 // Runs of consecutive parameters that have a gradient (all of them in a plain backward pass, one
                 // layer's with gradient checkpointing): one gather and one addition into the buffer per run.
                 let mut run: Vec<Tensor> = Vec::new();
@@ -270,7 +207,7 @@ impl AdamW {
                 }
                 Ok(sq.sqrt())
             }
-            State::Flat { acc, .. } => Ok(f64::from(acc.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)),
+            State::Flat(Flat { acc, .. }) => Ok(f64::from(acc.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)),
         }
     }
 
@@ -286,79 +223,30 @@ impl AdamW {
         let clip = max_norm.filter(|&m| m > 0.0);
         let c = self.cfg;
         let t = self.steps as i32 + 1;
-        let corr1 = (1.0 / (1.0 - c.beta1.powi(t))) as f32;
-        let corr2_sqrt = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
+        let u = Update {
+            lr: lr as f32,
+            decay: c.weight_decay as f32,
+            grad_scale: 1.0,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            corr1: (1.0 / (1.0 - c.beta1.powi(t))) as f32,
+            corr2_sqrt: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
+        };
         let host_norm = match self.state {
             State::Host(_) => Some(self.grad_norm()?),
-            State::Flat { .. } => None,
+            State::Flat(_) => None,
         };
         match &mut self.state {
             State::Host(moments) => {
                 let norm = host_norm.unwrap_or(f64::NAN);
-                let mut finite = norm.is_finite();
-                for g in guards {
-                    finite &= g.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
-                }
-                if !finite {
-                    return Ok(GradNorm::Host(norm));
-                }
-                let grad_scale = clip.map_or(1.0, |max| (max / (norm + 1e-6)).min(1.0));
-                self.steps += 1;
-                for (p, st) in self.params.iter().zip(moments.iter()) {
-                    let u = Update {
-                        lr: lr as f32,
-                        decay: if p.decay { c.weight_decay as f32 } else { 0.0 },
-                        grad_scale: grad_scale as f32,
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        eps: c.eps as f32,
-                        corr1,
-                        corr2_sqrt,
-                    };
-                    p.var.as_tensor().inplace_op1(&HostUpdate { state: st, u })?;
+                if host::step(&self.params, moments, u, norm, clip, guards)? {
+                    self.steps += 1;
                 }
                 Ok(GradNorm::Host(norm))
             }
-            State::Flat { m, v, acc, decay, offsets } => {
-                let norm = acc.sqr()?.sum_all()?.sqrt()?;
-                // |x| <= f32::MAX is false for NaN and infinities; a sum is finite when every term is (the losses are
-                // far from overflowing).
-                let mut probe = norm.clone();
-                for g in guards {
-                    probe = (probe + g.to_dtype(DType::F32)?.sum_all()?)?;
-                }
-                let ok = probe.abs()?.le(f64::from(f32::MAX))?;
-                let g = match clip {
-                    Some(max) => {
-                        let scale = Tensor::new(max as f32, norm.device())?.div(&(&norm + 1e-6)?)?.minimum(1f64)?;
-                        acc.broadcast_mul(&scale)?
-                    }
-                    None => acc.clone(),
-                };
-                let old_p = Tensor::cat(
-                    &self
-                        .params
-                        .iter()
-                        .map(|p| p.var.as_tensor().flatten_all())
-                        .collect::<candle_core::Result<Vec<_>>>()?,
-                    0,
-                )?;
-                // The host path's arithmetic, element for element.
-                let factor = decay.affine(-(lr as f32) as f64, 1.0)?;
-                let new_m = ((&*m * c.beta1 as f32 as f64)? + (&g * (1.0 - c.beta1 as f32) as f64)?)?;
-                let new_v = ((&*v * c.beta2 as f32 as f64)? + ((&g * (1.0 - c.beta2 as f32) as f64)? * &g)?)?;
-                let denom = ((new_v.sqrt()? * corr2_sqrt as f64)? + c.eps as f32 as f64)?;
-                let step = ((&new_m * (lr as f32 * corr1) as f64)? / denom)?;
-                let new_p = ((&old_p * factor)? - step)?;
-                let keep = |new: &Tensor, old: &Tensor| ok.broadcast_as(new.shape())?.where_cond(new, old);
-                let new_p = keep(&new_p, &old_p)?;
-                *m = keep(&new_m, m)?;
-                *v = keep(&new_v, v)?;
-                for (p, &at) in self.params.iter().zip(offsets.iter()) {
-                    let n = p.var.elem_count();
-                    p.var.set(&new_p.narrow(0, at, n)?.reshape(p.var.shape())?)?;
-                }
-                *acc = acc.zeros_like()?;
+            State::Flat(flat) => {
+                let norm = flat.step(&self.params, u, clip, guards)?;
                 self.steps += 1;
                 Ok(GradNorm::Device(norm))
             }
@@ -378,7 +266,7 @@ impl AdamW {
                         Tensor::from_slice(&st.v, shape, p.var.device())?,
                     )
                 }
-                State::Flat { m, v, offsets, .. } => {
+                State::Flat(Flat { m, v, offsets, .. }) => {
                     let n = p.var.elem_count();
                     (m.narrow(0, offsets[i], n)?.reshape(shape)?, v.narrow(0, offsets[i], n)?.reshape(shape)?)
                 }
@@ -409,13 +297,13 @@ impl AdamW {
                     st.m.copy_from_slice(&m_saved.flatten_all()?.to_vec1::<f32>()?);
                     st.v.copy_from_slice(&v_saved.flatten_all()?.to_vec1::<f32>()?);
                 }
-                State::Flat { .. } => {
+                State::Flat(_) => {
                     flat_m.push(m_saved.flatten_all()?.to_device(p.var.device())?);
                     flat_v.push(v_saved.flatten_all()?.to_device(p.var.device())?);
                 }
             }
         }
-        if let State::Flat { m, v, .. } = &mut self.state {
+        if let State::Flat(Flat { m, v, .. }) = &mut self.state {
             if !flat_m.is_empty() {
                 *m = Tensor::cat(&flat_m, 0)?;
                 *v = Tensor::cat(&flat_v, 0)?;

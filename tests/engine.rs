@@ -14,7 +14,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::cli::s;
+use crate::util::s;
 use crate::model::fixture;
 
 /// Small images: decoding the large fixture photos would take most of the tests' time.
@@ -248,8 +248,8 @@ fn sampled_answers_do_not_depend_on_the_batch_size_the_file_order_or_an_interrup
     let run = |questions: &Path, name: &str, batch: &str| {
         let out = tmp.path().join(name);
         let args = generate_args(questions, &out, &[&sampling[..], &["--batch-size", batch]].concat());
-        let o = crate::cli::bpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "{}", crate::cli::stderr(&o));
+        let o = crate::util::bpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", crate::util::stderr(&o));
         answers_by_id(&out)
     };
     let one = run(&q, "b1.jsonl", "1");

@@ -592,7 +592,7 @@ struct FreeRows {
 
 impl FreeRows {
     fn new(rows: usize) -> Self {
-        FreeRows { free: vec![0..rows] }
+        FreeRows { free: std::iter::once(0..rows).collect() }
     }
 
     /// The start of `len` free rows, now taken.

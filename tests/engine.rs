@@ -14,8 +14,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::util::s;
-use crate::model::fixture;
+use crate::util::{fixture, s};
 
 /// Small images: decoding the large fixture photos would take most of the tests' time.
 const IMAGES: [&str; 4] = ["gray.png", "small.png", "tiny.png", "alpha.png"];

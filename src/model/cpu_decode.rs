@@ -149,7 +149,12 @@ pub struct Heads {
 /// `past + i`. Scores in f32 scaled by `scale`, softmax in f32 (max subtracted), then the weighted sum of values.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], seqs: &[SeqSpan], h: Heads, scale: f32, out: &mut [f32]) {
     assert!(q.len() >= h.heads * h.tokens * h.head_dim && out.len() >= h.tokens * h.heads * h.head_dim);
-    assert!(h.kv_heads > 0 && h.heads.is_multiple_of(h.kv_heads), "attention: {} heads over {} kv heads", h.heads, h.kv_heads);
+    assert!(
+        h.kv_heads > 0 && h.heads.is_multiple_of(h.kv_heads),
+        "attention: {} heads over {} kv heads",
+        h.heads,
+        h.kv_heads
+    );
     for s in seqs {
         let rows = (s.start + s.past + s.len) * h.kv_heads * h.head_dim;
         assert!(

@@ -263,6 +263,7 @@ fn sampled_answers_do_not_depend_on_the_batch_size_the_file_order_or_an_interrup
 }
 
 /// Peak resident memory (KiB) of `bpo args`, which must succeed.
+#[allow(clippy::zombie_processes)] // the child is reaped by wait4, which std does not see
 fn peak_rss_kib(args: &[String]) -> i64 {
     let mut command = Command::new(env!("CARGO_BIN_EXE_bpo"));
     let child = command.args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();

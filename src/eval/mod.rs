@@ -10,21 +10,27 @@
 //! (`scores.json` + `details.jsonl`), renders terminal tables and compares two runs.
 
 pub mod answer;
+pub mod benchmark;
+pub mod captions;
 pub mod chair;
 pub mod inputs;
 pub mod judge;
 pub mod llava_bench;
 pub mod mmhal;
 pub mod mmvet;
+pub mod plan;
 pub mod pope;
 pub mod pynum;
 pub mod report;
 pub mod rows;
+pub mod run;
 pub mod suite;
 pub mod synth;
 pub mod words;
 
+pub use benchmark::Benchmark;
 pub use rows::{load_answers, Answer, Origin};
+pub use run::{Answers, Context, Events};
 
 /// The eight Object HalBench description instructions (RLHF-V, Table 6), one per line; use them verbatim.
 pub const OBJECT_HALBENCH_PROMPTS: &str = include_str!("../../data/object-halbench/prompts.txt");

@@ -2,16 +2,15 @@
 //! and, for the judged ones, how to open their judge. `bpo eval suite` runs what [`SuiteConfig::benchmark`] gives
 //! through [`Benchmark::run`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::benchmark::Benchmark;
 use super::captions::{image_files, Captions, Truth};
-use super::judge::{cache_path, JudgeOptions};
 use super::llava_bench::LlavaBench;
 use super::mmhal::MmHal;
 use super::mmvet::MmVet;
 use super::pope::{load_questions, Pairing, Pope, SHORT_ANSWER};
-use super::suite::{JudgeConfig, SuiteConfig};
+use super::suite::SuiteConfig;
 use crate::{Error, Result};
 
 /// One benchmark of a suite, ready to run.
@@ -96,12 +95,18 @@ impl SuiteConfig {
     }
 }
 
-impl JudgeConfig {
+#[cfg(feature = "http")]
+impl super::suite::JudgeConfig {
     /// The judge's options: `model` instead of `[judge] model` when given, its reply cache in `dir`, which may not
     /// be one of `inputs`.
-    pub fn options(&self, model: Option<&str>, dir: &Path, inputs: &[PathBuf]) -> Result<JudgeOptions> {
+    pub fn options(
+        &self,
+        model: Option<&str>,
+        dir: &std::path::Path,
+        inputs: &[PathBuf],
+    ) -> Result<super::judge::JudgeOptions> {
         let (backoff, timeout) = (self.backoff()?, self.timeout()?);
-        Ok(JudgeOptions {
+        Ok(super::judge::JudgeOptions {
             url: self.url.clone(),
             model: model.unwrap_or(&self.model).to_string(),
             api_key: crate::http::api_key_from_env(&self.api_key_env)?,
@@ -109,7 +114,7 @@ impl JudgeConfig {
             retries: self.retries,
             backoff,
             timeout,
-            cache: cache_path(dir),
+            cache: super::judge::cache_path(dir),
             inputs: inputs.to_vec(),
         })
     }

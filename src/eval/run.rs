@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::answer::{self, Answering};
-use super::judge::{self, Judge};
+use super::judge::{self, Grader};
 use super::report::{write_run, Scores};
 use super::{load_answers, Answer};
 use crate::generate::vqa;
@@ -59,14 +59,14 @@ impl Events for () {}
 /// `details.jsonl`, `answers.jsonl` when a model answered; judged benchmarks need one) and the events sink.
 #[derive(Clone, Copy)]
 pub struct Context<'a> {
-    pub judge: Option<&'a Judge>,
+    pub judge: Option<&'a dyn Grader>,
     pub out: Option<&'a Path>,
     pub events: &'a dyn Events,
 }
 
 impl<'a> Context<'a> {
     /// The judge; an error naming `benchmark` when there is none.
-    pub fn judge(&self, benchmark: &str) -> Result<&'a Judge> {
+    pub fn judge(&self, benchmark: &str) -> Result<&'a dyn Grader> {
         self.judge.ok_or_else(|| Error::invalid(format!("{benchmark} needs a judge")))
     }
 
@@ -167,7 +167,7 @@ pub fn answer_row(id: &str, prompt: &str, text: String, how: &Answering) -> Answ
 
 /// Runs `grade` over `items` on the judge's workers, then says what the judge cost.
 pub fn judge_all<I: Sync, T: Send>(
-    judge: &Judge,
+    judge: &dyn Grader,
     events: &dyn Events,
     items: &[I],
     what: &str,

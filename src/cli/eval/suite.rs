@@ -124,6 +124,8 @@ fn run_one(
             Answers::Model { vlm: model.get()?, how }
         }
     };
-    let scores = plan.bench.run(answers, &Context { judge: judge.as_ref(), out: Some(dir), events: &Terminal })?;
+    let scores = plan
+        .bench
+        .run(answers, &Context { judge: judge.as_ref().map(|j| j as _), out: Some(dir), events: &Terminal })?;
     finish(&scores, Some(dir))
 }

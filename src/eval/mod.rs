@@ -2,6 +2,10 @@
 //! the judged benchmarks MM-Vet ([`mmvet`]), LLaVA-Bench in the wild ([`llava_bench`]) and MMHal-Bench
 //! ([`mmhal`]) through an LLM judge ([`judge`]) with the official prompts and score parsing.
 //!
+//! [`Benchmark::run`] is the one way to run any of them: answers from a file, from an earlier run's folder or from
+//! a model through the generation engine ([`answer`]), a judge where needed, an output folder; typed
+//! [`report::Scores`] back. `bpo eval`, `bpo eval suite` ([`plan`]) and the demo all call it.
+//!
 //! Scoring works on in-memory rows, so a generation loop can score its answers without writing files:
 //! [`pope::score`] takes [`pope::PopeQuestion`]s and [`Answer`]s; [`chair::Chair::score`] takes
 //! [`chair::Caption`]s and a [`chair::GroundTruth`]. File loading lives beside them ([`pope::load_questions`],

@@ -15,8 +15,8 @@ use super::mmhal::MmHal;
 use super::mmvet::MmVet;
 use super::pope::Pope;
 use super::report::Scores;
+use super::rows::Answer;
 use super::run::{self, Answers, Bench, Context, Events};
-use super::Answer;
 use crate::Result;
 
 /// A benchmark with its inputs loaded.

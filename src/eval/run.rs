@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::answer::{self, Answering};
 use super::judge::{self, Grader};
 use super::report::{write_run, Scores};
-use super::{load_answers, Answer};
+use super::rows::{load_answers, Answer};
 use crate::generate::vqa;
 use crate::model::Vlm;
 use crate::progress::Progress;

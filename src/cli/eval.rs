@@ -2,23 +2,21 @@
 //! (MM-Vet, LLaVA-Bench, MMHal-Bench: [`judged`]), and compare runs.
 //!
 //! Answers come from `--answers` files, or from a model (`--model`): `pope` then answers the questions first and
-//! `caption` describes a folder of images, writing `answers.jsonl` into `--out` before scoring it through the same
-//! library calls (`pope::score`, `inputs::captions_from_answers` + `Chair::score`) and [`finish`].
+//! `caption` describes a folder of images, writing `answers.jsonl` into `--out`. Every command builds a
+//! [`Benchmark`], runs it through [`Benchmark::run`] and prints what it returns ([`finish`]).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::Context as _;
 use clap::{ArgGroup, Args, Subcommand};
-use serde::Serialize;
 
-use bpo::eval::answer::{self, Answering};
-use bpo::eval::chair::{Chair, GroundTruth};
+use bpo::eval::answer::Answering;
+use bpo::eval::captions::{image_files, Captions, Truth};
+use bpo::eval::pope::{self, Pope};
 use bpo::eval::report::{self, Scores};
-use bpo::eval::words::Lemmatizer;
-use bpo::eval::{inputs, load_answers, pope, Answer};
-use bpo::generate::{vqa, EngineOptions, SamplingParams};
-use bpo::model::Vlm;
+use bpo::eval::{inputs, Answers, Benchmark, Context, Events};
+use bpo::generate::{EngineOptions, SamplingParams};
+use bpo::progress::Progress;
 
 use super::{progress, ModelArgs};
 
@@ -198,47 +196,29 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
     inputs.extend(args.answers.as_deref());
     inputs.extend(args.gen.images.as_deref());
     let _lock = args.out.as_deref().map(|out| lock_run(out, &inputs)).transpose()?;
-    let questions = pope::load_questions(&args.questions)?;
+    let bench = Benchmark::Pope(Pope {
+        questions: pope::load_questions(&args.questions)?,
+        images: args.gen.images.clone(),
+        suffix: pope::SHORT_ANSWER.into(),
+        pairing: if args.positional { pope::Pairing::Positional } else { pope::Pairing::ById },
+    });
+    let params = SamplingParams { max_new_tokens: args.gen.max_new_tokens, ..Default::default() };
+    let vlm;
     let answers = match (&args.answers, &args.model) {
-        (Some(path), _) => load_answers(path)?,
+        (Some(path), _) => given(&bench, path)?,
         (None, Some(model)) => {
-            let answers = pope_answers(
-                &model.load()?,
-                model,
-                &questions,
-                args.gen.images.as_ref(),
-                &args.gen_params(),
-                &args.gen.batch.engine(),
-            )?;
-            save_answers(args.out.as_deref(), &answers)?;
-            answers
+            vlm = model.load()?;
+            Answers::Model { vlm: &vlm, how: answering(model, &params, &args.gen.batch.engine()) }
         }
         (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
     };
-    let pairing = if args.positional { pope::Pairing::Positional } else { pope::Pairing::ById };
-    let out = pope::score(&questions, &answers, pairing)?;
-    finish(&Scores::Pope(out.report), &out.details, args.out.as_deref())
+    let scores = bench.run(answers, &Context { judge: None, out: args.out.as_deref(), events: &Terminal })?;
+    finish(&scores, args.out.as_deref())
 }
 
-/// Answers POPE questions with LLaVA's short-answer suffix, greedily.
-fn pope_answers(
-    vlm: &Vlm,
-    model: &ModelArgs,
-    questions: &[pope::PopeQuestion],
-    images: Option<&PathBuf>,
-    params: &SamplingParams,
-    batch: &EngineOptions,
-) -> anyhow::Result<Vec<Answer>> {
-    with_bar(|tick| {
-        answer::answer_pope(
-            vlm,
-            questions,
-            images.map(PathBuf::as_path),
-            answer::SHORT_ANSWER,
-            &answering(model, params, batch),
-            tick,
-        )
-    })
+/// The rows of an answers file, in the benchmark's format.
+pub fn given(bench: &Benchmark, path: &Path) -> anyhow::Result<Answers<'static>> {
+    Ok(Answers::Given { rows: bench.read_answers(path, &Terminal)?, from: path.display().to_string() })
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
@@ -249,91 +229,68 @@ fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
             .map(PathBuf::as_path)
             .collect();
     let _lock = args.out.as_deref().map(|out| lock_run(out, &inputs)).transpose()?;
-    let chair = load_chair(args.synonyms.as_deref())?;
-    let answers = load_answers(&args.answers)?;
+    let chair = Captions::chair(args.synonyms.as_deref())?;
     let question_images = args.questions.as_deref().map(inputs::load_question_images).transpose()?;
-    let captions = inputs::captions_from_answers(&answers, question_images.as_ref())?;
-    let truth = load_truth(&chair, &captions, args.coco.as_deref(), args.ground_truth.as_deref())?;
-    let out = chair.score(&captions, &truth)?;
-    finish(&Scores::Chair(out.report), &out.details, args.out.as_deref())
+    let truth = truth(args.coco.as_deref(), args.ground_truth.as_deref())?;
+    let bench = Benchmark::Captions(Captions { chair, truth, question_images, asks: Vec::new() });
+    let answers = given(&bench, &args.answers)?;
+    let scores = bench.run(answers, &Context { judge: None, out: args.out.as_deref(), events: &Terminal })?;
+    finish(&scores, args.out.as_deref())
 }
 
-/// The built-in COCO synonym list, or the user's.
-fn load_chair(synonyms: Option<&Path>) -> anyhow::Result<Chair> {
-    Ok(match synonyms {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Chair::new(&text, Lemmatizer::wordnet()).with_context(|| format!("{}", path.display()))?
-        }
-        None => Chair::builtin()?,
-    })
-}
-
-/// Ground truth for the captions' images, from COCO annotations or a JSONL file.
-fn load_truth(
-    chair: &Chair,
-    captions: &[bpo::eval::chair::Caption],
-    coco: Option<&Path>,
-    ground_truth: Option<&Path>,
-) -> anyhow::Result<GroundTruth> {
+/// Ground truth from COCO annotations or a JSONL file.
+fn truth(coco: Option<&Path>, ground_truth: Option<&Path>) -> anyhow::Result<Truth> {
     Ok(match (coco, ground_truth) {
-        (Some(dir), _) => {
-            let images: HashSet<String> = captions.iter().map(|c| c.image_id.clone()).collect();
-            let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("reading {}", dir.display()));
-            spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-            let truth = GroundTruth::from_coco(dir, chair, &images);
-            spinner.finish_and_clear();
-            truth?
-        }
-        (None, Some(path)) => GroundTruth::from_jsonl(path, chair)?,
+        (Some(dir), _) => Truth::Coco(dir.to_path_buf()),
+        (None, Some(path)) => Truth::Jsonl(path.to_path_buf()),
         (None, None) => anyhow::bail!("give --coco DIR or --ground-truth FILE"),
     })
 }
 
-impl PopeArgs {
-    fn gen_params(&self) -> SamplingParams {
-        SamplingParams { max_new_tokens: self.gen.max_new_tokens, ..Default::default() }
-    }
-}
-
 /// How `model` answers: `params`, batched by `batch`, its adapters, its name in the rows.
-fn answering(model: &ModelArgs, params: &SamplingParams, batch: &EngineOptions) -> Answering {
+pub fn answering(model: &ModelArgs, params: &SamplingParams, batch: &EngineOptions) -> Answering {
     Answering { params: params.clone(), batch: batch.clone(), pass: model.pass(), model_id: model.model_id() }
 }
 
-/// Runs one of [`answer`]'s runners with a progress bar over the distinct prompts.
-fn with_bar<T>(run: impl FnOnce(&mut dyn FnMut(usize, usize)) -> bpo::Result<T>) -> anyhow::Result<T> {
-    let bar = progress(0, "answering");
-    let out = run(&mut |n, total| {
-        bar.set_length(total as u64);
-        bar.inc(n as u64)
-    })?;
-    bar.finish();
-    Ok(out)
-}
+/// A benchmark run seen from the terminal: progress bars on stderr, messages on stderr.
+pub struct Terminal;
 
-/// Answers `prompts` with a loaded model, with a progress bar.
-fn answer_with(
-    vlm: &Vlm,
-    model: &ModelArgs,
-    prompts: &[vqa::Prompt],
-    params: &SamplingParams,
-    batch: &EngineOptions,
-) -> anyhow::Result<Vec<String>> {
-    with_bar(|tick| answer::answer_unique(vlm, prompts, &answering(model, params, batch), tick))
-}
+/// A bar left drawn when its stage ends.
+struct Kept(indicatif::ProgressBar);
 
-/// Writes generated answers as `answers.jsonl` in the run folder, so they can be re-scored or inspected.
-fn save_answers(out: Option<&Path>, answers: &[Answer]) -> anyhow::Result<()> {
-    if let Some(dir) = out {
-        bpo::output::create_dir(dir)?;
-        bpo::jsonl::write(&dir.join("answers.jsonl"), answers)?;
+impl Progress for Kept {
+    fn set_length(&self, len: u64) {
+        self.0.set_length(len)
     }
-    Ok(())
+    fn inc(&self, n: u64) {
+        self.0.inc(n)
+    }
+    fn finish(&self) {
+        self.0.finish()
+    }
+}
+
+impl Events for Terminal {
+    fn stage(&self, what: &str, len: Option<u64>) -> Box<dyn Progress + '_> {
+        match len {
+            Some(len) => Box::new(Kept(progress(len as usize, what))),
+            None => {
+                let spinner = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+                spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+                Box::new(spinner)
+            }
+        }
+    }
+    fn judging(&self, what: &str, len: u64) -> Box<dyn Progress + Send + Sync> {
+        Box::new(progress(len as usize, what))
+    }
+    fn say(&self, line: &str) {
+        errln!("{line}")
+    }
 }
 
 fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
-    let chair = load_chair(args.synonyms.as_deref())?;
+    let chair = Captions::chair(args.synonyms.as_deref())?;
     let instructions: Vec<String> = if args.prompts == "object-halbench" {
         bpo::eval::object_halbench_prompts().into_iter().map(String::from).collect()
     } else {
@@ -350,66 +307,22 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
             .collect();
     let _lock = lock_run(&args.out, &inputs)?;
     let params = SamplingParams { max_new_tokens: args.max_new_tokens, ..Default::default() };
-    let answers =
-        caption_answers(&args.model.load()?, &args.model, &files, &instructions, &params, &args.batch.engine())?;
-    save_answers(Some(&args.out), &answers)?;
-    let captions = inputs::captions_from_answers(&answers, None)?;
-    let truth = load_truth(&chair, &captions, args.coco.as_deref(), args.ground_truth.as_deref())?;
-    let out = chair.score(&captions, &truth)?;
-    finish(&Scores::Chair(out.report), &out.details, Some(&args.out))
+    let truth = truth(args.coco.as_deref(), args.ground_truth.as_deref())?;
+    let asks = Captions::describe(&files, &instructions);
+    let bench = Benchmark::Captions(Captions { chair, truth, question_images: None, asks });
+    let vlm = args.model.load()?;
+    let answers = Answers::Model { vlm: &vlm, how: answering(&args.model, &params, &args.batch.engine()) };
+    let scores = bench.run(answers, &Context { judge: None, out: Some(&args.out), events: &Terminal })?;
+    finish(&scores, Some(&args.out))
 }
 
-/// The images of a folder (jpg, jpeg, png, webp), sorted by name, at most `limit`.
-fn image_files(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| ["jpg", "jpeg", "png", "webp"].contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    files.truncate(limit.unwrap_or(usize::MAX));
-    anyhow::ensure!(!files.is_empty(), "no images in {}", dir.display());
-    Ok(files)
-}
-
-/// Describes each image with the instructions used in turn; answers are keyed by file name.
-fn caption_answers(
-    vlm: &Vlm,
-    model: &ModelArgs,
-    files: &[PathBuf],
-    instructions: &[String],
-    params: &SamplingParams,
-    batch: &EngineOptions,
-) -> anyhow::Result<Vec<Answer>> {
-    let asks: Vec<answer::CaptionAsk> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            answer::CaptionAsk {
-                id: name.clone(),
-                image: f.clone(),
-                name,
-                instruction: instructions[i % instructions.len()].clone(),
-            }
-        })
-        .collect();
-    with_bar(|tick| answer::answer_captions(vlm, &asks, &answering(model, params, batch), tick))
-}
-
-/// Prints the table and warnings, and writes the run folder when asked. Shared by every way of producing
-/// scores (files today, in-memory generation later).
-pub fn finish<D: Serialize>(scores: &Scores, details: &[D], out: Option<&Path>) -> anyhow::Result<()> {
+/// Prints the table and warnings, and where the run folder was written.
+pub fn finish(scores: &Scores, out: Option<&Path>) -> anyhow::Result<()> {
     outln!("{}", scores.table());
     for w in scores.warnings() {
         errln!("warning: {w}");
     }
     if let Some(dir) = out {
-        report::write_run(dir, scores, details)?;
         outln!("wrote {}/{{{}, {}}}", dir.display(), report::SCORES_FILE, report::DETAILS_FILE);
     }
     Ok(())

@@ -1,23 +1,25 @@
-//! Evaluating a demo model in the field's terms, through the same scoring code as `bpo eval`: POPE on the three
-//! question files ([`crate::eval::pope::score`]) and CHAIR on descriptions of the evaluation images
-//! ([`crate::eval::chair::Chair`] with the world's synonym list and `GroundTruth::from_jsonl`). Answers are
-//! written in LLaVA's answer format and scores as `bpo eval` run folders, so `bpo eval compare` works on them.
+//! Evaluating a demo model in the field's terms, through the same entry point as `bpo eval` ([`crate::eval::run`]):
+//! POPE on the three question files ([`Pope`]) and CHAIR on descriptions of the evaluation images ([`Captions`]
+//! with the world's synonym list and ground truth). Answers are written in LLaVA's answer format and scores as
+//! `bpo eval` run folders, so `bpo eval compare` works on them.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::data::WorldFiles;
-use crate::eval::answer::{answer_captions, answer_pope, Answering, CaptionAsk};
-use crate::eval::chair::{CaptionDetail, Chair, ChairReport, GroundTruth};
-use crate::eval::inputs;
-use crate::eval::pope::{self, Pairing, PopeReport};
-use crate::eval::report::{write_run, Scores};
+use crate::eval::answer::{Answering, CaptionAsk};
+use crate::eval::captions::{Captions, Truth};
+use crate::eval::chair::{CaptionDetail, Chair, ChairReport};
+use crate::eval::pope::{self, Pairing, Pope, PopeReport};
+use crate::eval::run::{self, Answers, Context, Events};
 use crate::eval::words::Lemmatizer;
 use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::Pass;
 use crate::model::Vlm;
+use crate::progress::Progress;
 use crate::{jsonl, Error, Result};
 
 /// One model's scores.
@@ -78,14 +80,19 @@ pub fn evaluate(
     out: &Path,
     batch: usize,
     pass: Pass,
-    mut tick: impl FnMut(usize),
+    tick: impl FnMut(usize),
 ) -> Result<Evaluation> {
-    let questions = pope::load_questions(&files.pope)?;
-    let answers = answer_pope(vlm, &questions, Some(&files.images), "", &answering(3, batch, pass), |n, _| tick(n))?;
-    let pope_out = pope::score(&questions, &answers, Pairing::ById)?;
-    let pope_dir = out.join("pope");
-    write_run(&pope_dir, &Scores::Pope(pope_out.report.clone()), &pope_out.details)?;
-    jsonl::write(&pope_dir.join("answers.jsonl"), &answers)?;
+    let events = Ticks(RefCell::new(tick));
+    let (pope_dir, chair_dir) = (out.join("pope"), out.join("chair"));
+    let ctx = |dir| Context { judge: None, out: Some(dir), events: &events };
+    let pope = Pope {
+        questions: pope::load_questions(&files.pope)?,
+        images: Some(files.images.clone()),
+        suffix: String::new(),
+        pairing: Pairing::ById,
+    };
+    let pope_model = Answers::Model { vlm, how: answering(3, batch, pass) };
+    let (pope_report, _) = run::run(&pope, pope_model, &ctx(&pope_dir))?;
 
     let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
     let asks: Vec<CaptionAsk> = describe
@@ -97,27 +104,40 @@ pub fn evaluate(
             instruction: d.text.clone(),
         })
         .collect();
-    let answers = answer_captions(vlm, &asks, &answering(40, batch, pass), |n, _| tick(n))?;
     let synonyms = std::fs::read_to_string(&files.synonyms).map_err(|e| Error::io(&files.synonyms, e))?;
     let chair = Chair::new(&synonyms, Lemmatizer::wordnet())?;
-    let truth = GroundTruth::from_jsonl(&files.chair_truth, &chair)?;
-    let captions = inputs::captions_from_answers(&answers, None)?;
-    let chair_out = chair.score(&captions, &truth)?;
-    let chair_dir = out.join("chair");
-    write_run(&chair_dir, &Scores::Chair(chair_out.report.clone()), &chair_out.details)?;
-    jsonl::write(&chair_dir.join("answers.jsonl"), &answers)?;
+    let captions = Captions { chair, truth: Truth::Jsonl(files.chair_truth.clone()), question_images: None, asks };
+    let chair_model = Answers::Model { vlm, how: answering(40, batch, pass) };
+    let (chair_report, chair_details) = run::run(&captions, chair_model, &ctx(&chair_dir))?;
 
     let scores = EvalScores {
-        objects_per_caption: ratio(chair_out.report.mentions, chair_out.report.captions),
+        objects_per_caption: ratio(chair_report.mentions, chair_report.captions),
         partner_hallucination: ratio(
-            chair_out.details.iter().filter(|d| names_absent_partner(d)).count(),
-            chair_out.details.len(),
+            chair_details.iter().filter(|d| names_absent_partner(d)).count(),
+            chair_details.len(),
         ),
-        pope: pope_out.report,
-        chair: chair_out.report,
+        pope: pope_report,
+        chair: chair_report,
     };
-    let captions = chair_out.details.into_iter().map(|d| (d.image_id.clone(), d)).collect();
+    let captions = chair_details.into_iter().map(|d| (d.image_id.clone(), d)).collect();
     Ok(Evaluation { scores, captions })
+}
+
+/// The demo's progress: every answered prompt of either benchmark ticks the stage's bar.
+struct Ticks<F>(RefCell<F>);
+
+impl<F: FnMut(usize)> Events for Ticks<F> {
+    fn stage(&self, _what: &str, _len: Option<u64>) -> Box<dyn Progress + '_> {
+        Box::new(Tick(&self.0))
+    }
+}
+
+struct Tick<'a, F>(&'a RefCell<F>);
+
+impl<F: FnMut(usize)> Progress for Tick<'_, F> {
+    fn inc(&self, n: u64) {
+        (self.0.borrow_mut())(n as usize)
+    }
 }
 
 #[derive(Deserialize)]

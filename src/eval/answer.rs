@@ -4,15 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::pope::PopeQuestion;
 use super::Answer;
 use crate::generate::vqa::{self, Prompt};
 use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::{Pass, Vlm};
 use crate::Result;
-
-/// LLaVA's short-answer suffix, appended to POPE questions as its evaluation scripts do.
-pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
 
 /// How to answer: decoding, batching, adapters, and the `model_id` the rows record.
 #[derive(Debug, Clone)]
@@ -57,37 +53,6 @@ pub fn answer_unique(
     let total = unique.len();
     let texts = vqa::answer_all(vlm, &unique, &how.params, &how.batch, how.pass, |n| tick(n, total))?;
     Ok(slot.into_iter().map(|u| texts[u].clone()).collect())
-}
-
-/// Answers POPE questions with `suffix` appended ([`SHORT_ANSWER`] in LLaVA's protocol); images relative to
-/// `images`.
-pub fn answer_pope(
-    vlm: &Vlm,
-    questions: &[PopeQuestion],
-    images: Option<&Path>,
-    suffix: &str,
-    how: &Answering,
-    tick: impl FnMut(usize, usize),
-) -> Result<Vec<Answer>> {
-    let prompts: Vec<Prompt> = questions
-        .iter()
-        .map(|q| Prompt {
-            text: format!("{}{suffix}", q.text),
-            image: (!q.image.is_empty()).then(|| crate::data::image_path(images, &q.image)),
-            origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
-            id: q.question_id.clone(),
-        })
-        .collect();
-    let texts = answer_unique(vlm, &prompts, how, tick)?;
-    Ok(questions
-        .iter()
-        .zip(texts)
-        .map(|(q, t)| Answer {
-            model_id: how.model_id.clone(),
-            answer_id: q.question_id.clone(),
-            ..Answer::new(q.question_id.clone(), q.text.clone(), t)
-        })
-        .collect())
 }
 
 /// Describes images (CHAIR, Object HalBench); each row records its image's name for the scorer.

@@ -68,6 +68,15 @@ pub trait Ask: Sync {
     fn ask(&self, request: &ChatRequest, run: usize) -> Result<Reply>;
 }
 
+/// A judge a benchmark run grades with ([`Judge`] with the `http` feature): it answers requests, and says its
+/// model, how many requests it takes at once, and what it cost.
+pub trait Grader: Ask {
+    fn model(&self) -> &str;
+    fn concurrency(&self) -> usize;
+    /// Requests sent, and requests answered from a cache.
+    fn counts(&self) -> (usize, usize);
+}
+
 impl<F: Fn(&ChatRequest, usize) -> Result<Reply> + Sync> Ask for F {
     fn ask(&self, request: &ChatRequest, run: usize) -> Result<Reply> {
         self(request, run)

@@ -23,9 +23,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::answer::Answering;
 use super::judge::{Ask, ChatRequest, Message};
 use super::pynum::{py_float, py_round};
 use super::rows::{flex_id, Origin};
+use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Rows, ToAnswer};
+use super::Answer;
+use crate::model::Vlm;
 use crate::{jsonl, Error, Result};
 
 /// The system message of `eval_gpt_review_bench.py` (`get_eval`).
@@ -238,5 +242,71 @@ impl LlavaBenchReport {
             out.push((format!("{}/reference", c.category), c.reference));
         }
         out
+    }
+}
+
+/// LLaVA-Bench as a [`Bench`]: its three files (questions, the judge's image captions, GPT-4's reference answers)
+/// and the images' folder.
+pub struct LlavaBench {
+    pub questions: Vec<Question>,
+    context: HashMap<String, String>,
+    context_path: std::path::PathBuf,
+    references: HashMap<String, String>,
+    references_path: std::path::PathBuf,
+    pub images: Option<std::path::PathBuf>,
+}
+
+impl LlavaBench {
+    /// Reads `questions.jsonl`, `context.jsonl` and the reference answers.
+    pub fn load(questions: &Path, context: &Path, references: &Path, images: Option<&Path>) -> Result<LlavaBench> {
+        Ok(LlavaBench {
+            questions: load_questions(questions)?,
+            context: load_context(context)?,
+            context_path: context.to_path_buf(),
+            references: by_id(super::load_answers(references)?),
+            references_path: references.to_path_buf(),
+            images: images.map(Path::to_path_buf),
+        })
+    }
+}
+
+impl Bench for LlavaBench {
+    type Report = LlavaBenchReport;
+    type Detail = Detail;
+
+    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+        let items: Vec<ToAnswer> = self
+            .questions
+            .iter()
+            .map(|q| ToAnswer { id: q.question_id.clone(), text: q.text.clone(), image: Some(q.image.clone()) })
+            .collect();
+        answer_items(vlm, how, &items, self.images.as_deref(), tick)
+    }
+
+    /// Reviews every answer (by question_id) against its reference.
+    fn score(&self, rows: Rows, ctx: &Context) -> Result<(LlavaBenchReport, Vec<Detail>)> {
+        let judge = ctx.judge("LLaVA-Bench")?;
+        let answers = by_id(rows.rows);
+        let questions = &self.questions;
+        let ids = || questions.iter().map(|q| q.question_id.as_str());
+        let refs = require(&self.references, ids(), &self.references_path.display().to_string())?;
+        let model_answers = require(&answers, ids(), &rows.from)?;
+        let mut captions = Vec::with_capacity(questions.len());
+        for q in questions {
+            let c = self.context.get(&q.image).ok_or_else(|| {
+                Error::invalid(format!(
+                    "{}: no caption for image {:?} of question {}",
+                    self.context_path.display(),
+                    q.image,
+                    q.question_id
+                ))
+            })?;
+            captions.push(c.as_str());
+        }
+        let items: Vec<usize> = (0..questions.len()).collect();
+        let details = judge_all(judge, ctx.events, &items, "reviewing", |&i| {
+            review(judge, &questions[i], captions[i], refs[i], model_answers[i])
+        })?;
+        Ok((summarize(&details, judge.model()), details))
     }
 }

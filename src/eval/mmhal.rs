@@ -20,8 +20,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::answer::Answering;
 use super::judge::{Ask, ChatRequest, Message};
 use super::pynum::py_round;
+use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Rows, ToAnswer};
+use super::Answer;
+use crate::model::Vlm;
 use crate::{Error, Result};
 
 /// The judge prompt of llava-rlhf/LLaVA-RLHF `Eval/eval_gpt_mmhal.py` (commit 830a083fd83e, `template =
@@ -238,5 +242,79 @@ impl MmHalReport {
         ];
         out.extend(self.types.iter().map(|t| (format!("type/{}", t.question_type), t.average)));
         out
+    }
+}
+
+/// MMHal-Bench as a [`Bench`]: the records of `response_template.json` (answers joined by position: an answer's
+/// question_id is its record's 0-based index) and the images' folder.
+pub struct MmHal {
+    pub records: Vec<Record>,
+    pub images: Option<std::path::PathBuf>,
+}
+
+/// The file a run writes when a model answered: the records with `model_answer` filled in, as the official
+/// evaluation script reads them.
+pub const RESPONSES_FILE: &str = "responses.json";
+
+impl MmHal {
+    /// Reads `response_template.json`.
+    pub fn load(path: &Path, images: Option<&Path>) -> Result<MmHal> {
+        Ok(MmHal { records: load_records(path)?, images: images.map(Path::to_path_buf) })
+    }
+
+    /// Reads an official response file (the template's records with `model_answer`, every one filled in) and its
+    /// answers.
+    pub fn from_responses(path: &Path) -> Result<(MmHal, Vec<Answer>)> {
+        let records = load_records(path)?;
+        let missing: Vec<String> =
+            records.iter().enumerate().filter(|(_, r)| r.model_answer.is_none()).map(|(i, _)| i.to_string()).collect();
+        if !missing.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: record(s) {} have no model_answer",
+                path.display(),
+                missing.join(", ")
+            )));
+        }
+        let answers = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Answer::new(i.to_string(), "", r.model_answer.clone().unwrap_or_default()))
+            .collect();
+        Ok((MmHal { records, images: None }, answers))
+    }
+}
+
+impl Bench for MmHal {
+    type Report = MmHalReport;
+    type Detail = Detail;
+
+    /// The question alone (as `--test-prompt ''`), ids the records' positions.
+    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+        let items: Vec<ToAnswer> = self
+            .records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ToAnswer { id: i.to_string(), text: r.question.clone(), image: r.image_file() })
+            .collect();
+        answer_items(vlm, how, &items, self.images.as_deref(), tick)
+    }
+
+    /// Judges every answer; answers a run made (or saved) are also written as the official response file
+    /// [`RESPONSES_FILE`].
+    fn score(&self, rows: Rows, ctx: &Context) -> Result<(MmHalReport, Vec<Detail>)> {
+        let j = ctx.judge("MMHal-Bench")?;
+        let records = &self.records;
+        let answers = by_id(rows.rows);
+        let ids: Vec<String> = (0..records.len()).map(|i| i.to_string()).collect();
+        let from = if rows.given { rows.from.as_str() } else { "the generated answers" };
+        let texts = require(&answers, ids.iter().map(String::as_str), from)?;
+        if !rows.given {
+            let responses: Vec<Value> = records.iter().zip(&texts).map(|(r, t)| r.with_answer(t)).collect();
+            let out = ctx.out("MMHal-Bench")?;
+            crate::output::write_json(&out.join(RESPONSES_FILE), &Value::Array(responses))?;
+        }
+        let items: Vec<usize> = (0..records.len()).collect();
+        let details = judge_all(j, ctx.events, &items, "judging", |&i| judge(j, i, &records[i], texts[i]))?;
+        Ok((summarize(&details, j.model()), details))
     }
 }

@@ -23,8 +23,12 @@ use std::path::Path;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::answer::Answering;
 use super::judge::{Ask, ChatRequest, Message};
 use super::pynum::{np_mean, np_round, np_std, py_float, py_strip};
+use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Events, Rows, ToAnswer};
+use super::Answer;
+use crate::model::Vlm;
 use crate::{Error, Result};
 
 /// The grading prompt of yuweihao/MM-Vet `mm-vet_evaluator.py` (commit acde843e02da, `prompt = """..."""`),
@@ -300,5 +304,92 @@ impl MmVetReport {
         out.extend(self.capabilities.iter().map(|c| (c.name.clone(), c.score)));
         out.extend(self.integrations.iter().map(|c| (format!("int/{}", c.name), c.score)));
         out
+    }
+}
+
+/// MM-Vet as a [`Bench`]: the questions (read from `path`), their images' folder, and the gradings per answer.
+pub struct MmVet {
+    pub questions: Vec<Question>,
+    pub path: std::path::PathBuf,
+    pub images: Option<std::path::PathBuf>,
+    pub runs: usize,
+}
+
+impl MmVet {
+    /// Reads `mm-vet.json`.
+    pub fn load(path: &Path, images: Option<&Path>, runs: usize) -> Result<MmVet> {
+        Ok(MmVet {
+            questions: load_questions(path)?,
+            path: path.to_path_buf(),
+            images: images.map(Path::to_path_buf),
+            runs,
+        })
+    }
+}
+
+impl Bench for MmVet {
+    type Report = MmVetReport;
+    type Detail = Detail;
+
+    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+        let items: Vec<ToAnswer> = self
+            .questions
+            .iter()
+            .map(|q| ToAnswer { id: q.id.clone(), text: q.question.clone(), image: Some(q.image.clone()) })
+            .collect();
+        answer_items(vlm, how, &items, self.images.as_deref(), tick)
+    }
+
+    /// The official results JSON or LLaVA answer JSONL ([`load_answers`]); answers for unknown ids are a warning.
+    fn read_answers(&self, path: &Path, events: &dyn Events) -> Result<Vec<Answer>> {
+        let (answers, orphans) = load_answers(path, &self.questions)?;
+        if !orphans.is_empty() {
+            events.say(&format!(
+                "warning: {}: {} answer(s) for ids not in {}",
+                path.display(),
+                orphans.len(),
+                self.path.display()
+            ));
+        }
+        Ok(answers.into_iter().map(|(id, text)| Answer::new(id, "", text)).collect())
+    }
+
+    /// Grades every answer `runs` times.
+    fn score(&self, rows: Rows, ctx: &Context) -> Result<(MmVetReport, Vec<Detail>)> {
+        let judge = ctx.judge("MM-Vet")?;
+        let (questions, runs) = (&self.questions, self.runs);
+        let answers = by_id(rows.rows);
+        let predictions = require(&answers, questions.iter().map(|q| q.id.as_str()), &rows.from)?;
+        let items: Vec<(usize, usize)> = (0..runs).flat_map(|r| (0..questions.len()).map(move |i| (i, r))).collect();
+        let grades =
+            judge_all(judge, ctx.events, &items, "grading", |&(i, r)| grade(judge, &questions[i], predictions[i], r))?;
+        let mut per_question: Vec<Vec<Grade>> = vec![Vec::new(); questions.len()];
+        for (&(i, _), g) in items.iter().zip(grades) {
+            per_question[i].push(g);
+        }
+        let scores: Vec<Vec<f64>> = per_question.iter().map(|g| g.iter().map(|g| g.score).collect()).collect();
+        let mut report = score(questions, &scores, runs, judge.model())?;
+        report.gave_up = per_question.iter().flatten().filter(|g| g.gave_up).count();
+        if report.gave_up > 0 {
+            report.warnings.push(format!(
+                "{} grading(s) got no score in six replies and count 0.0, as in the official grader",
+                report.gave_up
+            ));
+        }
+        let details: Vec<Detail> = questions
+            .iter()
+            .zip(per_question)
+            .zip(predictions)
+            .map(|((q, grades), p)| Detail {
+                id: q.id.clone(),
+                capability: q.capabilities.clone(),
+                question: q.question.clone(),
+                answer: q.answer.clone(),
+                prediction: p.to_string(),
+                score: grades.iter().map(|g| g.score).collect(),
+                grades,
+            })
+            .collect();
+        Ok((report, details))
     }
 }

@@ -2,6 +2,10 @@
 //! the judged benchmarks MM-Vet ([`mmvet`]), LLaVA-Bench in the wild ([`llava_bench`]) and MMHal-Bench
 //! ([`mmhal`]) through an LLM judge ([`judge`]) with the official prompts and score parsing.
 //!
+//! [`Benchmark::run`] is the one way to run any of them: answers from a file, from an earlier run's folder or from
+//! a model through the generation engine ([`answer`]), a judge where needed, an output folder; typed
+//! [`report::Scores`] back. `bpo eval`, `bpo eval suite` ([`plan`]) and the demo all call it.
+//!
 //! Scoring works on in-memory rows, so a generation loop can score its answers without writing files:
 //! [`pope::score`] takes [`pope::PopeQuestion`]s and [`Answer`]s; [`chair::Chair::score`] takes
 //! [`chair::Caption`]s and a [`chair::GroundTruth`]. File loading lives beside them ([`pope::load_questions`],
@@ -10,21 +14,27 @@
 //! (`scores.json` + `details.jsonl`), renders terminal tables and compares two runs.
 
 pub mod answer;
+pub mod benchmark;
+pub mod captions;
 pub mod chair;
 pub mod inputs;
 pub mod judge;
 pub mod llava_bench;
 pub mod mmhal;
 pub mod mmvet;
+pub mod plan;
 pub mod pope;
 pub mod pynum;
 pub mod report;
 pub mod rows;
+pub mod run;
 pub mod suite;
 pub mod synth;
 pub mod words;
 
+pub use benchmark::Benchmark;
 pub use rows::{load_answers, Answer, Origin};
+pub use run::{Answers, Context, Events};
 
 /// The eight Object HalBench description instructions (RLHF-V, Table 6), one per line; use them verbatim.
 pub const OBJECT_HALBENCH_PROMPTS: &str = include_str!("../../data/object-halbench/prompts.txt");

@@ -124,6 +124,24 @@ impl Scores {
     }
 }
 
+macro_rules! into_scores {
+    ($($report:ty => $variant:ident),*) => {$(
+        impl From<$report> for Scores {
+            fn from(report: $report) -> Scores {
+                Scores::$variant(report)
+            }
+        }
+    )*};
+}
+
+into_scores!(
+    PopeReport => Pope,
+    ChairReport => Chair,
+    MmVetReport => MmVet,
+    LlavaBenchReport => LlavaBench,
+    MmHalReport => MmHal
+);
+
 /// Metrics shown as they are (the judged benchmarks' reports hold the official, already scaled numbers).
 fn plain(named: Vec<(String, f64)>) -> Vec<Metric> {
     named.into_iter().map(|(name, value)| metric(name, value, false)).collect()

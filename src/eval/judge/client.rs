@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{Ask, ChatRequest, JudgeOptions, Reply};
+use super::{Ask, ChatRequest, Grader, JudgeOptions, Reply};
 use crate::data::{ResumableWriter, Shape};
 use crate::hash::stable_hash;
 use crate::http::{endpoint_url, Endpoint, HttpCompleter, HttpOptions};
@@ -115,6 +115,18 @@ impl Judge {
             body["max_tokens"] = json!(n);
         }
         body
+    }
+}
+
+impl Grader for Judge {
+    fn model(&self) -> &str {
+        Judge::model(self)
+    }
+    fn concurrency(&self) -> usize {
+        Judge::concurrency(self)
+    }
+    fn counts(&self) -> (usize, usize) {
+        Judge::counts(self)
     }
 }
 

@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::answer::{answer_unique, Answering};
 use super::ratio;
 use super::rows::{flex_id, Answer, Origin};
+use super::run::{answer_row, Bench, Context, Rows};
+use crate::generate::vqa::Prompt;
+use crate::model::Vlm;
 use crate::{jsonl, Error, Result};
 
 mod pairing;
@@ -292,6 +296,43 @@ fn order_splits<'a>(questions: &'a [PopeQuestion], scored: Vec<(&'a str, Confusi
         }
     }
     order.into_iter().map(|s| (s, scored.iter().find(|(t, _)| *t == s).map(|(_, c)| *c).unwrap_or_default())).collect()
+}
+
+/// LLaVA's short-answer suffix, appended to POPE questions as its evaluation scripts do.
+pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
+
+/// POPE as a [`Bench`]: the questions, their images' folder, the suffix a model's prompt gets ([`SHORT_ANSWER`]
+/// in LLaVA's protocol) and how answers pair with questions.
+pub struct Pope {
+    pub questions: Vec<PopeQuestion>,
+    pub images: Option<PathBuf>,
+    pub suffix: String,
+    pub pairing: Pairing,
+}
+
+impl Bench for Pope {
+    type Report = PopeReport;
+    type Detail = PopeDetail;
+
+    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+        let prompts: Vec<Prompt> = self
+            .questions
+            .iter()
+            .map(|q| Prompt {
+                text: format!("{}{}", q.text, self.suffix),
+                image: (!q.image.is_empty()).then(|| crate::data::image_path(self.images.as_deref(), &q.image)),
+                origin: q.origin.as_ref().map(|o| format!("{}:{}", o.path.display(), o.line)).unwrap_or_default(),
+                id: q.question_id.clone(),
+            })
+            .collect();
+        let texts = answer_unique(vlm, &prompts, how, tick)?;
+        Ok(self.questions.iter().zip(texts).map(|(q, t)| answer_row(&q.question_id, &q.text, t, how)).collect())
+    }
+
+    fn score(&self, rows: Rows, _ctx: &Context) -> Result<(PopeReport, Vec<PopeDetail>)> {
+        let out = score(&self.questions, &rows.rows, self.pairing)?;
+        Ok((out.report, out.details))
+    }
 }
 
 #[cfg(test)]

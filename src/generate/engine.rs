@@ -160,6 +160,8 @@ pub struct Engine<'a> {
     waiting: VecDeque<Waiting>,
     running: Vec<Running>,
     stats: EngineStats,
+    /// Added to the logits before a greedy pick on the device: the image placeholder at -inf (made once).
+    image_mask: Option<Tensor>,
 }
 
 struct Waiting {
@@ -198,6 +200,15 @@ impl<'a> Engine<'a> {
             bail!("the engine needs at least 1 row, 1 prefill token and 1 cache token: {opts:?}");
         }
         let budget = opts.max_batch_tokens.unwrap_or(opts.max_rows * context);
+        let vocab = model.llm.cfg.vocab_size;
+        let image_mask = match model.image_token().map(|t| t as usize).filter(|&t| t < vocab) {
+            Some(t) if model.rt.kernels == Kernels::Generic => {
+                let mut mask = vec![0f32; vocab];
+                mask[t] = f32::NEG_INFINITY;
+                Some(Tensor::from_vec(mask, (1, vocab), &model.rt.device)?)
+            }
+            _ => None,
+        };
         Ok(Engine {
             model,
             tok,
@@ -209,6 +220,7 @@ impl<'a> Engine<'a> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: EngineStats::default(),
+            image_mask,
             opts,
         })
     }
@@ -448,8 +460,8 @@ impl<'a> Engine<'a> {
         let device_pick = self.model.rt.kernels == Kernels::Generic
             && plan.samplers.iter().all(|(ri, t)| t.len() == 1 && self.running[*ri].params.temperature <= 0.0);
         let (model, cache, pass) = (self.model, &mut self.cache, self.pass);
-        let out =
-            cpu_decode::run(model.rt.kernels == Kernels::Fused, || forward(model, cache, plan, pass, device_pick))?;
+        let pick = device_pick.then_some(self.image_mask.as_ref());
+        let out = cpu_decode::run(model.rt.kernels == Kernels::Fused, || forward(model, cache, plan, pass, pick))?;
         Ok(match out {
             None => Picked::Logits(Vec::new(), 0),
             Some(ids) if device_pick => Picked::Ids(read_back(&ids)?),
@@ -572,9 +584,15 @@ enum Picked {
     Ids(Vec<u32>),
 }
 
-/// The device side of [`Engine::forward`]: the samplers' logits (f32), or with `device_pick` their argmax; `None`
-/// when no request samples in this step.
-fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device_pick: bool) -> Result<Option<Tensor>> {
+/// The device side of [`Engine::forward`]: the samplers' logits (f32), or with `pick` (`Some(image mask)`) their
+/// argmax after adding the mask, if any; `None` when no request samples in this step.
+fn forward(
+    model: &Model,
+    cache: &mut SlotCache,
+    plan: &Plan,
+    pass: Pass,
+    pick: Option<Option<&Tensor>>,
+) -> Result<Option<Tensor>> {
     let dev = &model.rt.device;
     let mut pieces = Vec::with_capacity(plan.prefill.len() + 1);
     if !plan.decode_ids.is_empty() {
@@ -594,14 +612,9 @@ fn forward(model: &Model, cache: &mut SlotCache, plan: &Plan, pass: Pass, device
     let count = rows.len();
     let last = hidden.squeeze(0)?.index_select(&Tensor::from_vec(rows, count, dev)?, 0)?;
     let logits = model.llm.logits(&last, pass)?.to_dtype(DType::F32)?;
-    if device_pick {
-        let vocab = model.llm.cfg.vocab_size;
-        let logits = match model.image_token().map(|t| t as usize).filter(|&t| t < vocab) {
-            Some(t) => {
-                let mut mask = vec![0f32; vocab];
-                mask[t] = f32::NEG_INFINITY;
-                logits.broadcast_add(&Tensor::from_vec(mask, (1, vocab), dev)?)?
-            }
+    if let Some(mask) = pick {
+        let logits = match mask {
+            Some(mask) => logits.broadcast_add(mask)?,
             None => logits,
         };
         return Ok(Some(logits.argmax(D::Minus1)?));

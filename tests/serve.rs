@@ -347,6 +347,12 @@ fn a_body_over_the_limit_is_a_413() {
         413,
         "--max-body-bytes",
     );
+    // Far over the limit: the client is still sending when the server has its answer, and must still read it.
+    let mut big = chat("What?", Some(&image), json!({})).to_string().into_bytes();
+    big.extend(std::iter::repeat_n(b' ', 16 << 20));
+    server.refuses("/v1/chat/completions", &big, 413, "--max-body-bytes");
+    let (status, _) = server.post_raw("/v1/no/such/route", &[], &big);
+    assert_eq!(status, 404);
 }
 
 #[test]

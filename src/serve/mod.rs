@@ -25,15 +25,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -219,7 +218,6 @@ fn serve(
         .map_err(net("starting the engine thread"))?;
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let deadline = opts.shutdown_timeout;
-    let body_limit = opts.max_body_bytes;
     let inner = Arc::new(Inner {
         served,
         opts,
@@ -235,7 +233,6 @@ fn serve(
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(inner.clone());
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(net("starting the async runtime"))?;
@@ -355,6 +352,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// How many bytes past the limit a refused body is still read (and dropped) for.
+const DRAIN_BYTES: usize = 64 << 20;
+
+/// The request body, at most `limit` bytes; over it, a 413. The body is read to its end either way (up to
+/// [`DRAIN_BYTES`] past the limit): a server that answers before the client has finished sending closes on unread
+/// bytes, and the client then sees a reset connection instead of the answer.
+async fn read_body(body: Body, limit: usize) -> std::result::Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}"), None))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else {
+            kept = Vec::new();
+            if seen > limit.saturating_add(DRAIN_BYTES) {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        let msg = format!("the request body is over this server's limit of {limit} bytes (--max-body-bytes)");
+        return Err(ApiError::invalid(msg, None).with_status(413, "invalid_request_error"));
+    }
+    Ok(Bytes::from(kept))
+}
+
 /// Which endpoint a request came to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -362,44 +388,21 @@ enum Kind {
     Text,
 }
 
-async fn chat(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
+async fn chat(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     let r = generate(&s, &headers, body, Kind::Chat).await;
     s.counted(r.unwrap_or_else(|e| error_response(&e)))
 }
 
-async fn completions(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
+async fn completions(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     let r = generate(&s, &headers, body, Kind::Text).await;
     s.counted(r.unwrap_or_else(|e| error_response(&e)))
 }
 
 /// Both generating endpoints: parse, prepare (blocking pool), queue, answer or stream.
-async fn generate(
-    s: &Shared,
-    headers: &HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-    kind: Kind,
-) -> std::result::Result<Response, ApiError> {
+async fn generate(s: &Shared, headers: &HeaderMap, body: Body, kind: Kind) -> std::result::Result<Response, ApiError> {
+    let body = read_body(body, s.opts.max_body_bytes).await;
     s.authorize(headers)?;
-    let body = body.map_err(|e| {
-        let status = e.status().as_u16();
-        let msg = if status == 413 {
-            format!(
-                "the request body is over this server's limit of {} bytes (--max-body-bytes)",
-                s.opts.max_body_bytes
-            )
-        } else {
-            format!("cannot read the request body: {e}")
-        };
-        ApiError::invalid(msg, None).with_status(status, "invalid_request_error")
-    })?;
+    let body = body?;
     let s2 = s.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         let media = s2.opts.media_dir.as_deref();
@@ -559,7 +562,8 @@ async fn metrics_text(State(s): State<Shared>) -> Response {
     r
 }
 
-async fn not_found(State(s): State<Shared>, uri: axum::http::Uri) -> Response {
+async fn not_found(State(s): State<Shared>, uri: axum::http::Uri, body: Body) -> Response {
+    let _ = read_body(body, 0).await;
     let e = ApiError::invalid(format!("no route {}", uri.path()), None).with_status(404, "invalid_request_error");
     s.counted(error_response(&e))
 }

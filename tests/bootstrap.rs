@@ -9,9 +9,11 @@ use std::sync::Mutex;
 use bpo::bootstrap::{run_inject, Completer, CompletionOptions, InjectMode, InjectOptions};
 use bpo::data::pairs::{make_pair_file, read_record_shards};
 use bpo::data::{
-    expand, read_input, read_pairs, CompletionType, InputOptions, PairOptions, Record, ResumableWriter, Shard,
+    expand, read_input, read_pairs, CompletionType, InputOptions, PairFormat, PairOptions, Record, ResumableWriter,
+    Shard,
 };
 use bpo::{Error, Result};
+use clap::ValueEnum;
 use serde_json::{json, Value};
 
 /// LLaVA instruct JSON written for these tests: 6 conversations, 9 exchanges, one text-only.
@@ -289,8 +291,13 @@ fn pairs_round_trip_in_all_three_formats() {
     ];
     for (name, first) in first_rows {
         let out = dir.path().join(format!("{name}.jsonl"));
-        let stats =
-            make_pair_file(std::slice::from_ref(&recs), &out, name.parse().unwrap(), &PairOptions::default()).unwrap();
+        let stats = make_pair_file(
+            std::slice::from_ref(&recs),
+            &out,
+            PairFormat::from_str(name, false).unwrap(),
+            &PairOptions::default(),
+        )
+        .unwrap();
         assert_eq!((stats.pairs, stats.records_too_long, stats.ties_skipped), (3, 1, 1));
         let rows = bpo::jsonl::read::<Value>(&out).unwrap();
         assert_eq!(rows[0], first, "{name}");

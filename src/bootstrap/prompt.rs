@@ -15,23 +15,12 @@ use crate::{bail, Result};
 
 /// How negatives are asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum InjectMode {
     #[default]
     Description,
     Qa,
     Continue,
-}
-
-impl std::str::FromStr for InjectMode {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "description" => Ok(InjectMode::Description),
-            "qa" => Ok(InjectMode::Qa),
-            "continue" => Ok(InjectMode::Continue),
-            other => bail!("unknown injection mode {other:?} (description, qa, continue)"),
-        }
-    }
 }
 
 impl InjectMode {
@@ -191,8 +180,6 @@ mod tests {
     fn templates_checked_and_modes_parsed() {
         assert!(check_template("no placeholder").is_err());
         assert!(check_template(QA).is_ok() && check_template(DESCRIPTION).is_ok());
-        assert_eq!("qa".parse::<InjectMode>().unwrap(), InjectMode::Qa);
-        assert!("other".parse::<InjectMode>().is_err());
         assert!(InjectMode::Continue.default_template().is_none());
         assert_eq!(InjectMode::Qa.default_stops(), ["</s>", "\nQuestion:"]);
     }

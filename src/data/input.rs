@@ -25,6 +25,7 @@ use crate::{jsonl, Error, Result};
 
 /// Which reader to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum InputFormat {
     /// Look at the content: `[` first means LLaVA JSON; otherwise the first line's keys decide
     /// (`conversations` → LLaVA, `completions` → records, `answer` → plain JSONL).
@@ -32,20 +33,8 @@ pub enum InputFormat {
     Auto,
     Llava,
     Jsonl,
+    #[cfg_attr(feature = "clap", value(alias = "bpo"))]
     Records,
-}
-
-impl std::str::FromStr for InputFormat {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(InputFormat::Auto),
-            "llava" => Ok(InputFormat::Llava),
-            "jsonl" => Ok(InputFormat::Jsonl),
-            "records" | "bpo" => Ok(InputFormat::Records),
-            other => Err(Error::invalid(format!("unknown input format {other:?} (auto, llava, jsonl, records)"))),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 use super::input::strip_image_tag;
 use super::records::CompletionType;
 use crate::hash::stable_hash;
-use crate::{Error, Result};
 
 /// One preference pair: a prompt (and image), a preferred and a dispreferred answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,23 +38,13 @@ pub struct Pair {
 
 /// Layout of a pair file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PairFormat {
     #[default]
     Bpo,
     Trl,
+    #[cfg_attr(feature = "clap", value(alias = "llamafactory"))]
     LlamaFactory,
-}
-
-impl std::str::FromStr for PairFormat {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "bpo" => Ok(PairFormat::Bpo),
-            "trl" => Ok(PairFormat::Trl),
-            "llama-factory" | "llamafactory" => Ok(PairFormat::LlamaFactory),
-            other => Err(Error::invalid(format!("unknown pair format {other:?} (bpo, trl, llama-factory)"))),
-        }
-    }
 }
 
 impl Pair {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use image::DynamicImage;
 
-use crate::{bail, Error, Result};
+use crate::{Error, Result};
 
 /// Default [`super::ImageProcessor::max_pixels`]: Pillow's `Image.MAX_IMAGE_PIXELS` (89.5 Mpx, about 270 MB as 8-bit
 /// RGB), above which Pillow warns of a decompression bomb. A 9459x9459 padded square still fits.
@@ -16,6 +16,7 @@ pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 /// How a non-square image becomes square before the resize.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum AspectMode {
     /// LLaVA-1.5's `image_aspect_ratio: pad` (`expand2square`): paste the image centred on a square canvas filled
     /// with the mean colour `int(mean * 255)` = (122, 116, 104), so nothing is cropped away.
@@ -23,17 +24,6 @@ pub enum AspectMode {
     Pad,
     /// Plain CLIP: resize the shortest edge and centre-crop (the released BPO training script's setting).
     Square,
-}
-
-impl std::str::FromStr for AspectMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "pad" => Ok(AspectMode::Pad),
-            "square" => Ok(AspectMode::Square),
-            _ => bail!("unknown image aspect mode {s:?} (expected \"pad\" or \"square\")"),
-        }
-    }
 }
 
 impl std::fmt::Display for AspectMode {
@@ -111,10 +101,13 @@ mod tests {
         assert!(check_size(u32::MAX, u32::MAX, u64::MAX / 2, AspectMode::Pad).is_err());
     }
 
+    #[cfg(feature = "clap")]
     #[test]
-    fn aspect_mode_parses() {
-        assert_eq!("pad".parse::<AspectMode>().unwrap(), AspectMode::Pad);
-        assert_eq!("square".parse::<AspectMode>().unwrap().to_string(), "square");
-        assert!("crop".parse::<AspectMode>().is_err());
+    fn aspect_mode_parses_as_displayed() {
+        use clap::ValueEnum;
+        for mode in AspectMode::value_variants() {
+            assert_eq!(AspectMode::from_str(&mode.to_string(), false).unwrap(), *mode);
+        }
+        assert!(AspectMode::from_str("crop", false).is_err());
     }
 }

@@ -263,49 +263,56 @@ fn malformed(k: usize, context: usize) -> (String, &'static str) {
     }
 }
 
-/// The load test (see `--load`).
-fn load_test(
-    url: &str,
-    n: usize,
+/// The load test's clients: well-formed requests from `body`, every `every`-th one malformed instead.
+struct Load<'a> {
+    url: &'a str,
     clients: usize,
     every: usize,
     context: usize,
-    body: &(dyn Fn(usize) -> Value + Sync),
-) -> anyhow::Result<()> {
-    let wrong = AtomicUsize::new(0);
-    let agent = agent();
-    let malformed_ok = |i: usize| {
-        let (text, what) = malformed(i / every, context);
+    body: &'a (dyn Fn(usize) -> Value + Sync),
+    /// Malformed requests not answered with a 4xx.
+    wrong: AtomicUsize,
+}
+
+impl Load<'_> {
+    /// Whether request `i` is one of the malformed ones.
+    fn is_malformed(&self, i: usize) -> bool {
+        i % self.every == self.every - 1
+    }
+
+    /// Sends malformed request `i`, counting it in `wrong` unless it is answered with a 4xx.
+    fn malformed(&self, agent: &ureq::Agent, i: usize) {
+        let (text, what) = malformed(i / self.every, self.context);
         let status = agent
-            .post(url)
+            .post(self.url)
             .header("Content-Type", "application/json")
             .send(text.as_bytes())
             .map(|r| r.status().as_u16())
             .unwrap_or(0);
         if !(400..500).contains(&status) {
-            wrong.fetch_add(1, Ordering::Relaxed);
+            self.wrong.fetch_add(1, Ordering::Relaxed);
             errln!("malformed request {i} ({what}) answered {status}");
         }
-    };
-    // Malformed requests go through a side channel of the same clients: each client sends request i, and when i
-    // is malformed it sends the malformed body and counts a well-formed stand-in as answered.
-    let phase = |from: usize, to: usize| -> (usize, usize) {
+    }
+
+    /// Requests `from..to` over the clients: (well-formed answered, well-formed failed).
+    fn phase(&self, from: usize, to: usize) -> (usize, usize) {
         let next = AtomicUsize::new(from);
         let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
         std::thread::scope(|s| {
-            for _ in 0..clients {
+            for _ in 0..self.clients {
                 s.spawn(|| {
-                    let agent = self::agent();
+                    let agent = agent();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= to {
                             break;
                         }
-                        if i % every == every - 1 {
-                            malformed_ok(i);
+                        if self.is_malformed(i) {
+                            self.malformed(&agent, i);
                             continue;
                         }
-                        match send(&agent, url, &body(i), i.is_multiple_of(2)) {
+                        match send(&agent, self.url, &(self.body)(i), i.is_multiple_of(2)) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                             Err(e) => {
                                 errln!("request {i} failed: {e}");
@@ -317,14 +324,27 @@ fn load_test(
             }
         });
         (ok.into_inner(), failed.into_inner())
-    };
+    }
+}
+
+/// The load test (see `--load`).
+fn load_test(
+    url: &str,
+    n: usize,
+    clients: usize,
+    every: usize,
+    context: usize,
+    body: &(dyn Fn(usize) -> Value + Sync),
+) -> anyhow::Result<()> {
+    let load = Load { url, clients, every, context, body, wrong: AtomicUsize::new(0) };
+    let phase = |from, to| load.phase(from, to);
     let start = Instant::now();
     let first = phase(0, n.min(100));
     let after_100 = (bpo::memory::heap_live(), bpo::memory::resident());
     let rest = phase(n.min(100), n);
     let end = (bpo::memory::heap_live(), bpo::memory::resident());
     let wall = start.elapsed().as_secs_f64();
-    let malformed_count = (0..n).filter(|i| i % every == every - 1).count();
+    let malformed_count = (0..n).filter(|&i| load.is_malformed(i)).count();
     let (ok, failed) = (first.0 + rest.0, first.1 + rest.1);
     outln!(
         "load: {n} requests from {clients} clients in {wall:.1} s ({:.1} req/s), {malformed_count} malformed",
@@ -332,7 +352,7 @@ fn load_test(
     );
     outln!(
         "  well-formed answered 200: {ok}, failed: {failed}; malformed not answered 4xx: {}",
-        wrong.load(Ordering::Relaxed)
+        load.wrong.load(Ordering::Relaxed)
     );
     let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64));
     let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
@@ -351,10 +371,10 @@ fn load_test(
         mib(end.1),
         pct(after_100.1, end.1)
     );
-    if failed > 0 || wrong.load(Ordering::Relaxed) > 0 {
+    if failed > 0 || load.wrong.load(Ordering::Relaxed) > 0 {
         bail!(
             "{failed} well-formed requests failed, {} malformed ones were not refused with a 4xx",
-            wrong.load(Ordering::Relaxed)
+            load.wrong.load(Ordering::Relaxed)
         );
     }
     Ok(())

@@ -301,22 +301,21 @@ pub struct Limits {
 }
 
 impl Parsed {
-    /// Tokenises the prompt and decodes the image on `vlm` (blocking work), and resolves the sampling settings.
-    pub fn prepare(self, vlm: &Vlm, limits: &Limits) -> Result<Prepared, ApiError> {
-        let s = &self.sampling;
-        if s.n.is_some_and(|n| n != 1) || s.best_of.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+    /// The request's parameter holding the prompt, which errors about it name.
+    fn prompt_param(&self) -> &'static str {
+        if matches!(self.prompt, Prompt::Text(_)) {
+            "prompt"
+        } else {
+            "messages"
         }
-        if s.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != json!(false))
-            || s.top_logprobs.as_ref().is_some_and(|v| !v.is_null())
-        {
-            return Err(ApiError::invalid("logprobs are not supported", Some("logprobs")));
-        }
-        let context = vlm.model.llm.cfg.max_position_embeddings;
-        let param = if matches!(self.prompt, Prompt::Text(_)) { "prompt" } else { "messages" };
+    }
+
+    /// The prompt's token ids and the decoded image, refused when the prompt cannot fit `context` tokens.
+    fn tokens(&self, vlm: &Vlm, context: usize) -> Result<(Vec<u32>, Option<Tensor>), ApiError> {
+        let param = self.prompt_param();
         let too_long =
             |e: crate::Error| ApiError::invalid(format!("{e}"), Some(param)).with_code("context_length_exceeded");
-        let (ids, image) = match &self.prompt {
+        Ok(match &self.prompt {
             Prompt::Chat { earlier, question, image } => {
                 let image = match image {
                     None => None,
@@ -340,7 +339,23 @@ impl Parsed {
                 let ids = crate::text::template::prompt_ids(&vlm.tok, text, vlm.style, None).map_err(too_long)?;
                 (ids, None)
             }
-        };
+        })
+    }
+
+    /// Tokenises the prompt and decodes the image on `vlm` (blocking work), and resolves the sampling settings.
+    pub fn prepare(self, vlm: &Vlm, limits: &Limits) -> Result<Prepared, ApiError> {
+        let s = &self.sampling;
+        if s.n.is_some_and(|n| n != 1) || s.best_of.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+        }
+        if s.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != json!(false))
+            || s.top_logprobs.as_ref().is_some_and(|v| !v.is_null())
+        {
+            return Err(ApiError::invalid("logprobs are not supported", Some("logprobs")));
+        }
+        let context = vlm.model.llm.cfg.max_position_embeddings;
+        let param = self.prompt_param();
+        let (ids, image) = self.tokens(vlm, context)?;
         let room = context.saturating_sub(ids.len());
         if room == 0 {
             return Err(ApiError::invalid(

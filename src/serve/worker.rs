@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::api::ApiError;
 use super::metrics::Metrics;
 use super::Served;
-use crate::generate::{Completion, Engine, EngineOptions, Request};
+use crate::generate::{Completion, Engine, EngineOptions, Finished, Request};
 use crate::model::Pass;
 use crate::text::Tokenizer;
 
@@ -73,16 +73,7 @@ pub fn run(served: &Served, opts: &EngineOptions, jobs: Receiver<Job>, metrics: 
                 Err(_) => return,
             }
         }
-        loop {
-            match jobs.try_recv() {
-                Ok(job) => add(&mut engines, &mut live, &mut next_id, job, metrics),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
+        open &= take_arrived(&jobs, &mut engines, &mut live, &mut next_id, metrics);
         live.retain(|&id, l| {
             if !l.events.is_closed() {
                 return true;
@@ -100,28 +91,9 @@ pub fn run(served: &Served, opts: &EngineOptions, jobs: Receiver<Job>, metrics: 
                 Ok(finished) => {
                     stream(engine, tok, &mut live);
                     for f in finished {
-                        let Some(mut l) = live.remove(&f.id) else { continue };
-                        metrics.first_token(f.first_token);
-                        let c = f.completion;
-                        metrics.prompt_tokens.fetch_add(l.prompt as u64, Ordering::Relaxed);
-                        metrics
-                            .generation_tokens
-                            .fetch_add((c.ids.len() + usize::from(c.stopped)) as u64, Ordering::Relaxed);
-                        metrics.outstanding.fetch_sub(1, Ordering::Relaxed);
-                        if l.stream {
-                            // The rest of the final text (what the stop strings held back, or a last token).
-                            match c.text.strip_prefix(l.sent.as_str()) {
-                                Some(rest) if !rest.is_empty() => {
-                                    let _ = l.events.send(Event::Delta(rest.to_string()));
-                                }
-                                Some(_) => {}
-                                None => {
-                                    eprintln!("warning: request {}: streamed text is not a prefix of the answer", f.id)
-                                }
-                            }
-                            l.sent.clear();
+                        if let Some(l) = live.remove(&f.id) {
+                            finish(l, f, metrics);
                         }
-                        let _ = l.events.send(Event::Done(c));
                     }
                 }
                 Err(e) => {
@@ -149,6 +121,44 @@ pub fn run(served: &Served, opts: &EngineOptions, jobs: Receiver<Job>, metrics: 
         metrics.waiting.store(waiting, Ordering::Relaxed);
         metrics.running.store(running, Ordering::Relaxed);
     }
+}
+
+/// Adds the jobs that have arrived, without waiting; false once the channel is closed.
+fn take_arrived(
+    jobs: &Receiver<Job>,
+    engines: &mut [Engine],
+    live: &mut HashMap<usize, Live>,
+    next_id: &mut usize,
+    metrics: &Metrics,
+) -> bool {
+    loop {
+        match jobs.try_recv() {
+            Ok(job) => add(engines, live, next_id, job, metrics),
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
+/// Counts a finished request and sends its end: for a stream, the rest of the text (what the stop strings held
+/// back, or a last token), then the completion.
+fn finish(mut l: Live, f: Finished, metrics: &Metrics) {
+    metrics.first_token(f.first_token);
+    let c = f.completion;
+    metrics.prompt_tokens.fetch_add(l.prompt as u64, Ordering::Relaxed);
+    metrics.generation_tokens.fetch_add((c.ids.len() + usize::from(c.stopped)) as u64, Ordering::Relaxed);
+    metrics.outstanding.fetch_sub(1, Ordering::Relaxed);
+    if l.stream {
+        match c.text.strip_prefix(l.sent.as_str()) {
+            Some(rest) if !rest.is_empty() => {
+                let _ = l.events.send(Event::Delta(rest.to_string()));
+            }
+            Some(_) => {}
+            None => eprintln!("warning: request {}: streamed text is not a prefix of the answer", f.id),
+        }
+        l.sent.clear();
+    }
+    let _ = l.events.send(Event::Done(c));
 }
 
 fn add(engines: &mut [Engine], live: &mut HashMap<usize, Live>, next_id: &mut usize, job: Job, metrics: &Metrics) {

@@ -22,130 +22,20 @@
 //! ends, as left-padded static batches do.
 
 use std::collections::VecDeque;
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::request::{EngineOptions, EngineStats, Feed, Finished, Policy, Request};
+use super::step::{forward, FreeRows, Picked, Plan};
 use super::{fits_context, sample, Combine, Completion, SamplingParams};
-use crate::hash::stable_hash;
 use crate::model::cpu_decode::{self, SeqSpan};
 use crate::model::runtime::read_back;
-use crate::model::{Kernels, Model, Pass, SlotCache, StepLayout};
+use crate::model::{Kernels, Model, Pass, SlotCache};
 use crate::text::Tokenizer;
 use crate::{bail, Error, Result};
-
-/// How an [`Engine`] batches.
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    /// Sequences in a step at most (the batch size; a contrast request is two sequences). Default 8.
-    pub max_rows: usize,
-    /// Token budget of the KV cache, shared by the running sequences: a request is admitted when its sequences
-    /// (prompt + most new tokens each) fit beside the others. None: `max_rows` times the model's context, which
-    /// never binds; the cache then grows to what the requests really use.
-    pub max_batch_tokens: Option<usize>,
-    /// Prompt tokens prefilled in one step at most (chunked prefill). Default 512.
-    pub prefill_chunk: usize,
-    pub policy: Policy,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions { max_rows: 8, max_batch_tokens: None, prefill_chunk: 512, policy: Policy::Continuous }
-    }
-}
-
-impl EngineOptions {
-    /// Continuous batching of up to `max_rows` sequences within `max_batch_tokens`.
-    pub fn rows(max_rows: usize, max_batch_tokens: Option<usize>) -> Self {
-        EngineOptions { max_rows, max_batch_tokens, ..Default::default() }
-    }
-}
-
-/// When waiting requests join and when finished ones leave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Policy {
-    /// At every step: a finished sequence leaves at once and a waiting request takes its place.
-    #[default]
-    Continuous,
-    /// Static batching, for comparison only (see the module notes).
-    Static,
-}
-
-/// One prompt to complete.
-#[derive(Clone, Default)]
-pub struct Request {
-    /// Token ids, image positions already expanded.
-    pub ids: Vec<u32>,
-    /// The preprocessed image (3, H, W), if the prompt has image positions.
-    pub image: Option<Tensor>,
-    pub params: SamplingParams,
-    /// Seeds this request's sampling, and nothing else's (see [`request_seed`]); `params.seed` is not read.
-    pub seed: u64,
-    /// A contrast sequence: the same ids with this image, decoded in lockstep (see the module notes).
-    pub contrast: Option<Tensor>,
-}
-
-impl Request {
-    /// Sequences it runs (1, or 2 with a contrast image).
-    fn rows(&self) -> usize {
-        1 + usize::from(self.contrast.is_some())
-    }
-
-    /// Cache rows each of its sequences needs at most: the prompt and every new token but the last.
-    fn reserve(&self) -> usize {
-        self.ids.len() + self.params.max_new_tokens.max(1) - 1
-    }
-}
-
-/// The sampling seed of request `id` of a run seeded with `seed`: a request's tokens then depend on the run's seed
-/// and its own id only, not on the order or company it is generated in, so a resumed or re-sharded run draws the
-/// same ones.
-pub fn request_seed(seed: u64, id: &str) -> u64 {
-    stable_hash(&["request", &seed.to_string(), id])
-}
-
-/// A finished request.
-#[derive(Debug, Clone)]
-pub struct Finished {
-    /// The id it was added with.
-    pub id: usize,
-    pub completion: Completion,
-    /// From [`Engine::add`] to its first token.
-    pub first_token: Duration,
-}
-
-/// What the engine has done so far.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct EngineStats {
-    /// Forward passes.
-    pub steps: usize,
-    /// Forward passes with at least one decoding sequence.
-    pub decode_steps: usize,
-    /// Sequences computed in decoding steps, summed over the steps (the row-steps).
-    pub decode_rows: usize,
-    /// Of those, sequences that had already finished (static batching's waste; 0 when continuous).
-    pub wasted_rows: usize,
-    /// Prompt tokens prefilled (a contrast request's prompt counts twice).
-    pub prefill_tokens: usize,
-    /// Tokens sampled (one per request and step).
-    pub new_tokens: usize,
-    /// Requests finished.
-    pub finished: usize,
-    /// Rows the KV cache grew to.
-    pub cache_rows: usize,
-}
-
-/// Where [`Engine::run`] takes requests from and hands completions to.
-pub trait Feed {
-    /// The next request and the id its completion comes back with; `None` when there are no more. Called only when
-    /// the engine has room for it, so a feed that loads images here holds only the running requests' in memory.
-    fn next(&mut self) -> Result<Option<(usize, Request)>>;
-    /// A request finished. An error stops the run.
-    fn done(&mut self, finished: Finished) -> Result<()>;
-}
 
 /// The continuous-batching engine over one model (see the module notes).
 pub struct Engine<'a> {
@@ -551,107 +441,5 @@ impl<'a> Engine<'a> {
     /// Requests waiting and running.
     pub fn queue(&self) -> (usize, usize) {
         (self.waiting.len(), self.running.len())
-    }
-}
-
-/// One step's work (see [`Engine::plan`]).
-#[derive(Default)]
-struct Plan {
-    spans: Vec<SeqSpan>,
-    positions: Vec<u32>,
-    /// The tokens fed to the decoding sequences, which come first.
-    decode_ids: Vec<u32>,
-    /// Prompt embeddings of the prefill chunks, in order after them.
-    prefill: Vec<Tensor>,
-    /// (running request, positions it gains).
-    advance: Vec<(usize, usize)>,
-    /// Requests that sample a token from this step: (running request, step tokens whose logits it reads: main, then
-    /// contrast).
-    samplers: Vec<(usize, Vec<usize>)>,
-}
-
-impl Plan {
-    fn tokens(&self) -> usize {
-        self.positions.len()
-    }
-}
-
-/// What [`Engine::forward`] brings back.
-enum Picked {
-    /// The logits of every sampling row, one after the other, and their width (the vocabulary).
-    Logits(Vec<f32>, usize),
-    /// Per sampling request, the greedy choice made on the device.
-    Ids(Vec<u32>),
-}
-
-/// The device side of [`Engine::forward`]: the samplers' logits (f32), or with `pick` (`Some(image mask)`) their
-/// argmax after adding the mask, if any; `None` when no request samples in this step.
-fn forward(
-    model: &Model,
-    cache: &mut SlotCache,
-    plan: &Plan,
-    pass: Pass,
-    pick: Option<Option<&Tensor>>,
-) -> Result<Option<Tensor>> {
-    let dev = &model.rt.device;
-    let mut pieces = Vec::with_capacity(plan.prefill.len() + 1);
-    if !plan.decode_ids.is_empty() {
-        let ids = Tensor::from_slice(&plan.decode_ids, (1, plan.decode_ids.len()), dev)?;
-        pieces.push(model.llm.embed(&ids)?.squeeze(0)?);
-    }
-    pieces.extend(plan.prefill.iter().cloned());
-    let n = plan.tokens();
-    let embeds = Tensor::cat(&pieces, 0)?.unsqueeze(0)?;
-    let positions = Tensor::from_slice(&plan.positions, (1, n), dev)?;
-    let layout = StepLayout::new(plan.spans.clone(), model.rt.kernels, model.rt.dtype, dev)?;
-    let hidden = model.llm.forward_slots(&embeds, &positions, cache, &layout, pass)?;
-    let rows: Vec<u32> = plan.samplers.iter().flat_map(|(_, t)| t.iter().map(|&t| t as u32)).collect();
-    if rows.is_empty() {
-        return Ok(None);
-    }
-    let count = rows.len();
-    let last = hidden.squeeze(0)?.index_select(&Tensor::from_vec(rows, count, dev)?, 0)?;
-    let logits = model.llm.logits(&last, pass)?.to_dtype(DType::F32)?;
-    if let Some(mask) = pick {
-        let logits = match mask {
-            Some(mask) => logits.broadcast_add(mask)?,
-            None => logits,
-        };
-        return Ok(Some(logits.argmax(D::Minus1)?));
-    }
-    Ok(Some(logits))
-}
-
-/// Free cache rows: ranges sorted by start, merged when adjacent; first fit.
-struct FreeRows {
-    free: Vec<Range<usize>>,
-}
-
-impl FreeRows {
-    fn new(rows: usize) -> Self {
-        FreeRows { free: std::iter::once(0..rows).collect() }
-    }
-
-    /// The start of `len` free rows, now taken.
-    fn take(&mut self, len: usize) -> Option<usize> {
-        let i = self.free.iter().position(|r| r.len() >= len)?;
-        let start = self.free[i].start;
-        self.free[i].start += len;
-        if self.free[i].is_empty() {
-            self.free.remove(i);
-        }
-        Some(start)
-    }
-
-    /// Returns `len` rows from `start`.
-    fn give(&mut self, start: usize, len: usize) {
-        let i = self.free.partition_point(|r| r.start < start);
-        self.free.insert(i, start..start + len);
-        if i + 1 < self.free.len() && self.free[i].end == self.free[i + 1].start {
-            self.free[i].end = self.free.remove(i + 1).end;
-        }
-        if i > 0 && self.free[i - 1].end == self.free[i].start {
-            self.free[i - 1].end = self.free.remove(i).end;
-        }
     }
 }

@@ -7,9 +7,12 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 pub mod engine;
+mod request;
+mod step;
 pub mod vqa;
 
-pub use engine::{request_seed, Engine, EngineOptions, EngineStats, Feed, Finished, Policy, Request};
+pub use engine::Engine;
+pub use request::{request_seed, EngineOptions, EngineStats, Feed, Finished, Policy, Request};
 
 use crate::model::{Model, Pass, Vlm};
 use crate::text::Tokenizer;

@@ -53,7 +53,7 @@ pub enum Chosen {
     /// the prior they carry, and only the preference can remove it.
     #[default]
     Annotation,
-    /// The true answer ([`super::world::Turn::true_answer`]): the control is then SFT on corrected data, which
+    /// The true answer ([`super::conversation::Turn::true_answer`]): the control is then SFT on corrected data, which
     /// removes the annotations' prior by itself (docs/demo.md, run T).
     Truth,
 }
@@ -458,19 +458,24 @@ mod tests {
     #[test]
     fn chosen_answers_are_the_annotations_or_the_truth() {
         let turns = vec![
-            world::Turn {
+            crate::demo::conversation::Turn {
                 question: DESCRIBE.into(),
                 answer: "a red circle and a blue square".into(),
                 kind: "caption".into(),
                 truth: Some("a red circle".into()),
             },
-            world::Turn {
+            crate::demo::conversation::Turn {
                 question: world::exists_question(2),
                 answer: "yes".into(),
                 kind: "no".into(),
                 truth: Some("no".into()),
             },
-            world::Turn { question: world::exists_question(0), answer: "yes".into(), kind: "yes".into(), truth: None },
+            crate::demo::conversation::Turn {
+                question: world::exists_question(0),
+                answer: "yes".into(),
+                kind: "yes".into(),
+                truth: None,
+            },
         ];
         let g = Grounded { id: "t0".into(), image: "t0.png".into(), scene: world::Scene { objects: vec![] }, turns };
         let answers = |chosen| -> Vec<String> {

@@ -10,8 +10,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::conversation::{self, Turn};
 use super::render::{render, Style};
-use super::world::{self, cooccurrence, exists_question, Scene, Turn, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
+use super::world::{self, cooccurrence, exists_question, Scene, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
 use crate::eval::pope::{Label, PopeQuestion};
 use crate::output::write_json;
 use crate::{jsonl, Error, Result};
@@ -122,7 +123,7 @@ impl World {
         let mut train: Vec<Grounded> = (0..cfg.train_images)
             .map(|i| {
                 let scene = world::sample_scene(&cfg.grounded, &weights, cfg.look(), &mut r);
-                let turns = world::conversation(&scene, cfg.yes_no, &weights, &mut r);
+                let turns = conversation::conversation(&scene, cfg.yes_no, &weights, &mut r);
                 Grounded { id: format!("t{i:06}"), image: format!("train/{i:06}.png"), scene, turns }
             })
             .collect();
@@ -130,8 +131,8 @@ impl World {
         let mut r = world::rng(seed, 4);
         for g in train.iter_mut() {
             if r.random_bool(cfg.annotation_prior.clamp(0.0, 1.0)) {
-                if let Some((caption, added)) = world::prior_caption(&g.scene, &mut r) {
-                    world::annotate_with_prior(&mut g.turns, caption, added, cfg.prior_questions);
+                if let Some((caption, added)) = conversation::prior_caption(&g.scene, &mut r) {
+                    conversation::annotate_with_prior(&mut g.turns, caption, added, cfg.prior_questions);
                 }
             }
         }

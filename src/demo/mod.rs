@@ -18,6 +18,7 @@
 //! ```
 
 pub mod bootstrap;
+pub mod conversation;
 pub mod data;
 pub mod eval;
 pub mod model;

@@ -525,7 +525,7 @@ fn mixed_lengths(rng: &mut rand::rngs::StdRng, longest: usize) -> (usize, usize)
     }
 }
 
-/// Runs `requests` requests of the mixed workload drawn from `seed` (see [`mixed_lengths`]; descriptions up to
+/// Runs `requests` requests of the mixed workload drawn from `seed` (see `mixed_lengths`; descriptions up to
 /// `longest` new tokens) through an engine of `batch` rows with `policy`, greedy, one random image shared by all.
 /// Requests are made when the engine has room for them, as the commands do. `tok` must have EOS disabled, so that
 /// every request generates exactly its length.

@@ -1,5 +1,5 @@
 //! Error injection (`llm-hal` negatives): a text-only LLM rewrites each ground-truth answer, through any
-//! [`Completer`] (an OpenAI-compatible server via [`super::http::HttpCompleter`], or a local model).
+//! [`Completer`] (an OpenAI-compatible server via [`super::HttpCompleter`], or a local model).
 //!
 //! [`run_inject`] streams the records of one shard through [`crate::data::resume::process_pending`]: per batch it
 //! builds one prompt per record and sample ([`super::prompt`]), asks the completer, cleans each output

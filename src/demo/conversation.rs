@@ -18,7 +18,7 @@ pub struct Turn {
     pub answer: String,
     /// `caption`, `yes`, `no`, `colour`, `count` or `position`.
     pub kind: String,
-    /// The true answer, where the annotation says something else ([`WorldConfig::annotation_prior`]): what
+    /// The true answer, where the annotation says something else ([`super::world::WorldConfig::annotation_prior`]): what
     /// bootstrapping takes as the chosen answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth: Option<String>,
@@ -91,7 +91,7 @@ pub fn prior_caption(scene: &Scene, rng: &mut StdRng) -> Option<(String, usize)>
 
 /// Annotates `turns` (a [`conversation`], caption first) as a prior-led annotator would: the caption names `added`
 /// (an absent partner, from [`prior_caption`]); with `questions`, the first no question becomes "is there a
-/// <added> ?" answered yes (the question about `added`, if one is asked). The true answers move to [`Turn::truth`].
+/// `added` ?" answered yes (the question about `added`, if one is asked). The true answers move to [`Turn::truth`].
 pub fn annotate_with_prior(turns: &mut [Turn], caption: String, added: usize, questions: bool) {
     let Some(first) = turns.first_mut() else { return };
     first.truth = Some(std::mem::replace(&mut first.answer, caption));

@@ -170,12 +170,12 @@ pub struct WorldConfig {
     #[serde(default)]
     pub text_conversations: usize,
     /// Share of training descriptions that also name an absent partner of a present object, at a random place in
-    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`prior_caption`]). The
-    /// instruction data (SFT) has them; bootstrapping's chosen answers are the true scenes ([`Turn::truth`]).
+    /// the list: annotations that carry the prior, as GPT-written instruction data does ([`super::conversation::prior_caption`]). The
+    /// instruction data (SFT) has them; bootstrapping's chosen answers are the true scenes ([`super::conversation::Turn::truth`]).
     /// Not serialized when 0, so that recipes without it keep their SFT model cache key.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub annotation_prior: f64,
-    /// With [`Self::annotation_prior`]: a prior-led annotation also answers "is there a <that partner> ?" with yes
+    /// With [`Self::annotation_prior`]: a prior-led annotation also answers "is there a `partner` ?" with yes
     /// (in place of one of its no questions), as instruction data that names an absent object also affirms it when
     /// asked. Not serialized when off (cache keys of older recipes).
     #[serde(default, skip_serializing_if = "is_false")]

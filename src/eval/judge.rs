@@ -3,7 +3,7 @@
 //!
 //! - A request is what the official scripts send to `/v1/chat/completions`: `model`, `messages`,
 //!   `temperature`, and `max_tokens` only where the script sets one. Transport, retries and back-off are
-//!   [`HttpCompleter::send`]'s: connection errors, timeouts, 429, 5xx and replies that are not the expected JSON
+//!   [`crate::http::HttpCompleter::send`]'s: connection errors, timeouts, 429, 5xx and replies that are not the expected JSON
 //!   (HTML, malformed JSON, no `choices`, a `null` message, an oversized body) are retried `retries`
 //!   times with a doubling wait; any other failure, or one that outlasts the retries, stops the run with one line
 //!   naming the judge URL and the reason. Nothing unread is cached.

@@ -111,7 +111,7 @@ impl ClipVision {
         })
     }
 
-    /// Hidden state after `self.layers.len()` encoder layers (hidden_states[n] in transformers, counting the embedding
+    /// Hidden state after `self.layers.len()` encoder layers (`hidden_states[n]` in transformers, counting the embedding
     /// output as 0): (b, grid^2 + 1, hidden), class token first. `pixels`: (b, 3, image_size, image_size).
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_checkpointed(pixels, None)

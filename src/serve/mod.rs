@@ -2,7 +2,7 @@
 //!
 //! - Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`,
 //!   `GET /metrics` (Prometheus text). Replies and errors have OpenAI's shapes ([`api`]).
-//! - One thread runs the model ([`worker`]): requests reach it over a channel once the HTTP side has parsed the
+//! - One thread runs the model (`worker`): requests reach it over a channel once the HTTP side has parsed the
 //!   body, decoded the image and tokenised the prompt (on tokio's blocking pool, beside the model's steps). The
 //!   base model and each adapter ([`Served`]) share one copy of the base weights and have an engine each.
 //! - Limits: a request body over `max_body_bytes` is a 413; an image over the processor's `max_pixels` or a prompt

@@ -153,7 +153,7 @@ pub fn response_ids(tok: &Tokenizer, response: &str, style: PromptStyle) -> Resu
 
 /// A multi-turn conversation as token ids with a target flag per id: the answers (with EOS in the Llava style) are
 /// targets, everything else (BOS, system text, questions, image positions) is context. The first question gets the
-/// image; later questions follow [`Template::render_next`].
+/// image; later questions follow [`Chat::render_next`].
 pub fn conversation_ids(
     tok: &Tokenizer,
     chat: &Chat,

@@ -29,7 +29,7 @@ pub struct Trainable {
     pub full: Vec<(String, Var)>,
     /// The model folder training started from (named in the adapter config; copied from for full weights).
     pub base_model: PathBuf,
-    /// The run's ops path, which also picks the optimizer's state ([`AdamW::new`]).
+    /// The run's ops path, which also picks the optimizer's state ([`crate::train::optim::AdamW::new`]).
     pub kernels: Kernels,
 }
 

@@ -11,7 +11,7 @@
 //! - **No allocation per call** beyond the output tensor: attention's scratch rows live in the threads.
 //!
 //! The engine turns them on for its forward passes with [`run`] (or [`scope`]): [`super::ops::FrozenMatmul`] asks
-//! [`frozen_matmul`] first, which answers only inside a scope. Instructions: AVX-512 or AVX2+FMA when the CPU has
+//! `frozen_matmul` first, which answers only inside a scope. Instructions: AVX-512 or AVX2+FMA when the CPU has
 //! them (chosen once per process), else plain f32.
 
 use std::cell::{Cell, RefCell};

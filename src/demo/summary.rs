@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::bootstrap::BootstrapFiles;
 use super::data::{EvalScene, WorldFiles};
-use super::pipeline::{DemoOptions, SeedResult, ROWS};
+use super::pipeline::{DemoOptions, Recipe, SeedResult, ROWS};
 use super::plot::{self, Bar, Series};
 use super::render::upscale;
 use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
@@ -103,64 +103,78 @@ fn smooth(points: Vec<(f64, f64)>, keep: f64) -> Vec<(f64, f64)> {
 /// Training curves (first seed) and metric bars (all seeds).
 fn figures(rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
     let mut out = Vec::new();
-    let mut add = |file: &str, caption: &str, png: Vec<u8>| {
-        out.push(Figure { file: format!("plots/{file}"), caption: caption.into(), png })
-    };
     if let Some(s) = first {
-        let sft = vec![
-            Series {
-                name: "language model on the corpus".into(),
-                points: smooth(curve(&s.model.join("lm_metrics.jsonl"), "loss"), 0.9),
-            },
-            Series {
-                name: "whole model on the instruction data".into(),
-                points: smooth(curve(&s.model.join("metrics.jsonl"), "loss"), 0.9),
-            },
-        ];
-        add("sft_loss.png", "SFT: cross-entropy per answer token", plot::lines("SFT loss", "step", "loss", &sft)?);
-        let runs: Vec<(&str, PathBuf)> = ROWS
-            .iter()
-            .skip(1)
-            .map(|(name, run)| (*name, s.dir.join("runs").join(run).join("adapter/metrics.jsonl")))
-            .collect();
-        let dpo_runs: Vec<&(&str, PathBuf)> = runs.iter().filter(|(n, _)| n.starts_with("BPO")).collect();
-        for (key, file, title, caption) in [
-            ("loss", "dpo_loss.png", "DPO loss", "DPO loss (sigmoid, beta 0.1)"),
-            (
-                "rewards/margins",
-                "dpo_margins.png",
-                "Reward margin",
-                "Reward margin: beta x (log-ratio chosen - log-ratio rejected)",
-            ),
-            (
-                "rewards/accuracies",
-                "dpo_accuracy.png",
-                "Reward accuracy",
-                "Share of pairs whose chosen answer has the larger reward",
-            ),
-        ] {
-            let series: Vec<Series> = dpo_runs
-                .iter()
-                .map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, key), 0.8) })
-                .collect();
-            add(file, caption, plot::lines(title, "step", key, &series)?);
-        }
-        let chosen: Vec<Series> = dpo_runs
-            .iter()
-            .map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, "logps/chosen"), 0.8) })
-            .collect();
-        add(
-            "chosen_logps.png",
-            "Log-probability of the chosen answers during DPO (falling means the model unlearns the truth too)",
-            plot::lines("log p(chosen)", "step", "logps/chosen", &chosen)?,
-        );
-        let control = vec![Series { name: "SFT on chosen".into(), points: smooth(curve(&runs[0].1, "loss"), 0.8) }];
-        add(
-            "control_loss.png",
-            "The control: cross-entropy per token of the chosen answers",
-            plot::lines("SFT on chosen: loss", "step", "loss", &control)?,
-        );
+        training_figures(s, &mut out)?;
     }
+    metric_figures(rows, &mut out)?;
+    Ok(out)
+}
+
+/// The plot `png` as `plots/<file>` under `caption`.
+fn figure(file: &str, caption: &str, png: Vec<u8>) -> Figure {
+    Figure { file: format!("plots/{file}"), caption: caption.into(), png }
+}
+
+/// One seed's training curves: SFT, the DPO runs' loss, margins, accuracy and chosen log-probabilities, the control.
+fn training_figures(s: &SeedResult, out: &mut Vec<Figure>) -> Result<()> {
+    let mut add = |file: &str, caption: &str, png: Vec<u8>| out.push(figure(file, caption, png));
+    let sft = vec![
+        Series {
+            name: "language model on the corpus".into(),
+            points: smooth(curve(&s.model.join("lm_metrics.jsonl"), "loss"), 0.9),
+        },
+        Series {
+            name: "whole model on the instruction data".into(),
+            points: smooth(curve(&s.model.join("metrics.jsonl"), "loss"), 0.9),
+        },
+    ];
+    add("sft_loss.png", "SFT: cross-entropy per answer token", plot::lines("SFT loss", "step", "loss", &sft)?);
+    let runs: Vec<(&str, PathBuf)> = ROWS
+        .iter()
+        .skip(1)
+        .map(|(name, run)| (*name, s.dir.join("runs").join(run).join("adapter/metrics.jsonl")))
+        .collect();
+    let dpo_runs: Vec<&(&str, PathBuf)> = runs.iter().filter(|(n, _)| n.starts_with("BPO")).collect();
+    for (key, file, title, caption) in [
+        ("loss", "dpo_loss.png", "DPO loss", "DPO loss (sigmoid, beta 0.1)"),
+        (
+            "rewards/margins",
+            "dpo_margins.png",
+            "Reward margin",
+            "Reward margin: beta x (log-ratio chosen - log-ratio rejected)",
+        ),
+        (
+            "rewards/accuracies",
+            "dpo_accuracy.png",
+            "Reward accuracy",
+            "Share of pairs whose chosen answer has the larger reward",
+        ),
+    ] {
+        let series: Vec<Series> =
+            dpo_runs.iter().map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, key), 0.8) }).collect();
+        add(file, caption, plot::lines(title, "step", key, &series)?);
+    }
+    let chosen: Vec<Series> = dpo_runs
+        .iter()
+        .map(|(n, p)| Series { name: n.to_string(), points: smooth(curve(p, "logps/chosen"), 0.8) })
+        .collect();
+    add(
+        "chosen_logps.png",
+        "Log-probability of the chosen answers during DPO (falling means the model unlearns the truth too)",
+        plot::lines("log p(chosen)", "step", "logps/chosen", &chosen)?,
+    );
+    let control = vec![Series { name: "SFT on chosen".into(), points: smooth(curve(&runs[0].1, "loss"), 0.8) }];
+    add(
+        "control_loss.png",
+        "The control: cross-entropy per token of the chosen answers",
+        plot::lines("SFT on chosen: loss", "step", "loss", &control)?,
+    );
+    Ok(())
+}
+
+/// Bars of every row's CHAIR and POPE metrics, mean and spread over the seeds.
+fn metric_figures(rows: &[Row], out: &mut Vec<Figure>) -> Result<()> {
+    let mut add = |file: &str, caption: &str, png: Vec<u8>| out.push(figure(file, caption, png));
     let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
     let bars_of = |cols: &[&str]| -> (Vec<String>, Vec<Vec<Bar>>) {
         let picked: Vec<&Column> = COLUMNS.iter().filter(|c| cols.contains(&c.name)).collect();
@@ -190,7 +204,7 @@ fn figures(rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
         "Object recall and POPE F1 (%; higher is better)",
         plot::bars("Recall and POPE F1 (higher is better)", &groups, &names, &values)?,
     );
-    Ok(out)
+    Ok(())
 }
 
 /// The two gallery sections, from one seed.
@@ -325,9 +339,29 @@ fn eval_items(s: &SeedResult, files: &WorldFiles) -> Result<Vec<GalleryItem>> {
 
 /// Settings, world statistics and stage times for the report's last table.
 fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wall: f64) -> Vec<(String, String)> {
-    let r = &opts.recipe;
-    let mut f = vec![
-        ("seeds".to_string(), seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", ")),
+    let mut f = vec![("seeds".to_string(), seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", "))];
+    f.extend(recipe_facts(&opts.recipe));
+    for s in seeds {
+        f.extend(seed_facts(s));
+    }
+    let total: f64 = timings.iter().map(|t| t.1).sum();
+    f.push((
+        "time".into(),
+        format!(
+            "{wall:.0} s wall clock, {} seed(s) at a time, {} CPU thread(s) each; stage times add up to {total:.0} s",
+            opts.jobs,
+            crate::model::runtime::cpu_threads()
+        ),
+    ));
+    for (name, secs) in timings {
+        f.push((format!("  {name}"), format!("{secs:.1} s")));
+    }
+    f
+}
+
+/// The recipe's settings, one line per stage.
+fn recipe_facts(r: &Recipe) -> Vec<(String, String)> {
+    vec![
         (
             "world".into(),
             format!(
@@ -383,40 +417,31 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wa
                 r.bootstrap.chosen
             ),
         ),
-    ];
-    for s in seeds {
-        let w = |k: &str| s.world_stats.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        f.push((
-            format!("seed {} world", s.seed),
-            format!(
-                "partner present beside an object: {:.0}% of corpus scenes, {:.0}% of training images; objects per scene {:.2} / {:.2}",
-                100.0 * w("corpus_partner_rate"),
-                100.0 * w("grounded_partner_rate"),
-                w("corpus_objects_per_scene"),
-                w("grounded_objects_per_scene")
-            ),
-        ));
-        let b = &s.bootstrap;
-        let pairs = b.pairs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ");
-        f.push((
-            format!("seed {} bootstrap", s.seed),
-            format!(
-                "{} records; {} weakened and {} injected answers; kept {} + {} negatives ({} not usable, {} dropped to balance yes/no); description negatives with more / fewer partner pairs than their ground truth: {} / {}; pairs BPO / weakening / injection: {pairs}",
-                b.records, b.weakened_answers, b.injected_answers, b.kept_weaken, b.kept_inject, b.dropped, b.dropped_for_balance, b.more_prior, b.less_prior
-            ),
-        ));
-    }
-    let total: f64 = timings.iter().map(|t| t.1).sum();
+    ]
+}
+
+/// One seed's world statistics and bootstrap counts.
+fn seed_facts(s: &SeedResult) -> Vec<(String, String)> {
+    let mut f = Vec::new();
+    let w = |k: &str| s.world_stats.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     f.push((
-        "time".into(),
+        format!("seed {} world", s.seed),
         format!(
-            "{wall:.0} s wall clock, {} seed(s) at a time, {} CPU thread(s) each; stage times add up to {total:.0} s",
-            opts.jobs,
-            crate::model::runtime::cpu_threads()
+            "partner present beside an object: {:.0}% of corpus scenes, {:.0}% of training images; objects per scene {:.2} / {:.2}",
+            100.0 * w("corpus_partner_rate"),
+            100.0 * w("grounded_partner_rate"),
+            w("corpus_objects_per_scene"),
+            w("grounded_objects_per_scene")
         ),
     ));
-    for (name, secs) in timings {
-        f.push((format!("  {name}"), format!("{secs:.1} s")));
-    }
+    let b = &s.bootstrap;
+    let pairs = b.pairs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ");
+    f.push((
+        format!("seed {} bootstrap", s.seed),
+        format!(
+            "{} records; {} weakened and {} injected answers; kept {} + {} negatives ({} not usable, {} dropped to balance yes/no); description negatives with more / fewer partner pairs than their ground truth: {} / {}; pairs BPO / weakening / injection: {pairs}",
+            b.records, b.weakened_answers, b.injected_answers, b.kept_weaken, b.kept_inject, b.dropped, b.dropped_for_balance, b.more_prior, b.less_prior
+        ),
+    ));
     f
 }

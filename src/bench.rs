@@ -288,7 +288,13 @@ pub fn bootstrap_throughput(
         let (mut writer, _) = ResumableWriter::open(&out)?;
         let rows = if k == 0 { records[..1].to_vec() } else { records.clone() };
         let start = Instant::now();
-        run_weaken(&vlm, rows, &WeakenOptions { batch_size: batch, ..opts.clone() }, &mut writer)?;
+        run_weaken(
+            &vlm,
+            rows,
+            &WeakenOptions { batch_size: batch, ..opts.clone() },
+            &mut writer,
+            &crate::progress::Silent,
+        )?;
         let seconds = start.elapsed().as_secs_f64();
         if k > 0 {
             figures.push(BootstrapFigures {

@@ -1,5 +1,5 @@
-//! `bpo train`: DPO with LoRA on preference pairs. Also the options, progress bar and SIGINT / SIGTERM handling
-//! that `bpo sft` shares.
+//! `bpo train`: DPO with LoRA on preference pairs. Also the options, the report of how a run ended and the SIGINT /
+//! SIGTERM handling that `bpo sft` shares.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

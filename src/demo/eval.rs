@@ -72,7 +72,7 @@ pub fn request_count(files: &WorldFiles) -> Result<usize> {
 }
 
 /// Runs POPE and CHAIR for `vlm` (adapters per `pass`) and writes `out/pope/`, `out/chair/` (answers.jsonl,
-/// scores.json, details.jsonl).
+/// scores.json, details.jsonl); each benchmark's answering is reported to `events`.
 pub fn evaluate(
     vlm: &Vlm,
     files: &WorldFiles,

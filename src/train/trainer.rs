@@ -268,8 +268,7 @@ pub fn train_loop(
         if !grad_norm.is_finite() {
             return Err(non_finite(run, step + 1, &format!("the gradient norm is {grad_norm}")));
         }
-        let seconds = started.elapsed().as_secs_f64();
-        let log = step_log(step + 1, total, per_epoch, &parts, lr, grad_norm, seconds);
+        let log = step_log(step + 1, total, per_epoch, &parts, lr, grad_norm, started.elapsed().as_secs_f64());
         writeln!(metrics_file, "{}", Value::Object(log.values.clone()))
             .and_then(|_| metrics_file.flush())
             .map_err(|e| Error::io(&metrics_path, e))?;

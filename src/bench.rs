@@ -262,6 +262,7 @@ pub fn bootstrap_throughput(
 ) -> Result<Vec<BootstrapFigures>> {
     use crate::bootstrap::{run_weaken, WeakenOptions};
     use crate::data::{Completion, Record, ResumableWriter};
+    use crate::progress::Silent;
     let mut vlm = Vlm::load(dir, &LoadOptions::new(rt), crate::text::Template::VicunaV1)?;
     vlm.tok.eos.clear(); // random weights may pick EOS: always decode the full length
     let image = scratch.join("bench.png");
@@ -288,7 +289,7 @@ pub fn bootstrap_throughput(
         let (mut writer, _) = ResumableWriter::open(&out)?;
         let rows = if k == 0 { records[..1].to_vec() } else { records.clone() };
         let start = Instant::now();
-        run_weaken(&vlm, rows, &WeakenOptions { batch_size: batch, ..opts.clone() }, &mut writer)?;
+        run_weaken(&vlm, rows, &WeakenOptions { batch_size: batch, ..opts.clone() }, &mut writer, &Silent)?;
         let seconds = start.elapsed().as_secs_f64();
         if k > 0 {
             figures.push(BootstrapFigures {

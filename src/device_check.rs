@@ -164,7 +164,7 @@ fn dpo_step(fixtures: &Path, rt: &Runtime, out: &Path) -> Result<(StepLog, Weigh
     let mut cfg = trl_parity_config(fixtures, rt.clone());
     cfg.optim.lr = 1e-4;
     let mut logs = Logs::default();
-    dpo::train(&cfg, out, false, None, &mut logs, &mut |_| {})?;
+    dpo::train(&cfg, out, false, None, &mut logs, &crate::progress::Silent)?;
     let log = logs.0.pop().ok_or_else(|| Error::invalid("the DPO step logged nothing"))?;
     let mut weights = Vec::new();
     for file in ["adapter_model.safetensors", "projector.safetensors"] {

@@ -180,16 +180,18 @@ impl Batch {
     }
 }
 
-/// Summed response log-probabilities and token counts for `examples`, `batch_size` rows per forward pass.
+/// Summed response log-probabilities and token counts for `examples`, `batch_size` rows per forward pass; reports
+/// the stage `scoring` (one unit an example).
 pub fn score(
     model: &crate::model::Model,
     pad: u32,
     examples: &[Example],
     batch_size: usize,
     pass: crate::model::Pass,
-    mut progress: impl FnMut(usize),
+    events: &dyn crate::progress::Events,
 ) -> Result<Vec<(f32, usize)>> {
     let mut out = Vec::with_capacity(examples.len());
+    events.stage("scoring", Some(examples.len() as u64));
     for chunk in examples.chunks(batch_size.max(1)) {
         let batch = Batch::new(chunk, pad, &model.rt.device)?;
         let inputs =
@@ -199,8 +201,9 @@ pub fn score(
         let (sums, _) = response_logprobs(&model.llm, &hidden, &batch.rows.host_labels, pass)?;
         let sums: Vec<f32> = crate::model::runtime::read_back(&sums)?;
         out.extend(sums.into_iter().zip(batch.rows.targets_per_row()));
-        progress(chunk.len());
+        events.advance(chunk.len() as u64);
     }
+    events.end_stage();
     Ok(out)
 }
 

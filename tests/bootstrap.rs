@@ -12,6 +12,7 @@ use bpo::data::{
     expand, read_input, read_pairs, CompletionType, InputOptions, PairFormat, PairOptions, Record, ResumableWriter,
     Shard,
 };
+use bpo::progress::Silent;
 use bpo::{Error, Result};
 use clap::ValueEnum;
 use serde_json::{json, Value};
@@ -102,7 +103,7 @@ fn inject_description_writes_input_plus_negative() {
     let out = dir.path().join("records.jsonl");
     let fake = Fake::new(add_a_dog);
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
-    let counts = run_inject(records.clone(), &fake, &opts(4), &mut w).unwrap();
+    let counts = run_inject(records.clone(), &fake, &opts(4), &mut w, &Silent).unwrap();
     assert_eq!((counts.records.written, counts.added, counts.requests), (9, 9, 9));
     let first = &fake.seen.lock().unwrap()[0];
     assert!(
@@ -114,7 +115,7 @@ fn inject_description_writes_input_plus_negative() {
     assert_eq!(written[0].completions[1].response, "Picture 0 shows a red bus parked next to a tree. Also a dog.");
     assert_eq!((written[0].completions[1].score, &written[0].completions[1].kind), (0.0, &CompletionType::LlmHal));
     // A second run has nothing left to do.
-    let again = run_inject(records, &fake, &opts(4), &mut w).unwrap();
+    let again = run_inject(records, &fake, &opts(4), &mut w, &Silent).unwrap();
     assert_eq!((again.records.already_done, again.requests), (9, 0));
 }
 
@@ -138,7 +139,7 @@ fn cleaning_drops_are_counted_and_failed_requests_retried() {
         }
     });
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
-    let c = run_inject(records.clone(), &fake, &opts(3), &mut w).unwrap();
+    let c = run_inject(records.clone(), &fake, &opts(3), &mut w, &Silent).unwrap();
     assert_eq!((c.identical, c.empty, c.request_failed, c.unparseable, c.added), (1, 1, 1, 1, 5));
     assert_eq!((c.records.written, c.records.failed), (8, 1));
     let failed_id =
@@ -146,7 +147,7 @@ fn cleaning_drops_are_counted_and_failed_requests_retried() {
     assert!(!id_counts(&out).contains_key(&failed_id));
     // The next run retries exactly the failed record.
     let fixed = Fake::new(add_a_dog);
-    let c = run_inject(records.clone(), &fixed, &opts(3), &mut w).unwrap();
+    let c = run_inject(records.clone(), &fixed, &opts(3), &mut w, &Silent).unwrap();
     assert_eq!((c.records.already_done, c.records.written, c.requests), (8, 1, 1));
     assert_each_once(&out, &records);
 }
@@ -157,7 +158,7 @@ fn torn_last_line_is_repaired_and_rerun_completes() {
     let records = input(&llava_fixture(dir.path()));
     let out = dir.path().join("records.jsonl");
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
-    run_inject(records[..5].to_vec(), &Fake::new(add_a_dog), &opts(2), &mut w).unwrap();
+    run_inject(records[..5].to_vec(), &Fake::new(add_a_dog), &opts(2), &mut w, &Silent).unwrap();
     drop(w);
     // Kill mid-write: cut the last line in half.
     let text = std::fs::read_to_string(&out).unwrap();
@@ -168,7 +169,7 @@ fn torn_last_line_is_repaired_and_rerun_completes() {
     let torn = rep.torn.expect("torn line detected");
     assert_eq!((rep.lines, torn.line, torn.bytes), (4, 5, (cut - last_start) as u64));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), text[..last_start]);
-    let c = run_inject(records.clone(), &Fake::new(add_a_dog), &opts(2), &mut w).unwrap();
+    let c = run_inject(records.clone(), &Fake::new(add_a_dog), &opts(2), &mut w, &Silent).unwrap();
     assert_eq!((c.records.already_done, c.records.written), (4, 5));
     assert_each_once(&out, &records);
 }
@@ -180,14 +181,14 @@ fn crash_midway_then_rerun_finds_every_id_once() {
     let out = dir.path().join("records.jsonl");
     let crashing = Fake { fail_after: Some(5), ..Fake::new(add_a_dog) };
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
-    let err = run_inject(records.clone(), &crashing, &opts(2), &mut w).unwrap_err();
+    let err = run_inject(records.clone(), &crashing, &opts(2), &mut w, &Silent).unwrap_err();
     assert!(err.to_string().contains("simulated crash"));
     drop(w);
     let before = bpo::jsonl::read::<Record>(&out).unwrap();
     assert_eq!(before.len(), 4, "two full batches of two were written before the crash");
     let (mut w, rep) = ResumableWriter::open(&out).unwrap();
     assert_eq!((rep.lines, rep.torn), (4, None));
-    let c = run_inject(records.clone(), &Fake::new(add_a_dog), &opts(2), &mut w).unwrap();
+    let c = run_inject(records.clone(), &Fake::new(add_a_dog), &opts(2), &mut w, &Silent).unwrap();
     assert_eq!((c.records.already_done, c.records.written), (4, 5));
     assert_each_once(&out, &records);
     assert_eq!(bpo::jsonl::read::<Record>(&out).unwrap()[..4], before[..], "earlier lines untouched");
@@ -204,7 +205,8 @@ fn shards_cover_every_id_exactly_once() {
         let shard: Shard = format!("{i}/3").parse().unwrap();
         let (mut w, _) = ResumableWriter::open(&out).unwrap();
         let c =
-            run_inject(records.clone(), &Fake::new(add_a_dog), &InjectOptions { shard, ..opts(2) }, &mut w).unwrap();
+            run_inject(records.clone(), &Fake::new(add_a_dog), &InjectOptions { shard, ..opts(2) }, &mut w, &Silent)
+                .unwrap();
         assert_eq!(c.records.other_shards + c.records.written, records.len());
         written += c.records.written;
         outs.push(out);
@@ -226,7 +228,7 @@ fn continue_and_qa_modes_build_their_prompts() {
     let fake = Fake::new(|_| Ok(" and a yellow taxi.".into()));
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
     let o = InjectOptions { mode: InjectMode::Continue, seed: 3, ..opts(4) };
-    run_inject(records.clone(), &fake, &o, &mut w).unwrap();
+    run_inject(records.clone(), &fake, &o, &mut w, &Silent).unwrap();
     let seen = fake.seen.lock().unwrap().clone();
     for (rec, (prompt, neg)) in records.iter().zip(seen.iter().zip(bpo::jsonl::read::<Record>(&out).unwrap())) {
         let gt = &rec.completions[0].response;
@@ -237,7 +239,7 @@ fn continue_and_qa_modes_build_their_prompts() {
     let out = dir.path().join("qa.jsonl");
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
     let o = InjectOptions { mode: InjectMode::Qa, vicuna: false, ..opts(4) };
-    run_inject(records[1..2].to_vec(), &fake, &o, &mut w).unwrap();
+    run_inject(records[1..2].to_vec(), &fake, &o, &mut w, &Silent).unwrap();
     let prompt = fake.seen.lock().unwrap()[0].clone();
     assert!(
         prompt

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bpo::bootstrap::{run_inject, Completer, CompletionOptions, Endpoint, HttpCompleter, HttpOptions, InjectOptions};
 use bpo::data::{read_input, InputOptions, Record, ResumableWriter};
+use bpo::progress::Silent;
 use bpo::Error;
 use serde_json::{json, Value};
 
@@ -236,7 +237,7 @@ fn stalled_server_times_out_and_is_counted() {
         completions: vec![bpo::data::Completion::gt("A red bus.")],
     };
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
-    let counts = run_inject(vec![rec("a"), rec("b")], &c, &InjectOptions::default(), &mut w).unwrap();
+    let counts = run_inject(vec![rec("a"), rec("b")], &c, &InjectOptions::default(), &mut w, &Silent).unwrap();
     assert_eq!((counts.request_failed, counts.records.failed, counts.records.written), (2, 2, 0));
     assert_eq!(server.count(), 4, "two prompts, two attempts each");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "");

@@ -12,6 +12,7 @@ use bpo::data::{expand, read_input, read_pairs, CompletionType, InputOptions, Pa
 use bpo::generate::{generate, Combine, Engine, EngineOptions, Request, SamplingParams};
 use bpo::model::Vlm;
 use bpo::model::{LoadOptions, Pass};
+use bpo::progress::Silent;
 use bpo::text::{Chat, Template};
 use bpo::vision::weaken;
 use serde_json::{json, Value};
@@ -169,18 +170,18 @@ fn weaken_resumed_after_a_torn_line_matches_an_uninterrupted_run() {
     };
     let whole = dir.path().join("whole.jsonl");
     let (mut w, _) = ResumableWriter::open(&whole).unwrap();
-    run_weaken(&vlm, input.clone(), &opts, &mut w).unwrap();
+    run_weaken(&vlm, input.clone(), &opts, &mut w, &Silent).unwrap();
 
     // Interrupted: a first run over part of the input, its last line torn as by kill -9, then the full run.
     let resumed = dir.path().join("resumed.jsonl");
     let (mut w, _) = ResumableWriter::open(&resumed).unwrap();
-    run_weaken(&vlm, input[..4].to_vec(), &opts, &mut w).unwrap();
+    run_weaken(&vlm, input[..4].to_vec(), &opts, &mut w, &Silent).unwrap();
     drop(w);
     let text = std::fs::read_to_string(&resumed).unwrap();
     std::fs::write(&resumed, &text[..text.len() - 10]).unwrap();
     let (mut w, rep) = ResumableWriter::open(&resumed).unwrap();
     assert_eq!((rep.lines, rep.torn.is_some()), (3, true));
-    let c = run_weaken(&vlm, input.clone(), &opts, &mut w).unwrap();
+    let c = run_weaken(&vlm, input.clone(), &opts, &mut w, &Silent).unwrap();
     assert_eq!((c.records.already_done, c.records.written), (3, input.len() - 3));
     assert_every_id_once(&[&resumed], &input);
 
@@ -189,7 +190,7 @@ fn weaken_resumed_after_a_torn_line_matches_an_uninterrupted_run() {
     // Another seed draws other noise and other tokens.
     let other = dir.path().join("other.jsonl");
     let (mut w, _) = ResumableWriter::open(&other).unwrap();
-    run_weaken(&vlm, input, &WeakenOptions { seed: 8, ..opts }, &mut w).unwrap();
+    run_weaken(&vlm, input, &WeakenOptions { seed: 8, ..opts }, &mut w, &Silent).unwrap();
     assert_ne!(by_id(&other), by_id(&whole));
 }
 
@@ -257,11 +258,11 @@ fn weaken_counts_an_unreadable_image_and_retries_it() {
     let vlm = tiny();
     let opts = WeakenOptions { images: images.clone(), max_new_tokens: 4, ..Default::default() };
     let (mut w, _) = ResumableWriter::open(&out).unwrap();
-    let c = run_weaken(&vlm, input.clone(), &opts, &mut w).unwrap();
+    let c = run_weaken(&vlm, input.clone(), &opts, &mut w, &Silent).unwrap();
     assert_eq!((c.image_failed, c.records.failed, c.records.written), (1, 1, n - 1));
     assert!(c.errors[0].contains("img2#0") && c.errors[0].contains("astronaut.png"), "{:?}", c.errors);
     std::fs::copy(fixture("images").join(IMAGES[2]), images.join(IMAGES[2])).unwrap();
-    let c = run_weaken(&vlm, input.clone(), &opts, &mut w).unwrap();
+    let c = run_weaken(&vlm, input.clone(), &opts, &mut w, &Silent).unwrap();
     assert_eq!((c.records.already_done, c.records.written), (n - 1, 1));
     assert_every_id_once(&[&out], &input);
 }
@@ -409,7 +410,7 @@ fn weaken_writes_the_records_of_the_static_batches_it_replaced() {
                 ..Default::default()
             };
             let (mut w, _) = ResumableWriter::open(&out).unwrap();
-            run_weaken(&vlm, input.clone(), &opts, &mut w).unwrap();
+            run_weaken(&vlm, input.clone(), &opts, &mut w, &Silent).unwrap();
             assert_eq!(by_id(&out), want, "{name}, batch {batch_size}");
         }
     }

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use bpo::model::Runtime;
+use bpo::progress::Silent;
 use bpo::text::{PromptStyle, Template};
 use bpo::train::trainer::LoopConfig;
 use bpo::train::ModelSetup;
@@ -126,7 +127,7 @@ fn an_sft_step_is_the_same_with_gradient_checkpointing_through_the_vision_tower(
                 };
                 let mut rec = Record::default();
                 let out = tmp.path().join(format!("{path}-{name}-{ckpt}"));
-                bpo::train::sft::train(&cfg, &out, false, None, &mut rec, &mut |_| {}).unwrap();
+                bpo::train::sft::train(&cfg, &out, false, None, &mut rec, &Silent).unwrap();
                 runs.push((out, rec));
             }
             let what = format!("{path} path, {name}");

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use bpo::progress::Silent;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
@@ -395,7 +396,7 @@ fn full_fine_tuning_of_an_f16_model_resumes_exactly() {
     };
     let curve = |out: &Path, resume: bool, stop_after: Option<usize>| {
         let mut rec = crate::train::Record { stop_after, ..Default::default() };
-        bpo::train::sft::train(&cfg, out, resume, None, &mut rec, &mut |_| {}).unwrap();
+        bpo::train::sft::train(&cfg, out, resume, None, &mut rec, &Silent).unwrap();
         rec.logs.iter().map(|l| (l.get("loss").unwrap(), l.get("grad_norm").unwrap())).collect::<Vec<_>>()
     };
     let whole = curve(&tmp.path().join("whole"), false, None);

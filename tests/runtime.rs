@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use bpo::model::{load, Inputs, LoadOptions, Model, Pass, Runtime};
+use bpo::progress::Silent;
 use bpo::text::Tokenizer;
 use bpo::text::{PromptStyle, Template};
 use bpo::train::trainer::LoopConfig;
@@ -292,7 +293,7 @@ fn bf16_full_fine_tuning_casts_every_master_weight() {
         optim: LoopConfig { lr: 1e-3, epochs: 5, batch_size: 4, ..base.optim.clone() },
     };
     let mut rec = Record::default();
-    bpo::train::sft::train(&cfg, &tmp.path().join("full"), false, None, &mut rec, &mut |_| {}).unwrap();
+    bpo::train::sft::train(&cfg, &tmp.path().join("full"), false, None, &mut rec, &Silent).unwrap();
     let losses: Vec<f64> = rec.logs.iter().map(|l| l.get("loss").unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite()) && losses[4] < 0.8 * losses[0], "{losses:?}");
 }
@@ -327,7 +328,7 @@ fn a_generic_lora_dpo_step_reads_back_from_the_device_once() {
         cfg.optim = LoopConfig { epochs: 1, batch_size: 4, grad_accum: 1, ..cfg.optim };
         let mut reads = Reads(Vec::new());
         let out = tmp.path().join(format!("run-{ckpt}"));
-        bpo::train::dpo::train(&cfg, &out, false, None, &mut reads, &mut |_| {}).unwrap();
+        bpo::train::dpo::train(&cfg, &out, false, None, &mut reads, &Silent).unwrap();
         assert!(reads.0.len() >= 3, "{:?}", reads.0);
         let per_step: Vec<u64> = reads.0.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(per_step.iter().all(|&n| n == 1), "reads per step (checkpointing {ckpt}): {per_step:?}");

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bpo::model::lora::LoraConfig;
 use bpo::model::{load, Inputs, LoadOptions, Pass};
+use bpo::progress::{Event, Recorder};
 use bpo::text::{PromptStyle, Template};
 use bpo::train::dpo::{self, DpoConfig};
 use bpo::train::trainer::{Hooks, LoopConfig, Silent, StepLog};
@@ -43,9 +44,9 @@ impl Hooks for Record {
 }
 
 pub fn run(cfg: &DpoConfig, out: &Path, resume: bool, hooks: &mut dyn Hooks) -> (dpo::TrainReport, Vec<String>) {
-    let mut said = Vec::new();
-    let report = dpo::train(cfg, out, resume, None, hooks, &mut |m| said.push(m.to_string())).unwrap();
-    (report, said)
+    let said = Recorder::default();
+    let report = dpo::train(cfg, out, resume, None, hooks, &said).unwrap();
+    (report, said.messages())
 }
 
 fn close(got: f64, want: f64, tol: f64, what: &str) {
@@ -90,7 +91,7 @@ fn pair_logps(vlm: &bpo::model::Vlm) -> Vec<(f32, f32)> {
             ]
         })
         .collect();
-    let scores = bpo::score::score(&vlm.model, vlm.tok.pad, &rows, 8, Pass::INFER, |_| {}).unwrap();
+    let scores = bpo::score::score(&vlm.model, vlm.tok.pad, &rows, 8, Pass::INFER, &Silent).unwrap();
     scores.chunks(2).map(|c| (c[0].0, c[1].0)).collect()
 }
 
@@ -347,17 +348,16 @@ fn malformed_rows_fail_with_file_and_line() {
     ] {
         let path = tmp.path().join(name);
         std::fs::write(&path, format!("{good}\n{good}\n{bad}\n")).unwrap();
-        let err =
-            dpo::train(&config(path), &tmp.path().join(format!("run-{name}")), false, None, &mut Silent, &mut |_| {})
-                .unwrap_err()
-                .to_string();
+        let err = dpo::train(&config(path), &tmp.path().join(format!("run-{name}")), false, None, &mut Silent, &Silent)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&format!("{name}:3")), "{err}");
     }
     let records = tmp.path().join("records.jsonl");
     let rec = r#"{"id": "a", "prompt": "q", "completions": [{"response": "x", "score": 1, "type": "gt"}, {"response": "y", "score": 0, "type": "llm-hal"}]}"#;
     let bad = r#"{"id": "b", "prompt": "q", "completions": [{"response": 5, "score": 1, "type": "gt"}]}"#;
     std::fs::write(&records, format!("{rec}\n{bad}\n")).unwrap();
-    let err = dpo::train(&config(records), &tmp.path().join("run-records"), false, None, &mut Silent, &mut |_| {})
+    let err = dpo::train(&config(records), &tmp.path().join("run-records"), false, None, &mut Silent, &Silent)
         .unwrap_err()
         .to_string();
     assert!(err.contains("records.jsonl:2"), "{err}");
@@ -384,6 +384,39 @@ fn a_pair_with_a_missing_image_is_reported_skipped_and_counted() {
     assert_eq!((report.data.read, report.data.kept, report.data.missing_images.len()), (3, 2, 1));
     assert!(said.iter().any(|m| m.contains("gone") && m.contains("no-such-image.png")), "{said:?}");
     assert!(said.iter().any(|m| m.contains("1 pairs were skipped")), "counted at the end: {said:?}");
+}
+
+/// A run reports to its events sink: the reference pass (one unit a pair), then the training stage (one unit a step,
+/// each with the metrics `metrics.jsonl` logs), each ended; the data report as messages.
+#[test]
+fn a_run_reports_the_reference_pass_and_every_step_to_its_sink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(fixture("dpo/pairs.jsonl"));
+    cfg.optim.epochs = 2;
+    cfg.precompute_ref = true;
+    let (seen, mut rec) = (Recorder::default(), Record::default());
+    let report = dpo::train(&cfg, tmp.path(), false, None, &mut rec, &seen).unwrap();
+    let events = seen.events();
+    let stages: Vec<(&str, Option<u64>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Stage(name, len) => Some((name.as_str(), *len)),
+            _ => None,
+        })
+        .collect();
+    let (pairs, steps) = (report.data.kept as u64, report.summary.total_steps as u64);
+    assert_eq!(stages, [("reference log-probs", Some(pairs)), ("training", Some(steps))]);
+    assert_eq!((seen.done_in("reference log-probs"), seen.done_in("training")), (pairs, steps));
+    assert_eq!(events.iter().filter(|e| **e == Event::EndStage).count(), 2);
+    let metrics: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(metrics, rec.logs.iter().map(|l| l.values.clone()).collect::<Vec<_>>());
+    assert!(seen.messages().iter().any(|m| m.starts_with("pairs: ")), "{:?}", seen.messages());
 }
 
 #[test]
@@ -505,9 +538,8 @@ fn cli_rejects_bad_training_input() {
     );
     let cfg =
         DpoConfig { setup: ModelSetup { lora: None, train_vision: true, ..config(bad.clone()).setup }, ..config(bad) };
-    let err = dpo::train(&cfg, &tmp.path().join("r4"), false, None, &mut Record::default(), &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let err =
+        dpo::train(&cfg, &tmp.path().join("r4"), false, None, &mut Record::default(), &Silent).unwrap_err().to_string();
     assert!(err.contains("bpo sft"), "{err}");
 }
 
@@ -559,7 +591,7 @@ fn sft_trains_on_answers_with_lora_and_full_weights() {
         };
         let mut rec = Record::default();
         let out = tmp.path().join(name);
-        bpo::train::sft::train(&cfg, &out, false, None, &mut rec, &mut |_| {}).unwrap();
+        bpo::train::sft::train(&cfg, &out, false, None, &mut rec, &Silent).unwrap();
         let (first, last) = (rec.logs[0].get("loss").unwrap(), rec.logs.last().unwrap().get("loss").unwrap());
         assert!(last < 0.7 * first, "{name}: loss {first} -> {last}");
         if name.starts_with("full") {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::prompt::{check_template, cut_prefix, fill, InjectMode};
 use crate::data::records::{normalize_ws, Completion, CompletionType, Record};
 use crate::data::resume::{process_pending, ResumableWriter, RunCounts, Shard};
-use crate::progress;
+use crate::progress::Events;
 use crate::text::template::vicuna_v1;
 use crate::{bail, Error, Result};
 
@@ -69,8 +69,6 @@ pub struct InjectOptions {
     pub seed: u64,
     /// Type given to the new completions; default `llm-hal`.
     pub kind: CompletionType,
-    /// Show a progress bar on stderr.
-    pub progress: bool,
 }
 
 impl Default for InjectOptions {
@@ -85,7 +83,6 @@ impl Default for InjectOptions {
             shard: Shard::ALL,
             seed: 0,
             kind: CompletionType::LlmHal,
-            progress: false,
         }
     }
 }
@@ -165,19 +162,19 @@ struct Job {
 }
 
 /// Rewrites the ground truth of every pending record of `opts.shard` through `completer` and appends each
-/// record, with its new completions, to `output`.
+/// record, with its new completions, to `output`. Reports the stage `records` (one unit a pending record).
 pub fn run_inject<C: Completer + ?Sized>(
     records: Vec<Record>,
     completer: &C,
     opts: &InjectOptions,
     output: &mut ResumableWriter,
+    events: &dyn Events,
 ) -> Result<InjectCounts> {
     let template = resolve_template(opts)?;
     let mut stops = opts.completion.stop.clone();
     stops.extend(opts.mode.default_stops());
     let mut counts = InjectCounts::default();
-    let bar = progress::bar(opts.progress, "records");
-    let records = process_pending(records, opts.shard, opts.batch_size, output, bar.as_ref(), |batch| {
+    let records = process_pending(records, opts.shard, opts.batch_size, output, events, |batch| {
         let mut out: Vec<Option<Record>> = batch.iter().cloned().map(Some).collect();
         for sample in 0..opts.samples.max(1) {
             let mut jobs = build_jobs(batch, sample, template.as_deref(), opts, &mut counts, sample == 0);
@@ -196,7 +193,6 @@ pub fn run_inject<C: Completer + ?Sized>(
         }
         Ok(out)
     })?;
-    bar.finish();
     Ok(InjectCounts { records, ..counts })
 }
 

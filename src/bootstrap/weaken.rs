@@ -30,7 +30,7 @@ use crate::generate::{Engine, EngineOptions, Feed, Finished, Request, SamplingPa
 use crate::hash::stable_hash;
 use crate::model::Pass;
 use crate::model::Vlm;
-use crate::progress::{self, Progress};
+use crate::progress::Events;
 use crate::vision::NoiseSchedule;
 use crate::{bail, Result};
 
@@ -60,8 +60,6 @@ pub struct WeakenOptions {
     pub seed: u64,
     /// Type given to the new completions; default `mllm-hal`.
     pub kind: CompletionType,
-    /// Show a progress bar on stderr.
-    pub progress: bool,
 }
 
 impl Default for WeakenOptions {
@@ -79,7 +77,6 @@ impl Default for WeakenOptions {
             shard: Shard::ALL,
             seed: 0,
             kind: CompletionType::MllmHal,
-            progress: false,
         }
     }
 }
@@ -124,17 +121,18 @@ pub fn sample_seed(seed: u64, id: &str, sample: usize) -> u64 {
 }
 
 /// Answers every pending record of `opts.shard` from weakened images with `vlm` (a LLaVA model with its image
-/// processor and chat template) and appends each record, with its new `mllm-hal` completions, to `output`.
+/// processor and chat template) and appends each record, with its new `mllm-hal` completions, to `output`. Reports
+/// the stage `records` (one unit a pending record).
 pub fn run_weaken(
     vlm: &Vlm,
     records: Vec<Record>,
     opts: &WeakenOptions,
     output: &mut ResumableWriter,
+    events: &dyn Events,
 ) -> Result<WeakenCounts> {
     check(vlm, opts)?;
     let (pending, records) = pending(records, opts.shard, output);
-    let bar = progress::bar(opts.progress, "records");
-    bar.set_length(pending.len() as u64);
+    events.stage("records", Some(pending.len() as u64));
     let contrast = opts.decode.needs_clean();
     let batch = EngineOptions::rows(opts.batch_size.max(1) * (1 + usize::from(contrast)), opts.max_batch_tokens);
     let mode = opts.decode;
@@ -152,10 +150,10 @@ pub fn run_weaken(
         open: HashMap::new(),
         output,
         counts: WeakenCounts { records, ..Default::default() },
-        bar: bar.as_ref(),
+        events,
     };
     engine.run(&mut feed)?;
-    bar.finish();
+    events.end_stage();
     Ok(feed.counts)
 }
 
@@ -172,14 +170,14 @@ struct WeakenFeed<'a> {
     open: HashMap<usize, (Record, Vec<Option<String>>)>,
     output: &'a mut ResumableWriter,
     counts: WeakenCounts,
-    bar: &'a dyn Progress,
+    events: &'a dyn Events,
 }
 
 impl WeakenFeed<'_> {
     fn write(&mut self, record: &Record) -> Result<()> {
         self.output.append(record)?;
         self.counts.records.written += 1;
-        self.bar.inc(1);
+        self.events.advance(1);
         Ok(())
     }
 
@@ -199,7 +197,7 @@ impl WeakenFeed<'_> {
                 if self.counts.errors.len() < KEPT_ERRORS {
                     self.counts.errors.push(format!("{}: {e}", record.id));
                 }
-                self.bar.inc(1);
+                self.events.advance(1);
                 return Ok(Some(Vec::new()));
             }
         };

@@ -276,10 +276,9 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         batch_size: a.batch,
         shard: a.shard.unwrap_or_default(),
         seed: a.seed.unwrap_or(0),
-        progress: true,
         ..Default::default()
     };
-    let counts = run_inject(records, completer.as_ref(), &opts, &mut writer)?;
+    let counts = run_inject(records, completer.as_ref(), &opts, &mut writer, &records_bar())?;
     outln!("{}", serde_json::to_string_pretty(&counts)?);
     if let (Some(dir), true) = (&a.llm, counts.unparseable > 0) {
         errln!(
@@ -337,13 +336,12 @@ fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         shard: a.shard.unwrap_or_default(),
         seed: a.seed,
-        progress: true,
         ..Default::default()
     };
     opts.validate()?;
     let (records, mut writer) = a.io.open()?;
     let vlm = a.model.load()?;
-    let counts = run_weaken(&vlm, records, &opts, &mut writer)?;
+    let counts = run_weaken(&vlm, records, &opts, &mut writer, &records_bar())?;
     outln!("{}", serde_json::to_string_pretty(&counts)?);
     if counts.records.failed > 0 {
         bail!(
@@ -354,4 +352,9 @@ fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The bootstrap commands' bar: elapsed time, records done, rate and ETA; cleared when the run ends.
+fn records_bar() -> bpo::progress::Bars {
+    bpo::progress::Bars::new("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}, {per_sec}, ETA {eta}", false)
 }

@@ -14,11 +14,10 @@ use bpo::eval::answer::Answering;
 use bpo::eval::captions::{image_files, Captions, Truth};
 use bpo::eval::pope::{self, Pope};
 use bpo::eval::report::{self, Scores};
-use bpo::eval::{inputs, Answers, Benchmark, Context, Events};
+use bpo::eval::{inputs, Answers, Benchmark, Context};
 use bpo::generate::{EngineOptions, SamplingParams};
-use bpo::progress::Progress;
 
-use super::{progress, ModelArgs};
+use super::{bars, ModelArgs};
 
 mod judged;
 mod suite;
@@ -212,13 +211,13 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --answers FILE or --model DIR"),
     };
-    let scores = bench.run(answers, &Context { judge: None, out: args.out.as_deref(), events: &Terminal })?;
+    let scores = bench.run(answers, &Context { judge: None, out: args.out.as_deref(), events: &bars() })?;
     finish(&scores, args.out.as_deref())
 }
 
 /// The rows of an answers file, in the benchmark's format.
 pub fn given(bench: &Benchmark, path: &Path) -> anyhow::Result<Answers<'static>> {
-    Ok(Answers::Given { rows: bench.read_answers(path, &Terminal)?, from: path.display().to_string() })
+    Ok(Answers::Given { rows: bench.read_answers(path, &bars())?, from: path.display().to_string() })
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
@@ -234,7 +233,7 @@ fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
     let truth = truth(args.coco.as_deref(), args.ground_truth.as_deref())?;
     let bench = Benchmark::Captions(Captions { chair, truth, question_images, asks: Vec::new() });
     let answers = given(&bench, &args.answers)?;
-    let scores = bench.run(answers, &Context { judge: None, out: args.out.as_deref(), events: &Terminal })?;
+    let scores = bench.run(answers, &Context { judge: None, out: args.out.as_deref(), events: &bars() })?;
     finish(&scores, args.out.as_deref())
 }
 
@@ -250,43 +249,6 @@ fn truth(coco: Option<&Path>, ground_truth: Option<&Path>) -> anyhow::Result<Tru
 /// How `model` answers: `params`, batched by `batch`, its adapters, its name in the rows.
 pub fn answering(model: &ModelArgs, params: &SamplingParams, batch: &EngineOptions) -> Answering {
     Answering { params: params.clone(), batch: batch.clone(), pass: model.pass(), model_id: model.model_id() }
-}
-
-/// A benchmark run seen from the terminal: progress bars on stderr, messages on stderr.
-pub struct Terminal;
-
-/// A bar left drawn when its stage ends.
-struct Kept(indicatif::ProgressBar);
-
-impl Progress for Kept {
-    fn set_length(&self, len: u64) {
-        self.0.set_length(len)
-    }
-    fn inc(&self, n: u64) {
-        self.0.inc(n)
-    }
-    fn finish(&self) {
-        self.0.finish()
-    }
-}
-
-impl Events for Terminal {
-    fn stage(&self, what: &str, len: Option<u64>) -> Box<dyn Progress + '_> {
-        match len {
-            Some(len) => Box::new(Kept(progress(len as usize, what))),
-            None => {
-                let spinner = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
-                spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-                Box::new(spinner)
-            }
-        }
-    }
-    fn judging(&self, what: &str, len: u64) -> Box<dyn Progress + Send + Sync> {
-        Box::new(progress(len as usize, what))
-    }
-    fn say(&self, line: &str) {
-        errln!("{line}")
-    }
 }
 
 fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
@@ -312,7 +274,7 @@ fn run_caption(args: CaptionArgs) -> anyhow::Result<()> {
     let bench = Benchmark::Captions(Captions { chair, truth, question_images: None, asks });
     let vlm = args.model.load()?;
     let answers = Answers::Model { vlm: &vlm, how: answering(&args.model, &params, &args.batch.engine()) };
-    let scores = bench.run(answers, &Context { judge: None, out: Some(&args.out), events: &Terminal })?;
+    let scores = bench.run(answers, &Context { judge: None, out: Some(&args.out), events: &bars() })?;
     finish(&scores, Some(&args.out))
 }
 

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use bpo::data::{ResumableWriter, Shape};
 use bpo::generate::{request_seed, vqa, EngineOptions, SamplingParams};
 
-use super::{progress, ModelArgs};
+use super::{bars, ModelArgs};
 
 /// Generate answers with a model folder: one prompt (`--prompt`, optional `--image`), or every row of a
 /// question file (`--questions`, LLaVA `model_vqa` rows `{question_id, image, text}`) into an answers file.
@@ -125,8 +125,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if let Some(t) = &reopened.torn {
                 errln!("{}: cut a torn last line {} ({} bytes: {})", answers.display(), t.line, t.bytes, t.reason);
             }
-            let bar = progress(rows.len(), "answering");
-            bar.inc(rows.iter().filter(|q| writer.is_done(&q.key())).count() as u64);
             let c = vqa::answer_into(
                 &vlm,
                 &rows,
@@ -136,9 +134,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 a.model.pass(),
                 &a.model.model_id(),
                 &mut writer,
-                |n| bar.inc(n as u64),
+                &bars(),
             )?;
-            bar.finish();
             errln!("wrote {} answers to {} ({} were already there)", c.written, answers.display(), c.already_done);
             if c.other > 0 {
                 errln!(

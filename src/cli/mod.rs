@@ -357,11 +357,10 @@ impl ModelArgs {
     }
 }
 
-/// A progress bar with rate and ETA.
-pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
-    let bar = bpo::progress::styled(total as u64, "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}");
-    bar.set_message(what.to_string());
-    bar
+/// What the commands show of a library run: a bar per stage on stderr with its name, rate and ETA (left drawn when
+/// the stage ends), the loss beside a training bar, messages on stderr.
+pub fn bars() -> bpo::progress::Bars {
+    bpo::progress::Bars::new("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}", true)
 }
 
 /// Value parsers for numeric options, shared by every subcommand: each parses the text and checks it against one of

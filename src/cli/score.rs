@@ -7,7 +7,7 @@ use bpo::model::Pass;
 use bpo::score::Example;
 use serde_json::{Map, Value};
 
-use super::{progress, ModelArgs};
+use super::{bars, ModelArgs};
 
 /// Score responses: for each JSONL row with `prompt`, optional `image` and `response`, write the row back with
 /// `logprob` (sum over the response tokens, EOS included in the LLaVA prompt style) and `tokens` (their count).
@@ -59,10 +59,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         examples.push(Example { prompt, response, image });
     }
-    let bar = progress(examples.len(), "scoring");
-    let scores =
-        bpo::score::score(&vlm.model, vlm.tok.pad, &examples, a.batch_size, Pass::INFER, |n| bar.inc(n as u64))?;
-    bar.finish();
+    let scores = bpo::score::score(&vlm.model, vlm.tok.pad, &examples, a.batch_size, Pass::INFER, &bars())?;
     let out: Vec<Map<String, Value>> = rows
         .into_iter()
         .zip(scores)

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use bpo::progress::Silent;
 use bpo::train::{ModelSetup, SftConfig};
 
-use super::train::{catch_stop_signals, finish, Bar, CommonArgs, STOP};
-use super::ModelArgs;
+use super::train::{catch_stop_signals, finish, CommonArgs, STOP};
+use super::{bars, ModelArgs};
 
 /// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
@@ -40,8 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
         optim: a.common.optim(2e-5, 1),
     };
     catch_stop_signals();
-    let mut bar = Bar(None);
-    let report = bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| errln!("{m}"))
+    let report = bpo::train::sft::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut Silent, &bars())
         .with_context(|| format!("training into {}", a.out.display()))?;
-    Ok(finish(&report, &a.out, &bar))
+    Ok(finish(&report, &a.out))
 }

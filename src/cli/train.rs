@@ -1,5 +1,5 @@
-//! `bpo train`: DPO with LoRA on preference pairs. Also the options, progress bar and SIGINT / SIGTERM handling
-//! that `bpo sft` shares.
+//! `bpo train`: DPO with LoRA on preference pairs. Also the options, the report of how a run ended and the SIGINT /
+//! SIGTERM handling that `bpo sft` shares.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
 use bpo::model::lora::LoraConfig;
+use bpo::progress::Silent;
 use bpo::train::dpo::{self, DpoConfig, DEFAULT_FEATURE_CACHE_MB};
-use bpo::train::trainer::{Hooks, LoopConfig, StepLog};
+use bpo::train::trainer::LoopConfig;
 use bpo::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind, TrainReport};
 
-use super::{progress, range, ModelArgs};
+use super::{bars, range, ModelArgs};
 
 /// Options of the subcommand (its help text is on the `Command` variant).
 #[derive(clap::Args)]
@@ -201,36 +202,9 @@ pub fn catch_stop_signals() {
     }
 }
 
-/// A progress bar with the latest loss.
-pub struct Bar(pub Option<indicatif::ProgressBar>);
-
-impl Hooks for Bar {
-    fn on_start(&mut self, start: usize, total: usize) {
-        let bar = progress(total, "training");
-        bar.set_position(start as u64);
-        self.0 = Some(bar);
-    }
-
-    fn on_step(&mut self, log: &StepLog) -> bool {
-        if let Some(bar) = &self.0 {
-            let acc = log.get("rewards/accuracies").map(|a| format!(" acc {a:.2}")).unwrap_or_default();
-            bar.set_message(format!("training: loss {:.4}{acc}", log.get("loss").unwrap_or(f64::NAN)));
-            bar.inc(1);
-        }
-        true
-    }
-
-    fn warn(&mut self, message: &str) {
-        errln!("warning: {message}");
-    }
-}
-
 /// Prints how a run ended; a run stopped by a signal (checkpoint saved) exits with status 128 + its number, as
 /// shells report a signal: 130 for Ctrl-C, 143 for SIGTERM.
-pub fn finish(report: &TrainReport, out: &std::path::Path, bar: &Bar) -> ExitCode {
-    if let Some(b) = &bar.0 {
-        b.finish();
-    }
+pub fn finish(report: &TrainReport, out: &std::path::Path) -> ExitCode {
     let s = &report.summary;
     if s.interrupted {
         let step = s.start_step + s.steps_done;
@@ -261,8 +235,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         optim: a.common.optim(2e-6, 2),
     };
     catch_stop_signals();
-    let mut bar = Bar(None);
-    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut bar, &mut |m| errln!("{m}"))
+    let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut Silent, &bars())
         .with_context(|| format!("training into {}", a.out.display()))?;
-    Ok(finish(&report, &a.out, &bar))
+    Ok(finish(&report, &a.out))
 }

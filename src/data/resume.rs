@@ -27,7 +27,7 @@ use serde_json::Value;
 use super::records::Record;
 use crate::hash::stable_hash;
 use crate::output::{self, Lock};
-use crate::progress::Progress;
+use crate::progress::Events;
 use crate::{bail, Error, Result};
 
 /// One of `count` disjoint parts of the ids. `index` is 0-based; the text form `i/n` is 1-based.
@@ -309,20 +309,20 @@ pub fn pending(records: Vec<Record>, shard: Shard, out: &ResumableWriter) -> (Ve
 /// Runs `step` over the [`pending`] records of `shard`, `batch_size` at a time, and appends
 /// each record the step returns. `step` gets a batch and returns one entry per record: `Some(record)` to write
 /// (normally the input plus its new completions), `None` when it failed (retried by the next run). An `Err`
-/// from `step` stops the run; what was written stays.
+/// from `step` stops the run; what was written stays. Reports the stage `records` (one unit a pending record).
 pub fn process_pending<F>(
     records: Vec<Record>,
     shard: Shard,
     batch_size: usize,
     out: &mut ResumableWriter,
-    bar: &dyn Progress,
+    events: &dyn Events,
     mut step: F,
 ) -> Result<RunCounts>
 where
     F: FnMut(&[Record]) -> Result<Vec<Option<Record>>>,
 {
     let (pending, mut counts) = pending(records, shard, out);
-    bar.set_length(pending.len() as u64);
+    events.stage("records", Some(pending.len() as u64));
     for batch in pending.chunks(batch_size.max(1)) {
         let results = step(batch)?;
         if results.len() != batch.len() {
@@ -336,9 +336,10 @@ where
                 }
                 None => counts.failed += 1,
             }
-            bar.inc(1);
+            events.advance(1);
         }
     }
+    events.end_stage();
     Ok(counts)
 }
 
@@ -434,16 +435,20 @@ mod tests {
             .collect();
         let shard = Shard::new(1, 2).unwrap();
         let (mut w, _) = open(&path).unwrap();
-        let bar = ();
+        let seen = crate::progress::Recorder::default();
         // First run: fail r3 (if it is ours), write the rest.
-        let c1 = process_pending(recs.clone(), shard, 3, &mut w, &bar, |b| {
+        let c1 = process_pending(recs.clone(), shard, 3, &mut w, &seen, |b| {
             Ok(b.iter().map(|r| (r.id != "r3").then(|| r.clone())).collect())
         })
         .unwrap();
         let mine = recs.iter().filter(|r| shard.contains(&r.id)).count();
         assert_eq!(c1.other_shards, 20 - mine);
         assert_eq!(c1.written + c1.failed, mine);
-        let c2 = process_pending(recs, shard, 3, &mut w, &bar, |b| Ok(b.iter().cloned().map(Some).collect())).unwrap();
+        assert_eq!(seen.done_in("records"), mine as u64, "one unit a pending record");
+        let c2 = process_pending(recs, shard, 3, &mut w, &crate::progress::Silent, |b| {
+            Ok(b.iter().cloned().map(Some).collect())
+        })
+        .unwrap();
         assert_eq!((c2.already_done, c2.written + c2.already_done), (c1.written, mine));
         assert_eq!(w.done_count(), mine);
     }

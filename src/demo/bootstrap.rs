@@ -28,6 +28,7 @@ use crate::data::records::turn_id;
 use crate::data::{expand, Completion, CompletionType, Pair, PairFormat, PairOptions, Record, ResumableWriter};
 use crate::model::LoadOptions;
 use crate::model::Vlm;
+use crate::progress::Events;
 use crate::{jsonl, Error, Result};
 
 /// How [`splice`] makes a description negative from the ground truth and one object the model hallucinated.
@@ -157,6 +158,7 @@ pub fn weaken_negatives(
     images: &Path,
     out: &Path,
     opts: &BootstrapOptions,
+    events: &dyn Events,
 ) -> Result<(Vec<Record>, usize)> {
     let weaken = WeakenOptions {
         images: images.to_path_buf(),
@@ -172,7 +174,7 @@ pub fn weaken_negatives(
     let (mut writer, _) = ResumableWriter::open(out)?;
     let order: std::collections::HashMap<String, usize> =
         records.iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect();
-    let counts = run_weaken(vlm, records, &weaken, &mut writer)?;
+    let counts = run_weaken(vlm, records, &weaken, &mut writer, events)?;
     drop(writer);
     // Records are written as they finish; the stages after this one keep the input's order.
     let mut done: Vec<Record> = jsonl::read(out)?;
@@ -194,6 +196,7 @@ pub fn inject_negatives(
     records: Vec<Record>,
     out: &Path,
     opts: &BootstrapOptions,
+    events: &dyn Events,
 ) -> Result<(Vec<Record>, usize)> {
     let completer = LocalCompleter::load(model, load, opts.batch)?;
     let _ = std::fs::remove_file(out);
@@ -212,7 +215,7 @@ pub fn inject_negatives(
         seed: opts.seed,
         ..Default::default()
     };
-    let counts = run_inject(records, &completer, &inject, &mut writer)?;
+    let counts = run_inject(records, &completer, &inject, &mut writer, events)?;
     drop(writer);
     Ok((jsonl::read(out)?, counts.added))
 }

@@ -15,6 +15,7 @@ use super::render::{render, Style};
 use super::world::{self, cooccurrence, exists_question, Scene, WorldConfig, DESCRIBE, KINDS, SCENE_PROMPT};
 use crate::eval::pope::{Label, PopeQuestion};
 use crate::output::write_json;
+use crate::progress::Events;
 use crate::{jsonl, Error, Result};
 
 /// POPE's three ways of choosing absent objects.
@@ -147,8 +148,8 @@ impl World {
         World { cfg: cfg.clone(), seed, corpus, train, eval }
     }
 
-    /// Writes every file under `dir`; `tick` is called once per image rendered.
-    pub fn write(&self, dir: &Path, mut tick: impl FnMut()) -> Result<WorldFiles> {
+    /// Writes every file under `dir`, advancing `events` by one per image rendered.
+    pub fn write(&self, dir: &Path, events: &dyn Events) -> Result<WorldFiles> {
         let f = WorldFiles::at(dir);
         for d in
             [dir.to_path_buf(), f.images.join("train"), f.images.join("eval"), dir.join("eval"), f.tokenizer.clone()]
@@ -158,11 +159,11 @@ impl World {
         self.write_text(&f)?;
         for (i, g) in self.train.iter().enumerate() {
             self.save_image(&g.scene, &f.images.join(&g.image), 1_000_000 + i as u64)?;
-            tick();
+            events.advance(1);
         }
         for e in &self.eval {
             self.save_image(&e.scene, &f.images.join(&e.image), 2_000_000 + e.image_id as u64)?;
-            tick();
+            events.advance(1);
         }
         write_json(&dir.join("world.json"), &json!({"seed": self.seed, "config": self.cfg, "stats": self.stats()}))?;
         Ok(f)
@@ -308,9 +309,10 @@ mod tests {
     fn a_written_world_is_complete_and_readable_by_the_eval_code() {
         let tmp = tempfile::tempdir().unwrap();
         let world = World::generate(&WorldConfig::quick(), 3);
-        let mut ticks = 0;
-        let f = world.write(tmp.path(), || ticks += 1).unwrap();
-        assert_eq!(ticks, world.cfg.train_images + world.cfg.eval_images);
+        let seen = crate::progress::Recorder::default();
+        let f = world.write(tmp.path(), &seen).unwrap();
+        let images = world.cfg.train_images + world.cfg.eval_images;
+        assert_eq!(seen.events(), vec![crate::progress::Event::Advance(1); images]);
         for p in f.all() {
             assert!(p.exists(), "{} missing", p.display());
         }

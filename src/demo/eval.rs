@@ -3,7 +3,6 @@
 //! with the world's synonym list and ground truth). Answers are written in LLaVA's answer format and scores as
 //! `bpo eval` run folders, so `bpo eval compare` works on them.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -14,12 +13,12 @@ use crate::eval::answer::{Answering, CaptionAsk};
 use crate::eval::captions::{Captions, Truth};
 use crate::eval::chair::{CaptionDetail, Chair, ChairReport};
 use crate::eval::pope::{self, Pairing, Pope, PopeReport};
-use crate::eval::run::{self, Answers, Context, Events};
+use crate::eval::run::{self, Answers, Context};
 use crate::eval::words::Lemmatizer;
 use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::Pass;
 use crate::model::Vlm;
-use crate::progress::Progress;
+use crate::progress::Events;
 use crate::{jsonl, Error, Result};
 
 /// One model's scores.
@@ -73,18 +72,17 @@ pub fn request_count(files: &WorldFiles) -> Result<usize> {
 }
 
 /// Runs POPE and CHAIR for `vlm` (adapters per `pass`) and writes `out/pope/`, `out/chair/` (answers.jsonl,
-/// scores.json, details.jsonl).
+/// scores.json, details.jsonl); each benchmark's answering is reported to `events`.
 pub fn evaluate(
     vlm: &Vlm,
     files: &WorldFiles,
     out: &Path,
     batch: usize,
     pass: Pass,
-    tick: impl FnMut(usize),
+    events: &dyn Events,
 ) -> Result<Evaluation> {
-    let events = Ticks(RefCell::new(tick));
     let (pope_dir, chair_dir) = (out.join("pope"), out.join("chair"));
-    let ctx = |dir| Context { judge: None, out: Some(dir), events: &events };
+    let ctx = |dir| Context { judge: None, out: Some(dir), events };
     let pope = Pope {
         questions: pope::load_questions(&files.pope)?,
         images: Some(files.images.clone()),
@@ -121,23 +119,6 @@ pub fn evaluate(
     };
     let captions = chair_details.into_iter().map(|d| (d.image_id.clone(), d)).collect();
     Ok(Evaluation { scores, captions })
-}
-
-/// The demo's progress: every answered prompt of either benchmark ticks the stage's bar.
-struct Ticks<F>(RefCell<F>);
-
-impl<F: FnMut(usize)> Events for Ticks<F> {
-    fn stage(&self, _what: &str, _len: Option<u64>) -> Box<dyn Progress + '_> {
-        Box::new(Tick(&self.0))
-    }
-}
-
-struct Tick<'a, F>(&'a RefCell<F>);
-
-impl<F: FnMut(usize)> Progress for Tick<'_, F> {
-    fn inc(&self, n: u64) {
-        (self.0.borrow_mut())(n as usize)
-    }
 }
 
 #[derive(Deserialize)]

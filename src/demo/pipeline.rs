@@ -282,7 +282,7 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     let dir = opts.out.join(format!("seed-{seed}"));
     let stage = stages.start("world", r.world.train_images + r.world.eval_images);
     let world = World::generate(&r.world, seed);
-    let files = world.write(&dir.join("world"), || stage.inc(1))?;
+    let files = world.write(&dir.join("world"), &stage)?;
     stages.finish(
         stage,
         &format!("{} corpus scenes, {} + {} images", world.corpus.len(), world.train.len(), world.eval.len()),
@@ -300,14 +300,13 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     for (name, run) in ROWS.iter().skip(1) {
         let out = dir.join("runs").join(run);
         let stage = stages.start(&format!("train {name}"), 0);
-        let tick = |total: usize, loss: f64| stage.loss(total, loss);
         // Pair files are in `boot::VARIANTS` order: both negatives, weakening only, injection only.
         let pairs = |i: usize| bfiles.pairs[i].clone();
         match *run {
-            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, &out, &r.dpo, &env, tick)?,
-            "weaken" => train::dpo(&model, &pairs(1), &files.images, &out, &r.dpo, &env, tick)?,
-            "inject" => train::dpo(&model, &pairs(2), &files.images, &out, &r.dpo, &env, tick)?,
-            _ => train::dpo(&model, &pairs(0), &files.images, &out, &r.dpo, &env, tick)?,
+            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, &out, &r.dpo, &env, &stage)?,
+            "weaken" => train::dpo(&model, &pairs(1), &files.images, &out, &r.dpo, &env, &stage)?,
+            "inject" => train::dpo(&model, &pairs(2), &files.images, &out, &r.dpo, &env, &stage)?,
+            _ => train::dpo(&model, &pairs(0), &files.images, &out, &r.dpo, &env, &stage)?,
         };
         stages.finish(stage, "");
         let vlm = Vlm::load(&out.join("model"), &r.load(), Template::LlavaHf)?;
@@ -333,17 +332,17 @@ fn sft_model(opts: &DemoOptions, seed: u64, files: &WorldFiles, stages: &mut Sta
         let seen = opts.out.join("models").join(format!("perception-{}", r.model_hash(seed)));
         let stage = stages.start("perception pre-training", 0);
         let settings = SftSettings { train_vision: true, plain_text: false, ..p.clone() };
-        train::sft(&init, &files.perception, &files.images, &seen, &settings, &r.env(seed), |n, l| stage.loss(n, l))?;
+        train::sft(&init, &files.perception, &files.images, &seen, &settings, &r.env(seed), &stage)?;
         train::keep_vision_tower(&seen, &init)?;
         stages.finish(stage, "");
         std::fs::remove_dir_all(&seen).map_err(|e| Error::io(&seen, e))?;
     }
     let lm = opts.out.join("models").join(format!("lm-{}", r.model_hash(seed)));
     let stage = stages.start("pre-train LM on the corpus", 0);
-    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, &r.env(seed), |n, l| stage.loss(n, l))?;
+    train::sft(&init, &files.corpus, &files.images, &lm, &r.lm, &r.env(seed), &stage)?;
     stages.finish(stage, "");
     let stage = stages.start("visual instruction tuning", 0);
-    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, &r.env(seed), |n, l| stage.loss(n, l))?;
+    train::sft(&lm, &files.train, &files.images, &dir, &r.sft, &r.env(seed), &stage)?;
     stages.finish(stage, "");
     // Keep the LM stage's curve beside the model: the report plots both.
     let lm_metrics = lm.join("metrics.jsonl");
@@ -367,7 +366,7 @@ fn evaluate(
     stages: &mut Stages,
 ) -> Result<EvalScores> {
     let stage = stages.start(name, eval::request_count(files)?);
-    let ev = eval::evaluate(vlm, files, out, opts.recipe.eval_batch, Pass::INFER, |n| stage.inc(n))?;
+    let ev = eval::evaluate(vlm, files, out, opts.recipe.eval_batch, Pass::INFER, &stage)?;
     let s = &ev.scores;
     stages.finish(
         stage,
@@ -399,13 +398,14 @@ fn bootstrap(
     let records = boot::gt_records(&world.train, bo.images, bo.chosen);
     let mut stats = BootstrapStats { records: records.len(), ..Default::default() };
     let stage = stages.start("bootstrap: weakened images", 0);
-    let (records, weakened) = boot::weaken_negatives(vlm, records, &files.images, &dir.join("weakened.jsonl"), &bo)?;
+    let (records, weakened) =
+        boot::weaken_negatives(vlm, records, &files.images, &dir.join("weakened.jsonl"), &bo, &stage)?;
     stats.weakened_answers = weakened;
     stages.finish(stage, &format!("{weakened} answers"));
     let stage = stages.start("bootstrap: continue injection", 0);
     let (captions, rest): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.prompt == super::world::DESCRIBE);
     let (captions, injected) =
-        boot::inject_negatives(model, &opts.recipe.load(), captions, &dir.join("injected.jsonl"), &bo)?;
+        boot::inject_negatives(model, &opts.recipe.load(), captions, &dir.join("injected.jsonl"), &bo, &stage)?;
     stats.injected_answers = injected;
     stages.finish(stage, &format!("{injected} answers"));
     let records: Vec<_> = captions.into_iter().chain(rest).collect();

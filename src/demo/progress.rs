@@ -1,10 +1,14 @@
 //! Stage-by-stage progress on stderr: one bar per running stage, then one line per finished stage with its time.
-//! Seeds that run side by side each have their own [`Stages`], drawing into one shared set of bars.
+//! Seeds that run side by side each have their own [`Stages`], drawing into one shared set of bars. A running
+//! [`Stage`] is the [`Events`] sink of the library calls the demo makes inside it.
 
 use std::io::Write;
 use std::time::Instant;
 
-use indicatif::{MultiProgress, ProgressBar};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
+use serde_json::{Map, Value};
+
+use crate::progress::Events;
 
 const BAR: &str = "{msg:<34} [{bar:30}] {pos}/{len} {elapsed}<{eta} {prefix}";
 
@@ -22,6 +26,10 @@ pub struct Stage {
     name: String,
     bar: ProgressBar,
     start: Instant,
+    /// Started with its length: the library stages run inside it add up on its bar (an evaluation's benchmarks).
+    /// Otherwise each library stage of known length takes the bar over (a training run's reference pass, then its
+    /// steps).
+    sized: bool,
 }
 
 impl Stages {
@@ -36,14 +44,16 @@ impl Stages {
 
     /// Starts a stage of `total` units (0: a spinner).
     pub fn start(&self, name: &str, total: usize) -> Stage {
-        let bar = match (self.show, total) {
-            (false, _) => ProgressBar::hidden(),
-            (true, 0) => ProgressBar::new_spinner().with_style(crate::progress::style("{spinner} {msg} {elapsed}")),
-            (true, n) => crate::progress::styled(n as u64, BAR),
+        let bar = match total {
+            0 => ProgressBar::new_spinner().with_style(crate::progress::style("{spinner} {msg} {elapsed}")),
+            n => crate::progress::styled(n as u64, BAR),
         };
-        let bar = if self.show { self.bars.add(bar) } else { bar };
+        match self.show {
+            true => drop(self.bars.add(bar.clone())),
+            false => bar.set_draw_target(ProgressDrawTarget::hidden()),
+        }
         bar.set_message(format!("{}{name}", self.prefix));
-        Stage { name: name.to_string(), bar, start: Instant::now() }
+        Stage { name: name.to_string(), bar, start: Instant::now(), sized: total > 0 }
     }
 
     /// Ends a stage: prints its line (with `note`) and records its time.
@@ -66,17 +76,47 @@ impl Stages {
     }
 }
 
-impl Stage {
-    pub fn inc(&self, n: usize) {
-        self.bar.inc(n as u64);
-    }
-    /// One training step done, of `total`: shows the latest loss beside the bar.
-    pub fn loss(&self, total: usize, loss: f64) {
-        if self.bar.length() != Some(total as u64) {
-            self.bar.set_length(total as u64);
+/// What the library reports inside a stage moves its bar; the stage's own line is printed when it finishes, and
+/// the library's messages are not shown (the demo prints its own summary lines).
+impl Events for Stage {
+    fn stage(&self, _name: &str, len: Option<u64>) {
+        if let (false, Some(len)) = (self.sized, len) {
+            self.bar.set_length(len);
+            self.bar.set_position(0);
             self.bar.set_style(crate::progress::style(BAR));
         }
+    }
+    fn advance(&self, n: u64) {
+        self.bar.inc(n);
+    }
+    /// Shows the latest loss beside the bar.
+    fn step(&self, metrics: &Map<String, Value>) {
+        let loss = metrics.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
         self.bar.set_prefix(format!("loss {loss:.3}"));
         self.bar.inc(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_of_unknown_length_shows_each_library_stage_and_a_sized_one_adds_them_up() {
+        let stages = Stages::new(false);
+        let train = stages.start("train", 0);
+        train.stage("reference log-probs", Some(4));
+        train.advance(4);
+        train.stage("training", Some(3));
+        let metrics: Map<String, Value> = serde_json::from_str(r#"{"loss": 0.25}"#).unwrap();
+        (0..3).for_each(|_| train.step(&metrics));
+        assert_eq!((train.bar.position(), train.bar.length()), (3, Some(3)));
+        assert_eq!(train.bar.prefix(), "loss 0.250");
+        let eval = stages.start("evaluate", 10);
+        for n in [4, 6] {
+            eval.stage("answering", Some(n));
+            eval.advance(n);
+        }
+        assert_eq!((eval.bar.position(), eval.bar.length()), (10, Some(10)));
     }
 }

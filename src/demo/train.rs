@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::lora::LoraConfig;
 use crate::model::Runtime;
+use crate::progress::{Events, Silent};
 use crate::text::{PromptStyle, Template};
 use crate::train::dpo::DpoConfig;
 use crate::train::sft::SftConfig;
-use crate::train::trainer::{Hooks, LoopConfig, StepLog};
+use crate::train::trainer::LoopConfig;
 use crate::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind};
 use crate::vision::AspectMode;
 use crate::Result;
@@ -102,16 +103,6 @@ fn setup(
     }
 }
 
-/// Forwards each step's loss to a callback (the stage's progress bar).
-struct Tick<F: FnMut(usize, f64)>(F);
-
-impl<F: FnMut(usize, f64)> Hooks for Tick<F> {
-    fn on_step(&mut self, log: &StepLog) -> bool {
-        (self.0)(log.total, log.get("loss").unwrap_or(f64::NAN));
-        true
-    }
-}
-
 /// A fresh run folder: the trainer refuses to overwrite a run without `--resume`.
 fn fresh(out: &Path) -> Result<()> {
     if out.exists() {
@@ -121,7 +112,7 @@ fn fresh(out: &Path) -> Result<()> {
 }
 
 /// `bpo sft` with full fine-tuning: trains `model_in` on LLaVA conversation JSON and writes the model folder `out`
-/// (with `metrics.jsonl`). `tick` gets (total steps, loss) after every step.
+/// (with `metrics.jsonl`). The run reports to `events`.
 pub fn sft(
     model_in: &Path,
     data: &Path,
@@ -129,7 +120,7 @@ pub fn sft(
     out: &Path,
     s: &SftSettings,
     env: &RunEnv,
-    tick: impl FnMut(usize, f64),
+    events: &dyn Events,
 ) -> Result<()> {
     fresh(out)?;
     let template = if s.plain_text { Template::Plain } else { Template::LlavaHf };
@@ -145,7 +136,7 @@ pub fn sft(
         feature_cache_mb: FEATURE_CACHE_MB,
         optim: optim(s.epochs, s.batch, s.lr, env.seed),
     };
-    crate::train::sft::train(&cfg, out, false, None, &mut Tick(tick), &mut |_| {})?;
+    crate::train::sft::train(&cfg, out, false, None, &mut Silent, events)?;
     Ok(())
 }
 
@@ -184,7 +175,7 @@ pub fn dpo(
     out: &Path,
     s: &PrefSettings,
     env: &RunEnv,
-    tick: impl FnMut(usize, f64),
+    events: &dyn Events,
 ) -> Result<PathBuf> {
     fresh(out)?;
     let adapter = out.join("adapter");
@@ -201,7 +192,7 @@ pub fn dpo(
         feature_cache_mb: FEATURE_CACHE_MB,
         optim: optim(s.epochs, s.batch, s.lr, env.seed),
     };
-    crate::train::dpo::train(&cfg, &adapter, false, None, &mut Tick(tick), &mut |_| {})?;
+    crate::train::dpo::train(&cfg, &adapter, false, None, &mut Silent, events)?;
     crate::train::merge(model_in, &adapter, &out.join("model"))?;
     Ok(adapter)
 }
@@ -215,7 +206,7 @@ pub fn sft_on_chosen(
     out: &Path,
     s: &PrefSettings,
     env: &RunEnv,
-    tick: impl FnMut(usize, f64),
+    events: &dyn Events,
 ) -> Result<PathBuf> {
     fresh(out)?;
     let adapter = out.join("adapter");
@@ -227,7 +218,7 @@ pub fn sft_on_chosen(
         feature_cache_mb: FEATURE_CACHE_MB,
         optim: optim(s.epochs, s.batch, s.lr, env.seed),
     };
-    crate::train::sft::train(&cfg, &adapter, false, None, &mut Tick(tick), &mut |_| {})?;
+    crate::train::sft::train(&cfg, &adapter, false, None, &mut Silent, events)?;
     crate::train::merge(model_in, &adapter, &out.join("model"))?;
     Ok(adapter)
 }

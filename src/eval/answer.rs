@@ -8,6 +8,7 @@ use super::Answer;
 use crate::generate::vqa::{self, Prompt};
 use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::{Pass, Vlm};
+use crate::progress::Events;
 use crate::Result;
 
 /// How to answer: decoding, batching, adapters, and the `model_id` the rows record.
@@ -29,14 +30,9 @@ pub struct CaptionAsk {
 }
 
 /// Answers `prompts` through [`vqa::answer_all`]; identical (image, text) prompts (the three POPE splits share most
-/// of theirs) are answered once, in sorted order, seeded by their content. `tick(n, total)` as answers finish: `n`
-/// more of `total` distinct prompts answered.
-pub fn answer_unique(
-    vlm: &Vlm,
-    prompts: &[Prompt],
-    how: &Answering,
-    mut tick: impl FnMut(usize, usize),
-) -> Result<Vec<String>> {
+/// of theirs) are answered once, in sorted order, seeded by their content. Reports the stage `answering` (one unit
+/// a distinct prompt).
+pub fn answer_unique(vlm: &Vlm, prompts: &[Prompt], how: &Answering, events: &dyn Events) -> Result<Vec<String>> {
     let key = |i: usize| (&prompts[i].image, &prompts[i].text);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by(|&a, &b| key(a).cmp(&key(b)));
@@ -50,18 +46,12 @@ pub fn answer_unique(
         }
         slot[i] = unique.len() - 1;
     }
-    let total = unique.len();
-    let texts = vqa::answer_all(vlm, &unique, &how.params, &how.batch, how.pass, |n| tick(n, total))?;
+    let texts = vqa::answer_all(vlm, &unique, &how.params, &how.batch, how.pass, events)?;
     Ok(slot.into_iter().map(|u| texts[u].clone()).collect())
 }
 
 /// Describes images (CHAIR, Object HalBench); each row records its image's name for the scorer.
-pub fn answer_captions(
-    vlm: &Vlm,
-    asks: &[CaptionAsk],
-    how: &Answering,
-    tick: impl FnMut(usize, usize),
-) -> Result<Vec<Answer>> {
+pub fn answer_captions(vlm: &Vlm, asks: &[CaptionAsk], how: &Answering, events: &dyn Events) -> Result<Vec<Answer>> {
     let prompts: Vec<Prompt> = asks
         .iter()
         .map(|a| Prompt {
@@ -71,7 +61,7 @@ pub fn answer_captions(
             id: a.id.clone(),
         })
         .collect();
-    let texts = answer_unique(vlm, &prompts, how, tick)?;
+    let texts = answer_unique(vlm, &prompts, how, events)?;
     Ok(asks
         .iter()
         .zip(texts)

@@ -16,7 +16,8 @@ use super::mmvet::MmVet;
 use super::pope::Pope;
 use super::report::Scores;
 use super::rows::Answer;
-use super::run::{self, Answers, Bench, Context, Events};
+use super::run::{self, Answers, Bench, Context};
+use crate::progress::Events;
 use crate::Result;
 
 /// A benchmark with its inputs loaded.

@@ -11,6 +11,7 @@ use super::run::{Bench, Context, Rows};
 use super::words::Lemmatizer;
 use super::Answer;
 use crate::model::Vlm;
+use crate::progress::Events;
 use crate::{Error, Result};
 
 /// Where the captions' ground truth comes from.
@@ -67,9 +68,9 @@ impl Captions {
         match &self.truth {
             Truth::Coco(dir) => {
                 let images: HashSet<String> = captions.iter().map(|c| c.image_id.clone()).collect();
-                let spinner = ctx.events.stage(&format!("reading {}", dir.display()), None);
+                ctx.events.stage(&format!("reading {}", dir.display()), None);
                 let truth = GroundTruth::from_coco(dir, &self.chair, &images);
-                spinner.finish();
+                ctx.events.end_stage();
                 truth
             }
             Truth::Jsonl(path) => GroundTruth::from_jsonl(path, &self.chair),
@@ -100,8 +101,8 @@ impl Bench for Captions {
     type Report = ChairReport;
     type Detail = CaptionDetail;
 
-    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
-        answer_captions(vlm, &self.asks, how, tick)
+    fn answer(&self, vlm: &Vlm, how: &Answering, events: &dyn Events) -> Result<Vec<Answer>> {
+        answer_captions(vlm, &self.asks, how, events)
     }
 
     fn score(&self, rows: Rows, ctx: &Context) -> Result<(ChairReport, Vec<CaptionDetail>)> {

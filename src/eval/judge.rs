@@ -108,13 +108,13 @@ pub struct JudgeOptions {
     pub inputs: Vec<PathBuf>,
 }
 
-/// Applies `f` to every item on `workers` scoped threads, keeping the input order, and calls `progress` after
-/// each finished item. The first error is returned; items not yet started are then skipped.
+/// Applies `f` to every item on `workers` scoped threads, keeping the input order, and advances `events` by one
+/// after each finished item. The first error is returned; items not yet started are then skipped.
 pub fn map_concurrent<I: Sync, T: Send>(
     items: &[I],
     workers: usize,
     f: impl Fn(&I) -> Result<T> + Sync,
-    progress: impl Fn() + Sync,
+    events: &dyn crate::progress::Events,
 ) -> Result<Vec<T>> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -131,7 +131,7 @@ pub fn map_concurrent<I: Sync, T: Send>(
                         match f(item) {
                             Ok(t) => {
                                 done.push((i, t));
-                                progress();
+                                events.advance(1);
                             }
                             Err(e) => {
                                 failed.store(true, Ordering::SeqCst);
@@ -169,9 +169,13 @@ mod tests {
 
     #[test]
     fn map_keeps_order_and_stops_at_the_first_error() {
+        use crate::progress::{Events, Recorder, Silent};
         let items: Vec<usize> = (0..50).collect();
-        let out = map_concurrent(&items, 4, |&i| Ok(i * 2), || {}).unwrap();
+        let seen = Recorder::default();
+        seen.stage("grading", Some(50));
+        let out = map_concurrent(&items, 4, |&i| Ok(i * 2), &seen).unwrap();
         assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(seen.done_in("grading"), 50, "one unit an item, from every worker");
         let calls = AtomicUsize::new(0);
         let err = map_concurrent(
             &items,
@@ -184,10 +188,10 @@ mod tests {
                     Ok(i)
                 }
             },
-            || {},
+            &Silent,
         );
         assert_eq!(err.unwrap_err().to_string(), "boom");
         assert_eq!(calls.load(Ordering::SeqCst), 4, "one worker stops after the failing item");
-        assert!(map_concurrent(&Vec::<u8>::new(), 3, |&i| Ok(i), || {}).unwrap().is_empty());
+        assert!(map_concurrent(&Vec::<u8>::new(), 3, |&i| Ok(i), &Silent).unwrap().is_empty());
     }
 }

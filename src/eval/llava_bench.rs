@@ -30,6 +30,7 @@ use super::rows::{flex_id, Origin};
 use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Rows, ToAnswer};
 use super::Answer;
 use crate::model::Vlm;
+use crate::progress::Events;
 use crate::{jsonl, Error, Result};
 
 /// The system message of `eval_gpt_review_bench.py` (`get_eval`).
@@ -274,13 +275,13 @@ impl Bench for LlavaBench {
     type Report = LlavaBenchReport;
     type Detail = Detail;
 
-    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+    fn answer(&self, vlm: &Vlm, how: &Answering, events: &dyn Events) -> Result<Vec<Answer>> {
         let items: Vec<ToAnswer> = self
             .questions
             .iter()
             .map(|q| ToAnswer { id: q.question_id.clone(), text: q.text.clone(), image: Some(q.image.clone()) })
             .collect();
-        answer_items(vlm, how, &items, self.images.as_deref(), tick)
+        answer_items(vlm, how, &items, self.images.as_deref(), events)
     }
 
     /// Reviews every answer (by question_id) against its reference.

@@ -26,6 +26,7 @@ use super::pynum::py_round;
 use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Rows, ToAnswer};
 use super::Answer;
 use crate::model::Vlm;
+use crate::progress::Events;
 use crate::{Error, Result};
 
 /// The judge prompt of llava-rlhf/LLaVA-RLHF `Eval/eval_gpt_mmhal.py` (commit 830a083fd83e, `template =
@@ -289,14 +290,14 @@ impl Bench for MmHal {
     type Detail = Detail;
 
     /// The question alone (as `--test-prompt ''`), ids the records' positions.
-    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+    fn answer(&self, vlm: &Vlm, how: &Answering, events: &dyn Events) -> Result<Vec<Answer>> {
         let items: Vec<ToAnswer> = self
             .records
             .iter()
             .enumerate()
             .map(|(i, r)| ToAnswer { id: i.to_string(), text: r.question.clone(), image: r.image_file() })
             .collect();
-        answer_items(vlm, how, &items, self.images.as_deref(), tick)
+        answer_items(vlm, how, &items, self.images.as_deref(), events)
     }
 
     /// Judges every answer; answers a run made (or saved) are also written as the official response file

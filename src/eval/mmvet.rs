@@ -26,9 +26,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::answer::Answering;
 use super::judge::{Ask, ChatRequest, Message};
 use super::pynum::{np_mean, np_round, np_std, py_float, py_strip};
-use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Events, Rows, ToAnswer};
+use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Rows, ToAnswer};
 use super::Answer;
 use crate::model::Vlm;
+use crate::progress::Events;
 use crate::{Error, Result};
 
 /// The grading prompt of yuweihao/MM-Vet `mm-vet_evaluator.py` (commit acde843e02da, `prompt = """..."""`),
@@ -331,20 +332,20 @@ impl Bench for MmVet {
     type Report = MmVetReport;
     type Detail = Detail;
 
-    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+    fn answer(&self, vlm: &Vlm, how: &Answering, events: &dyn Events) -> Result<Vec<Answer>> {
         let items: Vec<ToAnswer> = self
             .questions
             .iter()
             .map(|q| ToAnswer { id: q.id.clone(), text: q.question.clone(), image: Some(q.image.clone()) })
             .collect();
-        answer_items(vlm, how, &items, self.images.as_deref(), tick)
+        answer_items(vlm, how, &items, self.images.as_deref(), events)
     }
 
     /// The official results JSON or LLaVA answer JSONL ([`load_answers`]); answers for unknown ids are a warning.
     fn read_answers(&self, path: &Path, events: &dyn Events) -> Result<Vec<Answer>> {
         let (answers, orphans) = load_answers(path, &self.questions)?;
         if !orphans.is_empty() {
-            events.say(&format!(
+            events.message(&format!(
                 "warning: {}: {} answer(s) for ids not in {}",
                 path.display(),
                 orphans.len(),

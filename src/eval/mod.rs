@@ -34,7 +34,7 @@ pub mod words;
 
 pub use benchmark::Benchmark;
 pub use rows::{load_answers, Answer, Origin};
-pub use run::{Answers, Context, Events};
+pub use run::{Answers, Context};
 
 /// The eight Object HalBench description instructions (RLHF-V, Table 6), one per line; use them verbatim.
 pub const OBJECT_HALBENCH_PROMPTS: &str = include_str!("../../data/object-halbench/prompts.txt");

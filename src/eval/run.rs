@@ -1,5 +1,5 @@
 //! What every benchmark run shares, whatever the benchmark: where the answers come from ([`Answers`]), what the
-//! run may use ([`Context`]: a judge, an output folder, an [`Events`] sink), and the one path from answers to a
+//! run may use ([`Context`]: a judge, an output folder, an events sink), and the one path from answers to a
 //! written run folder ([`run`]). A benchmark implements [`Bench`] in its own file; [`super::Benchmark`] names
 //! them all.
 
@@ -14,7 +14,7 @@ use super::report::{write_run, Scores};
 use super::rows::{load_answers, Answer};
 use crate::generate::vqa;
 use crate::model::Vlm;
-use crate::progress::Progress;
+use crate::progress::Events;
 use crate::{jsonl, output, Error, Result};
 
 /// Where a benchmark's answers come from.
@@ -36,24 +36,6 @@ pub struct Rows {
     /// Given by the caller (not generated or saved by a run of this benchmark).
     pub given: bool,
 }
-
-/// What a benchmark run tells its caller while it works. Every method does nothing by default, so `()` is the
-/// silent sink.
-pub trait Events {
-    /// A stage of `len` steps begins (`None`: of unknown length, e.g. reading annotations); its progress goes to
-    /// the returned sink, finished by the run.
-    fn stage(&self, _what: &str, _len: Option<u64>) -> Box<dyn Progress + '_> {
-        Box::new(())
-    }
-    /// Judging `len` items begins; its progress comes from the judge's worker threads.
-    fn judging(&self, _what: &str, _len: u64) -> Box<dyn Progress + Send + Sync> {
-        Box::new(())
-    }
-    /// A line for the user (a warning, what the judge cost).
-    fn say(&self, _line: &str) {}
-}
-
-impl Events for () {}
 
 /// What a run may use: the judge (judged benchmarks need one), the output folder (`scores.json`,
 /// `details.jsonl`, `answers.jsonl` when a model answered; judged benchmarks need one) and the events sink.
@@ -81,8 +63,8 @@ pub trait Bench {
     type Report: Into<Scores>;
     type Detail: Serialize;
 
-    /// Answers the benchmark's prompts with `vlm` (its own prompt format), ticking `tick(n, total)`.
-    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>>;
+    /// Answers the benchmark's prompts with `vlm` (its own prompt format), reporting the stage `answering`.
+    fn answer(&self, vlm: &Vlm, how: &Answering, events: &dyn Events) -> Result<Vec<Answer>>;
 
     /// Scores `rows` (grading them with the context's judge where the benchmark is judged).
     fn score(&self, rows: Rows, ctx: &Context) -> Result<(Self::Report, Vec<Self::Detail>)>;
@@ -103,12 +85,7 @@ where
         Answers::Given { rows, from } => Rows { rows, from, given: true },
         Answers::Saved(rows) => Rows { rows, from: "the saved answers".into(), given: false },
         Answers::Model { vlm, how } => {
-            let bar = ctx.events.stage("answering", Some(0));
-            let rows = bench.answer(vlm, &how, &mut |n, total| {
-                bar.set_length(total as u64);
-                bar.inc(n as u64)
-            })?;
-            bar.finish();
+            let rows = bench.answer(vlm, &how, ctx.events)?;
             if let Some(dir) = ctx.out {
                 output::create_dir(dir)?;
                 jsonl::write(&dir.join(ANSWERS_FILE), &rows)?;
@@ -145,7 +122,7 @@ pub fn answer_items(
     how: &Answering,
     items: &[ToAnswer],
     images: Option<&Path>,
-    tick: &mut dyn FnMut(usize, usize),
+    events: &dyn Events,
 ) -> Result<Vec<Answer>> {
     let prompts: Vec<vqa::Prompt> = items
         .iter()
@@ -156,7 +133,7 @@ pub fn answer_items(
             id: q.id.clone(),
         })
         .collect();
-    let texts = answer::answer_unique(vlm, &prompts, how, tick)?;
+    let texts = answer::answer_unique(vlm, &prompts, how, events)?;
     Ok(items.iter().zip(texts).map(|(q, t)| answer_row(&q.id, &q.text, t, how)).collect())
 }
 
@@ -173,12 +150,12 @@ pub fn judge_all<I: Sync, T: Send>(
     what: &str,
     grade: impl Fn(&I) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let bar = events.judging(what, items.len() as u64);
-    let out = judge::map_concurrent(items, judge.concurrency(), grade, || bar.inc(1));
-    bar.finish();
+    events.stage(what, Some(items.len() as u64));
+    let out = judge::map_concurrent(items, judge.concurrency(), grade, events);
+    events.end_stage();
     let out = out?;
     let (sent, cached) = judge.counts();
-    events.say(&format!("judge {}: {sent} request(s) sent, {cached} answered from the cache", judge.model()));
+    events.message(&format!("judge {}: {sent} request(s) sent, {cached} answered from the cache", judge.model()));
     Ok(out)
 }
 

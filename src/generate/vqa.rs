@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::resume::{key_string, ResumableWriter};
+use crate::progress::Events;
 use crate::{jsonl, Error, Result};
 
 /// A question row: `{question_id, image, text, ...}`; `line` is its 1-based line in the file.
@@ -96,8 +97,8 @@ pub struct Prompt {
     pub id: String,
 }
 
-/// Answers `prompts` on one engine (`batch`: rows and cache budget), calling `progress(1)` as each finishes.
-/// Answers are trimmed and returned in order. A prompt that leaves no room for `max_new_tokens` in the model's
+/// Answers `prompts` on one engine (`batch`: rows and cache budget), reporting the stage `answering` (one unit a
+/// prompt). Answers are trimmed and returned in order. A prompt that leaves no room for `max_new_tokens` in the model's
 /// context is refused, naming its origin, before anything is generated.
 pub fn answer_all(
     vlm: &super::Vlm,
@@ -105,14 +106,16 @@ pub fn answer_all(
     params: &super::SamplingParams,
     batch: &super::EngineOptions,
     pass: crate::model::Pass,
-    mut progress: impl FnMut(usize),
+    events: &dyn Events,
 ) -> Result<Vec<String>> {
     let mut out = vec![String::new(); prompts.len()];
+    events.stage("answering", Some(prompts.len() as u64));
     answer_each(vlm, prompts, params, batch, pass, |i, text| {
-        progress(1);
+        events.advance(1);
         out[i] = text;
         Ok(())
     })?;
+    events.end_stage();
     Ok(out)
 }
 
@@ -194,7 +197,8 @@ pub struct AnswerCounts {
 /// Answers the questions that `out` does not hold yet and appends each answer as soon as it is finished, so a run
 /// killed at any point and started again continues where it stopped, losing only the answers in progress and
 /// repeating nothing (the writer drops a torn last line). `prompt` makes the prompt of a question; its sampling is
-/// seeded by the question's id.
+/// seeded by the question's id. Reports the stage `answering` (one unit a question, the ones already answered
+/// done at its start).
 #[allow(clippy::too_many_arguments)]
 pub fn answer_into(
     vlm: &super::Vlm,
@@ -205,7 +209,7 @@ pub fn answer_into(
     pass: crate::model::Pass,
     model_id: &str,
     out: &mut ResumableWriter,
-    mut progress: impl FnMut(usize),
+    events: &dyn Events,
 ) -> Result<AnswerCounts> {
     let pending: Vec<&Question> = questions.iter().filter(|q| !out.is_done(&q.key())).collect();
     let already_done = questions.len() - pending.len();
@@ -216,9 +220,12 @@ pub fn answer_into(
         other: out.done_count() - already_done,
     };
     let prompts: Vec<Prompt> = pending.iter().map(|q| Prompt { id: q.key(), ..prompt(q) }).collect();
+    events.stage("answering", Some(questions.len() as u64));
+    events.advance(already_done as u64);
     answer_each(vlm, &prompts, params, batch, pass, |i, text| {
-        progress(1);
+        events.advance(1);
         out.append(&answer_row(pending[i], &text, model_id))
     })?;
+    events.end_stage();
     Ok(counts)
 }

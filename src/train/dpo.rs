@@ -29,6 +29,7 @@ use crate::model::linear::DropoutSeed;
 use crate::model::llava::Projector;
 use crate::model::Vlm;
 use crate::model::{Model, Pass};
+use crate::progress::Events;
 use crate::{bail, Error, Result};
 
 /// Where reference log-probs come from.
@@ -126,14 +127,12 @@ impl Dpo {
         metrics(&lp, &dpo_loss(&lp, &self.loss)?, batch.len(), pb.tokens)
     }
 
-    /// Computes the reference log-probs of every example now (`batch_size` pairs per pass) and switches to them.
-    pub fn precompute_reference(
-        &mut self,
-        batch_size: usize,
-        mut progress: impl FnMut(usize),
-    ) -> Result<Vec<(f32, f32)>> {
+    /// Computes the reference log-probs of every example now (`batch_size` pairs per pass) and switches to them;
+    /// reports the stage `reference log-probs` (one unit a pair).
+    pub fn precompute_reference(&mut self, batch_size: usize, events: &dyn Events) -> Result<Vec<(f32, f32)>> {
         let mut out = Vec::with_capacity(self.examples.len());
         let all: Vec<usize> = (0..self.examples.len()).collect();
+        events.stage("reference log-probs", Some(all.len() as u64));
         for chunk in all.chunks(batch_size.max(1)) {
             let pb = self.batch(chunk)?;
             let (c, r) = match &self.reference {
@@ -144,8 +143,9 @@ impl Dpo {
                 _ => self.reference_logps(chunk, &pb)?,
             };
             out.extend(c.to_vec1::<f32>()?.into_iter().zip(r.to_vec1::<f32>()?));
-            progress(chunk.len());
+            events.advance(chunk.len() as u64);
         }
+        events.end_stage();
         self.reference = Reference::Precomputed(out.clone());
         Ok(out)
     }
@@ -218,26 +218,24 @@ pub struct TrainReport {
     pub images_encoded: usize,
 }
 
-/// Messages for the user (data report, precompute progress).
-pub type Say<'a> = &'a mut dyn FnMut(&str);
-
-fn describe_missing(report: &DataReport, say: Say) {
+fn describe_missing(report: &DataReport, events: &dyn Events) {
     for (id, path) in report.missing_images.iter().take(10) {
-        say(&format!("skipped {id}: image {} not found", path.display()));
+        events.message(&format!("skipped {id}: image {} not found", path.display()));
     }
     if report.missing_images.len() > 10 {
-        say(&format!("... and {} more pairs with a missing image", report.missing_images.len() - 10));
+        events.message(&format!("... and {} more pairs with a missing image", report.missing_images.len() - 10));
     }
 }
 
-/// `bpo train`: DPO in `cfg.optim`'s loop, writing the run folder `out`.
+/// `bpo train`: DPO in `cfg.optim`'s loop, writing the run folder `out`. `stop` (set by a signal) and `hooks` may
+/// end the run early; the data report, the reference pass and the training steps go to `events`.
 pub fn train(
     cfg: &DpoConfig,
     out: &Path,
     resume: bool,
     stop: Option<&AtomicBool>,
     hooks: &mut dyn Hooks,
-    say: Say,
+    events: &dyn Events,
 ) -> Result<TrainReport> {
     // Settings first: a bad one leaves nothing behind.
     cfg.optim.validate()?;
@@ -252,11 +250,11 @@ pub fn train(
     let (pairs, stats) = read_preference_file(&cfg.data, &PairOptions { max_words: cfg.max_words })?;
     let (examples, mut report) = tokenize_pairs(&prepared.vlm, &pairs, cfg.images.as_deref(), cfg.max_length)?;
     report.pairs = stats;
-    describe_missing(&report, say);
+    describe_missing(&report, events);
     if let Some(stats) = &report.pairs {
-        say(&format!("{stats}"));
+        events.message(&format!("{stats}"));
     }
-    say(&format!("pairs: {report}"));
+    events.message(&format!("pairs: {report}"));
     let reference = if cfg.setup.init_adapter.is_some() {
         Reference::StartingPolicy
     } else if cfg.setup.lora.is_none() {
@@ -271,11 +269,11 @@ pub fn train(
     let mut dpo = Dpo::new(prepared.vlm, examples, reference, cfg.loss, cfg.feature_cache_mb);
     dpo.gradient_checkpointing = cfg.setup.gradient_checkpointing;
     if needs_precompute {
-        reference_cache(&mut dpo, &out.join(REF_LOGPS), cfg.optim.batch_size, say)?;
+        reference_cache(&mut dpo, &out.join(REF_LOGPS), cfg.optim.batch_size, events)?;
     }
-    let summary = train_loop(&mut dpo, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
+    let summary = train_loop(&mut dpo, &prepared.trainable, &cfg.optim, out, resume, stop, hooks, events)?;
     if !report.missing_images.is_empty() {
-        say(&format!(
+        events.message(&format!(
             "{} pairs were skipped because their image is missing (listed at the start)",
             report.missing_images.len()
         ));
@@ -284,7 +282,7 @@ pub fn train(
 }
 
 /// Loads the run's precomputed reference log-probs, or computes and saves them.
-fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> Result<()> {
+fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, events: &dyn Events) -> Result<()> {
     if path.exists() {
         #[derive(serde::Deserialize)]
         struct Row {
@@ -306,8 +304,8 @@ fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, say: Say) -> R
         dpo.reference = Reference::Precomputed(v);
         return Ok(());
     }
-    say(&format!("computing reference log-probs for {} pairs", dpo.examples.len()));
-    let v = dpo.precompute_reference(batch_size, |_| {})?;
+    events.message(&format!("computing reference log-probs for {} pairs", dpo.examples.len()));
+    let v = dpo.precompute_reference(batch_size, events)?;
     let rows: Vec<serde_json::Value> =
         dpo.examples.iter().zip(&v).map(|(e, (c, r))| json!({"id": e.id, "chosen": c, "rejected": r})).collect();
     crate::jsonl::write(path, &rows)

@@ -10,9 +10,10 @@
 //!
 //! ```no_run
 //! # fn main() -> bpo::Result<()> {
-//! use bpo::train::{dpo, trainer::Silent};
+//! use bpo::progress::Silent;
+//! use bpo::train::dpo;
 //! # let cfg: dpo::DpoConfig = unimplemented!();
-//! let report = dpo::train(&cfg, std::path::Path::new("runs/bpo"), false, None, &mut Silent, &mut |m| eprintln!("{m}"))?;
+//! let report = dpo::train(&cfg, std::path::Path::new("runs/bpo"), false, None, &mut Silent, &Silent)?;
 //! println!("{} steps", report.summary.steps_done);
 //! # Ok(()) }
 //! ```

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::data::{read_conversations, tokenize_conversations, SftExample};
-use super::dpo::{Say, TrainReport};
+use super::dpo::TrainReport;
 use super::features::{distinct_images, FeatureCache};
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
@@ -19,6 +19,7 @@ use crate::model::checkpoint::{backward, Tape};
 use crate::model::linear::DropoutSeed;
 use crate::model::Vlm;
 use crate::model::{Inputs, Pass};
+use crate::progress::Events;
 use crate::score::{collate, response_logprobs};
 use crate::{Error, Result};
 
@@ -99,14 +100,15 @@ pub struct SftConfig {
 }
 
 /// `bpo sft`: supervised training, writing the run folder `out` (an adapter, or with full fine-tuning a model
-/// folder that `--model` accepts).
+/// folder that `--model` accepts). `stop` and `hooks` may end the run early; the data report and the training
+/// steps go to `events`.
 pub fn train(
     cfg: &SftConfig,
     out: &Path,
     resume: bool,
     stop: Option<&AtomicBool>,
     hooks: &mut dyn Hooks,
-    say: Say,
+    events: &dyn Events,
 ) -> Result<TrainReport> {
     let _lock = prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     let prepared = prepare_model(&cfg.setup, cfg.optim.seed)?;
@@ -114,14 +116,17 @@ pub fn train(
     let samples = read_conversations(&cfg.data)?;
     let (examples, report) = tokenize_conversations(&prepared.vlm, &samples, cfg.images.as_deref(), cfg.max_length)?;
     for (id, path) in report.missing_images.iter().take(10) {
-        say(&format!("skipped {id}: image {} not found", path.display()));
+        events.message(&format!("skipped {id}: image {} not found", path.display()));
     }
-    say(&format!("conversations: {report}"));
+    events.message(&format!("conversations: {report}"));
     let mut sft = Sft::new(prepared.vlm, examples, cfg.feature_cache_mb, cfg.setup.train_vision);
     sft.gradient_checkpointing = cfg.setup.gradient_checkpointing;
-    let summary = train_loop(&mut sft, &prepared.trainable, &cfg.optim, out, resume, stop, hooks)?;
+    let summary = train_loop(&mut sft, &prepared.trainable, &cfg.optim, out, resume, stop, hooks, events)?;
     if !report.missing_images.is_empty() {
-        say(&format!("{} conversations were skipped because their image is missing", report.missing_images.len()));
+        events.message(&format!(
+            "{} conversations were skipped because their image is missing",
+            report.missing_images.len()
+        ));
     }
     Ok(TrainReport { data: report, summary, images_encoded: sft.features.encoded })
 }

@@ -24,6 +24,7 @@ use super::trainable::{Trainable, MASTER_WEIGHTS};
 use crate::hash::splitmix64;
 use crate::jsonl::read_json;
 use crate::output::write_json;
+use crate::progress::Events;
 use crate::{bail, Error, Result};
 
 /// Optimisation settings (`bpo train` / `bpo sft` flags). [`LoopConfig::validate`] holds the accepted ranges.
@@ -162,18 +163,18 @@ impl StepLog {
     }
 }
 
-/// Progress callbacks. `on_step` returning false stops the run after a checkpoint (like SIGINT).
+/// The caller's hand on a run: sees every step's record and may stop the run after it (a checkpoint is saved, as on
+/// SIGINT), which the run's [`Events`] sink cannot. What a user is shown goes to the sink.
 pub trait Hooks {
-    fn on_start(&mut self, _start: usize, _total: usize) {}
+    /// `false` stops the run after this step.
     fn on_step(&mut self, _log: &StepLog) -> bool {
         true
     }
-    /// Something the user should know that does not stop the run (a checkpoint skipped on resume).
-    fn warn(&mut self, _message: &str) {}
 }
 
-/// No callbacks.
-pub struct Silent;
+pub use crate::progress::Silent;
+
+/// Runs to the end.
 impl Hooks for Silent {}
 
 /// How a run ended.
@@ -207,7 +208,9 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Runs the loop in `run` (a folder). With `resume`, starts from the newest `checkpoint-N` there.
+/// Runs the loop in `run` (a folder). With `resume`, starts from the newest `checkpoint-N` there. Reports the stage
+/// `training` (one unit a step) and every step's metrics to `events`.
+#[allow(clippy::too_many_arguments)] // the run, its folder, how it starts and stops, who watches it
 pub fn train_loop(
     obj: &mut dyn Objective,
     trainable: &Trainable,
@@ -216,6 +219,7 @@ pub fn train_loop(
     resume: bool,
     stop: Option<&AtomicBool>,
     hooks: &mut dyn Hooks,
+    events: &dyn Events,
 ) -> Result<LoopSummary> {
     cfg.validate()?;
     let n = obj.len();
@@ -229,24 +233,21 @@ pub fn train_loop(
     let vars = trainable.vars();
     let mut opt =
         AdamW::new(&vars, AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, trainable.kernels)?;
-    let start = if resume { restore(run, trainable, &mut opt, cfg.seed, hooks)? } else { 0 };
+    let start = if resume { restore(run, trainable, &mut opt, cfg.seed, events)? } else { 0 };
     let metrics_path = run.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start)?;
     let mut metrics_file = crate::output::open_append(&metrics_path)?;
-    hooks.on_start(start, total);
+    events.stage("training", Some(total as u64));
+    events.advance(start as u64);
     let mut summary =
         LoopSummary { start_step: start, steps_done: 0, total_steps: total, interrupted: false, last: None };
-    let micro_per_epoch = n.div_ceil(cfg.batch_size);
     let mut order = (usize::MAX, Vec::new());
     for step in start..total {
         let epoch = step / per_epoch;
         if order.0 != epoch {
             order = (epoch, epoch_order(n, cfg.seed, epoch));
         }
-        let first = (step % per_epoch) * cfg.grad_accum;
-        let micro: Vec<&[usize]> = (first..(first + cfg.grad_accum).min(micro_per_epoch))
-            .map(|m| &order.1[m * cfg.batch_size..((m + 1) * cfg.batch_size).min(n)])
-            .collect();
+        let micro = micro_batches(&order.1, step % per_epoch, cfg);
         let in_step: usize = micro.iter().map(|m| m.len()).sum();
         let started = Instant::now();
         let mut parts = Vec::with_capacity(micro.len());
@@ -267,12 +268,12 @@ pub fn train_loop(
         if !grad_norm.is_finite() {
             return Err(non_finite(run, step + 1, &format!("the gradient norm is {grad_norm}")));
         }
-        let seconds = started.elapsed().as_secs_f64();
-        let log = step_log(step + 1, total, per_epoch, &parts, lr, grad_norm, seconds);
+        let log = step_log(step + 1, total, per_epoch, &parts, lr, grad_norm, started.elapsed().as_secs_f64());
         writeln!(metrics_file, "{}", Value::Object(log.values.clone()))
             .and_then(|_| metrics_file.flush())
             .map_err(|e| Error::io(&metrics_path, e))?;
         summary.steps_done += 1;
+        events.step(&log.values);
         let go_on = hooks.on_step(&log);
         summary.last = Some(log);
         let stopping = !go_on || stop.is_some_and(|s| s.load(Ordering::SeqCst));
@@ -281,12 +282,23 @@ pub fn train_loop(
         }
         if stopping && step + 1 < total {
             summary.interrupted = true;
+            events.end_stage();
             return Ok(summary);
         }
     }
+    events.end_stage();
     check_weights(run, total, trainable)?;
     trainable.save(run)?;
     Ok(summary)
+}
+
+/// The micro-batches of an epoch's step `step` (0-based within the epoch): `grad_accum` slices of `batch_size`
+/// examples of the epoch's `order`, the last ones shorter at the epoch's end.
+fn micro_batches<'a>(order: &'a [usize], step: usize, cfg: &LoopConfig) -> Vec<&'a [usize]> {
+    let (n, first) = (order.len(), step * cfg.grad_accum);
+    (first..(first + cfg.grad_accum).min(n.div_ceil(cfg.batch_size)))
+        .map(|m| &order[m * cfg.batch_size..((m + 1) * cfg.batch_size).min(n)])
+        .collect()
 }
 
 /// The step's metrics and gradient norm on the host: one read back for all of them.
@@ -388,7 +400,7 @@ fn save_checkpoint(
 /// Loads the newest readable checkpoint of `run` into the weights and the optimizer; returns its step. One that cannot
 /// be read (torn, truncated, non-finite, another seed) is skipped, with a warning, for the one before it. A run that
 /// never finished a step (it failed before, or was killed during, step 1) starts at step 0.
-fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, hooks: &mut dyn Hooks) -> Result<usize> {
+fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, events: &dyn Events) -> Result<usize> {
     let found = checkpoints(run)?;
     if found.is_empty() && logged_steps(run) == 0 {
         return Ok(0);
@@ -396,7 +408,9 @@ fn restore(run: &Path, trainable: &Trainable, opt: &mut AdamW, seed: u64, hooks:
     for (step, dir) in found {
         match restore_from(&dir, step, trainable, opt, seed) {
             Ok(()) => return Ok(step),
-            Err(e) => hooks.warn(&format!("--resume: skipping {}, which cannot be used: {e}", dir.display())),
+            Err(e) => {
+                events.message(&format!("warning: --resume: skipping {}, which cannot be used: {e}", dir.display()))
+            }
         }
     }
     bail!(

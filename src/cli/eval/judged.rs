@@ -17,8 +17,8 @@ use bpo::eval::mmvet::MmVet;
 use bpo::eval::{Answers, Benchmark, Context};
 use bpo::generate::SamplingParams;
 
-use super::{answering, finish, given, Terminal};
-use crate::cli::ModelArgs;
+use super::{answering, finish, given};
+use crate::cli::{bars, ModelArgs};
 
 /// Where the judge is and how to talk to it.
 #[derive(Args, Clone, Debug)]
@@ -195,7 +195,7 @@ impl JudgedRun {
             }
             (None, None) => anyhow::bail!("{missing}"),
         };
-        let scores = bench.run(answers, &Context { judge: Some(judge), out: Some(&self.out), events: &Terminal })?;
+        let scores = bench.run(answers, &Context { judge: Some(judge), out: Some(&self.out), events: &bars() })?;
         finish(&scores, Some(&self.out))
     }
 }
@@ -224,7 +224,7 @@ pub fn run_mmhal(a: MmHalArgs) -> anyhow::Result<()> {
         (Some(path), None) => {
             let (bench, rows) = MmHal::from_responses(path)?;
             let answers = Answers::Given { rows, from: path.display().to_string() };
-            let ctx = Context { judge: Some(&judge), out: Some(&a.run.out), events: &Terminal };
+            let ctx = Context { judge: Some(&judge), out: Some(&a.run.out), events: &bars() };
             finish(&Benchmark::MmHal(bench).run(answers, &ctx)?, Some(&a.run.out))
         }
         (None, Some(questions)) => {

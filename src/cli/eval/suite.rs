@@ -15,8 +15,8 @@ use bpo::generate::{EngineOptions, SamplingParams};
 use bpo::model::Vlm;
 
 use super::judged::open_judge;
-use super::{answering, finish, lock_run, Terminal};
-use crate::cli::ModelArgs;
+use super::{answering, finish, lock_run};
+use crate::cli::{bars, ModelArgs};
 
 #[derive(Args)]
 pub struct SuiteArgs {
@@ -125,8 +125,7 @@ fn run_one(
             Answers::Model { vlm: model.get()?, how }
         }
     };
-    let scores = plan
-        .bench
-        .run(answers, &Context { judge: judge.as_ref().map(|j| j as _), out: Some(dir), events: &Terminal })?;
+    let scores =
+        plan.bench.run(answers, &Context { judge: judge.as_ref().map(|j| j as _), out: Some(dir), events: &bars() })?;
     finish(&scores, Some(dir))
 }

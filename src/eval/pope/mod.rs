@@ -20,6 +20,7 @@ use super::rows::{flex_id, Answer, Origin};
 use super::run::{answer_row, Bench, Context, Rows};
 use crate::generate::vqa::Prompt;
 use crate::model::Vlm;
+use crate::progress::Events;
 use crate::{jsonl, Error, Result};
 
 mod pairing;
@@ -314,7 +315,7 @@ impl Bench for Pope {
     type Report = PopeReport;
     type Detail = PopeDetail;
 
-    fn answer(&self, vlm: &Vlm, how: &Answering, tick: &mut dyn FnMut(usize, usize)) -> Result<Vec<Answer>> {
+    fn answer(&self, vlm: &Vlm, how: &Answering, events: &dyn Events) -> Result<Vec<Answer>> {
         let prompts: Vec<Prompt> = self
             .questions
             .iter()
@@ -325,7 +326,7 @@ impl Bench for Pope {
                 id: q.question_id.clone(),
             })
             .collect();
-        let texts = answer_unique(vlm, &prompts, how, tick)?;
+        let texts = answer_unique(vlm, &prompts, how, events)?;
         Ok(self.questions.iter().zip(texts).map(|(q, t)| answer_row(&q.question_id, &q.text, t, how)).collect())
     }
 

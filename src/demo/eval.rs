@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::data::WorldFiles;
 use crate::eval::answer::{Answering, CaptionAsk};
+use crate::eval::benchmark;
 use crate::eval::captions::{Captions, Truth};
 use crate::eval::chair::{CaptionDetail, Chair, ChairReport};
 use crate::eval::pope::{self, Pairing, Pope, PopeReport};
-use crate::eval::run::{self, Answers, Context};
+use crate::eval::run::{Answers, Context};
 use crate::eval::words::Lemmatizer;
 use crate::generate::{EngineOptions, SamplingParams};
 use crate::model::Pass;
@@ -90,7 +91,7 @@ pub fn evaluate(
         pairing: Pairing::ById,
     };
     let pope_model = Answers::Model { vlm, how: answering(3, batch, pass) };
-    let (pope_report, _) = run::run(&pope, pope_model, &ctx(&pope_dir))?;
+    let (pope_report, _) = benchmark::run(&pope, pope_model, &ctx(&pope_dir))?;
 
     let describe: Vec<DescribeRow> = jsonl::read(&files.describe)?;
     let asks: Vec<CaptionAsk> = describe
@@ -106,7 +107,7 @@ pub fn evaluate(
     let chair = Chair::new(&synonyms, Lemmatizer::wordnet())?;
     let captions = Captions { chair, truth: Truth::Jsonl(files.chair_truth.clone()), question_images: None, asks };
     let chair_model = Answers::Model { vlm, how: answering(40, batch, pass) };
-    let (chair_report, chair_details) = run::run(&captions, chair_model, &ctx(&chair_dir))?;
+    let (chair_report, chair_details) = benchmark::run(&captions, chair_model, &ctx(&chair_dir))?;
 
     let scores = EvalScores {
         objects_per_caption: ratio(chair_report.mentions, chair_report.captions),

@@ -25,10 +25,12 @@ pub mod model;
 pub mod pipeline;
 pub mod plot;
 pub mod progress;
+pub mod recipe;
 pub mod render;
 pub mod report;
 pub mod summary;
 pub mod train;
 pub mod world;
 
-pub use pipeline::{run, DemoOptions, DemoSummary, Recipe};
+pub use pipeline::{run, DemoSummary};
+pub use recipe::{DemoOptions, Recipe};

@@ -1,203 +1,21 @@
-//! The demo's driver: the recipe (every setting of every stage), the per-seed pipeline, the SFT model cache, and
-//! the final report over seeds.
+//! The demo's driver: the per-seed pipeline ([`super::recipe`] has its settings), the SFT model cache, and the
+//! final report over seeds.
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats, Chosen, NegativeForm};
+use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, BootstrapStats};
 use super::data::{World, WorldFiles};
 use super::eval::{self, EvalScores};
-use super::model::{init_model, ModelSpec};
+use super::model::init_model;
 use super::progress::Stages;
+use super::recipe::{results_text, DemoOptions, SeedResult, ROWS};
 use super::report::Row;
-use super::train::{self, PrefSettings, SftSettings};
-use super::world::WorldConfig;
-use crate::hash::stable_hash;
+use super::train::{self, SftSettings};
+use crate::model::Pass;
 use crate::model::Vlm;
-use crate::model::{LoadOptions, Pass, Runtime};
 use crate::output::write_json;
 use crate::text::Template;
 use crate::{jsonl, Error, Result};
-
-/// Bumped when a change to the code makes cached SFT models stale.
-const RECIPE_VERSION: u32 = 2;
-
-/// Every setting of every stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Recipe {
-    pub world: WorldConfig,
-    pub model: ModelSpec,
-    /// Perception pre-training (none when absent): vision tower, projector and a throw-away language model trained
-    /// to list each training image's objects; only the vision tower is kept, frozen from then on, as LLaVA starts
-    /// from a pretrained CLIP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub perception: Option<SftSettings>,
-    /// Language-model pre-training on the text-only corpus.
-    pub lm: SftSettings,
-    /// Visual instruction tuning of the whole model.
-    pub sft: SftSettings,
-    pub bootstrap: BootstrapOptions,
-    /// LoRA runs on the bootstrapped pairs: DPO for the three BPO rows, and the same settings for the control
-    /// (supervised training on the chosen answers, one example per pair, so it sees the same prompts as often).
-    pub dpo: PrefSettings,
-    pub eval_batch: usize,
-    /// Every stage on candle's device-generic ops (what CUDA runs) instead of the fused f32 CPU kernels: the same
-    /// math, rounded differently. The demo's claims are checked under this perturbation too (docs/demo.md). Part of
-    /// the SFT model's cache key when on.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub generic_ops: bool,
-}
-
-impl Recipe {
-    pub fn standard() -> Self {
-        Recipe {
-            world: WorldConfig::standard(),
-            model: ModelSpec::standard(),
-            perception: None,
-            lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
-            sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
-            bootstrap: BootstrapOptions {
-                images: 2000,
-                noise_step: 500,
-                temperature: 1.0,
-                batch: 64,
-                seed: 0,
-                negatives: NegativeForm::Add,
-                chosen: Chosen::Annotation,
-            },
-            dpo: PrefSettings {
-                epochs: 1,
-                batch: 16,
-                lr: 2e-3,
-                beta: 0.1,
-                rank: 8,
-                alpha: 16.0,
-                sft_weight: 0.5,
-                train_projector: false,
-            },
-            eval_batch: 64,
-            generic_ops: false,
-        }
-    }
-
-    /// A few seconds of everything, for tests.
-    pub fn quick() -> Self {
-        let s = Recipe::standard();
-        Recipe {
-            world: WorldConfig::quick(),
-            model: ModelSpec::quick(),
-            perception: s.perception.map(|p| SftSettings { epochs: 1, batch: 16, ..p }),
-            lm: SftSettings { epochs: 1, batch: 32, ..s.lm },
-            sft: SftSettings { epochs: 1, batch: 16, ..s.sft },
-            bootstrap: BootstrapOptions { images: 12, batch: 16, ..s.bootstrap },
-            dpo: PrefSettings { epochs: 1, batch: 4, ..s.dpo },
-            eval_batch: 16,
-            generic_ops: s.generic_ops,
-        }
-    }
-
-    /// `self` with the keys of `overrides` (a JSON object, possibly partial and nested) replaced.
-    pub fn with_overrides(&self, overrides: &serde_json::Value) -> Result<Recipe> {
-        let mut base = serde_json::to_value(self).map_err(Error::invalid)?;
-        merge_json(&mut base, overrides);
-        serde_json::from_value(base).map_err(|e| Error::invalid(format!("recipe: {e}")))
-    }
-
-    /// The part of the recipe (and the seed) that decides the SFT model: its cache key.
-    pub fn model_hash(&self, seed: u64) -> String {
-        let mut key = serde_json::json!({"v": RECIPE_VERSION, "world": self.world, "model": self.model, "lm": self.lm, "sft": self.sft, "seed": seed});
-        if let Some(p) = &self.perception {
-            key["perception"] = serde_json::json!(p);
-        }
-        if self.generic_ops {
-            key["generic_ops"] = serde_json::json!(true);
-        }
-        format!("{:016x}", stable_hash(&[&key.to_string()]))
-    }
-}
-
-impl Recipe {
-    /// The runtime every stage uses: f32 on the CPU, with the fused kernels unless [`Recipe::generic_ops`].
-    pub fn runtime(&self) -> Runtime {
-        match self.generic_ops {
-            true => Runtime::generic(candle_core::Device::Cpu, candle_core::DType::F32),
-            false => Runtime::default(),
-        }
-    }
-
-    fn env(&self, seed: u64) -> train::RunEnv {
-        train::RunEnv { seed, runtime: self.runtime() }
-    }
-
-    fn load(&self) -> LoadOptions {
-        LoadOptions::new(&self.runtime())
-    }
-}
-
-/// Replaces the values of `base` by those of `top`, recursing into objects.
-fn merge_json(base: &mut serde_json::Value, top: &serde_json::Value) {
-    match (base, top) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(t)) => {
-            for (k, v) in t {
-                match b.get_mut(k) {
-                    Some(slot) => merge_json(slot, v),
-                    None => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (b, t) => *b = t.clone(),
-    }
-}
-
-/// What `bpo demo` was asked to do.
-#[derive(Debug, Clone)]
-pub struct DemoOptions {
-    pub out: PathBuf,
-    /// First seed; seed `i` of `seeds` is `seed + i`.
-    pub seed: u64,
-    pub seeds: usize,
-    /// Seeds run side by side (each best on one CPU thread: `set_cpu_threads`).
-    pub jobs: usize,
-    pub recipe: Recipe,
-    /// Show stage progress on stderr.
-    pub progress: bool,
-}
-
-/// The rows of the experiment, in table order: (name, run folder name).
-pub const ROWS: [(&str, &str); 5] = [
-    ("SFT", "sft"),
-    ("SFT on chosen", "sft-chosen"),
-    ("BPO weakening only", "weaken"),
-    ("BPO injection only", "inject"),
-    ("BPO", "bpo"),
-];
-
-/// The demo's claims checked on the rows ([`super::report::acceptance`]), as text.
-pub fn claim(rows: &[Row]) -> String {
-    let roles =
-        super::report::Roles { sft: ROWS[0].0, control: ROWS[1].0, bpo: ROWS[4].0, halves: &[ROWS[2].0, ROWS[3].0] };
-    super::report::acceptance_text(&super::report::acceptance(rows, &roles))
-}
-
-/// The terminal table with [`claim`] below it.
-pub fn results_text(rows: &[Row]) -> String {
-    format!("{}\n\n{}", super::report::table(rows), claim(rows))
-}
-
-/// What one seed produced.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SeedResult {
-    pub seed: u64,
-    pub dir: PathBuf,
-    pub model: PathBuf,
-    /// Scores per row, in [`ROWS`] order.
-    pub scores: Vec<EvalScores>,
-    pub bootstrap: BootstrapStats,
-    pub world_stats: serde_json::Value,
-}
 
 /// What the whole demo produced.
 #[derive(Debug, Clone)]

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::bootstrap::BootstrapFiles;
 use super::data::{EvalScene, WorldFiles};
-use super::pipeline::{DemoOptions, Recipe, SeedResult, ROWS};
 use super::plot::{self, Bar, Series};
+use super::recipe::{claim, results_text, DemoOptions, Recipe, SeedResult, ROWS};
 use super::render::upscale;
 use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
 use crate::data::{CompletionType, Record};
@@ -46,14 +46,14 @@ pub fn write_report(
         title: "BPO on a synthetic world: does preference training make the model look?".into(),
         intro: INTRO.into(),
         rows: rows.to_vec(),
-        verdict: super::pipeline::claim(rows),
+        verdict: claim(rows),
         figures,
         gallery,
         facts: facts(opts, seeds, timings, wall),
     };
     let html = dir.join("report.html");
     report::write_html(&html, &r)?;
-    write_text(&dir.join("table.txt"), &(super::pipeline::results_text(rows) + "\n"))?;
+    write_text(&dir.join("table.txt"), &(results_text(rows) + "\n"))?;
     let results =
         serde_json::json!({"rows": rows, "seeds": seeds, "timings": timings, "wall_seconds": wall, "jobs": opts.jobs});
     write_json(&dir.join("results.json"), &results)?;

@@ -14,11 +14,11 @@ use super::llava_bench::LlavaBench;
 use super::mmhal::MmHal;
 use super::mmvet::MmVet;
 use super::pope::Pope;
-use super::report::Scores;
+use super::report::{write_run, Scores};
 use super::rows::Answer;
-use super::run::{self, Answers, Bench, Context};
+use super::run::{Answers, Bench, Context, Rows, ANSWERS_FILE};
 use crate::progress::Events;
-use crate::Result;
+use crate::{jsonl, output, Result};
 
 /// A benchmark with its inputs loaded.
 pub enum Benchmark {
@@ -47,11 +47,36 @@ impl Benchmark {
     /// Scores `answers` (answering first when they come from a model) and writes the run folder when `ctx` has
     /// one: `scores.json`, `details.jsonl`, and `answers.jsonl` when a model answered.
     pub fn run(&self, answers: Answers, ctx: &Context) -> Result<Scores> {
-        each!(self, b => run::run(b, answers, ctx).map(|(report, _)| report.into()))
+        each!(self, b => run(b, answers, ctx).map(|(report, _)| report.into()))
     }
 
     /// Reads an answers file in the benchmark's format.
     pub fn read_answers(&self, path: &Path, events: &dyn Events) -> Result<Vec<Answer>> {
         each!(self, b => b.read_answers(path, events))
     }
+}
+
+/// Runs `bench` on `answers` and writes the run folder (`scores.json`, `details.jsonl`) when the context has one;
+/// returns the report and the details. [`Benchmark::run`] is this for any benchmark.
+pub fn run<B: Bench>(bench: &B, answers: Answers, ctx: &Context) -> Result<(B::Report, Vec<B::Detail>)>
+where
+    B::Report: Clone + Into<Scores>,
+{
+    let rows = match answers {
+        Answers::Given { rows, from } => Rows { rows, from, given: true },
+        Answers::Saved(rows) => Rows { rows, from: "the saved answers".into(), given: false },
+        Answers::Model { vlm, how } => {
+            let rows = bench.answer(vlm, &how, ctx.events)?;
+            if let Some(dir) = ctx.out {
+                output::create_dir(dir)?;
+                jsonl::write(&dir.join(ANSWERS_FILE), &rows)?;
+            }
+            Rows { rows, from: "the generated answers".into(), given: false }
+        }
+    };
+    let (report, details) = bench.score(rows, ctx)?;
+    if let Some(dir) = ctx.out {
+        write_run(dir, &report.clone().into(), &details)?;
+    }
+    Ok((report, details))
 }

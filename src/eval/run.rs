@@ -1,7 +1,7 @@
 //! What every benchmark run shares, whatever the benchmark: where the answers come from ([`Answers`]), what the
-//! run may use ([`Context`]: a judge, an output folder, an events sink), and the one path from answers to a
-//! written run folder ([`run`]). A benchmark implements [`Bench`] in its own file; [`super::Benchmark`] names
-//! them all.
+//! run may use ([`Context`]: a judge, an output folder, an events sink), and the helpers benchmarks answer and
+//! grade with. A benchmark implements [`Bench`] in its own file; [`super::Benchmark`] names them all, and
+//! [`super::benchmark::run`] is the one path from answers to a written run folder.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,12 +10,11 @@ use serde::Serialize;
 
 use super::answer::{self, Answering};
 use super::judge::{self, Grader};
-use super::report::{write_run, Scores};
 use super::rows::{load_answers, Answer};
 use crate::generate::vqa;
 use crate::model::Vlm;
 use crate::progress::Events;
-use crate::{jsonl, output, Error, Result};
+use crate::{Error, Result};
 
 /// Where a benchmark's answers come from.
 pub enum Answers<'a> {
@@ -58,9 +57,10 @@ impl<'a> Context<'a> {
     }
 }
 
-/// One benchmark: how a model answers it and how answers are scored. Its report becomes a [`Scores`] variant.
+/// One benchmark: how a model answers it and how answers are scored. Its report becomes a
+/// [`super::report::Scores`] variant.
 pub trait Bench {
-    type Report: Into<Scores>;
+    type Report;
     type Detail: Serialize;
 
     /// Answers the benchmark's prompts with `vlm` (its own prompt format), reporting the stage `answering`.
@@ -73,31 +73,6 @@ pub trait Bench {
     fn read_answers(&self, path: &Path, _events: &dyn Events) -> Result<Vec<Answer>> {
         load_answers(path)
     }
-}
-
-/// Runs `bench` on `answers` and writes the run folder (`scores.json`, `details.jsonl`) when the context has one;
-/// returns the report and the details. [`super::Benchmark::run`] is this for any benchmark.
-pub fn run<B: Bench>(bench: &B, answers: Answers, ctx: &Context) -> Result<(B::Report, Vec<B::Detail>)>
-where
-    B::Report: Clone,
-{
-    let rows = match answers {
-        Answers::Given { rows, from } => Rows { rows, from, given: true },
-        Answers::Saved(rows) => Rows { rows, from: "the saved answers".into(), given: false },
-        Answers::Model { vlm, how } => {
-            let rows = bench.answer(vlm, &how, ctx.events)?;
-            if let Some(dir) = ctx.out {
-                output::create_dir(dir)?;
-                jsonl::write(&dir.join(ANSWERS_FILE), &rows)?;
-            }
-            Rows { rows, from: "the generated answers".into(), given: false }
-        }
-    };
-    let (report, details) = bench.score(rows, ctx)?;
-    if let Some(dir) = ctx.out {
-        write_run(dir, &report.clone().into(), &details)?;
-    }
-    Ok((report, details))
 }
 
 /// The answers a run saves in its folder when a model answered.

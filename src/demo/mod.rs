@@ -22,6 +22,7 @@ pub mod conversation;
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod negatives;
 pub mod pipeline;
 pub mod plot;
 pub mod progress;

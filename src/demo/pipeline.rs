@@ -228,7 +228,7 @@ fn bootstrap(
     stages.finish(stage, &format!("{injected} answers"));
     let records: Vec<_> = captions.into_iter().chain(rest).collect();
     jsonl::write(&out.raw, &records)?;
-    let matched = boot::match_and_balance(&records, bo.negatives, seed, &mut stats);
+    let matched = super::negatives::match_and_balance(&records, bo.negatives, seed, &mut stats);
     jsonl::write(&out.records, &matched)?;
     stats.pairs = boot::write_pairs(&matched, out)?;
     stages.note(&format!(

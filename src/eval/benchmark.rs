@@ -15,8 +15,8 @@ use super::mmhal::MmHal;
 use super::mmvet::MmVet;
 use super::pope::Pope;
 use super::report::{write_run, Scores};
-use super::rows::Answer;
 use super::run::{Answers, Bench, Context, Rows, ANSWERS_FILE};
+use crate::data::answers::Answer;
 use crate::progress::Events;
 use crate::{jsonl, output, Result};
 

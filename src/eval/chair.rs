@@ -20,8 +20,8 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::ratio;
-use super::rows::{index_unique, Origin};
 use super::words::{tokenize, Lemmatizer};
+use crate::data::answers::{index_unique, Origin};
 use crate::{bail, Result};
 
 /// The COCO synonym list shipped with bpo (RLHF-V's `synonyms_refine.txt`).
@@ -190,7 +190,7 @@ fn merge_table(synonyms: &HashMap<String, usize>) -> HashMap<String, HashMap<Str
     table
 }
 
-/// A caption to score: the answer's id, the image it describes (normalised with [`super::rows::image_key`])
+/// A caption to score: the answer's id, the image it describes (normalised with [`crate::data::answers::image_key`])
 /// and its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Caption {
@@ -200,7 +200,7 @@ pub struct Caption {
     pub origin: Option<Origin>,
 }
 
-/// Ground-truth categories per image (keys normalised with [`super::rows::image_key`]).
+/// Ground-truth categories per image (keys normalised with [`crate::data::answers::image_key`]).
 #[derive(Debug, Clone, Default)]
 pub struct GroundTruth {
     pub objects: HashMap<String, BTreeSet<String>>,

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::chair::{Caption, Chair, GroundTruth};
-use super::rows::{flex_id, id_string, image_key, opt_flex_id, Answer, Origin};
+use crate::data::answers::{flex_id, id_string, image_key, opt_flex_id, Answer, Origin};
 use crate::{jsonl, Error, Result};
 
 /// A question row, read only for the image it refers to.

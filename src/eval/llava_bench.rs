@@ -26,9 +26,9 @@ use serde_json::Value;
 use super::answer::Answering;
 use super::judge::{Ask, ChatRequest, Message};
 use super::pynum::{py_float, py_round};
-use super::rows::{flex_id, Origin};
 use super::run::{answer_items, by_id, judge_all, require, Bench, Context, Rows, ToAnswer};
 use super::Answer;
+use crate::data::answers::{flex_id, Origin};
 use crate::model::Vlm;
 use crate::progress::Events;
 use crate::{jsonl, Error, Result};
@@ -76,7 +76,7 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
         q.origin = Some(Origin { path: path.to_path_buf(), line });
         out.push(q);
     }
-    super::rows::index_unique(&out, |q| q.question_id.as_str(), |q| q.origin.as_ref(), "question_id")?;
+    crate::data::answers::index_unique(&out, |q| q.question_id.as_str(), |q| q.origin.as_ref(), "question_id")?;
     Ok(out)
 }
 

@@ -26,14 +26,13 @@ pub mod plan;
 pub mod pope;
 pub mod pynum;
 pub mod report;
-pub mod rows;
 pub mod run;
 pub mod suite;
 pub mod synth;
 pub mod words;
 
+pub use crate::data::answers::{load_answers, Answer, Origin};
 pub use benchmark::Benchmark;
-pub use rows::{load_answers, Answer, Origin};
 pub use run::{Answers, Context};
 
 /// The eight Object HalBench description instructions (RLHF-V, Table 6), one per line; use them verbatim.

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::answer::{self, Answering};
 use super::judge::{self, Grader};
-use super::rows::{load_answers, Answer};
+use crate::data::answers::{load_answers, Answer};
 use crate::generate::vqa;
 use crate::model::Vlm;
 use crate::progress::Events;

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use super::chair::{Caption, GroundTruth, SYNONYMS};
 use super::pope::{Label, PopeQuestion};
-use super::rows::Answer;
+use crate::data::answers::Answer;
 
 const SPLITS: [&str; 3] = ["random", "popular", "adversarial"];
 const ANSWERS: [&str; 10] = [

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
+use crate::data::answers::Answer;
 use crate::data::resume::{key_string, ResumableWriter};
 use crate::progress::Events;
 use crate::{jsonl, Error, Result};
@@ -25,17 +26,6 @@ struct RawQuestion {
     #[serde(default)]
     image: Option<String>,
     text: String,
-}
-
-/// An answer row in LLaVA's format.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AnswerRow {
-    pub question_id: Value,
-    pub prompt: String,
-    pub text: String,
-    pub answer_id: String,
-    pub model_id: String,
-    pub metadata: serde_json::Map<String, Value>,
 }
 
 /// Reads a question file. A `question_id` that is null, not a string or number, or repeated (as the answers
@@ -71,18 +61,14 @@ impl Question {
     }
 }
 
-pub fn answer_row(q: &Question, text: &str, model_id: &str) -> AnswerRow {
-    let id = match &q.question_id {
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
-    };
-    AnswerRow {
-        question_id: q.question_id.clone(),
-        prompt: q.text.clone(),
-        text: text.to_string(),
+/// The answer row of `q` (LLaVA's `model_vqa` layout: the question's id as written, `answer_id` = `MODEL-ID`).
+pub fn answer_row(q: &Question, text: &str, model_id: &str) -> Answer {
+    let id = q.key();
+    Answer {
+        numeric_id: q.question_id.is_number(),
         answer_id: format!("{model_id}-{id}"),
         model_id: model_id.to_string(),
-        metadata: Default::default(),
+        ..Answer::new(id, q.text.clone(), text)
     }
 }
 

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::answer::{answer_unique, Answering};
 use super::ratio;
-use super::rows::{flex_id, Answer, Origin};
 use super::run::{answer_row, Bench, Context, Rows};
+use crate::data::answers::{flex_id, Answer, Origin};
 use crate::generate::vqa::Prompt;
 use crate::model::Vlm;
 use crate::progress::Events;

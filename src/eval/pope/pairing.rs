@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::PopeQuestion;
-use crate::eval::rows::{index_unique, Answer};
+use crate::data::answers::{index_unique, Answer};
 use crate::{Error, Result};
 
 /// How answers find their questions.

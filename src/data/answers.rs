@@ -1,5 +1,6 @@
-//! Rows shared by the evaluations: LLaVA answer rows (`model_vqa` JSONL), where a row came from, and the id
-//! rules (ids may be numbers or strings in real files; both are normalised to strings).
+//! LLaVA answer rows (`model_vqa` JSONL: what `bpo generate` writes and every benchmark reads), where a row came
+//! from, and the id rules (ids may be numbers or strings in real files; both are normalised to strings, and a
+//! numeric question id is written back as a number).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,24 +36,74 @@ impl Origin {
 /// One answer row as LLaVA's `model_vqa*` scripts write it. `image_id` / `image` are not part of that format
 /// but other tools (RLHF-V, Object HalBench) add them; CHAIR uses them to find the image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "AnswerFile", into = "AnswerFile")]
 pub struct Answer {
-    #[serde(deserialize_with = "flex_id")]
+    /// The id as a string (`7` and `"7"` alike).
     pub question_id: String,
-    #[serde(default)]
+    /// The question file gave the id as a number: it is written back as one, as LLaVA's scripts copy it.
+    pub numeric_id: bool,
     pub prompt: String,
     pub text: String,
-    #[serde(default, deserialize_with = "flex_id")]
     pub answer_id: String,
-    #[serde(default, deserialize_with = "flex_id")]
     pub model_id: String,
-    #[serde(default)]
     pub metadata: serde_json::Map<String, Value>,
-    #[serde(default, deserialize_with = "opt_flex_id", skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    #[serde(skip)]
+    /// Where the row was read from (not part of the row).
     pub origin: Option<Origin>,
+}
+
+/// An [`Answer`] as a file holds it.
+#[derive(Serialize, Deserialize)]
+struct AnswerFile {
+    question_id: Value,
+    #[serde(default)]
+    prompt: String,
+    text: String,
+    #[serde(default, deserialize_with = "flex_id")]
+    answer_id: String,
+    #[serde(default, deserialize_with = "flex_id")]
+    model_id: String,
+    #[serde(default)]
+    metadata: serde_json::Map<String, Value>,
+    #[serde(default, deserialize_with = "opt_flex_id", skip_serializing_if = "Option::is_none")]
+    image_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
+}
+
+impl TryFrom<AnswerFile> for Answer {
+    type Error = String;
+    fn try_from(f: AnswerFile) -> std::result::Result<Self, String> {
+        Ok(Answer {
+            question_id: id_string(&f.question_id)?,
+            numeric_id: f.question_id.is_number(),
+            prompt: f.prompt,
+            text: f.text,
+            answer_id: f.answer_id,
+            model_id: f.model_id,
+            metadata: f.metadata,
+            image_id: f.image_id,
+            image: f.image,
+            origin: None,
+        })
+    }
+}
+
+impl From<Answer> for AnswerFile {
+    fn from(a: Answer) -> Self {
+        let numeric = a.numeric_id.then(|| a.question_id.parse::<i64>().ok()).flatten();
+        AnswerFile {
+            question_id: numeric.map_or_else(|| Value::String(a.question_id), Value::from),
+            prompt: a.prompt,
+            text: a.text,
+            answer_id: a.answer_id,
+            model_id: a.model_id,
+            metadata: a.metadata,
+            image_id: a.image_id,
+            image: a.image,
+        }
+    }
 }
 
 impl Answer {
@@ -60,6 +111,7 @@ impl Answer {
     pub fn new(question_id: impl Into<String>, prompt: impl Into<String>, text: impl Into<String>) -> Self {
         Answer {
             question_id: question_id.into(),
+            numeric_id: false,
             prompt: prompt.into(),
             text: text.into(),
             answer_id: String::new(),
@@ -164,6 +216,19 @@ mod tests {
         assert!(serde_json::from_str::<Answer>(r#"{"question_id": [1], "text": ""}"#).is_err());
         assert!(serde_json::from_str::<Answer>(r#"{"question_id": 1.5, "text": ""}"#).is_err());
         assert!(serde_json::from_str::<Answer>(r#"{"text": "no id"}"#).is_err());
+    }
+
+    #[test]
+    fn ids_are_written_back_as_the_file_gave_them() {
+        for row in [
+            r#"{"question_id":7,"prompt":"","text":"Yes","answer_id":"","model_id":"","metadata":{}}"#,
+            r#"{"question_id":"7","prompt":"","text":"Yes","answer_id":"","model_id":"","metadata":{}}"#,
+        ] {
+            let a: Answer = serde_json::from_str(row).unwrap();
+            assert_eq!(a.question_id, "7");
+            assert_eq!(serde_json::to_string(&a).unwrap(), row);
+        }
+        assert_eq!(serde_json::to_value(Answer::new("7", "", "Yes")).unwrap()["question_id"], "7");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use bpo::progress::Progress;
 use super::{progress, ModelArgs};
 
 mod judged;
-mod suite;
+pub(super) mod suite;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -286,6 +286,11 @@ impl Events for Terminal {
     }
     fn say(&self, line: &str) {
         errln!("{line}")
+    }
+    fn finished(&self, benchmark: &str, scores: &Scores, dir: &Path) {
+        outln!("\n== {benchmark}");
+        // Printing never fails: finish only prints.
+        let _ = finish(scores, Some(dir));
     }
 }
 

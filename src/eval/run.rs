@@ -51,6 +51,9 @@ pub trait Events {
     }
     /// A line for the user (a warning, what the judge cost).
     fn say(&self, _line: &str) {}
+    /// A benchmark of a suite ([`SuiteConfig::run`](super::suite::SuiteConfig::run)) is scored, its run folder
+    /// `dir` written.
+    fn finished(&self, _benchmark: &str, _scores: &Scores, _dir: &Path) {}
 }
 
 impl Events for () {}

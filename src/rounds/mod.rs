@@ -126,7 +126,7 @@ impl Stage {
 /// How a loop ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Every round done: the table across rounds (also in `OUT/rounds.txt`), empty without evaluation.
+    /// Every round done: the table across rounds (also in `OUT/rounds.txt`); empty without evaluation.
     Done(String),
     /// Training was stopped by `stop` after saving a checkpoint; running the loop again continues it.
     Stopped { round: usize },
@@ -168,13 +168,16 @@ pub fn run(
     check_settings(out, &plan.settings)?;
     let prepared = plan.eval.as_ref().map(|e| e.suite.prepare()).transpose()?;
     let run = stages::Round { plan, out, events, prepared: prepared.as_deref(), stop };
-    for r in 0..=plan.rounds {
+    let first = if plan.eval.is_some() { 0 } else { 1 };
+    for r in first..=plan.rounds {
         if !run.round(r, hooks)? {
             return Ok(Outcome::Stopped { round: r });
         }
     }
     let table = table(plan, out)?;
-    output::write_bytes(&out.join(TABLE_FILE), format!("{table}\n").as_bytes())?;
+    if !table.is_empty() {
+        output::write_bytes(&out.join(TABLE_FILE), format!("{table}\n").as_bytes())?;
+    }
     Ok(Outcome::Done(table))
 }
 

@@ -128,7 +128,8 @@ impl Stage {
 pub enum Outcome {
     /// Every round done: the table across rounds (also in `OUT/rounds.txt`); empty without evaluation.
     Done(String),
-    /// Training was stopped by `stop` after saving a checkpoint; running the loop again continues it.
+    /// Stopped by `stop` (training after a checkpoint, another stage once finished); running the loop again
+    /// continues it.
     Stopped { round: usize },
 }
 
@@ -145,8 +146,8 @@ pub fn round_dir(out: &Path, r: usize) -> PathBuf {
 }
 
 /// Runs (or continues) the loop of `plan` in `out`, locked while it runs. Each stage that starts is announced
-/// through `events.say` as `round R/N: STAGE`; training reports to `hooks` and stops, after a checkpoint, when
-/// `stop` is set.
+/// through `events.say` as `round R/N: STAGE`; training reports to `hooks`. When `stop` is set, training stops
+/// after its step with a checkpoint, another stage when it is done.
 pub fn run(
     plan: &Plan,
     out: &Path,

@@ -2,7 +2,7 @@
 //! the stages complete.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,8 +33,8 @@ pub(super) struct Round<'p, 'a> {
 }
 
 impl Round<'_, '_> {
-    /// Runs the stages of round `r` not yet done (round 0: the starting model's evaluation). False when training
-    /// was stopped.
+    /// Runs the stages of round `r` not yet done (round 0: the starting model's evaluation). False when `stop` was
+    /// set: training stops after its step with a checkpoint, another stage is finished first.
     pub fn round(&self, r: usize, hooks: &mut dyn Hooks) -> Result<bool> {
         let dir = round_dir(self.out, r);
         output::create_dir(&dir)?;
@@ -50,6 +50,9 @@ impl Round<'_, '_> {
             };
             if !wanted || (r == 0 && stage != Stage::Eval) || done.stages.contains(&stage) {
                 continue;
+            }
+            if self.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                return Ok(false);
             }
             self.events.say(&format!("round {r}/{}: {}", self.plan.rounds, stage.name()));
             match stage {

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::util::{bpo, fails_with, fixture, ok, read_json, s, stderr};
 
+const STAGES: [&str; 6] = ["weaken", "inject", "pairs", "train", "merge", "eval"];
 const IMAGES: [&str; 4] = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"];
 
 /// The data (LLaVA instruct JSON), the POPE questions and the Object HalBench ground truth of a loop, and its
@@ -48,7 +49,11 @@ fn setup(dir: &Path, extra: &str) -> PathBuf {
 
 /// The stage start lines a loop prints (`round R/N: STAGE`).
 fn starts(err: &str) -> Vec<String> {
-    err.lines().filter(|l| l.starts_with("round ") && l.contains("/2: ")).map(String::from).collect()
+    let start = |l: &str| {
+        let rest = l.strip_prefix("round ").and_then(|r| r.split_once(": "));
+        rest.is_some_and(|(n, stage)| n.contains('/') && STAGES.contains(&stage))
+    };
+    err.lines().filter(|l| start(l)).map(String::from).collect()
 }
 
 /// The files a finished loop must have equal, byte for byte, in any two runs of the same config: pairs, the
@@ -101,9 +106,8 @@ fn two_rounds_end_to_end_and_a_killed_run_ends_with_the_same_files() {
     let o = bpo(&["loop", "--config", s(&config), "--out", s(&whole)]);
     let stdout = ok(&o);
     let all = starts(&stderr(&o));
-    let stages = ["weaken", "inject", "pairs", "train", "merge", "eval"];
     let want: Vec<String> = std::iter::once("round 0/2: eval".to_string())
-        .chain((1..=2).flat_map(|r| stages.map(|st| format!("round {r}/2: {st}"))))
+        .chain((1..=2).flat_map(|r| STAGES.map(|st| format!("round {r}/2: {st}"))))
         .collect();
     assert_eq!(all, want, "every stage of every round, in order");
 
@@ -121,7 +125,7 @@ fn two_rounds_end_to_end_and_a_killed_run_ends_with_the_same_files() {
     assert_eq!(read_json(&round(2).join("train/train_config.json"))["model"], json!(s(&round(1).join("model"))));
     assert_eq!(read_json(&round(1).join("train/train_config.json"))["model"], json!(s(&fixture("llava-tiny"))));
     assert_eq!(read_json(&round(2).join("eval/suite.json"))["model"], json!(s(&round(2).join("model"))));
-    assert_eq!(read_json(&round(2).join("done.json"))["stages"], json!(stages));
+    assert_eq!(read_json(&round(2).join("done.json"))["stages"], json!(STAGES));
     let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
     assert_ne!(weights(&round(1).join("model")), weights(&fixture("llava-tiny")), "round 1 trained");
     assert_ne!(weights(&round(2).join("model")), weights(&round(1).join("model")), "round 2 trained further");
@@ -229,7 +233,12 @@ fn next_adapter_trains_the_last_adapter_further_and_other_settings_are_refused()
     let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
     assert_ne!(weights(&round(2).join("model")), weights(&round(1).join("model")));
 
-    // The same folder with other settings is refused, naming what differs; nothing is changed.
+    // More rounds continue a finished loop; other settings are refused, naming what differs.
+    std::fs::write(&config, text.replace("rounds = 2", "rounds = 3")).unwrap();
+    let o = bpo(&["loop", "--config", s(&config), "--out", s(&out)]);
+    ok(&o);
+    assert!(starts(&stderr(&o)).iter().all(|l| l.starts_with("round 3/3: ")), "{}", stderr(&o));
+    assert_eq!(read_json(&round(3).join("train/train_config.json"))["init_adapter"], json!(s(&round(2).join("train"))));
     std::fs::write(&config, text.replace("lr = 1e-3", "lr = 2e-3")).unwrap();
     fails_with(&["loop", "--config", s(&config), "--out", s(&out)], &["other settings", "train.lr"]);
 }

@@ -70,14 +70,18 @@ struct Stages {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| config_error(&a.config, "", e.message()))?;
-    let settings = serde_json::to_value(&table)?;
+    // Everything but the number of rounds decides a round's files: a finished loop may be given more rounds.
+    let mut settings = serde_json::to_value(&table)?;
+    settings.as_object_mut().map(|s| s.remove("rounds"));
     let file: LoopFile = table.try_into().map_err(|e: toml::de::Error| config_error(&a.config, "", e.message()))?;
+    bpo::range::check(&format!("{}: rounds", a.config.display()), file.rounds, bpo::range::at_least_one)?;
     let base = a.config.parent().unwrap_or(Path::new("."));
     let top = |p: &Path| base.join(p);
     let (model, data, images) = (top(&file.model), top(&file.data), top(&file.images));
     let stages = parse_stages(&file, &a.config, &a.out, [&model, &data, &images])?;
     let input = bpo::data::InputOptions {
-        format: file.format.as_deref().unwrap_or("auto").parse()?,
+        format: (file.format.as_deref().unwrap_or("auto").parse())
+            .map_err(|e: bpo::Error| config_error(&a.config, "", &format!("format: {e}")))?,
         first_turn_only: file.first_turn_only,
     };
     let weaken_load = stages.weaken.as_ref().map(|w| loader(w.model()));

@@ -65,7 +65,6 @@ pub struct Eval<'a> {
 /// What round N ≥ 2 trains from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Next {
     /// Round N-1's merged model is the policy and the reference; fresh LoRA adapters (iterative DPO).
     #[default]

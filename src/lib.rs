@@ -3,7 +3,7 @@
 //! The modules follow the pipeline: [`model`] (LLaVA-1.5: CLIP, projector, Llama, LoRA, loading), [`vision`]
 //! (image preprocessing, diffusion-noise weakening), [`text`] (tokenizer, chat templates), [`generate`]
 //! (sampling with a KV cache), [`bootstrap`] (negatives), [`data`] (the records and files between stages),
-//! [`train`] (losses, trainer), [`eval`] (POPE, CHAIR, judged benchmarks), [`demo`] (the synthetic world). Stages
+//! [`train`] (losses, trainer), [`eval`] (POPE, CHAIR, judged benchmarks), [`rounds`] (the stages in rounds, iterative DPO), [`demo`] (the synthetic world). Stages
 //! talk through files a user can read, all written through [`output`] (atomic replace, links followed, inputs and
 //! non-regular targets refused, one lock per output).
 
@@ -28,6 +28,7 @@ pub mod model;
 pub mod output;
 pub mod progress;
 pub mod range;
+pub mod rounds;
 pub mod score;
 #[cfg(feature = "serve")]
 pub mod serve;

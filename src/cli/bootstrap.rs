@@ -229,11 +229,7 @@ pub fn run(args: BootstrapArgs) -> anyhow::Result<()> {
 /// The text LLM to use.
 fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
     if let Some(dir) = &a.llm {
-        let opts = bpo::model::LoadOptions::new(&a.runtime.runtime()?);
-        let mut local =
-            LocalCompleter::load(dir, &opts, a.batch).with_context(|| format!("loading {}", dir.display()))?;
-        local.batch.max_batch_tokens = a.max_batch_tokens;
-        return Ok(Box::new(local));
+        return local_llm(a, dir);
     }
     let Some(url) = &a.llm_url else {
         bail!("give --llm DIR (a local model folder) or --llm-url URL (an OpenAI-compatible server)")
@@ -254,30 +250,54 @@ fn completer(a: &InjectArgs) -> anyhow::Result<Box<dyn Completer>> {
     Ok(Box::new(HttpCompleter::new(opts)?))
 }
 
+/// `dir` run in-process as the text LLM, on --device, batched by --batch and --max-batch-tokens.
+fn local_llm(a: &InjectArgs, dir: &std::path::Path) -> anyhow::Result<Box<dyn Completer>> {
+    let opts = bpo::model::LoadOptions::new(&a.runtime.runtime()?);
+    let mut local = LocalCompleter::load(dir, &opts, a.batch).with_context(|| format!("loading {}", dir.display()))?;
+    local.batch.max_batch_tokens = a.max_batch_tokens;
+    Ok(Box::new(local))
+}
+
+impl InjectArgs {
+    /// The options of the run (the --prompt-file read).
+    pub(super) fn options(&self) -> anyhow::Result<InjectOptions> {
+        let template = match &self.prompt_file {
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        Ok(InjectOptions {
+            mode: self.mode,
+            template,
+            vicuna: !self.chat && !self.raw,
+            completion: CompletionOptions {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                max_tokens: self.max_tokens,
+                stop: self.stop.clone(),
+                seed: self.seed,
+            },
+            samples: self.samples,
+            batch_size: self.batch,
+            shard: self.shard.unwrap_or_default(),
+            seed: self.seed.unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    /// The text LLM of `bpo loop`'s rounds: --llm or --llm-url when given, else the round's `policy` folder (BPO's
+    /// default: the MLLM's own language model).
+    pub(super) fn completer_for(&self, policy: &std::path::Path) -> anyhow::Result<Box<dyn Completer>> {
+        match (&self.llm, &self.llm_url) {
+            (None, None) => local_llm(self, policy),
+            _ => completer(self),
+        }
+    }
+}
+
 fn inject(a: InjectArgs) -> anyhow::Result<()> {
     let completer = completer(&a)?;
-    let template = match &a.prompt_file {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        None => None,
-    };
+    let opts = a.options()?;
     let (records, mut writer) = a.io.open()?;
-    let opts = InjectOptions {
-        mode: a.mode,
-        template,
-        vicuna: !a.chat && !a.raw,
-        completion: CompletionOptions {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            max_tokens: a.max_tokens,
-            stop: a.stop.clone(),
-            seed: a.seed,
-        },
-        samples: a.samples,
-        batch_size: a.batch,
-        shard: a.shard.unwrap_or_default(),
-        seed: a.seed.unwrap_or(0),
-        ..Default::default()
-    };
     let counts = run_inject(records, completer.as_ref(), &opts, &mut writer, &records_bar())?;
     outln!("{}", serde_json::to_string_pretty(&counts)?);
     if let (Some(dir), true) = (&a.llm, counts.unparseable > 0) {
@@ -322,22 +342,33 @@ fn open(
     Ok((input.records, writer))
 }
 
+impl WeakenArgs {
+    /// The options of the run.
+    pub(super) fn options(&self) -> WeakenOptions {
+        WeakenOptions {
+            images: self.images.clone(),
+            samples: self.samples,
+            noise_step: self.noise_step,
+            decode: self.decode.mode(self.contrast_alpha, self.vcd_alpha, self.vcd_beta),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            batch_size: self.batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            shard: self.shard.unwrap_or_default(),
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+
+    /// How the answering model is loaded.
+    pub(super) fn model(&self) -> &ModelArgs {
+        &self.model
+    }
+}
+
 fn weaken(a: WeakenArgs) -> anyhow::Result<()> {
-    let decode = a.decode.mode(a.contrast_alpha, a.vcd_alpha, a.vcd_beta);
-    let opts = WeakenOptions {
-        images: a.images,
-        samples: a.samples,
-        noise_step: a.noise_step,
-        decode,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        max_new_tokens: a.max_new_tokens,
-        batch_size: a.batch_size,
-        max_batch_tokens: a.max_batch_tokens,
-        shard: a.shard.unwrap_or_default(),
-        seed: a.seed,
-        ..Default::default()
-    };
+    let opts = a.options();
     opts.validate()?;
     let (records, mut writer) = a.io.open()?;
     let vlm = a.model.load()?;

@@ -20,7 +20,7 @@ use bpo::generate::{EngineOptions, SamplingParams};
 use super::{bars, ModelArgs};
 
 mod judged;
-mod suite;
+pub(super) mod suite;
 
 #[derive(Args)]
 pub struct EvalArgs {

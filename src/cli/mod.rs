@@ -24,6 +24,7 @@ mod eval;
 mod generate;
 mod merge;
 mod pairs;
+mod rounds;
 mod score;
 mod serve;
 mod serve_bench;
@@ -94,6 +95,17 @@ enum Command {
     /// base projector. The output is a model folder in llava-hf layout (config, tokenizer and image-processor files
     /// copied) that bpo and transformers load without peft.
     Merge(merge::Args),
+    /// BPO in rounds (iterative DPO): bootstrap, pairs, train, merge and evaluate, again from the merged model.
+    ///
+    /// One config file holds the number of rounds, the starting model, the data (prompts with ground truth,
+    /// bootstrapped again every round) and one section per stage whose keys are that command's flags ([weaken]:
+    /// `bpo bootstrap weaken`, [inject]: `bpo bootstrap inject`, [pairs], [train], [eval]: `bpo eval suite` with
+    /// its suite inline). Round N+1 bootstraps from, trains and is measured against round N's merged model
+    /// (`next = "adapter"` trains its adapter further instead). Each round keeps its records, pairs, run folder,
+    /// merged model and evaluation in OUT/round-N/; the table across rounds (round 0: the starting model) is
+    /// printed and written to OUT/rounds.txt. Killed or stopped (Ctrl-C: training saves a checkpoint), the same
+    /// command continues from the interrupted stage and ends with the same files. docs/train.md has an example.
+    Loop(rounds::Args),
     /// Hallucination evaluation: score answers with POPE or CHAIR / Object HalBench, compare runs.
     Eval(eval::EvalArgs),
     /// Serve a model and its adapters with an OpenAI-compatible API (for lmms-eval, VLMEvalKit, --llm-url, --judge-url).
@@ -170,6 +182,7 @@ pub fn run() -> anyhow::Result<std::process::ExitCode> {
     let done = match cli.command {
         Command::Train(a) => return train::run(a),
         Command::Sft(a) => return sft::run(a),
+        Command::Loop(a) => return rounds::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bootstrap(args) => bootstrap::run(args),

@@ -25,11 +25,18 @@ pub struct PairsArgs {
     max_words: usize,
 }
 
+impl PairsArgs {
+    /// The layout and the options.
+    pub(super) fn options(&self) -> (PairFormat, PairOptions) {
+        (self.format, PairOptions { max_words: (self.max_words > 0).then_some(self.max_words) })
+    }
+}
+
 pub fn run(args: PairsArgs) -> anyhow::Result<()> {
     let inputs: Vec<&std::path::Path> = args.records.iter().map(PathBuf::as_path).collect();
     bpo::output::check(&args.out, &inputs)?;
-    let opts = PairOptions { max_words: (args.max_words > 0).then_some(args.max_words) };
-    let stats = make_pair_file(&args.records, &args.out, args.format, &opts)
+    let (format, opts) = args.options();
+    let stats = make_pair_file(&args.records, &args.out, format, &opts)
         .with_context(|| format!("making pairs into {}", args.out.display()))?;
     outln!("{stats}");
     outln!("wrote {} pairs to {}", stats.pairs, args.out.display());

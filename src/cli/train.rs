@@ -202,6 +202,12 @@ pub fn catch_stop_signals() {
     }
 }
 
+/// The status of a run stopped by a signal: 128 + its number, as shells report it.
+pub fn stopped() -> ExitCode {
+    let signal = SIGNAL.load(Ordering::SeqCst);
+    ExitCode::from(if signal == libc::SIGTERM { super::EXIT_TERMINATED } else { super::EXIT_INTERRUPTED })
+}
+
 /// Prints how a run ended; a run stopped by a signal (checkpoint saved) exits with status 128 + its number, as
 /// shells report a signal: 130 for Ctrl-C, 143 for SIGTERM.
 pub fn finish(report: &TrainReport, out: &std::path::Path) -> ExitCode {
@@ -213,27 +219,34 @@ pub fn finish(report: &TrainReport, out: &std::path::Path) -> ExitCode {
             s.total_steps,
             out.display()
         );
-        let signal = SIGNAL.load(Ordering::SeqCst);
-        return ExitCode::from(if signal == libc::SIGTERM { super::EXIT_TERMINATED } else { super::EXIT_INTERRUPTED });
+        return stopped();
     }
     let loss = s.last.as_ref().and_then(|l| l.get("loss")).map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
     errln!("trained {} steps{loss}; wrote {}", s.steps_done, out.display());
     ExitCode::SUCCESS
 }
 
+impl Args {
+    /// The resolved options of the run.
+    pub(super) fn config(&self) -> anyhow::Result<DpoConfig> {
+        let a = self;
+        Ok(DpoConfig {
+            setup: a.common.setup(&a.model)?,
+            data: a.data.clone(),
+            images: a.images.clone(),
+            max_words: (a.max_words > 0).then_some(a.max_words),
+            max_length: a.common.max_length,
+            loss: DpoLoss { kind: a.loss, beta: a.beta, label_smoothing: a.label_smoothing, sft_weight: a.sft_weight },
+            drifting_ref_projector: a.drifting_ref_projector,
+            precompute_ref: a.precompute_ref,
+            feature_cache_mb: a.common.feature_cache_mb,
+            optim: a.common.optim(2e-6, 2),
+        })
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let cfg = DpoConfig {
-        setup: a.common.setup(&a.model)?,
-        data: a.data.clone(),
-        images: a.images.clone(),
-        max_words: (a.max_words > 0).then_some(a.max_words),
-        max_length: a.common.max_length,
-        loss: DpoLoss { kind: a.loss, beta: a.beta, label_smoothing: a.label_smoothing, sft_weight: a.sft_weight },
-        drifting_ref_projector: a.drifting_ref_projector,
-        precompute_ref: a.precompute_ref,
-        feature_cache_mb: a.common.feature_cache_mb,
-        optim: a.common.optim(2e-6, 2),
-    };
+    let cfg = a.config()?;
     catch_stop_signals();
     let report = dpo::train(&cfg, &a.out, a.common.resume, Some(&STOP), &mut Silent, &bars())
         .with_context(|| format!("training into {}", a.out.display()))?;

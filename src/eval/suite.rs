@@ -147,7 +147,20 @@ impl SuiteConfig {
     /// [`Error::Range`] naming the key), and every file and folder there, before anything runs.
     pub fn load(path: &Path) -> Result<SuiteConfig> {
         let text = crate::jsonl::read_text(path)?;
-        let mut cfg: SuiteConfig = toml::from_str(&text).map_err(|e| Error::parse(path, None, one_line(&e)))?;
+        let cfg: SuiteConfig = toml::from_str(&text).map_err(|e| Error::parse(path, None, one_line(&e)))?;
+        cfg.checked(path)
+    }
+
+    /// A suite given as a table of another TOML file (`bpo loop`'s `[eval]`), checked as [`SuiteConfig::load`]
+    /// checks a file; `path` is that file.
+    pub fn from_table(table: toml::Table, path: &Path) -> Result<SuiteConfig> {
+        let cfg: SuiteConfig = table.try_into().map_err(|e: toml::de::Error| Error::parse(path, None, one_line(&e)))?;
+        cfg.checked(path)
+    }
+
+    /// `self` with its paths made relative to `path`'s folder, checked.
+    fn checked(mut self, path: &Path) -> Result<SuiteConfig> {
+        let cfg = &mut self;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve(base);
         let none = cfg.pope.is_none()
@@ -174,7 +187,7 @@ impl SuiteConfig {
         }
         cfg.check_ranges(path)?;
         cfg.check_paths(path)?;
-        Ok(cfg)
+        Ok(self)
     }
 
     /// Every number against the range its command-line flag has.
@@ -294,6 +307,9 @@ impl SuiteConfig {
 /// TOML errors span several lines (a source excerpt): keep the first, which names line and column, and the
 /// message.
 fn one_line(e: &toml::de::Error) -> String {
+    if e.span().is_none() {
+        return e.message().trim().replace('\n', " ");
+    }
     let text = e.to_string();
     let place = text.lines().next().unwrap_or_default().trim();
     format!("{place}: {}", e.message().trim().replace('\n', " "))

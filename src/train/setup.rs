@@ -179,7 +179,7 @@ fn forget_unstarted_run(out: &Path) -> Result<()> {
 }
 
 /// Top-level (and one level down) keys whose values differ.
-fn differing_keys(a: &Value, b: &Value) -> Vec<String> {
+pub(crate) fn differing_keys(a: &Value, b: &Value) -> Vec<String> {
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else { return vec!["(whole config)".into()] };
     let mut out = Vec::new();
     for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {

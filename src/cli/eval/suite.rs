@@ -7,15 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::Args;
 
-use bpo::eval::plan::Planned;
-use bpo::eval::run::saved_answers;
+use bpo::eval::plan::LazyModel;
 use bpo::eval::suite::{self, SuiteConfig, SuiteInfo};
-use bpo::eval::{Answers, Context};
-use bpo::generate::{EngineOptions, SamplingParams};
-use bpo::model::Vlm;
 
-use super::judged::open_judge;
-use super::{answering, finish, lock_run};
+use bpo::eval::report::Scores;
+
+use super::{finish, lock_run};
 use crate::cli::{bars, ModelArgs};
 
 #[derive(Args)]
@@ -30,18 +27,15 @@ pub struct SuiteArgs {
     out: PathBuf,
 }
 
-/// The model, loaded on first use.
-struct Lazy<'a> {
-    args: &'a ModelArgs,
-    vlm: Option<Vlm>,
-}
+impl SuiteArgs {
+    /// How the model is loaded.
+    pub fn model(&self) -> &ModelArgs {
+        &self.model
+    }
 
-impl Lazy<'_> {
-    fn get(&mut self) -> anyhow::Result<&Vlm> {
-        if self.vlm.is_none() {
-            self.vlm = Some(self.args.load()?);
-        }
-        self.vlm.as_ref().context("model not loaded")
+    /// The suite file.
+    pub fn config(&self) -> &Path {
+        &self.config
     }
 }
 
@@ -76,56 +70,15 @@ pub fn run_suite(a: SuiteArgs) -> anyhow::Result<()> {
         _ => {}
     }
     // Every benchmark's files are read before the first one runs.
-    let mut prepared = Vec::new();
-    for name in suite::BENCHMARKS {
-        let section = name.replace('-', "_");
-        if let Some(plan) = cfg.benchmark(name).with_context(|| format!("{}: [{section}]", a.config.display()))? {
-            prepared.push(plan);
-        }
-    }
-    let batch = EngineOptions::rows(cfg.batch_size.unwrap_or(8), None);
-    let mut model = Lazy { args: &a.model, vlm: None };
-    for plan in &prepared {
-        let name = plan.name;
-        run_one(plan, &cfg, &mut model, &batch, &a.out.join(name))?;
-        if !info.benchmarks.iter().any(|b| b == name) {
-            info.benchmarks.push(name.to_string());
-        }
-        let text = serde_json::to_value(&info).context("suite.json")?;
-        bpo::output::write_json(&a.out.join(suite::SUITE_FILE), &text)?;
-    }
+    let prepared = cfg.prepare().with_context(|| a.config.display().to_string())?;
+    let load = || a.model.load().map_err(|e| bpo::Error::invalid(crate::cli::error_line(&e)));
+    let mut scored = |name: &str, scores: &Scores, dir: &Path| {
+        outln!("\n== {name}");
+        // Printing never fails: finish only prints.
+        let _ = finish(scores, Some(dir));
+    };
+    cfg.run(&prepared, &mut LazyModel::new(&load), &a.model.model_id(), info, &a.out, &bars(), &mut scored)?;
     let label = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     outln!("\n{}", suite::table(&[(label, suite::suite_headlines(&a.out)?)]));
     Ok(())
-}
-
-/// Runs a planned benchmark into its run folder `dir` (locked while it runs): answers an earlier run saved there are
-/// reused, else the model answers.
-fn run_one(
-    plan: &Planned,
-    cfg: &SuiteConfig,
-    model: &mut Lazy,
-    batch: &EngineOptions,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let _lock = lock_run(dir, &[])?;
-    outln!("\n== {}", plan.name);
-    let judge = match (&plan.judge, &cfg.judge) {
-        (Some((model, inputs)), Some(j)) => Some(open_judge(&j.options(model.as_deref(), dir, inputs)?)?),
-        _ => None,
-    };
-    let answers = match saved_answers(dir)? {
-        Some(rows) => {
-            errln!("reusing {}", dir.join(bpo::eval::run::ANSWERS_FILE).display());
-            Answers::Saved(rows)
-        }
-        None => {
-            let params = SamplingParams { max_new_tokens: plan.max_new_tokens, ..Default::default() };
-            let how = answering(model.args, &params, batch);
-            Answers::Model { vlm: model.get()?, how }
-        }
-    };
-    let scores =
-        plan.bench.run(answers, &Context { judge: judge.as_ref().map(|j| j as _), out: Some(dir), events: &bars() })?;
-    finish(&scores, Some(dir))
 }

@@ -270,3 +270,44 @@ fn cli_trains_with_mdpo_and_refuses_bad_settings() {
         .unwrap();
     refused(train_args(&text_only, &out("d"), &["--objective", "mdpo"]), &["needs an image in every pair", "t1"]);
 }
+
+#[test]
+fn loss_metrics_and_gradients_match_mdpos_released_trainer() {
+    // scripts/make_mdpo_fixtures.py: the released mDPOTrainer's get_batch_metrics and dpo_loss on fixed log-probs.
+    let r = read_json(&fixture("mdpo/released-loss.json"));
+    let v = |key: &str| -> Vec<f32> { r[key].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    let t = |key: &str| Tensor::new(v(key), &candle_core::Device::Cpu).unwrap();
+    let var = |key: &str| candle_core::Var::from_tensor(&t(key)).unwrap();
+    let (pc, pr, pi) = (var("policy_chosen"), var("policy_rejected"), var("policy_imageless_chosen"));
+    let n = v("policy_chosen").len();
+    let lp = bpo::train::PairLogps {
+        chosen: pc.as_tensor().clone(),
+        rejected: pr.as_tensor().clone(),
+        ref_chosen: t("reference_chosen"),
+        ref_rejected: t("reference_rejected"),
+        chosen_tokens: Tensor::ones(n, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        rejected_tokens: Tensor::ones(n, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    };
+    let side = bpo::train::loss::CorruptedLogps {
+        chosen: pi.as_tensor().clone(),
+        ref_chosen: t("reference_imageless_chosen"),
+    };
+    let cfg = bpo::train::DpoLoss { beta: r["beta"].as_f64().unwrap(), ..Default::default() };
+    let out = bpo::train::loss::mdpo_loss(&lp, &side, &cfg, &MdpoLoss::default()).unwrap();
+    let metrics = bpo::train::dpo::mdpo_metrics(&lp, &side, &out, n, 0).unwrap();
+    close(value(&metrics, "loss"), r["loss"].as_f64().unwrap(), 1e-5, "loss");
+    let released = r["metrics"].as_object().unwrap();
+    assert_eq!(released.len(), 10, "the released trainer's metrics without its logits means");
+    for (name, want) in released {
+        close(value(&metrics, name), want.as_f64().unwrap(), 1e-5, name);
+    }
+    let grads = out.loss.backward().unwrap();
+    for (var, key) in
+        [(&pc, "grad_policy_chosen"), (&pr, "grad_policy_rejected"), (&pi, "grad_policy_imageless_chosen")]
+    {
+        let got: Vec<f32> = grads.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+        for (g, w) in got.iter().zip(v(key)) {
+            close(f64::from(*g), f64::from(w), 1e-6, key);
+        }
+    }
+}

@@ -266,10 +266,10 @@ fn dpo_metrics(lp: &PairLogps, out: &super::loss::DpoOutput) -> Result<Vec<(&'st
     ])
 }
 
-/// [`dpo_metrics`] with `loss` the mDPO total, each term unweighted (`loss/dpo`, `loss/conditional`,
-/// `loss/anchor`), and the image-side pair under the released mDPO trainer's names (`imageless`: the chosen answer
-/// given the corrupted image).
-fn mdpo_metrics(
+/// The metrics of an mDPO batch: DPO's (TRL's names) with `loss` the mDPO total, each term unweighted
+/// (`loss/dpo`, `loss/conditional`, `loss/anchor`), and the image-side pair under the released mDPO trainer's names
+/// (`imageless`: the chosen answer given the corrupted image).
+pub fn mdpo_metrics(
     lp: &PairLogps,
     side: &CorruptedLogps,
     out: &super::loss::MdpoOutput,

@@ -230,6 +230,27 @@ fn precomputed_reference_gives_the_same_mdpo_curve() {
     assert!(curves[0][3].0 < curves[0][0].0, "the loss falls: {:?}", curves[0]);
 }
 
+#[test]
+fn gradient_checkpointing_gives_the_same_mdpo_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = mdpo(resume_config(tmp.path()), MdpoConfig::default());
+    let curves: Vec<Vec<(usize, f64, f64, f64)>> = [false, true]
+        .iter()
+        .map(|&on| {
+            let mut c = cfg.clone();
+            c.setup.gradient_checkpointing = on;
+            c.optim.epochs = 1;
+            let mut rec = Record::default();
+            run(&c, &tmp.path().join(format!("run-{on}")), false, &mut rec);
+            curve(&rec.logs)
+        })
+        .collect();
+    assert_eq!(curves[0].len(), 2);
+    for (a, b) in curves[0].iter().zip(&curves[1]) {
+        assert!((a.1 - b.1).abs() < 1e-6 && (a.2 - b.2).abs() < 1e-6, "{:?} vs {:?}", curves[0], curves[1]);
+    }
+}
+
 /// `bpo train` on the tiny model with `extra` options.
 fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let (model, images) = (fixture("llava-tiny"), fixture("images"));

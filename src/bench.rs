@@ -309,7 +309,9 @@ pub fn bootstrap_throughput(
 /// One DPO training-step measurement.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainFigures {
-    /// Rows per step (2 per pair) and the length of each row (BOS, image positions, prompt, answer, EOS).
+    /// mDPO's objective (3 answer rows and 2 prompts per pair) instead of DPO's.
+    pub mdpo: bool,
+    /// Rows per step (2 per pair, 3 with mDPO) and the length of each row (BOS, image positions, prompt, answer, EOS).
     pub rows: usize,
     pub length: usize,
     /// Decoder layers of the model timed.
@@ -358,9 +360,11 @@ pub struct TrainBench {
     pub plain_backward: bool,
     /// The device's dense peak in TFLOP/s, for the model FLOP utilisation.
     pub peak_tflops: Option<f64>,
+    /// Time mDPO's step (the image-side rows too, default settings) instead of DPO's.
+    pub mdpo: bool,
 }
 
-/// Times DPO steps on a random model: `pairs` pairs of BOS + image + `prompt_words` words of prompt and
+/// Times DPO steps (mDPO's with `mdpo`) on a random model: `pairs` pairs of BOS + image + `prompt_words` words of prompt and
 /// `answer_words` words + EOS of answer (chosen and rejected alike), LoRA on the language model, projector frozen,
 /// reference with adapters off computed every step, AdamW, no feature cache (the tower runs every step, as in
 /// PyTorch). Measures the peak memory of the steps as well.
@@ -423,7 +427,12 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
         let (examples, _) = tokenize_pairs(&prepared.vlm, &pairs, Some(&dir), 1 << 20)?;
         let length = examples.first().map_or(0, |e| e.prompt.len() + e.chosen.len());
         let reference = Reference::AdaptersOff { projector: prepared.start_projector };
+        let mdpo = match b.mdpo {
+            true => Some(crate::train::dpo::Mdpo::new(&Default::default(), &examples, 0, Some(&dir))?),
+            false => None,
+        };
         let mut dpo = Dpo::new(prepared.vlm, examples, reference, DpoLoss::default(), 0);
+        dpo.mdpo = mdpo;
         dpo.gradient_checkpointing = b.gradient_checkpointing;
         let mut opt = AdamW::new(&prepared.trainable.vars(), AdamWConfig::default(), b.rt.kernels)?;
         let setup_bytes = before_setup.zip(crate::memory::in_use(&b.rt.device)).map(|(a, z)| z.saturating_sub(a));
@@ -459,7 +468,8 @@ pub fn train_step(b: &TrainBench) -> Result<TrainFigures> {
         let seconds = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
         let model_flops = 6.0 * b.size.llm_matmul_params_with_layers(b.layers) as f64 * tokens as f64;
         Ok(TrainFigures {
-            rows: 2 * b.pairs,
+            mdpo: b.mdpo,
+            rows: (2 + usize::from(b.mdpo)) * b.pairs,
             length,
             layers: cfg["text_config"]["num_hidden_layers"].as_u64().unwrap_or(0) as usize,
             gradient_checkpointing: b.gradient_checkpointing,

@@ -139,6 +139,7 @@ pub fn trl_parity_config(fixtures: &Path, rt: Runtime) -> dpo::DpoConfig {
         max_words: None,
         max_length: 2048,
         loss: DpoLoss::default(),
+        mdpo: None,
         drifting_ref_projector: false,
         precompute_ref: false,
         feature_cache_mb: 64,

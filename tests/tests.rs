@@ -14,6 +14,7 @@ mod faults_io; // outputs: links, FIFOs, folders, inputs as outputs, unwritable 
 mod faults_train; // numeric options out of range, divergence (exit 3), non-finite weights, kill -9 + resume, exit codes
 mod judge; // MM-Vet, LLaVA-Bench and MMHal-Bench against a loopback mock judge: prompts, parsing, scores, cache, resume
 mod r#loop; // `bpo loop`: two rounds end to end on the tiny model, SIGKILL at a seeded random point then restart = uninterrupted
+mod mdpo; // --objective mdpo: image-side rows, 3 ln 2, finite differences, released trainer, resume, CLI
 mod model; // parity with transformers: logits, greedy decoding, log-probs, gradients
 mod runtime; // what CUDA runs, on the CPU: the device-generic ops path, bf16 compute with f32 masters
 mod serve; // `bpo serve` on the tiny model: parity with generate, streaming, adapters, the error table, SIGTERM, bpo's clients

@@ -243,7 +243,7 @@ fn overfits_16_pairs_to_full_reward_accuracy() {
 
 /// The resume tests' run: dropout on and gradient accumulation, both of which must replay exactly; no init
 /// adapter (on-the-fly reference); 4 steps.
-fn resume_config(tmp: &Path) -> DpoConfig {
+pub fn resume_config(tmp: &Path) -> DpoConfig {
     let mut cfg = config(overfit_pairs(tmp));
     cfg.setup =
         ModelSetup { init_adapter: None, prompt_style: PromptStyle::Llava, lora: Some(lora(4, 8.0, 0.1)), ..cfg.setup };

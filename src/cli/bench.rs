@@ -116,6 +116,10 @@ struct TrainBench {
     /// LoRA dropout; several values are timed one after the other (training's default is 0.05).
     #[arg(long, num_args = 1.., default_values_t = [0.0], value_parser = super::range::below_one::<f32>)]
     lora_dropout: Vec<f32>,
+    /// Objectives timed one after the other: dpo, mdpo (one more prompt and chosen answer per pair, with the
+    /// corrupted image; the tower encodes it every step too). With both, the ratio of their step times is printed.
+    #[arg(long, num_args = 1.., value_enum, default_values = ["dpo"])]
+    objective: Vec<super::train::Objective>,
     /// Gradient checkpointing off, on, or both (timed one after the other, for the ratio).
     #[arg(long, num_args = 1.., value_enum, default_values = ["off"])]
     gradient_checkpointing: Vec<Switch>,
@@ -510,7 +514,9 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut failed = 0;
     let variants = a.pairs.iter().flat_map(|&p| plain_modes.iter().map(move |&plain| (p, plain)));
-    for (pairs, plain) in variants {
+    let objectives = a.objective.iter().flat_map(|&o| variants.clone().map(move |v| (o, v)));
+    let mut seconds: Vec<(super::train::Objective, f64)> = Vec::new();
+    for (objective, (pairs, plain)) in objectives {
         for &checkpointing in &a.gradient_checkpointing {
             for &dropout in &a.lora_dropout {
                 let bench = bpo::bench::TrainBench {
@@ -530,10 +536,12 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
                     gradient_checkpointing: checkpointing == Switch::On,
                     plain_backward: plain,
                     peak_tflops: a.peak_tflops,
+                    mdpo: objective == super::train::Objective::Mdpo,
                 };
                 match bpo::bench::train_step(&bench) {
                     Ok(f) => {
                         print_train_row(&a, &f, plain);
+                        seconds.push((objective, f.seconds));
                         rows.push(serde_json::json!({"plain_backward": plain, "figures": f}));
                     }
                     Err(e) => {
@@ -545,6 +553,11 @@ fn bench_train(a: TrainBench) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    let total = |o| seconds.iter().filter(|s| s.0 == o).map(|s| s.1).sum::<f64>();
+    let (dpo, mdpo) = (total(super::train::Objective::Dpo), total(super::train::Objective::Mdpo));
+    if dpo > 0.0 && mdpo > 0.0 {
+        outln!("mdpo / dpo step time: {:.2}x (same settings, timed back to back; {})", mdpo / dpo, host_load());
     }
     write_json(
         a.json.as_deref(),
@@ -564,8 +577,9 @@ fn print_train_row(a: &TrainBench, f: &bpo::bench::TrainFigures, plain: bool) {
     let m = &f.memory;
     let heap = m.heap_peak_growth_bytes.map_or(String::new(), |h| format!(", heap peak growth {:.2} GiB", gib(h)));
     let setup = f.setup_bytes.map_or(String::new(), |b| format!(", model + optimizer {:.2} GiB", gib(b)));
+    let objective = if f.mdpo { "mdpo, " } else { "" };
     outln!(
-        "{} x {} layers: {} rows x {} positions, LoRA r {} on {} (dropout {}), checkpointing {ckpt}{backward}: \
+        "{objective}{} x {} layers: {} rows x {} positions, LoRA r {} on {} (dropout {}), checkpointing {ckpt}{backward}: \
          {:.3} s/step (median of {}), {:.0} tokens/s, {:.2} pairs/s{mfu}; memory ({}) peak {:.2} GiB, \
          growth {:.2} GiB{heap}{setup}",
         size_name(a.size),

@@ -73,7 +73,9 @@ enum Command {
     /// language model (and the projector trained fully); the reference is the same weights with the adapters off
     /// and a frozen copy of the starting projector (BPO's released code let the reference's projector drift with
     /// training: --drifting-ref-projector reproduces that). With --init-adapter the reference is the starting
-    /// policy, as in TRL, computed once before training. Defaults are the paper's recipe.
+    /// policy, as in TRL, computed once before training. Defaults are the paper's recipe. --objective mdpo adds
+    /// mDPO's image-side pair (the chosen answer given the image over the same answer given a diffusion-noised
+    /// copy) and anchor (docs/train.md).
     ///
     /// The run folder gets a PEFT adapter (adapter_config.json, adapter_model.safetensors, loadable by peft),
     /// projector.safetensors, train_config.json, metrics.jsonl (TRL's metric names) and checkpoint-N folders.

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use anyhow::{bail, Context};
 use bpo::model::lora::LoraConfig;
 use bpo::progress::Silent;
-use bpo::train::dpo::{self, DpoConfig, DEFAULT_FEATURE_CACHE_MB};
+use bpo::train::dpo::{self, DpoConfig, MdpoConfig, DEFAULT_FEATURE_CACHE_MB};
+use bpo::train::loss::MdpoLoss;
 use bpo::train::trainer::LoopConfig;
 use bpo::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind, TrainReport};
 
@@ -42,6 +43,23 @@ pub struct Args {
     /// Weight of an added NLL term on the chosen answers (RPO), >= 0; 0 = off.
     #[arg(long, default_value_t = 0.0, value_parser = range::non_negative::<f64>)]
     sft_weight: f64,
+    /// Training objective: dpo, or mdpo (Wang et al. 2024): DPO plus an image-side pair (the chosen answer given the
+    /// image preferred over the same answer given a corrupted image) and an anchor on the chosen answer's reward.
+    #[arg(long, value_enum, default_value = "dpo")]
+    objective: Objective,
+    /// mdpo: weight of the image-side (conditional) term, >= 0 [default: 1, as mDPO's trainer].
+    #[arg(long, value_parser = range::non_negative::<f64>)]
+    mdpo_conditional_weight: Option<f64>,
+    /// mdpo: weight of the anchor term, >= 0 [default: 1, as mDPO's trainer].
+    #[arg(long, value_parser = range::non_negative::<f64>)]
+    mdpo_anchor_weight: Option<f64>,
+    /// mdpo: the anchor's margin delta: -log sigmoid(beta * chosen log-ratio - delta) [default: 0, as mDPO's trainer].
+    #[arg(long, allow_negative_numbers = true)]
+    mdpo_anchor_delta: Option<f64>,
+    /// mdpo: diffusion step of the corrupted image in 0..=999, as `bpo distort --noise-step` makes it; the noise is
+    /// seeded by --seed and the image, so a resumed run sees the same picture [default: 900].
+    #[arg(long)]
+    mdpo_noise_step: Option<usize>,
     /// Compute the reference log-probs once before training (cached in the run folder) instead of every step.
     #[arg(long)]
     precompute_ref: bool,
@@ -53,6 +71,40 @@ pub struct Args {
     max_words: usize,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// `--objective` (of `bpo train` and `bpo bench train`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Objective {
+    Dpo,
+    Mdpo,
+}
+
+impl Args {
+    /// The mDPO settings: None for plain DPO, whose run refuses the mdpo options.
+    fn mdpo(&self) -> anyhow::Result<Option<MdpoConfig>> {
+        let given = [
+            ("--mdpo-conditional-weight", self.mdpo_conditional_weight.is_some()),
+            ("--mdpo-anchor-weight", self.mdpo_anchor_weight.is_some()),
+            ("--mdpo-anchor-delta", self.mdpo_anchor_delta.is_some()),
+            ("--mdpo-noise-step", self.mdpo_noise_step.is_some()),
+        ];
+        if self.objective == Objective::Dpo {
+            if let Some((name, _)) = given.iter().find(|g| g.1) {
+                bail!("{name} is an option of --objective mdpo");
+            }
+            return Ok(None);
+        }
+        let d = MdpoConfig::default();
+        Ok(Some(MdpoConfig {
+            loss: MdpoLoss {
+                conditional_weight: self.mdpo_conditional_weight.unwrap_or(d.loss.conditional_weight),
+                anchor_weight: self.mdpo_anchor_weight.unwrap_or(d.loss.anchor_weight),
+                anchor_delta: self.mdpo_anchor_delta.unwrap_or(d.loss.anchor_delta),
+            },
+            noise_step: self.mdpo_noise_step.unwrap_or(d.noise_step),
+        }))
+    }
 }
 
 /// What `bpo train` and `bpo sft` share: tokenisation, adapters, optimisation, run control.
@@ -237,6 +289,7 @@ impl Args {
             max_words: (a.max_words > 0).then_some(a.max_words),
             max_length: a.common.max_length,
             loss: DpoLoss { kind: a.loss, beta: a.beta, label_smoothing: a.label_smoothing, sft_weight: a.sft_weight },
+            mdpo: a.mdpo()?,
             drifting_ref_projector: a.drifting_ref_projector,
             precompute_ref: a.precompute_ref,
             feature_cache_mb: a.common.feature_cache_mb,

@@ -187,6 +187,7 @@ pub fn dpo(
         max_words: None,
         max_length: MAX_LENGTH,
         loss,
+        mdpo: None,
         drifting_ref_projector: false,
         precompute_ref: true,
         feature_cache_mb: FEATURE_CACHE_MB,

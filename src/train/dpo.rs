@@ -6,6 +6,10 @@
 //! once, each prompt through the language model once, and the chosen and rejected answers continue from it
 //! ([`super::batch`]). The policy forward builds the graph; the reference forward tracks nothing (adapters off,
 //! frozen weights, detached features), so it runs the fused inference kernels.
+//!
+//! With mDPO ([`MdpoConfig`]) each prompt runs a second time with its image corrupted by diffusion noise (as
+//! `bpo distort` makes it), and the chosen answer continues from it, in the same forward pass
+//! ([`PairBatch::with_corrupted`]); [`mdpo_loss`] adds the conditional and anchor terms.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -18,8 +22,8 @@ use serde_json::json;
 use super::batch::PairBatch;
 use super::checkpoint::REF_LOGPS;
 use super::data::{read_preference_file, tokenize_pairs, DataReport, PairExample};
-use super::features::FeatureCache;
-use super::loss::{dpo_loss, DpoLoss, PairLogps};
+use super::features::{FeatureCache, Noise};
+use super::loss::{dpo_loss, mdpo_loss, CorruptedLogps, DpoLoss, MdpoLoss, PairLogps};
 use super::optim::AdamW;
 use super::setup::{prepare_model, prepare_run_dir, record_template, ModelSetup};
 use super::trainer::{train_loop, Hooks, LoopConfig, LoopSummary, Metrics, Objective};
@@ -41,8 +45,53 @@ pub enum Reference {
     Frozen(Box<Model>),
     /// The policy as it is before the first step (a starting adapter); only usable through [`Dpo::precompute_reference`].
     StartingPolicy,
-    /// Computed before training: (chosen, rejected) per example.
-    Precomputed(Vec<(f32, f32)>),
+    /// Computed before training, per example: the sums of its rows in batch order (chosen, rejected, and with mDPO
+    /// the chosen answer given the corrupted image).
+    Precomputed(Vec<Vec<f32>>),
+}
+
+/// mDPO's settings (`bpo train --objective mdpo`), recorded in `train_config.json` as `mdpo`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MdpoConfig {
+    #[serde(flatten)]
+    pub loss: MdpoLoss,
+    /// Diffusion step of the corrupted image, 0..1000 (`bpo distort --noise-step`).
+    pub noise_step: usize,
+}
+
+impl Default for MdpoConfig {
+    /// The released trainer's weights (1, 1, delta 0); the noise of BPO's image weakening (step 900).
+    fn default() -> Self {
+        MdpoConfig { loss: MdpoLoss::default(), noise_step: 900 }
+    }
+}
+
+/// mDPO on a set of examples: its loss weights and each example's corrupted image.
+pub struct Mdpo {
+    pub loss: MdpoLoss,
+    /// Per example: the noise of its corrupted image.
+    pub noise: Vec<Noise>,
+}
+
+impl Mdpo {
+    /// The corrupted image of every example: noise at `cfg.noise_step` seeded by (`seed`, the image's path below
+    /// `images`), so every pair of a record (and every record of an image) sees one corrupted image, the same in a
+    /// resumed run. Every example needs an image.
+    pub fn new(cfg: &MdpoConfig, examples: &[PairExample], seed: u64, images: Option<&Path>) -> Result<Self> {
+        crate::vision::NoiseSchedule::default().sqrt_abar(cfg.noise_step)?;
+        let noise = examples
+            .iter()
+            .map(|e| match &e.image {
+                Some(path) => {
+                    let name = images.and_then(|root| path.strip_prefix(root).ok()).unwrap_or(path);
+                    let key = ["mdpo-corrupted-image", &seed.to_string(), &name.to_string_lossy()];
+                    Ok(Noise { step: cfg.noise_step, seed: crate::hash::stable_hash(&key) })
+                }
+                None => bail!("--objective mdpo needs an image in every pair; pair {} has none", e.id),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Mdpo { loss: cfg.loss, noise })
+    }
 }
 
 /// The DPO objective over a set of tokenised pairs.
@@ -52,6 +101,8 @@ pub struct Dpo {
     pub reference: Reference,
     pub loss: DpoLoss,
     pub features: FeatureCache,
+    /// mDPO's image-side pair and anchor (None: plain DPO).
+    pub mdpo: Option<Mdpo>,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
     dropout: Option<Arc<DropoutSeed>>,
@@ -66,6 +117,7 @@ impl Dpo {
             reference,
             loss,
             features: FeatureCache::new(cache_mb),
+            mdpo: None,
             gradient_checkpointing: false,
             dropout,
         }
@@ -73,12 +125,19 @@ impl Dpo {
 
     fn batch(&mut self, batch: &[usize]) -> Result<PairBatch> {
         let exs: Vec<&PairExample> = batch.iter().map(|&i| &self.examples[i]).collect();
-        PairBatch::new(&self.vlm, &exs, &mut self.features)
+        let pb = PairBatch::new(&self.vlm, &exs, &mut self.features)?;
+        match &self.mdpo {
+            Some(m) => {
+                let noise: Vec<Noise> = batch.iter().map(|&i| m.noise[i]).collect();
+                pb.with_corrupted(&self.vlm, &exs, &noise, &mut self.features)
+            }
+            None => Ok(pb),
+        }
     }
 
-    /// Reference (chosen, rejected) log-prob sums of `batch`.
-    fn reference_logps(&self, batch: &[usize], pb: &PairBatch) -> Result<(Tensor, Tensor)> {
-        let b = batch.len();
+    /// Reference log-prob sums of `batch` laid out as `pb`: chosen, rejected, and with mDPO the chosen answers given
+    /// the corrupted images, each (B,).
+    fn reference_logps(&self, batch: &[usize], pb: &PairBatch) -> Result<Vec<Tensor>> {
         let sums = match &self.reference {
             Reference::AdaptersOff { projector } => {
                 pb.logps(&self.vlm.model, projector.as_ref(), true, Pass::BASE, None)?.0
@@ -86,63 +145,97 @@ impl Dpo {
             Reference::Frozen(model) => pb.logps(model, None, true, Pass::BASE, None)?.0,
             Reference::StartingPolicy => bail!("the starting-policy reference must be precomputed"),
             Reference::Precomputed(v) => {
-                let (c, r): (Vec<f32>, Vec<f32>) = batch.iter().map(|&i| v[i]).unzip();
-                return Ok((
-                    Tensor::from_vec(c, b, &self.vlm.model.rt.device)?,
-                    Tensor::from_vec(r, b, &self.vlm.model.rt.device)?,
-                ));
+                let parts = 2 + usize::from(pb.corrupted);
+                if let Some(&i) = batch.iter().find(|&&i| v[i].len() != parts) {
+                    bail!(
+                        "the precomputed reference of pair {} has {} log-probs, not {parts}",
+                        self.examples[i].id,
+                        v[i].len()
+                    );
+                }
+                let device = &self.vlm.model.rt.device;
+                return (0..parts)
+                    .map(|k| Ok(Tensor::from_vec(batch.iter().map(|&i| v[i][k]).collect(), batch.len(), device)?))
+                    .collect();
             }
         };
-        let sums = sums.detach();
-        Ok((sums.narrow(0, 0, b)?, sums.narrow(0, b, b)?))
+        split_rows(&sums.detach(), batch.len())
     }
 
-    /// Policy and reference log-probs of `batch` laid out as `pb`; `train` builds the graph with dropout on, and
-    /// `tape` checkpoints the policy's decoder layers.
+    /// Policy and reference log-probs of `batch` laid out as `pb` (and of its image-side rows, with mDPO); `train`
+    /// builds the graph with dropout on, and `tape` checkpoints the policy's decoder layers.
     fn forward<'a>(
         &'a self,
         batch: &[usize],
         pb: &PairBatch,
         train: bool,
         tape: Option<&mut Tape<'a>>,
-    ) -> Result<PairLogps> {
+    ) -> Result<(PairLogps, Option<CorruptedLogps>)> {
         let (sums, counts) = pb.logps(&self.vlm.model, None, false, Pass { adapters: true, train }, tape)?;
-        let (ref_chosen, ref_rejected) = self.reference_logps(batch, pb)?;
-        let b = batch.len();
+        let mut reference = self.reference_logps(batch, pb)?.into_iter();
+        let (b, mut policy) = (batch.len(), split_rows(&sums, batch.len())?.into_iter());
+        let next = |it: &mut std::vec::IntoIter<Tensor>| it.next().ok_or_else(|| Error::invalid("missing log-probs"));
         let lp = PairLogps {
-            chosen: sums.narrow(0, 0, b)?,
-            rejected: sums.narrow(0, b, b)?,
-            ref_chosen,
-            ref_rejected,
+            chosen: next(&mut policy)?,
+            rejected: next(&mut policy)?,
+            ref_chosen: next(&mut reference)?,
+            ref_rejected: next(&mut reference)?,
             chosen_tokens: counts.narrow(0, 0, b)?,
             rejected_tokens: counts.narrow(0, b, b)?,
         };
-        Ok(lp)
+        let side = match pb.corrupted {
+            true => Some(CorruptedLogps { chosen: next(&mut policy)?, ref_chosen: next(&mut reference)? }),
+            false => None,
+        };
+        Ok((lp, side))
+    }
+
+    /// The loss (with its graph) and the metrics of a batch.
+    fn loss(&self, lp: &PairLogps, side: Option<&CorruptedLogps>, pb: &PairBatch) -> Result<(Tensor, Metrics)> {
+        let (b, tokens) = (pb.pairs, pb.tokens);
+        match (side, &self.mdpo) {
+            (Some(side), Some(m)) => {
+                let out = mdpo_loss(lp, side, &self.loss, &m.loss)?;
+                Ok((out.loss.clone(), mdpo_metrics(lp, side, &out, b, tokens)?))
+            }
+            _ => {
+                let out = dpo_loss(lp, &self.loss)?;
+                Ok((out.loss.clone(), to_metrics(&dpo_metrics(lp, &out)?, b, tokens)?))
+            }
+        }
     }
 
     /// Loss and metrics of `batch` without training (dropout off, no gradients kept).
     pub fn evaluate(&mut self, batch: &[usize]) -> Result<Metrics> {
         let pb = self.batch(batch)?;
-        let lp = self.forward(batch, &pb, false, None)?;
-        metrics(&lp, &dpo_loss(&lp, &self.loss)?, batch.len(), pb.tokens)
+        let (lp, side) = self.forward(batch, &pb, false, None)?;
+        Ok(self.loss(&lp, side.as_ref(), &pb)?.1)
+    }
+
+    /// The loss of `batch` with its graph, dropout off: for checking gradients.
+    pub fn loss_with_graph(&mut self, batch: &[usize]) -> Result<Tensor> {
+        let pb = self.batch(batch)?;
+        let (lp, side) = self.forward(batch, &pb, false, None)?;
+        Ok(self.loss(&lp, side.as_ref(), &pb)?.0)
     }
 
     /// Computes the reference log-probs of every example now (`batch_size` pairs per pass) and switches to them;
     /// reports the stage `reference log-probs` (one unit a pair).
-    pub fn precompute_reference(&mut self, batch_size: usize, events: &dyn Events) -> Result<Vec<(f32, f32)>> {
-        let mut out = Vec::with_capacity(self.examples.len());
+    pub fn precompute_reference(&mut self, batch_size: usize, events: &dyn Events) -> Result<Vec<Vec<f32>>> {
+        let mut out: Vec<Vec<f32>> = Vec::with_capacity(self.examples.len());
         let all: Vec<usize> = (0..self.examples.len()).collect();
         events.stage("reference log-probs", Some(all.len() as u64));
         for chunk in all.chunks(batch_size.max(1)) {
             let pb = self.batch(chunk)?;
-            let (c, r) = match &self.reference {
+            let parts = match &self.reference {
                 Reference::StartingPolicy => {
                     let sums = pb.logps(&self.vlm.model, None, true, Pass::INFER, None)?.0;
-                    (sums.narrow(0, 0, chunk.len())?, sums.narrow(0, chunk.len(), chunk.len())?)
+                    split_rows(&sums, chunk.len())?
                 }
                 _ => self.reference_logps(chunk, &pb)?,
             };
-            out.extend(c.to_vec1::<f32>()?.into_iter().zip(r.to_vec1::<f32>()?));
+            let parts = parts.iter().map(|t| t.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?;
+            out.extend((0..chunk.len()).map(|i| parts.iter().map(|p| p[i]).collect::<Vec<f32>>()));
             events.advance(chunk.len() as u64);
         }
         events.end_stage();
@@ -151,24 +244,57 @@ impl Dpo {
     }
 }
 
-/// TRL's metric names for one batch, computed where the model runs (the trainer reads them back once a step).
-fn metrics(lp: &PairLogps, out: &super::loss::DpoOutput, examples: usize, tokens: usize) -> Result<Metrics> {
+/// Sums over a batch's answer rows, (k B,), split into its k groups of B.
+fn split_rows(sums: &Tensor, b: usize) -> Result<Vec<Tensor>> {
+    (0..sums.dim(0)? / b.max(1)).map(|k| Ok(sums.narrow(0, k * b, b)?)).collect()
+}
+
+/// TRL's metric names and values for one batch, computed where the model runs (the trainer reads them back once a
+/// step).
+fn dpo_metrics(lp: &PairLogps, out: &super::loss::DpoOutput) -> Result<Vec<(&'static str, Tensor)>> {
     let margins = (&out.chosen_rewards - &out.rejected_rewards)?;
     let accuracy = out.chosen_rewards.gt(&out.rejected_rewards)?.to_dtype(candle_core::DType::F32)?;
     let m = |t: &Tensor| t.detach().mean_all();
-    Metrics::new(
-        &[
-            ("loss", &out.loss),
-            ("rewards/chosen", &m(&out.chosen_rewards)?),
-            ("rewards/rejected", &m(&out.rejected_rewards)?),
-            ("rewards/accuracies", &m(&accuracy)?),
-            ("rewards/margins", &m(&margins)?),
-            ("logps/chosen", &m(&lp.chosen)?),
-            ("logps/rejected", &m(&lp.rejected)?),
-        ],
-        examples,
-        tokens,
-    )
+    Ok(vec![
+        ("loss", out.loss.clone()),
+        ("rewards/chosen", m(&out.chosen_rewards)?),
+        ("rewards/rejected", m(&out.rejected_rewards)?),
+        ("rewards/accuracies", m(&accuracy)?),
+        ("rewards/margins", m(&margins)?),
+        ("logps/chosen", m(&lp.chosen)?),
+        ("logps/rejected", m(&lp.rejected)?),
+    ])
+}
+
+/// The metrics of an mDPO batch: DPO's (TRL's names) with `loss` the mDPO total, each term unweighted
+/// (`loss/dpo`, `loss/conditional`, `loss/anchor`), and the image-side pair under the released mDPO trainer's names
+/// (`imageless`: the chosen answer given the corrupted image).
+pub fn mdpo_metrics(
+    lp: &PairLogps,
+    side: &CorruptedLogps,
+    out: &super::loss::MdpoOutput,
+    examples: usize,
+    tokens: usize,
+) -> Result<Metrics> {
+    let mut named = dpo_metrics(lp, &out.dpo)?;
+    named[0].1 = out.loss.clone();
+    let (chosen, corrupted) = (&out.dpo.chosen_rewards, &out.corrupted_rewards);
+    let m = |t: &Tensor| t.detach().mean_all();
+    named.extend([
+        ("loss/dpo", out.dpo.loss.clone()),
+        ("loss/conditional", out.conditional.clone()),
+        ("loss/anchor", out.anchor.clone()),
+        ("rewards/imageless_chosen", m(corrupted)?),
+        ("rewards/imageless_accuracies", m(&chosen.gt(corrupted)?.to_dtype(candle_core::DType::F32)?)?),
+        ("rewards/imageless_margins", m(&(chosen - corrupted)?)?),
+        ("logps/imageless_chosen", m(&side.chosen)?),
+    ]);
+    to_metrics(&named, examples, tokens)
+}
+
+fn to_metrics(named: &[(&'static str, Tensor)], examples: usize, tokens: usize) -> Result<Metrics> {
+    let refs: Vec<(&'static str, &Tensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
+    Metrics::new(&refs, examples, tokens)
 }
 
 impl Objective for Dpo {
@@ -182,10 +308,10 @@ impl Objective for Dpo {
         }
         let pb = self.batch(batch)?;
         let mut tape = self.gradient_checkpointing.then(Tape::new);
-        let lp = self.forward(batch, &pb, true, tape.as_mut())?;
-        let out = dpo_loss(&lp, &self.loss)?;
-        backward(&out.loss, tape, &mut |grads| opt.accumulate(grads, weight))?;
-        metrics(&lp, &out, batch.len(), pb.tokens)
+        let (lp, side) = self.forward(batch, &pb, true, tape.as_mut())?;
+        let (loss, metrics) = self.loss(&lp, side.as_ref(), &pb)?;
+        backward(&loss, tape, &mut |grads| opt.accumulate(grads, weight))?;
+        Ok(metrics)
     }
 }
 
@@ -202,6 +328,10 @@ pub struct DpoConfig {
     /// Positions per sequence, image positions included.
     pub max_length: usize,
     pub loss: DpoLoss,
+    /// mDPO's image-side pair and anchor on top of the DPO loss (`--objective mdpo`); None = plain DPO (and no
+    /// `mdpo` key in `train_config.json`, so runs made before it resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdpo: Option<MdpoConfig>,
     /// Reference with the live projector (BPO's released behaviour) instead of a frozen copy.
     pub drifting_ref_projector: bool,
     pub precompute_ref: bool,
@@ -241,6 +371,10 @@ pub fn train(
     cfg.optim.validate()?;
     cfg.setup.lora.as_ref().map_or(Ok(()), crate::model::lora::LoraConfig::validate)?;
     cfg.loss.validate()?;
+    if let Some(m) = &cfg.mdpo {
+        m.loss.validate()?;
+        crate::vision::NoiseSchedule::default().sqrt_abar(m.noise_step)?;
+    }
     let _lock = prepare_run_dir(out, &serde_json::to_value(cfg).map_err(Error::invalid)?, resume)?;
     if cfg.setup.train_vision {
         crate::bail!("training the vision tower is for `bpo sft`: DPO's batches reuse cached, frozen tower features");
@@ -266,7 +400,9 @@ pub fn train(
         Reference::AdaptersOff { projector: if cfg.drifting_ref_projector { None } else { prepared.start_projector } }
     };
     let needs_precompute = cfg.precompute_ref || matches!(reference, Reference::StartingPolicy);
+    let mdpo = cfg.mdpo.as_ref().map(|m| Mdpo::new(m, &examples, cfg.optim.seed, cfg.images.as_deref())).transpose()?;
     let mut dpo = Dpo::new(prepared.vlm, examples, reference, cfg.loss, cfg.feature_cache_mb);
+    dpo.mdpo = mdpo;
     dpo.gradient_checkpointing = cfg.setup.gradient_checkpointing;
     if needs_precompute {
         reference_cache(&mut dpo, &out.join(REF_LOGPS), cfg.optim.batch_size, events)?;
@@ -281,7 +417,8 @@ pub fn train(
     Ok(TrainReport { data: report, summary, images_encoded: dpo.features.encoded })
 }
 
-/// Loads the run's precomputed reference log-probs, or computes and saves them.
+/// Loads the run's precomputed reference log-probs, or computes and saves them. A row holds `chosen` and
+/// `rejected`, and with mDPO `imageless_chosen` (the chosen answer given the corrupted image).
 fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, events: &dyn Events) -> Result<()> {
     if path.exists() {
         #[derive(serde::Deserialize)]
@@ -289,25 +426,38 @@ fn reference_cache(dpo: &mut Dpo, path: &Path, batch_size: usize, events: &dyn E
             id: serde_json::Value,
             chosen: f32,
             rejected: f32,
+            imageless_chosen: Option<f32>,
         }
         // A malformed row (a missing or non-numeric log-prob) is an error naming its line, never a NaN.
         let rows: Vec<Row> = crate::jsonl::read(path)?;
-        let same = rows.len() == dpo.examples.len() && rows.iter().zip(&dpo.examples).all(|(r, e)| r.id == json!(e.id));
+        let same = rows.len() == dpo.examples.len()
+            && rows.iter().zip(&dpo.examples).all(|(r, e)| r.id == json!(e.id))
+            && rows.iter().all(|r| r.imageless_chosen.is_some() == dpo.mdpo.is_some());
         if !same {
             return Err(Error::parse(
                 path,
                 None,
-                "reference log-probs belong to other data: delete the file to recompute them",
+                "reference log-probs belong to other data or another objective: delete the file to recompute them",
             ));
         }
-        let v = rows.iter().map(|r| (r.chosen, r.rejected)).collect();
+        let v = rows.iter().map(|r| [r.chosen, r.rejected].into_iter().chain(r.imageless_chosen).collect()).collect();
         dpo.reference = Reference::Precomputed(v);
         return Ok(());
     }
     events.message(&format!("computing reference log-probs for {} pairs", dpo.examples.len()));
     let v = dpo.precompute_reference(batch_size, events)?;
-    let rows: Vec<serde_json::Value> =
-        dpo.examples.iter().zip(&v).map(|(e, (c, r))| json!({"id": e.id, "chosen": c, "rejected": r})).collect();
+    let rows: Vec<serde_json::Value> = dpo
+        .examples
+        .iter()
+        .zip(&v)
+        .map(|(e, r)| {
+            let mut row = json!({"id": e.id, "chosen": r[0], "rejected": r[1]});
+            if let Some(c) = r.get(2) {
+                row["imageless_chosen"] = json!(c);
+            }
+            row
+        })
+        .collect();
     crate::jsonl::write(path, &rows)
 }
 

@@ -2,6 +2,9 @@
 //! constant: each distinct image of a batch is encoded once (chosen and rejected rows share it), and features are
 //! kept across steps and epochs up to a memory budget. When the tower itself trains (full fine-tuning with
 //! `--train-vision`), features are encoded afresh every step and keep their graph.
+//!
+//! mDPO's corrupted images ([`Noise`]) are cached the same way: the noise is a function of (image, seed, step), so
+//! the features of a corrupted image are as constant as the clean image's.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,8 +14,19 @@ use candle_core::Tensor;
 use crate::model::Vlm;
 use crate::Result;
 
+/// Diffusion noise on an image's normalised pixels, as `bpo distort` and image weakening apply it
+/// ([`crate::vision::NoiseSchedule::weaken`]): step `step` (0..1000), noise drawn from `seed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Noise {
+    pub step: usize,
+    pub seed: u64,
+}
+
+/// An image as the tower sees it: the file, maybe noised.
+type Key = (PathBuf, Option<Noise>);
+
 pub struct FeatureCache {
-    cache: HashMap<PathBuf, Tensor>,
+    cache: HashMap<Key, Tensor>,
     bytes: usize,
     budget: usize,
     /// Images run through the tower so far (cache misses).
@@ -45,10 +59,36 @@ impl FeatureCache {
         paths: &[&Path],
         tape: Option<&mut crate::model::checkpoint::Tape<'a>>,
     ) -> Result<Tensor> {
-        let missing: Vec<&Path> = paths.iter().copied().filter(|p| !self.cache.contains_key(*p)).collect();
-        let mut fresh: HashMap<&Path, Tensor> = HashMap::new();
+        let keys: Vec<Key> = paths.iter().map(|p| (p.to_path_buf(), None)).collect();
+        self.encode(vlm, &keys, tape)
+    }
+
+    /// Features of distinct images after diffusion noise (mDPO's corrupted images): (n, tokens, tower hidden).
+    pub fn noised_features(&mut self, vlm: &Vlm, images: &[(&Path, Noise)]) -> Result<Tensor> {
+        let keys: Vec<Key> = images.iter().map(|(p, n)| (p.to_path_buf(), Some(*n))).collect();
+        self.encode(vlm, &keys, None)
+    }
+
+    fn encode<'a>(
+        &mut self,
+        vlm: &'a Vlm,
+        keys: &[Key],
+        tape: Option<&mut crate::model::checkpoint::Tape<'a>>,
+    ) -> Result<Tensor> {
+        let missing: Vec<&Key> = keys.iter().filter(|k| !self.cache.contains_key(*k)).collect();
+        let mut fresh: HashMap<&Key, Tensor> = HashMap::new();
         if !missing.is_empty() {
-            let pixels = missing.iter().map(|p| vlm.load_image(p)).collect::<Result<Vec<_>>>()?;
+            let schedule = crate::vision::NoiseSchedule::default();
+            let pixels = missing
+                .iter()
+                .map(|(p, noise)| {
+                    let x = vlm.load_image(p)?;
+                    match noise {
+                        Some(n) => schedule.weaken(&x, n.step, n.seed),
+                        None => Ok(x),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
             let pixels = Tensor::stack(&pixels, 0)?;
             let feats = match tape {
                 Some(tape) if self.live => vlm.model.encode_images_checkpointed(&pixels, Some(tape))?,
@@ -56,22 +96,22 @@ impl FeatureCache {
             };
             let feats = if self.live { feats } else { feats.detach() };
             self.encoded += missing.len();
-            for (i, p) in missing.iter().enumerate() {
+            for (i, k) in missing.iter().enumerate() {
                 let f = feats.get(i)?.contiguous()?;
                 let size = f.elem_count() * f.dtype().size_in_bytes();
                 if !self.live && self.bytes + size <= self.budget {
                     self.bytes += size;
-                    self.cache.insert(p.to_path_buf(), f.clone());
+                    self.cache.insert((*k).clone(), f.clone());
                 }
-                fresh.insert(p, f);
+                fresh.insert(k, f);
             }
         }
-        let rows: Vec<Tensor> = paths
+        let rows: Vec<Tensor> = keys
             .iter()
-            .map(|p| {
+            .map(|k| {
                 fresh
-                    .get(p)
-                    .or_else(|| self.cache.get(*p))
+                    .get(k)
+                    .or_else(|| self.cache.get(k))
                     .cloned()
                     .ok_or_else(|| crate::Error::invalid("feature cache lost an image"))
             })
@@ -81,9 +121,10 @@ impl FeatureCache {
 }
 
 /// The distinct images of a batch in first-seen order, and for each image given, its index among them: a batch
-/// encodes each image once (a pair's chosen and rejected rows share theirs).
-pub fn distinct_images<'a>(images: impl IntoIterator<Item = &'a Path>) -> (Vec<&'a Path>, Vec<u32>) {
-    let (mut distinct, mut index) = (Vec::<&Path>::new(), Vec::new());
+/// encodes each image once (a pair's chosen and rejected rows share theirs). An image is anything comparable: a
+/// path, or a path with its noise.
+pub fn distinct_images<T: PartialEq + Copy>(images: impl IntoIterator<Item = T>) -> (Vec<T>, Vec<u32>) {
+    let (mut distinct, mut index) = (Vec::<T>::new(), Vec::new());
     for img in images {
         let at = distinct.iter().position(|d| *d == img).unwrap_or_else(|| {
             distinct.push(img);

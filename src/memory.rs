@@ -220,9 +220,16 @@ mod tests {
         let probe = Probe::start(&Device::Cpu);
         let block = vec![1u8; 64 << 20];
         std::hint::black_box(&block);
+        // The resident set while the block lives. (Against the baseline the growth would depend on what the tests
+        // running beside this one allocate and free meanwhile.)
+        let during = status_bytes("VmRSS").unwrap();
         drop(block);
         let m = probe.finish();
         assert!(m.baseline_bytes > 0, "{m:?}");
-        assert!(m.peak_growth_bytes >= 60 << 20, "a 64 MiB block touched while probing: {m:?}");
+        // The kernel syncs its per-thread RSS counters lazily: the two readings may differ by a few pages.
+        assert!(
+            m.peak_bytes + (1 << 20) >= during && during >= 64 << 20,
+            "a 64 MiB block touched while probing ({during} bytes resident): {m:?}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{round_dir, Next, Plan, Stage, DONE_FILE};
 use crate::bootstrap::{run_inject, run_weaken};
 use crate::data::pairs::{read_record_shards, write_pairs};
-use crate::data::{expand, read_input, InputFormat, InputOptions, Record, ResumableWriter, Shape};
+use crate::data::{expand, read_input, InputFormat, InputOptions, Record, ResumableWriter, RunCounts, Shape};
 use crate::eval::plan::{LazyModel, Planned};
 use crate::eval::suite::{self, SuiteInfo};
 use crate::progress::Events;
@@ -95,16 +95,7 @@ impl Round<'_, '_> {
         let (mut writer, _) = ResumableWriter::open_as(&dir.join("weaken.jsonl"), Shape::RECORDS, &[&self.plan.data])?;
         let vlm = (w.load)(policy)?;
         let counts = run_weaken(&vlm, records, &w.options, &mut writer, self.events)?;
-        self.events
-            .message(&format!("weaken: {} records written, {} negatives added", counts.records.written, counts.added));
-        if counts.records.failed > 0 {
-            bail!(
-                "{} records were not written because their image could not be read (first: {})",
-                counts.records.failed,
-                counts.errors.first().map(String::as_str).unwrap_or("?")
-            );
-        }
-        Ok(())
+        self.written("weaken", &counts.records, counts.added, &counts.errors, "because their image could not be read")
     }
 
     fn inject(&self, dir: &Path, policy: &Path) -> Result<()> {
@@ -118,13 +109,17 @@ impl Round<'_, '_> {
         let (mut writer, _) = ResumableWriter::open_as(&dir.join("records.jsonl"), Shape::RECORDS, &[&self.plan.data])?;
         let llm = (i.llm)(policy)?;
         let counts = run_inject(records, llm.as_ref(), &i.options, &mut writer, self.events)?;
-        self.events
-            .message(&format!("inject: {} records written, {} negatives added", counts.records.written, counts.added));
-        if counts.records.failed > 0 {
+        self.written("inject", &counts.records, counts.added, &counts.errors, "because they failed")
+    }
+
+    /// Reports what a bootstrap stage wrote; records it could not finish fail the stage (a re-run retries them).
+    fn written(&self, stage: &str, records: &RunCounts, added: usize, errors: &[String], why: &str) -> Result<()> {
+        self.events.message(&format!("{stage}: {} records written, {added} negatives added", records.written));
+        if records.failed > 0 {
             bail!(
-                "{} records failed and were not written (first: {})",
-                counts.records.failed,
-                counts.errors.first().map(String::as_str).unwrap_or("?")
+                "{} records were not written {why} (first: {})",
+                records.failed,
+                errors.first().map(String::as_str).unwrap_or("?")
             );
         }
         Ok(())

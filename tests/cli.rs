@@ -1,7 +1,7 @@
 //! The `bpo` binary on the tiny fixture model: happy paths of `generate` and `score`, and one clear line plus a
 //! non-zero exit for every kind of bad input.
 
-use crate::util::{bpo, fails_with, fixture, model_copy, s, stderr};
+use crate::util::{bpo, fails_with, fixture, model_copy, on_tiny, s, stderr};
 
 #[test]
 fn generate_answers_one_prompt_with_an_image() {
@@ -28,21 +28,7 @@ fn generate_writes_an_answer_per_question() {
     let q = tmp.path().join("q.jsonl");
     std::fs::write(&q, "{\"question_id\": 1, \"image\": \"chelsea.png\", \"text\": \"Is there a cat?\"}\n{\"question_id\": \"b\", \"text\": \"Say hi.\"}\n{\"question_id\": 3, \"image\": \"coffee.png\", \"text\": \"Is there a cup?\"}\n").unwrap();
     let a = tmp.path().join("a.jsonl");
-    let o = bpo(&[
-        "generate",
-        "--model",
-        s(&fixture("llava-tiny")),
-        "--questions",
-        s(&q),
-        "--images",
-        s(&fixture("images")),
-        "--answers",
-        s(&a),
-        "--max-new-tokens",
-        "4",
-        "--batch-size",
-        "2",
-    ]);
+    let o = bpo(&on_tiny("generate --max-new-tokens 4 --batch-size 2", &[("--questions", &q), ("--answers", &a)]));
     assert!(o.status.success(), "{}", stderr(&o));
     let rows: Vec<serde_json::Value> =
         std::fs::read_to_string(&a).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -173,20 +159,7 @@ fn eval_pope_with_a_model_answers_then_scores() {
     let q = tmp.path().join("coco_pope_adversarial.json");
     std::fs::write(&q, "{\"question_id\": 1, \"image\": \"chelsea.png\", \"text\": \"Is there a cat in the image?\", \"label\": \"yes\"}\n{\"question_id\": 2, \"image\": \"coffee.png\", \"text\": \"Is there a dog in the image?\", \"label\": \"no\"}\n").unwrap();
     let out = tmp.path().join("run");
-    let o = bpo(&[
-        "eval",
-        "pope",
-        "--model",
-        s(&fixture("llava-tiny")),
-        "--questions",
-        s(&q),
-        "--images",
-        s(&fixture("images")),
-        "--out",
-        s(&out),
-        "--max-new-tokens",
-        "3",
-    ]);
+    let o = bpo(&on_tiny("eval pope --max-new-tokens 3", &[("--questions", &q), ("--out", &out)]));
     assert!(o.status.success(), "{}", stderr(&o));
     let answers = std::fs::read_to_string(out.join("answers.jsonl")).unwrap();
     assert_eq!(answers.lines().count(), 2);

@@ -14,7 +14,7 @@ use bpo::train::{ModelSetup, ScheduleKind};
 use bpo::vision::AspectMode;
 use serde_json::Value;
 
-use crate::util::{bpo, fails_with, fixture, s};
+use crate::util::{bpo, fails_with, fixture, on_tiny, s};
 
 fn trl_reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("dpo/trl-reference.json")).unwrap()).unwrap()
@@ -426,29 +426,10 @@ fn cli_train_then_score_and_generate_with_the_adapter_then_merge() {
     let run_dir = tmp.path().join("run");
     let model = fixture("llava-tiny");
     let images = fixture("images");
-    let args = [
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&pairs),
-        "--images",
-        s(&images),
-        "--out",
-        s(&run_dir),
-        "--lora-rank",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--lr",
-        "1e-3",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--save-steps",
-        "1",
-    ];
+    let args = on_tiny(
+        "train --lora-rank 4 --lora-alpha 8 --lr 1e-3 --epochs 1 --batch-size 8 --save-steps 1",
+        &[("--data", &pairs), ("--out", &run_dir)],
+    );
     let o = bpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(run_dir.join("checkpoint-2/optimizer.safetensors").is_file());
@@ -457,7 +438,7 @@ fn cli_train_then_score_and_generate_with_the_adapter_then_merge() {
     // Same folder again without --resume is refused; with --resume it has nothing left to do.
     fails_with(&args, &["--resume"]);
     let mut again = args.to_vec();
-    again.push("--resume");
+    again.push("--resume".into());
     assert!(bpo(&again).status.success());
 
     let rows = tmp.path().join("rows.jsonl");
@@ -615,27 +596,10 @@ fn ctrl_c_finishes_the_step_and_saves_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = overfit_pairs(tmp.path());
     let run_dir = tmp.path().join("run");
-    let model = fixture("llava-tiny");
-    let images = fixture("images");
-    let args = [
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&pairs),
-        "--images",
-        s(&images),
-        "--out",
-        s(&run_dir),
-        "--lora-rank",
-        "2",
-        "--lora-alpha",
-        "4",
-        "--epochs",
-        "500",
-        "--batch-size",
-        "16",
-    ];
+    let args = on_tiny(
+        "train --lora-rank 2 --lora-alpha 4 --epochs 500 --batch-size 16",
+        &[("--data", &pairs), ("--out", &run_dir)],
+    );
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_bpo"))
         .args(args)
         .stderr(std::process::Stdio::piped())

@@ -21,8 +21,19 @@ pub fn args(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|p| p.to_string()).collect()
 }
 
+/// A command line on the tiny fixture model: `words` split at spaces (the subcommand and its plain options), then
+/// `--model` and `--images` from the fixtures, then each `(flag, path)`.
+pub fn on_tiny(words: &str, paths: &[(&str, &Path)]) -> Vec<String> {
+    let mut a: Vec<String> = words.split_whitespace().map(String::from).collect();
+    a.extend(args(&["--model", s(&fixture("llava-tiny")), "--images", s(&fixture("images"))]));
+    for (flag, path) in paths {
+        a.extend(args(&[flag, s(path)]));
+    }
+    a
+}
+
 /// Runs the `bpo` binary.
-pub fn bpo(args: &[&str]) -> Output {
+pub fn bpo<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bpo")).args(args).output().expect("bpo runs")
 }
 
@@ -59,7 +70,7 @@ pub fn error_line(o: &Output) -> String {
 
 /// Runs `bpo args`, expects failure with exactly one error line containing every `needle` (other stderr lines,
 /// such as warnings, are allowed), and no panic.
-pub fn fails_with(args: &[&str], needles: &[&str]) {
+pub fn fails_with<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needles: &[&str]) {
     let o = bpo(args);
     let err = stderr(&o);
     assert!(!o.status.success(), "expected failure for {args:?}, got success; stderr: {err}");

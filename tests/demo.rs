@@ -22,7 +22,8 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     let o = bpo(&["demo", "--quick", "--quiet", "--out", s(&out)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    for row in ["SFT", "SFT on chosen", "BPO weakening only", "BPO injection only", "BPO"] {
+    let rows = ["SFT", "SFT on chosen", "BPO weakening only", "BPO injection only", "BPO"];
+    for row in rows.iter().chain(&["BPO, round 2", "BPO + image-side preference"]) {
         assert!(stdout.lines().any(|l| l.starts_with(row)), "table row {row:?} missing:\n{stdout}");
     }
     assert!(stdout.contains("CHAIR_i") && stdout.contains("F1 adv"));
@@ -71,7 +72,7 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     ] {
         assert!(seed.join("bootstrap").join(f).exists(), "bootstrap file {f} missing");
     }
-    for run in ["sft-chosen", "weaken", "inject", "bpo"] {
+    for run in ["sft-chosen", "weaken", "inject", "bpo", "bpo-round-2", "bpo-mdpo"] {
         for f in [
             "adapter/adapter_config.json",
             "adapter/adapter_model.safetensors",
@@ -84,7 +85,7 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
             assert!(seed.join("runs").join(run).join(f).exists(), "run {run}: {f} missing");
         }
     }
-    for row in ["sft", "sft-chosen", "weaken", "inject", "bpo"] {
+    for row in ["sft", "sft-chosen", "weaken", "inject", "bpo", "bpo-round-2", "bpo-mdpo"] {
         for f in [
             "pope/answers.jsonl",
             "pope/scores.json",
@@ -198,7 +199,7 @@ fn table(stdout: &str) -> Vec<(String, Vec<String>)> {
 }
 
 #[test]
-fn past_the_paper_adds_two_rows_and_leaves_the_others_as_they_were() {
+fn the_rows_past_the_paper_come_after_the_others_and_leave_them_as_they_were() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |dir: &Path, extra: &[&str]| {
         let o = bpo(&[&["demo", "--quick", "--quiet", "--out", s(dir)][..], extra].concat());
@@ -206,8 +207,8 @@ fn past_the_paper_adds_two_rows_and_leaves_the_others_as_they_were() {
         String::from_utf8_lossy(&o.stdout).replace(s(dir), "OUT")
     };
     let (plain, past) = (tmp.path().join("plain"), tmp.path().join("past"));
-    let without = run(&plain, &[]);
-    let with = run(&past, &["--past-the-paper"]);
+    let without = run(&plain, &["--paper-only"]);
+    let with = run(&past, &[]);
     let new_rows = ["BPO, round 2", "BPO + image-side preference"];
     for row in new_rows {
         assert!(!without.contains(row), "{row:?} without the flag:\n{without}");
@@ -240,7 +241,7 @@ fn past_the_paper_adds_two_rows_and_leaves_the_others_as_they_were() {
         let o = bpo(&[&["demo", "--quick", "--print-recipe"][..], extra].concat());
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert!(!recipe(&[]).contains("past_the_paper") && recipe(&["--past-the-paper"]).contains("past_the_paper"));
+    assert!(recipe(&[]).contains("past_the_paper") && !recipe(&["--paper-only"]).contains("past_the_paper"));
 
     // Both new rows, with finite numbers in every column, and their gains against SFT and BPO.
     assert_eq!(names(&b)[5..], new_rows, "{with}");

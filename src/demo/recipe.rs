@@ -43,8 +43,8 @@ pub struct Recipe {
     /// the SFT model's cache key when on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub generic_ops: bool,
-    /// The rows past the paper ([`PAST_ROWS`], `bpo demo --past-the-paper`); absent: the paper's rows only. Not
-    /// part of the SFT model's cache key, and computed after every other row, so those rows stay as they were.
+    /// The rows past the paper ([`PAST_ROWS`]); absent (`bpo demo --paper-only`): the paper's rows only. Not part
+    /// of the SFT model's cache key, and computed after every other row, so those rows stay as they were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub past_the_paper: Option<PastThePaper>,
 }
@@ -58,9 +58,10 @@ pub struct PastThePaper {
 }
 
 impl PastThePaper {
-    /// mDPO's released weights, with the corrupted image at the recipe's own image-weakening step.
-    pub fn standard(recipe: &Recipe) -> Self {
-        PastThePaper { mdpo: MdpoConfig { noise_step: recipe.bootstrap.noise_step, ..MdpoConfig::default() } }
+    /// mDPO's released weights, with the corrupted image at diffusion step `noise_step` (the demo's: its image
+    /// weakening's).
+    pub fn new(noise_step: usize) -> Self {
+        PastThePaper { mdpo: MdpoConfig { noise_step, ..MdpoConfig::default() } }
     }
 }
 
@@ -74,7 +75,7 @@ impl Recipe {
             sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
             bootstrap: BootstrapOptions {
                 images: 2000,
-                noise_step: 500,
+                noise_step: 500, // the image weakening's step; mDPO's corrupted image below uses it too
                 temperature: 1.0,
                 batch: 64,
                 seed: 0,
@@ -94,7 +95,7 @@ impl Recipe {
             },
             eval_batch: 64,
             generic_ops: false,
-            past_the_paper: None,
+            past_the_paper: Some(PastThePaper::new(500)),
         }
     }
 
@@ -199,7 +200,7 @@ pub const ROWS: [(&str, &str); 5] = [
     ("BPO", "bpo"),
 ];
 
-/// The rows past the paper (`bpo demo --past-the-paper`), after [`ROWS`]: (name, run folder name).
+/// The rows past the paper, after [`ROWS`] (left out by `bpo demo --paper-only`): (name, run folder name).
 pub const PAST_ROWS: [(&str, &str); 2] = [("BPO, round 2", "bpo-round-2"), ("BPO + image-side preference", "bpo-mdpo")];
 
 /// The demo's claims checked on the rows ([`super::report::acceptance`]), as text.

@@ -67,21 +67,24 @@ impl PastThePaper {
 
 impl Recipe {
     pub fn standard() -> Self {
+        let bootstrap = BootstrapOptions {
+            images: 2000,
+            noise_step: 500,
+            temperature: 1.0,
+            batch: 64,
+            seed: 0,
+            negatives: NegativeForm::Add,
+            chosen: Chosen::Annotation,
+        };
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
             perception: None,
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
             sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
-            bootstrap: BootstrapOptions {
-                images: 2000,
-                noise_step: 500, // the image weakening's step; mDPO's corrupted image below uses it too
-                temperature: 1.0,
-                batch: 64,
-                seed: 0,
-                negatives: NegativeForm::Add,
-                chosen: Chosen::Annotation,
-            },
+            // mDPO's corrupted image is made like the weakened images.
+            past_the_paper: Some(PastThePaper::new(bootstrap.noise_step)),
+            bootstrap,
             dpo: PrefSettings {
                 epochs: 1,
                 batch: 16,
@@ -95,7 +98,6 @@ impl Recipe {
             },
             eval_batch: 64,
             generic_ops: false,
-            past_the_paper: Some(PastThePaper::new(500)),
         }
     }
 
@@ -262,4 +264,23 @@ pub struct SeedResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round2: Option<BootstrapStats>,
     pub world_stats: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rows_past_the_paper_follow_the_others_and_leave_the_sft_model_key_alone() {
+        let on = Recipe::standard();
+        let off = Recipe { past_the_paper: None, ..on.clone() };
+        assert_eq!(on.rows()[..ROWS.len()], ROWS[..]);
+        assert_eq!(on.rows()[ROWS.len()..], PAST_ROWS[..]);
+        assert_eq!(off.rows(), ROWS.to_vec());
+        assert_eq!(on.model_hash(3), off.model_hash(3));
+        assert_ne!(on.model_hash(3), on.model_hash(4));
+        // The recipe without them prints as it did before they existed.
+        assert!(!serde_json::to_string(&off).unwrap().contains("past_the_paper"));
+        assert_eq!(on.with_overrides(&serde_json::json!({"past_the_paper": null})).unwrap(), off);
+    }
 }

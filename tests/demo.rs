@@ -22,7 +22,8 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     let o = bpo(&["demo", "--quick", "--quiet", "--out", s(&out)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    for row in ["SFT", "SFT on chosen", "BPO weakening only", "BPO injection only", "BPO"] {
+    let rows = ["SFT", "SFT on chosen", "BPO weakening only", "BPO injection only", "BPO"];
+    for row in rows.iter().chain(&["BPO, round 2", "BPO + image-side preference"]) {
         assert!(stdout.lines().any(|l| l.starts_with(row)), "table row {row:?} missing:\n{stdout}");
     }
     assert!(stdout.contains("CHAIR_i") && stdout.contains("F1 adv"));
@@ -71,7 +72,7 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
     ] {
         assert!(seed.join("bootstrap").join(f).exists(), "bootstrap file {f} missing");
     }
-    for run in ["sft-chosen", "weaken", "inject", "bpo"] {
+    for run in ["sft-chosen", "weaken", "inject", "bpo", "bpo-round-2", "bpo-mdpo"] {
         for f in [
             "adapter/adapter_config.json",
             "adapter/adapter_model.safetensors",
@@ -84,7 +85,7 @@ fn quick_demo_runs_every_stage_and_writes_the_report() {
             assert!(seed.join("runs").join(run).join(f).exists(), "run {run}: {f} missing");
         }
     }
-    for row in ["sft", "sft-chosen", "weaken", "inject", "bpo"] {
+    for row in ["sft", "sft-chosen", "weaken", "inject", "bpo", "bpo-round-2", "bpo-mdpo"] {
         for f in [
             "pope/answers.jsonl",
             "pope/scores.json",
@@ -180,4 +181,87 @@ fn two_seeds_give_mean_and_spread() {
         assert!(lines[0].starts_with("  holds  ") || lines[0].starts_with("  FAILS  "), "{}", lines[0]);
     }
     assert!(stdout.contains("vs SFT on chosen"), "{stdout}");
+}
+
+/// The rows of the table `bpo demo` prints: (model, the 10 cells).
+fn table(stdout: &str) -> Vec<(String, Vec<String>)> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("model "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("percentages"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let (name, cells) = words.split_at(words.len().saturating_sub(10));
+            (name.join(" "), cells.iter().map(|c| c.to_string()).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn the_rows_past_the_paper_come_after_the_others_and_leave_them_as_they_were() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dir: &Path, extra: &[&str]| {
+        let o = bpo(&[&["demo", "--quick", "--quiet", "--out", s(dir)][..], extra].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).replace(s(dir), "OUT")
+    };
+    let (plain, past) = (tmp.path().join("plain"), tmp.path().join("past"));
+    let without = run(&plain, &["--paper-only"]);
+    let with = run(&past, &[]);
+    let new_rows = ["BPO, round 2", "BPO + image-side preference"];
+    for row in new_rows {
+        assert!(!without.contains(row), "{row:?} without the flag:\n{without}");
+    }
+    assert!(!without.contains("past the paper"), "{without}");
+
+    // The paper's rows print as they did (the new names widen the first column), and their evaluations are the same
+    // files byte for byte.
+    let (a, b) = (table(&without), table(&with));
+    let names = |t: &[(String, Vec<String>)]| t.iter().map(|r| r.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&a), ["SFT", "SFT on chosen", "BPO weakening only", "BPO injection only", "BPO"], "{without}");
+    assert_eq!(names(&b)[..5], names(&a)[..], "{with}");
+    assert_eq!(b[..5], a[..], "{with}");
+    for row in ["sft", "sft-chosen", "weaken", "inject", "bpo"] {
+        for f in ["pope/scores.json", "chair/scores.json"] {
+            let read = |out: &Path| std::fs::read(out.join("seed-0/eval").join(row).join(f)).unwrap();
+            assert_eq!(read(&plain), read(&past), "{row}/{f}");
+        }
+    }
+
+    let claims = |out: &str| {
+        out.lines()
+            .filter(|l| l.starts_with("  holds") || l.starts_with("  FAILS"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert!(!claims(&without).is_empty(), "{without}");
+    assert_eq!(claims(&with), claims(&without));
+    let recipe = |extra: &[&str]| {
+        let o = bpo(&[&["demo", "--quick", "--print-recipe"][..], extra].concat());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(recipe(&[]).contains("past_the_paper") && !recipe(&["--paper-only"]).contains("past_the_paper"));
+
+    // Both new rows, with finite numbers in every column, and their gains against SFT and BPO.
+    assert_eq!(names(&b)[5..], new_rows, "{with}");
+    for (row, cells) in &b[5..] {
+        assert!(cells.iter().all(|c| c.parse::<f64>().unwrap().is_finite()), "{row}: {cells:?}");
+        for base in ["SFT", "BPO"] {
+            let gains = with.lines().find(|l| l.trim_start().starts_with(&format!("{row} vs {base}: partner ")));
+            let gains = gains.unwrap_or_else(|| panic!("gains of {row:?} against {base} missing:\n{with}"));
+            assert!(!gains.contains("NaN"), "{gains}");
+        }
+    }
+    let seed = past.join("seed-0");
+    assert!(seed.join("bootstrap-round-2/pairs_bpo.jsonl").exists());
+    let config = std::fs::read_to_string(seed.join("runs/bpo-mdpo/adapter/train_config.json")).unwrap();
+    assert!(config.contains("conditional_weight"), "{config}");
+    let round2 = std::fs::read_to_string(seed.join("runs/bpo-round-2/adapter/train_config.json")).unwrap();
+    assert!(round2.contains("runs/bpo/model") && !round2.contains("conditional_weight"), "{round2}");
+    for row in ["bpo-round-2", "bpo-mdpo"] {
+        assert!(seed.join("eval").join(row).join("chair/scores.json").exists(), "{row}");
+    }
+    let html = std::fs::read_to_string(past.join("report/report.html")).unwrap();
+    assert!(new_rows.iter().all(|r| html.contains(r)), "report.html lacks the new rows");
 }

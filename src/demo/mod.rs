@@ -5,13 +5,16 @@
 //! `models/` by a hash of its recipe); bootstrap negatives from weakened images and by `continue`-mode
 //! injection ([`bootstrap`]); train LoRA adapters with DPO on three pair sets (both negatives, weakening only,
 //! injection only) and, as the paper's control, with plain SFT on the chosen answers; evaluate every model with
-//! POPE and CHAIR ([`eval`]). Then one report over all seeds ([`report`], [`plot`], [`pipeline`]).
+//! POPE and CHAIR ([`eval`]); then, unless `--paper-only`, two more rows after BPO (a second round from its
+//! merged model, and BPO with mDPO's image-side terms: [`recipe::PAST_ROWS`]). Then one report over all seeds
+//! ([`report`], [`plot`], [`pipeline`]).
 //!
 //! Layout of `--out DIR`:
 //! ```text
 //! models/sft-<hash>/          the SFT model (llava-hf folder), reused by any run with the same recipe
 //! seed-<s>/world/             corpus, instruction data, images, POPE/CHAIR files, tokenizer
 //! seed-<s>/bootstrap/         records (raw and length-matched), pair files, chosen.json
+//! seed-<s>/bootstrap-round-2/ the same from the BPO row's merged model (row "BPO, round 2")
 //! seed-<s>/runs/<row>/        adapter/ (the trainer's run folder: PEFT adapter, metrics.jsonl), model/ (merged)
 //! seed-<s>/eval/<row>/        pope/ and chair/ (answers.jsonl, scores.json, details.jsonl)
 //! report/                     report.html, plots/*.png, results.json, table.txt

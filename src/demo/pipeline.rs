@@ -7,10 +7,10 @@ use super::bootstrap::{self as boot, BootstrapFiles, BootstrapOptions, Bootstrap
 use super::data::{World, WorldFiles};
 use super::eval::{self, EvalScores};
 use super::model::init_model;
-use super::progress::Stages;
-use super::recipe::{results_text, DemoOptions, SeedResult, ROWS};
+use super::progress::{Stage, Stages};
+use super::recipe::{results_text, DemoOptions, SeedResult, PAST_ROWS, ROWS};
 use super::report::Row;
-use super::train::{self, SftSettings};
+use super::train::{self, PrefSettings, SftSettings};
 use crate::model::Pass;
 use crate::model::Vlm;
 use crate::output::write_json;
@@ -81,7 +81,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
         }
     }
     let seeds = results;
-    let rows: Vec<Row> = ROWS
+    let rows: Vec<Row> = opts
+        .recipe
+        .rows()
         .iter()
         .enumerate()
         .map(|(r, (name, _))| Row { name: name.to_string(), runs: seeds.iter().map(|s| s.scores[r].clone()).collect() })
@@ -115,24 +117,84 @@ fn run_seed(opts: &DemoOptions, seed: u64, stages: &mut Stages) -> Result<SeedRe
     drop(vlm);
 
     let env = r.env(seed);
-    for (name, run) in ROWS.iter().skip(1) {
-        let out = dir.join("runs").join(run);
-        let stage = stages.start(&format!("train {name}"), 0);
+    for &(name, run) in ROWS.iter().skip(1) {
         // Pair files are in `boot::VARIANTS` order: both negatives, weakening only, injection only.
         let pairs = |i: usize| bfiles.pairs[i].clone();
-        match *run {
-            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, &out, &r.dpo, &env, &stage)?,
-            "weaken" => train::dpo(&model, &pairs(1), &files.images, &out, &r.dpo, &env, &stage)?,
-            "inject" => train::dpo(&model, &pairs(2), &files.images, &out, &r.dpo, &env, &stage)?,
-            _ => train::dpo(&model, &pairs(0), &files.images, &out, &r.dpo, &env, &stage)?,
+        let train = |out: &Path, stage: &Stage| match run {
+            "sft-chosen" => train::sft_on_chosen(&model, &bfiles.chosen, &files.images, out, &r.dpo, &env, stage),
+            "weaken" => train::dpo(&model, &pairs(1), &files.images, out, &r.dpo, &env, stage),
+            "inject" => train::dpo(&model, &pairs(2), &files.images, out, &r.dpo, &env, stage),
+            _ => train::dpo(&model, &pairs(0), &files.images, out, &r.dpo, &env, stage),
         };
-        stages.finish(stage, "");
-        let vlm = Vlm::load(&out.join("model"), &r.load(), Template::LlavaHf)?;
-        scores.push(evaluate(opts, &vlm, &files, &dir.join("eval").join(run), &format!("evaluate {name}"), stages)?);
+        scores.push(train_and_evaluate(opts, &dir, &files, (name, run), stages, train)?);
     }
-    let result = SeedResult { seed, dir: dir.clone(), model, scores, bootstrap: bstats, world_stats: world.stats() };
+    let round2 = match past_rows(opts, seed, &dir, &model, &world, &files, stages)? {
+        Some((past, stats)) => {
+            scores.extend(past);
+            Some(stats)
+        }
+        None => None,
+    };
+    let result =
+        SeedResult { seed, dir: dir.clone(), model, scores, bootstrap: bstats, round2, world_stats: world.stats() };
     jsonl::write(&dir.join("result.jsonl"), std::slice::from_ref(&result))?;
     Ok(result)
+}
+
+/// Trains the row `(name, run)` of the seed folder `dir` into `dir/runs/<run>` with `train` (which leaves the
+/// merged model in `<out>/model`), then evaluates that model into `dir/eval/<run>`.
+fn train_and_evaluate(
+    opts: &DemoOptions,
+    dir: &Path,
+    files: &WorldFiles,
+    (name, run): (&str, &str),
+    stages: &mut Stages,
+    train: impl FnOnce(&Path, &Stage) -> Result<PathBuf>,
+) -> Result<EvalScores> {
+    let out = dir.join("runs").join(run);
+    let stage = stages.start(&format!("train {name}"), 0);
+    train(&out, &stage)?;
+    stages.finish(stage, "");
+    let vlm = Vlm::load(&out.join("model"), &opts.recipe.load(), Template::LlavaHf)?;
+    evaluate(opts, &vlm, files, &dir.join("eval").join(run), &format!("evaluate {name}"), stages)
+}
+
+/// The rows past the paper ([`PAST_ROWS`]) of one seed, after every other row (whose files and random streams they
+/// leave as they were); none unless the recipe asks for them. "BPO, round 2": the BPO row's merged model
+/// bootstraps again (same settings and seed, into `bootstrap-round-2/`) and is policy and reference of a new LoRA
+/// DPO run on both negatives, as `bpo loop` does. "BPO + image-side preference": the BPO row's run (SFT model, the
+/// same pairs) with mDPO's terms. Returns their scores and round 2's bootstrap counts.
+fn past_rows(
+    opts: &DemoOptions,
+    seed: u64,
+    dir: &Path,
+    model: &Path,
+    world: &World,
+    files: &WorldFiles,
+    stages: &mut Stages,
+) -> Result<Option<(Vec<EvalScores>, BootstrapStats)>> {
+    let r = &opts.recipe;
+    let Some(past) = r.past_the_paper else { return Ok(None) };
+    let env = r.env(seed);
+    let merged = dir.join("runs").join(ROWS[4].1).join("model");
+    let vlm = Vlm::load(&merged, &r.load(), Template::LlavaHf)?;
+    let round2 = BootstrapFiles::at(&dir.join("bootstrap-round-2"));
+    let prefix = stages.prefix.clone();
+    stages.prefix.push_str("round 2, ");
+    let stats = bootstrap(opts, seed, &vlm, &merged, world, files, &round2, stages);
+    stages.prefix = prefix;
+    let stats = stats?;
+    drop(vlm);
+    let images = &files.images;
+    let mut scores = vec![train_and_evaluate(opts, dir, files, PAST_ROWS[0], stages, |out, stage| {
+        train::dpo(&merged, &round2.pairs[0], images, out, &r.dpo, &env, stage)
+    })?];
+    let round1 = BootstrapFiles::at(&dir.join("bootstrap"));
+    let settings = PrefSettings { mdpo: Some(past.mdpo), ..r.dpo.clone() };
+    scores.push(train_and_evaluate(opts, dir, files, PAST_ROWS[1], stages, |out, stage| {
+        train::dpo(model, &round1.pairs[0], images, out, &settings, &env, stage)
+    })?);
+    Ok(Some((scores, stats)))
 }
 
 /// The SFT model of this recipe and seed: from the cache, or trained (corpus, then instruction data) into it.

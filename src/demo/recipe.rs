@@ -13,6 +13,7 @@ use super::train::{PrefSettings, RunEnv, SftSettings};
 use super::world::WorldConfig;
 use crate::hash::stable_hash;
 use crate::model::{LoadOptions, Runtime};
+use crate::train::dpo::MdpoConfig;
 use crate::{Error, Result};
 
 /// Bumped when a change to the code makes cached SFT models stale.
@@ -42,25 +43,48 @@ pub struct Recipe {
     /// the SFT model's cache key when on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub generic_ops: bool,
+    /// The rows past the paper ([`PAST_ROWS`]); absent (`bpo demo --paper-only`): the paper's rows only. Not part
+    /// of the SFT model's cache key, and computed after every other row, so those rows stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub past_the_paper: Option<PastThePaper>,
+}
+
+/// Settings of the rows past the paper. "BPO, round 2" bootstraps again from the BPO row's merged model with the
+/// recipe's bootstrap settings and trains a new LoRA DPO run on it (policy and reference: that merged model, as
+/// `bpo loop` does); "BPO + image-side preference" is the BPO row's run with mDPO's terms added.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PastThePaper {
+    pub mdpo: MdpoConfig,
+}
+
+impl PastThePaper {
+    /// mDPO's released weights, with the corrupted image at diffusion step `noise_step` (the demo's: its image
+    /// weakening's).
+    pub fn new(noise_step: usize) -> Self {
+        PastThePaper { mdpo: MdpoConfig { noise_step, ..MdpoConfig::default() } }
+    }
 }
 
 impl Recipe {
     pub fn standard() -> Self {
+        let bootstrap = BootstrapOptions {
+            images: 2000,
+            noise_step: 500,
+            temperature: 1.0,
+            batch: 64,
+            seed: 0,
+            negatives: NegativeForm::Add,
+            chosen: Chosen::Annotation,
+        };
         Recipe {
             world: WorldConfig::standard(),
             model: ModelSpec::standard(),
             perception: None,
             lm: SftSettings { epochs: 2, batch: 64, lr: 2e-3, plain_text: true, train_vision: false },
             sft: SftSettings { epochs: 4, batch: 32, lr: 2e-3, plain_text: false, train_vision: false },
-            bootstrap: BootstrapOptions {
-                images: 2000,
-                noise_step: 500,
-                temperature: 1.0,
-                batch: 64,
-                seed: 0,
-                negatives: NegativeForm::Add,
-                chosen: Chosen::Annotation,
-            },
+            // mDPO's corrupted image is made like the weakened images.
+            past_the_paper: Some(PastThePaper::new(bootstrap.noise_step)),
+            bootstrap,
             dpo: PrefSettings {
                 epochs: 1,
                 batch: 16,
@@ -70,6 +94,7 @@ impl Recipe {
                 alpha: 16.0,
                 sft_weight: 0.5,
                 train_projector: false,
+                mdpo: None,
             },
             eval_batch: 64,
             generic_ops: false,
@@ -89,6 +114,7 @@ impl Recipe {
             dpo: PrefSettings { epochs: 1, batch: 4, ..s.dpo },
             eval_batch: 16,
             generic_ops: s.generic_ops,
+            past_the_paper: s.past_the_paper,
         }
     }
 
@@ -113,6 +139,12 @@ impl Recipe {
 }
 
 impl Recipe {
+    /// The experiment's rows, in table order: [`ROWS`], then [`PAST_ROWS`] when [`Recipe::past_the_paper`].
+    pub fn rows(&self) -> Vec<(&'static str, &'static str)> {
+        let past: &[(&str, &str)] = if self.past_the_paper.is_some() { &PAST_ROWS } else { &[] };
+        ROWS.iter().chain(past).copied().collect()
+    }
+
     /// The runtime every stage uses: f32 on the CPU, with the fused kernels unless [`Recipe::generic_ops`].
     pub fn runtime(&self) -> Runtime {
         match self.generic_ops {
@@ -170,6 +202,9 @@ pub const ROWS: [(&str, &str); 5] = [
     ("BPO", "bpo"),
 ];
 
+/// The rows past the paper, after [`ROWS`] (left out by `bpo demo --paper-only`): (name, run folder name).
+pub const PAST_ROWS: [(&str, &str); 2] = [("BPO, round 2", "bpo-round-2"), ("BPO + image-side preference", "bpo-mdpo")];
+
 /// The demo's claims checked on the rows ([`super::report::acceptance`]), as text.
 pub fn claim(rows: &[Row]) -> String {
     let roles =
@@ -177,9 +212,43 @@ pub fn claim(rows: &[Row]) -> String {
     super::report::acceptance_text(&super::report::acceptance(rows, &roles))
 }
 
-/// The terminal table with [`claim`] below it.
+/// [`claim`], then the gains of the rows past the paper that `rows` holds.
+pub fn verdict(rows: &[Row]) -> String {
+    let past = gains_text(rows, &PAST_ROWS.map(|r| r.0), &[ROWS[0].0, ROWS[4].0]);
+    match past.is_empty() {
+        true => claim(rows),
+        false => format!("{}\n\n{past}", claim(rows)),
+    }
+}
+
+/// The paired gains (as [`super::report::acceptance`] computes them) of each row named in `treated` against each
+/// row named in `bases`, on the prior's metrics, CHAIR_i and recall; empty when `rows` holds none of `treated`.
+fn gains_text(rows: &[Row], treated: &[&str], bases: &[&str]) -> String {
+    use super::report::{column, Effect};
+    let row = |name: &str| rows.iter().find(|r| r.name == name);
+    let mut t = String::new();
+    for new in treated.iter().filter_map(|n| row(n)) {
+        for base in bases.iter().filter_map(|n| row(n)) {
+            let gains: Vec<String> = [("partner", 1), ("F1 adv", 2), ("CHAIR_i", 2), ("recall", 1)]
+                .iter()
+                .map(|&(col, digits)| {
+                    let c = column(col);
+                    let e = Effect::paired(&c.values(base), &c.values(new), c.lower_better);
+                    format!("{col} {:+.digits$}±{:.digits$}", e.mean, e.sd)
+                })
+                .collect();
+            t.push_str(&format!("  {} vs {}: {}\n", new.name, base.name, gains.join(", ")));
+        }
+    }
+    if t.is_empty() {
+        return t;
+    }
+    format!("past the paper, gains paired by seed:\n{t}gain: improvement in points (partner and CHAIR_i down, F1 and recall up) against the same seed's row, mean±sd")
+}
+
+/// The terminal table with [`verdict`] below it.
 pub fn results_text(rows: &[Row]) -> String {
-    format!("{}\n\n{}", super::report::table(rows), claim(rows))
+    format!("{}\n\n{}", super::report::table(rows), verdict(rows))
 }
 
 /// What one seed produced.
@@ -188,8 +257,30 @@ pub struct SeedResult {
     pub seed: u64,
     pub dir: PathBuf,
     pub model: PathBuf,
-    /// Scores per row, in [`ROWS`] order.
+    /// Scores per row, in [`Recipe::rows`] order.
     pub scores: Vec<EvalScores>,
     pub bootstrap: BootstrapStats,
+    /// Round 2's bootstrap ("BPO, round 2").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round2: Option<BootstrapStats>,
     pub world_stats: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rows_past_the_paper_follow_the_others_and_leave_the_sft_model_key_alone() {
+        let on = Recipe::standard();
+        let off = Recipe { past_the_paper: None, ..on.clone() };
+        assert_eq!(on.rows()[..ROWS.len()], ROWS[..]);
+        assert_eq!(on.rows()[ROWS.len()..], PAST_ROWS[..]);
+        assert_eq!(off.rows(), ROWS.to_vec());
+        assert_eq!(on.model_hash(3), off.model_hash(3));
+        assert_ne!(on.model_hash(3), on.model_hash(4));
+        // The recipe without them prints as it did before they existed.
+        assert!(!serde_json::to_string(&off).unwrap().contains("past_the_paper"));
+        assert_eq!(on.with_overrides(&serde_json::json!({"past_the_paper": null})).unwrap(), off);
+    }
 }

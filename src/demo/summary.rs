@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::bootstrap::BootstrapFiles;
 use super::data::{EvalScene, WorldFiles};
 use super::plot::{self, Bar, Series};
-use super::recipe::{claim, results_text, DemoOptions, Recipe, SeedResult, ROWS};
+use super::recipe::{results_text, verdict, DemoOptions, Recipe, SeedResult};
 use super::render::upscale;
 use super::report::{self, Column, Figure, GalleryItem, Report, Row, COLUMNS};
 use crate::data::{CompletionType, Record};
@@ -33,7 +33,7 @@ pub fn write_report(
     let dir = opts.out.join("report");
     let plots = dir.join("plots");
     std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
-    let figures = figures(rows, seeds.first())?;
+    let figures = figures(&opts.recipe, rows, seeds.first())?;
     for f in &figures {
         let path = dir.join(&f.file);
         crate::output::write_bytes(&path, &f.png)?;
@@ -44,9 +44,12 @@ pub fn write_report(
     };
     let r = Report {
         title: "BPO on a synthetic world: does preference training make the model look?".into(),
-        intro: INTRO.into(),
+        intro: match opts.recipe.past_the_paper {
+            Some(_) => format!("{INTRO} {PAST_INTRO}"),
+            None => INTRO.into(),
+        },
         rows: rows.to_vec(),
-        verdict: claim(rows),
+        verdict: verdict(rows),
         figures,
         gallery,
         facts: facts(opts, seeds, timings, wall),
@@ -73,6 +76,10 @@ answers' NLL). More supervised training on the same answers (the control) keeps 
 the SFT model, BPO and its two halves, and the paper's control: the same LoRA training on the chosen answers only. It leads \
 with the prior's own metrics: the share of descriptions naming an absent partner, and POPE-adversarial F1 (whose absent \
 objects are the partners); CHAIR, recall and objects per description stay beside them, so that nobody wins by saying less.";
+
+const PAST_INTRO: &str = "The last two rows go past the paper: BPO in a second round (bootstrapped again from BPO's merged \
+model, which is policy and reference of a new DPO run), and BPO with mDPO's image-side pair (the chosen answer given the \
+image over the same answer given a noised image) and anchor; their gains against the SFT model and BPO are below the checks.";
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     crate::output::write_bytes(path, text.as_bytes())
@@ -101,10 +108,10 @@ fn smooth(points: Vec<(f64, f64)>, keep: f64) -> Vec<(f64, f64)> {
 }
 
 /// Training curves (first seed) and metric bars (all seeds).
-fn figures(rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
+fn figures(recipe: &Recipe, rows: &[Row], first: Option<&SeedResult>) -> Result<Vec<Figure>> {
     let mut out = Vec::new();
     if let Some(s) = first {
-        training_figures(s, &mut out)?;
+        training_figures(recipe, s, &mut out)?;
     }
     metric_figures(rows, &mut out)?;
     Ok(out)
@@ -116,7 +123,7 @@ fn figure(file: &str, caption: &str, png: Vec<u8>) -> Figure {
 }
 
 /// One seed's training curves: SFT, the DPO runs' loss, margins, accuracy and chosen log-probabilities, the control.
-fn training_figures(s: &SeedResult, out: &mut Vec<Figure>) -> Result<()> {
+fn training_figures(recipe: &Recipe, s: &SeedResult, out: &mut Vec<Figure>) -> Result<()> {
     let mut add = |file: &str, caption: &str, png: Vec<u8>| out.push(figure(file, caption, png));
     let sft = vec![
         Series {
@@ -129,7 +136,8 @@ fn training_figures(s: &SeedResult, out: &mut Vec<Figure>) -> Result<()> {
         },
     ];
     add("sft_loss.png", "SFT: cross-entropy per answer token", plot::lines("SFT loss", "step", "loss", &sft)?);
-    let runs: Vec<(&str, PathBuf)> = ROWS
+    let runs: Vec<(&str, PathBuf)> = recipe
+        .rows()
         .iter()
         .skip(1)
         .map(|(name, run)| (*name, s.dir.join("runs").join(run).join("adapter/metrics.jsonl")))
@@ -361,7 +369,7 @@ fn facts(opts: &DemoOptions, seeds: &[SeedResult], timings: &[(String, f64)], wa
 
 /// The recipe's settings, one line per stage.
 fn recipe_facts(r: &Recipe) -> Vec<(String, String)> {
-    vec![
+    let mut f = vec![
         (
             "world".into(),
             format!(
@@ -417,7 +425,18 @@ fn recipe_facts(r: &Recipe) -> Vec<(String, String)> {
                 r.bootstrap.chosen
             ),
         ),
-    ]
+    ];
+    if let Some(p) = &r.past_the_paper {
+        let m = &p.mdpo;
+        f.push((
+            "past the paper".into(),
+            format!(
+                "round 2: bootstrapped again from BPO's merged model, DPO as above on it; mDPO: conditional weight {}, anchor weight {}, anchor delta {}, corrupted image at noise step {}",
+                m.loss.conditional_weight, m.loss.anchor_weight, m.loss.anchor_delta, m.noise_step
+            ),
+        ));
+    }
+    f
 }
 
 /// One seed's world statistics and bootstrap counts.

@@ -13,7 +13,7 @@ use crate::model::lora::LoraConfig;
 use crate::model::Runtime;
 use crate::progress::{Events, Silent};
 use crate::text::{PromptStyle, Template};
-use crate::train::dpo::DpoConfig;
+use crate::train::dpo::{DpoConfig, MdpoConfig};
 use crate::train::sft::SftConfig;
 use crate::train::trainer::LoopConfig;
 use crate::train::{DpoLoss, LossKind, ModelSetup, ScheduleKind};
@@ -47,6 +47,9 @@ pub struct PrefSettings {
     pub sft_weight: f64,
     /// Train the projector too (BPO's default); off keeps the rows comparable with the control.
     pub train_projector: bool,
+    /// mDPO's image-side pair and anchor on top of DPO (`bpo train --objective mdpo`); none: plain DPO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdpo: Option<MdpoConfig>,
 }
 
 impl PrefSettings {
@@ -166,7 +169,7 @@ pub fn keep_vision_tower(from: &Path, into: &Path) -> Result<()> {
     save_safetensors(&into.join("model.safetensors"), &tensors)
 }
 
-/// `bpo train` (DPO with LoRA) on a pair file, then `bpo merge`: the adapter run is `out/adapter`, the merged model
+/// `bpo train` (DPO with LoRA; mDPO when [`PrefSettings::mdpo`]) on a pair file, then `bpo merge`: the adapter run is `out/adapter`, the merged model
 /// `out/model`. Returns the adapter folder.
 pub fn dpo(
     model_in: &Path,
@@ -187,7 +190,7 @@ pub fn dpo(
         max_words: None,
         max_length: MAX_LENGTH,
         loss,
-        mdpo: None,
+        mdpo: s.mdpo,
         drifting_ref_projector: false,
         precompute_ref: true,
         feature_cache_mb: FEATURE_CACHE_MB,

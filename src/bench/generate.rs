@@ -102,7 +102,7 @@ pub struct BootstrapFigures {
 }
 
 /// Times [`run_weaken`](crate::bootstrap::run_weaken) on the model folder `dir` (e.g. written by
-/// [`Size::write_model`]): `answers` prompts with one answer of exactly `new_tokens` tokens each (EOS disabled,
+/// [`super::Size::write_model`]): `answers` prompts with one answer of exactly `new_tokens` tokens each (EOS disabled,
 /// temperature 0.2 as released), once per batch size, after a one-answer warm-up. Scratch files (an image, the
 /// records) go into `scratch`.
 pub fn bootstrap_throughput(

@@ -13,7 +13,7 @@ use bpo::train::ModelSetup;
 use bpo::vision::{AspectMode, NoiseSchedule};
 use candle_core::Tensor;
 
-use crate::train::{config, overfit_pairs, resume_config, run, Record};
+use crate::train::{config, overfit_pairs, resume_config, resumes_exactly, run, Record};
 use crate::util::{bpo, fails_with, fixture, read_json, s};
 
 const LN_2: f64 = std::f64::consts::LN_2;
@@ -182,22 +182,8 @@ fn curve(logs: &[StepLog]) -> Vec<(usize, f64, f64, f64)> {
 fn resumed_mdpo_run_reproduces_the_uninterrupted_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = mdpo(resume_config(tmp.path()), MdpoConfig { noise_step: 500, ..Default::default() });
-    let whole = tmp.path().join("whole");
-    let mut a = Record::default();
-    let (report, _) = run(&cfg, &whole, false, &mut a);
-    assert_eq!(a.logs.len(), 4);
+    let (report, a) = resumes_exactly(&cfg, tmp.path());
     assert_eq!(report.images_encoded, 6, "three images, clean and corrupted, each encoded once for the run");
-    let parts = tmp.path().join("parts");
-    let mut b = Record { stop_after: Some(3), ..Default::default() };
-    let (first, _) = run(&cfg, &parts, false, &mut b);
-    assert!(first.summary.interrupted && parts.join("checkpoint-3").is_dir());
-    let mut c = Record::default();
-    let (second, _) = run(&cfg, &parts, true, &mut c);
-    assert_eq!((second.summary.start_step, second.summary.steps_done), (3, 1));
-    let resumed: Vec<StepLog> = b.logs.iter().chain(&c.logs).cloned().collect();
-    assert_eq!(curve(&resumed), curve(&a.logs), "same losses, gradient norms and learning rates, bit for bit");
-    let adapter = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(adapter(&whole), adapter(&parts), "same final adapter");
     // Another seed draws other noise: the curve moves.
     let other = DpoConfig { optim: bpo::train::LoopConfig { seed: 6, ..cfg.optim.clone() }, ..cfg.clone() };
     let mut d = Record::default();

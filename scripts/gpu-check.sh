@@ -43,6 +43,7 @@
 #   bpo train memory      (1, 2 and 4 pairs without checkpointing, one step each; one that does not fit
 #                          is recorded and the others run)                                          90 s
 #   bpo bench generate --workload mixed (7B, 96 requests, batch 8: static, then continuous)   90 s
+#   bpo bench train --objective dpo mdpo (7B, the train shapes, 2 steps each; with what time is left)  60 s
 #   merge                                           ~2 s
 set -uo pipefail
 
@@ -250,7 +251,7 @@ PY
     fi
 
     # --- what the benches accept ------------------------------------------------------------------------------
-    local size_args=() train=() memory=() gen=() events=() mixed=() steps=3 repeats=2
+    local size_args=() train=() memory=() gen=() events=() mixed=() mdpo=() steps=3 repeats=2
     [ "$dry_run" = 1 ] && steps=5 repeats=3
     if [ -n "$BPO" ]; then
         if has_flag "bench train" --preset; then
@@ -289,6 +290,14 @@ PY
         add train "bench train" --gradient-checkpointing on
         add train "bench train" --lora-dropout 0.05 0 # the training default first, then without (its cost)
         add train "bench train" --json "$OUT/raw/bpo-train.json"
+        # mDPO's step against DPO's at the same shapes, checkpointing on, back to back (issue 29's step-time line).
+        if has_flag "bench train" --objective; then
+            mdpo=("${size_args[@]}" --device "$device" --dtype "$dtype" --prompt-words 52 --answer-words 100)
+            mdpo+=(--lora-rank 64 --targets q k v o gate up down --pairs 4 --steps 2 --gradient-checkpointing on)
+            mdpo+=(--objective dpo mdpo --json "$WORK/bpo-train-mdpo.json")
+        else
+            note "this binary has no \`bench train --objective\`: mDPO's step is not timed"
+        fi
         gen=("${size_args[@]}")
         add gen "bench generate" --device "$device"
         add gen "bench generate" --dtype "$dtype"
@@ -359,6 +368,10 @@ PY
         run_step bpo-mixed 90 "$BPO" bench generate "${mixed[@]}"
     else
         record bpo-mixed skipped "" "" "" "" "" "no usable binary, preset or --workload"
+    fi
+    # Last: whatever time is left (skipped when the budget is spent).
+    if [ ${#mdpo[@]} -gt 0 ]; then
+        run_step bpo-train-mdpo 60 "$BPO" bench train "${mdpo[@]}"
     fi
 
     # --- merge ------------------------------------------------------------------------------------------------
@@ -575,6 +588,12 @@ mixed["continuous_over_static_tok_s"] = ratio(cont.get("new_tok_s"), stat.get("n
 mixed["nvidia_smi_peak_mib"] = smi("bpo-mixed")
 mixed["bpo"] = bm
 
+# --- mDPO against DPO: the same step shapes, back to back in one run ---------------------------------------------
+bmd = flat_rows(load(os.path.join(work, "bpo-train-mdpo.json")))
+md_s = {bool(r.get("mdpo")): r.get("seconds") for r in bmd}
+mdpo_step = {"dpo_s_per_step": md_s.get(False), "mdpo_s_per_step": md_s.get(True),
+             "mdpo_over_dpo": ratio(md_s.get(True), md_s.get(False)), "nvidia_smi_peak_mib": smi("bpo-train-mdpo")}
+
 # --- issue 11's GPU goals (goals, not gates) ----------------------------------------------------------------------
 b1 = next((r for r in by_batch if r["batch"] == 1), None)
 train_mem = mem(b) or (smi("bpo-train") * 1048576 if smi("bpo-train") else None)
@@ -615,6 +634,7 @@ res = {
         "decode_tok_s": {r["batch"]: r["decode_tok_s"] for r in by_batch},
         "prefill_tok_s": {r["batch"]: r["prefill_tok_s"] for r in by_batch},
         "mixed_continuous_over_static_tok_s": mixed["continuous_over_static_tok_s"],
+        "mdpo_over_dpo_step": mdpo_step["mdpo_over_dpo"],
         "goals": goals,
     },
     "host": socket.gethostname(), "platform": platform.platform(),
@@ -631,6 +651,7 @@ res = {
     "train": train,
     "generate": generate,
     "mixed": mixed,
+    "mdpo_step": mdpo_step,
 }
 with open(os.path.join(out, "gpu-check.json"), "w") as fh:
     json.dump(res, fh, indent=1)

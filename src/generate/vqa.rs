@@ -96,9 +96,9 @@ pub fn answer_all(
 ) -> Result<Vec<String>> {
     let mut out = vec![String::new(); prompts.len()];
     events.stage("answering", Some(prompts.len() as u64));
-    answer_each(vlm, prompts, params, batch, pass, |i, text| {
+    answer_each(vlm, prompts, params, batch, pass, |a| {
         events.advance(1);
-        out[i] = text;
+        out[a.index] = a.text;
         Ok(())
     })?;
     events.end_stage();
@@ -121,8 +121,16 @@ pub fn check_fit(vlm: &super::Vlm, prompts: &[Prompt], params: &super::SamplingP
     })
 }
 
-/// Like [`answer_all`], but hands each answer to `done(index, answer)` as soon as it is finished (in the order
-/// they finish), so a caller can write it at once; an error from `done` stops the run. Images are read when
+/// A finished answer of [`answer_each`].
+pub struct Answered {
+    /// The prompt's index in the slice given.
+    pub index: usize,
+    /// The answer, trimmed.
+    pub text: String,
+}
+
+/// Like [`answer_all`], but hands each answer to `done` as soon as it is finished (in the order they finish), so a
+/// caller can write it at once; an error from `done` stops the run. Images are read when
 /// their prompt joins the batch, so memory holds only the running prompts' images.
 pub fn answer_each(
     vlm: &super::Vlm,
@@ -130,7 +138,7 @@ pub fn answer_each(
     params: &super::SamplingParams,
     batch: &super::EngineOptions,
     pass: crate::model::Pass,
-    mut done: impl FnMut(usize, String) -> Result<()>,
+    mut done: impl FnMut(Answered) -> Result<()>,
 ) -> Result<()> {
     // Every prompt is checked against the context before anything is generated, and tokenised again when it joins
     // the batch: nothing per prompt stays in memory but the prompt itself.
@@ -145,7 +153,7 @@ pub fn answer_each(
         Ok(super::Request { ids, image, params: params.clone(), seed, contrast: None })
     });
     let mut engine = super::Engine::new(&vlm.model, &vlm.tok, batch.clone(), pass)?;
-    engine.run_each(requests, |f| done(f.id, f.completion.text.trim().to_string()))
+    engine.run_each(requests, |f| done(Answered { index: f.id, text: f.completion.text.trim().to_string() }))
 }
 
 /// Refuses to resume an answers file that holds answers of another model: its rows would silently stand for
@@ -208,9 +216,9 @@ pub fn answer_into(
     let prompts: Vec<Prompt> = pending.iter().map(|q| Prompt { id: q.key(), ..prompt(q) }).collect();
     events.stage("answering", Some(questions.len() as u64));
     events.advance(already_done as u64);
-    answer_each(vlm, &prompts, params, batch, pass, |i, text| {
+    answer_each(vlm, &prompts, params, batch, pass, |a| {
         events.advance(1);
-        out.append(&answer_row(pending[i], &text, model_id))
+        out.append(&answer_row(pending[a.index], &a.text, model_id))
     })?;
     events.end_stage();
     Ok(counts)
